@@ -1,0 +1,1 @@
+"""Deployment: the local all-in-one stack (``deploy.local``) and, later, cluster manifests."""

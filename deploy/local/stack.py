@@ -1,0 +1,189 @@
+"""The whole platform on one machine: what ``make run`` and the test suite start.
+
+PostgreSQL and Redis are real servers: the embedded ones under ``.data/`` unless
+``DATABASE_URL`` / ``REDIS_URL`` name others. Each service runs as its own process
+(``python -m services.<name>``), exactly as in a deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import asyncpg
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.runtime import migrations
+from services.runtime.server import ServiceSpec
+from services.runtime.settings import DEFAULT_PORTS
+
+from .postgres import start_postgres, stop_postgres
+from .redis_server import start_redis, stop_redis
+from .tokens import ensure_keys
+
+REPO = Path(__file__).resolve().parents[2]
+#: Start order: the registry first, since the others will ask it about tenants.
+SERVICE_ORDER = ("tenant", "sites", "features", "audit")
+DATABASE = "towerco"
+
+
+def available_services() -> list[str]:
+    """The services that exist in this checkout (those with a ``__main__``)."""
+    return [name for name in SERVICE_ORDER if (REPO / "services" / name / "__main__.py").exists()]
+
+
+def service_spec(name: str) -> ServiceSpec:
+    spec = importlib.import_module(f"services.{name}.__main__").SPEC
+    assert isinstance(spec, ServiceSpec)
+    return spec
+
+
+@dataclass
+class StackConfig:
+    data_dir: Path
+    pg_port: int = 55432
+    redis_port: int = 56379
+    #: Given servers; None starts the embedded ones.
+    database_url: str | None = None
+    redis_url: str | None = None
+    ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    #: Trade durability for speed (tests only): fsync off.
+    fast: bool = False
+    #: Extra environment for the service processes.
+    env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, data_dir: Path) -> StackConfig:
+        ports = {name: int(os.environ.get(f"{name.upper()}_PORT") or port) for name, port in DEFAULT_PORTS.items()}
+        return cls(
+            data_dir=data_dir,
+            pg_port=int(os.environ.get("PG_PORT") or 55432),
+            redis_port=int(os.environ.get("REDIS_PORT") or 56379),
+            database_url=os.environ.get("DATABASE_URL") or None,
+            redis_url=os.environ.get("REDIS_URL") or None,
+            ports=ports,
+        )
+
+
+class Stack:
+    """Start, migrate, serve and stop the platform."""
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.database_url = config.database_url or ""
+        self.redis_url = config.redis_url or ""
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._embedded_pg = config.database_url is None
+        self._embedded_redis = config.redis_url is None
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.config.data_dir / "keys"
+
+    def start_infra(self) -> None:
+        ensure_keys(self.keys_dir)
+        if self._embedded_pg:
+            pg = start_postgres(self.config.data_dir / "pg", self.config.pg_port, fast=self.config.fast)
+            asyncio.run(_ensure_database(pg.superuser_dsn(), DATABASE))
+            self.database_url = pg.superuser_dsn(DATABASE)
+        if self._embedded_redis:
+            self.redis_url = start_redis(self.config.data_dir / "redis", self.config.redis_port).url
+
+    def migrate(self, names: list[str] | None = None) -> dict[str, list[int]]:
+        password = self.service_env()["APP_DB_PASSWORD"]
+
+        async def run() -> dict[str, list[int]]:
+            done = {}
+            for name in names or available_services():
+                spec = service_spec(name)
+                done[name] = await migrations.migrate(
+                    self.database_url, spec.name, spec.schema, spec.migrations_dir, password
+                )
+            return done
+
+        return asyncio.run(run())
+
+    def service_env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "DATABASE_URL": self.database_url,
+                "REDIS_URL": self.redis_url,
+                "DATA_DIR": str(self.config.data_dir),
+                "APP_DB_PASSWORD": os.environ.get("APP_DB_PASSWORD", "towerco-dev-only"),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update({f"{name.upper()}_PORT": str(port) for name, port in self.config.ports.items()})
+        env.update(self.config.env)
+        env.update(extra or {})
+        return env
+
+    def start_service(
+        self, name: str, *, log: IO[bytes] | None = None, extra_env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-m", f"services.{name}"],
+            cwd=REPO,
+            env=self.service_env(extra_env),
+            stdout=log,
+            stderr=subprocess.STDOUT if log is not None else None,
+        )
+        self.processes[name] = process
+        return process
+
+    def wait_serving(self, name: str, port: int | None = None, timeout: float = 60.0) -> None:
+        """Block until the service's gRPC health check says SERVING."""
+        port = port or self.config.ports[name]
+        process = self.processes.get(name)
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if process is not None and process.poll() is not None:
+                    raise RuntimeError(f"service {name} exited with code {process.returncode} while starting")
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+        raise TimeoutError(f"service {name} was not SERVING on port {port} within {timeout:.0f}s")
+
+    def stop_services(self, timeout: float = 15.0) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.terminate()
+        deadline = time.monotonic() + timeout
+        for process in self.processes.values():
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes.clear()
+
+    def stop_infra(self) -> None:
+        if self._embedded_redis:
+            stop_redis(self.config.data_dir / "redis")
+        if self._embedded_pg:
+            stop_postgres(self.config.data_dir / "pg")
+
+
+async def _ensure_database(superuser_dsn: str, name: str) -> None:
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(superuser_dsn)
+    try:
+        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+            await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()

@@ -1,0 +1,85 @@
+"""Dev signing keys and dev tokens (``make token``).
+
+The key pair is made once into ``.data/keys/``; its public half is published as
+``.data/keys/jwks.json``, which the services verify against in dev. Production points
+``JWT_JWKS_URL`` at the identity provider instead and never sees this key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from services.runtime.context import PLATFORM_ADMIN_ROLE, PLATFORM_TENANT, is_valid_tenant_id
+from services.runtime.roles import ROLE_PERMISSIONS
+from services.runtime.settings import DEFAULT_JWT_AUDIENCE, DEFAULT_JWT_ISSUER
+
+KID = "towerco-dev-1"
+
+
+def ensure_keys(keys_dir: Path) -> None:
+    """Create the dev signing key, its JWKS and the page-token secret if missing."""
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(keys_dir, 0o700)
+    private_path = keys_dir / "dev-signing-key.pem"
+    if not private_path.exists():
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        _write_private(private_path, pem)
+        public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+        public.update({"kid": KID, "alg": "RS256", "use": "sig"})
+        (keys_dir / "jwks.json").write_text(json.dumps({"keys": [public]}, indent=2) + "\n")
+    secret_path = keys_dir / "page-token.secret"
+    if not secret_path.exists():
+        _write_private(secret_path, secrets.token_urlsafe(32).encode())
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def mint(
+    keys_dir: Path,
+    *,
+    tenant: str = "",
+    role: str = "admin",
+    permissions: list[str] | None = None,
+    ttl: int = 3600,
+    subject: str = "",
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """A signed dev token; permissions default to the role's row of the roles table."""
+    if role not in ROLE_PERMISSIONS:
+        raise ValueError(f"unknown role {role!r}; one of {', '.join(ROLE_PERMISSIONS)}")
+    tenant = tenant or (PLATFORM_TENANT if role == PLATFORM_ADMIN_ROLE else "tenant_a")
+    if not is_valid_tenant_id(tenant):
+        raise ValueError(f"not a tenant id: {tenant!r}")
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "iss": os.environ.get("JWT_ISSUER") or DEFAULT_JWT_ISSUER,
+        "aud": os.environ.get("JWT_AUDIENCE") or DEFAULT_JWT_AUDIENCE,
+        "sub": subject or f"dev-{role}@{tenant}",
+        "tenant_id": tenant,
+        "role": role,
+        "permissions": list(ROLE_PERMISSIONS[role]) if permissions is None else permissions,
+        "iat": now,
+        "nbf": now,
+        "exp": now + ttl,
+        "jti": uuid.uuid4().hex,
+    }
+    claims.update(extra or {})
+    key = (keys_dir / "dev-signing-key.pem").read_bytes()
+    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": KID})

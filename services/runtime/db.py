@@ -1,0 +1,88 @@
+"""Tenant-bound database access: the only way a service reaches its data.
+
+One asyncpg pool per process, made at start-up. :meth:`Database.transaction` opens a
+transaction and binds the current call's tenant to it with
+``set_config('app.current_tenant_id', $1, true)``: transaction-local, so it vanishes at
+COMMIT or ROLLBACK and a pooled connection never carries one tenant into the next
+request. Without a tenant in the request context it refuses to run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+
+from . import context
+from .errors import unavailable
+
+BIND_TENANT = "SELECT set_config('app.current_tenant_id', $1, true)"
+
+
+async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
+    # JSON columns arrive as Python values, not text.
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+class Database:
+    """A process's pool, handing out tenant-bound transactions only."""
+
+    def __init__(self, pool: asyncpg.Pool[Any], acquire_timeout: float) -> None:
+        self._pool = pool
+        self._acquire_timeout = acquire_timeout
+
+    @classmethod
+    async def connect(
+        cls,
+        dsn: str,
+        *,
+        min_size: int,
+        max_size: int,
+        acquire_timeout: float = 2.0,
+        statement_timeout_ms: int = 5000,
+        application_name: str = "towerco",
+    ) -> Database:
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            command_timeout=max(1.0, statement_timeout_ms / 1000 + 1),
+            init=_init_connection,
+            server_settings={
+                "application_name": application_name,
+                "statement_timeout": str(statement_timeout_ms),
+                "idle_in_transaction_session_timeout": str(max(statement_timeout_ms * 2, 10_000)),
+            },
+        )
+        return cls(pool, acquire_timeout)
+
+    @asynccontextmanager
+    async def transaction(self, *, readonly: bool = False) -> AsyncIterator[asyncpg.Connection[Any]]:
+        """A transaction bound to the current call's tenant (commit on success)."""
+        tenant_id = context.current_tenant()
+        try:
+            conn = await self._pool.acquire(timeout=self._acquire_timeout)
+        except asyncio.TimeoutError:
+            raise unavailable("all database connections are busy; retry shortly", "DATABASE_BUSY", 0.2) from None
+        try:
+            async with conn.transaction(readonly=readonly):
+                await conn.execute(BIND_TENANT, tenant_id)
+                yield conn
+        finally:
+            await self._pool.release(conn)
+
+    async def ping(self) -> None:
+        """Check the database answers (used at start-up and by readiness)."""
+        async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
+            await conn.fetchval("SELECT 1")
+
+    async def close(self, timeout: float = 10.0) -> None:
+        try:
+            await asyncio.wait_for(self._pool.close(), timeout)
+        except asyncio.TimeoutError:
+            self._pool.terminate()

@@ -1,0 +1,53 @@
+"""Authentication link: verify the bearer token and record the caller."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+from grpc import aio
+
+from .. import context
+from ..auth import TokenError, TokenVerifier
+from ..errors import unauthenticated
+from ..policy import Policy, PolicyTable
+from .base import Behavior, Metadata, PolicyInterceptor
+
+
+class AuthenticationInterceptor(PolicyInterceptor):
+    """UNAUTHENTICATED unless a valid token comes with the call (public RPCs excepted)."""
+
+    def __init__(self, policies: PolicyTable, verifier: TokenVerifier) -> None:
+        super().__init__(policies)
+        self._verifier = verifier
+
+    def wrap(self, inner: Behavior, policy: Policy, metadata: Metadata) -> Behavior:
+        async def behavior(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
+            header = metadata.single("authorization")
+            if header is None:
+                if policy.public:
+                    return await inner(request, ctx)
+                raise unauthenticated("a bearer token is required (authorization: Bearer <JWT>)", "TOKEN_MISSING")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise unauthenticated("authorization must be 'Bearer <JWT>'", "TOKEN_MISSING")
+            try:
+                caller = await _verify(self._verifier, token.strip())
+            except TokenError as exc:
+                raise unauthenticated(str(exc), exc.reason) from None
+            current = context.current()
+            assert current is not None, "RequestContextInterceptor must run first"
+            with context.bind(dataclasses.replace(current, caller=caller)):
+                return await inner(request, ctx)
+
+        return behavior
+
+
+async def _verify(verifier: TokenVerifier, token: str) -> context.Caller:
+    # A cached token is a dictionary hit; only a first sighting pays for the signature check,
+    # and a JWKS URL fetch must never block the event loop.
+    try:
+        return verifier.verify_cached(token)
+    except KeyError:
+        return await asyncio.to_thread(verifier.verify, token)

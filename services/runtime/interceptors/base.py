@@ -1,0 +1,73 @@
+"""What every server interceptor shares: find the method's policy, wrap its behaviour.
+
+Each link wraps the unary behaviour of the handler the rest of the chain returns, so its
+code runs around the handler in the handler's own task: context variables it sets are
+seen by everything inside it and are reset when the call ends.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from ..errors import FieldViolation, invalid_argument
+from ..policy import Policy, PolicyTable
+
+Behavior = Callable[[Any, aio.ServicerContext[Any, Any]], Awaitable[Any]]
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+
+
+class Metadata:
+    """A call's text metadata. Identity headers must appear at most once."""
+
+    def __init__(self, pairs: Any) -> None:
+        self._values: dict[str, list[str]] = {}
+        for key, value in pairs:
+            if isinstance(value, str):
+                self._values.setdefault(key.lower(), []).append(value)
+
+    def single(self, key: str) -> str | None:
+        """The one value of ``key``, None when absent; INVALID_ARGUMENT when repeated."""
+        values = self._values.get(key)
+        if not values:
+            return None
+        if len(values) > 1:
+            raise invalid_argument(
+                [FieldViolation(f"metadata.{key}", f"{key} must be sent at most once")],
+                reason="METADATA_REPEATED",
+            )
+        return values[0]
+
+
+class PolicyInterceptor(aio.ServerInterceptor, ABC):  # type: ignore[misc]
+    """A link that only concerns RPCs with a declared policy (all Towerco RPCs).
+
+    Health and reflection pass straight through.
+    """
+
+    def __init__(self, policies: PolicyTable) -> None:
+        self._policies = policies
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        policy = self._policies.get(handler_call_details.method)
+        if handler is None or policy is None or handler.unary_unary is None:
+            return handler
+        metadata = Metadata(handler_call_details.invocation_metadata or ())
+        inner: Behavior = handler.unary_unary
+        wrapped = self.wrap(inner, policy, metadata)
+        return grpc.unary_unary_rpc_method_handler(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    @abstractmethod
+    def wrap(self, inner: Behavior, policy: Policy, metadata: Metadata) -> Behavior:
+        """Return the behaviour that runs this link's check around ``inner``."""

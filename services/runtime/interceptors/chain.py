@@ -1,0 +1,26 @@
+"""The order of the server interceptor chain, in one place.
+
+Outermost first. A later issue's link (tenant state, rate limits) is one line here.
+"""
+
+from __future__ import annotations
+
+from grpc import aio
+
+from ..auth import TokenVerifier
+from ..policy import PolicyTable
+from .authentication import AuthenticationInterceptor
+from .authorization import AuthorizationInterceptor
+from .errors import ErrorDetailsInterceptor
+from .request_id import RequestContextInterceptor
+from .tenant import TenantInterceptor
+
+
+def server_chain(policies: PolicyTable, verifier: TokenVerifier) -> list[aio.ServerInterceptor]:
+    return [
+        ErrorDetailsInterceptor(policies),  # every failure below becomes a rich status
+        RequestContextInterceptor(policies),  # request id, method, peer
+        AuthenticationInterceptor(policies, verifier),  # who is calling (JWT)
+        TenantInterceptor(policies),  # for which tenant
+        AuthorizationInterceptor(policies),  # with which permission
+    ]

@@ -1,0 +1,29 @@
+"""First context link: give the call a request id and a fresh request context."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+from grpc import aio
+
+from .. import context
+from ..policy import Policy
+from .base import Behavior, Metadata, PolicyInterceptor
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+class RequestContextInterceptor(PolicyInterceptor):
+    """Binds a new :class:`RequestContext`; keeps a well-formed ``x-request-id``."""
+
+    def wrap(self, inner: Behavior, policy: Policy, metadata: Metadata) -> Behavior:
+        async def behavior(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
+            supplied = metadata.single("x-request-id") or ""
+            request_id = supplied if _REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex
+            ctx.set_trailing_metadata((("x-request-id", request_id),))
+            with context.bind(context.RequestContext(request_id=request_id, method=policy.method, peer=ctx.peer())):
+                return await inner(request, ctx)
+
+        return behavior

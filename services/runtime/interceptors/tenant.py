@@ -1,0 +1,67 @@
+"""Tenant link: decide which tenant the call acts on, once, before any handler runs.
+
+``x-tenant-id`` (set by the gateway from the subdomain) wins when present, else the
+token's ``tenant_id``. Both present and different is a cross-tenant attempt: refused and
+logged, unless a platform admin calls an RPC that administers other tenants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from grpc import aio
+
+from .. import context
+from ..errors import FieldViolation, invalid_argument, permission_denied, unauthenticated
+from ..policy import Policy
+from .base import Behavior, Metadata, PolicyInterceptor
+
+log = logging.getLogger("towerco.security")
+
+
+class TenantInterceptor(PolicyInterceptor):
+    """Binds the call's tenant into the request context."""
+
+    def wrap(self, inner: Behavior, policy: Policy, metadata: Metadata) -> Behavior:
+        async def behavior(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
+            current = context.current()
+            assert current is not None, "RequestContextInterceptor must run first"
+            tenant_id = resolve_tenant(policy, current.caller, metadata.single("x-tenant-id"))
+            if tenant_id is None:
+                return await inner(request, ctx)
+            with context.bind(dataclasses.replace(current, tenant_id=tenant_id)):
+                return await inner(request, ctx)
+
+        return behavior
+
+
+def resolve_tenant(policy: Policy, caller: context.Caller | None, header: str | None) -> str | None:
+    """The tenant a call acts on; None only for public calls that name no tenant."""
+    if header is not None and not context.is_valid_tenant_id(header):
+        raise invalid_argument(
+            [FieldViolation("metadata.x-tenant-id", "must match ^[a-z][a-z0-9_-]{2,49}$")],
+            reason="TENANT_ID_INVALID",
+        )
+    if caller is None:
+        if policy.public:
+            return header
+        raise unauthenticated("tenant not identified", "TENANT_NOT_IDENTIFIED")
+    if header is None or header == caller.tenant_id:
+        return caller.tenant_id
+    if caller.is_platform_admin and policy.cross_tenant:
+        return header
+    log.warning(
+        "cross-tenant attempt denied: caller %s of tenant %s asked for tenant %s on %s",
+        caller.subject,
+        caller.tenant_id,
+        header,
+        policy.method,
+    )
+    raise permission_denied(
+        "the token's tenant does not match the requested tenant",
+        "CROSS_TENANT_DENIED",
+        token_tenant=caller.tenant_id,
+        requested_tenant=header,
+    )

@@ -1,0 +1,142 @@
+"""Versioned SQL migrations, one folder per service, each applied once in a transaction.
+
+Run with the administrative DSN. For service ``sites`` it makes sure of:
+- role ``sites_owner`` (NOLOGIN) that owns schema ``sites`` and everything in it;
+- role ``sites_app`` (LOGIN, NOSUPERUSER, NOBYPASSRLS, owns nothing) that the service runs as;
+- the files ``services/sites/migrations/NNNN_name.sql`` applied in order as ``sites_owner``.
+
+Bookkeeping lives in ``platform_meta.schema_migrations``, outside every service schema and
+out of the runtime roles' reach. An applied file whose text changed is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+log = logging.getLogger("towerco.migrations")
+
+_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+_LOCK_KEY = 0x7077E2C0  # one advisory lock for all migrations of the platform
+
+
+class MigrationError(RuntimeError):
+    """A migration could not be applied, or an applied one was edited."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def load(directory: Path) -> list[Migration]:
+    found: list[Migration] = []
+    for path in sorted(directory.glob("*.sql")):
+        match = _FILE.match(path.name)
+        if not match:
+            raise MigrationError(f"{path}: migration files are named NNNN_name.sql")
+        found.append(Migration(int(match.group(1)), match.group(2), path.read_text()))
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise MigrationError(f"{directory}: two migrations share a version number")
+    return found
+
+
+def _ident(name: str) -> str:
+    if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+        raise MigrationError(f"not a plain identifier: {name!r}")
+    return name
+
+
+async def migrate(admin_dsn: str, service: str, schema: str, directory: Path, app_password: str) -> list[int]:
+    """Apply pending migrations of one service; returns the versions applied now."""
+    owner, app, schema = _ident(f"{service}_owner"), _ident(f"{service}_app"), _ident(schema)
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+        try:
+            await _ensure_roles_and_schema(conn, owner, app, schema, app_password)
+            return await _apply(conn, service, owner, schema, load(directory))
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+    finally:
+        await conn.close()
+
+
+async def _ensure_roles_and_schema(
+    conn: asyncpg.Connection[Any], owner: str, app: str, schema: str, app_password: str
+) -> None:
+    async with conn.transaction():
+        await conn.execute("CREATE SCHEMA IF NOT EXISTS platform_meta")
+        await conn.execute("REVOKE ALL ON SCHEMA platform_meta FROM PUBLIC")
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS platform_meta.schema_migrations (
+                   service text NOT NULL,
+                   version integer NOT NULL,
+                   name text NOT NULL,
+                   checksum text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now(),
+                   PRIMARY KEY (service, version))"""
+        )
+        if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", owner):
+            await conn.execute(f"CREATE ROLE {owner} NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE")
+        if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", app):
+            await conn.execute(f"CREATE ROLE {app} LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE NOINHERIT")
+        # Re-assert the runtime role's limits every time: nobody widens them by hand unnoticed.
+        password = await conn.fetchval("SELECT quote_literal($1)", app_password)
+        await conn.execute(
+            f"ALTER ROLE {app} LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE PASSWORD {password}"
+        )
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION {owner}")
+        await conn.execute(f"REVOKE ALL ON SCHEMA {schema} FROM PUBLIC")
+        await conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO {app}")
+        database = await conn.fetchval("SELECT current_database()")
+        await conn.execute(f'GRANT CONNECT ON DATABASE "{database}" TO {app}')
+
+
+async def _apply(
+    conn: asyncpg.Connection[Any], service: str, owner: str, schema: str, migrations: list[Migration]
+) -> list[int]:
+    applied = {
+        row["version"]: row["checksum"]
+        for row in await conn.fetch("SELECT version, checksum FROM platform_meta.schema_migrations WHERE service = $1", service)
+    }
+    done: list[int] = []
+    for migration in migrations:
+        if migration.version in applied:
+            if applied[migration.version] != migration.checksum:
+                raise MigrationError(
+                    f"{service} migration {migration.version:04d}_{migration.name} was edited after it was applied; "
+                    "add a new migration instead"
+                )
+            continue
+        async with conn.transaction():
+            await conn.execute(f"SET LOCAL ROLE {owner}")
+            await conn.execute(f"SET LOCAL search_path = {schema}")
+            try:
+                await conn.execute(migration.sql)
+            except asyncpg.PostgresError as exc:
+                raise MigrationError(f"{service} migration {migration.version:04d}_{migration.name}: {exc}") from exc
+            await conn.execute("RESET ROLE")
+            await conn.execute(
+                "INSERT INTO platform_meta.schema_migrations (service, version, name, checksum) VALUES ($1, $2, $3, $4)",
+                service,
+                migration.version,
+                migration.name,
+                migration.checksum,
+            )
+        log.info("applied %s migration %04d_%s", service, migration.version, migration.name)
+        done.append(migration.version)
+    return done

@@ -1,0 +1,133 @@
+"""Start-up and shutdown shared by every service process.
+
+``serve(spec)`` does, in order: read settings, apply migrations, open the one pool, run
+the isolation guard, build the interceptor chain from the declared policies, register
+the servicer, health and reflection, and serve until SIGTERM/SIGINT. Shutdown marks
+health NOT_SERVING, drains in-flight calls within the grace period, then closes the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from . import logs, migrations
+from .auth import TokenVerifier, VerifierConfig
+from .db import Database
+from .guard import check_isolation
+from .interceptors.chain import server_chain
+from .pagination import PageTokens
+from .policy import PolicyTable
+from .settings import Settings, load
+
+log = logging.getLogger("towerco.server")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What a servicer gets from the platform: settings, its database, page tokens."""
+
+    settings: Settings
+    db: Database
+    page_tokens: PageTokens
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """What is particular to one service; everything else is shared."""
+
+    #: Short name: ``sites``; picks ``SITES_PORT``, the roles ``sites_owner``/``sites_app``.
+    name: str
+    #: The PostgreSQL schema the service owns.
+    schema: str
+    #: The gRPC services it serves (their descriptors carry the access policies).
+    services: tuple[ServiceDescriptor, ...]
+    #: Folder of its versioned SQL migrations.
+    migrations_dir: Path
+    #: Registers the servicer(s) on the server.
+    register: Callable[[aio.Server, Runtime], None]
+
+
+async def run_migrations(spec: ServiceSpec, settings: Settings) -> list[int]:
+    return await migrations.migrate(
+        settings.database_url, spec.name, spec.schema, spec.migrations_dir, settings.app_db_password
+    )
+
+
+async def build_server(spec: ServiceSpec, settings: Settings, db: Database) -> tuple[aio.Server, HealthServicer]:
+    policies = PolicyTable.from_services(spec.services)
+    verifier = TokenVerifier(
+        VerifierConfig(
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            leeway_seconds=settings.jwt_leeway_seconds,
+            jwks_file=settings.jwt_jwks_file,
+            jwks_url=settings.jwt_jwks_url,
+        )
+    )
+    server = aio.server(
+        interceptors=server_chain(policies, verifier),
+        options=[("grpc.max_receive_message_length", 4 * 1024 * 1024), ("grpc.so_reuseport", 0)],
+    )
+    spec.register(server, Runtime(settings=settings, db=db, page_tokens=PageTokens(settings.page_token_secret)))
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = [s.full_name for s in spec.services]
+    reflection.enable_server_reflection([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+    server.add_insecure_port(f"{settings.bind_host}:{settings.port}")
+    return server, health
+
+
+async def serve(spec: ServiceSpec) -> None:
+    settings = load(spec.name)
+    logs.configure(spec.name, settings.log_level)
+    if settings.migrate_on_start:
+        applied = await run_migrations(spec, settings)
+        if applied:
+            log.info("migrations applied: %s", applied)
+    guard_conn: asyncpg.Connection[Any] = await asyncpg.connect(settings.runtime_database_url)
+    try:
+        await check_isolation(guard_conn, spec.schema)
+    finally:
+        await guard_conn.close()
+    db = await Database.connect(
+        settings.runtime_database_url,
+        min_size=settings.db_pool_min_size,
+        max_size=settings.db_pool_max_size,
+        acquire_timeout=settings.db_acquire_timeout,
+        statement_timeout_ms=settings.db_statement_timeout_ms,
+        application_name=f"towerco-{spec.name}",
+    )
+    server, health = await build_server(spec, settings, db)
+    await server.start()
+    for name in [*(s.full_name for s in spec.services), ""]:
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("%s serving on %s:%d", spec.name, settings.bind_host, settings.port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("%s shutting down: NOT_SERVING, draining for up to %.0fs", spec.name, settings.shutdown_grace_seconds)
+    await health.enter_graceful_shutdown()
+    await server.stop(settings.shutdown_grace_seconds)
+    await db.close()
+    log.info("%s stopped", spec.name)
+
+
+def main(spec: ServiceSpec) -> None:
+    """Entry point of ``python -m services.<name>``."""
+    asyncio.run(serve(spec))

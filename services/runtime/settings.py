@@ -1,0 +1,158 @@
+"""Process settings, read once from the environment at start-up."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
+
+#: Default ports of the four services (each overridable by ``<NAME>_PORT``).
+DEFAULT_PORTS: dict[str, int] = {"tenant": 50051, "sites": 50052, "features": 50053, "audit": 50054}
+
+
+DEFAULT_JWT_ISSUER = "towerco-dev-issuer"
+DEFAULT_JWT_AUDIENCE = "towerco-aiops"
+
+
+def _env(name: str, default: str) -> str:
+    value = os.environ.get(name, "").strip()
+    return value or default
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from exc
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise SettingsError(f"{name} must be true or false, got {raw!r}")
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the process refuses to start."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a service process reads from its environment, once."""
+
+    service: str
+    #: Address the gRPC server binds, e.g. ``127.0.0.1`` in dev, ``0.0.0.0`` in a pod.
+    bind_host: str
+    port: int
+    #: Administrative DSN: creates roles and schemas and runs migrations as the owner role.
+    database_url: str
+    #: DSN of this service's runtime role (never an owner, superuser or BYPASSRLS).
+    runtime_database_url: str = field(repr=False)
+    #: Password the migrations give the runtime role (trust auth in dev ignores it).
+    app_db_password: str = field(repr=False)
+    redis_url: str
+    db_pool_min_size: int
+    db_pool_max_size: int
+    #: Seconds a request waits for a pooled connection before UNAVAILABLE.
+    db_acquire_timeout: float
+    db_statement_timeout_ms: int
+    migrate_on_start: bool
+    jwt_issuer: str
+    jwt_audience: str
+    jwt_jwks_file: str
+    jwt_jwks_url: str
+    jwt_leeway_seconds: int
+    #: Secret that signs page tokens so a tampered or foreign token is refused.
+    page_token_secret: bytes = field(repr=False)
+    shutdown_grace_seconds: float
+    log_level: str
+
+
+def data_dir() -> Path:
+    """Where local state lives (embedded servers, dev keys): ``.data/`` unless ``DATA_DIR``."""
+    return Path(_env("DATA_DIR", str(Path.cwd() / ".data"))).resolve()
+
+
+def runtime_dsn(admin_dsn: str, service: str, password: str) -> str:
+    """The runtime role's DSN: the admin DSN's host and database with ``<service>_app``."""
+    parts = urlsplit(admin_dsn)
+    host = parts.hostname or "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{quote(service + '_app')}:{quote(password, safe='')}@{host}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _page_token_secret(keys: Path) -> bytes:
+    raw = os.environ.get("PAGE_TOKEN_SECRET", "").strip()
+    if raw:
+        return raw.encode()
+    path = keys / "page-token.secret"
+    if path.exists():
+        return path.read_bytes().strip()
+    raise SettingsError(
+        "PAGE_TOKEN_SECRET is not set and no dev secret exists at "
+        f"{path}; run `make keys` (dev) or set it (deploy)"
+    )
+
+
+def load(service: str) -> Settings:
+    """Read the settings of ``service`` from the environment; raise SettingsError if bad."""
+    if service not in DEFAULT_PORTS:
+        raise SettingsError(f"unknown service {service!r}")
+    keys = data_dir() / "keys"
+    database_url = _env("DATABASE_URL", "")
+    if not database_url:
+        raise SettingsError("DATABASE_URL is not set (make run sets it for the embedded server)")
+    password = _env("APP_DB_PASSWORD", "towerco-dev-only")
+    runtime_url = _env(f"{service.upper()}_DATABASE_URL", runtime_dsn(database_url, service, password))
+    jwks_file = _env("JWT_JWKS_FILE", "" if os.environ.get("JWT_JWKS_URL") else str(keys / "jwks.json"))
+    pool_max = _env_int("DB_POOL_MAX_SIZE", 20)
+    settings = Settings(
+        service=service,
+        bind_host=_env("GRPC_BIND_HOST", "127.0.0.1"),
+        port=_env_int(f"{service.upper()}_PORT", DEFAULT_PORTS[service]),
+        database_url=database_url,
+        runtime_database_url=runtime_url,
+        app_db_password=password,
+        redis_url=_env("REDIS_URL", "redis://127.0.0.1:56379/0"),
+        db_pool_min_size=min(_env_int("DB_POOL_MIN_SIZE", 2), pool_max),
+        db_pool_max_size=pool_max,
+        db_acquire_timeout=_env_float("DB_ACQUIRE_TIMEOUT_SECONDS", 2.0),
+        db_statement_timeout_ms=_env_int("DB_STATEMENT_TIMEOUT_MS", 5000),
+        migrate_on_start=_env_bool("MIGRATE_ON_START", True),
+        jwt_issuer=_env("JWT_ISSUER", DEFAULT_JWT_ISSUER),
+        jwt_audience=_env("JWT_AUDIENCE", DEFAULT_JWT_AUDIENCE),
+        jwt_jwks_file=jwks_file,
+        jwt_jwks_url=_env("JWT_JWKS_URL", ""),
+        jwt_leeway_seconds=_env_int("JWT_LEEWAY_SECONDS", 30),
+        page_token_secret=_page_token_secret(keys),
+        shutdown_grace_seconds=_env_float("SHUTDOWN_GRACE_SECONDS", 10.0),
+        log_level=_env("LOG_LEVEL", "INFO").upper(),
+    )
+    if settings.db_pool_max_size < 1:
+        raise SettingsError("DB_POOL_MAX_SIZE must be at least 1")
+    if not (settings.jwt_jwks_file or settings.jwt_jwks_url):
+        raise SettingsError("set JWT_JWKS_FILE or JWT_JWKS_URL")
+    return settings

@@ -1,0 +1,100 @@
+"""Between the Site message and its row: validation, JSON columns, timestamps."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from towerco.sites.v1 import sites_service_pb2 as pb
+
+from services.runtime.validation import Violations
+
+SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,49}$")
+SITE_ID_HINT = "^[A-Za-z0-9][A-Za-z0-9._-]{0,49}$"
+COUNTRY_CODE = re.compile(r"^[A-Z]{2}$")
+MAX_NAME = 100
+MAX_ADDRESS = 500
+MAX_REGION = 100
+MAX_CONFIGURATION_BYTES = 16 * 1024
+
+#: Update-mask paths a client may name, and the output-only ones it may not.
+UPDATABLE_PATHS = frozenset(
+    {
+        "name",
+        "location",
+        "location.latitude",
+        "location.longitude",
+        "location.address",
+        "location.region",
+        "location.country_code",
+        "configuration",
+    }
+)
+OUTPUT_ONLY_PATHS = frozenset({"site_id", "tenant_id", "create_time", "update_time"})
+LOCATION_FIELDS = ("latitude", "longitude", "address", "region", "country_code")
+
+
+def check_site_id(v: Violations, field: str, value: str) -> None:
+    v.pattern(field, value, SITE_ID, SITE_ID_HINT)
+
+
+def check_name(v: Violations, field: str, value: str) -> None:
+    v.text(field, value, max_len=MAX_NAME, required=True)
+
+
+def check_location(v: Violations, prefix: str, location: pb.Location, only: frozenset[str] | None = None) -> None:
+    def wanted(name: str) -> bool:
+        return only is None or name in only
+
+    if wanted("latitude"):
+        v.number(f"{prefix}.latitude", location.latitude, -90, 90)
+    if wanted("longitude"):
+        v.number(f"{prefix}.longitude", location.longitude, -180, 180)
+    if wanted("address"):
+        v.text(f"{prefix}.address", location.address, max_len=MAX_ADDRESS)
+    if wanted("region"):
+        v.text(f"{prefix}.region", location.region, max_len=MAX_REGION)
+    if wanted("country_code") and location.country_code and not COUNTRY_CODE.fullmatch(location.country_code):
+        v.add(f"{prefix}.country_code", "must be an ISO 3166-1 alpha-2 code such as 'ZA' (two upper-case letters)")
+
+
+def configuration_json(v: Violations, field: str, configuration: struct_pb2.Struct) -> dict[str, Any]:
+    value: dict[str, Any] = json_format.MessageToDict(configuration)
+    try:
+        size = len(json.dumps(value, allow_nan=False, separators=(",", ":")).encode())
+    except ValueError:
+        v.add(field, "must not contain NaN or infinite numbers")
+        return {}
+    if size > MAX_CONFIGURATION_BYTES:
+        v.add(field, f"must be at most {MAX_CONFIGURATION_BYTES} bytes as JSON (got {size})")
+    return value
+
+
+def location_json(location: pb.Location) -> dict[str, Any]:
+    return {
+        "latitude": location.latitude,
+        "longitude": location.longitude,
+        "address": location.address,
+        "region": location.region,
+        "country_code": location.country_code,
+    }
+
+
+def site_from_row(tenant_id: str, row: Mapping[str, Any]) -> pb.Site:
+    site = pb.Site(site_id=row["site_id"], tenant_id=tenant_id, name=row["name"])
+    location = row["location"]
+    if location is not None:
+        site.location.CopyFrom(pb.Location(**{k: location[k] for k in LOCATION_FIELDS if k in location}))
+    site.configuration.update(row["configuration"] or {})
+    site.create_time.CopyFrom(_timestamp(row["create_time"]))
+    site.update_time.CopyFrom(_timestamp(row["update_time"]))
+    return site
+
+
+def _timestamp(value: Any) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp

@@ -1,0 +1,49 @@
+"""SQL of the sites service. Every statement filters on tenant_id; RLS is the net."""
+
+from __future__ import annotations
+
+INSERT_SITE = """
+INSERT INTO sites.sites (tenant_id, site_id, name, location, configuration)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (tenant_id, site_id) DO NOTHING
+RETURNING site_id, name, location, configuration, create_time, update_time
+"""
+
+GET_SITE = """
+SELECT site_id, name, location, configuration, create_time, update_time
+FROM sites.sites WHERE tenant_id = $1 AND site_id = $2
+"""
+
+GET_SITE_FOR_UPDATE = GET_SITE + " FOR UPDATE"
+
+UPDATE_SITE = """
+UPDATE sites.sites SET name = $3, location = $4, configuration = $5, update_time = now()
+WHERE tenant_id = $1 AND site_id = $2
+RETURNING site_id, name, location, configuration, create_time, update_time
+"""
+
+DELETE_SITE = "DELETE FROM sites.sites WHERE tenant_id = $1 AND site_id = $2"
+
+# Keyset pagination in site_id order: stable, no gaps or duplicates under concurrent writes.
+LIST_SITES = """
+SELECT site_id, name, location, configuration, create_time, update_time
+FROM sites.sites
+WHERE tenant_id = $1 AND site_id > $2 AND ($3::text IS NULL OR region = $3)
+ORDER BY site_id
+LIMIT $4
+"""
+
+COUNT_BY_REGION = """
+SELECT coalesce(region, '') AS region, count(*) AS sites
+FROM sites.sites WHERE tenant_id = $1 GROUP BY 1
+"""
+
+GET_CREATE_REQUEST = """
+SELECT request_hash, response FROM sites.create_requests WHERE tenant_id = $1 AND request_id = $2
+"""
+
+INSERT_CREATE_REQUEST = """
+INSERT INTO sites.create_requests (tenant_id, request_id, request_hash, response) VALUES ($1, $2, $3, $4)
+ON CONFLICT (tenant_id, request_id) DO NOTHING
+RETURNING 1
+"""

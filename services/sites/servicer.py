@@ -1,0 +1,193 @@
+"""towerco.sites.v1.SiteService: a tenant's sites, always in the caller's own tenant."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+from google.protobuf import empty_pb2
+from grpc import aio
+from towerco.sites.v1 import sites_service_pb2 as pb
+from towerco.sites.v1 import sites_service_pb2_grpc as pb_grpc
+
+from services.runtime import context
+from services.runtime.errors import FieldViolation, already_exists, invalid_argument, not_found
+from services.runtime.pagination import page_size
+from services.runtime.server import Runtime
+from services.runtime.validation import Violations
+
+from . import convert, queries
+
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+Ctx = aio.ServicerContext[Any, Any]
+
+
+class SiteServicer(pb_grpc.SiteServiceServicer):  # type: ignore[misc]
+    def __init__(self, runtime: Runtime) -> None:
+        self._db = runtime.db
+        self._tokens = runtime.page_tokens
+
+    async def CreateSite(self, request: pb.CreateSiteRequest, ctx: Ctx) -> pb.Site:
+        v = Violations()
+        convert.check_site_id(v, "site_id", request.site_id)
+        if not request.HasField("site"):
+            v.add("site", "is required")
+        convert.check_name(v, "site.name", request.site.name)
+        location = None
+        if request.site.HasField("location"):
+            convert.check_location(v, "site.location", request.site.location)
+            location = convert.location_json(request.site.location)
+        configuration = convert.configuration_json(v, "site.configuration", request.site.configuration)
+        if request.request_id:
+            v.pattern("request_id", request.request_id, REQUEST_ID, "^[A-Za-z0-9._:-]{1,64}$")
+        v.raise_if_any()
+
+        tenant_id = context.current_tenant()
+        request_hash = _request_hash(request)
+        async with self._db.transaction() as conn:
+            if request.request_id:
+                replay = await _replay(conn, tenant_id, request.request_id, request_hash)
+                if replay is not None:
+                    return replay
+            row = await conn.fetchrow(
+                queries.INSERT_SITE, tenant_id, request.site_id, request.site.name.strip(), location, configuration
+            )
+            if row is None:
+                # Taken: by an earlier request, or by a concurrent retry of this one.
+                if request.request_id:
+                    replay = await _replay(conn, tenant_id, request.request_id, request_hash)
+                    if replay is not None:
+                        return replay
+                raise already_exists("site", request.site_id)
+            site = convert.site_from_row(tenant_id, row)
+            if request.request_id:
+                stored = await conn.fetchval(
+                    queries.INSERT_CREATE_REQUEST, tenant_id, request.request_id, request_hash, site.SerializeToString()
+                )
+                if stored is None:
+                    raise _request_id_reused()
+            return site
+
+    async def GetSite(self, request: pb.GetSiteRequest, ctx: Ctx) -> pb.Site:
+        _check_site_id(request.site_id)
+        tenant_id = context.current_tenant()
+        async with self._db.transaction(readonly=True) as conn:
+            row = await conn.fetchrow(queries.GET_SITE, tenant_id, request.site_id)
+        if row is None:
+            raise not_found("site", request.site_id)
+        return convert.site_from_row(tenant_id, row)
+
+    async def ListSites(self, request: pb.ListSitesRequest, ctx: Ctx) -> pb.ListSitesResponse:
+        v = Violations()
+        v.text("region", request.region, max_len=convert.MAX_REGION)
+        v.raise_if_any()
+        size = page_size(request.page_size)
+        tenant_id = context.current_tenant()
+        query = {"region": request.region}
+        position = self._tokens.decode(request.page_token, tenant_id, query)
+        after = str(position.get("after", "")) if position else ""
+        async with self._db.transaction(readonly=True) as conn:
+            rows = await conn.fetch(queries.LIST_SITES, tenant_id, after, request.region or None, size + 1)
+        response = pb.ListSitesResponse(sites=[convert.site_from_row(tenant_id, r) for r in rows[:size]])
+        if len(rows) > size:
+            response.next_page_token = self._tokens.encode(tenant_id, query, {"after": rows[size - 1]["site_id"]})
+        return response
+
+    async def UpdateSite(self, request: pb.UpdateSiteRequest, ctx: Ctx) -> pb.Site:
+        paths = _mask_paths(request)
+        v = Violations()
+        convert.check_site_id(v, "site.site_id", request.site.site_id)
+        if "name" in paths:
+            convert.check_name(v, "site.name", request.site.name)
+        location_parts = frozenset(p.split(".", 1)[1] for p in paths if p.startswith("location."))
+        if "location" in paths and request.site.HasField("location"):
+            convert.check_location(v, "site.location", request.site.location)
+        elif location_parts:
+            convert.check_location(v, "site.location", request.site.location, only=location_parts)
+        configuration = None
+        if "configuration" in paths:
+            configuration = convert.configuration_json(v, "site.configuration", request.site.configuration)
+        v.raise_if_any()
+
+        tenant_id = context.current_tenant()
+        site_id = request.site.site_id
+        async with self._db.transaction() as conn:
+            row = await conn.fetchrow(queries.GET_SITE_FOR_UPDATE, tenant_id, site_id)
+            if row is None:
+                raise not_found("site", site_id)
+            name = request.site.name.strip() if "name" in paths else row["name"]
+            location = row["location"]
+            if "location" in paths:
+                location = convert.location_json(request.site.location) if request.site.HasField("location") else None
+            elif location_parts:
+                location = dict(location or convert.location_json(pb.Location()))
+                new = convert.location_json(request.site.location)
+                location.update({part: new[part] for part in location_parts})
+            if configuration is None:
+                configuration = row["configuration"]
+            updated = await conn.fetchrow(queries.UPDATE_SITE, tenant_id, site_id, name, location, configuration)
+        return convert.site_from_row(tenant_id, updated)
+
+    async def DeleteSite(self, request: pb.DeleteSiteRequest, ctx: Ctx) -> empty_pb2.Empty:
+        _check_site_id(request.site_id)
+        tenant_id = context.current_tenant()
+        async with self._db.transaction() as conn:
+            status = await conn.execute(queries.DELETE_SITE, tenant_id, request.site_id)
+        if status == "DELETE 0":
+            raise not_found("site", request.site_id)
+        return empty_pb2.Empty()
+
+    async def GetSiteAnalytics(self, request: pb.GetSiteAnalyticsRequest, ctx: Ctx) -> pb.SiteAnalytics:
+        tenant_id = context.current_tenant()
+        async with self._db.transaction(readonly=True) as conn:
+            rows = await conn.fetch(queries.COUNT_BY_REGION, tenant_id)
+        by_region = {row["region"]: row["sites"] for row in rows}
+        return pb.SiteAnalytics(total_sites=sum(by_region.values()), sites_by_region=by_region)
+
+
+def _check_site_id(site_id: str) -> None:
+    v = Violations()
+    convert.check_site_id(v, "site_id", site_id)
+    v.raise_if_any()
+
+
+def _mask_paths(request: pb.UpdateSiteRequest) -> frozenset[str]:
+    paths = list(request.update_mask.paths)
+    if not paths or paths == ["*"]:
+        return convert.UPDATABLE_PATHS - {p for p in convert.UPDATABLE_PATHS if p.startswith("location.")}
+    bad = []
+    for path in paths:
+        if path in convert.OUTPUT_ONLY_PATHS:
+            bad.append(FieldViolation("update_mask", f"{path!r} is output only or immutable and cannot be updated"))
+        elif path not in convert.UPDATABLE_PATHS:
+            bad.append(FieldViolation("update_mask", f"{path!r} is not a field of Site that can be updated"))
+    if bad:
+        raise invalid_argument(bad, reason="INVALID_UPDATE_MASK")
+    return frozenset(paths)
+
+
+def _request_hash(request: pb.CreateSiteRequest) -> str:
+    body = pb.CreateSiteRequest()
+    body.CopyFrom(request)
+    body.request_id = ""
+    body.site.ClearField("tenant_id")
+    body.site.ClearField("create_time")
+    body.site.ClearField("update_time")
+    return hashlib.sha256(body.SerializeToString(deterministic=True)).hexdigest()
+
+
+async def _replay(conn: Any, tenant_id: str, request_id: str, request_hash: str) -> pb.Site | None:
+    prior = await conn.fetchrow(queries.GET_CREATE_REQUEST, tenant_id, request_id)
+    if prior is None:
+        return None
+    if prior["request_hash"] != request_hash:
+        raise _request_id_reused()
+    return pb.Site.FromString(prior["response"])
+
+
+def _request_id_reused() -> Exception:
+    return invalid_argument(
+        [FieldViolation("request_id", "was already used for a different create request; use a new request_id")],
+        reason="REQUEST_ID_REUSED",
+    )
