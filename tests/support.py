@@ -1,0 +1,72 @@
+"""Helpers the tests share: free ports, tokens, metadata and reading rich error details."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def bearer(token: str, tenant: str | None = None, **extra: str) -> list[tuple[str, str]]:
+    metadata = [("authorization", f"Bearer {token}")]
+    if tenant is not None:
+        metadata.append(("x-tenant-id", tenant))
+    metadata.extend(extra.items())
+    return metadata
+
+
+@dataclass
+class RichError:
+    """A failed call's status code and its google.rpc details."""
+
+    code: grpc.StatusCode
+    message: str
+    info: error_details_pb2.ErrorInfo | None
+    bad_request: error_details_pb2.BadRequest | None
+    retry: error_details_pb2.RetryInfo | None
+
+    @property
+    def reason(self) -> str:
+        return self.info.reason if self.info else ""
+
+    @property
+    def fields(self) -> list[str]:
+        return [v.field for v in self.bad_request.field_violations] if self.bad_request else []
+
+
+def rich_error(error: grpc.RpcError) -> RichError:
+    call: Any = error
+    status = rpc_status.from_call(call)
+    info = bad = retry = None
+    for detail in status.details if status else ():
+        for kind in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest, error_details_pb2.RetryInfo):
+            if detail.Is(kind.DESCRIPTOR):
+                message = kind()
+                detail.Unpack(message)
+                if isinstance(message, error_details_pb2.ErrorInfo):
+                    info = message
+                elif isinstance(message, error_details_pb2.BadRequest):
+                    bad = message
+                else:
+                    retry = message
+    return RichError(call.code(), call.details() or "", info, bad, retry)
+
+
+def expect_error(fn: Any, request: Any, **kwargs: Any) -> RichError:
+    """Call ``fn`` and return its rich error; fail the test if it succeeds."""
+    try:
+        fn(request, timeout=10, **kwargs)
+    except grpc.RpcError as error:
+        return rich_error(error)
+    raise AssertionError(f"{fn} succeeded but an error was expected")
