@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,23 @@ async def serve(spec: ServiceSpec) -> None:
     log.info("%s stopped", spec.name)
 
 
+async def migrate_only(spec: ServiceSpec) -> None:
+    settings = load(spec.name)
+    logs.configure(spec.name, settings.log_level)
+    applied = await run_migrations(spec, settings)
+    log.info("%s migrations applied: %s", spec.name, applied or "none (up to date)")
+
+
 def main(spec: ServiceSpec) -> None:
-    """Entry point of ``python -m services.<name>``."""
-    asyncio.run(serve(spec))
+    """Entry point of ``python -m services.<name> [migrate]``.
+
+    Without arguments: serve. With ``migrate``: apply pending migrations and exit (the
+    release Job of a deployment, run with the administrative DSN).
+    """
+    args = sys.argv[1:]
+    if args == ["migrate"]:
+        asyncio.run(migrate_only(spec))
+    elif not args:
+        asyncio.run(serve(spec))
+    else:
+        sys.exit(f"usage: python -m services.{spec.name} [migrate]")
