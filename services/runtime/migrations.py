@@ -2,7 +2,7 @@
 
 Run with the administrative DSN. For service ``sites`` it makes sure of:
 - role ``sites_owner`` (NOLOGIN) that owns schema ``sites`` and everything in it;
-- role ``sites_app`` (LOGIN, NOSUPERUSER, NOBYPASSRLS, owns nothing) that the service runs as;
+- role ``sites_app`` (LOGIN, NOSUPERUSER, NOBYPASSRLS, NOREPLICATION, owns nothing) that the service runs as;
 - the files ``services/sites/migrations/NNNN_name.sql`` applied in order as ``sites_owner``.
 
 Bookkeeping lives in ``platform_meta.schema_migrations``, outside every service schema and
@@ -63,12 +63,13 @@ def _ident(name: str) -> str:
 async def migrate(admin_dsn: str, service: str, schema: str, directory: Path, app_password: str) -> list[int]:
     """Apply pending migrations of one service; returns the versions applied now."""
     owner, app, schema = _ident(f"{service}_owner"), _ident(f"{service}_app"), _ident(schema)
+    pending = load(directory)  # a badly named file stops us before anything is created
     conn: asyncpg.Connection[Any] = await asyncpg.connect(admin_dsn)
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
         try:
             await _ensure_roles_and_schema(conn, owner, app, schema, app_password)
-            return await _apply(conn, service, owner, schema, load(directory))
+            return await _apply(conn, service, owner, schema, pending)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
     finally:
@@ -93,11 +94,11 @@ async def _ensure_roles_and_schema(
         if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", owner):
             await conn.execute(f"CREATE ROLE {owner} NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE")
         if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", app):
-            await conn.execute(f"CREATE ROLE {app} LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE NOINHERIT")
+            await conn.execute(f"CREATE ROLE {app} LOGIN NOSUPERUSER NOBYPASSRLS NOREPLICATION NOCREATEDB NOCREATEROLE NOINHERIT")
         # Re-assert the runtime role's limits every time: nobody widens them by hand unnoticed.
         password = await conn.fetchval("SELECT quote_literal($1)", app_password)
         await conn.execute(
-            f"ALTER ROLE {app} LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE PASSWORD {password}"
+            f"ALTER ROLE {app} LOGIN NOSUPERUSER NOBYPASSRLS NOREPLICATION NOCREATEDB NOCREATEROLE PASSWORD {password}"
         )
         await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION {owner}")
         await conn.execute(f"REVOKE ALL ON SCHEMA {schema} FROM PUBLIC")
