@@ -48,6 +48,8 @@ class PolicyTable:
         for service in services:
             for method in service.methods:
                 path = f"/{service.full_name}/{method.name}"
+                if method.client_streaming or method.server_streaming:
+                    raise PolicyError(f"{path}: streaming RPCs are not supported by the interceptor chain yet")
                 options = method.GetOptions()
                 if not options.HasExtension(policy_pb2.policy):
                     missing.append(path)

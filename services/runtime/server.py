@@ -80,7 +80,14 @@ async def build_server(spec: ServiceSpec, settings: Settings, db: Database) -> t
     )
     server = aio.server(
         interceptors=server_chain(policies, verifier),
-        options=[("grpc.max_receive_message_length", 4 * 1024 * 1024), ("grpc.so_reuseport", 0)],
+        options=[
+            ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+            ("grpc.so_reuseport", 0),
+            # Room for an oversized token to reach the authentication link and be refused
+            # there as UNAUTHENTICATED, rather than by the transport at random.
+            ("grpc.max_metadata_size", 32 * 1024),
+            ("grpc.absolute_max_metadata_size", 32 * 1024),
+        ],
     )
     spec.register(server, Runtime(settings=settings, db=db, page_tokens=PageTokens(settings.page_token_secret)))
     health = HealthServicer()

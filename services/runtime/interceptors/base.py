@@ -43,10 +43,16 @@ class Metadata:
         return values[0]
 
 
+#: Platform plumbing served without a token: health checks and server reflection.
+INFRASTRUCTURE_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
+                           "/grpc.reflection.v1.ServerReflection/")
+
+
 class PolicyInterceptor(aio.ServerInterceptor, ABC):  # type: ignore[misc]
     """A link that only concerns RPCs with a declared policy (all Towerco RPCs).
 
-    Health and reflection pass straight through.
+    Health and reflection pass straight through. Any other method without a policy is
+    answered as if it did not exist (UNIMPLEMENTED): fail closed, never open.
     """
 
     def __init__(self, policies: PolicyTable) -> None:
@@ -56,17 +62,24 @@ class PolicyInterceptor(aio.ServerInterceptor, ABC):  # type: ignore[misc]
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
-        policy = self._policies.get(handler_call_details.method)
-        if handler is None or policy is None or handler.unary_unary is None:
-            return handler
+        method = handler_call_details.method
+        policy = self._policies.get(method)
+        if handler is None:
+            return None
+        if policy is None or handler.unary_unary is None:
+            return handler if method.startswith(INFRASTRUCTURE_PREFIXES) else None
         metadata = Metadata(handler_call_details.invocation_metadata or ())
         inner: Behavior = handler.unary_unary
         wrapped = self.wrap(inner, policy, metadata)
         return grpc.unary_unary_rpc_method_handler(
             wrapped,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=self.deserializer(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
+
+    def deserializer(self, original: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+        """The request deserializer to use; links that care about it override this."""
+        return original
 
     @abstractmethod
     def wrap(self, inner: Behavior, policy: Policy, metadata: Metadata) -> Behavior:

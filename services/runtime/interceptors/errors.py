@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -11,8 +12,7 @@ import grpc
 from grpc import aio
 from grpc_status import rpc_status
 
-from .. import context
-from ..errors import ServiceError, unavailable
+from ..errors import FieldViolation, ServiceError, invalid_argument, unavailable
 from ..policy import Policy
 from .base import Behavior, Metadata, PolicyInterceptor
 
@@ -30,12 +30,37 @@ _RETRYABLE_DB_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+class _Malformed:
+    """Stands in for a request whose bytes are not a valid message."""
+
+
+MALFORMED = _Malformed()
+
+
 class ErrorDetailsInterceptor(PolicyInterceptor):
     """Turns :class:`ServiceError` and unexpected exceptions into rich statuses."""
+
+    def deserializer(self, original: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+        # gRPC would answer undecodable bytes with INTERNAL; they are the client's error.
+        if original is None:
+            return None
+
+        def deserialize(data: bytes) -> Any:
+            try:
+                return original(data)
+            except Exception:
+                return MALFORMED
+
+        return deserialize
 
     def wrap(self, inner: Behavior, policy: Policy, metadata: Metadata) -> Behavior:
         async def behavior(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
             try:
+                if request is MALFORMED:
+                    raise invalid_argument(
+                        [FieldViolation("request", "is not a valid protobuf message for this method")],
+                        reason="MALFORMED_REQUEST",
+                    )
                 return await inner(request, ctx)
             except ServiceError as exc:
                 await _abort(ctx, exc, policy)
@@ -50,11 +75,14 @@ class ErrorDetailsInterceptor(PolicyInterceptor):
                 await _abort(ctx, error, policy)
             except _RETRYABLE_DB_ERRORS:
                 log.warning("database unavailable for %s", policy.method, exc_info=True)
-                await _abort(ctx, unavailable("the database is unavailable; retry later", "DATABASE_UNAVAILABLE"), policy)
+                await _abort(
+                    ctx, unavailable("the database is unavailable; retry later", "DATABASE_UNAVAILABLE"), policy
+                )
             except Exception:
-                current = context.current()
-                request_id = current.request_id if current else ""
-                log.exception("unexpected error in %s", policy.method)
+                # This link is outside the request context (reset by the time the error
+                # gets here), so the id is the one RequestContextInterceptor put in the trailers.
+                request_id = _request_id(ctx)
+                log.exception("unexpected error in %s (request %s)", policy.method, request_id)
                 error = ServiceError(
                     grpc.StatusCode.INTERNAL,
                     f"internal error; quote request id {request_id} when reporting it",
@@ -68,7 +96,16 @@ class ErrorDetailsInterceptor(PolicyInterceptor):
 
 async def _abort(ctx: aio.ServicerContext[Any, Any], error: ServiceError, policy: Policy) -> None:
     status = rpc_status.to_status(error.to_status(policy.domain))
-    trailing = tuple(status.trailing_metadata)
+    # abort() replaces the trailers: keep those inner links set (x-request-id).
+    trailing = tuple(_trailers_set(ctx)) + tuple(status.trailing_metadata)
     if error.retry_after_seconds is not None:
         trailing += (("retry-after-ms", str(max(1, int(error.retry_after_seconds * 1000)))),)
     await ctx.abort(status.code, status.details, trailing)
+
+
+def _trailers_set(ctx: aio.ServicerContext[Any, Any]) -> list[tuple[str, str | bytes]]:
+    return [(k, v) for k, v in (ctx.trailing_metadata() or ()) if k != "grpc-status-details-bin"]
+
+
+def _request_id(ctx: aio.ServicerContext[Any, Any]) -> str:
+    return next((str(v) for k, v in _trailers_set(ctx) if k == "x-request-id"), "")
