@@ -102,7 +102,9 @@ def sites(sites_target: str) -> Iterator[sites_service_pb2_grpc.SiteServiceStub]
 def token(stack: Stack) -> Callable[..., str]:
     """``token(tenant, role="admin", permissions=None, ttl=3600, **claims)`` -> dev JWT."""
 
-    def make(tenant: str, role: str = "admin", permissions: list[str] | None = None, ttl: int = 3600, **claims: Any) -> str:
+    def make(
+        tenant: str, role: str = "admin", permissions: list[str] | None = None, ttl: int = 3600, **claims: Any
+    ) -> str:
         return mint(stack.keys_dir, tenant=tenant, role=role, permissions=permissions, ttl=ttl, extra=claims)
 
     return make

@@ -118,14 +118,21 @@ def test_make_run_from_fresh_clone_survives_restart(checkout: Path) -> None:
         first.wait_for(BANNER, timeout=900)
         assert (checkout / ".venv" / "bin" / "python").exists()
         token = subprocess.run(
-            ["make", "-s", "token", "TENANT=tenant_a"], cwd=checkout, env=env, capture_output=True, text=True, check=True
+            ["make", "-s", "token", "TENANT=tenant_a"],
+            cwd=checkout,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         assert token.count(".") == 2, token
 
         listed = _grpcurl(checkout, sites, "list")
         assert "towerco.sites.v1.SiteService" in listed.stdout, listed.stderr
 
-        seeded = _grpcurl(checkout, "-d", '{"site_id": "TWR-A-0001"}', sites, "towerco.sites.v1.SiteService/GetSite", token=token)
+        seeded = _grpcurl(
+            checkout, "-d", '{"site_id": "TWR-A-0001"}', sites, "towerco.sites.v1.SiteService/GetSite", token=token
+        )
         assert seeded.returncode == 0, seeded.stderr
         assert json.loads(seeded.stdout)["tenant_id"] == "tenant_a", seeded.stdout
 
@@ -148,7 +155,9 @@ def test_make_run_from_fresh_clone_survives_restart(checkout: Path) -> None:
     second = MakeRun(checkout, env)
     try:
         second.wait_for(BANNER, timeout=300)
-        again = _grpcurl(checkout, "-d", '{"site_id": "RESTART-1"}', sites, "towerco.sites.v1.SiteService/GetSite", token=token)
+        again = _grpcurl(
+            checkout, "-d", '{"site_id": "RESTART-1"}', sites, "towerco.sites.v1.SiteService/GetSite", token=token
+        )
         assert again.returncode == 0, again.stderr
         assert json.loads(again.stdout)["name"] == "Written before the restart"
     finally:

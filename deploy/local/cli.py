@@ -101,9 +101,9 @@ def _banner(stack: Stack, names: list[str], seeded: int) -> None:
         "Try it:",
         "  TOKEN=$(make -s token TENANT=tenant_a)",
         f"  {grpcurl} -plaintext 127.0.0.1:{sites} list",
-        f"  {grpcurl} -plaintext -H \"authorization: Bearer $TOKEN\" \\",
-        f"      -d '{{\"site_id\": \"TWR-A-0001\"}}' 127.0.0.1:{sites} towerco.sites.v1.SiteService/GetSite",
-        f"  {grpcurl} -plaintext -H \"authorization: Bearer $TOKEN\" \\",
+        f'  {grpcurl} -plaintext -H "authorization: Bearer $TOKEN" \\',
+        f'      -d \'{{"site_id": "TWR-A-0001"}}\' 127.0.0.1:{sites} towerco.sites.v1.SiteService/GetSite',
+        f'  {grpcurl} -plaintext -H "authorization: Bearer $TOKEN" \\',
         f"      -d '{{\"page_size\": 2}}' 127.0.0.1:{sites} towerco.sites.v1.SiteService/ListSites",
         "",
     ]
@@ -113,9 +113,7 @@ def _banner(stack: Stack, names: list[str], seeded: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.local", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="start PostgreSQL, Redis and every service; Ctrl-C stops all").set_defaults(
-        func=cmd_run
-    )
+    sub.add_parser("run", help="start PostgreSQL, Redis and every service; Ctrl-C stops all").set_defaults(func=cmd_run)
     sub.add_parser("migrate", help="apply every service's pending migrations").set_defaults(func=cmd_migrate)
     sub.add_parser("stop", help="stop the embedded PostgreSQL and Redis").set_defaults(func=cmd_stop)
     sub.add_parser("keys", help="create the dev signing key and JWKS if missing").set_defaults(func=cmd_keys)

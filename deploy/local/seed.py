@@ -50,7 +50,7 @@ def seed_sites(keys_dir: Path, sites_port: int) -> int:
                             configuration=configuration,
                         ),
                     ),
-                    metadata=[("authorization", f"Bearer {token}")],
+                    metadata=(("authorization", f"Bearer {token}"),),
                     timeout=10,
                 )
                 count += 1

@@ -7,15 +7,15 @@ the same tenant and the same caller, so it can never be handed a wider scope.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from grpc import aio
 
 from . import context
 
 
-def propagation_metadata(existing: Sequence[tuple[str, str | bytes]] | None) -> list[tuple[str, str | bytes]]:
+def propagation_metadata(existing: Iterable[tuple[str, str | bytes]] | None) -> list[tuple[str, str | bytes]]:
     """``existing`` without identity headers, plus those of the current request."""
     identity = {"authorization", "x-tenant-id", "x-request-id"}
     metadata = [(k, v) for k, v in (existing or ()) if k.lower() not in identity]
@@ -30,7 +30,13 @@ def propagation_metadata(existing: Sequence[tuple[str, str | bytes]] | None) -> 
     return metadata
 
 
-class ContextPropagationInterceptor(aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+if TYPE_CHECKING:
+    _ClientInterceptor = aio.UnaryUnaryClientInterceptor[Any, Any]
+else:
+    _ClientInterceptor = aio.UnaryUnaryClientInterceptor
+
+
+class ContextPropagationInterceptor(_ClientInterceptor):
     """Puts tenant, request id and the caller's token on every unary call."""
 
     async def intercept_unary_unary(
@@ -54,5 +60,5 @@ def service_channel(target: str, options: Sequence[tuple[str, Any]] = ()) -> aio
     return aio.insecure_channel(
         target,
         options=[("grpc.keepalive_time_ms", 30_000), *options],
-        interceptors=[ContextPropagationInterceptor()],
+        interceptors=[ContextPropagationInterceptor()],  # type: ignore[list-item]  # stubs lag grpc.aio
     )

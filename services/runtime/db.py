@@ -13,7 +13,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 
@@ -67,12 +67,12 @@ class Database:
         tenant_id = context.current_tenant()
         try:
             conn = await self._pool.acquire(timeout=self._acquire_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise unavailable("all database connections are busy; retry shortly", "DATABASE_BUSY", 0.2) from None
         try:
             async with conn.transaction(readonly=readonly):
                 await conn.execute(BIND_TENANT, tenant_id)
-                yield conn
+                yield cast("asyncpg.Connection[Any]", conn)
         finally:
             await self._pool.release(conn)
 
@@ -81,8 +81,8 @@ class Database:
         async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
             await conn.fetchval("SELECT 1")
 
-    async def close(self, timeout: float = 10.0) -> None:
+    async def close(self, grace_seconds: float = 10.0) -> None:
         try:
-            await asyncio.wait_for(self._pool.close(), timeout)
-        except asyncio.TimeoutError:
+            await asyncio.wait_for(self._pool.close(), grace_seconds)
+        except TimeoutError:
             self._pool.terminate()

@@ -56,7 +56,9 @@ class ServiceError(Exception):
         return status_pb2.Status(code=self.code.value[0], message=self.message, details=details)
 
 
-def _pack(message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest | error_details_pb2.RetryInfo) -> any_pb2.Any:
+def _pack(
+    message: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest | error_details_pb2.RetryInfo,
+) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)
     return packed
@@ -99,7 +101,4 @@ def permission_denied(message: str, reason: str, **metadata: str) -> ServiceErro
 
 
 def unavailable(message: str, reason: str, retry_after_seconds: float = 1.0) -> ServiceError:
-    return ServiceError(
-        grpc.StatusCode.UNAVAILABLE, message, reason, retry_after_seconds=retry_after_seconds
-    )
-
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, message, reason, retry_after_seconds=retry_after_seconds)

@@ -94,7 +94,9 @@ async def _ensure_roles_and_schema(
         if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", owner):
             await conn.execute(f"CREATE ROLE {owner} NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE")
         if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", app):
-            await conn.execute(f"CREATE ROLE {app} LOGIN NOSUPERUSER NOBYPASSRLS NOREPLICATION NOCREATEDB NOCREATEROLE NOINHERIT")
+            await conn.execute(
+                f"CREATE ROLE {app} LOGIN NOSUPERUSER NOBYPASSRLS NOREPLICATION NOCREATEDB NOCREATEROLE NOINHERIT"
+            )
         # Re-assert the runtime role's limits every time: nobody widens them by hand unnoticed.
         password = await conn.fetchval("SELECT quote_literal($1)", app_password)
         await conn.execute(
@@ -112,7 +114,9 @@ async def _apply(
 ) -> list[int]:
     applied = {
         row["version"]: row["checksum"]
-        for row in await conn.fetch("SELECT version, checksum FROM platform_meta.schema_migrations WHERE service = $1", service)
+        for row in await conn.fetch(
+            "SELECT version, checksum FROM platform_meta.schema_migrations WHERE service = $1", service
+        )
     }
     done: list[int] = []
     for migration in migrations:
@@ -132,7 +136,8 @@ async def _apply(
                 raise MigrationError(f"{service} migration {migration.version:04d}_{migration.name}: {exc}") from exc
             await conn.execute("RESET ROLE")
             await conn.execute(
-                "INSERT INTO platform_meta.schema_migrations (service, version, name, checksum) VALUES ($1, $2, $3, $4)",
+                "INSERT INTO platform_meta.schema_migrations (service, version, name, checksum)"
+                " VALUES ($1, $2, $3, $4)",
                 service,
                 migration.version,
                 migration.name,

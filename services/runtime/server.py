@@ -93,7 +93,9 @@ async def build_server(spec: ServiceSpec, settings: Settings, db: Database) -> t
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = [s.full_name for s in spec.services]
-    reflection.enable_server_reflection([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+    )
     server.add_insecure_port(f"{settings.bind_host}:{settings.port}")
     return server, health
 

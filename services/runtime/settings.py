@@ -112,8 +112,7 @@ def _page_token_secret(keys: Path) -> bytes:
     if path.exists():
         return path.read_bytes().strip()
     raise SettingsError(
-        "PAGE_TOKEN_SECRET is not set and no dev secret exists at "
-        f"{path}; run `make keys` (dev) or set it (deploy)"
+        f"PAGE_TOKEN_SECRET is not set and no dev secret exists at {path}; run `make keys` (dev) or set it (deploy)"
     )
 
 

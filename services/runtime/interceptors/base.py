@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import grpc
 from grpc import aio
@@ -17,8 +17,14 @@ from grpc import aio
 from ..errors import FieldViolation, invalid_argument
 from ..policy import Policy, PolicyTable
 
-Behavior = Callable[[Any, aio.ServicerContext[Any, Any]], Awaitable[Any]]
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+Behavior: TypeAlias = "Callable[[Any, aio.ServicerContext[Any, Any]], Awaitable[Any]]"
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]"
+
+if TYPE_CHECKING:
+    _ServerInterceptor = aio.ServerInterceptor[Any, Any]
+else:
+    _ServerInterceptor = aio.ServerInterceptor
 
 
 class Metadata:
@@ -44,11 +50,14 @@ class Metadata:
 
 
 #: Platform plumbing served without a token: health checks and server reflection.
-INFRASTRUCTURE_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
-                           "/grpc.reflection.v1.ServerReflection/")
+INFRASTRUCTURE_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
 
 
-class PolicyInterceptor(aio.ServerInterceptor, ABC):  # type: ignore[misc]
+class PolicyInterceptor(_ServerInterceptor, ABC):
     """A link that only concerns RPCs with a declared policy (all Towerco RPCs).
 
     Health and reflection pass straight through. Any other method without a policy is
@@ -58,9 +67,9 @@ class PolicyInterceptor(aio.ServerInterceptor, ABC):  # type: ignore[misc]
     def __init__(self, policies: PolicyTable) -> None:
         self._policies = policies
 
-    async def intercept_service(
+    async def intercept_service(  # type: ignore[override]  # None is how gRPC says "no such method"
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         policy = self._policies.get(method)
@@ -69,7 +78,7 @@ class PolicyInterceptor(aio.ServerInterceptor, ABC):  # type: ignore[misc]
         if policy is None or handler.unary_unary is None:
             return handler if method.startswith(INFRASTRUCTURE_PREFIXES) else None
         metadata = Metadata(handler_call_details.invocation_metadata or ())
-        inner: Behavior = handler.unary_unary
+        inner = cast(Behavior, handler.unary_unary)
         wrapped = self.wrap(inner, policy, metadata)
         return grpc.unary_unary_rpc_method_handler(
             wrapped,

@@ -5,18 +5,17 @@ Outermost first. A later issue's link (tenant state, rate limits) is one line he
 
 from __future__ import annotations
 
-from grpc import aio
-
 from ..auth import TokenVerifier
 from ..policy import PolicyTable
 from .authentication import AuthenticationInterceptor
 from .authorization import AuthorizationInterceptor
+from .base import PolicyInterceptor
 from .errors import ErrorDetailsInterceptor
 from .request_id import RequestContextInterceptor
 from .tenant import TenantInterceptor
 
 
-def server_chain(policies: PolicyTable, verifier: TokenVerifier) -> list[aio.ServerInterceptor]:
+def server_chain(policies: PolicyTable, verifier: TokenVerifier) -> list[PolicyInterceptor]:
     return [
         ErrorDetailsInterceptor(policies),  # every failure below becomes a rich status
         RequestContextInterceptor(policies),  # request id, method, peer
