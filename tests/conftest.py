@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +117,48 @@ def tenant_pair() -> tuple[str, str]:
     """Two fresh tenant ids, so tests never see each other's rows."""
     suffix = uuid.uuid4().hex[:10]
     return f"ta_{suffix}", f"tb_{suffix}"
+
+
+@dataclass
+class ExtraService:
+    target: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def extra_sites(stack: Stack, tmp_path: Path) -> Iterator[Callable[..., ExtraService]]:
+    """``extra_sites(env, wait=True)``: another sites process on a free port, stopped after the test."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(env: dict[str, str] | None = None, wait: bool = True) -> ExtraService:
+        port = free_port()
+        instance = f"sites-{port}"
+        log_path = tmp_path / f"{instance}.log"
+        with log_path.open("ab") as log:
+            process = stack.start_service(
+                "sites",
+                instance=instance,
+                log=log,
+                extra_env={"SITES_PORT": str(port), "MIGRATE_ON_START": "0", **(env or {})},
+            )
+        started.append(process)
+        if wait:
+            stack.wait_serving("sites", port=port, instance=instance)
+        return ExtraService(f"127.0.0.1:{port}", process, log_path)
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 @pytest.fixture(scope="session")

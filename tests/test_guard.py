@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
-from deploy.local.stack import Stack
 from services.runtime.guard import IsolationError, check_isolation
-
-from .support import free_port
 
 
 def dsn_as(admin_dsn: str, user: str, password: str = "throwaway") -> str:
@@ -282,38 +278,13 @@ async def test_empty_schema_is_refused(throwaway, app_conn):
 # --- The service process itself refuses to start ---------------------------------------
 
 
-@pytest.fixture
-def restore_sites_process(stack: Stack) -> Iterator[None]:
-    """start_service overwrites stack.processes['sites']; put the session's one back."""
-    main = stack.processes["sites"]
-    try:
-        yield
-    finally:
-        stack.processes["sites"] = main
-
-
-async def test_service_refuses_to_start_with_bypassrls_role(stack, throwaway, restore_sites_process, tmp_path: Path):
+async def test_service_refuses_to_start_with_bypassrls_role(stack, throwaway, extra_sites):
     role = await throwaway.role("g_svc", "LOGIN BYPASSRLS")
     await throwaway.admin.execute(f"GRANT USAGE ON SCHEMA sites TO {role}")
     await throwaway.admin.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA sites TO {role}")
-    log_path = tmp_path / "sites-bypass.log"
-    with log_path.open("wb") as log:
-        process = stack.start_service(
-            "sites",
-            log=log,
-            extra_env={
-                "SITES_DATABASE_URL": dsn_as(stack.database_url, role),
-                "MIGRATE_ON_START": "0",
-                "SITES_PORT": str(free_port()),
-            },
-        )
-        try:
-            code = process.wait(timeout=60)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    output = log_path.read_text(errors="replace")
+    extra = extra_sites({"SITES_DATABASE_URL": dsn_as(stack.database_url, role)}, wait=False)
+    code = extra.process.wait(timeout=60)
+    output = extra.output()
     assert code != 0, output
     assert "tenant isolation is not enforced" in output, output
     assert f"runtime role {role} has BYPASSRLS" in output, output

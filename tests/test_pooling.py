@@ -11,7 +11,6 @@ import random
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -24,7 +23,7 @@ from services.runtime import context
 from services.runtime.context import RequestContext
 from services.runtime.db import Database
 
-from .support import bearer, free_port
+from .support import bearer
 
 SITES_PER_TENANT = 4
 
@@ -151,39 +150,10 @@ class _AbortError(Exception):
 
 
 @pytest.fixture
-def small_pool_sites(stack, tmp_path: Path) -> Any:
+def small_pool_sites(extra_sites) -> Any:
     """A second sites process whose pool has at most two connections; yields its target."""
-    port = free_port()
-    main = stack.processes["sites"]
-    log_path = tmp_path / "sites-small-pool.log"
-    log = log_path.open("ab")
-    process = None
-    try:
-        process = stack.start_service(
-            "sites",
-            log=log,
-            extra_env={
-                "SITES_PORT": str(port),
-                "DB_POOL_MAX_SIZE": "2",
-                "DB_POOL_MIN_SIZE": "1",
-                "DB_ACQUIRE_TIMEOUT_SECONDS": "60",
-                "MIGRATE_ON_START": "0",
-            },
-        )
-        stack.wait_serving("sites", port=port)
-        stack.processes["sites"] = main
-        yield f"127.0.0.1:{port}", process
-    finally:
-        stack.processes["sites"] = main
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(15)
-            except Exception:
-                process.kill()
-                process.wait()
-        log.close()
-    assert main.poll() is None, "the session's sites process must still be running"
+    extra = extra_sites({"DB_POOL_MAX_SIZE": "2", "DB_POOL_MIN_SIZE": "1", "DB_ACQUIRE_TIMEOUT_SECONDS": "60"})
+    return extra.target, extra.process
 
 
 async def test_service_with_small_pool_keeps_tenants_apart(small_pool_sites, three_tenants, token):

@@ -129,8 +129,14 @@ class Stack:
         return env
 
     def start_service(
-        self, name: str, *, log: IO[bytes] | None = None, extra_env: Mapping[str, str] | None = None
+        self,
+        name: str,
+        *,
+        log: IO[bytes] | None = None,
+        extra_env: Mapping[str, str] | None = None,
+        instance: str | None = None,
     ) -> subprocess.Popen[bytes]:
+        """Start ``python -m services.<name>``; ``instance`` names a second copy of a service."""
         process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
             [sys.executable, "-m", f"services.{name}"],
             cwd=REPO,
@@ -138,13 +144,15 @@ class Stack:
             stdout=log,
             stderr=subprocess.STDOUT if log is not None else None,
         )
-        self.processes[name] = process
+        self.processes[instance or name] = process
         return process
 
-    def wait_serving(self, name: str, port: int | None = None, timeout: float = 60.0) -> None:
+    def wait_serving(
+        self, name: str, port: int | None = None, timeout: float = 60.0, instance: str | None = None
+    ) -> None:
         """Block until the service's gRPC health check says SERVING."""
         port = port or self.config.ports[name]
-        process = self.processes.get(name)
+        process = self.processes.get(instance or name)
         deadline = time.monotonic() + timeout
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = health_pb2_grpc.HealthStub(channel)

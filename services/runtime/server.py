@@ -133,6 +133,8 @@ async def serve(spec: ServiceSpec) -> None:
     await stop.wait()
     log.info("%s shutting down: NOT_SERVING, draining for up to %.0fs", spec.name, settings.shutdown_grace_seconds)
     await health.enter_graceful_shutdown()
+    # Give load balancers and clients that watch health a moment to stop sending new calls.
+    await asyncio.sleep(settings.shutdown_delay_seconds)
     await server.stop(settings.shutdown_grace_seconds)
     await db.close()
     log.info("%s stopped", spec.name)

@@ -84,6 +84,8 @@ class Settings:
     #: Secret that signs page tokens so a tampered or foreign token is refused.
     page_token_secret: bytes = field(repr=False)
     shutdown_grace_seconds: float
+    #: Seconds between NOT_SERVING and refusing new calls, for load balancers to notice.
+    shutdown_delay_seconds: float
     log_level: str
 
 
@@ -148,6 +150,7 @@ def load(service: str) -> Settings:
         jwt_leeway_seconds=_env_int("JWT_LEEWAY_SECONDS", 30),
         page_token_secret=_page_token_secret(keys),
         shutdown_grace_seconds=_env_float("SHUTDOWN_GRACE_SECONDS", 10.0),
+        shutdown_delay_seconds=_env_float("SHUTDOWN_DELAY_SECONDS", 1.0),
         log_level=_env("LOG_LEVEL", "INFO").upper(),
     )
     if settings.db_pool_max_size < 1:
