@@ -18,12 +18,12 @@ def free_port() -> int:
         return port
 
 
-def bearer(token: str, tenant: str | None = None, **extra: str) -> list[tuple[str, str]]:
+def bearer(token: str, tenant: str | None = None, **extra: str) -> tuple[tuple[str, str], ...]:
     metadata = [("authorization", f"Bearer {token}")]
     if tenant is not None:
         metadata.append(("x-tenant-id", tenant))
     metadata.extend(extra.items())
-    return metadata
+    return tuple(metadata)
 
 
 @dataclass

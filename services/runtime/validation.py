@@ -8,6 +8,7 @@ import re
 from .errors import FieldViolation, invalid_argument
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_CONTROL_SINGLE_LINE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class Violations:
@@ -19,7 +20,9 @@ class Violations:
     def add(self, field: str, description: str) -> None:
         self.items.append(FieldViolation(field, description))
 
-    def text(self, field: str, value: str, *, max_len: int, required: bool = False, min_len: int = 1) -> None:
+    def text(
+        self, field: str, value: str, *, max_len: int, required: bool = False, min_len: int = 1, multiline: bool = False
+    ) -> None:
         if not value:
             if required:
                 self.add(field, "is required")
@@ -28,8 +31,8 @@ class Violations:
             self.add(field, "must not be blank")
         elif len(value) > max_len:
             self.add(field, f"must be at most {max_len} characters (got {len(value)})")
-        elif _CONTROL.search(value):
-            self.add(field, "must not contain control characters")
+        elif (_CONTROL if multiline else _CONTROL_SINGLE_LINE).search(value):
+            self.add(field, "must not contain control characters" + ("" if multiline else " (one line only)"))
 
     def pattern(self, field: str, value: str, pattern: re.Pattern[str], hint: str, *, required: bool = True) -> None:
         if not value:

@@ -54,7 +54,7 @@ def check_location(v: Violations, prefix: str, location: pb.Location, only: froz
     if wanted("longitude"):
         v.number(f"{prefix}.longitude", location.longitude, -180, 180)
     if wanted("address"):
-        v.text(f"{prefix}.address", location.address, max_len=MAX_ADDRESS)
+        v.text(f"{prefix}.address", location.address, max_len=MAX_ADDRESS, multiline=True)
     if wanted("region"):
         v.text(f"{prefix}.region", location.region, max_len=MAX_REGION)
     if wanted("country_code") and location.country_code and not COUNTRY_CODE.fullmatch(location.country_code):
@@ -62,15 +62,30 @@ def check_location(v: Violations, prefix: str, location: pb.Location, only: froz
 
 
 def configuration_json(v: Violations, field: str, configuration: struct_pb2.Struct) -> dict[str, Any]:
-    value: dict[str, Any] = json_format.MessageToDict(configuration)
     try:
+        # MessageToDict itself refuses NaN and infinities in a Struct (ValueError).
+        value: dict[str, Any] = json_format.MessageToDict(configuration)
         size = len(json.dumps(value, allow_nan=False, separators=(",", ":")).encode())
-    except ValueError:
+    except (ValueError, json_format.Error):
         v.add(field, "must not contain NaN or infinite numbers")
+        return {}
+    if _has_nul(value):
+        # PostgreSQL's jsonb cannot store U+0000 in a key or a string.
+        v.add(field, "must not contain the NUL character (U+0000) in a key or a string")
         return {}
     if size > MAX_CONFIGURATION_BYTES:
         v.add(field, f"must be at most {MAX_CONFIGURATION_BYTES} bytes as JSON (got {size})")
     return value
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in key or _has_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(item) for item in value)
+    return False
 
 
 def location_json(location: pb.Location) -> dict[str, Any]:

@@ -23,7 +23,7 @@ REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 Ctx = aio.ServicerContext[Any, Any]
 
 
-class SiteServicer(pb_grpc.SiteServiceServicer):  # type: ignore[misc]
+class SiteServicer(pb_grpc.SiteServiceServicer):
     def __init__(self, runtime: Runtime) -> None:
         self._db = runtime.db
         self._tokens = runtime.page_tokens
@@ -127,6 +127,7 @@ class SiteServicer(pb_grpc.SiteServiceServicer):  # type: ignore[misc]
             if configuration is None:
                 configuration = row["configuration"]
             updated = await conn.fetchrow(queries.UPDATE_SITE, tenant_id, site_id, name, location, configuration)
+            assert updated is not None, "the row is locked FOR UPDATE in this transaction"
         return convert.site_from_row(tenant_id, updated)
 
     async def DeleteSite(self, request: pb.DeleteSiteRequest, ctx: Ctx) -> empty_pb2.Empty:
@@ -171,6 +172,8 @@ def _request_hash(request: pb.CreateSiteRequest) -> str:
     body = pb.CreateSiteRequest()
     body.CopyFrom(request)
     body.request_id = ""
+    # Fields CreateSite ignores must not make a retry look like a different request.
+    body.site.ClearField("site_id")
     body.site.ClearField("tenant_id")
     body.site.ClearField("create_time")
     body.site.ClearField("update_time")
