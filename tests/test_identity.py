@@ -15,7 +15,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +108,7 @@ def sign(stack: Any) -> Callable[[dict[str, Any]], str]:
 # --- assertions ------------------------------------------------------------------------
 
 
-def list_sites_error(sites: Any, metadata: list[tuple[str, str]]) -> RichError:
+def list_sites_error(sites: Any, metadata: Sequence[tuple[str, str]]) -> RichError:
     return expect_error(sites.ListSites, pb.ListSitesRequest(), metadata=metadata)
 
 
@@ -129,7 +129,8 @@ def assert_no_site(sites: Any, tenant_token: str, site_id: str) -> None:
 
 def create_site(sites: Any, tenant_token: str, site_id: str, **metadata: str) -> pb.Site:
     request = pb.CreateSiteRequest(site_id=site_id, site=pb.Site(name=f"Site {site_id}"))
-    return sites.CreateSite(request, metadata=bearer(tenant_token, **metadata), timeout=10)
+    site: pb.Site = sites.CreateSite(request, metadata=bearer(tenant_token, **metadata), timeout=10)
+    return site
 
 
 # --- the control: a hand-built token that is right is accepted ---------------------------
@@ -300,7 +301,9 @@ def test_undecodable_request_is_invalid_argument(sites_target, token, tenant_pai
     """Bytes that are not a GetSiteRequest are the client's error, never INTERNAL."""
     tenant, _ = tenant_pair
     with grpc.insecure_channel(sites_target) as channel:
-        raw = channel.unary_unary("/towerco.sites.v1.SiteService/GetSite")
+        raw = channel.unary_unary(
+            "/towerco.sites.v1.SiteService/GetSite", request_serializer=None, response_deserializer=None
+        )
         try:
             raw(b"\xff\xff\xff\xff", metadata=bearer(token(tenant)), timeout=10)
         except grpc.RpcError as exc:
@@ -315,7 +318,9 @@ def test_undecodable_request_is_invalid_argument(sites_target, token, tenant_pai
 def test_method_without_policy_does_not_exist(sites_target, token, tenant_pair):
     tenant, _ = tenant_pair
     with grpc.insecure_channel(sites_target) as channel:
-        raw = channel.unary_unary("/towerco.sites.v1.SiteService/DropEverything")
+        raw = channel.unary_unary(
+            "/towerco.sites.v1.SiteService/DropEverything", request_serializer=None, response_deserializer=None
+        )
         try:
             raw(b"", metadata=bearer(token(tenant)), timeout=10)
         except grpc.RpcError as exc:
@@ -439,6 +444,7 @@ def test_empty_permissions_cannot_read(sites, token, tenant_pair):
         error = expect_error(method, request, metadata=nobody)
         assert error.code == grpc.StatusCode.PERMISSION_DENIED, error
         assert error.reason == "PERMISSION_MISSING"
+        assert error.info is not None
         assert dict(error.info.metadata) == {"permission": "sites.read"}
 
 

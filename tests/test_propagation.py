@@ -7,11 +7,12 @@ request id must come back to the caller on successes and failures alike.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import empty_pb2
 from grpc import aio
 from towerco.sites.v1 import sites_service_pb2 as pb
 from towerco.sites.v1 import sites_service_pb2_grpc as pb_grpc
@@ -152,13 +153,29 @@ def test_refused_call_returns_the_request_id(sites, token, tenant_pair, case, co
     assert _trailing_request_ids(failure.value) == [f"rid-{case}"]
 
 
-class _BrokenSites(pb_grpc.SiteServiceServicer):  # type: ignore[misc]
+class _BrokenSites(pb_grpc.SiteServiceServicer):
     async def GetSite(self, request: pb.GetSiteRequest, ctx: Any) -> pb.Site:
         raise RuntimeError("secret internals")
 
+    # The servicer's other methods are abstract; the tests here never call them.
+    async def CreateSite(self, request: pb.CreateSiteRequest, ctx: Any) -> pb.Site:
+        raise NotImplementedError
+
+    async def ListSites(self, request: pb.ListSitesRequest, ctx: Any) -> pb.ListSitesResponse:
+        raise NotImplementedError
+
+    async def UpdateSite(self, request: pb.UpdateSiteRequest, ctx: Any) -> pb.Site:
+        raise NotImplementedError
+
+    async def DeleteSite(self, request: pb.DeleteSiteRequest, ctx: Any) -> empty_pb2.Empty:
+        raise NotImplementedError
+
+    async def GetSiteAnalytics(self, request: pb.GetSiteAnalyticsRequest, ctx: Any) -> pb.SiteAnalytics:
+        raise NotImplementedError
+
 
 @pytest.fixture
-async def broken_server(stack: Any) -> Iterator[str]:
+async def broken_server(stack: Any) -> AsyncIterator[str]:
     """The real interceptor chain in front of a SiteService whose GetSite crashes."""
     policies = PolicyTable.from_services([pb.DESCRIPTOR.services_by_name["SiteService"]])
     verifier = TokenVerifier(
@@ -183,6 +200,7 @@ async def test_internal_error_quotes_the_request_id(broken_server, token, tenant
             await stub.GetSite(pb.GetSiteRequest(site_id="S-1"), metadata=metadata, timeout=10)
     error = rich_error(failure.value)
     assert error.code == grpc.StatusCode.INTERNAL
+    assert error.info is not None
     assert error.reason == "INTERNAL_ERROR" and error.info.domain == DOMAIN
     assert "secret internals" not in error.message  # internals stay in the log
     assert "quote request id rid-boom " in error.message

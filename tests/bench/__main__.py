@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -35,8 +36,19 @@ def _percentiles(samples: list[float]) -> str:
     return f"p50 {pick(0.50):6.2f} ms  p95 {pick(0.95):6.2f} ms  p99 {pick(0.99):6.2f} ms  (n={len(samples)})"
 
 
+def _time_sequential(name: str, call: Callable[[], object]) -> None:
+    for _ in range(50):
+        call()
+    samples = []
+    for _ in range(1000):
+        start = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - start)
+    print(f"{name:<15} sequential  {_percentiles(samples)}")
+
+
 def bench_sequential(target: str, token: str) -> None:
-    md = [("authorization", f"Bearer {token}")]
+    md = (("authorization", f"Bearer {token}"),)
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.SiteServiceStub(channel)
         for i in range(SITES):
@@ -44,18 +56,10 @@ def bench_sequential(target: str, token: str) -> None:
                 pb.CreateSiteRequest(site_id=f"B-{i:04d}", request_id=f"bench-{i}", site=pb.Site(name=f"Bench {i}")),
                 metadata=md,
             )
-        for name, call, request in (
-            ("GetSite", stub.GetSite, pb.GetSiteRequest(site_id="B-0100")),
-            ("ListSites(50)", stub.ListSites, pb.ListSitesRequest(page_size=50)),
-        ):
-            for _ in range(50):
-                call(request, metadata=md)
-            samples = []
-            for _ in range(1000):
-                start = time.perf_counter()
-                call(request, metadata=md)
-                samples.append(time.perf_counter() - start)
-            print(f"{name:<15} sequential  {_percentiles(samples)}")
+        get = pb.GetSiteRequest(site_id="B-0100")
+        _time_sequential("GetSite", lambda: stub.GetSite(get, metadata=md))
+        page = pb.ListSitesRequest(page_size=50)
+        _time_sequential("ListSites(50)", lambda: stub.ListSites(page, metadata=md))
 
 
 async def bench_concurrent(target: str, token: str, clients: int = 32, seconds: float = 5.0) -> None:
