@@ -11,11 +11,12 @@ import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from towerco.sites.v1 import sites_service_pb2_grpc
@@ -169,3 +170,24 @@ def admin_dsn(stack: Stack) -> str:
 @pytest.fixture(scope="session")
 def sites_runtime_dsn(stack: Stack) -> str:
     return runtime_dsn(stack.database_url, "sites", stack.service_env()["APP_DB_PASSWORD"])
+
+
+@pytest.fixture
+async def admin(admin_dsn: str) -> AsyncIterator[asyncpg.Connection[Any]]:
+    """A superuser connection to the platform database (for arranging and inspecting)."""
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(admin_dsn)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def app_conn(sites_runtime_dsn: str) -> AsyncIterator[asyncpg.Connection[Any]]:
+    """A raw connection as the sites runtime role, with no tenant bound."""
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(sites_runtime_dsn)
+    try:
+        assert await conn.fetchval("SELECT current_user") == "sites_app"
+        yield conn
+    finally:
+        await conn.close()

@@ -5,34 +5,20 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
 from services.runtime.guard import IsolationError, check_isolation
+from services.runtime.settings import dsn_with_user
 
 
-def dsn_as(admin_dsn: str, user: str, password: str = "throwaway") -> str:
-    """The admin DSN's host, port and database, logging in as ``user``."""
-    parts = urlsplit(admin_dsn)
-    netloc = f"{quote(user)}:{quote(password, safe='')}@{parts.hostname or '127.0.0.1'}"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+def dsn_as(admin_dsn: str, user: str) -> str:
+    return dsn_with_user(admin_dsn, user, "throwaway")
 
 
 def unique(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-async def admin(admin_dsn: str) -> AsyncIterator[asyncpg.Connection[Any]]:
-    conn: asyncpg.Connection[Any] = await asyncpg.connect(admin_dsn)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 class Throwaways:
@@ -82,15 +68,6 @@ async def throwaway(admin: asyncpg.Connection[Any], admin_dsn: str) -> AsyncIter
         yield made
     finally:
         await made.drop()
-
-
-@pytest.fixture
-async def app_conn(sites_runtime_dsn: str) -> AsyncIterator[asyncpg.Connection[Any]]:
-    conn: asyncpg.Connection[Any] = await asyncpg.connect(sites_runtime_dsn)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 async def isolation_error(conn: asyncpg.Connection[Any], schema: str) -> str:

@@ -60,16 +60,6 @@ async def seeded(admin_dsn: str, tenant_pair: tuple[str, str]) -> AsyncIterator[
         await conn.close()
 
 
-@pytest.fixture
-async def app_conn(sites_runtime_dsn: str) -> AsyncIterator[asyncpg.Connection[Any]]:
-    conn: asyncpg.Connection[Any] = await asyncpg.connect(sites_runtime_dsn)
-    try:
-        assert await conn.fetchval("SELECT current_user") == "sites_app"
-        yield conn
-    finally:
-        await conn.close()
-
-
 async def test_unfiltered_select_sees_only_bound_tenant(app_conn, seeded):
     _, tenant_b = seeded
     async with app_conn.transaction():
@@ -203,17 +193,8 @@ async def test_runtime_role_cannot_disable_rls(app_conn, seeded):
 # --- Catalog facts ---------------------------------------------------------------------
 
 
-@pytest.fixture
-async def admin_conn(admin_dsn: str) -> AsyncIterator[asyncpg.Connection[Any]]:
-    conn: asyncpg.Connection[Any] = await asyncpg.connect(admin_dsn)
-    try:
-        yield conn
-    finally:
-        await conn.close()
-
-
-async def test_runtime_role_attributes(admin_conn):
-    role = await admin_conn.fetchrow(
+async def test_runtime_role_attributes(admin):
+    role = await admin.fetchrow(
         "SELECT rolsuper, rolbypassrls, rolcanlogin, rolcreaterole, rolcreatedb "
         "FROM pg_roles WHERE rolname = 'sites_app'"
     )
@@ -224,30 +205,30 @@ async def test_runtime_role_attributes(admin_conn):
     assert role["rolcreaterole"] is False
     assert role["rolcreatedb"] is False
     # Not a member of any role that is superuser / BYPASSRLS / owns the schema.
-    memberships = await admin_conn.fetch(
+    memberships = await admin.fetch(
         """SELECT r.rolname FROM pg_roles r
            WHERE pg_has_role('sites_app', r.oid, 'MEMBER') AND r.rolname <> 'sites_app'"""
     )
     assert [m["rolname"] for m in memberships] == []
 
 
-async def test_runtime_role_owns_nothing_in_schema(admin_conn):
-    owned = await admin_conn.fetch(
+async def test_runtime_role_owns_nothing_in_schema(admin):
+    owned = await admin.fetch(
         """SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
            WHERE n.nspname = 'sites' AND c.relowner = 'sites_app'::regrole"""
     )
     assert owned == []
-    schema_owner = await admin_conn.fetchval("SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'sites'")
+    schema_owner = await admin.fetchval("SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'sites'")
     assert schema_owner == "sites_owner"
-    table_owners = await admin_conn.fetch(
+    table_owners = await admin.fetch(
         """SELECT DISTINCT c.relowner::regrole::text AS owner FROM pg_class c
            JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'sites'"""
     )
     assert [r["owner"] for r in table_owners] == ["sites_owner"]
 
 
-async def test_every_table_enables_and_forces_rls(admin_conn):
-    tables = await admin_conn.fetch(
+async def test_every_table_enables_and_forces_rls(admin):
+    tables = await admin.fetch(
         """SELECT c.relname, c.relrowsecurity, c.relforcerowsecurity,
                   (SELECT count(*) FROM pg_policy p WHERE p.polrelid = c.oid) AS policies
            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -261,8 +242,8 @@ async def test_every_table_enables_and_forces_rls(admin_conn):
         assert t["policies"] >= 1, t["relname"]
 
 
-async def test_every_key_and_index_leads_with_tenant_id(admin_conn):
-    indexes = await admin_conn.fetch(
+async def test_every_key_and_index_leads_with_tenant_id(admin):
+    indexes = await admin.fetch(
         """SELECT i.indexrelid::regclass::text AS index, t.relname AS table, i.indisprimary,
                   a.attname AS first_column
            FROM pg_index i

@@ -94,16 +94,21 @@ def data_dir() -> Path:
     return Path(_env("DATA_DIR", str(Path.cwd() / ".data"))).resolve()
 
 
-def runtime_dsn(admin_dsn: str, service: str, password: str) -> str:
-    """The runtime role's DSN: the admin DSN's host and database with ``<service>_app``."""
-    parts = urlsplit(admin_dsn)
+def dsn_with_user(dsn: str, user: str, password: str) -> str:
+    """``dsn``'s host, port and database, logging in as ``user``."""
+    parts = urlsplit(dsn)
     host = parts.hostname or "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
-    netloc = f"{quote(service + '_app')}:{quote(password, safe='')}@{host}"
+    netloc = f"{quote(user)}:{quote(password, safe='')}@{host}"
     if parts.port:
         netloc += f":{parts.port}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def runtime_dsn(admin_dsn: str, service: str, password: str) -> str:
+    """The runtime role's DSN: the admin DSN's host and database with ``<service>_app``."""
+    return dsn_with_user(admin_dsn, f"{service}_app", password)
 
 
 def _page_token_secret(keys: Path) -> bytes:
