@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -118,7 +119,7 @@ async def serve(spec: ServiceSpec) -> None:
         max_size=settings.db_pool_max_size,
         acquire_timeout=settings.db_acquire_timeout,
         statement_timeout_ms=settings.db_statement_timeout_ms,
-        application_name=f"towerco-{spec.name}",
+        application_name=f"towerco-{spec.name}/{os.getpid()}",
     )
     server, health = await build_server(spec, settings, db)
     await server.start()
