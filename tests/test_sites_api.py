@@ -793,7 +793,7 @@ def _race(api: Api, requests: list[pb.CreateSiteRequest]) -> list[pb.Site | Rich
 #: Backends of the sites service waiting for a row lock in their INSERT INTO sites.sites.
 _WAITING_INSERTS = """
 SELECT count(*) FROM pg_stat_activity
-WHERE application_name = 'towerco-sites' AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO sites.sites%'
+WHERE application_name LIKE 'towerco-sites/%' AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO sites.sites%'
 """
 
 

@@ -28,13 +28,23 @@ from grpc_reflection.v1alpha import reflection
 from . import logs, migrations
 from .auth import TokenVerifier, VerifierConfig
 from .db import Database
-from .guard import check_isolation
+from .guard import IsolationError, check_isolation
 from .interceptors.chain import server_chain
 from .pagination import PageTokens
-from .policy import PolicyTable
-from .settings import Settings, load
+from .policy import PolicyError, PolicyTable
+from .settings import Settings, SettingsError, load
 
 log = logging.getLogger("towerco.server")
+
+#: Conditions under which a process must not serve; reported in one line, exit code 2.
+STARTUP_ERRORS: tuple[type[Exception], ...] = (
+    SettingsError,
+    PolicyError,
+    IsolationError,
+    migrations.MigrationError,
+    asyncpg.PostgresError,
+    OSError,
+)
 
 
 @dataclass(frozen=True)
@@ -68,8 +78,9 @@ async def run_migrations(spec: ServiceSpec, settings: Settings) -> list[int]:
     )
 
 
-async def build_server(spec: ServiceSpec, settings: Settings, db: Database) -> tuple[aio.Server, HealthServicer]:
-    policies = PolicyTable.from_services(spec.services)
+async def build_server(
+    spec: ServiceSpec, settings: Settings, db: Database, policies: PolicyTable
+) -> tuple[aio.Server, HealthServicer]:
     verifier = TokenVerifier(
         VerifierConfig(
             issuer=settings.jwt_issuer,
@@ -104,6 +115,12 @@ async def build_server(spec: ServiceSpec, settings: Settings, db: Database) -> t
 async def serve(spec: ServiceSpec) -> None:
     settings = load(spec.name)
     logs.configure(spec.name, settings.log_level)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    policies = PolicyTable.from_services(spec.services)  # static: fail before touching anything
     if settings.migrate_on_start:
         applied = await run_migrations(spec, settings)
         if applied:
@@ -121,23 +138,21 @@ async def serve(spec: ServiceSpec) -> None:
         statement_timeout_ms=settings.db_statement_timeout_ms,
         application_name=f"towerco-{spec.name}/{os.getpid()}",
     )
-    server, health = await build_server(spec, settings, db)
-    await server.start()
-    for name in [*(s.full_name for s in spec.services), ""]:
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("%s serving on %s:%d", spec.name, settings.bind_host, settings.port)
+    try:
+        server, health = await build_server(spec, settings, db, policies)
+        await server.start()
+        for name in [*(s.full_name for s in spec.services), ""]:
+            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("%s serving on %s:%d", spec.name, settings.bind_host, settings.port)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("%s shutting down: NOT_SERVING, draining for up to %.0fs", spec.name, settings.shutdown_grace_seconds)
-    await health.enter_graceful_shutdown()
-    # Give load balancers and clients that watch health a moment to stop sending new calls.
-    await asyncio.sleep(settings.shutdown_delay_seconds)
-    await server.stop(settings.shutdown_grace_seconds)
-    await db.close()
+        await stop.wait()
+        log.info("%s shutting down: NOT_SERVING, draining for up to %.0fs", spec.name, settings.shutdown_grace_seconds)
+        await health.enter_graceful_shutdown()
+        # Give load balancers and clients that watch health a moment to stop sending new calls.
+        await asyncio.sleep(settings.shutdown_delay_seconds)
+        await server.stop(settings.shutdown_grace_seconds)
+    finally:
+        await db.close()
     log.info("%s stopped", spec.name)
 
 
@@ -155,9 +170,11 @@ def main(spec: ServiceSpec) -> None:
     release Job of a deployment, run with the administrative DSN).
     """
     args = sys.argv[1:]
-    if args == ["migrate"]:
-        asyncio.run(migrate_only(spec))
-    elif not args:
-        asyncio.run(serve(spec))
-    else:
+    if args not in ([], ["migrate"]):
         sys.exit(f"usage: python -m services.{spec.name} [migrate]")
+    try:
+        asyncio.run(migrate_only(spec) if args else serve(spec))
+    except STARTUP_ERRORS as exc:
+        # A refusal to start is an operator's message, not a traceback.
+        logging.getLogger("towerco.server").critical("%s refused to start: %s", spec.name, exc)
+        sys.exit(2)
