@@ -41,8 +41,8 @@ def _containers() -> tuple[str, str, Callable[[], None]] | None:
     except Exception as exc:
         print(f"TEST_CONTAINERS=1 but Docker is not reachable ({exc}); using the embedded servers")
         return None
-    from testcontainers.postgres import PostgresContainer
-    from testcontainers.redis import RedisContainer
+    from testcontainers.community.postgres import PostgresContainer
+    from testcontainers.community.redis import RedisContainer
 
     pg = PostgresContainer("postgres:16-alpine", driver=None).start()
     redis = RedisContainer("redis:7-alpine").start()
