@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import signal
 import sys
@@ -11,23 +10,21 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from services.runtime.settings import data_dir
+
 from .seed import seed_sites
 from .stack import Stack, StackConfig, available_services
 from .tokens import ensure_keys, mint
 
 
-def _data_dir() -> Path:
-    return Path(os.environ.get("DATA_DIR") or Path.cwd() / ".data").resolve()
-
-
 def cmd_keys(args: argparse.Namespace) -> int:
-    ensure_keys(_data_dir() / "keys")
-    print(f"dev keys in {_data_dir() / 'keys'}")
+    ensure_keys(data_dir() / "keys")
+    print(f"dev keys in {data_dir() / 'keys'}")
     return 0
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    keys = _data_dir() / "keys"
+    keys = data_dir() / "keys"
     ensure_keys(keys)
     perms = [p.strip() for p in args.perms.split(",") if p.strip()] if args.perms else None
     try:
@@ -40,7 +37,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    stack = Stack(StackConfig.from_env(_data_dir()))
+    stack = Stack(StackConfig.from_env(data_dir()))
     stack.start_infra()
     for name, versions in stack.migrate().items():
         print(f"{name}: applied {versions or 'nothing (up to date)'}")
@@ -48,13 +45,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    Stack(StackConfig.from_env(_data_dir())).stop_infra()
+    Stack(StackConfig.from_env(data_dir())).stop_infra()
     print("embedded PostgreSQL and Redis stopped")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    stack = Stack(StackConfig.from_env(_data_dir()))
+    stack = Stack(StackConfig.from_env(data_dir()))
     stopping = False
 
     def on_signal(signum: int, frame: object) -> None:

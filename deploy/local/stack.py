@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.runtime import migrations
 from services.runtime.server import ServiceSpec
-from services.runtime.settings import DEFAULT_PORTS
+from services.runtime.settings import DEFAULT_PORTS, DEV_APP_DB_PASSWORD
 
 from .postgres import start_postgres, stop_postgres
 from .redis_server import start_redis, stop_redis
@@ -119,7 +119,7 @@ class Stack:
                 "DATABASE_URL": self.database_url,
                 "REDIS_URL": self.redis_url,
                 "DATA_DIR": str(self.config.data_dir),
-                "APP_DB_PASSWORD": os.environ.get("APP_DB_PASSWORD", "towerco-dev-only"),
+                "APP_DB_PASSWORD": os.environ.get("APP_DB_PASSWORD") or DEV_APP_DB_PASSWORD,
                 "PYTHONUNBUFFERED": "1",
             }
         )

@@ -76,11 +76,6 @@ class Database:
         finally:
             await self._pool.release(conn)
 
-    async def ping(self) -> None:
-        """Check the database answers (used at start-up and by readiness)."""
-        async with self._pool.acquire(timeout=self._acquire_timeout) as conn:
-            await conn.fetchval("SELECT 1")
-
     async def close(self, grace_seconds: float = 10.0) -> None:
         try:
             await asyncio.wait_for(self._pool.close(), grace_seconds)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
 #: Default ports of the four services (each overridable by ``<NAME>_PORT``).
 DEFAULT_PORTS: dict[str, int] = {"tenant": 50051, "sites": 50052, "features": 50053, "audit": 50054}
 
 
+#: Password of the runtime roles when APP_DB_PASSWORD is not set (trust auth in dev ignores it).
+DEV_APP_DB_PASSWORD = "towerco-dev-only"  # noqa: S105 - documented dev default; deployments set it
 DEFAULT_JWT_ISSUER = "towerco-dev-issuer"
 DEFAULT_JWT_AUDIENCE = "towerco-aiops"
 
@@ -20,24 +24,22 @@ def _env(name: str, default: str) -> str:
     return value or default
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_number(name: str, default: N, parse: Callable[[str], N]) -> N:
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
     try:
-        return int(raw)
+        return parse(raw)
     except ValueError as exc:
-        raise SettingsError(f"{name} must be an integer, got {raw!r}") from exc
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from exc
+
+
+def _env_int(name: str, default: int) -> int:
+    return _env_number(name, default, int)
 
 
 def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return float(raw)
-    except ValueError as exc:
-        raise SettingsError(f"{name} must be a number, got {raw!r}") from exc
+    return _env_number(name, default, float)
 
 
 def _env_bool(name: str, default: bool) -> bool:
@@ -49,6 +51,9 @@ def _env_bool(name: str, default: bool) -> bool:
     if raw in {"0", "false", "no", "off"}:
         return False
     raise SettingsError(f"{name} must be true or false, got {raw!r}")
+
+
+N = TypeVar("N", int, float)
 
 
 class SettingsError(ValueError):
@@ -131,7 +136,7 @@ def load(service: str) -> Settings:
     database_url = _env("DATABASE_URL", "")
     if not database_url:
         raise SettingsError("DATABASE_URL is not set (make run sets it for the embedded server)")
-    password = _env("APP_DB_PASSWORD", "towerco-dev-only")
+    password = _env("APP_DB_PASSWORD", DEV_APP_DB_PASSWORD)
     runtime_url = _env(f"{service.upper()}_DATABASE_URL", runtime_dsn(database_url, service, password))
     jwks_file = _env("JWT_JWKS_FILE", "" if os.environ.get("JWT_JWKS_URL") else str(keys / "jwks.json"))
     pool_max = _env_int("DB_POOL_MAX_SIZE", 20)

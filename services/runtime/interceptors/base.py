@@ -36,6 +36,11 @@ class Metadata:
             if isinstance(value, str):
                 self._values.setdefault(key.lower(), []).append(value)
 
+    def first(self, key: str) -> str | None:
+        """The first value of ``key`` (for headers that identify nothing), None when absent."""
+        values = self._values.get(key)
+        return values[0] if values else None
+
     def single(self, key: str) -> str | None:
         """The one value of ``key``, None when absent; INVALID_ARGUMENT when repeated."""
         values = self._values.get(key)

@@ -17,8 +17,8 @@ from .tenant import TenantInterceptor
 
 def server_chain(policies: PolicyTable, verifier: TokenVerifier) -> list[PolicyInterceptor]:
     return [
+        RequestContextInterceptor(policies),  # request id, method, peer (never fails)
         ErrorDetailsInterceptor(policies),  # every failure below becomes a rich status
-        RequestContextInterceptor(policies),  # request id, method, peer
         AuthenticationInterceptor(policies, verifier),  # who is calling (JWT)
         TenantInterceptor(policies),  # for which tenant
         AuthorizationInterceptor(policies),  # with which permission

@@ -1,4 +1,4 @@
-"""Outermost link: every failure leaves as a status with google.rpc details."""
+"""Error link: every failure leaves as a status with google.rpc details."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import grpc
 from grpc import aio
 from grpc_status import rpc_status
 
+from .. import context
 from ..errors import FieldViolation, ServiceError, invalid_argument, unavailable
 from ..policy import Policy
 from .base import Behavior, Metadata, PolicyInterceptor
@@ -79,10 +80,9 @@ class ErrorDetailsInterceptor(PolicyInterceptor):
                     ctx, unavailable("the database is unavailable; retry later", "DATABASE_UNAVAILABLE"), policy
                 )
             except Exception:
-                # This link is outside the request context (reset by the time the error
-                # gets here), so the id is the one RequestContextInterceptor put in the trailers.
-                request_id = _request_id(ctx)
-                log.exception("unexpected error in %s (request %s)", policy.method, request_id)
+                current = context.current()
+                request_id = current.request_id if current else ""
+                log.exception("unexpected error in %s", policy.method)
                 error = ServiceError(
                     grpc.StatusCode.INTERNAL,
                     f"internal error; quote request id {request_id} when reporting it",
@@ -96,7 +96,7 @@ class ErrorDetailsInterceptor(PolicyInterceptor):
 
 async def _abort(ctx: aio.ServicerContext[Any, Any], error: ServiceError, policy: Policy) -> None:
     status = rpc_status.to_status(error.to_status(policy.domain))
-    # abort() replaces the trailers: keep those inner links set (x-request-id).
+    # abort() replaces the trailers: keep those already set (x-request-id).
     trailing = tuple(_trailers_set(ctx)) + tuple(status.trailing_metadata)
     if error.retry_after_seconds is not None:
         trailing += (("retry-after-ms", str(max(1, int(error.retry_after_seconds * 1000)))),)
@@ -105,7 +105,3 @@ async def _abort(ctx: aio.ServicerContext[Any, Any], error: ServiceError, policy
 
 def _trailers_set(ctx: aio.ServicerContext[Any, Any]) -> list[tuple[str, str | bytes]]:
     return [(k, v) for k, v in (ctx.trailing_metadata() or ()) if k != "grpc-status-details-bin"]
-
-
-def _request_id(ctx: aio.ServicerContext[Any, Any]) -> str:
-    return next((str(v) for k, v in _trailers_set(ctx) if k == "x-request-id"), "")

@@ -1,4 +1,8 @@
-"""First context link: give the call a request id and a fresh request context."""
+"""Outermost link: give the call a request id and a fresh request context.
+
+It never fails, so everything inside it, error reporting included, runs with the
+request id bound (and logged).
+"""
 
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ class RequestContextInterceptor(PolicyInterceptor):
 
     def wrap(self, inner: Behavior, policy: Policy, metadata: Metadata) -> Behavior:
         async def behavior(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
-            supplied = metadata.single("x-request-id") or ""
+            supplied = metadata.first("x-request-id") or ""
             request_id = supplied if _REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex
             ctx.set_trailing_metadata((("x-request-id", request_id),))
             with context.bind(context.RequestContext(request_id=request_id, method=policy.method, peer=ctx.peer())):
