@@ -7,6 +7,7 @@ The key pair is made once into ``.data/keys/``; its public half is published as
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -17,11 +18,17 @@ from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from services.runtime.context import PLATFORM_ADMIN_ROLE, PLATFORM_TENANT, is_valid_tenant_id
+from services.runtime.identity import mint_service_token
 from services.runtime.roles import ROLE_PERMISSIONS
-from services.runtime.settings import DEFAULT_JWT_AUDIENCE, DEFAULT_JWT_ISSUER
+from services.runtime.settings import (
+    DEFAULT_JWT_AUDIENCE,
+    DEFAULT_JWT_ISSUER,
+    DEFAULT_SERVICE_JWT_ISSUER,
+    DEV_SERVICE_KEY_ID,
+)
 
 KID = "towerco-dev-1"
 
@@ -43,6 +50,22 @@ def ensure_keys(keys_dir: Path) -> None:
     secret_path = keys_dir / "page-token.secret"
     if not secret_path.exists():
         _write_private(secret_path, secrets.token_urlsafe(32).encode())
+    service_path = keys_dir / "service-signing-key.pem"
+    if not service_path.exists():
+        # The platform's service issuer: a key set of its own, apart from the users'.
+        service_key = ec.generate_private_key(ec.SECP256R1())
+        pem = service_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        _write_private(service_path, pem)
+        public = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(service_key.public_key()))
+        public.update({"kid": DEV_SERVICE_KEY_ID, "alg": "ES256", "use": "sig"})
+        (keys_dir / "service-jwks.json").write_text(json.dumps({"keys": [public]}, indent=2) + "\n")
+    settings_keys = keys_dir / "settings-encryption.keys"
+    if not settings_keys.exists():
+        # AES-256-GCM key for secret tenant settings: `kid=base64`, the first line is active.
+        encoded = base64.b64encode(secrets.token_bytes(32)).decode()
+        _write_private(settings_keys, f"dev-1={encoded}\n".encode())
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -83,3 +106,15 @@ def mint(
     claims.update(extra or {})
     key = (keys_dir / "dev-signing-key.pem").read_bytes()
     return jwt.encode(claims, key, algorithm="RS256", headers={"kid": KID})
+
+
+def mint_service(keys_dir: Path, service: str = "tenant", ttl: int = 300) -> str:
+    """A dev token of the platform's service issuer, as service ``service`` presents it."""
+    return mint_service_token(
+        (keys_dir / "service-signing-key.pem").read_bytes(),
+        DEV_SERVICE_KEY_ID,
+        service,
+        issuer=os.environ.get("SERVICE_JWT_ISSUER") or DEFAULT_SERVICE_JWT_ISSUER,
+        audience=os.environ.get("JWT_AUDIENCE") or DEFAULT_JWT_AUDIENCE,
+        ttl=ttl,
+    )

@@ -1,5 +1,10 @@
 """JWT verification against a JWKS: pinned issuer and audience, an algorithm allow-list.
 
+Two issuers are trusted, each with its own keys: the identity provider that signs
+end users' tokens, and the platform's service issuer that signs the tokens services
+present to each other. A token is checked only against the keys of the issuer it
+names, and only the service issuer's tokens make a :class:`Caller` a service.
+
 Verified tokens are cached by their exact text until they expire, so a token seen again
 costs a dictionary lookup, not an RSA verification.
 """
@@ -11,13 +16,17 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 from typing import Any
 
 import jwt
 from jwt import PyJWK, PyJWKClient
 
-from .context import Caller, is_valid_tenant_id
+from .context import PLATFORM_TENANT, Caller, is_valid_tenant_id
+
+#: Service tokens name their service as ``service:<name>``.
+SERVICE_SUBJECT_PREFIX = "service:"
 
 #: Algorithms a token may be signed with. Never `none`, never a symmetric HS*.
 ALLOWED_ALGORITHMS = ("RS256", "ES256")
@@ -41,6 +50,8 @@ class VerifierConfig:
     jwks_file: str = ""
     jwks_url: str = ""
     cache_size: int = 10_000
+    #: True for the platform's service issuer: its callers are services, not users.
+    service: bool = False
 
 
 class KeySet:
@@ -77,9 +88,15 @@ def load_jwks(document: Mapping[str, Any]) -> dict[str, PyJWK]:
 class TokenVerifier:
     """Verifies bearer tokens and turns their claims into a :class:`Caller`."""
 
-    def __init__(self, config: VerifierConfig, keys: KeySet | None = None) -> None:
+    def __init__(
+        self, config: VerifierConfig, keys: KeySet | None = None, *, service: VerifierConfig | None = None
+    ) -> None:
         self._config = config
-        self._keys = keys or KeySet(config)
+        self._issuers: dict[str, tuple[VerifierConfig, KeySet]] = {config.issuer: (config, keys or KeySet(config))}
+        if service is not None:
+            if service.issuer == config.issuer:
+                raise ValueError("the service issuer must differ from the users' issuer")
+            self._issuers[service.issuer] = (dataclass_replace(service, service=True), KeySet(service))
         self._cache: OrderedDict[str, tuple[Caller, float]] = OrderedDict()
 
     def verify_cached(self, token: str) -> Caller:
@@ -115,7 +132,8 @@ class TokenVerifier:
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
             raise TokenError("token has no key id (kid)")
-        key = self._keys.key_for(kid)
+        config, keys = self._issuer_of(token)
+        key = keys.key_for(kid)
         if key.algorithm_name != alg:
             raise TokenError(f"key {kid!r} does not sign with {alg}")
         try:
@@ -123,9 +141,9 @@ class TokenVerifier:
                 token,
                 key.key,
                 algorithms=[alg],
-                audience=self._config.audience,
-                issuer=self._config.issuer,
-                leeway=self._config.leeway_seconds,
+                audience=config.audience,
+                issuer=config.issuer,
+                leeway=config.leeway_seconds,
                 options={"require": ["exp", "iss", "aud", "sub"]},
             )
         except jwt.ExpiredSignatureError as exc:
@@ -140,10 +158,21 @@ class TokenVerifier:
             raise TokenError(f"token lacks the {exc.claim!r} claim") from exc
         except jwt.PyJWTError as exc:
             raise TokenError("token signature or claims are invalid") from exc
-        return _caller_from_claims(claims, token), float(claims["exp"])
+        return _caller_from_claims(claims, token, service=config.service), float(claims["exp"])
+
+    def _issuer_of(self, token: str) -> tuple[VerifierConfig, KeySet]:
+        """The trusted issuer the token names (read before, and checked again by, verification)."""
+        try:
+            issuer = jwt.decode(token, options={"verify_signature": False}).get("iss")
+        except jwt.PyJWTError as exc:
+            raise TokenError("token is malformed") from exc
+        if len(self._issuers) == 1 or issuer not in self._issuers:
+            # One issuer, or an unknown one: let verification report the mismatch as usual.
+            return self._config, self._issuers[self._config.issuer][1]
+        return self._issuers[issuer]
 
 
-def _caller_from_claims(claims: Mapping[str, Any], token: str) -> Caller:
+def _caller_from_claims(claims: Mapping[str, Any], token: str, *, service: bool = False) -> Caller:
     subject = claims.get("sub")
     tenant_id = claims.get("tenant_id")
     role = claims.get("role", "")
@@ -158,10 +187,13 @@ def _caller_from_claims(claims: Mapping[str, Any], token: str) -> Caller:
         raise TokenError("token 'role' claim must be a string")
     if not isinstance(permissions, list) or not all(isinstance(p, str) for p in permissions):
         raise TokenError("token 'permissions' claim must be a list of strings")
+    if service and (tenant_id != PLATFORM_TENANT or not subject.startswith(SERVICE_SUBJECT_PREFIX)):
+        raise TokenError("a service token must name a platform service (sub 'service:<name>', tenant 'platform')")
     return Caller(
         subject=subject,
         tenant_id=tenant_id,
         role=role,
         permissions=frozenset(permissions),
         token=token,
+        service=service,
     )

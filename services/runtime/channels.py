@@ -3,6 +3,10 @@
 Every channel a service opens to another goes through :func:`service_channel`, whose
 client interceptor copies the current request context onto the call. The callee sees
 the same tenant and the same caller, so it can never be handed a wider scope.
+
+A channel made with an ``identity`` calls as the platform service itself instead (its
+own service token, no tenant header): for the internal contracts that only services
+may call. The request id still travels, so one request can be followed everywhere.
 """
 
 from __future__ import annotations
@@ -13,16 +17,23 @@ from typing import TYPE_CHECKING, Any
 from grpc import aio
 
 from . import context
+from .identity import ServiceIdentity
 
 
-def propagation_metadata(existing: Iterable[tuple[str, str | bytes]] | None) -> list[tuple[str, str | bytes]]:
+def propagation_metadata(
+    existing: Iterable[tuple[str, str | bytes]] | None, identity: ServiceIdentity | None = None
+) -> list[tuple[str, str | bytes]]:
     """``existing`` without identity headers, plus those of the current request."""
-    identity = {"authorization", "x-tenant-id", "x-request-id"}
-    metadata = [(k, v) for k, v in (existing or ()) if k.lower() not in identity]
+    identity_headers = {"authorization", "x-tenant-id", "x-request-id"}
+    metadata = [(k, v) for k, v in (existing or ()) if k.lower() not in identity_headers]
     ctx = context.current()
+    if ctx is not None:
+        metadata.append(("x-request-id", ctx.request_id))
+    if identity is not None:
+        metadata.append(("authorization", f"Bearer {identity.token()}"))
+        return metadata
     if ctx is None:
         return metadata
-    metadata.append(("x-request-id", ctx.request_id))
     if ctx.tenant_id is not None:
         metadata.append(("x-tenant-id", ctx.tenant_id))
     if ctx.caller is not None:
@@ -37,7 +48,10 @@ else:
 
 
 class ContextPropagationInterceptor(_ClientInterceptor):
-    """Puts tenant, request id and the caller's token on every unary call."""
+    """Puts tenant, request id and the caller's token (or the service's) on every unary call."""
+
+    def __init__(self, identity: ServiceIdentity | None = None) -> None:
+        self._identity = identity
 
     async def intercept_unary_unary(
         self,
@@ -48,17 +62,19 @@ class ContextPropagationInterceptor(_ClientInterceptor):
         details = aio.ClientCallDetails(
             method=client_call_details.method,
             timeout=client_call_details.timeout,
-            metadata=aio.Metadata(*propagation_metadata(client_call_details.metadata)),
+            metadata=aio.Metadata(*propagation_metadata(client_call_details.metadata, self._identity)),
             credentials=client_call_details.credentials,
             wait_for_ready=client_call_details.wait_for_ready,
         )
         return await continuation(details, request)
 
 
-def service_channel(target: str, options: Sequence[tuple[str, Any]] = ()) -> aio.Channel:
-    """A channel to another platform service that propagates the request context."""
+def service_channel(
+    target: str, options: Sequence[tuple[str, Any]] = (), *, identity: ServiceIdentity | None = None
+) -> aio.Channel:
+    """A channel to another platform service: on behalf of the caller, or as ``identity``."""
     return aio.insecure_channel(
         target,
         options=[("grpc.keepalive_time_ms", 30_000), *options],
-        interceptors=[ContextPropagationInterceptor()],  # type: ignore[list-item]  # stubs lag grpc.aio
+        interceptors=[ContextPropagationInterceptor(identity)],  # type: ignore[list-item]  # stubs lag grpc.aio
     )

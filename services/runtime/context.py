@@ -7,6 +7,8 @@ each transaction), by outgoing calls (to propagate it) and by logging.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,10 +37,18 @@ class Caller:
     permissions: frozenset[str]
     #: The raw bearer token, forwarded on service-to-service calls; never logged.
     token: str = field(repr=False)
+    #: True only for a token verified against the platform's service issuer and keys:
+    #: one of the platform's own services, never an end user, whatever its claims say.
+    service: bool = False
 
     @property
     def is_platform_admin(self) -> bool:
-        return self.role == PLATFORM_ADMIN_ROLE and self.tenant_id == PLATFORM_TENANT
+        return self.role == PLATFORM_ADMIN_ROLE and self.tenant_id == PLATFORM_TENANT and not self.service
+
+    @property
+    def is_platform(self) -> bool:
+        """A platform admin or a platform service: may act on other tenants explicitly."""
+        return self.service or self.is_platform_admin
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,8 @@ class RequestContext:
     caller: Caller | None = None
     tenant_id: str | None = None
 
+
+log = logging.getLogger("towerco.platform")
 
 _current: ContextVar[RequestContext | None] = ContextVar("towerco_request", default=None)
 
@@ -84,3 +96,62 @@ def bind(ctx: RequestContext) -> Iterator[RequestContext]:
         yield ctx
     finally:
         _current.reset(token)
+
+
+class PlatformScopeError(PermissionError):
+    """Code tried to act on another tenant for a caller that is not the platform (a bug)."""
+
+
+@contextmanager
+def platform_scope(tenant_id: str, purpose: str) -> Iterator[RequestContext]:
+    """The explicit platform path: act on ``tenant_id`` for a platform admin or service.
+
+    Everything inside (database transactions, outgoing calls) is bound to ``tenant_id``,
+    exactly as if that tenant had called; RLS still applies. Allowed only when the
+    verified caller is a platform admin or a platform service, and logged every time.
+    """
+    ctx = _current.get()
+    caller = ctx.caller if ctx else None
+    if ctx is None or caller is None or not caller.is_platform:
+        raise PlatformScopeError(f"{purpose}: acting on tenant {tenant_id!r} needs a platform caller")
+    if not is_valid_tenant_id(tenant_id):
+        raise PlatformScopeError(f"{purpose}: not a tenant id: {tenant_id!r}")
+    if tenant_id != ctx.tenant_id:
+        log.info(
+            "platform path %s: %s acts on tenant %s (request %s)", purpose, caller.subject, tenant_id, ctx.request_id
+        )
+    with bind(dataclasses.replace(ctx, tenant_id=tenant_id)) as scoped:
+        yield scoped
+
+
+@contextmanager
+def system_scope(tenant_id: str, purpose: str, request_id: str = "") -> Iterator[RequestContext]:
+    """Bind ``tenant_id`` for the platform's own bookkeeping, whoever the caller is.
+
+    For the few reads a service makes on its own account, not a caller's: the tenant
+    state behind every call, the public branding of a sign-in page. Data stays bound to
+    that one tenant by RLS; the purpose is recorded in the context's ``method``.
+    """
+    if not is_valid_tenant_id(tenant_id):
+        raise PlatformScopeError(f"{purpose}: not a tenant id: {tenant_id!r}")
+    ctx = _current.get()
+    scoped = (
+        dataclasses.replace(ctx, tenant_id=tenant_id)
+        if ctx is not None
+        else RequestContext(request_id=request_id or "system", method=purpose, tenant_id=tenant_id)
+    )
+    with bind(scoped) as bound:
+        yield bound
+
+
+def background_context(service: str, purpose: str, request_id: str) -> RequestContext:
+    """The context of work a service does on its own account (no caller): as the service.
+
+    Its caller is the service itself, so :func:`platform_scope` accepts it, and every
+    call it makes carries ``request_id`` for the logs of all services involved.
+    """
+    caller = Caller(
+        subject=f"service:{service}", tenant_id=PLATFORM_TENANT, role="service", permissions=frozenset(), token="",
+        service=True,
+    )  # fmt: skip
+    return RequestContext(request_id=request_id, method=purpose, caller=caller, tenant_id=PLATFORM_TENANT)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, cast
@@ -20,7 +21,10 @@ import asyncpg
 from . import context
 from .errors import unavailable
 
+log = logging.getLogger("towerco.platform")
+
 BIND_TENANT = "SELECT set_config('app.current_tenant_id', $1, true)"
+PLATFORM_READ = "SELECT set_config('app.platform_read', 'on', true)"
 
 
 async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
@@ -72,6 +76,27 @@ class Database:
         try:
             async with conn.transaction(readonly=readonly):
                 await conn.execute(BIND_TENANT, tenant_id)
+                yield cast("asyncpg.Connection[Any]", conn)
+        finally:
+            await self._pool.release(conn)
+
+    @asynccontextmanager
+    async def platform_read(self, purpose: str) -> AsyncIterator[asyncpg.Connection[Any]]:
+        """A READ ONLY transaction that may read across tenants where a table allows it.
+
+        Only tables with a ``platform_read`` policy (the registry's directory of tenants
+        and hosts) show other tenants' rows in it; every other table still shows the
+        bound tenant's only. It is logged with its purpose, and nothing can be written.
+        """
+        ctx = context.current()
+        log.info("platform read %s (request %s)", purpose, ctx.request_id if ctx else "-")
+        try:
+            conn = await self._pool.acquire(timeout=self._acquire_timeout)
+        except TimeoutError:
+            raise unavailable("all database connections are busy; retry shortly", "DATABASE_BUSY", 0.2) from None
+        try:
+            async with conn.transaction(readonly=True):
+                await conn.execute(PLATFORM_READ)
                 yield cast("asyncpg.Connection[Any]", conn)
         finally:
             await self._pool.release(conn)

@@ -102,3 +102,7 @@ def permission_denied(message: str, reason: str, **metadata: str) -> ServiceErro
 
 def unavailable(message: str, reason: str, retry_after_seconds: float = 1.0) -> ServiceError:
     return ServiceError(grpc.StatusCode.UNAVAILABLE, message, reason, retry_after_seconds=retry_after_seconds)
+
+
+def failed_precondition(message: str, reason: str, **metadata: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, message, reason, metadata=dict(metadata))

@@ -13,8 +13,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,15 @@ from grpc_reflection.v1alpha import reflection
 from . import logs, migrations
 from .auth import TokenVerifier, VerifierConfig
 from .db import Database
+from .faults import Faults
 from .guard import IsolationError, check_isolation
+from .identity import ServiceIdentity
 from .interceptors.chain import server_chain
 from .pagination import PageTokens
 from .policy import PolicyError, PolicyTable
 from .settings import Settings, SettingsError, load
+from .tenant_cache import TenantCache
+from .tenants import RegistryStateSource, StateSource, TenantDirectory
 
 log = logging.getLogger("towerco.server")
 
@@ -47,13 +51,32 @@ STARTUP_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+Hook = Callable[[], Awaitable[None]]
+
+
 @dataclass(frozen=True)
 class Runtime:
-    """What a servicer gets from the platform: settings, its database, page tokens."""
+    """What a servicer gets from the platform, made once per process."""
 
     settings: Settings
     db: Database
     page_tokens: PageTokens
+    #: This service's own identity, for internal calls to other services.
+    identity: ServiceIdentity
+    #: Tenant state and settings, cached in memory and Redis.
+    cache: TenantCache
+    tenants: TenantDirectory
+    faults: Faults
+    _starters: list[Hook] = field(default_factory=list, repr=False)
+    _stoppers: list[Hook] = field(default_factory=list, repr=False)
+
+    def on_start(self, *hooks: Hook) -> None:
+        """Run ``hooks`` once the server is serving (e.g. resume unfinished background work)."""
+        self._starters.extend(hooks)
+
+    def on_stop(self, *hooks: Hook) -> None:
+        """Run ``hooks`` after the server has drained, before the pool closes."""
+        self._stoppers.extend(hooks)
 
 
 @dataclass(frozen=True)
@@ -70,6 +93,8 @@ class ServiceSpec:
     migrations_dir: Path
     #: Registers the servicer(s) on the server.
     register: Callable[[aio.Server, Runtime], None]
+    #: Where this service reads tenant state on a cache miss; default: ask the registry.
+    state_source: Callable[[Database], StateSource] | None = None
 
 
 async def run_migrations(spec: ServiceSpec, settings: Settings) -> list[int]:
@@ -78,20 +103,28 @@ async def run_migrations(spec: ServiceSpec, settings: Settings) -> list[int]:
     )
 
 
-async def build_server(
-    spec: ServiceSpec, settings: Settings, db: Database, policies: PolicyTable
-) -> tuple[aio.Server, HealthServicer]:
-    verifier = TokenVerifier(
+def make_verifier(settings: Settings) -> TokenVerifier:
+    return TokenVerifier(
         VerifierConfig(
             issuer=settings.jwt_issuer,
             audience=settings.jwt_audience,
             leeway_seconds=settings.jwt_leeway_seconds,
             jwks_file=settings.jwt_jwks_file,
             jwks_url=settings.jwt_jwks_url,
-        )
+        ),
+        service=VerifierConfig(
+            issuer=settings.service_jwt_issuer,
+            audience=settings.jwt_audience,
+            leeway_seconds=settings.jwt_leeway_seconds,
+            jwks_file=settings.service_jwks_file,
+        ),
     )
+
+
+def build_server(spec: ServiceSpec, runtime: Runtime, policies: PolicyTable) -> tuple[aio.Server, HealthServicer]:
+    settings = runtime.settings
     server = aio.server(
-        interceptors=server_chain(policies, verifier),
+        interceptors=server_chain(policies, make_verifier(settings), runtime.tenants),
         options=[
             ("grpc.max_receive_message_length", 4 * 1024 * 1024),
             ("grpc.so_reuseport", 0),
@@ -101,7 +134,7 @@ async def build_server(
             ("grpc.absolute_max_metadata_size", 32 * 1024),
         ],
     )
-    spec.register(server, Runtime(settings=settings, db=db, page_tokens=PageTokens(settings.page_token_secret)))
+    spec.register(server, runtime)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = [s.full_name for s in spec.services]
@@ -138,9 +171,39 @@ async def serve(spec: ServiceSpec) -> None:
         statement_timeout_ms=settings.db_statement_timeout_ms,
         application_name=f"towerco-{spec.name}/{os.getpid()}",
     )
+    identity = ServiceIdentity.from_file(
+        spec.name,
+        issuer=settings.service_jwt_issuer,
+        audience=settings.jwt_audience,
+        key_file=settings.service_key_file,
+        kid=settings.service_key_id,
+    )
+    cache = TenantCache(
+        settings.redis_url, local_seconds=settings.tenant_cache_seconds, timeout=settings.redis_timeout_seconds
+    )
+    registry_source = None
+    if spec.state_source is not None:
+        source = spec.state_source(db)
+    else:
+        registry_source = RegistryStateSource(settings.targets["tenant"], identity)
+        source = registry_source
+    runtime = Runtime(
+        settings=settings,
+        db=db,
+        page_tokens=PageTokens(settings.page_token_secret),
+        identity=identity,
+        cache=cache,
+        tenants=TenantDirectory(cache, source),
+        faults=Faults(settings.fault_points),
+    )
     try:
-        server, health = await build_server(spec, settings, db, policies)
+        await cache.start()
+        if not await cache.wait_listening(5.0):
+            log.warning("not subscribed to tenant changes yet (Redis unreachable?); serving anyway")
+        server, health = build_server(spec, runtime, policies)
         await server.start()
+        for hook in runtime._starters:
+            await hook()
         for name in [*(s.full_name for s in spec.services), ""]:
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("%s serving on %s:%d", spec.name, settings.bind_host, settings.port)
@@ -152,6 +215,11 @@ async def serve(spec: ServiceSpec) -> None:
         await asyncio.sleep(settings.shutdown_delay_seconds)
         await server.stop(settings.shutdown_grace_seconds)
     finally:
+        for hook in runtime._stoppers:
+            await hook()
+        await cache.close()
+        if registry_source is not None:
+            await registry_source.close()
         await db.close()
     log.info("%s stopped", spec.name)
 

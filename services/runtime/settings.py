@@ -17,6 +17,9 @@ DEFAULT_PORTS: dict[str, int] = {"tenant": 50051, "sites": 50052, "features": 50
 DEV_APP_DB_PASSWORD = "towerco-dev-only"  # noqa: S105 - documented dev default; deployments set it
 DEFAULT_JWT_ISSUER = "towerco-dev-issuer"
 DEFAULT_JWT_AUDIENCE = "towerco-aiops"
+#: Issuer of the tokens the platform's services present to each other (never users).
+DEFAULT_SERVICE_JWT_ISSUER = "towerco-services"
+DEV_SERVICE_KEY_ID = "towerco-service-dev-1"
 
 
 def _env(name: str, default: str) -> str:
@@ -86,6 +89,22 @@ class Settings:
     jwt_jwks_file: str
     jwt_jwks_url: str
     jwt_leeway_seconds: int
+    #: The platform's service issuer: its public keys, and this process's signing key.
+    service_jwt_issuer: str
+    service_jwks_file: str
+    service_key_file: str = field(repr=False)
+    service_key_id: str
+    #: Where each platform service answers, e.g. ``{"tenant": "127.0.0.1:50051", ...}``.
+    targets: dict[str, str]
+    #: Tenants' sub-domains hang off this domain: ``<tenant>.<base_domain>``.
+    base_domain: str
+    #: Seconds a process trusts its in-memory copy of a tenant's state and settings
+    #: without hearing of a change (changes are pushed at once through Redis).
+    tenant_cache_seconds: float
+    #: Redis calls on the request path give up after this long (then PostgreSQL answers).
+    redis_timeout_seconds: float
+    #: Test-only fault injection: ``point[:times],...`` (see services.runtime.faults).
+    fault_points: str
     #: Secret that signs page tokens so a tampered or foreign token is refused.
     page_token_secret: bytes = field(repr=False)
     shutdown_grace_seconds: float
@@ -158,6 +177,18 @@ def load(service: str) -> Settings:
         jwt_jwks_file=jwks_file,
         jwt_jwks_url=_env("JWT_JWKS_URL", ""),
         jwt_leeway_seconds=_env_int("JWT_LEEWAY_SECONDS", 30),
+        service_jwt_issuer=_env("SERVICE_JWT_ISSUER", DEFAULT_SERVICE_JWT_ISSUER),
+        service_jwks_file=_env("SERVICE_JWKS_FILE", str(keys / "service-jwks.json")),
+        service_key_file=_env("SERVICE_KEY_FILE", str(keys / "service-signing-key.pem")),
+        service_key_id=_env("SERVICE_KEY_ID", DEV_SERVICE_KEY_ID),
+        targets={
+            name: _env(f"{name.upper()}_TARGET", f"127.0.0.1:{_env_int(f'{name.upper()}_PORT', port)}")
+            for name, port in DEFAULT_PORTS.items()
+        },
+        base_domain=_env("BASE_DOMAIN", "localhost").lower().strip("."),
+        tenant_cache_seconds=_env_float("TENANT_CACHE_SECONDS", 5.0),
+        redis_timeout_seconds=_env_float("REDIS_TIMEOUT_SECONDS", 0.05),
+        fault_points=_env("FAULT_POINTS", ""),
         page_token_secret=_page_token_secret(keys),
         shutdown_grace_seconds=_env_float("SHUTDOWN_GRACE_SECONDS", 10.0),
         shutdown_delay_seconds=_env_float("SHUTDOWN_DELAY_SECONDS", 1.0),
@@ -167,4 +198,14 @@ def load(service: str) -> Settings:
         raise SettingsError("DB_POOL_MAX_SIZE must be at least 1")
     if not (settings.jwt_jwks_file or settings.jwt_jwks_url):
         raise SettingsError("set JWT_JWKS_FILE or JWT_JWKS_URL")
+    if settings.service_jwt_issuer == settings.jwt_issuer:
+        raise SettingsError("SERVICE_JWT_ISSUER must differ from JWT_ISSUER: users must never pass for services")
+    for path, what in (
+        (settings.service_jwks_file, "SERVICE_JWKS_FILE"),
+        (settings.service_key_file, "SERVICE_KEY_FILE"),
+    ):
+        if not Path(path).exists():
+            raise SettingsError(
+                f"{what} {path} does not exist; run `make keys` (dev) or mount the service keys (deploy)"
+            )
     return settings

@@ -1,4 +1,8 @@
-"""Authorization link: the caller must hold the permission the RPC declares."""
+"""Authorization link: the caller must hold the permission the RPC declares.
+
+Internal RPCs (``internal: true``) additionally need a platform service identity: a
+token from the service issuer. No end-user token passes, a platform admin's included.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,11 @@ class AuthorizationInterceptor(PolicyInterceptor):
 
         async def behavior(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
             caller = context.current_caller()
+            if policy.internal and (caller is None or not caller.service):
+                raise permission_denied(
+                    "this method is internal to the platform: only its services may call it",
+                    "SERVICE_IDENTITY_REQUIRED",
+                )
             if caller is None or policy.permission not in caller.permissions:
                 raise permission_denied(
                     f"this call needs the {policy.permission!r} permission",

@@ -7,19 +7,22 @@ from __future__ import annotations
 
 from ..auth import TokenVerifier
 from ..policy import PolicyTable
+from ..tenants import TenantDirectory
 from .authentication import AuthenticationInterceptor
 from .authorization import AuthorizationInterceptor
 from .base import PolicyInterceptor
 from .errors import ErrorDetailsInterceptor
 from .request_id import RequestContextInterceptor
 from .tenant import TenantInterceptor
+from .tenant_state import TenantStateInterceptor
 
 
-def server_chain(policies: PolicyTable, verifier: TokenVerifier) -> list[PolicyInterceptor]:
+def server_chain(policies: PolicyTable, verifier: TokenVerifier, tenants: TenantDirectory) -> list[PolicyInterceptor]:
     return [
         RequestContextInterceptor(policies),  # request id, method, peer (never fails)
         ErrorDetailsInterceptor(policies),  # every failure below becomes a rich status
-        AuthenticationInterceptor(policies, verifier),  # who is calling (JWT)
+        AuthenticationInterceptor(policies, verifier),  # who is calling (JWT or service identity)
         TenantInterceptor(policies),  # for which tenant
-        AuthorizationInterceptor(policies),  # with which permission
+        TenantStateInterceptor(policies, tenants),  # is that tenant active
+        AuthorizationInterceptor(policies),  # with which permission (internal: services only)
     ]

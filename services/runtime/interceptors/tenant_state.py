@@ -1,0 +1,64 @@
+"""Tenant-state link: a suspended, deleted or unknown tenant's users are turned away.
+
+Runs after the tenant link, from the cached tenant state (memory first), so it costs a
+dictionary lookup on almost every call. Public RPCs, platform admins and platform
+services pass: they are how a tenant is looked up, repaired and reactivated.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from grpc import aio
+
+from .. import context
+from ..errors import ServiceError, permission_denied, unavailable
+from ..policy import Policy, PolicyTable
+from ..tenants import State, TenantDirectory
+from .base import Behavior, Metadata, PolicyInterceptor
+
+_REFUSALS: dict[int, tuple[str, str]] = {
+    State.STATE_PROVISIONING: ("TENANT_PROVISIONING", "is still being set up; try again shortly"),
+    State.STATE_SUSPENDED: ("TENANT_SUSPENDED", "is suspended; contact the platform operator"),
+    State.STATE_DELETING: ("TENANT_DELETED", "has been deleted"),
+    State.STATE_DELETED: ("TENANT_DELETED", "has been deleted"),
+}
+
+
+class TenantStateInterceptor(PolicyInterceptor):
+    """PERMISSION_DENIED unless the call's tenant is ACTIVE."""
+
+    def __init__(self, policies: PolicyTable, directory: TenantDirectory) -> None:
+        super().__init__(policies)
+        self._directory = directory
+
+    def wrap(self, inner: Behavior, policy: Policy, metadata: Metadata) -> Behavior:
+        if policy.public:
+            return inner
+
+        async def behavior(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
+            current = context.current()
+            caller = current.caller if current else None
+            tenant_id = current.tenant_id if current else None
+            if caller is None or caller.is_platform or tenant_id in (None, context.PLATFORM_TENANT):
+                return await inner(request, ctx)
+            await self.check(tenant_id)
+            return await inner(request, ctx)
+
+        return behavior
+
+    async def check(self, tenant_id: str) -> None:
+        try:
+            info = await self._directory.get(tenant_id)
+        except ServiceError:
+            raise
+        except Exception:
+            raise unavailable(
+                "the tenant registry cannot be reached to check this tenant; retry shortly",
+                "TENANT_DIRECTORY_UNAVAILABLE",
+            ) from None
+        if info is None:
+            raise permission_denied(f"tenant {tenant_id!r} is not known to the platform", "TENANT_UNKNOWN")
+        if info.state != State.STATE_ACTIVE:
+            reason, why = _REFUSALS.get(info.state, ("TENANT_UNAVAILABLE", "cannot be served"))
+            raise permission_denied(f"tenant {tenant_id!r} {why}", reason, tenant_id=tenant_id)

@@ -1,0 +1,59 @@
+"""Which tenant a handler acts on when its request names one.
+
+Reads and settings default to the call's tenant when the request leaves ``tenant_id``
+empty. Naming another tenant is for the platform only (its admins and services); anyone
+else is refused exactly as a mismatched ``x-tenant-id`` header is, and it is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from . import context
+from .errors import FieldViolation, invalid_argument, permission_denied
+
+log = logging.getLogger("towerco.security")
+
+
+def target_tenant(requested: str, field: str = "tenant_id", *, required: bool = False) -> str:
+    """The tenant a request acts on: ``requested``, or the call's tenant when empty."""
+    own = context.current_tenant()
+    if not requested:
+        if required:
+            raise invalid_argument(
+                [FieldViolation(field, "is required: name the tenant explicitly for this change")],
+                reason="TENANT_ID_REQUIRED",
+            )
+        return own
+    if not context.is_valid_tenant_id(requested):
+        raise invalid_argument([FieldViolation(field, "must match ^[a-z][a-z0-9_-]{2,49}$")])
+    if requested == own:
+        return own
+    caller = context.current_caller()
+    if caller is not None and caller.is_platform:
+        return requested
+    ctx = context.current()
+    log.warning(
+        "cross-tenant attempt denied: caller %s of tenant %s asked for tenant %s on %s",
+        caller.subject if caller else "-",
+        own,
+        requested,
+        ctx.method if ctx else "-",
+    )
+    raise permission_denied(
+        "the token's tenant does not match the requested tenant",
+        "CROSS_TENANT_DENIED",
+        token_tenant=own,
+        requested_tenant=requested,
+    )
+
+
+def require_platform_admin() -> context.Caller:
+    """The caller, if it is a platform admin; PERMISSION_DENIED otherwise."""
+    caller = context.current_caller()
+    if caller is None or not caller.is_platform_admin:
+        raise permission_denied(
+            "only the platform's administrators (tenant 'platform', role platform_admin) may do this",
+            "PLATFORM_ADMIN_REQUIRED",
+        )
+    return caller
