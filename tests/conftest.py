@@ -20,9 +20,12 @@ import asyncpg
 import grpc
 import pytest
 from towerco.sites.v1 import sites_service_pb2_grpc
+from towerco.tenant.v1 import tenant_registry_service_pb2_grpc
 
+from deploy.local import seed
 from deploy.local.stack import Stack, StackConfig
-from deploy.local.tokens import mint
+from deploy.local.tokens import mint, mint_service
+from services.runtime import context
 from services.runtime.settings import runtime_dsn
 
 from .support import free_port
@@ -76,15 +79,18 @@ def stack() -> Iterator[Stack]:
     stack = Stack(config)
     stack.start_infra()
     stack.migrate()
-    log = (OUTPUT / "logs" / "sites.log").open("ab")
-    stack.start_service("sites", log=log)
+    logs = {name: (OUTPUT / "logs" / f"{name}.log").open("ab") for name in ("tenant", "sites")}
+    for name, log in logs.items():
+        stack.start_service(name, log=log)
     try:
-        stack.wait_serving("sites")
+        for name in logs:
+            stack.wait_serving(name)
         yield stack
     finally:
         stack.stop_services()
         stack.stop_infra()
-        log.close()
+        for log in logs.values():
+            log.close()
         shutil.rmtree(data_dir, ignore_errors=True)
         if containers:
             containers[2]()
@@ -102,22 +108,70 @@ def sites(sites_target: str) -> Iterator[sites_service_pb2_grpc.SiteServiceStub]
 
 
 @pytest.fixture(scope="session")
-def token(stack: Stack) -> Callable[..., str]:
-    """``token(tenant, role="admin", permissions=None, ttl=3600, **claims)`` -> dev JWT."""
+def tenant_target(stack: Stack) -> str:
+    return f"127.0.0.1:{stack.config.ports['tenant']}"
+
+
+@pytest.fixture(scope="session")
+def registry(tenant_target: str) -> Iterator[tenant_registry_service_pb2_grpc.TenantRegistryServiceStub]:
+    with grpc.insecure_channel(tenant_target) as channel:
+        yield tenant_registry_service_pb2_grpc.TenantRegistryServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def platform_token(stack: Stack) -> str:
+    return mint(stack.keys_dir, role="platform_admin", ttl=4 * 3600, subject="test-platform-admin")
+
+
+@pytest.fixture(scope="session")
+def provision(registry, platform_token: str) -> Callable[[str], None]:
+    """``provision(tenant_id)``: make sure the tenant exists in the registry and is active."""
+    done: set[str] = {"platform"}
+
+    def ensure(tenant_id: str) -> None:
+        if tenant_id in done:
+            return
+        seed.provision(registry, platform_token, tenant_id)
+        done.add(tenant_id)
+
+    return ensure
+
+
+@pytest.fixture(scope="session")
+def token(stack: Stack, provision: Callable[[str], None]) -> Callable[..., str]:
+    """``token(tenant, role="admin", permissions=None, ttl=3600, **claims)`` -> dev JWT.
+
+    The tenant is provisioned in the registry first (services refuse unknown tenants).
+    """
 
     def make(
         tenant: str, role: str = "admin", permissions: list[str] | None = None, ttl: int = 3600, **claims: Any
     ) -> str:
+        if context.is_valid_tenant_id(tenant):
+            provision(tenant)
         return mint(stack.keys_dir, tenant=tenant, role=role, permissions=permissions, ttl=ttl, extra=claims)
 
     return make
 
 
+@pytest.fixture(scope="session")
+def service_token(stack: Stack) -> Callable[..., str]:
+    """``service_token(service="tenant")`` -> a token of the platform's service issuer."""
+
+    def make(service: str = "tenant", ttl: int = 300) -> str:
+        return mint_service(stack.keys_dir, service, ttl)
+
+    return make
+
+
 @pytest.fixture
-def tenant_pair() -> tuple[str, str]:
-    """Two fresh tenant ids, so tests never see each other's rows."""
+def tenant_pair(provision: Callable[[str], None]) -> tuple[str, str]:
+    """Two fresh tenants, active in the registry, so tests never see each other's rows."""
     suffix = uuid.uuid4().hex[:10]
-    return f"ta_{suffix}", f"tb_{suffix}"
+    pair = f"ta_{suffix}", f"tb_{suffix}"
+    for tenant_id in pair:
+        provision(tenant_id)
+    return pair
 
 
 @dataclass

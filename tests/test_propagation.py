@@ -21,10 +21,18 @@ from services.runtime import context
 from services.runtime.auth import TokenVerifier, VerifierConfig
 from services.runtime.channels import propagation_metadata, service_channel
 from services.runtime.context import Caller, RequestContext
+from services.runtime.identity import ServiceIdentity
 from services.runtime.interceptors.chain import server_chain
 from services.runtime.policy import PolicyTable
 from services.runtime.roles import ROLE_PERMISSIONS
-from services.runtime.settings import DEFAULT_JWT_AUDIENCE, DEFAULT_JWT_ISSUER
+from services.runtime.settings import (
+    DEFAULT_JWT_AUDIENCE,
+    DEFAULT_JWT_ISSUER,
+    DEFAULT_SERVICE_JWT_ISSUER,
+    DEV_SERVICE_KEY_ID,
+)
+from services.runtime.tenant_cache import TenantCache
+from services.runtime.tenants import RegistryStateSource, TenantDirectory
 
 from .support import bearer, expect_error, rich_error
 
@@ -181,7 +189,17 @@ async def broken_server(stack: Any) -> AsyncIterator[str]:
     verifier = TokenVerifier(
         VerifierConfig(DEFAULT_JWT_ISSUER, DEFAULT_JWT_AUDIENCE, jwks_file=str(stack.keys_dir / "jwks.json"))
     )
-    server = aio.server(interceptors=server_chain(policies, verifier))
+    # Tenant state from the real registry, through a real Redis-backed cache.
+    cache = TenantCache(stack.redis_url, local_seconds=5, timeout=0.5)
+    identity = ServiceIdentity.from_file(
+        "sites",
+        issuer=DEFAULT_SERVICE_JWT_ISSUER,
+        audience=DEFAULT_JWT_AUDIENCE,
+        key_file=str(stack.keys_dir / "service-signing-key.pem"),
+        kid=DEV_SERVICE_KEY_ID,
+    )
+    source = RegistryStateSource(f"127.0.0.1:{stack.config.ports['tenant']}", identity)
+    server = aio.server(interceptors=server_chain(policies, verifier, TenantDirectory(cache, source)))
     pb_grpc.add_SiteServiceServicer_to_server(_BrokenSites(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -189,6 +207,8 @@ async def broken_server(stack: Any) -> AsyncIterator[str]:
         yield f"127.0.0.1:{port}"
     finally:
         await server.stop(None)
+        await source.close()
+        await cache.close()
 
 
 async def test_internal_error_quotes_the_request_id(broken_server, token, tenant_pair):

@@ -227,15 +227,24 @@ async def test_runtime_role_owns_nothing_in_schema(admin):
     assert [r["owner"] for r in table_owners] == ["sites_owner"]
 
 
+#: Every schema a service owns; each must hold to the same rules.
+SERVICE_SCHEMAS = ["sites", "tenant"]
+#: The registry's routing directory: a host belongs to one tenant platform-wide, so its key
+#: is the host (a reference table under Citus). Its tenant_id index leads with tenant_id.
+GLOBAL_KEYS = {"tenant.host_routes_pkey"}
+
+
 async def test_every_table_enables_and_forces_rls(admin):
     tables = await admin.fetch(
-        """SELECT c.relname, c.relrowsecurity, c.relforcerowsecurity,
+        """SELECT n.nspname || '.' || c.relname AS relname, c.relrowsecurity, c.relforcerowsecurity,
                   (SELECT count(*) FROM pg_policy p WHERE p.polrelid = c.oid) AS policies
            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-           WHERE n.nspname = 'sites' AND c.relkind IN ('r', 'p', 'm', 'f', 'v')
-           ORDER BY c.relname"""
+           WHERE n.nspname = ANY($1) AND c.relkind IN ('r', 'p', 'm', 'f', 'v')
+           ORDER BY 1""",
+        SERVICE_SCHEMAS,
     )
-    assert [t["relname"] for t in tables] == ["create_requests", "sites"]
+    names = {t["relname"] for t in tables}
+    assert {"sites.create_requests", "sites.sites", "tenant.tenants", "tenant.tenant_settings"} <= names
     for t in tables:
         assert t["relrowsecurity"], t["relname"]
         assert t["relforcerowsecurity"], t["relname"]
@@ -250,13 +259,17 @@ async def test_every_key_and_index_leads_with_tenant_id(admin):
            JOIN pg_class t ON t.oid = i.indrelid
            JOIN pg_namespace n ON n.oid = t.relnamespace
            LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-           WHERE n.nspname = 'sites'
-           ORDER BY 1"""
+           WHERE n.nspname = ANY($1)
+           ORDER BY 1""",
+        SERVICE_SCHEMAS,
     )
-    assert len(indexes) >= 3  # two primary keys and sites_by_region at least
-    assert {r["table"] for r in indexes if r["indisprimary"]} == {"sites", "create_requests"}
+    assert {"sites", "create_requests", "tenants", "tenant_settings"} <= {
+        r["table"] for r in indexes if r["indisprimary"]
+    }
     assert "sites.sites_by_region" in {r["index"] for r in indexes}
     for r in indexes:
+        if r["index"] in GLOBAL_KEYS:
+            continue
         # first_column is None for an expression index: that would fail too.
         assert r["first_column"] == "tenant_id", dict(r)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from services.runtime.settings import data_dir
 
-from .seed import seed_sites
+from .seed import seed_sites, seed_tenants
 from .stack import Stack, StackConfig, available_services
 from .tokens import ensure_keys, mint
 
@@ -68,6 +68,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             stack.start_service(name)
         for name in names:
             stack.wait_serving(name)
+        if "tenant" in names:
+            seed_tenants(stack.keys_dir, stack.config.ports["tenant"])
         seeded = seed_sites(stack.keys_dir, stack.config.ports["sites"]) if "sites" in names else 0
         _banner(stack, names, seeded)
         while not stopping:

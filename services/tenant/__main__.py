@@ -1,0 +1,62 @@
+"""``python -m services.tenant``: run the tenant registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from grpc import aio
+from towerco.internal.v1 import tenant_data_pb2, tenant_data_pb2_grpc
+from towerco.tenant.v1 import tenant_registry_service_pb2, tenant_registry_service_pb2_grpc
+
+from services.runtime.channels import service_channel
+from services.runtime.server import Runtime, ServiceSpec, main
+
+from .directory import TenantDirectoryServicer
+from .migration import MigrationRunner, RemotePart, SettingsPart
+from .offboarding import Offboarding
+from .records import state_source
+from .secrets import load_secret_box
+from .servicer import TenantRegistryServicer
+
+#: Who owns which data type that a migration can copy, besides the registry's `settings`.
+REMOTE_DATA_TYPES = {"sites": "sites"}
+#: Services whose rows of a tenant are purged at offboarding.
+DATA_OWNERS = ("sites",)
+
+
+def register(server: aio.Server, runtime: Runtime) -> None:
+    box = load_secret_box()
+    targets = runtime.settings.targets
+    stubs = {
+        name: tenant_data_pb2_grpc.TenantDataServiceStub(service_channel(targets[name], identity=runtime.identity))
+        for name in sorted({*REMOTE_DATA_TYPES.values(), *DATA_OWNERS})
+    }
+    parts = {
+        "settings": SettingsPart(runtime.db, runtime.cache, box),
+        **{data_type: RemotePart(data_type, stubs[owner]) for data_type, owner in REMOTE_DATA_TYPES.items()},
+    }
+    migrations = MigrationRunner(runtime.db, runtime.faults, parts)
+    offboarding = Offboarding(runtime.db, runtime.cache, {name: stubs[name] for name in DATA_OWNERS})
+    servicer = TenantRegistryServicer(runtime, box, migrations, offboarding)
+    tenant_registry_service_pb2_grpc.add_TenantRegistryServiceServicer_to_server(servicer, server)
+    tenant_data_pb2_grpc.add_TenantDirectoryServiceServicer_to_server(
+        TenantDirectoryServicer(state_source(runtime.db)), server
+    )
+    runtime.on_start(migrations.resume, offboarding.resume)
+    runtime.on_stop(migrations.close, offboarding.close)
+
+
+SPEC = ServiceSpec(
+    name="tenant",
+    schema="tenant",
+    services=(
+        tenant_registry_service_pb2.DESCRIPTOR.services_by_name["TenantRegistryService"],
+        tenant_data_pb2.DESCRIPTOR.services_by_name["TenantDirectoryService"],
+    ),
+    migrations_dir=Path(__file__).parent / "migrations",
+    register=register,
+    state_source=state_source,
+)
+
+if __name__ == "__main__":
+    main(SPEC)

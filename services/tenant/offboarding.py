@@ -1,0 +1,93 @@
+"""Offboarding: a tenant in STATE_DELETING has its rows purged from every service.
+
+Each data-owning service purges through its internal ``PurgeTenantData`` (idempotent),
+then the registry removes its own rows except the tenant record, which stays in
+STATE_DELETED so that its id is never reused. Work left unfinished by a restart is
+picked up again at start-up, and a service that cannot be reached is retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+
+from towerco.internal.v1 import tenant_data_pb2 as internal_pb
+from towerco.internal.v1 import tenant_data_pb2_grpc as internal_grpc
+
+from services.runtime import context
+from services.runtime.db import Database
+from services.runtime.tenant_cache import TenantCache
+
+from . import queries, records
+
+log = logging.getLogger("towerco.tenant.offboarding")
+
+
+class Offboarding:
+    def __init__(
+        self,
+        db: Database,
+        cache: TenantCache,
+        owners: dict[str, internal_grpc.TenantDataServiceStub],
+        *,
+        retry_seconds: float = 2.0,
+    ) -> None:
+        self._db = db
+        self._cache = cache
+        self._owners = owners
+        self._retry_seconds = retry_seconds
+        self._running: dict[str, asyncio.Task[None]] = {}
+
+    def start(self, tenant_id: str) -> None:
+        """Purge ``tenant_id`` in the background (once, however often it is asked)."""
+        if tenant_id in self._running and not self._running[tenant_id].done():
+            return
+        self._running[tenant_id] = asyncio.create_task(self._run(tenant_id), name=f"offboard-{tenant_id}")
+
+    async def resume(self) -> None:
+        """At start-up: finish every deletion a previous process left unfinished."""
+        with context.bind(context.background_context("tenant", "offboarding.resume", uuid.uuid4().hex)):
+            async with self._db.platform_read("offboarding.resume") as conn:
+                rows = await conn.fetch(queries.TENANTS_IN_STATE, "STATE_DELETING")
+        for row in rows:
+            self.start(row["tenant_id"])
+
+    async def close(self) -> None:
+        for task in self._running.values():
+            task.cancel()
+        for task in self._running.values():
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self, tenant_id: str) -> None:
+        ctx = context.background_context("tenant", "offboarding", f"offboard-{tenant_id}-{uuid.uuid4().hex[:8]}")
+        with context.bind(ctx):
+            for name, stub in self._owners.items():
+                while True:
+                    try:
+                        reply = await stub.PurgeTenantData(
+                            internal_pb.PurgeTenantDataRequest(tenant_id=tenant_id), timeout=30
+                        )
+                        log.info("tenant %s: %s purged %d rows", tenant_id, name, reply.row_count)
+                        break
+                    except Exception as exc:
+                        log.warning("tenant %s: purge in %s failed (%s); retrying", tenant_id, name, exc)
+                        await asyncio.sleep(self._retry_seconds)
+            with context.platform_scope(tenant_id, "offboarding.finish"):
+                async with self._db.transaction() as conn:
+                    row = await conn.fetchrow(queries.GET_TENANT_FOR_UPDATE, tenant_id)
+                    if row is None or row["state"] != "STATE_DELETING":
+                        return
+                    for statement in (
+                        queries.DELETE_SETTINGS_BACKUPS,
+                        queries.DELETE_SETTINGS,
+                        queries.DELETE_USERS,
+                        queries.DELETE_HOSTS,
+                    ):
+                        await conn.execute(statement, tenant_id)
+                    done = await conn.fetchrow(queries.SET_STATE, tenant_id, "STATE_DELETED", "")
+            assert done is not None
+            await records.publish(self._cache, done)
+            log.info("tenant %s deleted", tenant_id)

@@ -1,0 +1,82 @@
+"""SQL of the tenant registry. Every statement filters on tenant_id; RLS is the net."""
+
+from __future__ import annotations
+
+TENANT_COLUMNS = (
+    "tenant_id, display_name, state, plan, admin_email, suspend_reason, version, request_id, request_hash, "
+    "create_time, update_time, "
+    "ARRAY(SELECT h.host FROM tenant.host_routes h WHERE h.tenant_id = t.tenant_id ORDER BY h.host) AS domains"
+)
+
+GET_TENANT = f"SELECT {TENANT_COLUMNS} FROM tenant.tenants t WHERE tenant_id = $1"
+GET_TENANT_FOR_UPDATE = GET_TENANT + " FOR UPDATE"
+
+INSERT_TENANT = """
+INSERT INTO tenant.tenants (tenant_id, display_name, state, plan, admin_email, request_id, request_hash)
+VALUES ($1, $2, 'STATE_PROVISIONING', $3, $4, $5, $6)
+"""
+
+INSERT_HOST = "INSERT INTO tenant.host_routes (host, tenant_id) VALUES ($2, $1)"
+DELETE_HOSTS = "DELETE FROM tenant.host_routes WHERE tenant_id = $1"
+
+INSERT_SETTINGS = "INSERT INTO tenant.tenant_settings (tenant_id, document) VALUES ($1, $2)"
+GET_SETTINGS = "SELECT document FROM tenant.tenant_settings WHERE tenant_id = $1"
+GET_SETTINGS_FOR_UPDATE = GET_SETTINGS + " FOR UPDATE"
+UPSERT_SETTINGS = """
+INSERT INTO tenant.tenant_settings (tenant_id, document) VALUES ($1, $2)
+ON CONFLICT (tenant_id) DO UPDATE SET document = EXCLUDED.document, update_time = now()
+"""
+DELETE_SETTINGS = "DELETE FROM tenant.tenant_settings WHERE tenant_id = $1"
+
+INSERT_USER = "INSERT INTO tenant.tenant_users (tenant_id, user_id, email, role) VALUES ($1, $2, $3, $4)"
+DELETE_USERS = "DELETE FROM tenant.tenant_users WHERE tenant_id = $1"
+
+# Every change of a tenant's record or settings bumps its version (the caches' order).
+SET_STATE = f"""
+WITH updated AS (
+    UPDATE tenant.tenants SET state = $2, suspend_reason = $3, version = version + 1, update_time = now()
+    WHERE tenant_id = $1 RETURNING *
+)
+SELECT {TENANT_COLUMNS.replace("t.tenant_id", "updated.tenant_id")} FROM updated
+"""
+BUMP_VERSION = """
+UPDATE tenant.tenants SET version = version + 1, update_time = now() WHERE tenant_id = $1 RETURNING version
+"""
+
+LIST_TENANTS = f"""
+SELECT {TENANT_COLUMNS} FROM tenant.tenants t
+WHERE tenant_id > $1 AND ($2 OR state <> 'STATE_DELETED')
+ORDER BY tenant_id LIMIT $3
+"""
+TENANTS_IN_STATE = "SELECT tenant_id FROM tenant.tenants WHERE state = $1 ORDER BY tenant_id"
+FIND_HOST = "SELECT tenant_id FROM tenant.host_routes WHERE host = $1"
+
+MIGRATION_COLUMNS = (
+    "migration_id, source_tenant_id, target_tenant_id, data_types, state, error, request_id, request_hash, "
+    "create_time, update_time"
+)
+INSERT_MIGRATION = f"""
+INSERT INTO tenant.migrations (tenant_id, migration_id, source_tenant_id, target_tenant_id, data_types, state,
+                               request_id, request_hash)
+VALUES ($1, $2, $3, $4, $5, 'STATE_PENDING', $6, $7)
+ON CONFLICT (tenant_id, request_id) DO NOTHING
+RETURNING {MIGRATION_COLUMNS}
+"""
+GET_MIGRATION = f"SELECT {MIGRATION_COLUMNS} FROM tenant.migrations WHERE tenant_id = $1 AND migration_id = $2"
+GET_MIGRATION_BY_REQUEST = f"SELECT {MIGRATION_COLUMNS} FROM tenant.migrations WHERE tenant_id = $1 AND request_id = $2"
+SET_MIGRATION_STATE = f"""
+UPDATE tenant.migrations SET state = $3, error = $4, update_time = now()
+WHERE tenant_id = $1 AND migration_id = $2 RETURNING {MIGRATION_COLUMNS}
+"""
+UNFINISHED_MIGRATIONS = """
+SELECT migration_id FROM tenant.migrations
+WHERE tenant_id = $1 AND state IN ('STATE_PENDING', 'STATE_RUNNING') ORDER BY create_time
+"""
+
+INSERT_SETTINGS_BACKUP = """
+INSERT INTO tenant.migration_settings_backup (tenant_id, migration_id, document) VALUES ($1, $2, $3)
+ON CONFLICT (tenant_id, migration_id) DO NOTHING
+"""
+GET_SETTINGS_BACKUP = "SELECT document FROM tenant.migration_settings_backup WHERE tenant_id = $1 AND migration_id = $2"
+DELETE_SETTINGS_BACKUP = "DELETE FROM tenant.migration_settings_backup WHERE tenant_id = $1 AND migration_id = $2"
+DELETE_SETTINGS_BACKUPS = "DELETE FROM tenant.migration_settings_backup WHERE tenant_id = $1"

@@ -1,0 +1,108 @@
+"""Rows to messages, and the registry's reads through the tenant cache."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from google.protobuf import json_format, timestamp_pb2
+from towerco.tenant.v1 import tenant_registry_service_pb2 as pb
+
+from services.runtime import context
+from services.runtime.db import Database
+from services.runtime.tenant_cache import TenantCache, Versioned
+from services.runtime.tenants import STATE_KIND, StateSource
+
+from . import queries, settings_rules
+
+SETTINGS_KIND = "settings"
+State = pb.Tenant.State
+Migration = pb.Migration
+
+
+def tenant_from_row(row: Mapping[str, Any]) -> pb.Tenant:
+    tenant = pb.Tenant(
+        tenant_id=row["tenant_id"],
+        display_name=row["display_name"],
+        state=State.Value(row["state"]),
+        plan=row["plan"],
+        admin_email=row["admin_email"],
+        domains=list(row["domains"] or ()),
+        suspend_reason=row["suspend_reason"],
+    )
+    tenant.create_time.CopyFrom(_timestamp(row["create_time"]))
+    tenant.update_time.CopyFrom(_timestamp(row["update_time"]))
+    return tenant
+
+
+def migration_from_row(row: Mapping[str, Any]) -> pb.Migration:
+    migration = pb.Migration(
+        migration_id=str(row["migration_id"]),
+        source_tenant_id=row["source_tenant_id"],
+        target_tenant_id=row["target_tenant_id"],
+        data_types=list(row["data_types"]),
+        state=Migration.State.Value(row["state"]),
+        error=row["error"],
+    )
+    migration.create_time.CopyFrom(_timestamp(row["create_time"]))
+    migration.update_time.CopyFrom(_timestamp(row["update_time"]))
+    return migration
+
+
+def state_value(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The cached state of a tenant, as every service reads it."""
+    return {"state": row["state"], "plan": row["plan"]}
+
+
+def settings_value(row: Mapping[str, Any], document: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The cached settings of a tenant: masked (no secret ever enters a cache) plus its name."""
+    tenant_id = row["tenant_id"]
+    settings = (
+        settings_rules.from_document(dict(document), tenant_id)
+        if document is not None
+        else settings_rules.default_settings(tenant_id, row["display_name"])
+    )
+    return {"display_name": row["display_name"], "settings": json_format.MessageToDict(settings)}
+
+
+def settings_from_value(value: Mapping[str, Any]) -> pb.TenantSettings:
+    return json_format.ParseDict(value["settings"], pb.TenantSettings())
+
+
+def _timestamp(value: Any) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def state_source(db: Database) -> StateSource:
+    """The registry reads tenant state from its own tables (bound to that one tenant)."""
+
+    async def load(tenant_id: str) -> Versioned:
+        with context.system_scope(tenant_id, "tenant-state"):
+            async with db.transaction(readonly=True) as conn:
+                row = await conn.fetchrow(queries.GET_TENANT, tenant_id)
+        return Versioned(0, None) if row is None else Versioned(row["version"], state_value(row))
+
+    return load
+
+
+async def read_settings(db: Database, cache: TenantCache, tenant_id: str) -> Versioned:
+    """A tenant's masked settings and display name, through the cache."""
+
+    async def load() -> Versioned:
+        with context.system_scope(tenant_id, "tenant-settings"):
+            async with db.transaction(readonly=True) as conn:
+                row = await conn.fetchrow(queries.GET_TENANT, tenant_id)
+                document = await conn.fetchval(queries.GET_SETTINGS, tenant_id) if row is not None else None
+        return Versioned(0, None) if row is None else Versioned(row["version"], settings_value(row, document))
+
+    return await cache.get(tenant_id, SETTINGS_KIND, load)
+
+
+async def publish(cache: TenantCache, row: Mapping[str, Any], document: Mapping[str, Any] | None = None) -> None:
+    """Tell every process about a committed change of a tenant (state, and settings if given)."""
+    values = {STATE_KIND: state_value(row)}
+    if document is not None:
+        values[SETTINGS_KIND] = settings_value(row, document)
+    await cache.publish(row["tenant_id"], row["version"], values)

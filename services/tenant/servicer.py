@@ -1,0 +1,376 @@
+"""towerco.tenant.v1.TenantRegistryService: onboarding, lifecycle, settings, branding."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import nullcontext
+from typing import Any
+
+import asyncpg
+import grpc
+from grpc import aio
+from towerco.tenant.v1 import tenant_registry_service_pb2 as pb
+from towerco.tenant.v1 import tenant_registry_service_pb2_grpc as pb_grpc
+
+from services.runtime import context
+from services.runtime.errors import (
+    FieldViolation,
+    already_exists,
+    failed_precondition,
+    invalid_argument,
+    not_found,
+    unavailable,
+)
+from services.runtime.faults import InjectedFaultError
+from services.runtime.pagination import page_size
+from services.runtime.scope import require_platform_admin, target_tenant
+from services.runtime.server import Runtime
+from services.runtime.validation import Violations
+
+from . import hosts, queries, records, settings_rules
+from .migration import MigrationRunner
+from .offboarding import Offboarding
+from .secrets import SecretBox
+
+State = pb.Tenant.State
+Ctx = aio.ServicerContext[Any, Any]
+
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+EMAIL = re.compile(r"^[^@\s]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
+#: Plans a tenant can be created on (the feature gate's plans file is the full definition).
+PLANS = ("basic", "professional", "enterprise")
+ADMIN_ROLE = "admin"
+
+#: Steps after the first transaction of provisioning, each idempotent, run in order with
+#: the caller's context; the tenant becomes ACTIVE only once all of them have succeeded.
+ProvisioningStep = Callable[[pb.Tenant], Awaitable[None]]
+
+
+class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
+    def __init__(self, runtime: Runtime, box: SecretBox, migrations: MigrationRunner, offboarding: Offboarding) -> None:
+        self._db = runtime.db
+        self._cache = runtime.cache
+        self._tenants = runtime.tenants
+        self._tokens = runtime.page_tokens
+        self._faults = runtime.faults
+        self._base_domain = runtime.settings.base_domain
+        self._box = box
+        self._migrations = migrations
+        self._offboarding = offboarding
+        self.provisioning_steps: list[ProvisioningStep] = []
+
+    # Tenants and provisioning
+
+    async def CreateTenant(self, request: pb.CreateTenantRequest, ctx: Ctx) -> pb.Tenant:
+        require_platform_admin()
+        self._check_create(request)
+        tenant_id = request.tenant_id
+        with context.platform_scope(tenant_id, "tenants.create"):
+            row = await self._create_or_replay(request)
+            if row["state"] != "STATE_PROVISIONING":
+                return records.tenant_from_row(row)
+            await records.publish(self._cache, row)
+            try:
+                self._faults.check("provision.after_commit")
+                tenant = records.tenant_from_row(row)
+                for step in self.provisioning_steps:
+                    await step(tenant)
+            except (InjectedFaultError, grpc.aio.AioRpcError, OSError) as exc:
+                raise unavailable(
+                    f"tenant {tenant_id!r} was created but is not active yet ({_short(exc)}); "
+                    "retry CreateTenant with the same request_id to finish provisioning",
+                    "PROVISIONING_INCOMPLETE",
+                    retry_after_seconds=1.0,
+                ) from None
+            async with self._db.transaction() as conn:
+                current = await conn.fetchrow(queries.GET_TENANT_FOR_UPDATE, tenant_id)
+                assert current is not None, "created above in this tenant's scope"
+                if current["state"] == "STATE_PROVISIONING":
+                    current = await conn.fetchrow(queries.SET_STATE, tenant_id, "STATE_ACTIVE", "")
+            assert current is not None
+            await records.publish(self._cache, current)
+            return records.tenant_from_row(current)
+
+    def _check_create(self, request: pb.CreateTenantRequest) -> None:
+        v = Violations()
+        tenant_id = request.tenant_id
+        v.pattern("tenant_id", tenant_id, context.TENANT_ID_PATTERN, "^[a-z][a-z0-9_-]{2,49}$")
+        if tenant_id in hosts.RESERVED_TENANT_IDS:
+            v.add("tenant_id", f"{tenant_id!r} is reserved for the platform; choose another id")
+        if not request.HasField("tenant"):
+            v.add("tenant", "is required")
+        tenant = request.tenant
+        v.text("tenant.display_name", tenant.display_name, max_len=100, required=True)
+        if not tenant.plan:
+            v.add("tenant.plan", "is required")
+        elif tenant.plan not in PLANS:
+            v.add("tenant.plan", f"must be one of {', '.join(PLANS)}")
+        if not tenant.admin_email:
+            v.add("tenant.admin_email", "is required")
+        elif len(tenant.admin_email) > 254 or not EMAIL.fullmatch(tenant.admin_email):
+            v.add("tenant.admin_email", "must be an e-mail address of at most 254 characters")
+        if len(tenant.domains) > hosts.MAX_DOMAINS:
+            v.add("tenant.domains", f"must have at most {hosts.MAX_DOMAINS} entries")
+        seen: set[str] = set()
+        for i, domain in enumerate(tenant.domains):
+            problem = hosts.domain_problem(domain, self._base_domain)
+            if problem:
+                v.add(f"tenant.domains[{i}]", problem)
+            elif domain in seen:
+                v.add(f"tenant.domains[{i}]", "is listed twice")
+            seen.add(domain)
+        if request.request_id:
+            v.pattern("request_id", request.request_id, REQUEST_ID, "^[A-Za-z0-9._:-]{1,64}$")
+        v.raise_if_any()
+
+    async def _create_or_replay(self, request: pb.CreateTenantRequest) -> Mapping[str, Any]:
+        """The first transaction: tenant, hosts, default settings and admin user, or the replay."""
+        tenant_id, tenant = request.tenant_id, request.tenant
+        request_hash = _hash(request)
+        for _ in range(2):  # a concurrent create of the same id: the second pass sees it
+            try:
+                async with self._db.transaction() as conn:
+                    row = await conn.fetchrow(queries.GET_TENANT_FOR_UPDATE, tenant_id)
+                    if row is not None:
+                        return _replayed(row, request, request_hash)
+                    await conn.execute(
+                        queries.INSERT_TENANT,
+                        tenant_id,
+                        tenant.display_name.strip(),
+                        tenant.plan,
+                        tenant.admin_email,
+                        request.request_id or None,
+                        request_hash,
+                    )
+                    for domain in tenant.domains:
+                        try:
+                            async with conn.transaction():
+                                await conn.execute(queries.INSERT_HOST, tenant_id, domain)
+                        except asyncpg.UniqueViolationError:
+                            raise already_exists("domain", domain) from None
+                    defaults = settings_rules.default_settings(tenant_id, tenant.display_name.strip())
+                    document = settings_rules.to_document(defaults, self._box, tenant_id, None)
+                    await conn.execute(queries.INSERT_SETTINGS, tenant_id, document)
+                    await conn.execute(
+                        queries.INSERT_USER, tenant_id, f"user-{uuid.uuid4().hex}", tenant.admin_email, ADMIN_ROLE
+                    )
+                    created = await conn.fetchrow(queries.GET_TENANT, tenant_id)
+                    assert created is not None
+                    return created
+            except asyncpg.UniqueViolationError as exc:
+                if exc.constraint_name != "tenants_pkey":
+                    raise
+        raise already_exists("tenant", tenant_id)
+
+    async def GetTenant(self, request: pb.GetTenantRequest, ctx: Ctx) -> pb.Tenant:
+        tenant_id = target_tenant(request.tenant_id)
+        with context.platform_scope(tenant_id, "tenants.get") if _foreign(tenant_id) else nullcontext():
+            async with self._db.transaction(readonly=True) as conn:
+                row = await conn.fetchrow(queries.GET_TENANT, tenant_id)
+        if row is None:
+            raise not_found("tenant", tenant_id)
+        return records.tenant_from_row(row)
+
+    async def ListTenants(self, request: pb.ListTenantsRequest, ctx: Ctx) -> pb.ListTenantsResponse:
+        require_platform_admin()
+        size = page_size(request.page_size)
+        query = {"show_deleted": request.show_deleted}
+        own = context.current_tenant()
+        position = self._tokens.decode(request.page_token, own, query)
+        after = str(position.get("after", "")) if position else ""
+        async with self._db.platform_read("tenants.list") as conn:
+            rows = await conn.fetch(queries.LIST_TENANTS, after, request.show_deleted, size + 1)
+        response = pb.ListTenantsResponse(tenants=[records.tenant_from_row(r) for r in rows[:size]])
+        if len(rows) > size:
+            response.next_page_token = self._tokens.encode(own, query, {"after": rows[size - 1]["tenant_id"]})
+        return response
+
+    # Lifecycle
+
+    async def SuspendTenant(self, request: pb.SuspendTenantRequest, ctx: Ctx) -> pb.Tenant:
+        v = Violations()
+        v.text("reason", request.reason, max_len=500, required=True, multiline=True)
+        tenant_id = self._lifecycle_target(request.tenant_id, v)
+        row = await self._transition(tenant_id, {"STATE_ACTIVE"}, "STATE_SUSPENDED", request.reason.strip())
+        return records.tenant_from_row(row)
+
+    async def ReactivateTenant(self, request: pb.ReactivateTenantRequest, ctx: Ctx) -> pb.Tenant:
+        tenant_id = self._lifecycle_target(request.tenant_id, Violations())
+        row = await self._transition(tenant_id, {"STATE_SUSPENDED"}, "STATE_ACTIVE", "")
+        return records.tenant_from_row(row)
+
+    async def DeleteTenant(self, request: pb.DeleteTenantRequest, ctx: Ctx) -> pb.Tenant:
+        tenant_id = self._lifecycle_target(request.tenant_id, Violations())
+        allowed = {"STATE_PROVISIONING", "STATE_ACTIVE", "STATE_SUSPENDED"}
+        row = await self._transition(tenant_id, allowed, "STATE_DELETING", "")
+        self._offboarding.start(tenant_id)
+        return records.tenant_from_row(row)
+
+    def _lifecycle_target(self, requested: str, v: Violations) -> str:
+        require_platform_admin()
+        if not requested:
+            v.add("tenant_id", "is required: lifecycle changes name the tenant explicitly")
+        elif not context.is_valid_tenant_id(requested):
+            v.add("tenant_id", "must match ^[a-z][a-z0-9_-]{2,49}$")
+        elif requested == context.PLATFORM_TENANT:
+            v.add("tenant_id", "the platform's own tenant cannot be suspended, reactivated or deleted")
+        v.raise_if_any()
+        return target_tenant(requested)
+
+    async def _transition(self, tenant_id: str, allowed: set[str], new_state: str, reason: str) -> Mapping[str, Any]:
+        with context.platform_scope(tenant_id, f"tenants.{new_state.lower()}"):
+            async with self._db.transaction() as conn:
+                row = await conn.fetchrow(queries.GET_TENANT_FOR_UPDATE, tenant_id)
+                if row is None:
+                    raise not_found("tenant", tenant_id)
+                if row["state"] not in allowed:
+                    raise failed_precondition(
+                        f"tenant {tenant_id!r} is {State.Name(State.Value(row['state']))}; this change needs "
+                        + " or ".join(sorted(allowed)),
+                        "TENANT_STATE_CONFLICT",
+                        state=row["state"],
+                    )
+                updated = await conn.fetchrow(queries.SET_STATE, tenant_id, new_state, reason)
+            assert updated is not None
+            await records.publish(self._cache, updated)
+            return updated
+
+    # Host names
+
+    async def ResolveTenant(self, request: pb.ResolveTenantRequest, ctx: Ctx) -> pb.ResolveTenantResponse:
+        host = _host(request.host, "host")
+        tenant_id = await self._resolve(host)
+        if tenant_id is None:
+            raise not_found("host", host)
+        return pb.ResolveTenantResponse(tenant_id=tenant_id)
+
+    async def _resolve(self, host: str) -> str | None:
+        """The serving tenant of ``host`` if it is active or suspended."""
+        tenant_id = hosts.subdomain_tenant(host, self._base_domain)
+        if tenant_id is None:
+            async with self._db.platform_read("hosts.resolve") as conn:
+                tenant_id = await conn.fetchval(queries.FIND_HOST, host)
+        if tenant_id is None:
+            return None
+        return tenant_id if await self._serves(tenant_id) else None
+
+    async def _serves(self, tenant_id: str) -> bool:
+        info = await self._tenants.get(tenant_id)
+        return info is not None and info.state in (State.STATE_ACTIVE, State.STATE_SUSPENDED)
+
+    # Settings and branding
+
+    async def GetTenantSettings(self, request: pb.GetTenantSettingsRequest, ctx: Ctx) -> pb.TenantSettings:
+        tenant_id = target_tenant(request.tenant_id)
+        item = await records.read_settings(self._db, self._cache, tenant_id)
+        if item.value is None:
+            raise not_found("tenant", tenant_id)
+        settings = records.settings_from_value(item.value)
+        settings.tenant_id = tenant_id
+        return settings
+
+    async def UpdateTenantSettings(self, request: pb.UpdateTenantSettingsRequest, ctx: Ctx) -> pb.TenantSettings:
+        tenant_id = target_tenant(request.settings.tenant_id, "settings.tenant_id")
+        paths = settings_rules.mask_paths(request.update_mask)
+        v = Violations()
+        settings_rules.validate(request.settings, paths, v)
+        v.raise_if_any()
+        with context.platform_scope(tenant_id, "settings.update") if _foreign(tenant_id) else nullcontext():
+            async with self._db.transaction() as conn:
+                row = await conn.fetchrow(queries.GET_TENANT_FOR_UPDATE, tenant_id)
+                if row is None:
+                    raise not_found("tenant", tenant_id)
+                previous = await conn.fetchval(queries.GET_SETTINGS_FOR_UPDATE, tenant_id)
+                stored = (
+                    settings_rules.from_document(previous, tenant_id)
+                    if previous is not None
+                    else settings_rules.default_settings(tenant_id, row["display_name"])
+                )
+                merged = settings_rules.merge(stored, request.settings, paths)
+                document = settings_rules.to_document(merged, self._box, tenant_id, previous)
+                await conn.execute(queries.UPSERT_SETTINGS, tenant_id, document)
+                await conn.execute(queries.BUMP_VERSION, tenant_id)
+                row = await conn.fetchrow(queries.GET_TENANT, tenant_id)
+            assert row is not None
+            await records.publish(self._cache, row, document)
+        settings = settings_rules.from_document(document, tenant_id)
+        settings.tenant_id = tenant_id
+        return settings
+
+    async def GetBranding(self, request: pb.GetBrandingRequest, ctx: Ctx) -> pb.Branding:
+        if bool(request.host) == bool(request.tenant_id):
+            raise invalid_argument(
+                [
+                    FieldViolation("host", "set exactly one of host and tenant_id"),
+                    FieldViolation("tenant_id", "set exactly one of host and tenant_id"),
+                ],
+                reason="EXACTLY_ONE_REQUIRED",
+            )
+        if request.host:
+            host = _host(request.host, "host")
+            tenant_id = await self._resolve(host)
+            if tenant_id is None:
+                raise not_found("host", host)
+        else:
+            tenant_id = request.tenant_id
+            if not context.is_valid_tenant_id(tenant_id):
+                raise invalid_argument([FieldViolation("tenant_id", "must match ^[a-z][a-z0-9_-]{2,49}$")])
+            if not await self._serves(tenant_id):
+                raise not_found("tenant", tenant_id)
+        item = await records.read_settings(self._db, self._cache, tenant_id)
+        if item.value is None:
+            raise not_found("tenant", tenant_id)
+        branding = records.settings_from_value(item.value).branding
+        branding.display_name = str(item.value["display_name"])
+        return branding
+
+    # Migrations
+
+    async def MigrateTenantData(self, request: pb.MigrateTenantDataRequest, ctx: Ctx) -> pb.Migration:
+        require_platform_admin()
+        return await self._migrations.submit(request)
+
+    async def GetMigration(self, request: pb.GetMigrationRequest, ctx: Ctx) -> pb.Migration:
+        require_platform_admin()
+        return await self._migrations.get(request.migration_id)
+
+
+def _foreign(tenant_id: str) -> bool:
+    return tenant_id != context.current_tenant()
+
+
+def _host(value: str, field: str) -> str:
+    host = hosts.normalize(value) if value else None
+    if host is None:
+        why = "is required" if not value else "must be a host name such as tenant_a.example.com (a :port is ignored)"
+        raise invalid_argument([FieldViolation(field, why)])
+    return host
+
+
+def _hash(request: pb.CreateTenantRequest) -> str:
+    body = pb.CreateTenantRequest()
+    body.CopyFrom(request)
+    body.request_id = ""
+    for name in ("tenant_id", "state", "suspend_reason", "create_time", "update_time"):
+        body.tenant.ClearField(name)  # ignored on create: must not make a retry look different
+    return hashlib.sha256(body.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _replayed(row: Mapping[str, Any], request: pb.CreateTenantRequest, request_hash: str) -> Mapping[str, Any]:
+    if not request.request_id or row["request_id"] != request.request_id:
+        raise already_exists("tenant", request.tenant_id)
+    if row["request_hash"] != request_hash:
+        raise invalid_argument(
+            [FieldViolation("request_id", "was already used for a different create request; use a new request_id")],
+            reason="REQUEST_ID_REUSED",
+        )
+    return row
+
+
+def _short(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return str(exc)[:200]
