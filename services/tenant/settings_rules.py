@@ -409,4 +409,4 @@ def _is_map(field: FieldDescriptor) -> bool:
 
 
 def _repeated(field: FieldDescriptor) -> bool:
-    return field.label == FieldDescriptor.LABEL_REPEATED
+    return bool(field.is_repeated)
