@@ -5,21 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 
 from grpc import aio
+from towerco.internal.v1 import tenant_data_pb2, tenant_data_pb2_grpc
 from towerco.sites.v1 import sites_service_pb2, sites_service_pb2_grpc
 
 from services.runtime.server import Runtime, ServiceSpec, main
+from services.runtime.tenant_data import TenantDataServicer
 
 from .servicer import SiteServicer
+from .tenant_data import SITES_TENANT_DATA
 
 
 def register(server: aio.Server, runtime: Runtime) -> None:
     sites_service_pb2_grpc.add_SiteServiceServicer_to_server(SiteServicer(runtime), server)
+    tenant_data_pb2_grpc.add_TenantDataServiceServicer_to_server(TenantDataServicer(runtime, SITES_TENANT_DATA), server)
 
 
 SPEC = ServiceSpec(
     name="sites",
     schema="sites",
-    services=(sites_service_pb2.DESCRIPTOR.services_by_name["SiteService"],),
+    services=(
+        sites_service_pb2.DESCRIPTOR.services_by_name["SiteService"],
+        tenant_data_pb2.DESCRIPTOR.services_by_name["TenantDataService"],
+    ),
     migrations_dir=Path(__file__).parent / "migrations",
     register=register,
 )

@@ -1,0 +1,41 @@
+-- Bookkeeping of TenantDataService (services/runtime/tenant_data.py): which parts of a
+-- tenant migration finished in a target tenant, and the key of every row each one wrote,
+-- so a repeat copies nothing more and an undo removes exactly those rows.
+--
+-- Both tables belong to the target tenant: tenant_id leads their keys, RLS as everywhere.
+
+CREATE TABLE tenant_migrations (
+    tenant_id        text        NOT NULL CHECK (tenant_id ~ '^[a-z][a-z0-9_-]{2,49}$'),
+    migration_id     text        NOT NULL,
+    -- The kind of data copied, e.g. `sites`.
+    data_type        text        NOT NULL,
+    -- Where the rows came from; a repeat naming another source is refused.
+    source_tenant_id text        NOT NULL,
+    row_count        bigint      NOT NULL CHECK (row_count >= 0),
+    create_time      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, migration_id, data_type)
+);
+
+CREATE TABLE tenant_migration_rows (
+    tenant_id    text   NOT NULL CHECK (tenant_id ~ '^[a-z][a-z0-9_-]{2,49}$'),
+    migration_id text   NOT NULL,
+    data_type    text   NOT NULL,
+    -- The copied row's key after tenant_id (e.g. {site_id}), each column in its text form.
+    row_key      text[] NOT NULL,
+    PRIMARY KEY (tenant_id, migration_id, data_type, row_key)
+);
+
+ALTER TABLE tenant_migrations ENABLE ROW LEVEL SECURITY;
+ALTER TABLE tenant_migrations FORCE ROW LEVEL SECURITY;
+CREATE POLICY tenant_isolation ON tenant_migrations
+    USING (tenant_id = current_setting('app.current_tenant_id', true))
+    WITH CHECK (tenant_id = current_setting('app.current_tenant_id', true));
+
+ALTER TABLE tenant_migration_rows ENABLE ROW LEVEL SECURITY;
+ALTER TABLE tenant_migration_rows FORCE ROW LEVEL SECURITY;
+CREATE POLICY tenant_isolation ON tenant_migration_rows
+    USING (tenant_id = current_setting('app.current_tenant_id', true))
+    WITH CHECK (tenant_id = current_setting('app.current_tenant_id', true));
+
+GRANT SELECT, INSERT, DELETE ON tenant_migrations TO sites_app;
+GRANT SELECT, INSERT, DELETE ON tenant_migration_rows TO sites_app;
