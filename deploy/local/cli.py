@@ -89,6 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _banner(stack: Stack, names: list[str], seeded: int) -> None:
     grpcurl = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
     sites = stack.config.ports.get("sites", 50052)
+    tenant = stack.config.ports.get("tenant", 50051)
     lines = [
         "",
         "Towerco AIOps platform is up (Ctrl-C stops everything).",
@@ -104,6 +105,11 @@ def _banner(stack: Stack, names: list[str], seeded: int) -> None:
         f'      -d \'{{"site_id": "TWR-A-0001"}}\' 127.0.0.1:{sites} towerco.sites.v1.SiteService/GetSite',
         f'  {grpcurl} -plaintext -H "authorization: Bearer $TOKEN" \\',
         f"      -d '{{\"page_size\": 2}}' 127.0.0.1:{sites} towerco.sites.v1.SiteService/ListSites",
+        f"  {grpcurl} -plaintext -d '{{\"host\": \"tenant_a.localhost\"}}' \\",
+        f"      127.0.0.1:{tenant} towerco.tenant.v1.TenantRegistryService/GetBranding",
+        "  ADMIN=$(make -s token ROLE=platform_admin)",
+        f'  {grpcurl} -plaintext -H "authorization: Bearer $ADMIN" -d \'{{"page_size": 10}}\' \\',
+        f"      127.0.0.1:{tenant} towerco.tenant.v1.TenantRegistryService/ListTenants",
         "",
     ]
     print("\n".join(lines), flush=True)
