@@ -4,7 +4,9 @@ Starts embedded PostgreSQL and Redis and a sites process in a scratch folder, th
 measures, through real gRPC with real JWTs:
 - GetSite and ListSites latency (p50/p95/p99) with one client, sequential calls;
 - throughput of 32 concurrent clients (asyncio) over the default pool;
-- token verification cost, first sighting vs cached.
+- token verification cost, first sighting vs cached;
+- the tenant registry: GetTenantSettings and public GetBranding (read through the cache),
+  and how long a suspension takes to reach a sites process (pushed through Redis).
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ import grpc
 from grpc import aio
 from towerco.sites.v1 import sites_service_pb2 as pb
 from towerco.sites.v1 import sites_service_pb2_grpc as pb_grpc
+from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
+from towerco.tenant.v1 import tenant_registry_service_pb2_grpc as tenant_grpc
 
+from deploy.local import seed
 from deploy.local.stack import Stack, StackConfig
 from deploy.local.tokens import mint
 from services.runtime.auth import TokenVerifier, VerifierConfig
@@ -44,7 +49,7 @@ def _time_sequential(name: str, call: Callable[[], object]) -> None:
         start = time.perf_counter()
         call()
         samples.append(time.perf_counter() - start)
-    print(f"{name:<15} sequential  {_percentiles(samples)}")
+    print(f"{name:<18} sequential  {_percentiles(samples)}")
 
 
 def bench_sequential(target: str, token: str) -> None:
@@ -96,25 +101,66 @@ def bench_tokens(keys: Path) -> None:
     print(f"token verify    first {first * 1e6:8.1f} us   cached {cached * 1e6:6.2f} us")
 
 
+def bench_registry(target: str, sites_target: str, token: str, admin: str) -> None:
+    md = (("authorization", f"Bearer {token}"),)
+    with grpc.insecure_channel(target) as channel, grpc.insecure_channel(sites_target) as sites_channel:
+        stub = tenant_grpc.TenantRegistryServiceStub(channel)
+        get = tenant_pb.GetTenantSettingsRequest()
+        _time_sequential("GetTenantSettings", lambda: stub.GetTenantSettings(get, metadata=md))
+        branding = tenant_pb.GetBrandingRequest(host="bench_tenant.localhost")
+        _time_sequential("GetBranding(host)", lambda: stub.GetBranding(branding))
+        sites = pb_grpc.SiteServiceStub(sites_channel)
+        delays = []
+        for i in range(20):
+            admin_md = (("authorization", f"Bearer {admin}"),)
+            sites.ListSites(pb.ListSitesRequest(page_size=1), metadata=md)
+            start = time.perf_counter()
+            stub.SuspendTenant(
+                tenant_pb.SuspendTenantRequest(tenant_id="bench_tenant", reason=f"bench {i}"), metadata=admin_md
+            )
+            while True:
+                try:
+                    sites.ListSites(pb.ListSitesRequest(page_size=1), metadata=md)
+                except grpc.RpcError:
+                    break
+            delays.append(time.perf_counter() - start)
+            stub.ReactivateTenant(tenant_pb.ReactivateTenantRequest(tenant_id="bench_tenant"), metadata=admin_md)
+            while True:
+                try:
+                    sites.ListSites(pb.ListSitesRequest(page_size=1), metadata=md)
+                    break
+                except grpc.RpcError:
+                    pass
+        print(f"{'suspension seen':<15} by sites    {_percentiles(delays)}")
+
+
 def main() -> None:
     data = REPO / "test-output" / "bench-data"
     shutil.rmtree(data, ignore_errors=True)
     ports = {"tenant": free_port(), "sites": free_port(), "features": free_port(), "audit": free_port()}
     stack = Stack(StackConfig(data_dir=data, pg_port=free_port(), redis_port=free_port(), ports=ports))
     stack.start_infra()
-    stack.migrate(["sites"])
-    log = (REPO / "test-output" / "bench-sites.log").open("wb")
-    stack.start_service("sites", log=log, extra_env={"LOG_LEVEL": "WARNING"})
+    stack.migrate(["tenant", "sites"])
+    logs = [(REPO / "test-output" / f"bench-{name}.log").open("wb") for name in ("tenant", "sites")]
+    for name, log in zip(("tenant", "sites"), logs, strict=True):
+        stack.start_service(name, log=log, extra_env={"LOG_LEVEL": "WARNING"})
     try:
+        stack.wait_serving("tenant")
         stack.wait_serving("sites")
+        admin = mint(stack.keys_dir, role="platform_admin")
+        with grpc.insecure_channel(f"127.0.0.1:{ports['tenant']}") as channel:
+            seed.provision(tenant_grpc.TenantRegistryServiceStub(channel), admin, "bench_tenant")
         target = f"127.0.0.1:{ports['sites']}"
         token = mint(stack.keys_dir, tenant="bench_tenant")
         bench_sequential(target, token)
         asyncio.run(bench_concurrent(target, token))
         bench_tokens(stack.keys_dir)
+        bench_registry(f"127.0.0.1:{ports['tenant']}", target, token, admin)
     finally:
         stack.stop_services()
         stack.stop_infra()
+        for log in logs:
+            log.close()
         shutil.rmtree(data, ignore_errors=True)
 
 
