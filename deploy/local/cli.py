@@ -105,7 +105,7 @@ def _banner(stack: Stack, names: list[str], seeded: int) -> None:
         f'      -d \'{{"site_id": "TWR-A-0001"}}\' 127.0.0.1:{sites} towerco.sites.v1.SiteService/GetSite',
         f'  {grpcurl} -plaintext -H "authorization: Bearer $TOKEN" \\',
         f"      -d '{{\"page_size\": 2}}' 127.0.0.1:{sites} towerco.sites.v1.SiteService/ListSites",
-        f"  {grpcurl} -plaintext -d '{{\"host\": \"tenant_a.localhost\"}}' \\",
+        f'  {grpcurl} -plaintext -d \'{{"host": "tenant_a.localhost"}}\' \\',
         f"      127.0.0.1:{tenant} towerco.tenant.v1.TenantRegistryService/GetBranding",
         "  ADMIN=$(make -s token ROLE=platform_admin)",
         f'  {grpcurl} -plaintext -H "authorization: Bearer $ADMIN" -d \'{{"page_size": 10}}\' \\',

@@ -12,7 +12,7 @@ from services.runtime.channels import service_channel
 from services.runtime.server import Runtime, ServiceSpec, main
 
 from .directory import TenantDirectoryServicer
-from .migration import MigrationRunner, RemotePart, SettingsPart
+from .migration import MigrationRunner, Part, RemotePart, SettingsPart
 from .offboarding import Offboarding
 from .records import state_source
 from .secrets import load_secret_box
@@ -31,7 +31,7 @@ def register(server: aio.Server, runtime: Runtime) -> None:
         name: tenant_data_pb2_grpc.TenantDataServiceStub(service_channel(targets[name], identity=runtime.identity))
         for name in sorted({*REMOTE_DATA_TYPES.values(), *DATA_OWNERS})
     }
-    parts = {
+    parts: dict[str, Part] = {
         "settings": SettingsPart(runtime.db, runtime.cache, box),
         **{data_type: RemotePart(data_type, stubs[owner]) for data_type, owner in REMOTE_DATA_TYPES.items()},
     }

@@ -53,7 +53,7 @@ class Part(Protocol):
 class RemotePart:
     """A part owned by another service, through its internal TenantDataService."""
 
-    def __init__(self, data_type: str, stub: internal_grpc.TenantDataServiceStub, timeout: float = 60.0) -> None:
+    def __init__(self, data_type: str, stub: internal_grpc.TenantDataServiceAsyncStub, timeout: float = 60.0) -> None:
         self._type = data_type
         self._stub = stub
         self._timeout = timeout
@@ -74,7 +74,7 @@ class RemotePart:
             ),
             timeout=self._timeout,
         )
-        return reply.row_count
+        return int(reply.row_count)
 
     async def undo(self, migration_id: str, target: str) -> int:
         reply = await self._stub.UndoTenantMigration(
@@ -83,7 +83,7 @@ class RemotePart:
             ),
             timeout=self._timeout,
         )
-        return reply.row_count
+        return int(reply.row_count)
 
 
 class SettingsPart:

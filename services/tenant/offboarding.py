@@ -30,7 +30,7 @@ class Offboarding:
         self,
         db: Database,
         cache: TenantCache,
-        owners: dict[str, internal_grpc.TenantDataServiceStub],
+        owners: dict[str, internal_grpc.TenantDataServiceAsyncStub],
         *,
         retry_seconds: float = 2.0,
     ) -> None:

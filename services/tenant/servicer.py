@@ -157,7 +157,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
                     await conn.execute(
                         queries.INSERT_USER, tenant_id, f"user-{uuid.uuid4().hex}", tenant.admin_email, ADMIN_ROLE
                     )
-                    created = await conn.fetchrow(queries.GET_TENANT, tenant_id)
+                    created: Mapping[str, Any] | None = await conn.fetchrow(queries.GET_TENANT, tenant_id)
                     assert created is not None
                     return created
             except asyncpg.UniqueViolationError as exc:
@@ -233,7 +233,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
                         "TENANT_STATE_CONFLICT",
                         state=row["state"],
                     )
-                updated = await conn.fetchrow(queries.SET_STATE, tenant_id, new_state, reason)
+                updated: Mapping[str, Any] | None = await conn.fetchrow(queries.SET_STATE, tenant_id, new_state, reason)
             assert updated is not None
             await records.publish(self._cache, updated)
             return updated

@@ -93,12 +93,14 @@ def updatable_paths() -> frozenset[str]:
         for field in descriptor.fields:
             path = f"{prefix}.{field.name}"
             paths.add(path)
-            if field.type == FieldDescriptor.TYPE_MESSAGE and not _is_map(field) and not _repeated(field):
+            if field.message_type is not None and not _is_map(field) and not _repeated(field):
                 walk(path, field.message_type)
 
     for name in TOP_LEVEL:
         paths.add(name)
-        walk(name, pb.TenantSettings.DESCRIPTOR.fields_by_name[name].message_type)
+        message = pb.TenantSettings.DESCRIPTOR.fields_by_name[name].message_type
+        assert message is not None
+        walk(name, message)
     return frozenset(paths - IGNORED_PATHS)
 
 
@@ -293,6 +295,7 @@ def _https_problem(url: str, *, allow_private: bool) -> str | None:
 
 def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The address ``host`` spells, including forms like ``2130706433`` or ``0x7f.1``."""
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None
     try:
         address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
@@ -405,7 +408,7 @@ def reseal(document: Mapping[str, Any], box: SecretBox, source: str, target: str
 
 
 def _is_map(field: FieldDescriptor) -> bool:
-    return field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.GetOptions().map_entry
+    return field.message_type is not None and bool(field.message_type.GetOptions().map_entry)
 
 
 def _repeated(field: FieldDescriptor) -> bool:
