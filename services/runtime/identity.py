@@ -19,7 +19,7 @@ from .auth import SERVICE_SUBJECT_PREFIX
 from .context import PLATFORM_TENANT
 
 #: What a service token allows: the internal contracts between services.
-SERVICE_PERMISSIONS = ("platform.internal",)
+SERVICE_PERMISSIONS = ("platform.internal", "audit.write")
 SERVICE_ROLE = "service"
 
 
