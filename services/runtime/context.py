@@ -58,6 +58,8 @@ class RequestContext:
     request_id: str
     method: str
     peer: str = ""
+    #: The client's address as the platform saw it (the gateway's x-forwarded-for entry).
+    client_ip: str = ""
     caller: Caller | None = None
     tenant_id: str | None = None
 

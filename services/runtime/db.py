@@ -25,6 +25,7 @@ log = logging.getLogger("towerco.platform")
 
 BIND_TENANT = "SELECT set_config('app.current_tenant_id', $1, true)"
 PLATFORM_READ = "SELECT set_config('app.platform_read', 'on', true)"
+OUTBOX_RELAY = "SELECT set_config('app.audit_relay', 'on', true)"
 
 
 async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
@@ -97,6 +98,25 @@ class Database:
         try:
             async with conn.transaction(readonly=True):
                 await conn.execute(PLATFORM_READ)
+                yield cast("asyncpg.Connection[Any]", conn)
+        finally:
+            await self._pool.release(conn)
+
+    @asynccontextmanager
+    async def outbox_transaction(self, purpose: str) -> AsyncIterator[asyncpg.Connection[Any]]:
+        """A transaction for the audit relay: only ``audit_outbox`` shows every tenant in it.
+
+        The outbox's ``audit_relay`` policy lets this transaction read and delete the
+        events of all tenants (to hand them to the audit service); every other table
+        still shows no tenant's rows, since no tenant is bound.
+        """
+        try:
+            conn = await self._pool.acquire(timeout=self._acquire_timeout)
+        except TimeoutError:
+            raise unavailable("all database connections are busy; retry shortly", "DATABASE_BUSY", 0.2) from None
+        try:
+            async with conn.transaction():
+                await conn.execute(OUTBOX_RELAY)
                 yield cast("asyncpg.Connection[Any]", conn)
         finally:
             await self._pool.release(conn)

@@ -33,6 +33,9 @@ class ServiceError(Exception):
     metadata: dict[str, str] = field(default_factory=dict)
     violations: Sequence[FieldViolation] = ()
     retry_after_seconds: float | None = None
+    #: An audit event (``towerco.audit.v1.AuditEvent``) the error link records for this
+    #: refusal, e.g. a cross-tenant attempt, in the targeted tenant's log.
+    audit_event: object | None = field(default=None, repr=False)
 
     def __str__(self) -> str:
         return f"{self.code.name} {self.reason}: {self.message}"

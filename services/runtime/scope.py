@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from . import context
-from .errors import FieldViolation, invalid_argument, permission_denied
+from . import audit, context
+from .errors import FieldViolation, ServiceError, invalid_argument, permission_denied
 
 log = logging.getLogger("towerco.security")
 
@@ -32,20 +32,35 @@ def target_tenant(requested: str, field: str = "tenant_id", *, required: bool = 
     caller = context.current_caller()
     if caller is not None and caller.is_platform:
         return requested
+    raise cross_tenant_denied(own, requested)
+
+
+def cross_tenant_denied(own: str, requested: str) -> ServiceError:
+    """The refusal of a cross-tenant attempt: logged as a warning, audited in the target's log."""
     ctx = context.current()
+    caller = ctx.caller if ctx else None
+    method = ctx.method if ctx else "-"
     log.warning(
         "cross-tenant attempt denied: caller %s of tenant %s asked for tenant %s on %s",
         caller.subject if caller else "-",
         own,
         requested,
-        ctx.method if ctx else "-",
+        method,
     )
-    raise permission_denied(
+    error = permission_denied(
         "the token's tenant does not match the requested tenant",
         "CROSS_TENANT_DENIED",
         token_tenant=own,
         requested_tenant=requested,
     )
+    error.audit_event = audit.event(
+        "security.cross_tenant_denied",
+        f"tenants/{requested}",
+        {"caller_tenant": own, "caller_user": caller.subject if caller else "", "method": method},
+        outcome=audit.OUTCOME_DENIED,
+        tenant_id=requested,
+    )
+    return error
 
 
 def require_platform_admin() -> context.Caller:

@@ -26,6 +26,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from . import logs, migrations
+from .audit import Auditor, AuditRelay
 from .auth import TokenVerifier, VerifierConfig
 from .db import Database
 from .faults import Faults
@@ -67,6 +68,8 @@ class Runtime:
     cache: TenantCache
     tenants: TenantDirectory
     faults: Faults
+    #: Records audit events into this service's outbox, in the change's transaction.
+    audit: Auditor
     _starters: list[Hook] = field(default_factory=list, repr=False)
     _stoppers: list[Hook] = field(default_factory=list, repr=False)
 
@@ -95,6 +98,8 @@ class ServiceSpec:
     register: Callable[[aio.Server, Runtime], None]
     #: Where this service reads tenant state on a cache miss; default: ask the registry.
     state_source: Callable[[Database], StateSource] | None = None
+    #: Whether the service has an ``audit_outbox`` table and relays it to the audit service.
+    outbox: bool = True
 
 
 async def run_migrations(spec: ServiceSpec, settings: Settings) -> list[int]:
@@ -124,7 +129,7 @@ def make_verifier(settings: Settings) -> TokenVerifier:
 def build_server(spec: ServiceSpec, runtime: Runtime, policies: PolicyTable) -> tuple[aio.Server, HealthServicer]:
     settings = runtime.settings
     server = aio.server(
-        interceptors=server_chain(policies, make_verifier(settings), runtime.tenants),
+        interceptors=server_chain(policies, make_verifier(settings), runtime.tenants, runtime.audit),
         options=[
             ("grpc.max_receive_message_length", 4 * 1024 * 1024),
             ("grpc.so_reuseport", 0),
@@ -187,6 +192,7 @@ async def serve(spec: ServiceSpec) -> None:
     else:
         registry_source = RegistryStateSource(settings.targets["tenant"], identity)
         source = registry_source
+    relay = AuditRelay(db, spec.schema, settings.targets["audit"], identity, service=spec.name) if spec.outbox else None
     runtime = Runtime(
         settings=settings,
         db=db,
@@ -195,9 +201,12 @@ async def serve(spec: ServiceSpec) -> None:
         cache=cache,
         tenants=TenantDirectory(cache, source),
         faults=Faults(settings.fault_points),
+        audit=Auditor(db, spec.schema if spec.outbox else None, relay),
     )
     try:
         await cache.start()
+        if relay is not None:
+            await relay.start()
         if not await cache.wait_listening(5.0):
             log.warning("not subscribed to tenant changes yet (Redis unreachable?); serving anyway")
         server, health = build_server(spec, runtime, policies)
@@ -217,6 +226,8 @@ async def serve(spec: ServiceSpec) -> None:
     finally:
         for hook in runtime._stoppers:
             await hook()
+        if relay is not None:
+            await relay.close()  # what it has not sent stays in the outbox for the next start
         await cache.close()
         if registry_source is not None:
             await registry_source.close()

@@ -93,6 +93,9 @@ class TenantDataSpec:
     #: Tracking tables: the finished parts of each migration and the keys each one wrote.
     migrations_table: str = "tenant_migrations"
     migration_rows_table: str = "tenant_migration_rows"
+    #: Tables a purge leaves alone on purpose: the audit outbox, whose events about the
+    #: tenant (its offboarding included) must still reach the audit log.
+    kept_tables: tuple[str, ...] = ("audit_outbox",)
 
     def __post_init__(self) -> None:
         _identifier(self.schema, "the schema")
@@ -132,7 +135,7 @@ async def spec_problems(conn: asyncpg.Connection[Any], spec: TenantDataSpec) -> 
     for row in await conn.fetch(_SCHEMA_COLUMNS_SQL, spec.schema):
         columns.setdefault(row["table_name"], {})[row["column_name"]] = row["generated"]
     problems: list[str] = []
-    for table in sorted(set(columns) - set(spec.all_tables)):
+    for table in sorted(set(columns) - set(spec.all_tables) - set(spec.kept_tables)):
         problems.append(f"{spec.schema}.{table} is not in purge_tables: a purge would leave its rows behind")
     for table in spec.all_tables:
         if table not in columns:

@@ -27,6 +27,7 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
     def __init__(self, runtime: Runtime) -> None:
         self._db = runtime.db
         self._tokens = runtime.page_tokens
+        self._audit = runtime.audit
 
     async def CreateSite(self, request: pb.CreateSiteRequest, ctx: Ctx) -> pb.Site:
         v = Violations()
@@ -61,6 +62,7 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
                         return replay
                 raise already_exists("site", request.site_id)
             site = convert.site_from_row(tenant_id, row)
+            await self._audit.record(conn, "sites.create", f"sites/{request.site_id}", {"name": site.name})
             if request.request_id:
                 stored = await conn.fetchval(
                     queries.INSERT_CREATE_REQUEST, tenant_id, request.request_id, request_hash, site.SerializeToString()
@@ -128,6 +130,7 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
                 configuration = row["configuration"]
             updated = await conn.fetchrow(queries.UPDATE_SITE, tenant_id, site_id, name, location, configuration)
             assert updated is not None, "the row is locked FOR UPDATE in this transaction"
+            await self._audit.record(conn, "sites.update", f"sites/{site_id}", {"fields": sorted(paths)})
         return convert.site_from_row(tenant_id, updated)
 
     async def DeleteSite(self, request: pb.DeleteSiteRequest, ctx: Ctx) -> empty_pb2.Empty:
@@ -135,8 +138,9 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
         tenant_id = context.current_tenant()
         async with self._db.transaction() as conn:
             status = await conn.execute(queries.DELETE_SITE, tenant_id, request.site_id)
-        if status == "DELETE 0":
-            raise not_found("site", request.site_id)
+            if status == "DELETE 0":
+                raise not_found("site", request.site_id)
+            await self._audit.record(conn, "sites.delete", f"sites/{request.site_id}")
         return empty_pb2.Empty()
 
     async def GetSiteAnalytics(self, request: pb.GetSiteAnalyticsRequest, ctx: Ctx) -> pb.SiteAnalytics:

@@ -35,7 +35,7 @@ def register(server: aio.Server, runtime: Runtime) -> None:
         "settings": SettingsPart(runtime.db, runtime.cache, box),
         **{data_type: RemotePart(data_type, stubs[owner]) for data_type, owner in REMOTE_DATA_TYPES.items()},
     }
-    migrations = MigrationRunner(runtime.db, runtime.faults, parts)
+    migrations = MigrationRunner(runtime.db, runtime.faults, parts, runtime.audit)
     offboarding = Offboarding(runtime.db, runtime.cache, {name: stubs[name] for name in DATA_OWNERS})
     servicer = TenantRegistryServicer(runtime, box, migrations, offboarding)
     tenant_registry_service_pb2_grpc.add_TenantRegistryServiceServicer_to_server(servicer, server)

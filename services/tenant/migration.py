@@ -26,6 +26,7 @@ from towerco.internal.v1 import tenant_data_pb2_grpc as internal_grpc
 from towerco.tenant.v1 import tenant_registry_service_pb2 as pb
 
 from services.runtime import context
+from services.runtime.audit import Auditor
 from services.runtime.db import Database
 from services.runtime.errors import FieldViolation, failed_precondition, invalid_argument, not_found
 from services.runtime.faults import Faults
@@ -140,8 +141,9 @@ class SettingsPart:
 
 
 class MigrationRunner:
-    def __init__(self, db: Database, faults: Faults, parts: Mapping[str, Part]) -> None:
+    def __init__(self, db: Database, faults: Faults, parts: Mapping[str, Part], auditor: Auditor) -> None:
         self._db = db
+        self._audit = auditor
         self._faults = faults
         self._parts = dict(parts)
         self._running: dict[str, asyncio.Task[None]] = {}
@@ -195,6 +197,17 @@ class MigrationRunner:
                         [FieldViolation("request_id", "was already used for a different migration")],
                         reason="REQUEST_ID_REUSED",
                     )
+            else:
+                await self._audit.record(
+                    conn,
+                    "tenants.migrate",
+                    f"migrations/{row['migration_id']}",
+                    {
+                        "source_tenant_id": request.source_tenant_id,
+                        "target_tenant_id": request.target_tenant_id,
+                        "data_types": list(request.data_types),
+                    },
+                )
         return row
 
     def _check(self, request: pb.MigrateTenantDataRequest) -> None:

@@ -60,6 +60,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
         self._box = box
         self._migrations = migrations
         self._offboarding = offboarding
+        self._audit = runtime.audit
         self.provisioning_steps: list[ProvisioningStep] = []
 
     # Tenants and provisioning
@@ -157,6 +158,12 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
                     await conn.execute(
                         queries.INSERT_USER, tenant_id, f"user-{uuid.uuid4().hex}", tenant.admin_email, ADMIN_ROLE
                     )
+                    await self._audit.record(
+                        conn,
+                        "tenants.create",
+                        f"tenants/{tenant_id}",
+                        {"plan": tenant.plan, "domains": list(tenant.domains)},
+                    )
                     created: Mapping[str, Any] | None = await conn.fetchrow(queries.GET_TENANT, tenant_id)
                     assert created is not None
                     return created
@@ -194,18 +201,20 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
         v = Violations()
         v.text("reason", request.reason, max_len=500, required=True, multiline=True)
         tenant_id = self._lifecycle_target(request.tenant_id, v)
-        row = await self._transition(tenant_id, {"STATE_ACTIVE"}, "STATE_SUSPENDED", request.reason.strip())
+        row = await self._transition(
+            tenant_id, {"STATE_ACTIVE"}, "STATE_SUSPENDED", request.reason.strip(), "tenants.suspend"
+        )
         return records.tenant_from_row(row)
 
     async def ReactivateTenant(self, request: pb.ReactivateTenantRequest, ctx: Ctx) -> pb.Tenant:
         tenant_id = self._lifecycle_target(request.tenant_id, Violations())
-        row = await self._transition(tenant_id, {"STATE_SUSPENDED"}, "STATE_ACTIVE", "")
+        row = await self._transition(tenant_id, {"STATE_SUSPENDED"}, "STATE_ACTIVE", "", "tenants.reactivate")
         return records.tenant_from_row(row)
 
     async def DeleteTenant(self, request: pb.DeleteTenantRequest, ctx: Ctx) -> pb.Tenant:
         tenant_id = self._lifecycle_target(request.tenant_id, Violations())
         allowed = {"STATE_PROVISIONING", "STATE_ACTIVE", "STATE_SUSPENDED"}
-        row = await self._transition(tenant_id, allowed, "STATE_DELETING", "")
+        row = await self._transition(tenant_id, allowed, "STATE_DELETING", "", "tenants.delete")
         self._offboarding.start(tenant_id)
         return records.tenant_from_row(row)
 
@@ -220,7 +229,9 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
         v.raise_if_any()
         return target_tenant(requested)
 
-    async def _transition(self, tenant_id: str, allowed: set[str], new_state: str, reason: str) -> Mapping[str, Any]:
+    async def _transition(
+        self, tenant_id: str, allowed: set[str], new_state: str, reason: str, action: str
+    ) -> Mapping[str, Any]:
         with context.platform_scope(tenant_id, f"tenants.{new_state.lower()}"):
             async with self._db.transaction() as conn:
                 row = await conn.fetchrow(queries.GET_TENANT_FOR_UPDATE, tenant_id)
@@ -234,6 +245,8 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
                         state=row["state"],
                     )
                 updated: Mapping[str, Any] | None = await conn.fetchrow(queries.SET_STATE, tenant_id, new_state, reason)
+                details = {"from": row["state"], "to": new_state, **({"reason": reason} if reason else {})}
+                await self._audit.record(conn, action, f"tenants/{tenant_id}", details)
             assert updated is not None
             await records.publish(self._cache, updated)
             return updated
@@ -293,6 +306,10 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
                 document = settings_rules.to_document(merged, self._box, tenant_id, previous)
                 await conn.execute(queries.UPSERT_SETTINGS, tenant_id, document)
                 await conn.execute(queries.BUMP_VERSION, tenant_id)
+                # The fields changed, never their values: some of them are secrets.
+                await self._audit.record(
+                    conn, "settings.update", f"tenants/{tenant_id}/settings", {"fields": sorted(paths)}
+                )
                 row = await conn.fetchrow(queries.GET_TENANT, tenant_id)
             assert row is not None
             await records.publish(self._cache, row, document)

@@ -5,6 +5,7 @@ Outermost first. A later issue's link (tenant state, rate limits) is one line he
 
 from __future__ import annotations
 
+from ..audit import Auditor
 from ..auth import TokenVerifier
 from ..policy import PolicyTable
 from ..tenants import TenantDirectory
@@ -17,10 +18,12 @@ from .tenant import TenantInterceptor
 from .tenant_state import TenantStateInterceptor
 
 
-def server_chain(policies: PolicyTable, verifier: TokenVerifier, tenants: TenantDirectory) -> list[PolicyInterceptor]:
+def server_chain(
+    policies: PolicyTable, verifier: TokenVerifier, tenants: TenantDirectory, auditor: Auditor | None = None
+) -> list[PolicyInterceptor]:
     return [
-        RequestContextInterceptor(policies),  # request id, method, peer (never fails)
-        ErrorDetailsInterceptor(policies),  # every failure below becomes a rich status
+        RequestContextInterceptor(policies),  # request id, method, peer, client address (never fails)
+        ErrorDetailsInterceptor(policies, auditor),  # every failure below becomes a rich status (refusals audited)
         AuthenticationInterceptor(policies, verifier),  # who is calling (JWT or service identity)
         TenantInterceptor(policies),  # for which tenant
         TenantStateInterceptor(policies, tenants),  # is that tenant active

@@ -13,6 +13,7 @@ from typing import Any
 from grpc import aio
 
 from .. import context
+from ..audit import client_ip
 from ..policy import Policy
 from .base import Behavior, Metadata, PolicyInterceptor
 
@@ -27,7 +28,10 @@ class RequestContextInterceptor(PolicyInterceptor):
             supplied = metadata.first("x-request-id") or ""
             request_id = supplied if _REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex
             ctx.set_trailing_metadata((("x-request-id", request_id),))
-            with context.bind(context.RequestContext(request_id=request_id, method=policy.method, peer=ctx.peer())):
+            peer = ctx.peer()
+            ip = client_ip(metadata.first("x-forwarded-for"), peer)
+            bound = context.RequestContext(request_id=request_id, method=policy.method, peer=peer, client_ip=ip)
+            with context.bind(bound):
                 return await inner(request, ctx)
 
         return behavior

@@ -8,17 +8,15 @@ logged, unless a platform admin calls an RPC that administers other tenants.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any
 
 from grpc import aio
 
 from .. import context
-from ..errors import FieldViolation, invalid_argument, permission_denied, unauthenticated
+from ..errors import FieldViolation, invalid_argument, unauthenticated
 from ..policy import Policy
+from ..scope import cross_tenant_denied
 from .base import Behavior, Metadata, PolicyInterceptor
-
-log = logging.getLogger("towerco.security")
 
 
 class TenantInterceptor(PolicyInterceptor):
@@ -52,16 +50,4 @@ def resolve_tenant(policy: Policy, caller: context.Caller | None, header: str | 
         return caller.tenant_id
     if caller.is_platform_admin and policy.cross_tenant:
         return header
-    log.warning(
-        "cross-tenant attempt denied: caller %s of tenant %s asked for tenant %s on %s",
-        caller.subject,
-        caller.tenant_id,
-        header,
-        policy.method,
-    )
-    raise permission_denied(
-        "the token's tenant does not match the requested tenant",
-        "CROSS_TENANT_DENIED",
-        token_tenant=caller.tenant_id,
-        requested_tenant=header,
-    )
+    raise cross_tenant_denied(caller.tenant_id, header)

@@ -1,0 +1,219 @@
+"""Audit events: written with the change they describe, delivered to the audit service later.
+
+:func:`record` adds an event to the service's own ``audit_outbox`` table inside the
+transaction that makes the change, so the change and its event commit together or not at
+all. :class:`AuditRelay`, one background task per process, sends outbox rows in batches
+to the audit service's internal ``WriteEvents`` (idempotent by ``event_id``) and deletes
+them once acknowledged. With the audit service down, changes still succeed and their
+events wait in the outbox; rows are claimed with ``FOR UPDATE SKIP LOCKED`` so several
+replicas never send the same row at once, and a crash between send and delete only
+causes a resend that the audit service ignores.
+
+Every service that changes data has the same outbox table (see its migrations):
+``audit_outbox(tenant_id, event_id, event bytea, create_time)``, tenant-bound by RLS like
+every table, plus a policy that lets the relay's own transactions see every tenant's rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+from google.protobuf import struct_pb2
+from towerco.audit.v1 import audit_log_service_pb2 as audit_pb
+from towerco.audit.v1 import audit_log_service_pb2_grpc as audit_grpc
+
+from . import context
+from .channels import service_channel
+from .db import Database
+from .identity import ServiceIdentity
+
+log = logging.getLogger("towerco.audit")
+
+OUTCOME_OK = "OK"
+OUTCOME_DENIED = "DENIED"
+
+
+def client_ip(forwarded_for: str | None, peer: str) -> str:
+    """The client's address: the gateway's entry in ``x-forwarded-for``, else the peer.
+
+    The gateway appends the address it saw to ``x-forwarded-for``; entries before it are
+    whatever the client sent and prove nothing, so only the last one is taken.
+    """
+    if forwarded_for:
+        candidate = forwarded_for.split(",")[-1].strip()
+        with contextlib.suppress(ValueError):
+            return str(ipaddress.ip_address(candidate))
+    # grpc peers look like ipv4:127.0.0.1:5555 or ipv6:[::1]:5555
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rsplit(":", 1)[0]
+    if kind == "ipv6":
+        return rest.rsplit(":", 1)[0].strip("[]")
+    return ""
+
+
+def event(
+    action: str,
+    resource: str,
+    details: Mapping[str, Any] | None = None,
+    *,
+    outcome: str = OUTCOME_OK,
+    tenant_id: str | None = None,
+) -> audit_pb.AuditEvent:
+    """An event about the call in progress: who, from where, under which request id."""
+    ctx = context.current()
+    caller = ctx.caller if ctx else None
+    message = audit_pb.AuditEvent(
+        event_id=str(uuid.uuid4()),
+        tenant_id=tenant_id or context.current_tenant(),
+        user_id=caller.subject if caller else "",
+        action=action,
+        resource=resource,
+        ip_address=ctx.client_ip if ctx else "",
+        request_id=ctx.request_id if ctx else "",
+        outcome=outcome,
+    )
+    if details:
+        message.details.CopyFrom(_struct(details))
+    message.create_time.FromDatetime(datetime.now(UTC))
+    return message
+
+
+def _struct(values: Mapping[str, Any]) -> struct_pb2.Struct:
+    result = struct_pb2.Struct()
+    result.update(dict(values))
+    return result
+
+
+class Auditor:
+    """A service's way to record events: into its own outbox, in the change's transaction."""
+
+    def __init__(self, db: Database, schema: str | None, relay: AuditRelay | None = None) -> None:
+        self._db = db
+        self._schema = schema
+        self._relay = relay
+
+    async def record(
+        self,
+        conn: asyncpg.Connection[Any],
+        action: str,
+        resource: str,
+        details: Mapping[str, Any] | None = None,
+        *,
+        outcome: str = OUTCOME_OK,
+    ) -> audit_pb.AuditEvent:
+        """Add an event about the current call to the outbox, inside ``conn``'s transaction."""
+        message = event(action, resource, details, outcome=outcome)
+        await self._insert(conn, message)
+        return message
+
+    async def record_alone(self, message: audit_pb.AuditEvent) -> None:
+        """Record an event that has no change of its own (a refused call), in its own transaction."""
+        with context.system_scope(message.tenant_id, "audit.record"):
+            async with self._db.transaction() as conn:
+                await self._insert(conn, message)
+
+    async def _insert(self, conn: asyncpg.Connection[Any], message: audit_pb.AuditEvent) -> None:
+        if self._schema is None:
+            raise RuntimeError("this service has no audit outbox")
+        await conn.execute(
+            f"INSERT INTO {self._schema}.audit_outbox (tenant_id, event_id, event) VALUES ($1, $2, $3)",
+            message.tenant_id,
+            uuid.UUID(message.event_id),
+            message.SerializeToString(),
+        )
+        if self._relay is not None:
+            self._relay.wake()
+
+
+class AuditRelay:
+    """Moves outbox rows to the audit service, in batches, until the process stops."""
+
+    def __init__(
+        self,
+        db: Database,
+        schema: str,
+        target: str,
+        identity: ServiceIdentity,
+        *,
+        service: str,
+        batch_size: int = 200,
+        idle_seconds: float = 0.2,
+        retry_seconds: float = 1.0,
+    ) -> None:
+        self._db = db
+        self._schema = schema
+        self._service = service
+        self._channel = service_channel(target, identity=identity)
+        self._stub = audit_grpc.AuditLogServiceStub(self._channel)
+        self._batch_size = batch_size
+        self._idle_seconds = idle_seconds
+        self._retry_seconds = retry_seconds
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def wake(self) -> None:
+        """Something was just committed to the outbox: send it now rather than at the next poll."""
+        self._wake.set()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"audit-relay-{self._schema}")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._channel.close(None)
+
+    async def _run(self) -> None:
+        delay = self._idle_seconds
+        while True:
+            try:
+                sent = await self.deliver_once()
+                delay = 0.0 if sent >= self._batch_size else self._idle_seconds
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("audit relay: delivery failed (%s); events stay in the outbox", _short(exc))
+                delay = self._retry_seconds
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def deliver_once(self) -> int:
+        """Send one batch and delete it once acknowledged; returns how many were sent."""
+        request_id = f"audit-relay-{uuid.uuid4().hex[:12]}"
+        with context.bind(context.background_context(self._service, "audit.relay", request_id)):
+            async with self._db.outbox_transaction("audit.relay") as conn:
+                rows = await conn.fetch(
+                    f"SELECT tenant_id, event_id, event FROM {self._schema}.audit_outbox "
+                    "ORDER BY create_time, tenant_id, event_id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                    self._batch_size,
+                )
+                if not rows:
+                    return 0
+                events = [audit_pb.AuditEvent.FromString(row["event"]) for row in rows]
+                await self._stub.WriteEvents(audit_pb.WriteEventsRequest(events=events), timeout=10)
+                await conn.execute(
+                    f"DELETE FROM {self._schema}.audit_outbox "
+                    "WHERE (tenant_id, event_id) IN (SELECT * FROM unnest($1::text[], $2::uuid[]))",
+                    [row["tenant_id"] for row in rows],
+                    [row["event_id"] for row in rows],
+                )
+        return len(rows)
+
+
+def _short(exc: BaseException) -> str:
+    details = getattr(exc, "details", None)
+    if callable(details):
+        return f"{type(exc).__name__}: {details()}"
+    return f"{type(exc).__name__}: {exc}"[:200]

@@ -1,0 +1,27 @@
+-- Audit events waiting for the audit service (see services/runtime/audit.py).
+--
+-- An event is inserted in the same transaction as the change it describes, so both
+-- commit or neither does; the relay deletes it once the audit service has it.
+CREATE TABLE audit_outbox (
+    tenant_id   text        NOT NULL CHECK (tenant_id ~ '^[a-z][a-z0-9_-]{2,49}$'),
+    event_id    uuid        NOT NULL,
+    -- A serialized towerco.audit.v1.AuditEvent.
+    event       bytea       NOT NULL,
+    create_time timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (tenant_id, event_id)
+);
+CREATE INDEX audit_outbox_by_age ON audit_outbox (tenant_id, create_time);
+
+ALTER TABLE audit_outbox ENABLE ROW LEVEL SECURITY;
+ALTER TABLE audit_outbox FORCE ROW LEVEL SECURITY;
+CREATE POLICY tenant_isolation ON audit_outbox
+    USING (tenant_id = current_setting('app.current_tenant_id', true))
+    WITH CHECK (tenant_id = current_setting('app.current_tenant_id', true));
+-- The relay's transactions (Database.outbox_transaction) read and delete every tenant's
+-- events to hand them over; they bind no tenant, so no other table shows them anything.
+CREATE POLICY audit_relay_read ON audit_outbox FOR SELECT
+    USING (current_setting('app.audit_relay', true) = 'on');
+CREATE POLICY audit_relay_delete ON audit_outbox FOR DELETE
+    USING (current_setting('app.audit_relay', true) = 'on');
+
+GRANT SELECT, INSERT, DELETE ON audit_outbox TO sites_app;
