@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -15,6 +15,8 @@ from services.runtime.settings import SettingsError, data_dir
 
 #: What reads show instead of a stored secret; sending it back keeps the stored value.
 MASK = "********"
+KEY_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+KEY_FORMAT = "kid=<base64 of 32 random bytes> (kid: letters, digits, '.', '_', '-')"
 
 
 class SecretError(ValueError):
@@ -42,14 +44,18 @@ class SecretBox:
         return {"kid": self.active_kid, "nonce": _b64(nonce), "ct": _b64(sealed)}
 
     def open(self, envelope: Mapping[str, str], aad: str) -> str:
-        cipher = self._keys.get(str(envelope.get("kid", "")))
+        if not isinstance(envelope, Mapping):
+            raise SecretError("sealed value is not an envelope {kid, nonce, ct}")
+        kid = envelope.get("kid")
+        cipher = self._keys.get(kid) if isinstance(kid, str) else None
         if cipher is None:
-            raise SecretError(f"sealed with an unknown key {envelope.get('kid')!r}")
+            raise SecretError(f"sealed with an unknown key {str(kid)[:64]!r}")
         try:
             nonce = base64.b64decode(envelope["nonce"], validate=True)
             sealed = base64.b64decode(envelope["ct"], validate=True)
             return cipher.decrypt(nonce, sealed, aad.encode()).decode()
-        except (KeyError, binascii.Error, InvalidTag, UnicodeDecodeError) as exc:
+        # ValueError: bad base64 (binascii.Error), non-ASCII text, a nonce of the wrong size.
+        except (KeyError, TypeError, ValueError, InvalidTag) as exc:
             raise SecretError("sealed value does not open with this key and context") from exc
 
 
@@ -60,13 +66,15 @@ def _b64(data: bytes) -> str:
 def _parse(entries: list[str], source: str) -> dict[str, bytes]:
     keys: dict[str, bytes] = {}
     for entry in entries:
-        kid, sep, encoded = entry.strip().partition("=")
-        if not sep or not kid:
-            raise SettingsError(f"{source}: each key must be written kid=<base64 of 32 bytes>")
+        kid, sep, encoded = (part.strip() for part in entry.strip().partition("="))
+        if not sep or not KEY_ID.fullmatch(kid):
+            raise SettingsError(f"{source}: each key must be written {KEY_FORMAT}")
+        if kid in keys:
+            raise SettingsError(f"{source}: key id {kid!r} appears twice")
         try:
-            keys[kid.strip()] = base64.b64decode(encoded.strip(), validate=True)
-        except binascii.Error:
-            raise SettingsError(f"{source}: key {kid.strip()!r} is not valid base64") from None
+            keys[kid] = base64.b64decode(encoded, validate=True)
+        except ValueError:  # binascii.Error, or text that is not ASCII
+            raise SettingsError(f"{source}: key {kid!r} is not valid base64") from None
     if not keys:
         raise SettingsError(f"{source}: no keys")
     return keys
@@ -83,9 +91,12 @@ def load_secret_box(env: Mapping[str, str] = os.environ, dev_file: Path | None =
         if not path.exists():
             raise SettingsError(
                 f"SETTINGS_ENCRYPTION_KEYS is not set and no dev key file exists at {path}; "
-                "run `make keys` (dev) or set it (deploy)"
+                f"run `make keys` (dev) or set it to {KEY_FORMAT}, comma-separated, active first (deploy)"
             )
-        entries, source = [line for line in path.read_text().splitlines() if line.strip()], str(path)
+        lines = path.read_text().splitlines()
+        entries, source = [line for line in lines if line.strip() and not line.lstrip().startswith("#")], str(path)
     keys = _parse(entries, source)
     active = env.get("SETTINGS_ENCRYPTION_KEY_ID", "").strip() or next(iter(keys))
+    if active not in keys:
+        raise SettingsError(f"SETTINGS_ENCRYPTION_KEY_ID={active!r} names none of the keys in {source}")
     return SecretBox(keys, active)

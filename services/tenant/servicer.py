@@ -290,7 +290,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
         paths = settings_rules.mask_paths(request.update_mask)
         v = Violations()
         settings_rules.validate(request.settings, paths, v)
-        v.raise_if_any()
+        v.raise_if_any()  # what is wrong whatever is stored: refused before touching the database
         with context.platform_scope(tenant_id, "settings.update") if _foreign(tenant_id) else nullcontext():
             async with self._db.transaction() as conn:
                 row = await conn.fetchrow(queries.GET_TENANT_FOR_UPDATE, tenant_id)
@@ -302,6 +302,9 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
                     if previous is not None
                     else settings_rules.default_settings(tenant_id, row["display_name"])
                 )
+                # Rules across fields (a port without any host, a kept secret never stored) need the stored values.
+                settings_rules.validate(request.settings, paths, v, stored=stored)
+                v.raise_if_any()
                 merged = settings_rules.merge(stored, request.settings, paths)
                 document = settings_rules.to_document(merged, self._box, tenant_id, previous)
                 await conn.execute(queries.UPSERT_SETTINGS, tenant_id, document)

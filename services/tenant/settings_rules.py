@@ -1,9 +1,13 @@
-"""TenantSettings: defaults, update masks, validation, storage with sealed secrets, masking.
+"""TenantSettings: defaults, update masks, validation, merging, storage with sealed secrets.
 
 Every rule reports its own field violation, named by its path in the request
 (``settings.branding.primary_color``, ``settings.integrations.webhook_endpoints[0]``), so
 a settings form can mark each bad field. No plaintext secret ever enters an error, a
-log line, a cache or a response.
+log line, a cache or a response: reads carry ``MASK`` wherever a secret is stored.
+
+An empty color or localization field means its documented default and is stored as it,
+so reads always show a concrete value. An SMTP message with nothing set is the same as
+none: the platform's mail server.
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ import itertools
 import math
 import re
 import zoneinfo
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import cache
 from typing import Any
 from urllib.parse import urlsplit
 
 from google.protobuf import field_mask_pb2, json_format
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.descriptor import Descriptor
+from google.protobuf.message import Message
 from towerco.tenant.v1 import tenant_registry_service_pb2 as pb
 
 from services.runtime.errors import FieldViolation, invalid_argument
@@ -29,35 +34,53 @@ from .secrets import MASK, SecretBox
 
 TOP_LEVEL = ("branding", "localization", "business_rules", "integrations")
 IGNORED_PATHS = frozenset({"tenant_id", "branding.display_name"})
-DEFAULT_PRIMARY, DEFAULT_SECONDARY = "#3B82F6", "#6B7280"
+#: What an empty value of these fields means, and is stored as.
+DEFAULTS: Mapping[str, str] = {
+    "branding.primary_color": "#3B82F6",
+    "branding.secondary_color": "#6B7280",
+    "localization.timezone": "UTC",
+    "localization.date_format": "YYYY-MM-DD",
+    "localization.currency": "USD",
+    "localization.language": "en",
+}
+DEFAULT_PRIMARY, DEFAULT_SECONDARY = DEFAULTS["branding.primary_color"], DEFAULTS["branding.secondary_color"]
 
 #: Date formats the UI knows how to render.
 DATE_FORMATS = frozenset(
     {"YYYY-MM-DD", "DD/MM/YYYY", "MM/DD/YYYY", "DD.MM.YYYY", "DD-MM-YYYY", "YYYY/MM/DD", "DD MMM YYYY"}
 )
-#: ISO 4217 active currency codes.
+#: ISO 4217 list one as of 2026 (ANG and BGN withdrawn; XCG, XAD, ZWG added), funds and X codes included.
 CURRENCIES = frozenset(
-    """AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BRL BSD BTN BWP BYN BZD CAD
-    CDF CHF CLP CNY COP CRC CUP CVE CZK DJF DKK DOP DZD EGP ERN ETB EUR FJD FKP GBP GEL GHS GIP GMD GNF GTQ GYD
-    HKD HNL HTG HUF IDR ILS INR IQD IRR ISK JMD JOD JPY KES KGS KHR KMF KPW KRW KWD KYD KZT LAK LBP LKR LRD LSL
-    LYD MAD MDL MGA MKD MMK MNT MOP MRU MUR MVR MWK MXN MYR MZN NAD NGN NIO NOK NPR NZD OMR PAB PEN PGK PHP PKR
-    PLN PYG QAR RON RSD RUB RWF SAR SBD SCR SDG SEK SGD SHP SLE SOS SRD SSP STN SVC SYP SZL THB TJS TMT TND TOP
-    TRY TTD TWD TZS UAH UGX USD UYU UZS VED VES VND VUV WST XAF XCD XCG XOF XPF YER ZAR ZMW ZWG""".split()
+    """AED AFN ALL AMD AOA ARS AUD AWG AZN BAM BBD BDT BHD BIF BMD BND BOB BOV BRL BSD BTN BWP BYN BZD CAD CDF
+    CHE CHF CHW CLF CLP CNY COP COU CRC CUP CVE CZK DJF DKK DOP DZD EGP ERN ETB EUR FJD FKP GBP GEL GHS GIP GMD
+    GNF GTQ GYD HKD HNL HTG HUF IDR ILS INR IQD IRR ISK JMD JOD JPY KES KGS KHR KMF KPW KRW KWD KYD KZT LAK LBP
+    LKR LRD LSL LYD MAD MDL MGA MKD MMK MNT MOP MRU MUR MVR MWK MXN MXV MYR MZN NAD NGN NIO NOK NPR NZD OMR PAB
+    PEN PGK PHP PKR PLN PYG QAR RON RSD RUB RWF SAR SBD SCR SDG SEK SGD SHP SLE SOS SRD SSP STN SVC SYP SZL THB
+    TJS TMT TND TOP TRY TTD TWD TZS UAH UGX USD USN UYI UYU UYW UZS VED VES VND VUV WST XAD XAF XAG XAU XBA XBB
+    XBC XBD XCD XCG XDR XOF XPD XPF XPT XSU XTS XUA XXX YER ZAR ZMW ZWG""".split()
 )
+#: BCP 47 language[-script][-region][-variant...], case-insensitive.
 LANGUAGE = re.compile(
     r"^[a-zA-Z]{2,3}(-[a-zA-Z]{4})?(-([a-zA-Z]{2}|[0-9]{3}))?(-([a-zA-Z0-9]{5,8}|[0-9][a-zA-Z0-9]{3}))*$"
 )
 COLOR = re.compile(r"^#[0-9A-Fa-f]{6}$")
 METRIC_KEY = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 RECIPIENT = re.compile(r"^[A-Za-z0-9._@+-]{1,254}$")
-HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
-MAX_CSS_BYTES = 16 * 1024
+MAX_COMPANY_NAME, MAX_URL, MAX_LANGUAGE, MAX_CSS_BYTES = 100, 2048, 35, 16 * 1024
 MAX_MAP_ENTRIES, MAX_RULES, MAX_RECIPIENTS, MAX_WEBHOOKS, MAX_API_KEYS = 100, 20, 20, 20, 20
+MAX_SMTP_USERNAME, MAX_SMTP_PASSWORD, MAX_API_KEY = 254, 1024, 4096
 SLA_RANGE, THRESHOLD_RANGE = (0.0, 1e6), (-1e9, 1e9)
 MAX_AFTER_MINUTES = 7 * 24 * 60
+#: Host names that never lead to the public internet.
+INTERNAL_SUFFIXES = ("localhost", "local", "internal", "home.arpa")
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_NOT_ZONES = frozenset({"localtime", "Factory", "posixrules"})
 _CSS_COMMENT = re.compile(r"/\*.*?(\*/|$)", re.DOTALL)
-_CSS_URL = re.compile(r"url\(\s*(['\"]?)(.*?)\1\s*\)", re.IGNORECASE | re.DOTALL)
+# Functions that load what they name; image-set("https://...") loads like url().
+_CSS_URL_FUNCTIONS = ("url", "image-set", "cross-fade", "src")
+_CSS_TOKEN = re.compile(r"[\"'()]")
+_CSS_UNQUOTED_URL = re.compile(r"[^\"')][^)]*")
 _CSS_FORBIDDEN = (
     ("@import", "must not use @import"),
     ("expression(", "must not use expression()"),
@@ -67,18 +90,28 @@ _CSS_FORBIDDEN = (
     ("behavior:", "must not use behavior:"),
     ("-moz-binding", "must not use -moz-binding"),
 )
+_OTHER_ORIGIN = re.compile(r"^(//|[a-z][a-z0-9+.-]*:)")
+_URL_TRIM = "".join(map(chr, range(0x21)))  # C0 controls and space
+_URL_CHARS = re.compile(r"^[\x21-\x7e]*$")
+_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_NUMBER_LABEL = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+_NO_PASSWORD_TO_KEEP = f"is {MASK} (keep the stored password) but none is stored; send the password or leave it empty"
+_NO_KEY_TO_KEEP = f"is {MASK} (keep the stored key) but no key is stored under this name; send the key"
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def default_settings(tenant_id: str, display_name: str) -> pb.TenantSettings:
-    return pb.TenantSettings(
+    settings = pb.TenantSettings(
         tenant_id=tenant_id,
-        branding=pb.Branding(
-            company_name=display_name, primary_color=DEFAULT_PRIMARY, secondary_color=DEFAULT_SECONDARY
-        ),
-        localization=pb.Localization(timezone="UTC", date_format="YYYY-MM-DD", currency="USD", language="en"),
+        branding=pb.Branding(company_name=display_name),
         business_rules=pb.BusinessRules(),
         integrations=pb.Integrations(),
     )
+    _fill_defaults(settings)
+    return settings
 
 
 # Update masks
@@ -93,7 +126,7 @@ def updatable_paths() -> frozenset[str]:
         for field in descriptor.fields:
             path = f"{prefix}.{field.name}"
             paths.add(path)
-            if field.message_type is not None and not _is_map(field) and not _repeated(field):
+            if field.message_type is not None and not field.is_repeated:  # maps are repeated too
                 walk(path, field.message_type)
 
     for name in TOP_LEVEL:
@@ -105,11 +138,16 @@ def updatable_paths() -> frozenset[str]:
 
 
 def mask_paths(update_mask: field_mask_pb2.FieldMask) -> frozenset[str]:
+    """The paths an update changes: all four parts for an empty mask or ``*``; output-only ones dropped."""
     paths = list(update_mask.paths)
     if not paths or paths == ["*"]:
         return frozenset(TOP_LEVEL)
     bad = [
-        FieldViolation("update_mask", f"{path!r} is not a settings field that can be updated")
+        FieldViolation(
+            "update_mask",
+            f"{_short(path)!r} is not a settings field that can be updated; name branding, localization, "
+            "business_rules, integrations or a field below them such as branding.logo_url",
+        )
         for path in paths
         if path not in updatable_paths() and path not in IGNORED_PATHS
     ]
@@ -118,80 +156,96 @@ def mask_paths(update_mask: field_mask_pb2.FieldMask) -> frozenset[str]:
     return frozenset(p for p in paths if p not in IGNORED_PATHS)
 
 
-def _covers(paths: Iterable[str], path: str) -> bool:
-    """True when ``path`` is named, or lies below (or above) a named path."""
+def _covered(paths: Iterable[str], path: str) -> bool:
+    """True when ``path`` or a message above it is named: an update replaces it."""
+    return any(p == path or path.startswith(p + ".") for p in paths)
+
+
+def _touched(paths: Iterable[str], path: str) -> bool:
+    """True when ``path``, a message above it or a field below it is named."""
     return any(p == path or path.startswith(p + ".") or p.startswith(path + ".") for p in paths)
 
 
 # Validation
 
 
-def validate(settings: pb.TenantSettings, paths: frozenset[str], v: Violations) -> None:
-    """Check the parts of ``settings`` that ``paths`` cover."""
-    b, loc, rules, integ = settings.branding, settings.localization, settings.business_rules, settings.integrations
-    f = "settings."
-    if _covers(paths, "branding.company_name"):
-        v.text(f + "branding.company_name", b.company_name, max_len=100)
-    if _covers(paths, "branding.logo_url") and b.logo_url:
-        problem = _https_problem(b.logo_url, allow_private=True)
+def validate(
+    settings: pb.TenantSettings, paths: frozenset[str], v: Violations, *, stored: pb.TenantSettings | None = None
+) -> None:
+    """Check the parts of ``settings`` that ``paths`` cover.
+
+    ``stored`` is the tenant's current settings in masked form (``from_document``). With it,
+    rules that span fields (an SMTP host for a port named alone) are checked on the merged
+    result, and ``MASK`` is refused where nothing is stored to keep; without it, they are
+    checked only when the update replaces the whole SMTP message.
+    """
+    subject = merge(stored, settings, paths) if stored is not None else settings
+
+    def covered(path: str) -> bool:
+        return _covered(paths, path)
+
+    _branding(v, subject.branding, covered)
+    _localization(v, subject.localization, covered)
+    rules, at = subject.business_rules, "settings.business_rules"
+    if covered("business_rules.sla_targets"):
+        _numbers(v, f"{at}.sla_targets", rules.sla_targets, SLA_RANGE)
+    if covered("business_rules.alert_thresholds"):
+        _numbers(v, f"{at}.alert_thresholds", rules.alert_thresholds, THRESHOLD_RANGE)
+    if covered("business_rules.escalation_rules"):
+        _escalation(v, f"{at}.escalation_rules", rules.escalation_rules)
+    if _touched(paths, "integrations.smtp"):
+        whole = covered("integrations.smtp") or stored is not None
+        _smtp(v, subject.integrations.smtp, covered, stored, whole=whole)
+    if covered("integrations.webhook_endpoints"):
+        _webhooks(v, subject.integrations.webhook_endpoints)
+    if covered("integrations.api_keys"):
+        _api_keys(v, subject.integrations.api_keys, stored)
+
+
+def _branding(v: Violations, b: pb.Branding, covered: Callable[[str], bool]) -> None:
+    at = "settings.branding"
+    if covered("branding.company_name"):
+        v.text(f"{at}.company_name", b.company_name, max_len=MAX_COMPANY_NAME)
+    if covered("branding.logo_url") and b.logo_url:
+        problem = url_problem(b.logo_url, public=False)
         if problem:
-            v.add(f + "branding.logo_url", problem)
+            v.add(f"{at}.logo_url", problem)
     for name in ("primary_color", "secondary_color"):
-        value = getattr(b, name)
-        if _covers(paths, f"branding.{name}") and value and not COLOR.fullmatch(value):
-            v.add(f"{f}branding.{name}", "must be a color as #RRGGBB, e.g. #3B82F6 (empty means the default)")
-    if _covers(paths, "branding.custom_css") and b.custom_css:
+        value, default = getattr(b, name), DEFAULTS[f"branding.{name}"]
+        if covered(f"branding.{name}") and value and not COLOR.fullmatch(value):
+            v.add(f"{at}.{name}", f"must be a color as #RRGGBB such as {default} (empty means {default})")
+    if covered("branding.custom_css") and b.custom_css:
         problem = css_problem(b.custom_css)
         if problem:
-            v.add(f + "branding.custom_css", problem)
+            v.add(f"{at}.custom_css", problem)
 
-    if _covers(paths, "localization.timezone") and loc.timezone and loc.timezone not in _zones():
-        v.add(f + "localization.timezone", "must be an IANA time zone such as Africa/Nairobi or UTC")
-    if _covers(paths, "localization.date_format") and loc.date_format and loc.date_format not in DATE_FORMATS:
-        v.add(f + "localization.date_format", f"must be one of {', '.join(sorted(DATE_FORMATS))}")
-    if _covers(paths, "localization.currency") and loc.currency and loc.currency not in CURRENCIES:
-        v.add(f + "localization.currency", "must be an ISO 4217 currency code in upper case, e.g. KES")
-    if _covers(paths, "localization.language") and loc.language:
-        if len(loc.language) > 35 or not LANGUAGE.fullmatch(loc.language):
-            v.add(f + "localization.language", "must be a BCP 47 language tag such as en or fr-CI")
 
-    if _covers(paths, "business_rules.sla_targets"):
-        _numbers(v, f + "business_rules.sla_targets", rules.sla_targets, SLA_RANGE)
-    if _covers(paths, "business_rules.alert_thresholds"):
-        _numbers(v, f + "business_rules.alert_thresholds", rules.alert_thresholds, THRESHOLD_RANGE)
-    if _covers(paths, "business_rules.escalation_rules"):
-        _escalation(v, f + "business_rules.escalation_rules", rules.escalation_rules)
-
-    if _covers(paths, "integrations.smtp") and integ.HasField("smtp"):
-        _smtp(v, f + "integrations.smtp", integ.smtp, paths)
-    if _covers(paths, "integrations.webhook_endpoints"):
-        if len(integ.webhook_endpoints) > MAX_WEBHOOKS:
-            v.add(f + "integrations.webhook_endpoints", f"must have at most {MAX_WEBHOOKS} entries")
-        for i, url in enumerate(integ.webhook_endpoints):
-            problem = _https_problem(url, allow_private=False)
-            if problem:
-                v.add(f"{f}integrations.webhook_endpoints[{i}]", problem)
-    if _covers(paths, "integrations.api_keys"):
-        if len(integ.api_keys) > MAX_API_KEYS:
-            v.add(f + "integrations.api_keys", f"must have at most {MAX_API_KEYS} entries")
-        for name, value in sorted(integ.api_keys.items()):
-            field = f"{f}integrations.api_keys[{name}]"
-            if not METRIC_KEY.fullmatch(name):
-                v.add(field, "names must be lower_snake_case, at most 64 characters")
-            elif not value:
-                v.add(field, "must not be empty (remove the entry to delete the key)")
-            elif len(value) > 4096:
-                v.add(field, "must be at most 4096 characters")
+def _localization(v: Violations, loc: pb.Localization, covered: Callable[[str], bool]) -> None:
+    at = "settings.localization"
+    if covered("localization.timezone") and loc.timezone and loc.timezone not in _zones():
+        v.add(f"{at}.timezone", "must be an IANA time zone such as Africa/Nairobi or UTC (names are case-sensitive)")
+    if covered("localization.date_format") and loc.date_format and loc.date_format not in DATE_FORMATS:
+        v.add(f"{at}.date_format", f"must be one of {', '.join(sorted(DATE_FORMATS))}")
+    if covered("localization.currency") and loc.currency and loc.currency not in CURRENCIES:
+        v.add(f"{at}.currency", "must be an ISO 4217 currency code in upper case, e.g. KES")
+    if covered("localization.language") and loc.language:
+        if len(loc.language) > MAX_LANGUAGE or not LANGUAGE.fullmatch(loc.language):
+            v.add(f"{at}.language", "must be a BCP 47 language tag such as en, fr-CI or zh-Hant-TW")
 
 
 @cache
 def _zones() -> frozenset[str]:
-    return frozenset(zoneinfo.available_timezones())
+    zones = frozenset(zoneinfo.available_timezones()) - _NOT_ZONES
+    if not zones:
+        raise RuntimeError("no IANA time zone database found; install the tzdata package")
+    return zones
 
 
 def css_problem(css: str) -> str | None:
-    if len(css.encode()) > MAX_CSS_BYTES:
-        return f"must be at most {MAX_CSS_BYTES // 1024} KiB"
+    """Why ``css`` may not be added to the tenant's pages, or None."""
+    size = len(css.encode())
+    if size > MAX_CSS_BYTES:
+        return f"must be at most {MAX_CSS_BYTES // 1024} KiB as UTF-8 (got {size} bytes)"
     if "\\" in css:
         return "must not contain backslash escapes (they can spell any forbidden word)"
     text = _CSS_COMMENT.sub("", css).lower()
@@ -199,76 +253,162 @@ def css_problem(css: str) -> str | None:
     for needle, why in _CSS_FORBIDDEN:
         if needle in text or needle in compact:
             return why
-    for match in _CSS_URL.finditer(text):
-        target = match.group(2).strip()
-        if target.startswith("//") or re.match(r"^[a-z][a-z0-9+.-]*:", target):
-            return "url() may only name paths of the platform's own origin, not another origin"
+    for target in _css_urls(compact):
+        # As URL parsers do: tabs and line breaks dropped (gone from compact), spaces and controls trimmed.
+        if _OTHER_ORIGIN.match(target.strip(_URL_TRIM)):
+            return "url() and image-set() may only name paths on the platform's own origin, not another origin"
     return None
+
+
+def _css_urls(css: str) -> Iterator[str]:
+    """What url(), image-set(), cross-fade() and src() name in ``css``, in one linear pass."""
+    frames: list[bool] = []  # per open parenthesis: does it belong to one of those functions?
+    inside = 0
+    token = _CSS_TOKEN.search(css)
+    while token is not None:
+        at, char, resume = token.start(), token.group(), token.end()
+        if char in "\"'":
+            end = css.find(char, at + 1)
+            end = len(css) if end < 0 else end
+            if inside:
+                yield css[at + 1 : end]
+            resume = end + 1
+        elif char == "(":
+            unquoted = _CSS_UNQUOTED_URL.match(css, at + 1) if css.endswith("url", 0, at) else None
+            if unquoted is not None:
+                yield unquoted.group()
+                resume = unquoted.end() + 1
+            else:
+                frames.append(css.endswith(_CSS_URL_FUNCTIONS, 0, at))
+                inside += frames[-1]
+        elif frames:
+            inside -= frames.pop()
+        token = _CSS_TOKEN.search(css, resume)
 
 
 def _numbers(v: Violations, field: str, values: Mapping[str, float], bounds: tuple[float, float]) -> None:
     if len(values) > MAX_MAP_ENTRIES:
-        v.add(field, f"must have at most {MAX_MAP_ENTRIES} entries")
+        v.add(field, f"must have at most {MAX_MAP_ENTRIES} entries (got {len(values)})")
     low, high = bounds
     for key, value in sorted(values.items()):
         if not METRIC_KEY.fullmatch(key):
-            v.add(f"{field}[{key}]", "keys must be lower_snake_case, at most 64 characters")
+            v.add(f"{field}[{_short(key)}]", "keys must be lower_snake_case, at most 64 characters")
         elif not math.isfinite(value) or not low <= value <= high:
-            v.add(f"{field}[{key}]", f"must be a finite number from {low:g} to {high:g}")
+            v.add(f"{field}[{key}]", f"must be a finite number from {low:,.0f} to {high:,.0f}")
 
 
 def _escalation(v: Violations, field: str, rules: Iterable[pb.EscalationRule]) -> None:
     ordered = list(rules)
     if len(ordered) > MAX_RULES:
-        v.add(field, f"must have at most {MAX_RULES} rules")
-    levels: set[int] = set()
+        v.add(field, f"must have at most {MAX_RULES} rules (got {len(ordered)})")
+    first_at_level: dict[int, int] = {}
     for i, rule in enumerate(ordered):
         at = f"{field}[{i}]"
         if rule.level < 1:
             v.add(f"{at}.level", "must be 1 or more")
-        elif rule.level in levels:
-            v.add(f"{at}.level", f"level {rule.level} appears twice; levels must be distinct")
-        levels.add(rule.level)
+        elif rule.level in first_at_level:
+            v.add(f"{at}.level", f"must be distinct; escalation_rules[{first_at_level[rule.level]}] has it too")
+        else:
+            first_at_level[rule.level] = i
         if not 0 <= rule.after_minutes <= MAX_AFTER_MINUTES:
             v.add(f"{at}.after_minutes", f"must be from 0 to {MAX_AFTER_MINUTES} (one week)")
         if not rule.notify:
-            v.add(f"{at}.notify", "must name at least one recipient")
+            v.add(f"{at}.notify", "must name at least one e-mail address or user id")
         elif len(rule.notify) > MAX_RECIPIENTS:
-            v.add(f"{at}.notify", f"must name at most {MAX_RECIPIENTS} recipients")
+            v.add(f"{at}.notify", f"must name at most {MAX_RECIPIENTS} recipients (got {len(rule.notify)})")
         for j, who in enumerate(rule.notify):
             if not RECIPIENT.fullmatch(who):
-                v.add(f"{at}.notify[{j}]", "must be an e-mail address or user id")
-    by_level = sorted((r.level, r.after_minutes, i) for i, r in enumerate(ordered) if r.level >= 1)
-    for (_, before, _), (_, after, i) in itertools.pairwise(by_level):
-        if after <= before:
-            v.add(f"{field}[{i}].after_minutes", "must grow with level (a higher level escalates later)")
+                v.add(f"{at}.notify[{j}]", "must be an e-mail address or user id (letters, digits, . _ @ + -)")
+    for (low, i), (_, j) in itertools.pairwise(sorted(first_at_level.items())):
+        if ordered[j].after_minutes <= ordered[i].after_minutes:
+            v.add(
+                f"{field}[{j}].after_minutes",
+                f"must be later than level {low}'s {ordered[i].after_minutes} minutes: a higher level escalates later",
+            )
 
 
-def _smtp(v: Violations, field: str, smtp: pb.SmtpSettings, paths: frozenset[str]) -> None:
-    if not smtp.host:
-        v.add(f"{field}.host", "is required when SMTP is configured")
-    elif _host_problem(smtp.host):
-        v.add(f"{field}.host", "must be a host name such as smtp.operator.example or an IP address")
-    if not 1 <= smtp.port <= 65535:
-        v.add(f"{field}.port", "must be from 1 to 65535 (typically 587 or 465)")
-    v.text(f"{field}.username", smtp.username, max_len=254)
-    if len(smtp.password) > 1024:
-        v.add(f"{field}.password", "must be at most 1024 characters")
+def _configured(smtp: pb.SmtpSettings) -> bool:
+    return bool(smtp.host or smtp.port or smtp.username or smtp.password or smtp.tls)
 
 
-def _host_problem(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return False
-    except ValueError:
-        pass
-    labels = host.lower().rstrip(".").split(".")
-    return len(host) > 253 or not all(HOST_LABEL.fullmatch(label) for label in labels)
+def _smtp(
+    v: Violations,
+    smtp: pb.SmtpSettings,
+    covered: Callable[[str], bool],
+    stored: pb.TenantSettings | None,
+    *,
+    whole: bool,
+) -> None:
+    at = "settings.integrations.smtp"
+    if covered("integrations.smtp.host") and smtp.host:
+        problem = host_problem(smtp.host, public=True)
+        if problem:
+            v.add(f"{at}.host", problem)
+    if covered("integrations.smtp.port") and smtp.port and not 1 <= smtp.port <= 65535:
+        v.add(f"{at}.port", "must be from 1 to 65535 (typically 587 or 465)")
+    if covered("integrations.smtp.username"):
+        v.text(f"{at}.username", smtp.username, max_len=MAX_SMTP_USERNAME)
+    if covered("integrations.smtp.password"):
+        if len(smtp.password) > MAX_SMTP_PASSWORD:
+            v.add(f"{at}.password", f"must be at most {MAX_SMTP_PASSWORD} characters")
+        elif smtp.password == MASK and stored is not None and stored.integrations.smtp.password != MASK:
+            v.add(f"{at}.password", _NO_PASSWORD_TO_KEEP)
+    if whole and _configured(smtp):
+        if not smtp.host:
+            v.add(f"{at}.host", "is required when any SMTP setting is set (clear them all for the platform's server)")
+        if not smtp.port:
+            v.add(f"{at}.port", "is required when SMTP is configured: 1 to 65535, typically 587 or 465")
 
 
-def _https_problem(url: str, *, allow_private: bool) -> str | None:
-    if len(url) > 2048:
-        return "must be at most 2048 characters"
+def _webhooks(v: Violations, urls: Iterable[str]) -> None:
+    at = "settings.integrations.webhook_endpoints"
+    endpoints = list(urls)
+    if len(endpoints) > MAX_WEBHOOKS:
+        v.add(at, f"must have at most {MAX_WEBHOOKS} entries (got {len(endpoints)})")
+    first: dict[str, int] = {}
+    for i, url in enumerate(endpoints):
+        problem = url_problem(url, public=True)
+        if problem:
+            v.add(f"{at}[{i}]", problem)
+        elif url in first:
+            v.add(f"{at}[{i}]", f"repeats webhook_endpoints[{first[url]}]")
+        first.setdefault(url, i)
+
+
+def _api_keys(v: Violations, keys: Mapping[str, str], stored: pb.TenantSettings | None) -> None:
+    at = "settings.integrations.api_keys"
+    if len(keys) > MAX_API_KEYS:
+        v.add(at, f"must have at most {MAX_API_KEYS} entries (got {len(keys)})")
+    for name, value in sorted(keys.items()):
+        field = f"{at}[{_short(name)}]"
+        if not METRIC_KEY.fullmatch(name):
+            v.add(field, "names must be lower_snake_case, at most 64 characters")
+        elif value == MASK:
+            if stored is not None and stored.integrations.api_keys.get(name) != MASK:
+                v.add(field, _NO_KEY_TO_KEEP)
+        elif not value:
+            v.add(field, "must not be empty (remove the entry to delete the key)")
+        elif len(value) > MAX_API_KEY:
+            v.add(field, f"must be at most {MAX_API_KEY} characters")
+        elif _CONTROL.search(value):
+            v.add(field, "must not contain control characters or line breaks")
+
+
+def _short(text: str) -> str:
+    """``text`` fit for a field path or message: printable ASCII, at most 64 characters."""
+    shown = "".join(ch if " " <= ch <= "~" and ch not in "[]" else "?" for ch in text[:64])
+    return shown + ("..." if len(text) > 64 else "")
+
+
+# Host names and URLs that the platform itself will connect to
+
+
+def url_problem(url: str, *, public: bool) -> str | None:
+    """Why ``url`` is not an acceptable ``https://`` URL, or None; ``public``: no internal hosts."""
+    if len(url) > MAX_URL:
+        return f"must be at most {MAX_URL} characters"
+    if not _URL_CHARS.fullmatch(url) or "\\" in url:
+        return "must be printable ASCII without spaces or backslashes (percent-encode the rest; punycode for hosts)"
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""
@@ -276,62 +416,117 @@ def _https_problem(url: str, *, allow_private: bool) -> str | None:
     except ValueError:
         return "must be a valid https:// URL"
     if parts.scheme != "https" or not host:
-        return "must be an https:// URL with a host"
-    if parts.username is not None or parts.password is not None:
+        return "must be an https:// URL with a host, e.g. https://hooks.operator.example/alerts"
+    if "@" in parts.netloc:
         return "must not carry a user name or password"
-    if allow_private:
-        return None
-    address = _ip_literal(host)
+    return host_problem(host, public=public)
+
+
+def host_problem(host: str, *, public: bool) -> str | None:
+    """Why ``host`` is not a host name or IP address (an internal one, when ``public``), or None.
+
+    Numeric forms resolvers accept (``2130706433``, ``0x7f.1``, ``127.1``) count as the
+    address they spell; a trailing dot is ignored, as resolvers do. A public name can still
+    resolve to an internal address: whatever connects must check the address it resolved.
+    """
+    name = host.lower().removesuffix(".")
+    address = _ip_address(name)
     if address is not None:
-        if not address.is_global or address.is_multicast:
-            return "must not point to a loopback, link-local, private or reserved address"
+        if public and is_internal_address(address):
+            return "must not be a loopback, private, link-local, multicast or otherwise reserved address"
         return None
-    if _host_problem(host):
-        return "must name a valid host"
-    if host in ("localhost",) or host.endswith((".localhost", ".local", ".internal")):
-        return "must not point to a local or internal host name"
+    labels = name.split(".")
+    if len(name) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels) or _NUMBER_LABEL.match(labels[-1]):
+        return "must be a host name such as hooks.operator.example, or an IP address"
+    if public:
+        if name in INTERNAL_SUFFIXES or name.endswith(tuple("." + suffix for suffix in INTERNAL_SUFFIXES)):
+            return "must not be a local or internal host name (localhost, *.local, *.internal)"
+        if len(labels) < 2:
+            return "must be a fully qualified host name such as hooks.operator.example"
     return None
 
 
-def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The address ``host`` spells, including forms like ``2130706433`` or ``0x7f.1``."""
-    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None
-    try:
-        address = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        address = _legacy_ipv4(host)
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
+def is_internal_address(address: Address) -> bool:
+    """True for every address that is not plainly a public unicast one, IPv4 ones inside IPv6 included."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address in _LOCAL_NAT64:
+            return True
+        inner = [address.ipv4_mapped, address.sixtofour, *(address.teredo or ())]
+        if address in _NAT64:
+            inner.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+        if any(v4 is not None and is_internal_address(v4) for v4 in inner):
+            return True
+    return (
+        not address.is_global
+        or address.is_private
+        or address.is_loopback
+        or address.is_link_local
+        or address.is_multicast
+        or address.is_reserved
+        or address.is_unspecified
+    )
 
 
-def _legacy_ipv4(host: str) -> ipaddress.IPv4Address | None:
-    parts = host.split(".")
-    if not 1 <= len(parts) <= 4:
+def _ip_address(name: str) -> Address | None:
+    if ":" in name:
+        try:
+            return ipaddress.IPv6Address(name)
+        except ValueError:
+            return None
+    return _ipv4(name)
+
+
+def _ipv4(name: str) -> ipaddress.IPv4Address | None:
+    """The IPv4 address ``name`` spells as inet_aton reads it (1-4 parts, octal, hex), else None."""
+    parts = name.split(".")
+    if not 1 <= len(parts) <= 4 or not all(_NUMBER_LABEL.fullmatch(part) for part in parts):
         return None
     try:
-        numbers = [int(p, 0) if not (len(p) > 1 and p.startswith("0") and p.isdigit()) else int(p, 8) for p in parts]
-    except ValueError:
+        numbers = [
+            int(part[2:] or "0", 16) if part.startswith("0x") else int(part, 8 if part.startswith("0") else 10)
+            for part in parts
+        ]
+    except ValueError:  # 08, 09: not octal
         return None
     *head, last = numbers
-    if any(not 0 <= n <= 255 for n in head) or not 0 <= last < 256 ** (5 - len(parts)):
+    if any(n > 255 for n in head) or last >= 256 ** (5 - len(parts)):
         return None
     value = 0
     for n in head:
         value = value * 256 + n
-    value = value * 256 ** (5 - len(parts)) + last
-    return ipaddress.IPv4Address(value) if value < 2**32 else None
+    return ipaddress.IPv4Address(value * 256 ** (5 - len(parts)) + last)
 
 
 # Merging (AIP-134) and storage
 
 
-def merge(stored: pb.TenantSettings, update: pb.TenantSettings, paths: frozenset[str]) -> pb.TenantSettings:
-    """``stored`` with the parts named by ``paths`` taken from ``update``."""
+def merge(stored: pb.TenantSettings, update: pb.TenantSettings, paths: Iterable[str]) -> pb.TenantSettings:
+    """``stored`` with the fields named by ``paths`` taken from ``update``.
+
+    A message path replaces that message whole (absent in ``update``: cleared); a leaf is
+    set even when its parent message is absent in ``update`` (to its default); maps and
+    repeated fields are replaced whole. Output-only fields stay as stored.
+    """
     merged = pb.TenantSettings()
     merged.CopyFrom(stored)
-    mask = field_mask_pb2.FieldMask(paths=sorted(paths))
-    mask.MergeMessage(update, merged, replace_message_field=True, replace_repeated_field=True)
+    for path in sorted(paths):  # a message sorts before the fields below it
+        *parents, name = path.split(".")
+        source: Message = update
+        target: Message = merged
+        for parent in parents:
+            source, target = getattr(source, parent), getattr(target, parent)
+        field = target.DESCRIPTOR.fields_by_name[name]
+        if field.is_repeated:
+            target.ClearField(name)
+            getattr(target, name).MergeFrom(getattr(source, name))
+        elif field.message_type is not None:
+            target.ClearField(name)
+            if source.HasField(name):
+                getattr(target, name).CopyFrom(getattr(source, name))
+        else:
+            setattr(target, name, getattr(source, name))
+    merged.tenant_id = stored.tenant_id
+    merged.branding.display_name = stored.branding.display_name
     return merged
 
 
@@ -339,42 +534,50 @@ def _secret_aad(tenant_id: str, path: str) -> str:
     return f"{tenant_id}/{path}"
 
 
+def _fill_defaults(settings: pb.TenantSettings) -> None:
+    for path, value in DEFAULTS.items():
+        part, name = path.split(".")
+        message = getattr(settings, part)
+        if not getattr(message, name):
+            setattr(message, name, value)
+
+
 def to_document(
     settings: pb.TenantSettings, box: SecretBox, tenant_id: str, previous: Mapping[str, Any] | None
 ) -> dict[str, Any]:
-    """The stored form: secrets sealed; ``MASK`` keeps the previously stored secret."""
+    """The stored form (call after ``validate``): secrets sealed, ``MASK`` keeps the stored secret."""
     plain = pb.TenantSettings()
     plain.CopyFrom(settings)
     plain.tenant_id = ""
     plain.branding.display_name = ""
+    _fill_defaults(plain)
     old_secrets = dict((previous or {}).get("secrets", {}))
     secrets: dict[str, Any] = {}
-    password = plain.integrations.smtp.password
-    if password == MASK:
-        if "smtp.password" in old_secrets:
-            secrets["smtp.password"] = old_secrets["smtp.password"]
-    elif password:
-        secrets["smtp.password"] = box.seal(password, _secret_aad(tenant_id, "integrations.smtp.password"))
     problems = []
-    for name, value in sorted(plain.integrations.api_keys.items()):
-        key = f"api_keys.{name}"
-        if value == MASK:
-            if key not in old_secrets:
-                problems.append(
-                    FieldViolation(
-                        f"settings.integrations.api_keys[{name}]",
-                        "no key is stored under this name to keep; send the key",
-                    )
-                )
+    integrations = plain.integrations
+    if integrations.HasField("smtp") and _configured(integrations.smtp):
+        password = integrations.smtp.password
+        if password == MASK:
+            if "smtp.password" in old_secrets:
+                secrets["smtp.password"] = old_secrets["smtp.password"]
             else:
-                secrets[key] = old_secrets[key]
-        else:
+                problems.append(FieldViolation("settings.integrations.smtp.password", _NO_PASSWORD_TO_KEEP))
+        elif password:
+            secrets["smtp.password"] = box.seal(password, _secret_aad(tenant_id, "integrations.smtp.password"))
+        integrations.smtp.password = ""
+    else:
+        integrations.ClearField("smtp")  # nothing set is the platform's server
+    for name, value in sorted(integrations.api_keys.items()):
+        key = f"api_keys.{name}"
+        if value != MASK:
             secrets[key] = box.seal(value, _secret_aad(tenant_id, f"integrations.{key}"))
+        elif key in old_secrets:
+            secrets[key] = old_secrets[key]
+        else:
+            problems.append(FieldViolation(f"settings.integrations.api_keys[{_short(name)}]", _NO_KEY_TO_KEEP))
+        integrations.api_keys[name] = ""
     if problems:
         raise invalid_argument(problems)
-    plain.integrations.smtp.password = ""
-    for name in list(plain.integrations.api_keys):
-        plain.integrations.api_keys[name] = ""
     return {"settings": json_format.MessageToDict(plain), "secrets": secrets}
 
 
@@ -382,10 +585,14 @@ def from_document(document: Mapping[str, Any], tenant_id: str) -> pb.TenantSetti
     """The masked form: ``MASK`` wherever a secret is stored, never the secret."""
     settings = json_format.ParseDict(document.get("settings", {}), pb.TenantSettings(), ignore_unknown_fields=True)
     secrets = document.get("secrets", {})
+    integrations = settings.integrations
     if "smtp.password" in secrets:
-        settings.integrations.smtp.password = MASK
-    for name in list(settings.integrations.api_keys):
-        settings.integrations.api_keys[name] = MASK if f"api_keys.{name}" in secrets else ""
+        integrations.smtp.password = MASK
+    elif integrations.HasField("smtp") and not _configured(integrations.smtp):
+        integrations.ClearField("smtp")  # documents that stored an empty SMTP message
+    for name in list(integrations.api_keys):
+        integrations.api_keys[name] = MASK if f"api_keys.{name}" in secrets else ""
+    _fill_defaults(settings)
     settings.tenant_id = tenant_id
     return settings
 
@@ -405,11 +612,3 @@ def reseal(document: Mapping[str, Any], box: SecretBox, source: str, target: str
         for path, envelope in document.get("secrets", {}).items()
     }
     return {"settings": dict(document.get("settings", {})), "secrets": secrets}
-
-
-def _is_map(field: FieldDescriptor) -> bool:
-    return field.message_type is not None and bool(field.message_type.GetOptions().map_entry)
-
-
-def _repeated(field: FieldDescriptor) -> bool:
-    return bool(field.is_repeated)
