@@ -38,7 +38,7 @@ from .identity import ServiceIdentity
 log = logging.getLogger("towerco.audit")
 
 OUTCOME_OK = "OK"
-OUTCOME_DENIED = "DENIED"
+OUTCOME_DENIED = "PERMISSION_DENIED"
 
 
 def client_ip(forwarded_for: str | None, peer: str) -> str:

@@ -23,5 +23,12 @@ CREATE POLICY audit_relay_read ON audit_outbox FOR SELECT
     USING (current_setting('app.audit_relay', true) = 'on');
 CREATE POLICY audit_relay_delete ON audit_outbox FOR DELETE
     USING (current_setting('app.audit_relay', true) = 'on');
+-- Relays claim rows with SELECT ... FOR UPDATE SKIP LOCKED, so that two replicas never
+-- send the same event at once. Locking needs UPDATE rights and an UPDATE policy; WITH
+-- CHECK (false) makes sure that no row can ever actually be changed through it.
+CREATE POLICY audit_relay_lock ON audit_outbox FOR UPDATE
+    USING (current_setting('app.audit_relay', true) = 'on')
+    WITH CHECK (false);
 
+GRANT UPDATE (create_time) ON audit_outbox TO sites_app;
 GRANT SELECT, INSERT, DELETE ON audit_outbox TO sites_app;
