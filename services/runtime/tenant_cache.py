@@ -127,7 +127,7 @@ class TenantCache:
         self._keep(tenant_id, kind, item)
         return item
 
-    async def publish(self, tenant_id: str, version: int, values: dict[str, dict[str, Any]]) -> None:
+    async def publish(self, tenant_id: str, version: int, values: dict[str, dict[str, Any] | None]) -> None:
         """After a committed change: store the new values and tell every process."""
         self._announce(tenant_id, version)
         for kind, value in values.items():

@@ -19,6 +19,7 @@ from towerco.internal.v1 import tenant_data_pb2_grpc as internal_grpc
 from services.runtime import context
 from services.runtime.db import Database
 from services.runtime.tenant_cache import TenantCache
+from services.runtime.tenants import STATE_KIND
 
 from . import queries, records
 
@@ -89,5 +90,8 @@ class Offboarding:
                         await conn.execute(statement, tenant_id)
                     done = await conn.fetchrow(queries.SET_STATE, tenant_id, "STATE_DELETED", "")
             assert done is not None
-            await records.publish(self._cache, done)
+            # Publish the settings as gone too, so no cache keeps serving the old ones.
+            await self._cache.publish(
+                tenant_id, done["version"], {STATE_KIND: records.state_value(done), records.SETTINGS_KIND: None}
+            )
             log.info("tenant %s deleted", tenant_id)

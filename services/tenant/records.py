@@ -95,14 +95,18 @@ async def read_settings(db: Database, cache: TenantCache, tenant_id: str) -> Ver
             async with db.transaction(readonly=True) as conn:
                 row = await conn.fetchrow(queries.GET_TENANT, tenant_id)
                 document = await conn.fetchval(queries.GET_SETTINGS, tenant_id) if row is not None else None
-        return Versioned(0, None) if row is None else Versioned(row["version"], settings_value(row, document))
+        if row is None:
+            return Versioned(0, None)
+        if row["state"] == "STATE_DELETED":  # its settings went with its data; defaults would be made up
+            return Versioned(row["version"], None)
+        return Versioned(row["version"], settings_value(row, document))
 
     return await cache.get(tenant_id, SETTINGS_KIND, load)
 
 
 async def publish(cache: TenantCache, row: Mapping[str, Any], document: Mapping[str, Any] | None = None) -> None:
     """Tell every process about a committed change of a tenant (state, and settings if given)."""
-    values = {STATE_KIND: state_value(row)}
+    values: dict[str, dict[str, Any] | None] = {STATE_KIND: state_value(row)}
     if document is not None:
         values[SETTINGS_KIND] = settings_value(row, document)
     await cache.publish(row["tenant_id"], row["version"], values)

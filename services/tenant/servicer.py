@@ -43,6 +43,8 @@ EMAIL = re.compile(r"^[^@\s]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
 #: Plans a tenant can be created on (the feature gate's plans file is the full definition).
 PLANS = ("basic", "professional", "enterprise")
 ADMIN_ROLE = "admin"
+#: States in which a tenant's data is being or has been removed.
+GONE = ("STATE_DELETING", "STATE_DELETED")
 
 #: Steps after the first transaction of provisioning, each idempotent, run in order with
 #: the caller's context; the tenant becomes ACTIVE only once all of them have succeeded.
@@ -296,6 +298,13 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
                 row = await conn.fetchrow(queries.GET_TENANT_FOR_UPDATE, tenant_id)
                 if row is None:
                     raise not_found("tenant", tenant_id)
+                if row["state"] in GONE:
+                    # Offboarding removes the settings; writing them would bring a row back.
+                    raise failed_precondition(
+                        f"tenant {tenant_id!r} is {row['state']}; its settings can no longer change",
+                        "TENANT_STATE_CONFLICT",
+                        state=row["state"],
+                    )
                 previous = await conn.fetchval(queries.GET_SETTINGS_FOR_UPDATE, tenant_id)
                 stored = (
                     settings_rules.from_document(previous, tenant_id)
