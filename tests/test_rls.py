@@ -228,7 +228,7 @@ async def test_runtime_role_owns_nothing_in_schema(admin):
 
 
 #: Every schema a service owns; each must hold to the same rules.
-SERVICE_SCHEMAS = ["sites", "tenant"]
+SERVICE_SCHEMAS = ["sites", "tenant", "audit"]
 #: The registry's routing directory: a host belongs to one tenant platform-wide, so its key
 #: is the host (a reference table under Citus). Its tenant_id index leads with tenant_id.
 GLOBAL_KEYS = {"tenant.host_routes_pkey"}
