@@ -81,6 +81,32 @@ class Database:
         finally:
             await self._pool.release(conn)
 
+    async def rebind_tenant(self, conn: asyncpg.Connection[Any], tenant_id: str, purpose: str) -> None:
+        """Bind ``tenant_id`` to ``conn``'s open transaction in place of the one bound so far.
+
+        For the one platform-service write that spans tenants atomically: the audit
+        service's ``WriteEvents`` appends a batch of several tenants' events in one
+        transaction, re-binding each tenant before touching its rows, so RLS still shows
+        and accepts that tenant's rows only. Allowed only for a platform service caller,
+        only inside a transaction (the binding stays transaction-local), and logged.
+        """
+        caller = context.current_caller()
+        if caller is None or not caller.service:
+            raise context.PlatformScopeError(f"{purpose}: re-binding a transaction's tenant needs a platform service")
+        if not context.is_valid_tenant_id(tenant_id):
+            raise context.PlatformScopeError(f"{purpose}: not a tenant id: {tenant_id!r}")
+        if not conn.is_in_transaction():
+            raise RuntimeError(f"{purpose}: rebind_tenant needs an open transaction (the binding is transaction-local)")
+        ctx = context.current()
+        log.info(
+            "platform path %s: %s binds tenant %s (request %s)",
+            purpose,
+            caller.subject,
+            tenant_id,
+            ctx.request_id if ctx else "-",
+        )
+        await conn.execute(BIND_TENANT, tenant_id)
+
     @asynccontextmanager
     async def platform_read(self, purpose: str) -> AsyncIterator[asyncpg.Connection[Any]]:
         """A READ ONLY transaction that may read across tenants where a table allows it.
