@@ -1,0 +1,258 @@
+"""Every change reaches the audit log exactly once, through each service's outbox.
+
+Events are checked where they end up (``audit.events``, read as the superuser) by the
+request id of the call that made the change, so each assertion names one call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2
+from towerco.sites.v1 import sites_service_pb2 as sites_pb
+from towerco.sites.v1 import sites_service_pb2_grpc as sites_grpc
+from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
+
+from deploy.local.stack import Stack
+
+from .support import bearer, expect_error
+
+pytestmark = pytest.mark.stack
+
+SECRET = "Sup3r-Secret-Value-42"
+
+
+async def events_for(admin: Any, tenant_id: str, request_id: str, *, expect: int = 1, wait: float = 15.0) -> list[Any]:
+    """The events of one call, once the relay has delivered them (waits for ``expect``)."""
+    deadline = time.monotonic() + wait
+    while True:
+        rows = await admin.fetch(
+            "SELECT * FROM audit.events WHERE tenant_id = $1 AND request_id = $2 ORDER BY sequence",
+            tenant_id,
+            request_id,
+        )
+        if len(rows) >= expect or time.monotonic() > deadline:
+            # Give a late duplicate the chance to show up before concluding "exactly".
+            await asyncio.sleep(0.3)
+            return list(
+                await admin.fetch(
+                    "SELECT * FROM audit.events WHERE tenant_id = $1 AND request_id = $2 ORDER BY sequence",
+                    tenant_id,
+                    request_id,
+                )
+            )
+        await asyncio.sleep(0.05)
+
+
+def rid(label: str) -> str:
+    return f"{label}-{uuid.uuid4().hex[:12]}"
+
+
+async def test_site_changes_each_yield_one_event(sites, token, tenant_pair, admin):
+    tenant, _ = tenant_pair
+    jwt = token(tenant, sub="alice@operator.example")
+    create, update, delete = rid("create"), rid("update"), rid("delete")
+    sites.CreateSite(
+        sites_pb.CreateSiteRequest(site_id="AUD-1", site=sites_pb.Site(name="Audited")),
+        metadata=bearer(jwt, **{"x-request-id": create}),
+        timeout=10,
+    )
+    sites.UpdateSite(
+        sites_pb.UpdateSiteRequest(
+            site=sites_pb.Site(site_id="AUD-1", name="Renamed"), update_mask=field_mask_pb2.FieldMask(paths=["name"])
+        ),
+        metadata=bearer(jwt, **{"x-request-id": update}),
+        timeout=10,
+    )
+    sites.DeleteSite(
+        sites_pb.DeleteSiteRequest(site_id="AUD-1"), metadata=bearer(jwt, **{"x-request-id": delete}), timeout=10
+    )
+    for request_id, action in ((create, "sites.create"), (update, "sites.update"), (delete, "sites.delete")):
+        rows = await events_for(admin, tenant, request_id)
+        assert len(rows) == 1, (action, rows)
+        event = rows[0]
+        assert event["action"] == action
+        assert event["resource"] == "sites/AUD-1"
+        assert event["user_id"] == "alice@operator.example"
+        assert event["outcome"] == "OK"
+        assert event["ip_address"] == "127.0.0.1"
+
+
+async def test_reads_and_failed_changes_yield_no_event(sites, token, tenant_pair, admin):
+    tenant, _ = tenant_pair
+    jwt = token(tenant)
+    read, missing = rid("read"), rid("missing")
+    sites.ListSites(sites_pb.ListSitesRequest(), metadata=bearer(jwt, **{"x-request-id": read}), timeout=10)
+    expect_error(
+        sites.DeleteSite,
+        sites_pb.DeleteSiteRequest(site_id="NOPE-1"),
+        metadata=bearer(jwt, **{"x-request-id": missing}),
+    )
+    assert await events_for(admin, tenant, read, expect=1, wait=1.0) == []
+    assert await events_for(admin, tenant, missing, expect=1, wait=1.0) == []
+
+
+async def test_forwarded_client_address_is_the_gateways_entry(sites, token, tenant_pair, admin):
+    tenant, _ = tenant_pair
+    request_id = rid("xff")
+    # The client claims 1.2.3.4; the gateway appended what it saw, 203.0.113.7.
+    metadata = bearer(token(tenant), **{"x-request-id": request_id, "x-forwarded-for": "1.2.3.4, 203.0.113.7"})
+    sites.CreateSite(
+        sites_pb.CreateSiteRequest(site_id="XFF-1", site=sites_pb.Site(name="Via gateway")),
+        metadata=metadata,
+        timeout=10,
+    )
+    (event,) = await events_for(admin, tenant, request_id)
+    assert event["ip_address"] == "203.0.113.7"
+
+
+async def test_registry_changes_each_yield_one_event_without_secrets(registry, platform_token, token, admin):
+    tenant = f"au_{uuid.uuid4().hex[:10]}"
+    create = rid("tcreate")
+    registry.CreateTenant(
+        tenant_pb.CreateTenantRequest(
+            tenant_id=tenant,
+            request_id=create,
+            tenant=tenant_pb.Tenant(display_name="Audited Towers", plan="basic", admin_email="noc@audited.example"),
+        ),
+        metadata=bearer(platform_token, **{"x-request-id": create}),
+        timeout=10,
+    )
+    # The same request again is a replay, not a second change.
+    registry.CreateTenant(
+        tenant_pb.CreateTenantRequest(
+            tenant_id=tenant,
+            request_id=create,
+            tenant=tenant_pb.Tenant(display_name="Audited Towers", plan="basic", admin_email="noc@audited.example"),
+        ),
+        metadata=bearer(platform_token, **{"x-request-id": create}),
+        timeout=10,
+    )
+    settings = rid("settings")
+    registry.UpdateTenantSettings(
+        tenant_pb.UpdateTenantSettingsRequest(
+            settings=tenant_pb.TenantSettings(
+                integrations=tenant_pb.Integrations(
+                    smtp=tenant_pb.SmtpSettings(host="smtp.audited.example", port=587, password=SECRET),
+                    api_keys={"maps": SECRET},
+                )
+            ),
+            update_mask=field_mask_pb2.FieldMask(paths=["integrations"]),
+        ),
+        metadata=bearer(token(tenant), **{"x-request-id": settings}),
+        timeout=10,
+    )
+    suspend, reactivate = rid("suspend"), rid("reactivate")
+    registry.SuspendTenant(
+        tenant_pb.SuspendTenantRequest(tenant_id=tenant, reason="audit test"),
+        metadata=bearer(platform_token, **{"x-request-id": suspend}),
+        timeout=10,
+    )
+    registry.ReactivateTenant(
+        tenant_pb.ReactivateTenantRequest(tenant_id=tenant),
+        metadata=bearer(platform_token, **{"x-request-id": reactivate}),
+        timeout=10,
+    )
+    expected = {
+        create: ("tenants.create", f"tenants/{tenant}"),
+        settings: ("settings.update", f"tenants/{tenant}/settings"),
+        suspend: ("tenants.suspend", f"tenants/{tenant}"),
+        reactivate: ("tenants.reactivate", f"tenants/{tenant}"),
+    }
+    for request_id, (action, resource) in expected.items():
+        rows = await events_for(admin, tenant, request_id)
+        assert [(r["action"], r["resource"]) for r in rows] == [(action, resource)], request_id
+    (settings_event,) = await events_for(admin, tenant, settings)
+    assert "integrations" in str(settings_event["details"])
+    (suspend_event,) = await events_for(admin, tenant, suspend)
+    assert "audit test" in str(suspend_event["details"])
+    every = await admin.fetch("SELECT e::text AS row FROM audit.events e WHERE tenant_id = $1", tenant)
+    assert every and not any(SECRET in r["row"] for r in every)
+    for schema in ("tenant", "sites"):
+        outbox = await admin.fetch(f"SELECT encode(event, 'escape') AS row FROM {schema}.audit_outbox")
+        assert not any(SECRET in r["row"] for r in outbox)
+
+
+async def test_cross_tenant_attempt_is_in_the_targets_log(sites, token, tenant_pair, admin):
+    tenant_a, tenant_b = tenant_pair
+    request_id = rid("cross")
+    error = expect_error(
+        sites.ListSites,
+        sites_pb.ListSitesRequest(),
+        metadata=bearer(token(tenant_b, sub="mallory@b.example"), tenant_a, **{"x-request-id": request_id}),
+    )
+    assert error.code == grpc.StatusCode.PERMISSION_DENIED
+    (event,) = await events_for(admin, tenant_a, request_id)
+    assert event["action"] == "security.cross_tenant_denied"
+    assert event["outcome"] == "PERMISSION_DENIED"
+    assert event["user_id"] == "mallory@b.example"
+    assert tenant_b in str(event["details"])
+    assert await events_for(admin, tenant_b, request_id, wait=0.5) == []
+
+
+# --- Nothing lost while the audit service is down --------------------------------------
+
+
+@pytest.fixture
+def audit_switch(stack: Stack) -> Iterator[dict[str, Any]]:
+    """Stop and start the platform's audit service (every relay of every process sends to it)."""
+    log = (Path(__file__).resolve().parents[1] / "test-output" / "logs" / "audit.log").open("ab")
+
+    def stop() -> None:
+        process = stack.processes["audit"]
+        process.terminate()
+        process.wait(20)
+
+    def start() -> None:
+        stack.start_service("audit", log=log, extra_env={"MIGRATE_ON_START": "0"})
+        stack.wait_serving("audit")
+
+    try:
+        yield {"stop": stop, "start": start}
+    finally:
+        if stack.processes["audit"].poll() is not None:
+            start()
+        log.close()
+
+
+async def test_changes_made_while_audit_is_down_arrive_exactly_once(
+    audit_switch, sites_target, token, tenant_pair, admin
+):
+    tenant, _ = tenant_pair
+    jwt = token(tenant)
+    audit_switch["stop"]()
+    with grpc.insecure_channel(sites_target) as channel:
+        stub = sites_grpc.SiteServiceStub(channel)
+        for i in range(100):
+            stub.CreateSite(
+                sites_pb.CreateSiteRequest(site_id=f"DOWN-{i:03d}", site=sites_pb.Site(name=f"Down {i}")),
+                metadata=bearer(jwt, **{"x-request-id": f"down-{tenant}-{i}"}),
+                timeout=10,
+            )
+    # Every change succeeded and its event waits in the outbox.
+    waiting = await admin.fetchval("SELECT count(*) FROM sites.audit_outbox WHERE tenant_id = $1", tenant)
+    assert waiting == 100
+    sites_events = "SELECT count(*) FROM audit.events WHERE tenant_id = $1 AND resource LIKE 'sites/%'"
+    assert await admin.fetchval(sites_events, tenant) == 0
+
+    audit_switch["start"]()
+    deadline = time.monotonic() + 30
+    while await admin.fetchval("SELECT count(*) FROM sites.audit_outbox WHERE tenant_id = $1", tenant):
+        assert time.monotonic() < deadline, "the outbox was not drained after the audit service returned"
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)  # a duplicate delivery would land now
+    rows = await admin.fetch(
+        "SELECT resource, count(*) AS n FROM audit.events WHERE tenant_id = $1 AND resource LIKE 'sites/%' "
+        "GROUP BY resource",
+        tenant,
+    )
+    assert len(rows) == 100
+    assert {r["n"] for r in rows} == {1}
+    assert {r["resource"] for r in rows} == {f"sites/DOWN-{i:03d}" for i in range(100)}
