@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
+from towerco.audit.v1 import audit_log_service_pb2 as audit_pb
 from towerco.sites.v1 import sites_service_pb2 as sites_pb
 from towerco.sites.v1 import sites_service_pb2_grpc as sites_grpc
 from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
@@ -256,3 +257,60 @@ async def test_changes_made_while_audit_is_down_arrive_exactly_once(
     assert len(rows) == 100
     assert {r["n"] for r in rows} == {1}
     assert {r["resource"] for r in rows} == {f"sites/DOWN-{i:03d}" for i in range(100)}
+
+
+async def test_one_refused_event_does_not_hold_up_the_others(sites, token, tenant_pair, admin):
+    tenant, _ = tenant_pair
+    # An event the audit service refuses (an outcome that is no gRPC status), as a bug would write it.
+    poison = audit_pb.AuditEvent(
+        event_id=str(uuid.uuid4()), tenant_id=tenant, action="sites.create", resource="sites/BAD", outcome="BOGUS"
+    )
+    await admin.execute(
+        "INSERT INTO sites.audit_outbox (tenant_id, event_id, event) VALUES ($1, $2, $3)",
+        tenant,
+        uuid.UUID(poison.event_id),
+        poison.SerializeToString(),
+    )
+    request_id = rid("after-poison")
+    sites.CreateSite(
+        sites_pb.CreateSiteRequest(site_id="GOOD-1", site=sites_pb.Site(name="Good")),
+        metadata=bearer(token(tenant), **{"x-request-id": request_id}),
+        timeout=10,
+    )
+    (event,) = await events_for(admin, tenant, request_id)
+    assert event["resource"] == "sites/GOOD-1"
+    # The refused event is kept, not dropped: someone can repair it.
+    kept = await admin.fetchval(
+        "SELECT count(*) FROM sites.audit_outbox WHERE tenant_id = $1 AND event_id = $2",
+        tenant,
+        uuid.UUID(poison.event_id),
+    )
+    assert kept == 1
+    await admin.execute("DELETE FROM sites.audit_outbox WHERE tenant_id = $1", tenant)
+
+
+async def test_delete_and_migrate_each_yield_one_event(registry, platform_token, token, tenant_pair, admin):
+    source, target = tenant_pair
+    migrate = rid("migrate")
+    migration = registry.MigrateTenantData(
+        tenant_pb.MigrateTenantDataRequest(source_tenant_id=source, target_tenant_id=target, data_types=["settings"]),
+        metadata=bearer(platform_token, **{"x-request-id": migrate}),
+        timeout=10,
+    )
+    (event,) = await events_for(admin, "platform", migrate)
+    assert (event["action"], event["resource"]) == ("tenants.migrate", f"migrations/{migration.migration_id}")
+    assert target in str(event["details"])
+    deadline = time.monotonic() + 15
+    while registry.GetMigration(
+        tenant_pb.GetMigrationRequest(migration_id=migration.migration_id), metadata=bearer(platform_token), timeout=10
+    ).state in (tenant_pb.Migration.STATE_PENDING, tenant_pb.Migration.STATE_RUNNING):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    delete = rid("delete-tenant")
+    registry.DeleteTenant(
+        tenant_pb.DeleteTenantRequest(tenant_id=source),
+        metadata=bearer(platform_token, **{"x-request-id": delete}),
+        timeout=10,
+    )
+    (event,) = await events_for(admin, source, delete)
+    assert (event["action"], event["resource"], event["outcome"]) == ("tenants.delete", f"tenants/{source}", "OK")

@@ -22,8 +22,7 @@ import asyncpg
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.runtime import migrations
-from services.runtime.server import ServiceSpec
+from services.runtime.server import ServiceSpec, migrate_service
 from services.runtime.settings import DEFAULT_PORTS, DEV_APP_DB_PASSWORD
 
 from .postgres import start_postgres, stop_postgres
@@ -105,9 +104,7 @@ class Stack:
             done = {}
             for name in names or available_services():
                 spec = service_spec(name)
-                done[name] = await migrations.migrate(
-                    self.database_url, spec.name, spec.schema, spec.migrations_dir, password
-                )
+                done[name] = await migrate_service(spec, self.database_url, password)
             return done
 
         return asyncio.run(run())

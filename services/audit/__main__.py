@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import sys
 from pathlib import Path
 
 from grpc import aio
 from towerco.audit.v1 import audit_log_service_pb2, audit_log_service_pb2_grpc
 
 from services.runtime.server import Runtime, ServiceSpec, main
-from services.runtime.settings import load
 
 from .retention import ensure_retention_role
 from .servicer import AuditLogServicer
@@ -18,10 +15,6 @@ from .servicer import AuditLogServicer
 
 def register(server: aio.Server, runtime: Runtime) -> None:
     audit_log_service_pb2_grpc.add_AuditLogServiceServicer_to_server(AuditLogServicer(runtime), server)
-    settings = runtime.settings
-    if settings.migrate_on_start:
-        # The retention role goes with the migrations: set up by whoever applies them.
-        runtime.on_start(lambda: ensure_retention_role(settings.database_url))
 
 
 SPEC = ServiceSpec(
@@ -33,15 +26,10 @@ SPEC = ServiceSpec(
     # Its own refusals (cross-tenant attempts) reach its log through an outbox and
     # WriteEvents, like every other service's.
     outbox=True,
+    # The retention role goes with the migrations: set up by whoever applies them.
+    after_migrate=ensure_retention_role,
 )
 
 
-def run() -> None:
-    """Serve; or with ``migrate`` apply the migrations, then set up the retention role."""
-    main(SPEC)
-    if sys.argv[1:] == ["migrate"]:
-        asyncio.run(ensure_retention_role(load(SPEC.name).database_url))
-
-
 if __name__ == "__main__":
-    run()
+    main(SPEC)

@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+import grpc
 from google.protobuf import struct_pb2
 from towerco.audit.v1 import audit_log_service_pb2 as audit_pb
 from towerco.audit.v1 import audit_log_service_pb2_grpc as audit_grpc
@@ -202,14 +203,39 @@ class AuditRelay:
                 if not rows:
                     return 0
                 events = [audit_pb.AuditEvent.FromString(row["event"]) for row in rows]
-                await self._stub.WriteEvents(audit_pb.WriteEventsRequest(events=events), timeout=10)
+                try:
+                    await self._stub.WriteEvents(audit_pb.WriteEventsRequest(events=events), timeout=10)
+                    delivered = list(rows)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.INVALID_ARGUMENT or len(rows) == 1:
+                        raise
+                    # One bad event must not hold up every later one: send them one by one.
+                    delivered = await self._deliver_each(rows, events)
                 await conn.execute(
                     f"DELETE FROM {self._schema}.audit_outbox "
                     "WHERE (tenant_id, event_id) IN (SELECT * FROM unnest($1::text[], $2::uuid[]))",
-                    [row["tenant_id"] for row in rows],
-                    [row["event_id"] for row in rows],
+                    [row["tenant_id"] for row in delivered],
+                    [row["event_id"] for row in delivered],
                 )
-        return len(rows)
+        return len(delivered)
+
+    async def _deliver_each(self, rows: list[Any], events: list[audit_pb.AuditEvent]) -> list[Any]:
+        delivered = []
+        for row, message in zip(rows, events, strict=True):
+            try:
+                await self._stub.WriteEvents(audit_pb.WriteEventsRequest(events=[message]), timeout=10)
+                delivered.append(row)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+                # Kept in the outbox (nothing is dropped) and reported until someone repairs it.
+                log.error(
+                    "audit relay: the audit service refuses event %s (%s): %s; it stays in the outbox",
+                    message.event_id,
+                    message.action,
+                    exc.details(),
+                )
+        return delivered
 
 
 def _short(exc: BaseException) -> str:

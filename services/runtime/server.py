@@ -100,12 +100,21 @@ class ServiceSpec:
     state_source: Callable[[Database], StateSource] | None = None
     #: Whether the service has an ``audit_outbox`` table and relays it to the audit service.
     outbox: bool = True
+    #: Set-up the SQL migrations cannot do as the owner role (e.g. extra roles), run with
+    #: the administrative DSN after every migration run, however it is started. Idempotent.
+    after_migrate: Callable[[str], Awaitable[None]] | None = None
 
 
 async def run_migrations(spec: ServiceSpec, settings: Settings) -> list[int]:
-    return await migrations.migrate(
-        settings.database_url, spec.name, spec.schema, spec.migrations_dir, settings.app_db_password
-    )
+    return await migrate_service(spec, settings.database_url, settings.app_db_password)
+
+
+async def migrate_service(spec: ServiceSpec, admin_dsn: str, app_password: str) -> list[int]:
+    """Apply the service's pending migrations, then its ``after_migrate`` set-up."""
+    applied = await migrations.migrate(admin_dsn, spec.name, spec.schema, spec.migrations_dir, app_password)
+    if spec.after_migrate is not None:
+        await spec.after_migrate(admin_dsn)
+    return applied
 
 
 def make_verifier(settings: Settings) -> TokenVerifier:
