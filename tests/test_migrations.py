@@ -292,3 +292,26 @@ async def test_sites_migrations_are_recorded(admin_dsn, stack):
         )
         == []
     )
+
+
+async def test_shared_outbox_is_applied_once_into_every_service_schema(admin):
+    booked = {
+        row["service"]
+        for row in await admin.fetch("SELECT service FROM platform_meta.schema_migrations WHERE service LIKE '%+%'")
+    }
+    assert {"tenant+audit_outbox", "sites+audit_outbox", "audit+audit_outbox"} <= booked
+    for service in ("tenant", "sites", "audit"):
+        owner = await admin.fetchval(
+            "SELECT tableowner FROM pg_tables WHERE schemaname = $1 AND tablename = 'audit_outbox'", service
+        )
+        assert owner == f"{service}_owner"
+        # The template's role placeholder became this service's runtime role, and no other.
+        can_insert = await admin.fetchval(
+            "SELECT has_table_privilege($1, $2, 'INSERT')", f"{service}_app", f"{service}.audit_outbox"
+        )
+        assert can_insert
+        others = [other for other in ("tenant", "sites", "audit") if other != service]
+        for other in others:
+            assert not await admin.fetchval(
+                "SELECT has_table_privilege($1, $2, 'INSERT')", f"{other}_app", f"{service}.audit_outbox"
+            )

@@ -5,8 +5,13 @@ Run with the administrative DSN. For service ``sites`` it makes sure of:
 - role ``sites_app`` (LOGIN, NOSUPERUSER, NOBYPASSRLS, NOREPLICATION, owns nothing) that the service runs as;
 - the files ``services/sites/migrations/NNNN_name.sql`` applied in order as ``sites_owner``.
 
+Tables every service of a kind needs (the audit outbox) are written once, as shared
+components under ``services/runtime/sql/<component>/``, and applied into each service's
+schema before its own files, with ``{{app_role}}`` standing for its runtime role.
+
 Bookkeeping lives in ``platform_meta.schema_migrations``, outside every service schema and
-out of the runtime roles' reach. An applied file whose text changed is refused.
+out of the runtime roles' reach (a shared component is booked as ``<service>+<component>``).
+An applied file whose text changed is refused.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +29,8 @@ import asyncpg
 log = logging.getLogger("towerco.migrations")
 
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+#: Shared components: ``services/runtime/sql/<component>/NNNN_name.sql``.
+SHARED = Path(__file__).parent / "sql"
 _LOCK_KEY = 0x7077E2C0  # one advisory lock for all migrations of the platform
 
 
@@ -60,15 +68,26 @@ def _ident(name: str) -> str:
     return name
 
 
-async def migrate(admin_dsn: str, service: str, schema: str, directory: Path, app_password: str) -> list[int]:
-    """Apply pending migrations of one service; returns the versions applied now."""
+async def migrate(
+    admin_dsn: str,
+    service: str,
+    schema: str,
+    directory: Path,
+    app_password: str,
+    components: Sequence[str] = (),
+) -> list[int]:
+    """Apply pending migrations of one service (shared ``components`` first); returns the versions applied now."""
     owner, app, schema = _ident(f"{service}_owner"), _ident(f"{service}_app"), _ident(schema)
     pending = load(directory)  # a badly named file stops us before anything is created
+    shared = {name: load(SHARED / _ident(name)) for name in components}
     conn: asyncpg.Connection[Any] = await asyncpg.connect(admin_dsn)
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
         try:
             await _ensure_roles_and_schema(conn, owner, app, schema, app_password)
+            for name, files in shared.items():
+                instances = [Migration(m.version, m.name, m.sql.replace("{{app_role}}", app)) for m in files]
+                await _apply(conn, f"{service}+{name}", owner, schema, instances, checksums=files)
             return await _apply(conn, service, owner, schema, pending)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
@@ -110,8 +129,15 @@ async def _ensure_roles_and_schema(
 
 
 async def _apply(
-    conn: asyncpg.Connection[Any], service: str, owner: str, schema: str, migrations: list[Migration]
+    conn: asyncpg.Connection[Any],
+    service: str,
+    owner: str,
+    schema: str,
+    migrations: list[Migration],
+    checksums: list[Migration] | None = None,
 ) -> list[int]:
+    """Apply what is not booked yet; ``checksums`` are the files as written (shared templates)."""
+    written = {m.version: m.checksum for m in (checksums or migrations)}
     applied = {
         row["version"]: row["checksum"]
         for row in await conn.fetch(
@@ -121,7 +147,7 @@ async def _apply(
     done: list[int] = []
     for migration in migrations:
         if migration.version in applied:
-            if applied[migration.version] != migration.checksum:
+            if applied[migration.version] != written[migration.version]:
                 raise MigrationError(
                     f"{service} migration {migration.version:04d}_{migration.name} was edited after it was applied; "
                     "add a new migration instead"
@@ -141,7 +167,7 @@ async def _apply(
                 service,
                 migration.version,
                 migration.name,
-                migration.checksum,
+                written[migration.version],
             )
         log.info("applied %s migration %04d_%s", service, migration.version, migration.name)
         done.append(migration.version)

@@ -111,7 +111,8 @@ async def run_migrations(spec: ServiceSpec, settings: Settings) -> list[int]:
 
 async def migrate_service(spec: ServiceSpec, admin_dsn: str, app_password: str) -> list[int]:
     """Apply the service's pending migrations, then its ``after_migrate`` set-up."""
-    applied = await migrations.migrate(admin_dsn, spec.name, spec.schema, spec.migrations_dir, app_password)
+    components = ("audit_outbox",) if spec.outbox else ()
+    applied = await migrations.migrate(admin_dsn, spec.name, spec.schema, spec.migrations_dir, app_password, components)
     if spec.after_migrate is not None:
         await spec.after_migrate(admin_dsn)
     return applied

@@ -1,4 +1,5 @@
--- Audit events waiting for the audit service (see services/runtime/audit.py).
+-- Audit events waiting for the audit service (see services/runtime/audit.py). Shared by
+-- every service with `outbox=True` in its ServiceSpec; {{app_role}} is its runtime role.
 --
 -- An event is inserted in the same transaction as the change it describes, so both
 -- commit or neither does; the relay deletes it once the audit service has it.
@@ -30,5 +31,5 @@ CREATE POLICY audit_relay_lock ON audit_outbox FOR UPDATE
     USING (current_setting('app.audit_relay', true) = 'on')
     WITH CHECK (false);
 
-GRANT UPDATE (create_time) ON audit_outbox TO tenant_app;
-GRANT SELECT, INSERT, DELETE ON audit_outbox TO tenant_app;
+GRANT UPDATE (create_time) ON audit_outbox TO {{app_role}};
+GRANT SELECT, INSERT, DELETE ON audit_outbox TO {{app_role}};
