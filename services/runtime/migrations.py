@@ -29,6 +29,24 @@ import asyncpg
 log = logging.getLogger("towerco.migrations")
 
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+#: The one definition of tenant isolation, called by migrations for every tenant table:
+#: ENABLE and FORCE row-level security, and the policy that shows and accepts only rows of
+#: the tenant bound to the transaction (none when no tenant is bound).
+ISOLATE_BY_TENANT = """
+CREATE OR REPLACE FUNCTION platform_meta.isolate_by_tenant(tbl regclass) RETURNS void
+LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog AS $fn$
+BEGIN
+    EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', tbl);
+    EXECUTE format('ALTER TABLE %s FORCE ROW LEVEL SECURITY', tbl);
+    EXECUTE format(
+        'CREATE POLICY tenant_isolation ON %s'
+        ' USING (tenant_id = current_setting(''app.current_tenant_id'', true))'
+        ' WITH CHECK (tenant_id = current_setting(''app.current_tenant_id'', true))',
+        tbl);
+END
+$fn$;
+REVOKE ALL ON FUNCTION platform_meta.isolate_by_tenant(regclass) FROM PUBLIC;
+"""
 #: Shared components: ``services/runtime/sql/<component>/NNNN_name.sql``.
 SHARED = Path(__file__).parent / "sql"
 _LOCK_KEY = 0x7077E2C0  # one advisory lock for all migrations of the platform
@@ -110,6 +128,7 @@ async def _ensure_roles_and_schema(
                    applied_at timestamptz NOT NULL DEFAULT now(),
                    PRIMARY KEY (service, version))"""
         )
+        await conn.execute(ISOLATE_BY_TENANT)
         if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", owner):
             await conn.execute(f"CREATE ROLE {owner} NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE")
         if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", app):
@@ -121,6 +140,9 @@ async def _ensure_roles_and_schema(
         await conn.execute(
             f"ALTER ROLE {app} LOGIN NOSUPERUSER NOBYPASSRLS NOREPLICATION NOCREATEDB NOCREATEROLE PASSWORD {password}"
         )
+        # Migrations (run as the owner) call platform_meta.isolate_by_tenant('<table>').
+        await conn.execute(f"GRANT USAGE ON SCHEMA platform_meta TO {owner}")
+        await conn.execute(f"GRANT EXECUTE ON FUNCTION platform_meta.isolate_by_tenant(regclass) TO {owner}")
         await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION {owner}")
         await conn.execute(f"REVOKE ALL ON SCHEMA {schema} FROM PUBLIC")
         await conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO {app}")

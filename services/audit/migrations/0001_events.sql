@@ -43,11 +43,7 @@ CREATE INDEX events_by_resource ON events (tenant_id, resource, sequence);
 CREATE INDEX events_by_user ON events (tenant_id, user_id, sequence);
 CREATE INDEX events_by_time ON events (tenant_id, create_time);
 
-ALTER TABLE events ENABLE ROW LEVEL SECURITY;
-ALTER TABLE events FORCE ROW LEVEL SECURITY;
-CREATE POLICY tenant_isolation ON events
-    USING (tenant_id = current_setting('app.current_tenant_id', true))
-    WITH CHECK (tenant_id = current_setting('app.current_tenant_id', true));
+SELECT platform_meta.isolate_by_tenant('events');
 -- The retention purge crosses tenants: it reads and deletes every tenant's old events,
 -- and only as the retention role (a NOLOGIN role no runtime role is a member of).
 CREATE POLICY retention_read ON events FOR SELECT

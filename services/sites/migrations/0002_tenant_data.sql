@@ -25,17 +25,9 @@ CREATE TABLE tenant_migration_rows (
     PRIMARY KEY (tenant_id, migration_id, data_type, row_key)
 );
 
-ALTER TABLE tenant_migrations ENABLE ROW LEVEL SECURITY;
-ALTER TABLE tenant_migrations FORCE ROW LEVEL SECURITY;
-CREATE POLICY tenant_isolation ON tenant_migrations
-    USING (tenant_id = current_setting('app.current_tenant_id', true))
-    WITH CHECK (tenant_id = current_setting('app.current_tenant_id', true));
+SELECT platform_meta.isolate_by_tenant('tenant_migrations');
 
-ALTER TABLE tenant_migration_rows ENABLE ROW LEVEL SECURITY;
-ALTER TABLE tenant_migration_rows FORCE ROW LEVEL SECURITY;
-CREATE POLICY tenant_isolation ON tenant_migration_rows
-    USING (tenant_id = current_setting('app.current_tenant_id', true))
-    WITH CHECK (tenant_id = current_setting('app.current_tenant_id', true));
+SELECT platform_meta.isolate_by_tenant('tenant_migration_rows');
 
 GRANT SELECT, INSERT, DELETE ON tenant_migrations TO sites_app;
 GRANT SELECT, INSERT, DELETE ON tenant_migration_rows TO sites_app;

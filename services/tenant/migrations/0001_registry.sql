@@ -82,45 +82,21 @@ CREATE TABLE migration_settings_backup (
     PRIMARY KEY (tenant_id, migration_id)
 );
 
-ALTER TABLE tenants ENABLE ROW LEVEL SECURITY;
-ALTER TABLE tenants FORCE ROW LEVEL SECURITY;
-CREATE POLICY tenant_isolation ON tenants
-    USING (tenant_id = current_setting('app.current_tenant_id', true))
-    WITH CHECK (tenant_id = current_setting('app.current_tenant_id', true));
+SELECT platform_meta.isolate_by_tenant('tenants');
 CREATE POLICY platform_read ON tenants FOR SELECT
     USING (current_setting('app.platform_read', true) = 'on');
 
-ALTER TABLE host_routes ENABLE ROW LEVEL SECURITY;
-ALTER TABLE host_routes FORCE ROW LEVEL SECURITY;
-CREATE POLICY tenant_isolation ON host_routes
-    USING (tenant_id = current_setting('app.current_tenant_id', true))
-    WITH CHECK (tenant_id = current_setting('app.current_tenant_id', true));
+SELECT platform_meta.isolate_by_tenant('host_routes');
 CREATE POLICY platform_read ON host_routes FOR SELECT
     USING (current_setting('app.platform_read', true) = 'on');
 
-ALTER TABLE tenant_settings ENABLE ROW LEVEL SECURITY;
-ALTER TABLE tenant_settings FORCE ROW LEVEL SECURITY;
-CREATE POLICY tenant_isolation ON tenant_settings
-    USING (tenant_id = current_setting('app.current_tenant_id', true))
-    WITH CHECK (tenant_id = current_setting('app.current_tenant_id', true));
+SELECT platform_meta.isolate_by_tenant('tenant_settings');
 
-ALTER TABLE tenant_users ENABLE ROW LEVEL SECURITY;
-ALTER TABLE tenant_users FORCE ROW LEVEL SECURITY;
-CREATE POLICY tenant_isolation ON tenant_users
-    USING (tenant_id = current_setting('app.current_tenant_id', true))
-    WITH CHECK (tenant_id = current_setting('app.current_tenant_id', true));
+SELECT platform_meta.isolate_by_tenant('tenant_users');
 
-ALTER TABLE migrations ENABLE ROW LEVEL SECURITY;
-ALTER TABLE migrations FORCE ROW LEVEL SECURITY;
-CREATE POLICY tenant_isolation ON migrations
-    USING (tenant_id = current_setting('app.current_tenant_id', true))
-    WITH CHECK (tenant_id = current_setting('app.current_tenant_id', true));
+SELECT platform_meta.isolate_by_tenant('migrations');
 
-ALTER TABLE migration_settings_backup ENABLE ROW LEVEL SECURITY;
-ALTER TABLE migration_settings_backup FORCE ROW LEVEL SECURITY;
-CREATE POLICY tenant_isolation ON migration_settings_backup
-    USING (tenant_id = current_setting('app.current_tenant_id', true))
-    WITH CHECK (tenant_id = current_setting('app.current_tenant_id', true));
+SELECT platform_meta.isolate_by_tenant('migration_settings_backup');
 
 GRANT SELECT, INSERT, UPDATE ON tenants TO tenant_app;
 GRANT SELECT, INSERT, DELETE ON host_routes TO tenant_app;

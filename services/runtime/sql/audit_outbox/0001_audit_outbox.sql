@@ -13,11 +13,7 @@ CREATE TABLE audit_outbox (
 );
 CREATE INDEX audit_outbox_by_age ON audit_outbox (tenant_id, create_time);
 
-ALTER TABLE audit_outbox ENABLE ROW LEVEL SECURITY;
-ALTER TABLE audit_outbox FORCE ROW LEVEL SECURITY;
-CREATE POLICY tenant_isolation ON audit_outbox
-    USING (tenant_id = current_setting('app.current_tenant_id', true))
-    WITH CHECK (tenant_id = current_setting('app.current_tenant_id', true));
+SELECT platform_meta.isolate_by_tenant('audit_outbox');
 -- The relay's transactions (Database.outbox_transaction) read and delete every tenant's
 -- events to hand them over; they bind no tenant, so no other table shows them anything.
 CREATE POLICY audit_relay_read ON audit_outbox FOR SELECT
