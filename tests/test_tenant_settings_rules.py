@@ -17,6 +17,7 @@ from services.runtime.errors import ServiceError
 from services.runtime.settings import SettingsError
 from services.runtime.validation import Violations
 from services.tenant import settings_rules as rules
+from services.tenant import settings_store as store
 from services.tenant.secrets import MASK, SecretBox, SecretError, load_secret_box
 
 KEY_1, KEY_2 = bytes(range(32)), bytes(range(32, 64))
@@ -382,8 +383,8 @@ def test_empty_colors_and_localization_mean_the_defaults() -> None:
     settings = valid()
     settings.branding.primary_color = settings.localization.timezone = settings.localization.currency = ""
     assert fields(settings) == []
-    document = rules.to_document(settings, box(), "tenant_a", None)
-    stored = rules.from_document(document, "tenant_a")
+    document = store.to_document(settings, box(), "tenant_a", None)
+    stored = store.from_document(document, "tenant_a")
     assert (stored.branding.primary_color, stored.localization.timezone, stored.localization.currency) == (
         "#3B82F6",
         "UTC",
@@ -408,7 +409,7 @@ def test_a_leaf_smtp_update_does_not_need_the_host_when_it_is_stored() -> None:
     update.integrations.smtp.port = 2525
     only_port = frozenset({"integrations.smtp.port"})
     assert fields(update, only_port) == []
-    assert fields(update, only_port, stored=rules.from_document(_document(), "tenant_a")) == []
+    assert fields(update, only_port, stored=store.from_document(_document(), "tenant_a")) == []
     no_smtp = rules.default_settings("tenant_a", "Operator A")
     assert fields(update, only_port, stored=no_smtp) == ["settings.integrations.smtp.host"]
 
@@ -417,15 +418,15 @@ def test_an_empty_smtp_message_means_the_platform_server() -> None:
     settings = valid()
     settings.integrations.smtp.CopyFrom(pb.SmtpSettings())
     assert fields(settings) == []
-    document = rules.to_document(settings, box(), "tenant_a", None)
-    assert not rules.from_document(document, "tenant_a").integrations.HasField("smtp")
+    document = store.to_document(settings, box(), "tenant_a", None)
+    assert not store.from_document(document, "tenant_a").integrations.HasField("smtp")
 
 
 def test_settings_read_back_validate_with_an_empty_mask() -> None:
     # A settings form sends back what it read, masks and all.
     for settings in (valid(), rules.default_settings("tenant_a", "Operator A")):
-        document = rules.to_document(settings, box(), "tenant_a", None)
-        read = rules.from_document(document, "tenant_a")
+        document = store.to_document(settings, box(), "tenant_a", None)
+        read = store.from_document(document, "tenant_a")
         assert fields(read, ALL, stored=read) == []
 
 
@@ -562,7 +563,7 @@ def test_missing_or_bad_keys_tell_the_operator_what_to_set(tmp_path: Path, env: 
 
 
 def _document(settings: pb.TenantSettings | None = None) -> dict[str, Any]:
-    return rules.to_document(settings or valid(), box(), "tenant_a", None)
+    return store.to_document(settings or valid(), box(), "tenant_a", None)
 
 
 def test_stored_document_is_json_with_secrets_sealed_for_tenant_and_field() -> None:
@@ -570,15 +571,15 @@ def test_stored_document_is_json_with_secrets_sealed_for_tenant_and_field() -> N
     text = json.dumps(document, allow_nan=False)
     assert PASSWORD not in text
     assert API_KEY not in text
-    assert rules.reveal_secret(document, box(), "tenant_a", "smtp.password") == PASSWORD
-    assert rules.reveal_secret(document, box(), "tenant_a", "api_keys.pagerduty") == API_KEY
-    assert rules.reveal_secret(document, box(), "tenant_a", "api_keys.absent") is None
+    assert store.reveal_secret(document, box(), "tenant_a", "smtp.password") == PASSWORD
+    assert store.reveal_secret(document, box(), "tenant_a", "api_keys.pagerduty") == API_KEY
+    assert store.reveal_secret(document, box(), "tenant_a", "api_keys.absent") is None
     with pytest.raises(SecretError):
-        rules.reveal_secret(document, box(), "tenant_b", "smtp.password")
+        store.reveal_secret(document, box(), "tenant_b", "smtp.password")
 
 
 def test_masked_read_shows_mask_for_stored_secrets_and_never_the_plaintext() -> None:
-    read = rules.from_document(_document(), "tenant_a")
+    read = store.from_document(_document(), "tenant_a")
     assert read.integrations.smtp.password == MASK
     assert dict(read.integrations.api_keys) == {"pagerduty": MASK}
     assert PASSWORD not in str(read)
@@ -593,28 +594,28 @@ def test_empty_password_means_none_is_stored() -> None:
     settings = valid()
     settings.integrations.smtp.password = ""
     document = _document(settings)
-    assert rules.from_document(document, "tenant_a").integrations.smtp.password == ""
-    assert rules.reveal_secret(document, box(), "tenant_a", "smtp.password") is None
+    assert store.from_document(document, "tenant_a").integrations.smtp.password == ""
+    assert store.reveal_secret(document, box(), "tenant_a", "smtp.password") is None
 
 
 def test_mask_keeps_the_stored_secrets_and_a_new_value_replaces_them() -> None:
     previous = _document()
-    read = rules.from_document(previous, "tenant_a")
-    kept = rules.to_document(read, box(active="k2"), "tenant_a", previous)
+    read = store.from_document(previous, "tenant_a")
+    kept = store.to_document(read, box(active="k2"), "tenant_a", previous)
     assert kept["secrets"] == previous["secrets"]
     read.integrations.api_keys["pagerduty"] = "sk-new"
     read.integrations.api_keys["opsgenie"] = "og-key"
-    changed = rules.to_document(read, box(active="k2"), "tenant_a", previous)
-    assert rules.reveal_secret(changed, box(), "tenant_a", "api_keys.pagerduty") == "sk-new"
-    assert rules.reveal_secret(changed, box(), "tenant_a", "smtp.password") == PASSWORD
+    changed = store.to_document(read, box(active="k2"), "tenant_a", previous)
+    assert store.reveal_secret(changed, box(), "tenant_a", "api_keys.pagerduty") == "sk-new"
+    assert store.reveal_secret(changed, box(), "tenant_a", "smtp.password") == PASSWORD
     assert changed["secrets"]["api_keys.opsgenie"]["kid"] == "k2"
 
 
 def test_a_removed_api_key_is_no_longer_stored() -> None:
     previous = _document()
-    read = rules.from_document(previous, "tenant_a")
+    read = store.from_document(previous, "tenant_a")
     del read.integrations.api_keys["pagerduty"]
-    assert rules.to_document(read, box(), "tenant_a", previous)["secrets"].keys() == {"smtp.password"}
+    assert store.to_document(read, box(), "tenant_a", previous)["secrets"].keys() == {"smtp.password"}
 
 
 def test_mask_with_nothing_stored_to_keep_is_refused() -> None:
@@ -627,7 +628,7 @@ def test_mask_with_nothing_stored_to_keep_is_refused() -> None:
         "settings.integrations.api_keys[pagerduty]",
     ]
     with pytest.raises(ServiceError) as caught:
-        rules.to_document(update, box(), "tenant_a", _document(stored))
+        store.to_document(update, box(), "tenant_a", _document(stored))
     assert [v.field for v in caught.value.violations] == [
         "settings.integrations.smtp.password",
         "settings.integrations.api_keys[pagerduty]",
@@ -650,15 +651,15 @@ def test_no_violation_or_error_ever_quotes_a_secret() -> None:
 
 
 def test_reseal_moves_secrets_to_another_tenant_only() -> None:
-    copied = rules.reseal(_document(), box(), "tenant_a", "tenant_b")
-    assert rules.reveal_secret(copied, box(), "tenant_b", "smtp.password") == PASSWORD
+    copied = store.reseal(_document(), box(), "tenant_a", "tenant_b")
+    assert store.reveal_secret(copied, box(), "tenant_b", "smtp.password") == PASSWORD
     with pytest.raises(SecretError):
-        rules.reveal_secret(copied, box(), "tenant_a", "smtp.password")
+        store.reveal_secret(copied, box(), "tenant_a", "smtp.password")
 
 
 def test_a_ciphertext_copied_to_another_tenant_does_not_open() -> None:
     stolen = _document()
-    victim = rules.to_document(valid(), box(), "tenant_b", None)
+    victim = store.to_document(valid(), box(), "tenant_b", None)
     victim["secrets"]["smtp.password"] = stolen["secrets"]["smtp.password"]
     with pytest.raises(SecretError):
-        rules.reveal_secret(victim, box(), "tenant_b", "smtp.password")
+        store.reveal_secret(victim, box(), "tenant_b", "smtp.password")

@@ -30,7 +30,7 @@ from services.runtime.scope import require_platform_admin, target_tenant
 from services.runtime.server import Runtime
 from services.runtime.validation import Violations
 
-from . import hosts, queries, records, settings_rules
+from . import hosts, queries, records, settings_rules, settings_store
 from .migration import MigrationRunner
 from .offboarding import Offboarding
 from .secrets import SecretBox
@@ -155,7 +155,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
                         except asyncpg.UniqueViolationError:
                             raise already_exists("domain", domain) from None
                     defaults = settings_rules.default_settings(tenant_id, tenant.display_name.strip())
-                    document = settings_rules.to_document(defaults, self._box, tenant_id, None)
+                    document = settings_store.to_document(defaults, self._box, tenant_id, None)
                     await conn.execute(queries.INSERT_SETTINGS, tenant_id, document)
                     await conn.execute(
                         queries.INSERT_USER, tenant_id, f"user-{uuid.uuid4().hex}", tenant.admin_email, ADMIN_ROLE
@@ -307,7 +307,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
                     )
                 previous = await conn.fetchval(queries.GET_SETTINGS_FOR_UPDATE, tenant_id)
                 stored = (
-                    settings_rules.from_document(previous, tenant_id)
+                    settings_store.from_document(previous, tenant_id)
                     if previous is not None
                     else settings_rules.default_settings(tenant_id, row["display_name"])
                 )
@@ -315,7 +315,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
                 settings_rules.validate(request.settings, paths, v, stored=stored)
                 v.raise_if_any()
                 merged = settings_rules.merge(stored, request.settings, paths)
-                document = settings_rules.to_document(merged, self._box, tenant_id, previous)
+                document = settings_store.to_document(merged, self._box, tenant_id, previous)
                 await conn.execute(queries.UPSERT_SETTINGS, tenant_id, document)
                 await conn.execute(queries.BUMP_VERSION, tenant_id)
                 # The fields changed, never their values: some of them are secrets.
@@ -325,7 +325,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
                 row = await conn.fetchrow(queries.GET_TENANT, tenant_id)
             assert row is not None
             await records.publish(self._cache, row, document)
-        settings = settings_rules.from_document(document, tenant_id)
+        settings = settings_store.from_document(document, tenant_id)
         settings.tenant_id = tenant_id
         return settings
 

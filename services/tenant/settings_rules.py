@@ -12,17 +12,14 @@ none: the platform's mail server.
 
 from __future__ import annotations
 
-import ipaddress
 import itertools
 import math
 import re
 import zoneinfo
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import cache
-from typing import Any
-from urllib.parse import urlsplit
 
-from google.protobuf import field_mask_pb2, json_format
+from google.protobuf import field_mask_pb2
 from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 from towerco.tenant.v1 import tenant_registry_service_pb2 as pb
@@ -30,7 +27,8 @@ from towerco.tenant.v1 import tenant_registry_service_pb2 as pb
 from services.runtime.errors import FieldViolation, invalid_argument
 from services.runtime.validation import Violations
 
-from .secrets import MASK, SecretBox
+from .egress import host_problem, url_problem
+from .secrets import MASK
 
 TOP_LEVEL = ("branding", "localization", "business_rules", "integrations")
 IGNORED_PATHS = frozenset({"tenant_id", "branding.display_name"})
@@ -66,13 +64,11 @@ LANGUAGE = re.compile(
 COLOR = re.compile(r"^#[0-9A-Fa-f]{6}$")
 METRIC_KEY = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 RECIPIENT = re.compile(r"^[A-Za-z0-9._@+-]{1,254}$")
-MAX_COMPANY_NAME, MAX_URL, MAX_LANGUAGE, MAX_CSS_BYTES = 100, 2048, 35, 16 * 1024
+MAX_COMPANY_NAME, MAX_LANGUAGE, MAX_CSS_BYTES = 100, 35, 16 * 1024
 MAX_MAP_ENTRIES, MAX_RULES, MAX_RECIPIENTS, MAX_WEBHOOKS, MAX_API_KEYS = 100, 20, 20, 20, 20
 MAX_SMTP_USERNAME, MAX_SMTP_PASSWORD, MAX_API_KEY = 254, 1024, 4096
 SLA_RANGE, THRESHOLD_RANGE = (0.0, 1e6), (-1e9, 1e9)
 MAX_AFTER_MINUTES = 7 * 24 * 60
-#: Host names that never lead to the public internet.
-INTERNAL_SUFFIXES = ("localhost", "local", "internal", "home.arpa")
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _NOT_ZONES = frozenset({"localtime", "Factory", "posixrules"})
@@ -92,15 +88,8 @@ _CSS_FORBIDDEN = (
 )
 _OTHER_ORIGIN = re.compile(r"^(//|[a-z][a-z0-9+.-]*:)")
 _URL_TRIM = "".join(map(chr, range(0x21)))  # C0 controls and space
-_URL_CHARS = re.compile(r"^[\x21-\x7e]*$")
-_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
-_NUMBER_LABEL = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
-_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
-_NO_PASSWORD_TO_KEEP = f"is {MASK} (keep the stored password) but none is stored; send the password or leave it empty"
-_NO_KEY_TO_KEEP = f"is {MASK} (keep the stored key) but no key is stored under this name; send the key"
-
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+NO_PASSWORD_TO_KEEP = f"is {MASK} (keep the stored password) but none is stored; send the password or leave it empty"
+NO_KEY_TO_KEEP = f"is {MASK} (keep the stored key) but no key is stored under this name; send the key"
 
 
 def default_settings(tenant_id: str, display_name: str) -> pb.TenantSettings:
@@ -110,7 +99,7 @@ def default_settings(tenant_id: str, display_name: str) -> pb.TenantSettings:
         business_rules=pb.BusinessRules(),
         integrations=pb.Integrations(),
     )
-    _fill_defaults(settings)
+    fill_defaults(settings)
     return settings
 
 
@@ -145,7 +134,7 @@ def mask_paths(update_mask: field_mask_pb2.FieldMask) -> frozenset[str]:
     bad = [
         FieldViolation(
             "update_mask",
-            f"{_short(path)!r} is not a settings field that can be updated; name branding, localization, "
+            f"{short(path)!r} is not a settings field that can be updated; name branding, localization, "
             "business_rules, integrations or a field below them such as branding.logo_url",
         )
         for path in paths
@@ -292,7 +281,7 @@ def _numbers(v: Violations, field: str, values: Mapping[str, float], bounds: tup
     low, high = bounds
     for key, value in sorted(values.items()):
         if not METRIC_KEY.fullmatch(key):
-            v.add(f"{field}[{_short(key)}]", "keys must be lower_snake_case, at most 64 characters")
+            v.add(f"{field}[{short(key)}]", "keys must be lower_snake_case, at most 64 characters")
         elif not math.isfinite(value) or not low <= value <= high:
             v.add(f"{field}[{key}]", f"must be a finite number from {low:,.0f} to {high:,.0f}")
 
@@ -327,7 +316,7 @@ def _escalation(v: Violations, field: str, rules: Iterable[pb.EscalationRule]) -
             )
 
 
-def _configured(smtp: pb.SmtpSettings) -> bool:
+def configured(smtp: pb.SmtpSettings) -> bool:
     return bool(smtp.host or smtp.port or smtp.username or smtp.password or smtp.tls)
 
 
@@ -352,8 +341,8 @@ def _smtp(
         if len(smtp.password) > MAX_SMTP_PASSWORD:
             v.add(f"{at}.password", f"must be at most {MAX_SMTP_PASSWORD} characters")
         elif smtp.password == MASK and stored is not None and stored.integrations.smtp.password != MASK:
-            v.add(f"{at}.password", _NO_PASSWORD_TO_KEEP)
-    if whole and _configured(smtp):
+            v.add(f"{at}.password", NO_PASSWORD_TO_KEEP)
+    if whole and configured(smtp):
         if not smtp.host:
             v.add(f"{at}.host", "is required when any SMTP setting is set (clear them all for the platform's server)")
         if not smtp.port:
@@ -380,12 +369,12 @@ def _api_keys(v: Violations, keys: Mapping[str, str], stored: pb.TenantSettings 
     if len(keys) > MAX_API_KEYS:
         v.add(at, f"must have at most {MAX_API_KEYS} entries (got {len(keys)})")
     for name, value in sorted(keys.items()):
-        field = f"{at}[{_short(name)}]"
+        field = f"{at}[{short(name)}]"
         if not METRIC_KEY.fullmatch(name):
             v.add(field, "names must be lower_snake_case, at most 64 characters")
         elif value == MASK:
             if stored is not None and stored.integrations.api_keys.get(name) != MASK:
-                v.add(field, _NO_KEY_TO_KEEP)
+                v.add(field, NO_KEY_TO_KEEP)
         elif not value:
             v.add(field, "must not be empty (remove the entry to delete the key)")
         elif len(value) > MAX_API_KEY:
@@ -394,110 +383,13 @@ def _api_keys(v: Violations, keys: Mapping[str, str], stored: pb.TenantSettings 
             v.add(field, "must not contain control characters or line breaks")
 
 
-def _short(text: str) -> str:
+def short(text: str) -> str:
     """``text`` fit for a field path or message: printable ASCII, at most 64 characters."""
     shown = "".join(ch if " " <= ch <= "~" and ch not in "[]" else "?" for ch in text[:64])
     return shown + ("..." if len(text) > 64 else "")
 
 
-# Host names and URLs that the platform itself will connect to
-
-
-def url_problem(url: str, *, public: bool) -> str | None:
-    """Why ``url`` is not an acceptable ``https://`` URL, or None; ``public``: no internal hosts."""
-    if len(url) > MAX_URL:
-        return f"must be at most {MAX_URL} characters"
-    if not _URL_CHARS.fullmatch(url) or "\\" in url:
-        return "must be printable ASCII without spaces or backslashes (percent-encode the rest; punycode for hosts)"
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        _ = parts.port
-    except ValueError:
-        return "must be a valid https:// URL"
-    if parts.scheme != "https" or not host:
-        return "must be an https:// URL with a host, e.g. https://hooks.operator.example/alerts"
-    if "@" in parts.netloc:
-        return "must not carry a user name or password"
-    return host_problem(host, public=public)
-
-
-def host_problem(host: str, *, public: bool) -> str | None:
-    """Why ``host`` is not a host name or IP address (an internal one, when ``public``), or None.
-
-    Numeric forms resolvers accept (``2130706433``, ``0x7f.1``, ``127.1``) count as the
-    address they spell; a trailing dot is ignored, as resolvers do. A public name can still
-    resolve to an internal address: whatever connects must check the address it resolved.
-    """
-    name = host.lower().removesuffix(".")
-    address = _ip_address(name)
-    if address is not None:
-        if public and is_internal_address(address):
-            return "must not be a loopback, private, link-local, multicast or otherwise reserved address"
-        return None
-    labels = name.split(".")
-    if len(name) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels) or _NUMBER_LABEL.match(labels[-1]):
-        return "must be a host name such as hooks.operator.example, or an IP address"
-    if public:
-        if name in INTERNAL_SUFFIXES or name.endswith(tuple("." + suffix for suffix in INTERNAL_SUFFIXES)):
-            return "must not be a local or internal host name (localhost, *.local, *.internal)"
-        if len(labels) < 2:
-            return "must be a fully qualified host name such as hooks.operator.example"
-    return None
-
-
-def is_internal_address(address: Address) -> bool:
-    """True for every address that is not plainly a public unicast one, IPv4 ones inside IPv6 included."""
-    if isinstance(address, ipaddress.IPv6Address):
-        if address in _LOCAL_NAT64:
-            return True
-        inner = [address.ipv4_mapped, address.sixtofour, *(address.teredo or ())]
-        if address in _NAT64:
-            inner.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
-        if any(v4 is not None and is_internal_address(v4) for v4 in inner):
-            return True
-    return (
-        not address.is_global
-        or address.is_private
-        or address.is_loopback
-        or address.is_link_local
-        or address.is_multicast
-        or address.is_reserved
-        or address.is_unspecified
-    )
-
-
-def _ip_address(name: str) -> Address | None:
-    if ":" in name:
-        try:
-            return ipaddress.IPv6Address(name)
-        except ValueError:
-            return None
-    return _ipv4(name)
-
-
-def _ipv4(name: str) -> ipaddress.IPv4Address | None:
-    """The IPv4 address ``name`` spells as inet_aton reads it (1-4 parts, octal, hex), else None."""
-    parts = name.split(".")
-    if not 1 <= len(parts) <= 4 or not all(_NUMBER_LABEL.fullmatch(part) for part in parts):
-        return None
-    try:
-        numbers = [
-            int(part[2:] or "0", 16) if part.startswith("0x") else int(part, 8 if part.startswith("0") else 10)
-            for part in parts
-        ]
-    except ValueError:  # 08, 09: not octal
-        return None
-    *head, last = numbers
-    if any(n > 255 for n in head) or last >= 256 ** (5 - len(parts)):
-        return None
-    value = 0
-    for n in head:
-        value = value * 256 + n
-    return ipaddress.IPv4Address(value * 256 ** (5 - len(parts)) + last)
-
-
-# Merging (AIP-134) and storage
+# Merging (AIP-134)
 
 
 def merge(stored: pb.TenantSettings, update: pb.TenantSettings, paths: Iterable[str]) -> pb.TenantSettings:
@@ -530,85 +422,9 @@ def merge(stored: pb.TenantSettings, update: pb.TenantSettings, paths: Iterable[
     return merged
 
 
-def _secret_aad(tenant_id: str, path: str) -> str:
-    return f"{tenant_id}/{path}"
-
-
-def _fill_defaults(settings: pb.TenantSettings) -> None:
+def fill_defaults(settings: pb.TenantSettings) -> None:
     for path, value in DEFAULTS.items():
         part, name = path.split(".")
         message = getattr(settings, part)
         if not getattr(message, name):
             setattr(message, name, value)
-
-
-def to_document(
-    settings: pb.TenantSettings, box: SecretBox, tenant_id: str, previous: Mapping[str, Any] | None
-) -> dict[str, Any]:
-    """The stored form (call after ``validate``): secrets sealed, ``MASK`` keeps the stored secret."""
-    plain = pb.TenantSettings()
-    plain.CopyFrom(settings)
-    plain.tenant_id = ""
-    plain.branding.display_name = ""
-    _fill_defaults(plain)
-    old_secrets = dict((previous or {}).get("secrets", {}))
-    secrets: dict[str, Any] = {}
-    problems = []
-    integrations = plain.integrations
-    if integrations.HasField("smtp") and _configured(integrations.smtp):
-        password = integrations.smtp.password
-        if password == MASK:
-            if "smtp.password" in old_secrets:
-                secrets["smtp.password"] = old_secrets["smtp.password"]
-            else:
-                problems.append(FieldViolation("settings.integrations.smtp.password", _NO_PASSWORD_TO_KEEP))
-        elif password:
-            secrets["smtp.password"] = box.seal(password, _secret_aad(tenant_id, "integrations.smtp.password"))
-        integrations.smtp.password = ""
-    else:
-        integrations.ClearField("smtp")  # nothing set is the platform's server
-    for name, value in sorted(integrations.api_keys.items()):
-        key = f"api_keys.{name}"
-        if value != MASK:
-            secrets[key] = box.seal(value, _secret_aad(tenant_id, f"integrations.{key}"))
-        elif key in old_secrets:
-            secrets[key] = old_secrets[key]
-        else:
-            problems.append(FieldViolation(f"settings.integrations.api_keys[{_short(name)}]", _NO_KEY_TO_KEEP))
-        integrations.api_keys[name] = ""
-    if problems:
-        raise invalid_argument(problems)
-    return {"settings": json_format.MessageToDict(plain), "secrets": secrets}
-
-
-def from_document(document: Mapping[str, Any], tenant_id: str) -> pb.TenantSettings:
-    """The masked form: ``MASK`` wherever a secret is stored, never the secret."""
-    settings = json_format.ParseDict(document.get("settings", {}), pb.TenantSettings(), ignore_unknown_fields=True)
-    secrets = document.get("secrets", {})
-    integrations = settings.integrations
-    if "smtp.password" in secrets:
-        integrations.smtp.password = MASK
-    elif integrations.HasField("smtp") and not _configured(integrations.smtp):
-        integrations.ClearField("smtp")  # documents that stored an empty SMTP message
-    for name in list(integrations.api_keys):
-        integrations.api_keys[name] = MASK if f"api_keys.{name}" in secrets else ""
-    _fill_defaults(settings)
-    settings.tenant_id = tenant_id
-    return settings
-
-
-def reveal_secret(document: Mapping[str, Any], box: SecretBox, tenant_id: str, path: str) -> str | None:
-    """The plaintext of one secret (``smtp.password``, ``api_keys.<name>``), for the senders that use it."""
-    envelope = document.get("secrets", {}).get(path)
-    return None if envelope is None else box.open(envelope, _secret_aad(tenant_id, f"integrations.{path}"))
-
-
-def reseal(document: Mapping[str, Any], box: SecretBox, source: str, target: str) -> dict[str, Any]:
-    """A copy of ``source``'s settings document whose secrets open only for ``target``."""
-    secrets = {
-        path: box.seal(
-            box.open(envelope, _secret_aad(source, f"integrations.{path}")), _secret_aad(target, f"integrations.{path}")
-        )
-        for path, envelope in document.get("secrets", {}).items()
-    }
-    return {"settings": dict(document.get("settings", {})), "secrets": secrets}
