@@ -36,7 +36,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 from towerco.audit.v1 import audit_log_service_pb2 as pb
 
 from services.runtime import context
-from services.runtime.validation import Violations
+from services.runtime.validation import Violations, has_nul
 
 from .chain import CanonicalEncodingError, ChainedEvent, canonical_json
 
@@ -145,22 +145,12 @@ def _details(v: Violations, field: str, event: pb.AuditEvent) -> tuple[dict[str,
     except CanonicalEncodingError as exc:
         v.add(field, f"must be plain JSON: {exc}")
         return {}, "{}"
-    if _has_nul(details):
+    if has_nul(details):
         v.add(field, "must not contain the NUL character")
     size = len(encoded.encode("utf-8"))
     if size > MAX_DETAILS_BYTES:
         v.add(field, f"must be at most {MAX_DETAILS_BYTES} bytes as JSON (got {size})")
     return details, encoded
-
-
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any("\x00" in key or _has_nul(item) for key, item in value.items())
-    if isinstance(value, list):
-        return any(_has_nul(item) for item in value)
-    return False
 
 
 def _ip_address(v: Violations, field: str, value: str) -> str:

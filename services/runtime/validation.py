@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 from .errors import FieldViolation, invalid_argument
 
@@ -49,3 +50,14 @@ class Violations:
     def raise_if_any(self) -> None:
         if self.items:
             raise invalid_argument(self.items)
+
+
+def has_nul(value: Any) -> bool:
+    """True if a JSON-like value holds U+0000 in a key or string (PostgreSQL's jsonb cannot store it)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any("\x00" in key or has_nul(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(has_nul(item) for item in value)
+    return False

@@ -10,8 +10,6 @@ running by a restart is undone and run again at start-up; every step is idempote
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import logging
 import re
@@ -30,6 +28,7 @@ from services.runtime.audit import Auditor
 from services.runtime.db import Database
 from services.runtime.errors import FieldViolation, failed_precondition, invalid_argument, not_found
 from services.runtime.faults import Faults
+from services.runtime.tasks import KeyedTasks
 from services.runtime.tenant_cache import TenantCache
 from services.runtime.validation import Violations
 
@@ -146,7 +145,7 @@ class MigrationRunner:
         self._audit = auditor
         self._faults = faults
         self._parts = dict(parts)
-        self._running: dict[str, asyncio.Task[None]] = {}
+        self._tasks = KeyedTasks("migration")
 
     @property
     def data_types(self) -> list[str]:
@@ -246,11 +245,7 @@ class MigrationRunner:
         return records.migration_from_row(row)
 
     def start(self, migration_id: str, *, resumed: bool = False) -> None:
-        if migration_id in self._running and not self._running[migration_id].done():
-            return
-        self._running[migration_id] = asyncio.create_task(
-            self._run(migration_id, resumed), name=f"migration-{migration_id}"
-        )
+        self._tasks.start(migration_id, self._run(migration_id, resumed))
 
     async def resume(self) -> None:
         """At start-up: run again every migration a previous process left unfinished."""
@@ -261,17 +256,7 @@ class MigrationRunner:
             self.start(str(row["migration_id"]), resumed=True)
 
     async def close(self) -> None:
-        for task in self._running.values():
-            task.cancel()
-        for task in self._running.values():
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def wait(self, migration_id: str) -> None:
-        """Wait for a started migration to finish (tests and shutdown)."""
-        task = self._running.get(migration_id)
-        if task is not None:
-            await asyncio.shield(task)
+        await self._tasks.close()
 
     async def _run(self, migration_id: str, resumed: bool) -> None:
         with context.bind(context.background_context("tenant", "migration", f"migration-{migration_id}")):

@@ -9,7 +9,6 @@ picked up again at start-up, and a service that cannot be reached is retried.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 
@@ -18,6 +17,7 @@ from towerco.internal.v1 import tenant_data_pb2_grpc as internal_grpc
 
 from services.runtime import context
 from services.runtime.db import Database
+from services.runtime.tasks import KeyedTasks
 from services.runtime.tenant_cache import TenantCache
 from services.runtime.tenants import STATE_KIND
 
@@ -39,13 +39,11 @@ class Offboarding:
         self._cache = cache
         self._owners = owners
         self._retry_seconds = retry_seconds
-        self._running: dict[str, asyncio.Task[None]] = {}
+        self._tasks = KeyedTasks("offboard")
 
     def start(self, tenant_id: str) -> None:
         """Purge ``tenant_id`` in the background (once, however often it is asked)."""
-        if tenant_id in self._running and not self._running[tenant_id].done():
-            return
-        self._running[tenant_id] = asyncio.create_task(self._run(tenant_id), name=f"offboard-{tenant_id}")
+        self._tasks.start(tenant_id, self._run(tenant_id))
 
     async def resume(self) -> None:
         """At start-up: finish every deletion a previous process left unfinished."""
@@ -56,11 +54,7 @@ class Offboarding:
             self.start(row["tenant_id"])
 
     async def close(self) -> None:
-        for task in self._running.values():
-            task.cancel()
-        for task in self._running.values():
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._tasks.close()
 
     async def _run(self, tenant_id: str) -> None:
         ctx = context.background_context("tenant", "offboarding", f"offboard-{tenant_id}-{uuid.uuid4().hex[:8]}")
