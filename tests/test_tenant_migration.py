@@ -7,6 +7,7 @@ as the superuser, so a row the API would hide still counts.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import Any
@@ -290,3 +291,55 @@ def test_get_migration_of_no_migration(registry, platform_token, migration_id, c
         registry.GetMigration, pb.GetMigrationRequest(migration_id=migration_id), metadata=bearer(platform_token)
     )
     assert error.code == code, error
+
+
+# --- Several registry replicas: a migration has one runner at a time -------------------
+
+
+async def unfinished_migration(admin: Any, source: str, target: str, lease_seconds: float) -> str:
+    """A migration another replica left RUNNING, its lease ending ``lease_seconds`` from now."""
+    migration_id = uuid.uuid4()
+    await admin.execute(
+        """INSERT INTO tenant.migrations (tenant_id, migration_id, source_tenant_id, target_tenant_id, data_types,
+                                          state, lease_owner, lease_until)
+           VALUES ('platform', $1, $2, $3, ARRAY['sites'], 'STATE_RUNNING', 'other-replica/1',
+                   now() + make_interval(secs => $4))""",
+        migration_id,
+        source,
+        target,
+        lease_seconds,
+    )
+    return str(migration_id)
+
+
+async def test_a_migration_another_replica_is_running_is_left_alone(pair_md, admin, extra_service):
+    source, target, _, _ = pair_md
+    migration_id = await unfinished_migration(admin, source, target, lease_seconds=120)
+    extra_service("tenant")  # a new replica sweeps unfinished migrations as it starts
+    await asyncio.sleep(1.0)
+    row = await admin.fetchrow(
+        "SELECT state, lease_owner FROM tenant.migrations WHERE tenant_id = 'platform' AND migration_id = $1",
+        uuid.UUID(migration_id),
+    )
+    assert (row["state"], row["lease_owner"]) == ("STATE_RUNNING", "other-replica/1")
+    await admin.execute(
+        "UPDATE tenant.migrations SET state = 'STATE_FAILED', lease_until = NULL WHERE migration_id = $1",
+        uuid.UUID(migration_id),
+    )
+
+
+async def test_a_migration_whose_runner_died_is_taken_over_and_finished(
+    registry, sites, platform_token, pair_md, admin, extra_service, eventually
+):
+    source, target, source_md, target_md = pair_md
+    create_sites(sites, source_md, "TAKE-1", "TAKE-2")
+    migration_id = await unfinished_migration(admin, source, target, lease_seconds=-1)
+    extra_service("tenant")
+    done = finished(registry, platform_token, migration_id, eventually)
+    assert done.state == Migration.STATE_SUCCEEDED, done
+    assert set(site_names(sites, target_md)) >= {"TAKE-1", "TAKE-2"}
+    row = await admin.fetchrow(
+        "SELECT lease_owner, lease_until FROM tenant.migrations WHERE migration_id = $1", uuid.UUID(migration_id)
+    )
+    assert row["lease_owner"] != "other-replica/1"  # a live replica claimed it
+    assert row["lease_until"] is None  # and let go once it finished

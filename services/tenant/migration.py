@@ -5,14 +5,19 @@ any conflict fails the migration before anything is written. Then each part copi
 in the order requested, through the owning service (its internal TenantDataService;
 the registry's own ``settings`` part runs here). If a part fails, the parts already
 done are undone, so no row of the migration remains in the target. A migration left
-running by a restart is undone and run again at start-up; every step is idempotent.
+running by a process that died is taken over by another once that process's
+lease expires: undone, then run again. Every step is idempotent.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
+import os
 import re
+import socket
 import uuid
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -140,12 +145,18 @@ class SettingsPart:
 
 
 class MigrationRunner:
-    def __init__(self, db: Database, faults: Faults, parts: Mapping[str, Part], auditor: Auditor) -> None:
+    def __init__(
+        self, db: Database, faults: Faults, parts: Mapping[str, Part], auditor: Auditor, *, lease_seconds: float = 30.0
+    ) -> None:
         self._db = db
         self._audit = auditor
         self._faults = faults
         self._parts = dict(parts)
         self._tasks = KeyedTasks("migration")
+        self._sweeper: asyncio.Task[None] | None = None
+        #: Who this process is, for the lease on the migrations it runs.
+        self._owner = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        self._lease = lease_seconds
 
     @property
     def data_types(self) -> list[str]:
@@ -244,65 +255,103 @@ class MigrationRunner:
             raise not_found("migration", migration_id)
         return records.migration_from_row(row)
 
-    def start(self, migration_id: str, *, resumed: bool = False) -> None:
-        self._tasks.start(migration_id, self._run(migration_id, resumed))
+    def start(self, migration_id: str) -> None:
+        self._tasks.start(migration_id, self._run(migration_id))
 
     async def resume(self) -> None:
-        """At start-up: run again every migration a previous process left unfinished."""
+        """From start-up on: take over every unfinished migration whose runner's lease expired."""
+        await self._resume_once()
+        self._sweeper = asyncio.create_task(self._sweep(), name="migration-sweeper")
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease / 2)
+            try:
+                await self._resume_once()
+            except Exception as exc:
+                log.warning("migration sweep failed (%s)", exc)
+
+    async def _resume_once(self) -> None:
         with context.bind(context.background_context("tenant", "migration.resume", uuid.uuid4().hex)):
             async with self._db.transaction(readonly=True) as conn:
                 rows = await conn.fetch(queries.UNFINISHED_MIGRATIONS, context.PLATFORM_TENANT)
         for row in rows:
-            self.start(str(row["migration_id"]), resumed=True)
+            self.start(str(row["migration_id"]))  # _run claims it, or leaves it to its live owner
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         await self._tasks.close()
 
-    async def _run(self, migration_id: str, resumed: bool) -> None:
+    async def _run(self, migration_id: str) -> None:
         with context.bind(context.background_context("tenant", "migration", f"migration-{migration_id}")):
-            async with self._db.transaction() as conn:
-                row = await conn.fetchrow(queries.GET_MIGRATION, context.PLATFORM_TENANT, uuid.UUID(migration_id))
-            if row is None or row["state"] not in ("STATE_PENDING", "STATE_RUNNING"):
-                return
-            source, target, data_types = row["source_tenant_id"], row["target_tenant_id"], list(row["data_types"])
-            parts = [(t, self._parts[t]) for t in data_types]
+            row = await self._claim(migration_id)
+            if row is None:
+                return  # finished, or another replica is running it
+            renewing = asyncio.create_task(self._renew(migration_id), name=f"migration-lease-{migration_id}")
             try:
-                if resumed and row["state"] == "STATE_RUNNING":
-                    # Interrupted half-way by a restart: start again from a clean target.
-                    await self._undo(migration_id, target, parts)
-                await self._set(migration_id, "STATE_RUNNING", "")
-                conflicts = []
-                for data_type, part in parts:
-                    found = await part.prepare(migration_id, source, target)
-                    if found:
-                        conflicts.append(f"{data_type}: {', '.join(found[:50])}{' …' if len(found) > 50 else ''}")
-                if conflicts:
-                    await self._set(
-                        migration_id,
-                        "STATE_FAILED",
-                        "nothing was copied: the target already has " + "; ".join(conflicts),
-                    )
-                    return
+                await self._execute(migration_id, row)
+            finally:
+                renewing.cancel()
+
+    async def _claim(self, migration_id: str) -> Any:
+        async with self._db.transaction() as conn:
+            return await conn.fetchrow(
+                queries.CLAIM_MIGRATION, context.PLATFORM_TENANT, uuid.UUID(migration_id), self._owner, self._lease
+            )
+
+    async def _renew(self, migration_id: str) -> None:
+        while True:
+            await asyncio.sleep(self._lease / 3)
+            try:
+                if await self._claim(migration_id) is None:
+                    log.warning("migration %s: lease lost to another replica", migration_id)
             except Exception as exc:
-                await self._set(migration_id, "STATE_FAILED", f"nothing was copied: {_describe(exc)}")
-                return
-            done: list[tuple[str, Part]] = []
+                log.warning("migration %s: could not renew its lease (%s)", migration_id, exc)
+
+    async def _execute(self, migration_id: str, row: Any) -> None:
+        source, target, data_types = row["source_tenant_id"], row["target_tenant_id"], list(row["data_types"])
+        parts = [(t, self._parts[t]) for t in data_types]
+        try:
+            if row["state"] == "STATE_RUNNING":
+                # Its previous runner (a process that died or restarted) stopped half-way:
+                # start again from a clean target.
+                await self._undo(migration_id, target, parts)
+            await self._set(migration_id, "STATE_RUNNING", "")
+            conflicts = []
             for data_type, part in parts:
+                found = await part.prepare(migration_id, source, target)
+                if found:
+                    conflicts.append(f"{data_type}: {', '.join(found[:50])}{' …' if len(found) > 50 else ''}")
+            if conflicts:
+                await self._set(
+                    migration_id,
+                    "STATE_FAILED",
+                    "nothing was copied: the target already has " + "; ".join(conflicts),
+                )
+                return
+        except Exception as exc:
+            await self._set(migration_id, "STATE_FAILED", f"nothing was copied: {_describe(exc)}")
+            return
+        done: list[tuple[str, Part]] = []
+        for data_type, part in parts:
+            try:
+                done.append((data_type, part))
+                self._faults.check(f"migration.{data_type}")
+                count = await part.apply(migration_id, source, target)
+                log.info("migration %s: %s copied %d rows", migration_id, data_type, count)
+            except Exception as exc:
+                error = f"copying {data_type} failed: {_describe(exc)}"
                 try:
-                    done.append((data_type, part))
-                    self._faults.check(f"migration.{data_type}")
-                    count = await part.apply(migration_id, source, target)
-                    log.info("migration %s: %s copied %d rows", migration_id, data_type, count)
-                except Exception as exc:
-                    error = f"copying {data_type} failed: {_describe(exc)}"
-                    try:
-                        await self._undo(migration_id, target, done)
-                    except Exception as undo_exc:
-                        await self._set(migration_id, "STATE_FAILED", f"{error}; undo failed: {_describe(undo_exc)}")
-                        return
-                    await self._set(migration_id, "STATE_ROLLED_BACK", f"{error}; everything copied was removed")
+                    await self._undo(migration_id, target, done)
+                except Exception as undo_exc:
+                    await self._set(migration_id, "STATE_FAILED", f"{error}; undo failed: {_describe(undo_exc)}")
                     return
-            await self._set(migration_id, "STATE_SUCCEEDED", "")
+                await self._set(migration_id, "STATE_ROLLED_BACK", f"{error}; everything copied was removed")
+                return
+        await self._set(migration_id, "STATE_SUCCEEDED", "")
 
     async def _undo(self, migration_id: str, target: str, parts: list[tuple[str, Part]]) -> None:
         for data_type, part in reversed(parts):

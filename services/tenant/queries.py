@@ -65,8 +65,16 @@ RETURNING {MIGRATION_COLUMNS}
 GET_MIGRATION = f"SELECT {MIGRATION_COLUMNS} FROM tenant.migrations WHERE tenant_id = $1 AND migration_id = $2"
 GET_MIGRATION_BY_REQUEST = f"SELECT {MIGRATION_COLUMNS} FROM tenant.migrations WHERE tenant_id = $1 AND request_id = $2"
 SET_MIGRATION_STATE = f"""
-UPDATE tenant.migrations SET state = $3, error = $4, update_time = now()
+UPDATE tenant.migrations SET state = $3, error = $4, update_time = now(),
+    lease_until = CASE WHEN $3 IN ('STATE_PENDING', 'STATE_RUNNING') THEN lease_until END
 WHERE tenant_id = $1 AND migration_id = $2 RETURNING {MIGRATION_COLUMNS}
+"""
+# Claim (or renew) an unfinished migration for this process, unless another holds it.
+CLAIM_MIGRATION = f"""
+UPDATE tenant.migrations SET lease_owner = $3, lease_until = now() + make_interval(secs => $4)
+WHERE tenant_id = $1 AND migration_id = $2 AND state IN ('STATE_PENDING', 'STATE_RUNNING')
+  AND (lease_until IS NULL OR lease_until < now() OR lease_owner = $3)
+RETURNING {MIGRATION_COLUMNS}
 """
 UNFINISHED_MIGRATIONS = """
 SELECT migration_id FROM tenant.migrations

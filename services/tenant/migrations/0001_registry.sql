@@ -65,6 +65,10 @@ CREATE TABLE migrations (
     error            text        NOT NULL DEFAULT '',
     request_id       text,
     request_hash     text,
+    -- The registry process running it, and until when that claim holds (renewed while it
+    -- runs): another replica takes over only a migration whose claim has expired.
+    lease_owner      text,
+    lease_until      timestamptz,
     create_time      timestamptz NOT NULL DEFAULT now(),
     update_time      timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (tenant_id, migration_id),
