@@ -37,35 +37,37 @@ def ensure_keys(keys_dir: Path) -> None:
     """Create the dev signing key, its JWKS and the page-token secret if missing."""
     keys_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(keys_dir, 0o700)
-    private_path = keys_dir / "dev-signing-key.pem"
-    if not private_path.exists():
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        _write_private(private_path, pem)
-        public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
-        public.update({"kid": KID, "alg": "RS256", "use": "sig"})
-        (keys_dir / "jwks.json").write_text(json.dumps({"keys": [public]}, indent=2) + "\n")
+    # The users' identity provider in dev.
+    _ensure_signing_key(keys_dir / "dev-signing-key.pem", keys_dir / "jwks.json", KID, "RS256")
     secret_path = keys_dir / "page-token.secret"
     if not secret_path.exists():
         _write_private(secret_path, secrets.token_urlsafe(32).encode())
-    service_path = keys_dir / "service-signing-key.pem"
-    if not service_path.exists():
-        # The platform's service issuer: a key set of its own, apart from the users'.
-        service_key = ec.generate_private_key(ec.SECP256R1())
-        pem = service_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        _write_private(service_path, pem)
-        public = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(service_key.public_key()))
-        public.update({"kid": DEV_SERVICE_KEY_ID, "alg": "ES256", "use": "sig"})
-        (keys_dir / "service-jwks.json").write_text(json.dumps({"keys": [public]}, indent=2) + "\n")
+    # The platform's service issuer: a key set of its own, apart from the users'.
+    _ensure_signing_key(
+        keys_dir / "service-signing-key.pem", keys_dir / "service-jwks.json", DEV_SERVICE_KEY_ID, "ES256"
+    )
     settings_keys = keys_dir / "settings-encryption.keys"
     if not settings_keys.exists():
         # AES-256-GCM key for secret tenant settings: `kid=base64`, the first line is active.
         encoded = base64.b64encode(secrets.token_bytes(32)).decode()
         _write_private(settings_keys, f"dev-1={encoded}\n".encode())
+
+
+def _ensure_signing_key(private_path: Path, jwks_path: Path, kid: str, algorithm: str) -> None:
+    """A signing key (RS256 or ES256) and the JWKS publishing its public half, if missing."""
+    if private_path.exists():
+        return
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+    if algorithm == "RS256":
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+    else:
+        key = ec.generate_private_key(ec.SECP256R1())
+        public = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    _write_private(private_path, pem)
+    public.update({"kid": kid, "alg": algorithm, "use": "sig"})
+    jwks_path.write_text(json.dumps({"keys": [public]}, indent=2) + "\n")
 
 
 def _write_private(path: Path, data: bytes) -> None:

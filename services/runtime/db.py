@@ -70,16 +70,8 @@ class Database:
     async def transaction(self, *, readonly: bool = False) -> AsyncIterator[asyncpg.Connection[Any]]:
         """A transaction bound to the current call's tenant (commit on success)."""
         tenant_id = context.current_tenant()
-        try:
-            conn = await self._pool.acquire(timeout=self._acquire_timeout)
-        except TimeoutError:
-            raise unavailable("all database connections are busy; retry shortly", "DATABASE_BUSY", 0.2) from None
-        try:
-            async with conn.transaction(readonly=readonly):
-                await conn.execute(BIND_TENANT, tenant_id)
-                yield cast("asyncpg.Connection[Any]", conn)
-        finally:
-            await self._pool.release(conn)
+        async with self._open(BIND_TENANT, tenant_id, readonly=readonly) as conn:
+            yield conn
 
     async def rebind_tenant(self, conn: asyncpg.Connection[Any], tenant_id: str, purpose: str) -> None:
         """Bind ``tenant_id`` to ``conn``'s open transaction in place of the one bound so far.
@@ -117,16 +109,8 @@ class Database:
         """
         ctx = context.current()
         log.info("platform read %s (request %s)", purpose, ctx.request_id if ctx else "-")
-        try:
-            conn = await self._pool.acquire(timeout=self._acquire_timeout)
-        except TimeoutError:
-            raise unavailable("all database connections are busy; retry shortly", "DATABASE_BUSY", 0.2) from None
-        try:
-            async with conn.transaction(readonly=True):
-                await conn.execute(PLATFORM_READ)
-                yield cast("asyncpg.Connection[Any]", conn)
-        finally:
-            await self._pool.release(conn)
+        async with self._open(PLATFORM_READ, readonly=True) as conn:
+            yield conn
 
     @asynccontextmanager
     async def outbox_transaction(self, purpose: str) -> AsyncIterator[asyncpg.Connection[Any]]:
@@ -136,13 +120,22 @@ class Database:
         events of all tenants (to hand them to the audit service); every other table
         still shows no tenant's rows, since no tenant is bound.
         """
+        log.debug("outbox transaction %s", purpose)
+        async with self._open(OUTBOX_RELAY) as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def _open(
+        self, statement: str, *args: object, readonly: bool = False
+    ) -> AsyncIterator[asyncpg.Connection[Any]]:
+        """A pooled connection in a transaction whose first statement sets its scope."""
         try:
             conn = await self._pool.acquire(timeout=self._acquire_timeout)
         except TimeoutError:
             raise unavailable("all database connections are busy; retry shortly", "DATABASE_BUSY", 0.2) from None
         try:
-            async with conn.transaction():
-                await conn.execute(OUTBOX_RELAY)
+            async with conn.transaction(readonly=readonly):
+                await conn.execute(statement, *args)
                 yield cast("asyncpg.Connection[Any]", conn)
         finally:
             await self._pool.release(conn)
