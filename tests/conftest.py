@@ -83,7 +83,7 @@ def stack() -> Iterator[Stack]:
     stack = Stack(config)
     stack.start_infra()
     stack.migrate()
-    logs = {name: (OUTPUT / "logs" / f"{name}.log").open("ab") for name in ("tenant", "sites", "audit")}
+    logs = {name: (OUTPUT / "logs" / f"{name}.log").open("ab") for name in ("tenant", "sites", "features", "audit")}
     for name, log in logs.items():
         stack.start_service(name, log=log)
     try:

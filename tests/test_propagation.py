@@ -21,9 +21,13 @@ from services.runtime import context
 from services.runtime.auth import TokenVerifier, VerifierConfig
 from services.runtime.channels import propagation_metadata, service_channel
 from services.runtime.context import Caller, RequestContext
+from services.runtime.entitlements import CHANNEL as ENTITLEMENTS_CHANNEL
+from services.runtime.entitlements import EntitlementDirectory, FeatureGateSource
 from services.runtime.identity import ServiceIdentity
 from services.runtime.interceptors.chain import server_chain
+from services.runtime.plans import load_plans
 from services.runtime.policy import PolicyTable
+from services.runtime.ratelimit import LimiterConfig, RateLimiter
 from services.runtime.roles import ROLE_PERMISSIONS
 from services.runtime.settings import (
     DEFAULT_JWT_AUDIENCE,
@@ -199,7 +203,12 @@ async def broken_server(stack: Any) -> AsyncIterator[str]:
         kid=DEV_SERVICE_KEY_ID,
     )
     source = RegistryStateSource(f"127.0.0.1:{stack.config.ports['tenant']}", identity)
-    server = aio.server(interceptors=server_chain(policies, verifier, TenantDirectory(cache, source)))
+    tenants = TenantDirectory(cache, source)
+    gate = FeatureGateSource(f"127.0.0.1:{stack.config.ports['features']}", identity)
+    gate_cache = TenantCache(stack.redis_url, local_seconds=5, timeout=0.5, channel=ENTITLEMENTS_CHANNEL)
+    directory = EntitlementDirectory(gate_cache, gate, load_plans(), tenants)
+    limiter = RateLimiter(stack.redis_url, LimiterConfig())
+    server = aio.server(interceptors=server_chain(policies, verifier, tenants, directory, limiter))
     pb_grpc.add_SiteServiceServicer_to_server(_BrokenSites(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -209,6 +218,9 @@ async def broken_server(stack: Any) -> AsyncIterator[str]:
         await server.stop(None)
         await source.close()
         await cache.close()
+        await gate.close()
+        await gate_cache.close()
+        await limiter.close()
 
 
 async def test_internal_error_quotes_the_request_id(broken_server, token, tenant_pair):

@@ -18,7 +18,7 @@ from typing import Any, cast
 
 import asyncpg
 
-from . import context
+from . import bulkhead, context
 from .errors import unavailable
 
 log = logging.getLogger("towerco.platform")
@@ -37,9 +37,11 @@ async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
 class Database:
     """A process's pool, handing out tenant-bound transactions only."""
 
-    def __init__(self, pool: asyncpg.Pool[Any], acquire_timeout: float) -> None:
+    def __init__(self, pool: asyncpg.Pool[Any], acquire_timeout: float, heads: bulkhead.Bulkhead | None = None) -> None:
         self._pool = pool
         self._acquire_timeout = acquire_timeout
+        #: Caps each tenant's share of the pool (when the call carries a limit).
+        self.bulkhead = heads
 
     @classmethod
     async def connect(
@@ -51,7 +53,9 @@ class Database:
         acquire_timeout: float = 2.0,
         statement_timeout_ms: int = 5000,
         application_name: str = "towerco",
+        tenant_wait_seconds: float | None = None,
     ) -> Database:
+        """The pool; with ``tenant_wait_seconds``, a per-tenant bulkhead over it too."""
         pool = await asyncpg.create_pool(
             dsn,
             min_size=min_size,
@@ -64,13 +68,19 @@ class Database:
                 "idle_in_transaction_session_timeout": str(max(statement_timeout_ms * 2, 10_000)),
             },
         )
-        return cls(pool, acquire_timeout)
+        heads = None if tenant_wait_seconds is None else bulkhead.Bulkhead(max_size, tenant_wait_seconds)
+        return cls(pool, acquire_timeout, heads)
 
     @asynccontextmanager
     async def transaction(self, *, readonly: bool = False) -> AsyncIterator[asyncpg.Connection[Any]]:
         """A transaction bound to the current call's tenant (commit on success)."""
         tenant_id = context.current_tenant()
-        async with self._open(BIND_TENANT, tenant_id, readonly=readonly) as conn:
+        limit = bulkhead.current_limit()
+        if limit is None or self.bulkhead is None:
+            async with self._open(BIND_TENANT, tenant_id, readonly=readonly) as conn:
+                yield conn
+            return
+        async with self.bulkhead.slot(tenant_id, limit), self._open(BIND_TENANT, tenant_id, readonly=readonly) as conn:
             yield conn
 
     async def rebind_tenant(self, conn: asyncpg.Connection[Any], tenant_id: str, purpose: str) -> None:

@@ -109,3 +109,15 @@ def unavailable(message: str, reason: str, retry_after_seconds: float = 1.0) -> 
 
 def failed_precondition(message: str, reason: str, **metadata: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, message, reason, metadata=dict(metadata))
+
+
+def resource_exhausted(
+    message: str, reason: str, retry_after_seconds: float | None = None, **metadata: str
+) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        message,
+        reason,
+        metadata=dict(metadata),
+        retry_after_seconds=retry_after_seconds,
+    )

@@ -28,6 +28,12 @@ class Policy:
     cross_tenant: bool = False
     internal: bool = False
     write: bool = True
+    #: A feature the tenant's entitlements must include, or "".
+    feature: str = ""
+
+    @property
+    def rate_class(self) -> str:
+        return "write" if self.write else "read"
 
     @property
     def domain(self) -> str:
@@ -66,6 +72,7 @@ class PolicyTable:
                         cross_tenant=declared.platform_admin_cross_tenant,
                         internal=declared.internal,
                         write=declared.rate_class != policy_pb2.RATE_CLASS_READ,
+                        feature=declared.feature,
                     )
                 )
         if missing:

@@ -29,12 +29,16 @@ from . import logs, migrations
 from .audit import Auditor, AuditRelay
 from .auth import TokenVerifier, VerifierConfig
 from .db import Database
+from .entitlements import CHANNEL as ENTITLEMENTS_CHANNEL
+from .entitlements import EntitlementDirectory, FeatureGateSource, RecordSource
 from .faults import Faults
 from .guard import IsolationError, check_isolation
 from .identity import ServiceIdentity
 from .interceptors.chain import server_chain
 from .pagination import PageTokens
+from .plans import Plans, PlansError, load_plans
 from .policy import PolicyError, PolicyTable
+from .ratelimit import LimiterConfig, RateLimiter
 from .settings import Settings, SettingsError, load
 from .tenant_cache import TenantCache
 from .tenants import RegistryStateSource, StateSource, TenantDirectory
@@ -45,6 +49,7 @@ log = logging.getLogger("towerco.server")
 STARTUP_ERRORS: tuple[type[Exception], ...] = (
     SettingsError,
     PolicyError,
+    PlansError,
     IsolationError,
     migrations.MigrationError,
     asyncpg.PostgresError,
@@ -70,6 +75,9 @@ class Runtime:
     faults: Faults
     #: Records audit events into this service's outbox, in the change's transaction.
     audit: Auditor
+    #: The plans file, and each tenant's entitlements (plan and overrides), in memory.
+    plans: Plans
+    entitlements: EntitlementDirectory
     _starters: list[Hook] = field(default_factory=list, repr=False)
     _stoppers: list[Hook] = field(default_factory=list, repr=False)
 
@@ -98,8 +106,13 @@ class ServiceSpec:
     register: Callable[[aio.Server, Runtime], None]
     #: Where this service reads tenant state on a cache miss; default: ask the registry.
     state_source: Callable[[Database], StateSource] | None = None
+    #: Where it reads entitlement records on a cache miss; default: ask the feature gate.
+    entitlement_source: Callable[[Database], RecordSource] | None = None
     #: Whether the service has an ``audit_outbox`` table and relays it to the audit service.
     outbox: bool = True
+    #: Other shared SQL components to apply into its schema (``services/runtime/sql/<name>``),
+    #: e.g. ``tenant_data`` for the bookkeeping of TenantDataService.
+    components: tuple[str, ...] = ()
     #: Set-up the SQL migrations cannot do as the owner role (e.g. extra roles), run with
     #: the administrative DSN after every migration run, however it is started. Idempotent.
     after_migrate: Callable[[str], Awaitable[None]] | None = None
@@ -111,7 +124,7 @@ async def run_migrations(spec: ServiceSpec, settings: Settings) -> list[int]:
 
 async def migrate_service(spec: ServiceSpec, admin_dsn: str, app_password: str) -> list[int]:
     """Apply the service's pending migrations, then its ``after_migrate`` set-up."""
-    components = ("audit_outbox",) if spec.outbox else ()
+    components = (*(("audit_outbox",) if spec.outbox else ()), *spec.components)
     applied = await migrations.migrate(admin_dsn, spec.name, spec.schema, spec.migrations_dir, app_password, components)
     if spec.after_migrate is not None:
         await spec.after_migrate(admin_dsn)
@@ -136,10 +149,15 @@ def make_verifier(settings: Settings) -> TokenVerifier:
     )
 
 
-def build_server(spec: ServiceSpec, runtime: Runtime, policies: PolicyTable) -> tuple[aio.Server, HealthServicer]:
+def build_server(
+    spec: ServiceSpec, runtime: Runtime, policies: PolicyTable, limiter: RateLimiter
+) -> tuple[aio.Server, HealthServicer]:
     settings = runtime.settings
+    chain = server_chain(
+        policies, make_verifier(settings), runtime.tenants, runtime.entitlements, limiter, runtime.audit
+    )
     server = aio.server(
-        interceptors=server_chain(policies, make_verifier(settings), runtime.tenants, runtime.audit),
+        interceptors=chain,
         options=[
             ("grpc.max_receive_message_length", 4 * 1024 * 1024),
             ("grpc.so_reuseport", 0),
@@ -169,6 +187,7 @@ async def serve(spec: ServiceSpec) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     policies = PolicyTable.from_services(spec.services)  # static: fail before touching anything
+    plans = load_plans(settings.plans_file)
     if settings.migrate_on_start:
         applied = await run_migrations(spec, settings)
         if applied:
@@ -185,6 +204,7 @@ async def serve(spec: ServiceSpec) -> None:
         acquire_timeout=settings.db_acquire_timeout,
         statement_timeout_ms=settings.db_statement_timeout_ms,
         application_name=f"towerco-{spec.name}/{os.getpid()}",
+        tenant_wait_seconds=settings.tenant_concurrency_wait_seconds,
     )
     identity = ServiceIdentity.from_file(
         spec.name,
@@ -202,6 +222,29 @@ async def serve(spec: ServiceSpec) -> None:
     else:
         registry_source = RegistryStateSource(settings.targets["tenant"], identity)
         source = registry_source
+    gate_source = None
+    if spec.entitlement_source is not None:
+        record_source = spec.entitlement_source(db)
+    else:
+        gate_source = FeatureGateSource(settings.targets["features"], identity)
+        record_source = gate_source
+    # A cache of its own: the feature gate counts versions apart from the registry.
+    entitlement_cache = TenantCache(
+        settings.redis_url,
+        local_seconds=settings.tenant_cache_seconds,
+        timeout=settings.redis_timeout_seconds,
+        channel=ENTITLEMENTS_CHANNEL,
+    )
+    limiter = RateLimiter(
+        settings.redis_url,
+        LimiterConfig(
+            burst_seconds=settings.rate_limit_burst_seconds,
+            timeout_seconds=settings.redis_timeout_seconds,
+            local_share=settings.rate_limit_local_share,
+            fail_closed=settings.rate_limit_fail_closed,
+        ),
+    )
+    tenants = TenantDirectory(cache, source)
     relay = AuditRelay(db, spec.schema, settings.targets["audit"], identity, service=spec.name) if spec.outbox else None
     runtime = Runtime(
         settings=settings,
@@ -209,17 +252,20 @@ async def serve(spec: ServiceSpec) -> None:
         page_tokens=PageTokens(settings.page_token_secret),
         identity=identity,
         cache=cache,
-        tenants=TenantDirectory(cache, source),
+        tenants=tenants,
         faults=Faults(settings.fault_points),
         audit=Auditor(db, spec.schema if spec.outbox else None, relay),
+        plans=plans,
+        entitlements=EntitlementDirectory(entitlement_cache, record_source, plans, tenants),
     )
     try:
         await cache.start()
+        await entitlement_cache.start()
         if relay is not None:
             await relay.start()
-        if not await cache.wait_listening(5.0):
+        if not (await cache.wait_listening(5.0) and await entitlement_cache.wait_listening(1.0)):
             log.warning("not subscribed to tenant changes yet (Redis unreachable?); serving anyway")
-        server, health = build_server(spec, runtime, policies)
+        server, health = build_server(spec, runtime, policies, limiter)
         await server.start()
         for hook in runtime._starters:
             await hook()
@@ -239,8 +285,12 @@ async def serve(spec: ServiceSpec) -> None:
         if relay is not None:
             await relay.close()  # what it has not sent stays in the outbox for the next start
         await cache.close()
+        await entitlement_cache.close()
+        await limiter.close()
         if registry_source is not None:
             await registry_source.close()
+        if gate_source is not None:
+            await gate_source.close()
         await db.close()
     log.info("%s stopped", spec.name)
 

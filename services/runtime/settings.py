@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from .plans import DEFAULT_PLANS_FILE
+
 #: Default ports of the four services (each overridable by ``<NAME>_PORT``).
 DEFAULT_PORTS: dict[str, int] = {"tenant": 50051, "sites": 50052, "features": 50053, "audit": 50054}
 
@@ -103,6 +105,17 @@ class Settings:
     tenant_cache_seconds: float
     #: Redis calls on the request path give up after this long (then PostgreSQL answers).
     redis_timeout_seconds: float
+    #: The reviewed plans file (features and limits of each plan).
+    plans_file: str
+    #: A quiet tenant may send this many seconds' worth of its rate at once.
+    rate_limit_burst_seconds: float
+    #: While Redis is unreachable, the share of a tenant's rate one process admits alone...
+    rate_limit_local_share: float
+    #: ...or, when set, nothing at all (UNAVAILABLE, reason RATE_LIMITER_UNAVAILABLE).
+    rate_limit_fail_closed: bool
+    #: How long a transaction waits for one of its tenant's connection slots before
+    #: RESOURCE_EXHAUSTED, reason TENANT_CONCURRENCY_LIMIT.
+    tenant_concurrency_wait_seconds: float
     #: Test-only fault injection: ``point[:times],...`` (see services.runtime.faults).
     fault_points: str
     #: Secret that signs page tokens so a tampered or foreign token is refused.
@@ -188,12 +201,19 @@ def load(service: str) -> Settings:
         base_domain=_env("BASE_DOMAIN", "localhost").lower().strip("."),
         tenant_cache_seconds=_env_float("TENANT_CACHE_SECONDS", 5.0),
         redis_timeout_seconds=_env_float("REDIS_TIMEOUT_SECONDS", 0.05),
+        plans_file=_env("PLANS_FILE", str(DEFAULT_PLANS_FILE)),
+        rate_limit_burst_seconds=_env_float("RATE_LIMIT_BURST_SECONDS", 10.0),
+        rate_limit_local_share=_env_float("RATE_LIMIT_LOCAL_SHARE", 0.25),
+        rate_limit_fail_closed=_env_bool("RATE_LIMIT_FAIL_CLOSED", False),
+        tenant_concurrency_wait_seconds=_env_float("TENANT_CONCURRENCY_WAIT_SECONDS", 0.25),
         fault_points=_env("FAULT_POINTS", ""),
         page_token_secret=_page_token_secret(keys),
         shutdown_grace_seconds=_env_float("SHUTDOWN_GRACE_SECONDS", 10.0),
         shutdown_delay_seconds=_env_float("SHUTDOWN_DELAY_SECONDS", 1.0),
         log_level=_env("LOG_LEVEL", "INFO").upper(),
     )
+    if not 0 < settings.rate_limit_local_share <= 1:
+        raise SettingsError("RATE_LIMIT_LOCAL_SHARE must be a fraction in (0, 1]")
     if settings.db_pool_max_size < 1:
         raise SettingsError("DB_POOL_MAX_SIZE must be at least 1")
     if not (settings.jwt_jwks_file or settings.jwt_jwks_url):

@@ -8,7 +8,8 @@ change, and a cache never replaces a newer value by an older one, so a slow read
 never put back what a change just replaced.
 
 The writer of a change stores the new value in Redis and publishes
-``<tenant_id> <version>`` on one channel; every process drops what it holds that is
+``<tenant_id> <version>`` on its cache's channel (one per writer of versions: the
+registry's tenant records, the feature gate's entitlements); every process drops what it holds that is
 older, so a change is seen everywhere within milliseconds, not after an hour. Without
 Redis every read falls back to the source, each process trusts its memory for
 ``tenant_cache_seconds`` at most, and requests are still served.
@@ -69,7 +70,17 @@ class _Entry:
 class TenantCache:
     """Memory → Redis → source, with versioned fills and pushed invalidation."""
 
-    def __init__(self, redis_url: str, *, local_seconds: float, timeout: float, breaker_seconds: float = 1.0) -> None:
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        local_seconds: float,
+        timeout: float,
+        breaker_seconds: float = 1.0,
+        channel: str = CHANNEL,
+    ) -> None:
+        #: Versions are counted per channel: one writer's versions never mix with another's.
+        self._channel = channel
         self._redis: aioredis.Redis = aioredis.Redis.from_url(
             redis_url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False
         )
@@ -127,6 +138,11 @@ class TenantCache:
         self._keep(tenant_id, kind, item)
         return item
 
+    def peek(self, tenant_id: str, kind: str) -> Versioned | None:
+        """The last value this process knew, however old (for when nothing can be asked)."""
+        entry = self._local.get((tenant_id, kind))
+        return entry.item if entry is not None else None
+
     async def publish(self, tenant_id: str, version: int, values: dict[str, dict[str, Any] | None]) -> None:
         """After a committed change: store the new values and tell every process."""
         self._announce(tenant_id, version)
@@ -135,7 +151,7 @@ class TenantCache:
             await self._redis_put(tenant_id, kind, Versioned(version, value))
         if self._redis_usable():
             try:
-                await self._redis.publish(CHANNEL, f"{tenant_id} {version}")
+                await self._redis.publish(self._channel, f"{tenant_id} {version}")
             except (RedisError, OSError) as exc:
                 self._trip(exc)
 
@@ -190,7 +206,7 @@ class TenantCache:
         while True:
             try:
                 async with self._subscriber.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(CHANNEL)
+                    await pubsub.subscribe(self._channel)
                     # Messages may have been missed while not subscribed: forget everything.
                     self._local.clear()
                     self._listening.set()

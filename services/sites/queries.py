@@ -47,3 +47,9 @@ INSERT INTO sites.create_requests (tenant_id, request_id, request_hash, response
 ON CONFLICT (tenant_id, request_id) DO NOTHING
 RETURNING 1
 """
+
+#: Serializes one tenant's creates while its `max_sites` is checked, so concurrent
+#: creates for the last free slot cannot both see it free. Transaction-scoped.
+LOCK_SITE_QUOTA = "SELECT pg_advisory_xact_lock(hashtextextended('sites.max_sites:' || $1, 0))"
+
+COUNT_SITES = "SELECT count(*) FROM sites.sites WHERE tenant_id = $1"

@@ -11,9 +11,10 @@ from grpc import aio
 from towerco.sites.v1 import sites_service_pb2 as pb
 from towerco.sites.v1 import sites_service_pb2_grpc as pb_grpc
 
-from services.runtime import context
-from services.runtime.errors import FieldViolation, already_exists, invalid_argument, not_found
+from services.runtime import context, entitlements
+from services.runtime.errors import FieldViolation, already_exists, invalid_argument, not_found, resource_exhausted
 from services.runtime.pagination import page_size
+from services.runtime.plans import UNLIMITED
 from services.runtime.server import Runtime
 from services.runtime.validation import Violations
 
@@ -28,6 +29,7 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
         self._db = runtime.db
         self._tokens = runtime.page_tokens
         self._audit = runtime.audit
+        self._entitlements = runtime.entitlements
 
     async def CreateSite(self, request: pb.CreateSiteRequest, ctx: Ctx) -> pb.Site:
         v = Violations()
@@ -46,11 +48,15 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
 
         tenant_id = context.current_tenant()
         request_hash = _request_hash(request)
+        found = entitlements.current() or await self._entitlements.get(tenant_id)
+        max_sites = found.limit("max_sites") if found is not None else UNLIMITED
         async with self._db.transaction() as conn:
             if request.request_id:
                 replay = await _replay(conn, tenant_id, request.request_id, request_hash)
                 if replay is not None:
                     return replay
+            if max_sites != UNLIMITED:
+                await _check_quota(conn, tenant_id, max_sites)
             row = await conn.fetchrow(
                 queries.INSERT_SITE, tenant_id, request.site_id, request.site.name.strip(), location, configuration
             )
@@ -191,6 +197,21 @@ async def _replay(conn: Any, tenant_id: str, request_id: str, request_hash: str)
     if prior["request_hash"] != request_hash:
         raise _request_id_reused()
     return pb.Site.FromString(prior["response"])
+
+
+async def _check_quota(conn: Any, tenant_id: str, max_sites: int) -> None:
+    """RESOURCE_EXHAUSTED when the tenant holds ``max_sites`` already; exact under concurrency."""
+    await conn.execute(queries.LOCK_SITE_QUOTA, tenant_id)  # held until this transaction ends
+    count = await conn.fetchval(queries.COUNT_SITES, tenant_id)
+    if count >= max_sites:
+        raise resource_exhausted(
+            f"tenant {tenant_id!r} has {count} sites, the most its plan allows ({max_sites}); "
+            "delete a site or move to a larger plan",
+            "QUOTA_EXCEEDED",
+            resource="max_sites",
+            limit=str(max_sites),
+            usage=str(count),
+        )
 
 
 def _request_id_reused() -> Exception:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from grpc import aio
-from towerco.internal.v1 import tenant_data_pb2, tenant_data_pb2_grpc
+from towerco.internal.v1 import entitlements_pb2, entitlements_pb2_grpc, tenant_data_pb2, tenant_data_pb2_grpc
 from towerco.tenant.v1 import tenant_registry_service_pb2, tenant_registry_service_pb2_grpc
 
 from services.runtime.channels import service_channel
@@ -21,7 +21,7 @@ from .servicer import TenantRegistryServicer
 #: Who owns which data type that a migration can copy, besides the registry's `settings`.
 REMOTE_DATA_TYPES = {"sites": "sites"}
 #: Services whose rows of a tenant are purged at offboarding.
-DATA_OWNERS = ("sites",)
+DATA_OWNERS = ("sites", "features")
 
 
 def register(server: aio.Server, runtime: Runtime) -> None:
@@ -38,6 +38,16 @@ def register(server: aio.Server, runtime: Runtime) -> None:
     migrations = MigrationRunner(runtime.db, runtime.faults, parts, runtime.audit)
     offboarding = Offboarding(runtime.db, runtime.cache, {name: stubs[name] for name in DATA_OWNERS})
     servicer = TenantRegistryServicer(runtime, box, migrations, offboarding)
+    gate = entitlements_pb2_grpc.TenantEntitlementsServiceStub(
+        service_channel(targets["features"], identity=runtime.identity)
+    )
+
+    async def register_plan(tenant: tenant_registry_service_pb2.Tenant) -> None:
+        # Idempotent in the feature gate: a retried provisioning registers once.
+        request = entitlements_pb2.RegisterTenantRequest(tenant_id=tenant.tenant_id, plan=tenant.plan)
+        await gate.RegisterTenant(request, timeout=5)
+
+    servicer.provisioning_steps.append(register_plan)
     tenant_registry_service_pb2_grpc.add_TenantRegistryServiceServicer_to_server(servicer, server)
     tenant_data_pb2_grpc.add_TenantDirectoryServiceServicer_to_server(
         TenantDirectoryServicer(state_source(runtime.db)), server

@@ -40,8 +40,6 @@ Ctx = aio.ServicerContext[Any, Any]
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 EMAIL = re.compile(r"^[^@\s]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
-#: Plans a tenant can be created on (the feature gate's plans file is the full definition).
-PLANS = ("basic", "professional", "enterprise")
 ADMIN_ROLE = "admin"
 #: States in which a tenant's data is being or has been removed.
 GONE = ("STATE_DELETING", "STATE_DELETED")
@@ -63,6 +61,8 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
         self._migrations = migrations
         self._offboarding = offboarding
         self._audit = runtime.audit
+        self._plans = runtime.plans
+        self._entitlements = runtime.entitlements
         self.provisioning_steps: list[ProvisioningStep] = []
 
     # Tenants and provisioning
@@ -74,7 +74,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
         with context.platform_scope(tenant_id, "tenants.create"):
             row = await self._create_or_replay(request)
             if row["state"] != "STATE_PROVISIONING":
-                return records.tenant_from_row(row)
+                return await self._present(row)
             await records.publish(self._cache, row)
             try:
                 self._faults.check("provision.after_commit")
@@ -109,8 +109,8 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
         v.text("tenant.display_name", tenant.display_name, max_len=100, required=True)
         if not tenant.plan:
             v.add("tenant.plan", "is required")
-        elif tenant.plan not in PLANS:
-            v.add("tenant.plan", f"must be one of {', '.join(PLANS)}")
+        elif self._plans.get(tenant.plan) is None:
+            v.add("tenant.plan", f"must be one of {', '.join(self._plans.names)}")
         if not tenant.admin_email:
             v.add("tenant.admin_email", "is required")
         elif len(tenant.admin_email) > 254 or not EMAIL.fullmatch(tenant.admin_email):
@@ -181,7 +181,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
                 row = await conn.fetchrow(queries.GET_TENANT, tenant_id)
         if row is None:
             raise not_found("tenant", tenant_id)
-        return records.tenant_from_row(row)
+        return await self._present(row)
 
     async def ListTenants(self, request: pb.ListTenantsRequest, ctx: Ctx) -> pb.ListTenantsResponse:
         require_platform_admin()
@@ -192,10 +192,19 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
         after = str(position.get("after", "")) if position else ""
         async with self._db.platform_read("tenants.list") as conn:
             rows = await conn.fetch(queries.LIST_TENANTS, after, request.show_deleted, size + 1)
-        response = pb.ListTenantsResponse(tenants=[records.tenant_from_row(r) for r in rows[:size]])
+        response = pb.ListTenantsResponse(tenants=[await self._present(r) for r in rows[:size]])
         if len(rows) > size:
             response.next_page_token = self._tokens.encode(own, query, {"after": rows[size - 1]["tenant_id"]})
         return response
+
+    async def _present(self, row: Mapping[str, Any]) -> pb.Tenant:
+        """A tenant as the API shows it: its plan is the feature gate's current one."""
+        tenant = records.tenant_from_row(row)
+        if row["state"] not in GONE:
+            record = await self._entitlements.record(row["tenant_id"])
+            if record is not None:
+                tenant.plan = record.plan
+        return tenant
 
     # Lifecycle
 
@@ -206,19 +215,19 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
         row = await self._transition(
             tenant_id, {"STATE_ACTIVE"}, "STATE_SUSPENDED", request.reason.strip(), "tenants.suspend"
         )
-        return records.tenant_from_row(row)
+        return await self._present(row)
 
     async def ReactivateTenant(self, request: pb.ReactivateTenantRequest, ctx: Ctx) -> pb.Tenant:
         tenant_id = self._lifecycle_target(request.tenant_id, Violations())
         row = await self._transition(tenant_id, {"STATE_SUSPENDED"}, "STATE_ACTIVE", "", "tenants.reactivate")
-        return records.tenant_from_row(row)
+        return await self._present(row)
 
     async def DeleteTenant(self, request: pb.DeleteTenantRequest, ctx: Ctx) -> pb.Tenant:
         tenant_id = self._lifecycle_target(request.tenant_id, Violations())
         allowed = {"STATE_PROVISIONING", "STATE_ACTIVE", "STATE_SUSPENDED"}
         row = await self._transition(tenant_id, allowed, "STATE_DELETING", "", "tenants.delete")
         self._offboarding.start(tenant_id)
-        return records.tenant_from_row(row)
+        return await self._present(row)
 
     def _lifecycle_target(self, requested: str, v: Violations) -> str:
         require_platform_admin()

@@ -1,17 +1,20 @@
 """The order of the server interceptor chain, in one place.
 
-Outermost first. A later issue's link (tenant state, rate limits) is one line here.
+Outermost first; a new link is one line here.
 """
 
 from __future__ import annotations
 
 from ..audit import Auditor
 from ..auth import TokenVerifier
+from ..entitlements import EntitlementDirectory
 from ..policy import PolicyTable
+from ..ratelimit import RateLimiter
 from ..tenants import TenantDirectory
 from .authentication import AuthenticationInterceptor
 from .authorization import AuthorizationInterceptor
 from .base import PolicyInterceptor
+from .entitlements import EntitlementsInterceptor, RateLimitInterceptor
 from .errors import ErrorDetailsInterceptor
 from .request_id import RequestContextInterceptor
 from .tenant import TenantInterceptor
@@ -19,7 +22,12 @@ from .tenant_state import TenantStateInterceptor
 
 
 def server_chain(
-    policies: PolicyTable, verifier: TokenVerifier, tenants: TenantDirectory, auditor: Auditor | None = None
+    policies: PolicyTable,
+    verifier: TokenVerifier,
+    tenants: TenantDirectory,
+    entitlements: EntitlementDirectory,
+    limiter: RateLimiter,
+    auditor: Auditor | None = None,
 ) -> list[PolicyInterceptor]:
     return [
         RequestContextInterceptor(policies),  # request id, method, peer, client address (never fails)
@@ -28,4 +36,6 @@ def server_chain(
         TenantInterceptor(policies),  # for which tenant
         TenantStateInterceptor(policies, tenants),  # is that tenant active
         AuthorizationInterceptor(policies),  # with which permission (internal: services only)
+        EntitlementsInterceptor(policies, entitlements),  # does the plan include it; DB connections it may hold
+        RateLimitInterceptor(policies, limiter),  # within the tenant's rpm_read / rpm_write
     ]

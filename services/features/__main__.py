@@ -1,0 +1,45 @@
+"""``python -m services.features``: run the feature gate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from grpc import aio
+from towerco.features.v1 import feature_gate_service_pb2, feature_gate_service_pb2_grpc
+from towerco.internal.v1 import entitlements_pb2, entitlements_pb2_grpc, tenant_data_pb2, tenant_data_pb2_grpc
+
+from services.runtime.server import Runtime, ServiceSpec, main
+from services.runtime.tenant_data import TenantDataServicer
+
+from .records import record_source
+from .registration import TenantEntitlementsServicer
+from .servicer import FeatureGateServicer
+from .tenant_data import FEATURES_TENANT_DATA
+
+
+def register(server: aio.Server, runtime: Runtime) -> None:
+    feature_gate_service_pb2_grpc.add_FeatureGateServiceServicer_to_server(FeatureGateServicer(runtime), server)
+    entitlements_pb2_grpc.add_TenantEntitlementsServiceServicer_to_server(
+        TenantEntitlementsServicer(runtime, record_source(runtime.db)), server
+    )
+    tenant_data_pb2_grpc.add_TenantDataServiceServicer_to_server(
+        TenantDataServicer(runtime, FEATURES_TENANT_DATA), server
+    )
+
+
+SPEC = ServiceSpec(
+    name="features",
+    schema="features",
+    services=(
+        feature_gate_service_pb2.DESCRIPTOR.services_by_name["FeatureGateService"],
+        entitlements_pb2.DESCRIPTOR.services_by_name["TenantEntitlementsService"],
+        tenant_data_pb2.DESCRIPTOR.services_by_name["TenantDataService"],
+    ),
+    migrations_dir=Path(__file__).parent / "migrations",
+    register=register,
+    entitlement_source=record_source,
+    components=("tenant_data",),
+)
+
+if __name__ == "__main__":
+    main(SPEC)

@@ -1,0 +1,46 @@
+"""SQL of the feature gate. Every statement names tenant_id; RLS checks it again."""
+
+GET_PLAN = "SELECT plan, version FROM features.tenant_plans WHERE tenant_id = $1"
+
+GET_FEATURE_OVERRIDE = "SELECT enabled, expire_time FROM features.feature_overrides WHERE tenant_id = $1 AND feature = $2"
+
+GET_LIMIT_OVERRIDE = "SELECT limit_value FROM features.limit_overrides WHERE tenant_id = $1 AND resource = $2"
+
+GET_FEATURE_OVERRIDES = """
+SELECT feature, enabled, expire_time FROM features.feature_overrides WHERE tenant_id = $1 ORDER BY feature
+"""
+
+GET_LIMIT_OVERRIDES = """
+SELECT resource, limit_value FROM features.limit_overrides WHERE tenant_id = $1 ORDER BY resource
+"""
+
+#: Registers a tenant on a plan unless it is registered already; returns the row if inserted.
+REGISTER = """
+INSERT INTO features.tenant_plans (tenant_id, plan) VALUES ($1, $2)
+ON CONFLICT (tenant_id) DO NOTHING
+RETURNING version
+"""
+
+#: The tenant's row, locked for a change; the caller makes it first if it is missing.
+LOCK_PLAN = "SELECT plan FROM features.tenant_plans WHERE tenant_id = $1 FOR UPDATE"
+
+#: Every change also runs BUMP_VERSION once, in the same transaction.
+SET_PLAN = "UPDATE features.tenant_plans SET plan = $2 WHERE tenant_id = $1"
+
+BUMP_VERSION = """
+UPDATE features.tenant_plans SET version = version + 1, update_time = now()
+WHERE tenant_id = $1
+RETURNING version
+"""
+
+UPSERT_FEATURE_OVERRIDE = """
+INSERT INTO features.feature_overrides (tenant_id, feature, enabled, expire_time) VALUES ($1, $2, $3, $4)
+ON CONFLICT (tenant_id, feature) DO UPDATE
+SET enabled = EXCLUDED.enabled, expire_time = EXCLUDED.expire_time, update_time = now()
+"""
+
+UPSERT_LIMIT_OVERRIDE = """
+INSERT INTO features.limit_overrides (tenant_id, resource, limit_value) VALUES ($1, $2, $3)
+ON CONFLICT (tenant_id, resource) DO UPDATE
+SET limit_value = EXCLUDED.limit_value, update_time = now()
+"""

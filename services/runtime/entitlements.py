@@ -1,0 +1,239 @@
+"""What a tenant may use, evaluated in memory on every call.
+
+A tenant's *record* (its plan and per-tenant overrides) is the feature gate's. Every
+process keeps records in a :class:`~services.runtime.tenant_cache.TenantCache` of their
+own (own Redis channel, own version counter), so a plan change or an override made
+through any process is seen by every process within milliseconds. Evaluation (override,
+then plan, then the plans file's defaults) happens per call against this process's
+clock, so an override stops applying the moment it expires, without any message.
+
+When the feature gate has no record of a tenant (one provisioned before it existed), the
+plan the registry holds for it applies without overrides. When nothing can be asked
+(Redis and the feature gate both unreachable), the last known record is kept; a process
+that never had one uses the registry's plan until the feature gate answers again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import grpc
+from google.protobuf import timestamp_pb2
+from towerco.internal.v1 import entitlements_pb2, entitlements_pb2_grpc
+
+from .channels import service_channel
+from .identity import ServiceIdentity
+from .plans import LIMITS, Plan, Plans
+from .tenant_cache import TenantCache, Versioned
+from .tenants import TenantDirectory
+
+log = logging.getLogger("towerco.entitlements")
+
+KIND = "entitlements"
+CHANNEL = "towerco:entitlements-changed"
+
+IN_PLAN = "IN_PLAN"
+NOT_IN_PLAN = "NOT_IN_PLAN"
+OVERRIDE_GRANTED = "OVERRIDE_GRANTED"
+OVERRIDE_WITHHELD = "OVERRIDE_WITHHELD"
+
+
+@dataclass(frozen=True)
+class FeatureOverride:
+    enabled: bool
+    #: Seconds since the epoch when it stops applying; None: never.
+    expires_at: float | None = None
+
+    def applies(self, now: float) -> bool:
+        return self.expires_at is None or now < self.expires_at
+
+
+@dataclass(frozen=True)
+class Record:
+    """A tenant's plan and overrides, as the feature gate stores them."""
+
+    plan: str
+    feature_overrides: Mapping[str, FeatureOverride] = field(default_factory=dict)
+    limit_overrides: Mapping[str, int] = field(default_factory=dict)
+
+    def as_value(self) -> dict[str, Any]:
+        return {
+            "plan": self.plan,
+            "features": {k: [o.enabled, o.expires_at] for k, o in sorted(self.feature_overrides.items())},
+            "limits": dict(sorted(self.limit_overrides.items())),
+        }
+
+    @classmethod
+    def from_value(cls, value: Mapping[str, Any]) -> Record:
+        return cls(
+            plan=str(value["plan"]),
+            feature_overrides={k: FeatureOverride(bool(v[0]), v[1]) for k, v in value.get("features", {}).items()},
+            limit_overrides={k: int(v) for k, v in value.get("limits", {}).items()},
+        )
+
+    def to_proto(self, tenant_id: str, version: int) -> entitlements_pb2.TenantEntitlements:
+        message = entitlements_pb2.TenantEntitlements(
+            tenant_id=tenant_id, plan=self.plan, version=version, limit_overrides=dict(self.limit_overrides)
+        )
+        for name, override in sorted(self.feature_overrides.items()):
+            item = message.feature_overrides.add(feature=name, enabled=override.enabled)
+            if override.expires_at is not None:
+                item.expire_time.CopyFrom(_timestamp(override.expires_at))
+        return message
+
+    @classmethod
+    def from_proto(cls, message: entitlements_pb2.TenantEntitlements) -> Record:
+        overrides = {
+            o.feature: FeatureOverride(
+                o.enabled, o.expire_time.ToNanoseconds() / 1e9 if o.HasField("expire_time") else None
+            )
+            for o in message.feature_overrides
+        }
+        return cls(message.plan, overrides, dict(message.limit_overrides))
+
+
+@dataclass(frozen=True)
+class Entitlements:
+    """One tenant's entitlements at one moment: what every check reads."""
+
+    tenant_id: str
+    plan: str
+    features: frozenset[str]
+    limits: Mapping[str, int]
+    #: Why each feature a plan or override names is on or off.
+    reasons: Mapping[str, str]
+
+    def feature(self, name: str) -> tuple[bool, str]:
+        """Whether the tenant may use ``name``, and why (an unknown feature is off)."""
+        return name in self.features, self.reasons.get(name, NOT_IN_PLAN)
+
+    def limit(self, name: str) -> int:
+        return self.limits[name]
+
+
+def evaluate(plans: Plans, tenant_id: str, record: Record, now: float | None = None) -> Entitlements:
+    """Override, then plan, then default; expired overrides are ignored."""
+    now = time.time() if now is None else now
+    plan: Plan | None = plans.get(record.plan)
+    if plan is None:
+        log.warning("tenant %s is on plan %r, which the plans file no longer defines", tenant_id, record.plan)
+    base = plan.features if plan else frozenset()
+    reasons = dict.fromkeys(base, IN_PLAN)
+    features = set(base)
+    for name, override in record.feature_overrides.items():
+        if not override.applies(now):
+            continue
+        reasons[name] = OVERRIDE_GRANTED if override.enabled else OVERRIDE_WITHHELD
+        (features.add if override.enabled else features.discard)(name)
+    limits = dict(plan.limits if plan else plans.default_limits)
+    limits.update({k: v for k, v in record.limit_overrides.items() if k in LIMITS})
+    return Entitlements(
+        tenant_id, record.plan, frozenset(features), MappingProxyType(limits), MappingProxyType(reasons)
+    )
+
+
+_current: ContextVar[Entitlements | None] = ContextVar("towerco_entitlements", default=None)
+
+
+def current() -> Entitlements | None:
+    """The calling tenant's entitlements, as the interceptor chain found them for this call."""
+    return _current.get()
+
+
+@contextmanager
+def bound(entitlements: Entitlements) -> Iterator[None]:
+    token = _current.set(entitlements)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+#: Reads a tenant's record from the feature gate: version 0 and no value if it has none.
+RecordSource = Callable[[str], Awaitable[Versioned]]
+
+
+class EntitlementDirectory:
+    """Entitlements per tenant, from memory whenever possible."""
+
+    def __init__(
+        self,
+        cache: TenantCache,
+        source: RecordSource,
+        plans: Plans,
+        tenants: TenantDirectory,
+        *,
+        source_breaker_seconds: float = 1.0,
+    ) -> None:
+        self._cache = cache
+        self._source = source
+        self.plans = plans
+        self._tenants = tenants
+        self._breaker_seconds = source_breaker_seconds
+        self._source_down_until = 0.0
+
+    async def get(self, tenant_id: str) -> Entitlements | None:
+        """The tenant's entitlements now; None for a tenant the platform does not know."""
+        record = await self.record(tenant_id)
+        if record is None:
+            return None
+        return evaluate(self.plans, tenant_id, record)
+
+    async def record(self, tenant_id: str) -> Record | None:
+        item: Versioned | None = None
+        if time.monotonic() >= self._source_down_until:
+            try:
+                item = await self._cache.get(tenant_id, KIND, lambda: self._source(tenant_id))
+            except Exception as exc:
+                # Nothing cached and the feature gate unreachable: fall back, and stop
+                # asking it on every call for a moment.
+                self._source_down_until = time.monotonic() + self._breaker_seconds
+                log.warning("feature gate unreachable for tenant %s (%s); using its registry plan", tenant_id, exc)
+        else:
+            item = self._cache.peek(tenant_id, KIND)
+        if item is not None and item.value is not None:
+            return Record.from_value(item.value)
+        info = await self._tenants.get(tenant_id)
+        if info is None:
+            return None
+        return Record(info.plan)
+
+    async def publish(self, tenant_id: str, version: int, record: Record) -> None:
+        """After a committed change (in the feature gate): store it and tell every process."""
+        await self._cache.publish(tenant_id, version, {KIND: record.as_value()})
+
+
+class FeatureGateSource:
+    """Asks the feature gate for a record, as this service."""
+
+    def __init__(self, target: str, identity: ServiceIdentity, timeout: float = 1.0) -> None:
+        self._channel = service_channel(target, identity=identity)
+        self._stub = entitlements_pb2_grpc.TenantEntitlementsServiceStub(self._channel)
+        self._timeout = timeout
+
+    async def __call__(self, tenant_id: str) -> Versioned:
+        try:
+            reply = await self._stub.GetTenantEntitlements(
+                entitlements_pb2.GetTenantEntitlementsRequest(tenant_id=tenant_id), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return Versioned(0, None)
+            raise
+        return Versioned(reply.version, Record.from_proto(reply).as_value())
+
+    async def close(self) -> None:
+        await self._channel.close(None)
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(round(seconds * 1e9))
+    return stamp

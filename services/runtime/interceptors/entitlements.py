@@ -1,0 +1,113 @@
+"""Entitlement links: what the calling tenant's plan allows, how fast, how much at once.
+
+:class:`EntitlementsInterceptor` finds the tenant's entitlements (in memory, almost
+always), refuses a method whose declared ``feature`` the tenant lacks, and bounds the
+tenant's database connections for the call. :class:`RateLimitInterceptor` then counts
+the call against the tenant's ``rpm_read`` or ``rpm_write``.
+
+Calls of platform admins and platform services, and public calls, pass untouched: the
+limits are a tenant's, and the platform's own work must not be throttled by them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from grpc import aio
+
+from .. import bulkhead, context, entitlements
+from ..entitlements import EntitlementDirectory
+from ..errors import ServiceError, permission_denied, resource_exhausted, unavailable
+from ..policy import Policy, PolicyTable
+from ..ratelimit import RateLimiter
+from .base import Behavior, Metadata, PolicyInterceptor
+
+
+def _tenant_call() -> str | None:
+    """The tenant whose limits apply to the current call, None when none do."""
+    current = context.current()
+    caller = current.caller if current else None
+    if current is None or caller is None or caller.is_platform or current.tenant_id in (None, context.PLATFORM_TENANT):
+        return None
+    return current.tenant_id
+
+
+class EntitlementsInterceptor(PolicyInterceptor):
+    """PERMISSION_DENIED (FEATURE_NOT_IN_PLAN) without the method's feature; binds the bulkhead limit."""
+
+    def __init__(self, policies: PolicyTable, directory: EntitlementDirectory) -> None:
+        super().__init__(policies)
+        self._directory = directory
+
+    def wrap(self, inner: Behavior, policy: Policy, metadata: Metadata) -> Behavior:
+        if policy.public:
+            return inner
+
+        async def behavior(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
+            tenant_id = _tenant_call()
+            if tenant_id is None:
+                return await inner(request, ctx)
+            try:
+                found = await self._directory.get(tenant_id)
+            except ServiceError:
+                raise
+            except Exception:
+                raise unavailable(
+                    "the tenant's entitlements cannot be read right now; retry shortly", "ENTITLEMENTS_UNAVAILABLE"
+                ) from None
+            if found is None:
+                raise permission_denied(f"tenant {tenant_id!r} is not known to the platform", "TENANT_UNKNOWN")
+            if policy.feature:
+                enabled, why = found.feature(policy.feature)
+                if not enabled:
+                    raise permission_denied(
+                        f"tenant {tenant_id!r} is on plan {found.plan!r}, which does not include "
+                        f"{policy.feature!r}; upgrade the plan or ask the platform operator",
+                        "FEATURE_NOT_IN_PLAN",
+                        feature=policy.feature,
+                        plan=found.plan,
+                        decided_by=why,
+                    )
+            with entitlements.bound(found), bulkhead.limited(found.limit("db_concurrency")):
+                return await inner(request, ctx)
+
+        return behavior
+
+
+class RateLimitInterceptor(PolicyInterceptor):
+    """RESOURCE_EXHAUSTED (RATE_LIMITED, with RetryInfo) over the tenant's rate for the method's class."""
+
+    def __init__(self, policies: PolicyTable, limiter: RateLimiter) -> None:
+        super().__init__(policies)
+        self._limiter = limiter
+
+    def wrap(self, inner: Behavior, policy: Policy, metadata: Metadata) -> Behavior:
+        if policy.public:
+            return inner
+        limit_name = f"rpm_{policy.rate_class}"
+
+        async def behavior(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
+            found = entitlements.current()
+            tenant_id = _tenant_call()
+            if found is None or tenant_id is None:
+                return await inner(request, ctx)
+            per_minute = found.limit(limit_name)
+            decision = await self._limiter.decide(tenant_id, policy.rate_class, per_minute)
+            if decision.unavailable:
+                raise unavailable(
+                    "request rates cannot be checked right now (Redis is unreachable); retry shortly",
+                    "RATE_LIMITER_UNAVAILABLE",
+                    decision.retry_after_seconds,
+                )
+            if not decision.allowed:
+                raise resource_exhausted(
+                    f"tenant {tenant_id!r} is over its {policy.rate_class} rate of {per_minute} calls per minute; "
+                    f"retry in {decision.retry_after_seconds:.3f}s",
+                    "RATE_LIMITED",
+                    retry_after_seconds=decision.retry_after_seconds,
+                    limit=limit_name,
+                    per_minute=str(per_minute),
+                )
+            return await inner(request, ctx)
+
+        return behavior
