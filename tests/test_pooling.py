@@ -151,8 +151,19 @@ class _AbortError(Exception):
 
 @pytest.fixture
 def small_pool_sites(extra_sites) -> Any:
-    """A second sites process whose pool has at most two connections; yields its target."""
-    extra = extra_sites({"DB_POOL_MAX_SIZE": "2", "DB_POOL_MIN_SIZE": "1", "DB_ACQUIRE_TIMEOUT_SECONDS": "60"})
+    """A second sites process whose pool has at most two connections; yields its target.
+
+    Calls queue for a connection (and for their tenant's one slot of it) instead of being
+    refused: this test is about what a reused connection carries, not about overload.
+    """
+    extra = extra_sites(
+        {
+            "DB_POOL_MAX_SIZE": "2",
+            "DB_POOL_MIN_SIZE": "1",
+            "DB_ACQUIRE_TIMEOUT_SECONDS": "60",
+            "TENANT_CONCURRENCY_WAIT_SECONDS": "60",
+        }
+    )
     return extra.target, extra.process
 
 

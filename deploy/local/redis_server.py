@@ -123,6 +123,11 @@ def _server_argv(data_dir: Path, port: int) -> list[str]:
     ]  # fmt: skip
 
 
+def running_pid(data_dir: Path) -> int | None:
+    """Pid of the live server started from ``data_dir``; None if there is none."""
+    return _running_redis(data_dir.absolute())
+
+
 def _running_redis(data_dir: Path) -> int | None:
     """Pid of the live server started from ``data_dir``, per its pid file; None if there is none."""
     pid = read_pid_file(data_dir / _PID_FILE)

@@ -2,7 +2,9 @@
 
 GET_PLAN = "SELECT plan, version FROM features.tenant_plans WHERE tenant_id = $1"
 
-GET_FEATURE_OVERRIDE = "SELECT enabled, expire_time FROM features.feature_overrides WHERE tenant_id = $1 AND feature = $2"
+GET_FEATURE_OVERRIDE = (
+    "SELECT enabled, expire_time FROM features.feature_overrides WHERE tenant_id = $1 AND feature = $2"
+)
 
 GET_LIMIT_OVERRIDE = "SELECT limit_value FROM features.limit_overrides WHERE tenant_id = $1 AND resource = $2"
 

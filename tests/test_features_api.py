@@ -1,0 +1,326 @@
+"""The feature gate over real gRPC: plans, entitlements, overrides, and who may see or change them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+from google.protobuf import timestamp_pb2
+from towerco.features.v1 import feature_gate_service_pb2 as pb
+from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
+
+from services.runtime.plans import LIMITS, load_plans
+
+from .support import bearer, expect_error
+
+PLANS = load_plans()
+
+
+def entitlements(features: Any, md: Any, tenant_id: str = "") -> pb.Entitlements:
+    reply: pb.Entitlements = features.GetEntitlements(
+        pb.GetEntitlementsRequest(tenant_id=tenant_id), metadata=md, timeout=10
+    )
+    return reply
+
+
+def has_feature(features: Any, md: Any, feature: str, tenant_id: str = "") -> tuple[bool, str]:
+    reply = features.HasFeature(pb.HasFeatureRequest(tenant_id=tenant_id, feature=feature), metadata=md, timeout=10)
+    return reply.enabled, reply.reason
+
+
+def set_plan(features: Any, platform_token: str, tenant_id: str, plan: str) -> pb.Entitlements:
+    reply: pb.Entitlements = features.SetTenantPlan(
+        pb.SetTenantPlanRequest(tenant_id=tenant_id, plan=plan), metadata=bearer(platform_token), timeout=10
+    )
+    return reply
+
+
+def in_seconds(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int((time.time() + seconds) * 1e9))
+    return stamp
+
+
+# --- plans -----------------------------------------------------------------------------
+
+
+def test_list_plans_is_the_plans_file_smallest_first(features, token, tenant_pair):
+    tenant, _ = tenant_pair
+    reply = features.ListPlans(pb.ListPlansRequest(), metadata=bearer(token(tenant, role="viewer")), timeout=10)
+    assert [p.name for p in reply.plans] == ["basic", "professional", "enterprise"]
+    for plan, expected in zip(reply.plans, PLANS.ordered, strict=True):
+        assert list(plan.features) == sorted(expected.features)
+        assert dict(plan.limits) == dict(expected.limits)
+        assert set(plan.limits) == set(LIMITS)
+    by_name = {p.name: p for p in reply.plans}
+    # What the issue asks of the plans, whatever else the file says.
+    assert "advanced_analytics" not in by_name["basic"].features
+    assert "advanced_analytics" in by_name["professional"].features
+    assert "advanced_analytics" in by_name["enterprise"].features
+    assert [("custom_branding" in by_name[n].features) for n in by_name] == [False, False, True]
+    assert [by_name[n].limits["db_concurrency"] for n in by_name] == [5, 10, 20]
+    assert by_name["enterprise"].limits["max_sites"] == -1
+
+
+@pytest.mark.parametrize("plan", ["basic", "professional", "enterprise"])
+def test_a_new_tenant_is_entitled_to_exactly_its_plan(features, new_tenant, token, plan):
+    tenant = new_tenant(plan=plan)
+    md = bearer(token(tenant))
+    expected = PLANS.get(plan)
+    assert expected is not None
+    reply = entitlements(features, md)
+    assert (reply.tenant_id, reply.plan) == (tenant, plan)
+    assert list(reply.features) == sorted(expected.features)
+    assert dict(reply.limits) == dict(expected.limits)
+    for feature in ("advanced_analytics", "custom_branding"):
+        assert has_feature(features, md, feature) == (
+            (True, "IN_PLAN") if feature in expected.features else (False, "NOT_IN_PLAN")
+        )
+
+
+def test_provisioning_registers_the_plan_with_the_feature_gate(new_tenant, admin_dsn):
+    tenant = new_tenant(plan="basic")
+
+    async def stored() -> Any:
+        conn = await asyncpg.connect(admin_dsn)
+        try:
+            return await conn.fetchrow("SELECT plan, version FROM features.tenant_plans WHERE tenant_id = $1", tenant)
+        finally:
+            await conn.close()
+
+    row = asyncio.run(stored())
+    assert row is not None and (row["plan"], row["version"]) == ("basic", 1)
+
+
+# --- overrides and precedence -----------------------------------------------------------
+
+
+def test_override_beats_plan_and_plan_beats_default(features, new_tenant, token, platform_token):
+    tenant = new_tenant(plan="basic")
+    md = bearer(token(tenant))
+    admin = bearer(platform_token)
+    assert has_feature(features, md, "advanced_analytics") == (False, "NOT_IN_PLAN")
+    assert has_feature(features, md, "site_inventory") == (True, "IN_PLAN")
+
+    granted = features.SetFeatureOverride(
+        pb.SetFeatureOverrideRequest(tenant_id=tenant, feature="advanced_analytics", enabled=True),
+        metadata=admin,
+        timeout=10,
+    )
+    assert "advanced_analytics" in granted.features
+    assert has_feature(features, md, "advanced_analytics") == (True, "OVERRIDE_GRANTED")
+
+    withheld = features.SetFeatureOverride(
+        pb.SetFeatureOverrideRequest(tenant_id=tenant, feature="site_inventory", enabled=False),
+        metadata=admin,
+        timeout=10,
+    )
+    assert "site_inventory" not in withheld.features
+    assert has_feature(features, md, "site_inventory") == (False, "OVERRIDE_WITHHELD")
+
+    limited = features.SetLimitOverride(
+        pb.SetLimitOverrideRequest(tenant_id=tenant, resource="max_sites", limit=3), metadata=admin, timeout=10
+    )
+    assert limited.limits["max_sites"] == 3
+    assert limited.limits["max_users"] == PLANS.get("basic").limits["max_users"]  # type: ignore[union-attr]
+
+    # Overrides survive a plan change: the new plan fills in what they do not decide.
+    moved = set_plan(features, platform_token, tenant, "enterprise")
+    assert moved.plan == "enterprise"
+    assert "custom_branding" in moved.features and "site_inventory" not in moved.features
+    assert moved.limits["max_sites"] == 3 and moved.limits["max_users"] == -1
+    check = features.CheckLimit(pb.CheckLimitRequest(resource="max_sites", current_usage=2), metadata=md, timeout=10)
+    assert (check.allowed, check.limit) == (True, 3)
+    check = features.CheckLimit(pb.CheckLimitRequest(resource="max_sites", current_usage=3), metadata=md, timeout=10)
+    assert (check.allowed, check.limit) == (False, 3)
+    check = features.CheckLimit(
+        pb.CheckLimitRequest(resource="max_users", current_usage=10**9), metadata=md, timeout=10
+    )
+    assert (check.allowed, check.limit) == (True, -1)
+
+
+def test_an_expired_override_stops_applying(features, new_tenant, token, platform_token, eventually):
+    tenant = new_tenant(plan="basic")
+    md = bearer(token(tenant))
+    features.SetFeatureOverride(
+        pb.SetFeatureOverrideRequest(
+            tenant_id=tenant, feature="advanced_analytics", enabled=True, expire_time=in_seconds(1.5)
+        ),
+        metadata=bearer(platform_token),
+        timeout=10,
+    )
+    assert has_feature(features, md, "advanced_analytics") == (True, "OVERRIDE_GRANTED")
+    # No message announces an expiry: every evaluation compares it with the clock.
+    assert eventually(lambda: _off(features, md, "advanced_analytics"), within=5) == (False, "NOT_IN_PLAN")
+    assert "advanced_analytics" not in entitlements(features, md).features
+
+
+def _off(features: Any, md: Any, feature: str) -> tuple[bool, str]:
+    result = has_feature(features, md, feature)
+    assert not result[0]
+    return result
+
+
+def test_an_unknown_feature_is_disabled_not_an_error(features, token, tenant_pair):
+    tenant, _ = tenant_pair
+    assert has_feature(features, bearer(token(tenant)), "teleportation") == (False, "NOT_IN_PLAN")
+
+
+def test_setting_the_same_plan_again_changes_nothing_and_records_nothing(
+    features, new_tenant, platform_token, admin_dsn
+):
+    tenant = new_tenant(plan="professional")
+    set_plan(features, platform_token, tenant, "basic")
+    set_plan(features, platform_token, tenant, "basic")
+
+    async def version_and_events() -> tuple[int, int]:
+        conn = await asyncpg.connect(admin_dsn)
+        try:
+            version = await conn.fetchval("SELECT version FROM features.tenant_plans WHERE tenant_id = $1", tenant)
+            # Events wait in the outbox or have reached the audit log: count both.
+            outbox = await conn.fetch("SELECT event FROM features.audit_outbox WHERE tenant_id = $1", tenant)
+            logged = await conn.fetchval(
+                "SELECT count(*) FROM audit.events WHERE tenant_id = $1 AND action = 'features.set_plan'", tenant
+            )
+            return version, len(outbox) + logged
+        finally:
+            await conn.close()
+
+    assert asyncio.run(version_and_events()) == (2, 1)
+
+
+# --- the registry shows the feature gate's plan ------------------------------------------
+
+
+def test_the_registry_shows_the_plan_the_feature_gate_holds(features, registry, new_tenant, platform_token):
+    tenant = new_tenant(plan="basic")
+    set_plan(features, platform_token, tenant, "enterprise")
+    shown = registry.GetTenant(
+        tenant_pb.GetTenantRequest(tenant_id=tenant), metadata=bearer(platform_token), timeout=10
+    )
+    assert shown.plan == "enterprise"
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "request_", "field"),
+    [
+        ("HasFeature", pb.HasFeatureRequest(feature=""), "feature"),
+        ("HasFeature", pb.HasFeatureRequest(feature="Advanced-Analytics"), "feature"),
+        ("CheckLimit", pb.CheckLimitRequest(resource="max_towers"), "resource"),
+        ("CheckLimit", pb.CheckLimitRequest(resource="max_sites", current_usage=-1), "current_usage"),
+        ("GetEntitlements", pb.GetEntitlementsRequest(tenant_id="Not A Tenant"), "tenant_id"),
+    ],
+)
+def test_bad_reads_name_the_field(features, token, tenant_pair, method, request_, field):
+    tenant, _ = tenant_pair
+    error = expect_error(getattr(features, method), request_, metadata=bearer(token(tenant)))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT, error
+    assert error.fields == [field]
+
+
+@pytest.mark.parametrize(
+    ("method", "build", "field"),
+    [
+        ("SetTenantPlan", lambda t: pb.SetTenantPlanRequest(plan="basic"), "tenant_id"),
+        ("SetTenantPlan", lambda t: pb.SetTenantPlanRequest(tenant_id=t, plan="gold"), "plan"),
+        ("SetFeatureOverride", lambda t: pb.SetFeatureOverrideRequest(tenant_id=t, feature="x y"), "feature"),
+        (
+            "SetFeatureOverride",
+            lambda t: pb.SetFeatureOverrideRequest(tenant_id=t, feature="sso", expire_time=in_seconds(-60)),
+            "expire_time",
+        ),
+        ("SetLimitOverride", lambda t: pb.SetLimitOverrideRequest(tenant_id=t, resource="cpu", limit=1), "resource"),
+        (
+            "SetLimitOverride",
+            lambda t: pb.SetLimitOverrideRequest(tenant_id=t, resource="max_sites", limit=-2),
+            "limit",
+        ),
+    ],
+)
+def test_bad_changes_name_the_field_and_change_nothing(
+    features, new_tenant, token, platform_token, method, build, field
+):
+    tenant = new_tenant(plan="basic")
+    before = entitlements(features, bearer(token(tenant)))
+    error = expect_error(getattr(features, method), build(tenant), metadata=bearer(platform_token))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT, error
+    assert error.fields == [field]
+    assert entitlements(features, bearer(token(tenant))) == before
+
+
+def test_an_unknown_tenant_is_not_found(features, platform_token):
+    for fn, request in (
+        (features.GetEntitlements, pb.GetEntitlementsRequest(tenant_id="nobody_here")),
+        (features.SetTenantPlan, pb.SetTenantPlanRequest(tenant_id="nobody_here", plan="basic")),
+        (features.SetLimitOverride, pb.SetLimitOverrideRequest(tenant_id="nobody_here", resource="max_sites")),
+    ):
+        error = expect_error(fn, request, metadata=bearer(platform_token))
+        assert (error.code, error.reason) == (grpc.StatusCode.NOT_FOUND, "TENANT_NOT_FOUND"), error
+
+
+# --- who may read and change -------------------------------------------------------------
+
+
+def test_only_platform_admins_change_entitlements(features, token, tenant_pair):
+    tenant, _ = tenant_pair
+    # A tenant token carrying features.manage is still not a platform admin.
+    md = bearer(token(tenant, permissions=["features.read", "features.manage"]))
+    for fn, request in (
+        (features.SetTenantPlan, pb.SetTenantPlanRequest(tenant_id=tenant, plan="enterprise")),
+        (features.SetFeatureOverride, pb.SetFeatureOverrideRequest(tenant_id=tenant, feature="sso", enabled=True)),
+        (features.SetLimitOverride, pb.SetLimitOverrideRequest(tenant_id=tenant, resource="max_sites", limit=-1)),
+    ):
+        error = expect_error(fn, request, metadata=md)
+        assert (error.code, error.reason) == (grpc.StatusCode.PERMISSION_DENIED, "PLATFORM_ADMIN_REQUIRED"), error
+    error = expect_error(
+        features.GetEntitlements, pb.GetEntitlementsRequest(), metadata=bearer(token(tenant, permissions=[]))
+    )
+    assert (error.code, error.reason) == (grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_MISSING")
+
+
+def test_tenant_b_can_neither_read_nor_set_tenant_a_entitlements(features, token, platform_token, tenant_pair):
+    a, b = tenant_pair
+    b_md = bearer(token(b))
+    a_before = entitlements(features, bearer(platform_token), a)
+    for fn, request in (
+        (features.GetEntitlements, pb.GetEntitlementsRequest(tenant_id=a)),
+        (features.HasFeature, pb.HasFeatureRequest(tenant_id=a, feature="sso")),
+        (features.CheckLimit, pb.CheckLimitRequest(tenant_id=a, resource="max_sites")),
+    ):
+        error = expect_error(fn, request, metadata=b_md)
+        assert (error.code, error.reason) == (grpc.StatusCode.PERMISSION_DENIED, "CROSS_TENANT_DENIED"), error
+    # By header: b's token asking for a's tenant.
+    error = expect_error(features.GetEntitlements, pb.GetEntitlementsRequest(), metadata=bearer(token(b), tenant=a))
+    assert (error.code, error.reason) == (grpc.StatusCode.PERMISSION_DENIED, "CROSS_TENANT_DENIED"), error
+    # Changes: even with every permission, b is no platform admin.
+    b_manager = bearer(token(b, permissions=["features.read", "features.manage"]))
+    for fn, change in (
+        (features.SetTenantPlan, pb.SetTenantPlanRequest(tenant_id=a, plan="basic")),
+        (features.SetFeatureOverride, pb.SetFeatureOverrideRequest(tenant_id=a, feature="sso", enabled=False)),
+        (features.SetLimitOverride, pb.SetLimitOverrideRequest(tenant_id=a, resource="max_sites", limit=0)),
+    ):
+        error = expect_error(fn, change, metadata=b_manager)
+        assert error.code == grpc.StatusCode.PERMISSION_DENIED, error
+    assert entitlements(features, bearer(platform_token), a) == a_before
+    # b's own entitlements are its own.
+    assert entitlements(features, b_md).tenant_id == b
+
+
+def test_internal_methods_refuse_end_user_tokens(features_target, platform_token):
+    from towerco.internal.v1 import entitlements_pb2, entitlements_pb2_grpc
+
+    with grpc.insecure_channel(features_target) as channel:
+        stub = entitlements_pb2_grpc.TenantEntitlementsServiceStub(channel)
+        error = expect_error(
+            stub.RegisterTenant,
+            entitlements_pb2.RegisterTenantRequest(tenant_id="tenant_x", plan="enterprise"),
+            metadata=bearer(platform_token),
+        )
+    assert (error.code, error.reason) == (grpc.StatusCode.PERMISSION_DENIED, "SERVICE_IDENTITY_REQUIRED")
