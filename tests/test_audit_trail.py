@@ -7,6 +7,7 @@ request id of the call that made the change, so each assertion names one call.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -314,3 +315,37 @@ async def test_delete_and_migrate_each_yield_one_event(registry, platform_token,
     )
     (event,) = await events_for(admin, source, delete)
     assert (event["action"], event["resource"], event["outcome"]) == ("tenants.delete", f"tenants/{source}", "OK")
+
+
+async def test_feature_gate_changes_each_yield_one_event_naming_the_admin(features, new_tenant, platform_token, admin):
+    from towerco.features.v1 import feature_gate_service_pb2 as features_pb
+
+    tenant = new_tenant(plan="basic")
+    calls = {
+        rid("plan"): (
+            features.SetTenantPlan,
+            features_pb.SetTenantPlanRequest(tenant_id=tenant, plan="professional"),
+            "features.set_plan",
+        ),
+        rid("feature"): (
+            features.SetFeatureOverride,
+            features_pb.SetFeatureOverrideRequest(tenant_id=tenant, feature="sso", enabled=True),
+            "features.set_feature_override",
+        ),
+        rid("limit"): (
+            features.SetLimitOverride,
+            features_pb.SetLimitOverrideRequest(tenant_id=tenant, resource="max_users", limit=25),
+            "features.set_limit_override",
+        ),
+    }
+    for request_id, (method, request, _) in calls.items():
+        method(request, metadata=bearer(platform_token, **{"x-request-id": request_id}), timeout=10)
+        # The same change again changes nothing and is not recorded again.
+        method(request, metadata=bearer(platform_token, **{"x-request-id": request_id}), timeout=10)
+    for request_id, (_, _, action) in calls.items():
+        rows = await events_for(admin, tenant, request_id)
+        assert [(r["action"], r["resource"], r["user_id"], r["outcome"]) for r in rows] == [
+            (action, f"tenants/{tenant}/entitlements", "test-platform-admin", "OK")
+        ], request_id
+    (plan_event,) = await events_for(admin, tenant, next(iter(calls)))
+    assert json.loads(plan_event["details"]) == {"plan": "professional", "previous_plan": "basic"}

@@ -264,6 +264,10 @@ async def test_delete_purges_the_tenant_everywhere_and_keeps_its_id_reserved(
     for table, left in (("tenants", 1), ("tenant_settings", 0), ("tenant_users", 0), ("host_routes", 0)):
         count = await admin.fetchval(f"SELECT count(*) FROM tenant.{table} WHERE tenant_id = $1", tenant)
         assert count == left, table
+    # The feature gate's record of the tenant went too; the other tenant's stays.
+    for tenant_id, left in ((tenant, 0), (other, 1)):
+        count = await admin.fetchval("SELECT count(*) FROM features.tenant_plans WHERE tenant_id = $1", tenant_id)
+        assert count == left, tenant_id
 
     assert refused(sites, md, "TENANT_DELETED")().info is not None
     assert list_sites(sites, other_md) == ["KEEP-1", "KEEP-2"]
