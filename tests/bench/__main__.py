@@ -6,7 +6,12 @@ measures, through real gRPC with real JWTs:
 - throughput of 32 concurrent clients (asyncio) over the default pool;
 - token verification cost, first sighting vs cached;
 - the tenant registry: GetTenantSettings and public GetBranding (read through the cache),
-  and how long a suspension takes to reach a sites process (pushed through Redis).
+  and how long a suspension takes to reach a sites process (pushed through Redis);
+- the feature gate: GetEntitlements, one rate-limit decision in Redis (the Lua script),
+  and how long a plan change takes to be enforced by a sites process.
+
+The bench tenant's read and write rates are set to unlimited (an override), so the
+service numbers measure the service, not the limiter; the limiter is measured on its own.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from pathlib import Path
 
 import grpc
 from grpc import aio
+from towerco.features.v1 import feature_gate_service_pb2 as features_pb
+from towerco.features.v1 import feature_gate_service_pb2_grpc as features_grpc
 from towerco.sites.v1 import sites_service_pb2 as pb
 from towerco.sites.v1 import sites_service_pb2_grpc as pb_grpc
 from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
@@ -28,6 +35,7 @@ from deploy.local import seed
 from deploy.local.stack import Stack, StackConfig
 from deploy.local.tokens import mint
 from services.runtime.auth import TokenVerifier, VerifierConfig
+from services.runtime.ratelimit import LimiterConfig, RateLimiter
 from services.runtime.settings import DEFAULT_JWT_AUDIENCE, DEFAULT_JWT_ISSUER
 from tests.support import free_port
 
@@ -134,28 +142,88 @@ def bench_registry(target: str, sites_target: str, token: str, admin: str) -> No
         print(f"{'suspension seen':<15} by sites    {_percentiles(delays)}")
 
 
+def bench_features(target: str, sites_target: str, token: str, admin: str) -> None:
+    md = (("authorization", f"Bearer {token}"),)
+    admin_md = (("authorization", f"Bearer {admin}"),)
+    with grpc.insecure_channel(target) as channel, grpc.insecure_channel(sites_target) as sites_channel:
+        gate = features_grpc.FeatureGateServiceStub(channel)
+        get = features_pb.GetEntitlementsRequest()
+        _time_sequential("GetEntitlements", lambda: gate.GetEntitlements(get, metadata=md))
+        sites = pb_grpc.SiteServiceStub(sites_channel)
+        analytics = pb.GetSiteAnalyticsRequest()
+        _time_sequential("GetSiteAnalytics", lambda: sites.GetSiteAnalytics(analytics, metadata=md))
+        delays = []
+        for _ in range(20):
+            for plan, refused in (("basic", True), ("enterprise", False)):
+                start = time.perf_counter()
+                gate.SetTenantPlan(
+                    features_pb.SetTenantPlanRequest(tenant_id="bench_tenant", plan=plan), metadata=admin_md
+                )
+                while True:
+                    try:
+                        sites.GetSiteAnalytics(analytics, metadata=md)
+                        if not refused:
+                            break
+                    except grpc.RpcError:
+                        if refused:
+                            break
+                delays.append(time.perf_counter() - start)
+        print(f"{'plan change seen':<15} by sites    {_percentiles(delays)}")
+        # The same GetSite as above, now with a finite (never reached) rate: one Redis
+        # decision per call, which is what every rate-limited tenant pays.
+        limited = features_pb.SetLimitOverrideRequest(tenant_id="bench_tenant", resource="rpm_read", limit=10**9)
+        gate.SetLimitOverride(limited, metadata=admin_md)
+        time.sleep(0.2)
+        get_site = pb.GetSiteRequest(site_id="B-0100")
+        _time_sequential("GetSite (limited)", lambda: sites.GetSite(get_site, metadata=md))
+
+
+async def bench_limiter(redis_url: str) -> None:
+    limiter = RateLimiter(redis_url, LimiterConfig(timeout_seconds=1.0))
+    try:
+        for _ in range(100):
+            await limiter.decide("bench_limiter", "read", 1_000_000)
+        samples = []
+        for _ in range(2000):
+            start = time.perf_counter()
+            await limiter.decide("bench_limiter", "read", 1_000_000)
+            samples.append(time.perf_counter() - start)
+        print(f"{'rate decision':<18} in Redis     {_percentiles(samples)}")
+    finally:
+        await limiter.close()
+
+
 def main() -> None:
     data = REPO / "test-output" / "bench-data"
     shutil.rmtree(data, ignore_errors=True)
     ports = {"tenant": free_port(), "sites": free_port(), "features": free_port(), "audit": free_port()}
     stack = Stack(StackConfig(data_dir=data, pg_port=free_port(), redis_port=free_port(), ports=ports))
     stack.start_infra()
-    stack.migrate(["tenant", "sites"])
-    logs = [(REPO / "test-output" / f"bench-{name}.log").open("wb") for name in ("tenant", "sites")]
-    for name, log in zip(("tenant", "sites"), logs, strict=True):
+    services = ("tenant", "sites", "features", "audit")
+    stack.migrate(list(services))
+    logs = [(REPO / "test-output" / f"bench-{name}.log").open("wb") for name in services]
+    for name, log in zip(services, logs, strict=True):
         stack.start_service(name, log=log, extra_env={"LOG_LEVEL": "WARNING"})
     try:
-        stack.wait_serving("tenant")
-        stack.wait_serving("sites")
+        for name in services:
+            stack.wait_serving(name)
         admin = mint(stack.keys_dir, role="platform_admin")
+        admin_md = (("authorization", f"Bearer {admin}"),)
         with grpc.insecure_channel(f"127.0.0.1:{ports['tenant']}") as channel:
             seed.provision(tenant_grpc.TenantRegistryServiceStub(channel), admin, "bench_tenant")
+        with grpc.insecure_channel(f"127.0.0.1:{ports['features']}") as channel:
+            gate = features_grpc.FeatureGateServiceStub(channel)
+            for rate in ("rpm_read", "rpm_write"):
+                request = features_pb.SetLimitOverrideRequest(tenant_id="bench_tenant", resource=rate, limit=-1)
+                gate.SetLimitOverride(request, metadata=admin_md)
         target = f"127.0.0.1:{ports['sites']}"
         token = mint(stack.keys_dir, tenant="bench_tenant")
         bench_sequential(target, token)
         asyncio.run(bench_concurrent(target, token))
         bench_tokens(stack.keys_dir)
         bench_registry(f"127.0.0.1:{ports['tenant']}", target, token, admin)
+        bench_features(f"127.0.0.1:{ports['features']}", target, token, admin)
+        asyncio.run(bench_limiter(stack.redis_url))
     finally:
         stack.stop_services()
         stack.stop_infra()
