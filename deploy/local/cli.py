@@ -90,6 +90,7 @@ def _banner(stack: Stack, names: list[str], seeded: int) -> None:
     grpcurl = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
     sites = stack.config.ports.get("sites", 50052)
     tenant = stack.config.ports.get("tenant", 50051)
+    features = stack.config.ports.get("features", 50053)
     lines = [
         "",
         "Towerco AIOps platform is up (Ctrl-C stops everything).",
@@ -110,6 +111,8 @@ def _banner(stack: Stack, names: list[str], seeded: int) -> None:
         "  ADMIN=$(make -s token ROLE=platform_admin)",
         f'  {grpcurl} -plaintext -H "authorization: Bearer $ADMIN" -d \'{{"page_size": 10}}\' \\',
         f"      127.0.0.1:{tenant} towerco.tenant.v1.TenantRegistryService/ListTenants",
+        f'  {grpcurl} -plaintext -H "authorization: Bearer $TOKEN" \\',
+        f"      127.0.0.1:{features} towerco.features.v1.FeatureGateService/GetEntitlements",
         "",
     ]
     print("\n".join(lines), flush=True)
