@@ -90,6 +90,19 @@ def current_caller() -> Caller | None:
     return ctx.caller if ctx else None
 
 
+def tenant_user_call() -> str | None:
+    """The tenant of a call made by one of its own users: the one whose state and limits apply.
+
+    None for public calls, for platform admins and platform services (they look tenants
+    up, repair them and act for them, and are not held to any tenant's limits), and for
+    the platform's own tenant.
+    """
+    ctx = _current.get()
+    if ctx is None or ctx.caller is None or ctx.caller.is_platform or ctx.tenant_id in (None, PLATFORM_TENANT):
+        return None
+    return ctx.tenant_id
+
+
 @contextmanager
 def bind(ctx: RequestContext) -> Iterator[RequestContext]:
     """Make ``ctx`` current for the enclosed block, restoring the previous one after."""

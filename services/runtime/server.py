@@ -40,6 +40,7 @@ from .plans import Plans, PlansError, load_plans
 from .policy import PolicyError, PolicyTable
 from .ratelimit import LimiterConfig, RateLimiter
 from .settings import Settings, SettingsError, load
+from .tenant_cache import CHANNEL as TENANT_CHANNEL
 from .tenant_cache import TenantCache
 from .tenants import RegistryStateSource, StateSource, TenantDirectory
 
@@ -213,9 +214,7 @@ async def serve(spec: ServiceSpec) -> None:
         key_file=settings.service_key_file,
         kid=settings.service_key_id,
     )
-    cache = TenantCache(
-        settings.redis_url, local_seconds=settings.tenant_cache_seconds, timeout=settings.redis_timeout_seconds
-    )
+    cache = _tenant_cache(settings)
     registry_source = None
     if spec.state_source is not None:
         source = spec.state_source(db)
@@ -229,12 +228,7 @@ async def serve(spec: ServiceSpec) -> None:
         gate_source = FeatureGateSource(settings.targets["features"], identity)
         record_source = gate_source
     # A cache of its own: the feature gate counts versions apart from the registry.
-    entitlement_cache = TenantCache(
-        settings.redis_url,
-        local_seconds=settings.tenant_cache_seconds,
-        timeout=settings.redis_timeout_seconds,
-        channel=ENTITLEMENTS_CHANNEL,
-    )
+    entitlement_cache = _tenant_cache(settings, ENTITLEMENTS_CHANNEL)
     limiter = RateLimiter(
         settings.redis_url,
         LimiterConfig(
@@ -293,6 +287,15 @@ async def serve(spec: ServiceSpec) -> None:
             await gate_source.close()
         await db.close()
     log.info("%s stopped", spec.name)
+
+
+def _tenant_cache(settings: Settings, channel: str = TENANT_CHANNEL) -> TenantCache:
+    return TenantCache(
+        settings.redis_url,
+        local_seconds=settings.tenant_cache_seconds,
+        timeout=settings.redis_timeout_seconds,
+        channel=channel,
+    )
 
 
 async def migrate_only(spec: ServiceSpec) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import uuid
@@ -192,7 +193,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
         after = str(position.get("after", "")) if position else ""
         async with self._db.platform_read("tenants.list") as conn:
             rows = await conn.fetch(queries.LIST_TENANTS, after, request.show_deleted, size + 1)
-        response = pb.ListTenantsResponse(tenants=[await self._present(r) for r in rows[:size]])
+        response = pb.ListTenantsResponse(tenants=await asyncio.gather(*(self._present(r) for r in rows[:size])))
         if len(rows) > size:
             response.next_page_token = self._tokens.encode(own, query, {"after": rows[size - 1]["tenant_id"]})
         return response

@@ -23,15 +23,6 @@ from ..ratelimit import RateLimiter
 from .base import Behavior, Metadata, PolicyInterceptor
 
 
-def _tenant_call() -> str | None:
-    """The tenant whose limits apply to the current call, None when none do."""
-    current = context.current()
-    caller = current.caller if current else None
-    if current is None or caller is None or caller.is_platform or current.tenant_id in (None, context.PLATFORM_TENANT):
-        return None
-    return current.tenant_id
-
-
 class EntitlementsInterceptor(PolicyInterceptor):
     """PERMISSION_DENIED (FEATURE_NOT_IN_PLAN) without the method's feature; binds the bulkhead limit."""
 
@@ -44,7 +35,7 @@ class EntitlementsInterceptor(PolicyInterceptor):
             return inner
 
         async def behavior(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
-            tenant_id = _tenant_call()
+            tenant_id = context.tenant_user_call()
             if tenant_id is None:
                 return await inner(request, ctx)
             try:
@@ -88,7 +79,7 @@ class RateLimitInterceptor(PolicyInterceptor):
 
         async def behavior(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
             found = entitlements.current()
-            tenant_id = _tenant_call()
+            tenant_id = context.tenant_user_call()
             if found is None or tenant_id is None:
                 return await inner(request, ctx)
             per_minute = found.limit(limit_name)

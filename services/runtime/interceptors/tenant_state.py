@@ -37,12 +37,9 @@ class TenantStateInterceptor(PolicyInterceptor):
             return inner
 
         async def behavior(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
-            current = context.current()
-            caller = current.caller if current else None
-            tenant_id = current.tenant_id if current else None
-            if caller is None or caller.is_platform or tenant_id in (None, context.PLATFORM_TENANT):
-                return await inner(request, ctx)
-            await self.check(tenant_id)
+            tenant_id = context.tenant_user_call()
+            if tenant_id is not None:
+                await self.check(tenant_id)
             return await inner(request, ctx)
 
         return behavior
