@@ -83,12 +83,13 @@ def stack() -> Iterator[Stack]:
         env={"LOG_LEVEL": "INFO"},
     )
     stack = Stack(config)
-    stack.start_infra()
-    stack.migrate()
     logs = {name: (OUTPUT / "logs" / f"{name}.log").open("ab") for name in ("tenant", "sites", "features", "audit")}
-    for name, log in logs.items():
-        stack.start_service(name, log=log)
     try:
+        # Inside the try: a failure here (a broken migration) must still stop the servers.
+        stack.start_infra()
+        stack.migrate()
+        for name, log in logs.items():
+            stack.start_service(name, log=log)
         for name in logs:
             stack.wait_serving(name)
         yield stack

@@ -198,13 +198,13 @@ def main() -> None:
     shutil.rmtree(data, ignore_errors=True)
     ports = {"tenant": free_port(), "sites": free_port(), "features": free_port(), "audit": free_port()}
     stack = Stack(StackConfig(data_dir=data, pg_port=free_port(), redis_port=free_port(), ports=ports))
-    stack.start_infra()
     services = ("tenant", "sites", "features", "audit")
-    stack.migrate(list(services))
     logs = [(REPO / "test-output" / f"bench-{name}.log").open("wb") for name in services]
-    for name, log in zip(services, logs, strict=True):
-        stack.start_service(name, log=log, extra_env={"LOG_LEVEL": "WARNING"})
     try:
+        stack.start_infra()
+        stack.migrate(list(services))
+        for name, log in zip(services, logs, strict=True):
+            stack.start_service(name, log=log, extra_env={"LOG_LEVEL": "WARNING"})
         for name in services:
             stack.wait_serving(name)
         admin = mint(stack.keys_dir, role="platform_admin")
