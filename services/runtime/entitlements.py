@@ -16,6 +16,7 @@ that never had one uses the registry's plan until the feature gate answers again
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -62,6 +63,11 @@ class Record:
     plan: str
     feature_overrides: Mapping[str, FeatureOverride] = field(default_factory=dict)
     limit_overrides: Mapping[str, int] = field(default_factory=dict)
+
+    def next_expiry(self, now: float) -> float:
+        """When the next override stops applying (infinity if none will)."""
+        return min((o.expires_at for o in self.feature_overrides.values() if o.expires_at and o.expires_at > now),
+                   default=math.inf)  # fmt: skip
 
     def as_value(self) -> dict[str, Any]:
         return {
@@ -178,32 +184,50 @@ class EntitlementDirectory:
         self._tenants = tenants
         self._breaker_seconds = source_breaker_seconds
         self._source_down_until = 0.0
+        #: Per tenant: the cached item evaluated, the result, and until when it holds.
+        self._evaluated: dict[str, tuple[Versioned, Entitlements, float]] = {}
 
     async def get(self, tenant_id: str) -> Entitlements | None:
-        """The tenant's entitlements now; None for a tenant the platform does not know."""
-        record = await self.record(tenant_id)
-        if record is None:
-            return None
-        return evaluate(self.plans, tenant_id, record)
+        """The tenant's entitlements now; None for a tenant the platform does not know.
+
+        Evaluated once per cached record and reused until the record changes or one of
+        its overrides expires, so a call usually costs two dictionary lookups.
+        """
+        item = await self._cached(tenant_id)
+        if item is None or item.value is None:
+            record = await self._registry_plan(tenant_id)
+            return None if record is None else evaluate(self.plans, tenant_id, record)
+        now = time.time()
+        hit = self._evaluated.get(tenant_id)
+        if hit is not None and hit[0] is item and now < hit[2]:
+            return hit[1]
+        record = Record.from_value(item.value)
+        found = evaluate(self.plans, tenant_id, record, now)
+        self._evaluated[tenant_id] = (item, found, record.next_expiry(now))
+        return found
 
     async def record(self, tenant_id: str) -> Record | None:
-        item: Versioned | None = None
-        if time.monotonic() >= self._source_down_until:
-            try:
-                item = await self._cache.get(tenant_id, KIND, lambda: self._source(tenant_id))
-            except Exception as exc:
-                # Nothing cached and the feature gate unreachable: fall back, and stop
-                # asking it on every call for a moment.
-                self._source_down_until = time.monotonic() + self._breaker_seconds
-                log.warning("feature gate unreachable for tenant %s (%s); using its registry plan", tenant_id, exc)
-        else:
-            item = self._cache.peek(tenant_id, KIND)
+        """The tenant's stored plan and overrides (the registry's plan if the feature gate has none)."""
+        item = await self._cached(tenant_id)
         if item is not None and item.value is not None:
             return Record.from_value(item.value)
-        info = await self._tenants.get(tenant_id)
-        if info is None:
+        return await self._registry_plan(tenant_id)
+
+    async def _cached(self, tenant_id: str) -> Versioned | None:
+        if time.monotonic() < self._source_down_until:
+            return self._cache.peek(tenant_id, KIND)
+        try:
+            return await self._cache.get(tenant_id, KIND, lambda: self._source(tenant_id))
+        except Exception as exc:
+            # Nothing cached and the feature gate unreachable: fall back, and stop asking
+            # it on every call for a moment.
+            self._source_down_until = time.monotonic() + self._breaker_seconds
+            log.warning("feature gate unreachable for tenant %s (%s); using its registry plan", tenant_id, exc)
             return None
-        return Record(info.plan)
+
+    async def _registry_plan(self, tenant_id: str) -> Record | None:
+        info = await self._tenants.get(tenant_id)
+        return None if info is None else Record(info.plan)
 
     async def publish(self, tenant_id: str, version: int, record: Record) -> None:
         """After a committed change (in the feature gate): store it and tell every process."""
