@@ -25,8 +25,9 @@ from . import queries, records
 
 Ctx = aio.ServicerContext[Any, Any]
 Conn: TypeAlias = "asyncpg.Connection[Any]"
-#: Changes one tenant's stored record in an open transaction; False when nothing changed.
-Change = Callable[[Conn, str], Awaitable[bool]]
+#: Changes one tenant's stored record in an open transaction, given its current plan;
+#: returns the audit event's details, or None when there was nothing to change.
+Change = Callable[[Conn, str], Awaitable[dict[str, Any] | None]]
 
 _GONE = (State.STATE_DELETING, State.STATE_DELETED)
 
@@ -75,15 +76,13 @@ class FeatureGateServicer(pb_grpc.FeatureGateServiceServicer):
         if self._plans.get(request.plan) is None:
             raise invalid_argument([FieldViolation("plan", f"must be one of {', '.join(self._plans.names)}")])
 
-        async def change(conn: Conn, current_plan: str) -> bool:
+        async def change(conn: Conn, current_plan: str) -> dict[str, Any] | None:
             if current_plan == request.plan:
-                return False
+                return None
             await conn.execute(queries.SET_PLAN, tenant_id, request.plan)
-            return True
+            return {"plan": request.plan, "previous_plan": current_plan}
 
-        return await self._change(
-            tenant_id, "features.set_plan", {"plan": request.plan}, change, previous_plan_detail=True
-        )
+        return await self._change(tenant_id, "features.set_plan", change)
 
     async def SetFeatureOverride(self, request: pb.SetFeatureOverrideRequest, ctx: Ctx) -> pb.Entitlements:
         require_platform_admin()
@@ -93,19 +92,18 @@ class FeatureGateServicer(pb_grpc.FeatureGateServiceServicer):
         if expire is not None and expire.timestamp() <= time.time():
             raise invalid_argument([FieldViolation("expire_time", "must be in the future (or unset for never)")])
 
-        async def change(conn: Conn, current_plan: str) -> bool:
+        async def change(conn: Conn, current_plan: str) -> dict[str, Any] | None:
             existing = await conn.fetchrow(queries.GET_FEATURE_OVERRIDE, tenant_id, request.feature)
             if existing is not None and (existing["enabled"], existing["expire_time"]) == (request.enabled, expire):
-                return False
+                return None
             await conn.execute(queries.UPSERT_FEATURE_OVERRIDE, tenant_id, request.feature, request.enabled, expire)
-            return True
+            return {
+                "feature": request.feature,
+                "enabled": request.enabled,
+                "expire_time": expire.isoformat() if expire else "",
+            }
 
-        details = {
-            "feature": request.feature,
-            "enabled": request.enabled,
-            "expire_time": expire.isoformat() if expire else "",
-        }
-        return await self._change(tenant_id, "features.set_feature_override", details, change)
+        return await self._change(tenant_id, "features.set_feature_override", change)
 
     async def SetLimitOverride(self, request: pb.SetLimitOverrideRequest, ctx: Ctx) -> pb.Entitlements:
         require_platform_admin()
@@ -116,15 +114,14 @@ class FeatureGateServicer(pb_grpc.FeatureGateServiceServicer):
             v.add("limit", "must be 0 or more, or -1 for unlimited")
         v.raise_if_any()
 
-        async def change(conn: Conn, current_plan: str) -> bool:
+        async def change(conn: Conn, current_plan: str) -> dict[str, Any] | None:
             existing = await conn.fetchval(queries.GET_LIMIT_OVERRIDE, tenant_id, request.resource)
             if existing == request.limit:
-                return False
+                return None
             await conn.execute(queries.UPSERT_LIMIT_OVERRIDE, tenant_id, request.resource, request.limit)
-            return True
+            return {"resource": request.resource, "limit": request.limit}
 
-        details = {"resource": request.resource, "limit": request.limit}
-        return await self._change(tenant_id, "features.set_limit_override", details, change)
+        return await self._change(tenant_id, "features.set_limit_override", change)
 
     # Shared
 
@@ -142,31 +139,21 @@ class FeatureGateServicer(pb_grpc.FeatureGateServiceServicer):
             raise not_found("tenant", tenant_id)
         return found
 
-    async def _change(
-        self,
-        tenant_id: str,
-        action: str,
-        details: dict[str, Any],
-        change: Change,
-        *,
-        previous_plan_detail: bool = False,
-    ) -> pb.Entitlements:
+    async def _change(self, tenant_id: str, action: str, change: Change) -> pb.Entitlements:
         """One transaction: lock (or register) the tenant's row, change, bump, audit; then publish."""
         registry_plan = await self._known_plan(tenant_id)
         with context.platform_scope(tenant_id, action):
             async with self._db.transaction() as conn:
                 await conn.execute(queries.REGISTER, tenant_id, registry_plan)
                 current_plan = await conn.fetchval(queries.LOCK_PLAN, tenant_id)
-                changed = await change(conn, current_plan)
-                if changed:
+                details = await change(conn, current_plan)
+                if details is not None:
                     await conn.execute(queries.BUMP_VERSION, tenant_id)
-                    if previous_plan_detail:
-                        details = {**details, "previous_plan": current_plan}
                     await self._audit.record(conn, action, f"tenants/{tenant_id}/entitlements", details)
                 found = await records.load(conn, tenant_id)
             assert found is not None, "registered above in this transaction"
             version, record = found
-            if changed:
+            if details is not None:
                 await self._entitlements.publish(tenant_id, version, record)
         return _to_pb(evaluate(self._plans, tenant_id, record))
 
