@@ -23,6 +23,7 @@ from towerco.internal.v1 import tenant_data_pb2_grpc as pb_grpc
 from towerco.sites.v1 import sites_service_pb2 as sites_pb
 from towerco.sites.v1 import sites_service_pb2_grpc as sites_grpc
 
+from services.features.tenant_data import FEATURES_TENANT_DATA
 from services.runtime.tenant_data import CopySpec, TenantDataSpec, spec_problems
 from services.sites.tenant_data import SITES_TENANT_DATA
 
@@ -427,6 +428,8 @@ async def test_purge_deletes_every_row_of_the_tenant_and_nothing_else(tenant_dat
 
 async def test_sites_spec_covers_every_table_and_column_of_the_schema(admin):
     assert await spec_problems(admin, SITES_TENANT_DATA) == []
+    # The feature gate's purge leaves nothing of a tenant behind either.
+    assert await spec_problems(admin, FEATURES_TENANT_DATA) == []
     # The check itself can fail: a spec that forgets a table and a column is caught.
     careless = TenantDataSpec(
         schema="sites",

@@ -39,6 +39,12 @@ class FeatureGateServicer(pb_grpc.FeatureGateServiceServicer):
         self._tenants = runtime.tenants
         self._entitlements = runtime.entitlements
         self._audit = runtime.audit
+        # The plans never change while the process runs: the answer is built once.
+        self._plan_list = pb.ListPlansResponse(
+            plans=[
+                pb.Plan(name=p.name, features=sorted(p.features), limits=dict(p.limits)) for p in self._plans.ordered
+            ]
+        )
 
     # Reads
 
@@ -62,11 +68,7 @@ class FeatureGateServicer(pb_grpc.FeatureGateServiceServicer):
         return pb.CheckLimitResponse(allowed=limit == UNLIMITED or request.current_usage < limit, limit=limit)
 
     async def ListPlans(self, request: pb.ListPlansRequest, ctx: Ctx) -> pb.ListPlansResponse:
-        return pb.ListPlansResponse(
-            plans=[
-                pb.Plan(name=p.name, features=sorted(p.features), limits=dict(p.limits)) for p in self._plans.ordered
-            ]
-        )
+        return self._plan_list
 
     # Changes (platform admins)
 
