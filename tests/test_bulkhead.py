@@ -9,6 +9,7 @@ import grpc
 import pytest
 from towerco.features.v1 import feature_gate_service_pb2 as features_pb
 from towerco.sites.v1 import sites_service_pb2 as pb
+from towerco.sites.v1 import sites_service_pb2_grpc as sites_grpc
 
 from services.runtime import bulkhead, context
 from services.runtime.db import Database
@@ -108,3 +109,46 @@ def test_the_chain_applies_the_tenants_db_concurrency(sites, features, new_tenan
 
     eventually(refused)
     sites.ListSites(pb.ListSitesRequest(), metadata=bearer(token(other)), timeout=10)
+
+
+async def test_a_tenants_slow_calls_do_not_delay_another_tenant(extra_sites, new_tenant, token):
+    # Professional plans allow 10 connections; in a pool of 4 the ceiling is 3. Each
+    # GetSiteAnalytics here holds its connection for 3 s (an armed test delay).
+    busy, calm = new_tenant(plan="professional"), new_tenant(plan="professional")
+    extra = extra_sites(
+        {
+            "DB_POOL_MAX_SIZE": "4",
+            "DB_POOL_MIN_SIZE": "4",
+            "DB_ACQUIRE_TIMEOUT_SECONDS": "10",
+            "FAULT_POINTS": "sites.analytics@3",
+        }
+    )
+    busy_md, calm_md = bearer(token(busy)), bearer(token(calm))
+    async with grpc.aio.insecure_channel(extra.target) as channel:
+        stub = sites_grpc.SiteServiceStub(channel)
+        for md in (busy_md, calm_md):  # the process now knows both tenants
+            await stub.ListSites(pb.ListSitesRequest(), metadata=md, timeout=10)
+
+        slow = [
+            asyncio.ensure_future(stub.GetSiteAnalytics(pb.GetSiteAnalyticsRequest(), metadata=busy_md, timeout=20))
+            for _ in range(6)
+        ]
+        # Three hold the tenant's slots; the other three are refused after a short wait.
+        done, pending = await asyncio.wait(slow, timeout=2.5, return_when=asyncio.FIRST_EXCEPTION)
+        while len(done) < 3:
+            more, pending = await asyncio.wait(pending, timeout=2.5, return_when=asyncio.FIRST_EXCEPTION)
+            assert more, "the calls over the tenant's limit were not refused"
+            done |= more
+        assert len(pending) == 3
+        for task in done:
+            error = task.exception()
+            assert isinstance(error, grpc.aio.AioRpcError), error
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+
+        # The calm tenant is served while the busy one still holds all it may.
+        await stub.ListSites(pb.ListSitesRequest(), metadata=calm_md, timeout=10)
+        await stub.CreateSite(pb.CreateSiteRequest(site_id="CALM-1", site=pb.Site(name="c")), metadata=calm_md)
+        assert all(not task.done() for task in pending), "the calm tenant waited for the busy one"
+
+        replies = await asyncio.gather(*pending)
+        assert [r.total_sites for r in replies] == [0, 0, 0]
