@@ -8,9 +8,8 @@ from grpc import aio
 from towerco.internal.v1 import entitlements_pb2 as internal_pb
 from towerco.internal.v1 import entitlements_pb2_grpc as internal_grpc
 
-from services.runtime import context
+from services.runtime import context, lookups
 from services.runtime.entitlements import EntitlementDirectory, Record, RecordSource
-from services.runtime.errors import FieldViolation, invalid_argument, not_found
 from services.runtime.plans import Plans
 from services.runtime.server import Runtime
 from services.runtime.validation import Violations
@@ -49,10 +48,5 @@ class TenantEntitlementsServicer(internal_grpc.TenantEntitlementsServiceServicer
     async def GetTenantEntitlements(
         self, request: internal_pb.GetTenantEntitlementsRequest, ctx: Ctx
     ) -> internal_pb.TenantEntitlements:
-        if not context.is_valid_tenant_id(request.tenant_id):
-            raise invalid_argument([FieldViolation("tenant_id", "must match ^[a-z][a-z0-9_-]{2,49}$")])
-        # Straight from the database: the caller asks because its caches could not answer.
-        item = await self._source(request.tenant_id)
-        if item.value is None:
-            raise not_found("tenant", request.tenant_id)
-        return Record.from_value(item.value).to_proto(request.tenant_id, item.version)
+        version, value = await lookups.answer(self._source, request.tenant_id)
+        return Record.from_value(value).to_proto(request.tenant_id, version)

@@ -25,12 +25,11 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-import grpc
 from google.protobuf import timestamp_pb2
 from towerco.internal.v1 import entitlements_pb2, entitlements_pb2_grpc
 
-from .channels import service_channel
 from .identity import ServiceIdentity
+from .lookups import InternalLookup
 from .plans import LIMITS, Plan, Plans
 from .tenant_cache import TenantCache, Versioned
 from .tenants import TenantDirectory
@@ -234,27 +233,19 @@ class EntitlementDirectory:
         await self._cache.publish(tenant_id, version, {KIND: record.as_value()})
 
 
-class FeatureGateSource:
+class FeatureGateSource(InternalLookup):
     """Asks the feature gate for a record, as this service."""
 
     def __init__(self, target: str, identity: ServiceIdentity, timeout: float = 1.0) -> None:
-        self._channel = service_channel(target, identity=identity)
-        self._stub = entitlements_pb2_grpc.TenantEntitlementsServiceStub(self._channel)
-        self._timeout = timeout
+        super().__init__(target, identity, timeout)
+        self._stub = entitlements_pb2_grpc.TenantEntitlementsServiceStub(self.channel)
 
     async def __call__(self, tenant_id: str) -> Versioned:
-        try:
-            reply = await self._stub.GetTenantEntitlements(
-                entitlements_pb2.GetTenantEntitlementsRequest(tenant_id=tenant_id), timeout=self._timeout
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return Versioned(0, None)
-            raise
+        request = entitlements_pb2.GetTenantEntitlementsRequest(tenant_id=tenant_id)
+        reply = await self.ask(self._stub.GetTenantEntitlements, request)
+        if reply is None:
+            return Versioned(0, None)
         return Versioned(reply.version, Record.from_proto(reply).as_value())
-
-    async def close(self) -> None:
-        await self._channel.close(None)
 
 
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:

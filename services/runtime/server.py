@@ -16,7 +16,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 from google.protobuf.descriptor import ServiceDescriptor
@@ -35,6 +35,7 @@ from .faults import Faults
 from .guard import IsolationError, check_isolation
 from .identity import ServiceIdentity
 from .interceptors.chain import server_chain
+from .lookups import InternalLookup
 from .pagination import PageTokens
 from .plans import Plans, PlansError, load_plans
 from .policy import PolicyError, PolicyTable
@@ -215,18 +216,16 @@ async def serve(spec: ServiceSpec) -> None:
         kid=settings.service_key_id,
     )
     cache = _tenant_cache(settings)
-    registry_source = None
-    if spec.state_source is not None:
-        source = spec.state_source(db)
-    else:
-        registry_source = RegistryStateSource(settings.targets["tenant"], identity)
-        source = registry_source
-    gate_source = None
-    if spec.entitlement_source is not None:
-        record_source = spec.entitlement_source(db)
-    else:
-        gate_source = FeatureGateSource(settings.targets["features"], identity)
-        record_source = gate_source
+    # A service reads what it owns from its database, and asks the owner for the rest.
+    remote: list[InternalLookup] = []
+    source = (
+        spec.state_source(db) if spec.state_source else _ask(RegistryStateSource, "tenant", settings, identity, remote)
+    )
+    record_source = (
+        spec.entitlement_source(db)
+        if spec.entitlement_source
+        else _ask(FeatureGateSource, "features", settings, identity, remote)
+    )
     # A cache of its own: the feature gate counts versions apart from the registry.
     entitlement_cache = _tenant_cache(settings, ENTITLEMENTS_CHANNEL)
     limiter = RateLimiter(
@@ -281,12 +280,26 @@ async def serve(spec: ServiceSpec) -> None:
         await cache.close()
         await entitlement_cache.close()
         await limiter.close()
-        if registry_source is not None:
-            await registry_source.close()
-        if gate_source is not None:
-            await gate_source.close()
+        for lookup in remote:
+            await lookup.close()
         await db.close()
     log.info("%s stopped", spec.name)
+
+
+Lookup = TypeVar("Lookup", bound=InternalLookup)
+
+
+def _ask(
+    kind: Callable[[str, ServiceIdentity], Lookup],
+    owner: str,
+    settings: Settings,
+    identity: ServiceIdentity,
+    opened: list[InternalLookup],
+) -> Lookup:
+    """A lookup of ``owner``'s internal contract, remembered in ``opened`` to be closed at shutdown."""
+    lookup = kind(settings.targets[owner], identity)
+    opened.append(lookup)
+    return lookup
 
 
 def _tenant_cache(settings: Settings, channel: str = TENANT_CHANNEL) -> TenantCache:

@@ -10,12 +10,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import grpc
 from towerco.internal.v1 import tenant_data_pb2, tenant_data_pb2_grpc
 from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 
-from .channels import service_channel
 from .identity import ServiceIdentity
+from .lookups import InternalLookup
 from .tenant_cache import TenantCache, Versioned
 
 STATE_KIND = "state"
@@ -50,25 +49,17 @@ class TenantDirectory:
         return TenantInfo(tenant_id, State.Value(str(item.value["state"])), str(item.value["plan"]), item.version)
 
 
-class RegistryStateSource:
+class RegistryStateSource(InternalLookup):
     """Asks the tenant registry, as this service (the caller's token may not allow it)."""
 
     def __init__(self, target: str, identity: ServiceIdentity, timeout: float = 2.0) -> None:
-        self._channel = service_channel(target, identity=identity)
-        self._stub = tenant_data_pb2_grpc.TenantDirectoryServiceStub(self._channel)
-        self._timeout = timeout
+        super().__init__(target, identity, timeout)
+        self._stub = tenant_data_pb2_grpc.TenantDirectoryServiceStub(self.channel)
 
     async def __call__(self, tenant_id: str) -> Versioned:
-        try:
-            reply = await self._stub.GetTenantState(
-                tenant_data_pb2.GetTenantStateRequest(tenant_id=tenant_id), timeout=self._timeout
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return Versioned(0, None)
-            raise
+        request = tenant_data_pb2.GetTenantStateRequest(tenant_id=tenant_id)
+        reply = await self.ask(self._stub.GetTenantState, request)
+        if reply is None:
+            return Versioned(0, None)
         info = TenantInfo(reply.tenant_id, reply.state, reply.plan, reply.version)
         return Versioned(reply.version, dict(info.as_value()))
-
-    async def close(self) -> None:
-        await self._channel.close(None)
