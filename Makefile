@@ -60,9 +60,9 @@ test: $(GEN_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(GEN_STAMP)
-	$(PY) -m ruff check services deploy tests
-	$(PY) -m ruff format --check services deploy tests
-	$(PY) -m mypy services deploy tests
+	$(PY) -m ruff check services deploy gateway tests
+	$(PY) -m ruff format --check services deploy gateway tests
+	$(PY) -m mypy services deploy gateway tests
 	cd protos && npx --yes @bufbuild/buf@1.75.0 lint
 
 bench: $(GEN_STAMP)

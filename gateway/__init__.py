@@ -1,0 +1,1 @@
+"""The API gateway: Envoy's configuration, rendered from one template (:mod:`gateway.config`)."""

@@ -1,0 +1,571 @@
+"""The Envoy configuration of the API gateway, generated from one template for dev and deploy.
+
+:func:`render` is the template: one function of :class:`GatewaySettings` that gives the
+whole bootstrap. ``make run`` and the tests render it with the dev settings (loopback
+upstreams, the dev JWKS file); ``python -m gateway render --deploy`` renders the same
+template for the cluster (service DNS names, the identity provider's JWKS URL).
+
+What is routed comes from the services' own proto policies: every public gRPC service is
+routed by its ``/package.Service/`` prefix to the process that serves it; internal
+services (``towerco.internal.*``) are never routed; public RPCs pass without a token.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import ipaddress
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from google.protobuf.descriptor import ServiceDescriptor
+from google.rpc import error_details_pb2, status_pb2
+
+from services.runtime.policy import PolicyTable
+from services.runtime.settings import (
+    DEFAULT_JWT_AUDIENCE,
+    DEFAULT_JWT_ISSUER,
+    DEFAULT_PORTS,
+    SettingsError,
+    data_dir,
+)
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+EDGE_LUA = HERE / "edge.lua"
+#: The built browser frontend (``make web``), served by the gateway at ``/``.
+WEB_DIST = HERE / "web" / "dist"
+#: Services in start order; each is ``services.<name>`` with a ``SPEC``.
+SERVICES = ("tenant", "sites", "features", "audit")
+
+ERROR_DOMAIN = "gateway.towerco"
+#: Headers only the gateway (or a service, on an internal call) may set. A client's copy
+#: is removed before anything reads it; so is any header under the internal prefix.
+IDENTITY_HEADERS = ("x-tenant-id", "x-jwt-payload", "x-forwarded-client-cert")
+INTERNAL_PREFIX = "x-towerco-"
+#: Packages whose services are reachable only between services.
+INTERNAL_PACKAGE_PREFIX = "towerco.internal."
+#: Everything a gRPC-web client sends, and the response headers it must be able to read.
+CORS_ALLOW_HEADERS = "authorization, content-type, x-grpc-web, x-user-agent, grpc-timeout"
+CORS_EXPOSE_HEADERS = "grpc-status, grpc-message, grpc-status-details-bin, x-request-id, retry-after-ms"
+JWT_PROVIDER = "towerco"
+#: Every platform API path starts so; the token rule and the tenant rule apply to them.
+API_PREFIX = "/towerco."
+#: The web page may load only itself; its API calls go to its own origin.
+PAGE_SECURITY_HEADERS = {
+    "content-security-policy": (
+        "default-src 'self'; img-src 'self' https: data:; style-src 'self' 'unsafe-inline'; "
+        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+    ),
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "cache-control": "no-cache",
+}
+WEB_FILES = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript")}
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """Everything the gateway's configuration depends on."""
+
+    #: Where the listener binds: loopback in dev, ``0.0.0.0`` in a pod.
+    bind_host: str = "127.0.0.1"
+    port: int = 8080
+    #: The admin interface, always on loopback.
+    admin_port: int = 9901
+    #: Tenants are ``<tenant>.<base_domain>``.
+    base_domain: str = "localhost"
+    #: Origins a browser may call the API from: exact origins, or ``scheme://*.<domain>[:port]``
+    #: for the tenants' subdomains of one domain. Never ``*``.
+    cors_origins: tuple[str, ...] = ()
+    jwt_issuer: str = DEFAULT_JWT_ISSUER
+    jwt_audience: str = DEFAULT_JWT_AUDIENCE
+    #: Exactly one of these: the local JWKS file (dev) or the identity provider's JWKS URL.
+    jwt_jwks_file: str = ""
+    jwt_jwks_url: str = ""
+    jwt_clock_skew_seconds: int = 30
+    #: ``host:port`` of each service.
+    targets: Mapping[str, str] = field(default_factory=dict)
+    #: Upper bound of one API call through the gateway; a shorter ``grpc-timeout`` wins.
+    route_timeout_seconds: float = 15.0
+    max_grpc_timeout_seconds: float = 60.0
+    #: Connections the listener holds at once before refusing more.
+    max_connections: int = 10000
+    #: The built web page, or None to serve none.
+    web_dir: Path | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> GatewaySettings:
+        env = os.environ if environ is None else environ
+
+        def get(name: str, default: str) -> str:
+            return (env.get(name) or "").strip() or default
+
+        def number(name: str, default: int) -> int:
+            raw = get(name, str(default))
+            try:
+                return int(raw)
+            except ValueError as exc:
+                raise SettingsError(f"{name} must be a whole number, got {raw!r}") from exc
+
+        port = number("GATEWAY_PORT", 8080)
+        base_domain = get("BASE_DOMAIN", "localhost").lower().strip(".")
+        jwks_url = get("JWT_JWKS_URL", "")
+        keys = Path(get("DATA_DIR", str(data_dir()))) / "keys"
+        jwks_file = get("JWT_JWKS_FILE", "" if jwks_url else str(keys / "jwks.json"))
+        origins = get("GATEWAY_CORS_ORIGINS", f"http://*.{base_domain}:{port}")
+        web = get("GATEWAY_WEB_DIR", str(WEB_DIST))
+        return cls(
+            bind_host=get("GATEWAY_BIND_HOST", "127.0.0.1"),
+            port=port,
+            admin_port=number("GATEWAY_ADMIN_PORT", 9901),
+            base_domain=base_domain,
+            cors_origins=tuple(o.strip() for o in origins.split(",") if o.strip()),
+            jwt_issuer=get("JWT_ISSUER", DEFAULT_JWT_ISSUER),
+            jwt_audience=get("JWT_AUDIENCE", DEFAULT_JWT_AUDIENCE),
+            jwt_jwks_file=jwks_file,
+            jwt_jwks_url=jwks_url,
+            jwt_clock_skew_seconds=number("JWT_LEEWAY_SECONDS", 30),
+            targets={
+                name: get(f"{name.upper()}_TARGET", f"127.0.0.1:{get(f'{name.upper()}_PORT', str(default))}")
+                for name, default in DEFAULT_PORTS.items()
+            },
+            route_timeout_seconds=float(number("GATEWAY_ROUTE_TIMEOUT_SECONDS", 15)),
+            web_dir=Path(web) if (Path(web) / "index.html").is_file() else None,
+        )
+
+
+# What is routed
+
+
+def served_services() -> dict[str, tuple[ServiceDescriptor, ...]]:
+    """The gRPC services each platform service serves, from its ``SPEC``."""
+    return {name: importlib.import_module(f"services.{name}.__main__").SPEC.services for name in SERVICES}
+
+
+@dataclass(frozen=True)
+class Api:
+    """The routes of one upstream service."""
+
+    cluster: str
+    #: ``/package.Service/`` of each public gRPC service it serves.
+    prefixes: tuple[str, ...]
+    #: Full paths of its RPCs that need no token.
+    public_paths: tuple[str, ...]
+
+
+def apis(served: Mapping[str, Iterable[ServiceDescriptor]] | None = None) -> list[Api]:
+    """Routes for every service, from the policies in the protos; internal ones are left out."""
+    result = []
+    for cluster, services in (served or served_services()).items():
+        public = [s for s in services if not s.full_name.startswith(INTERNAL_PACKAGE_PREFIX)]
+        table = PolicyTable.from_services(public)
+        paths = tuple(sorted(f"/{s.full_name}/{m.name}" for s in public for m in s.methods))
+        result.append(
+            Api(
+                cluster=cluster,
+                prefixes=tuple(f"/{s.full_name}/" for s in public),
+                public_paths=tuple(p for p in paths if (policy := table.get(p)) is not None and policy.public),
+            )
+        )
+    return result
+
+
+# The template
+
+
+def render(settings: GatewaySettings, routes: list[Api] | None = None) -> dict[str, Any]:
+    """The Envoy bootstrap for ``settings``."""
+    if bool(settings.jwt_jwks_file) == bool(settings.jwt_jwks_url):
+        raise SettingsError("set exactly one of JWT_JWKS_FILE and JWT_JWKS_URL")
+    routes = apis() if routes is None else routes
+    clusters = [_service_cluster(api.cluster, settings.targets[api.cluster]) for api in routes]
+    if settings.jwt_jwks_url:
+        clusters.append(_jwks_cluster(settings.jwt_jwks_url))
+    return {
+        "node": {"id": "towerco-gateway", "cluster": "towerco-gateway"},
+        "admin": {"address": _address("127.0.0.1", settings.admin_port)},
+        "static_resources": {
+            "listeners": [_listener(settings, routes)],
+            "clusters": clusters,
+        },
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": _typed(
+                        "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                        max_active_downstream_connections=settings.max_connections,
+                    ),
+                }
+            ]
+        },
+    }
+
+
+def render_json(settings: GatewaySettings, routes: list[Api] | None = None) -> str:
+    return json.dumps(render(settings, routes), indent=2) + "\n"
+
+
+def _address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _typed(type_name: str, **fields: Any) -> dict[str, Any]:
+    return {"@type": f"type.googleapis.com/{type_name}", **fields}
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}s"
+
+
+def _listener(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
+    manager = _typed(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        stat_prefix="gateway",
+        # HTTP/1.1 (gRPC-web) and HTTP/2 (gRPC, gRPC-web) on the one port.
+        codec_type="AUTO",
+        # The gateway is the edge: the client's address is the peer's, appended to
+        # x-forwarded-for, and client-sent x-envoy-* headers are not trusted.
+        use_remote_address=True,
+        xff_num_trusted_hops=0,
+        normalize_path=True,
+        merge_slashes=True,
+        path_with_escaped_slashes_action="REJECT_REQUEST",
+        common_http_protocol_options={
+            "idle_timeout": "300s",
+            "headers_with_underscores_action": "REJECT_REQUEST",
+        },
+        http2_protocol_options={
+            "max_concurrent_streams": 100,
+            "initial_stream_window_size": 65536,
+            "initial_connection_window_size": 1048576,
+        },
+        stream_idle_timeout="300s",
+        local_reply_config=_local_replies(),
+        request_headers_timeout="10s",
+        access_log=[
+            {
+                "name": "envoy.access_loggers.stdout",
+                "typed_config": _typed(
+                    "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                    log_format={
+                        "text_format_source": {
+                            "inline_string": (
+                                '[%START_TIME%] "%REQ(:METHOD)% %REQ(:PATH)% %PROTOCOL%" %RESPONSE_CODE% '
+                                "%RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %DURATION%ms "
+                                "authority=%REQ(:AUTHORITY)% tenant=%REQ(X-TENANT-ID)% request_id=%REQ(X-REQUEST-ID)%\n"
+                            )
+                        }
+                    },
+                ),
+            }
+        ],
+        http_filters=[
+            {
+                "name": "envoy.filters.http.grpc_web",
+                "typed_config": _typed("envoy.extensions.filters.http.grpc_web.v3.GrpcWeb"),
+            },
+            {"name": "envoy.filters.http.cors", "typed_config": _typed("envoy.extensions.filters.http.cors.v3.Cors")},
+            {"name": "envoy.filters.http.jwt_authn", "typed_config": _jwt_authn(settings, routes)},
+            {"name": "envoy.filters.http.lua", "typed_config": _edge_lua(settings, routes)},
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router"),
+            },
+        ],
+        route_config=_route_config(settings, routes),
+    )
+    return {
+        "name": "gateway",
+        "address": _address(settings.bind_host, settings.port),
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]}
+        ],
+    }
+
+
+def _local_replies() -> dict[str, Any]:
+    """jwt_authn answers a token for another audience with 403 (PERMISSION_DENIED); a token
+    not meant for this API is a bad token, so it is answered 401 (UNAUTHENTICATED) like any other."""
+    return {
+        "mappers": [
+            {
+                "filter": {
+                    "and_filter": {
+                        "filters": [
+                            {
+                                "status_code_filter": {
+                                    "comparison": {
+                                        "op": "EQ",
+                                        "value": {"default_value": 403, "runtime_key": "gateway.jwt_403"},
+                                    }
+                                }
+                            },
+                            {
+                                "metadata_filter": {
+                                    "matcher": {
+                                        "filter": "envoy.filters.http.jwt_authn",
+                                        "path": [{"key": "jwt_failure"}],
+                                        "value": {"present_match": True},
+                                    },
+                                    "match_if_key_not_found": False,
+                                }
+                            },
+                        ]
+                    }
+                },
+                "status_code": 401,
+            }
+        ]
+    }
+
+
+def _route_config(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
+    api_routes = [
+        {
+            "match": {"prefix": prefix},
+            "route": {
+                "cluster": api.cluster,
+                "timeout": _seconds(settings.route_timeout_seconds),
+                # A client's grpc-timeout is honoured up to this bound.
+                "max_stream_duration": {"grpc_timeout_header_max": _seconds(settings.max_grpc_timeout_seconds)},
+                "retry_policy": {"retry_on": "unavailable", "num_retries": 1},
+            },
+        }
+        for api in routes
+        for prefix in api.prefixes
+    ]
+    page_routes = []
+    largest = 4096
+    if settings.web_dir is not None:
+        for path, (name, content_type) in WEB_FILES.items():
+            file = settings.web_dir / name
+            largest = max(largest, file.stat().st_size if file.exists() else 0)
+            page_routes.append(
+                {
+                    "match": {"path": path, "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+                    "direct_response": {"status": 200, "body": {"filename": str(file)}},
+                    "response_headers_to_add": [
+                        {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+                        for key, value in {"content-type": content_type, **PAGE_SECURITY_HEADERS}.items()
+                    ],
+                }
+            )
+    return {
+        "name": "gateway",
+        "max_direct_response_body_size_bytes": largest * 2,
+        "virtual_hosts": [
+            {
+                "name": "api",
+                "domains": ["*"],
+                "routes": [*api_routes, *page_routes, _unknown_api_route()],
+                "typed_per_filter_config": {"envoy.filters.http.cors": _cors_policy(settings)},
+            }
+        ],
+    }
+
+
+def _unknown_api_route() -> dict[str, Any]:
+    """Any other API path (an internal service, a typo) is UNIMPLEMENTED, as a gRPC server says."""
+    return {
+        "match": {"prefix": API_PREFIX},
+        "direct_response": {"status": 200},
+        "response_headers_to_add": [
+            {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+            for key, value in {
+                "content-type": "application/grpc",
+                "grpc-status": "12",
+                "grpc-message": "no such API method here: the gateway serves the platform's public services",
+            }.items()
+        ],
+    }
+
+
+def origin_matchers(origins: Iterable[str]) -> list[dict[str, Any]]:
+    """Envoy string matchers for the allowed origins; a bare wildcard is refused."""
+    matchers: list[dict[str, Any]] = []
+    for origin in origins:
+        parts = urlsplit(origin)
+        host = parts.hostname or ""
+        if parts.scheme not in {"http", "https"} or not host or parts.path or parts.query:
+            raise SettingsError(f"GATEWAY_CORS_ORIGINS: {origin!r} is not an origin like https://app.example.com")
+        port = f":{parts.port}" if parts.port else ""
+        if host.startswith("*."):
+            domain = host[2:]
+            if not domain or "*" in domain:
+                raise SettingsError(f"GATEWAY_CORS_ORIGINS: {origin!r}: only '*.<domain>' may use a wildcard")
+            # The tenant id rule without its length bound, which RE2 would expand past its limit.
+            label = "[a-z][a-z0-9_-]+"
+            regex = f"^{re.escape(parts.scheme)}://{label}\\.{re.escape(domain)}{re.escape(port)}$"
+            matchers.append({"safe_regex": {"regex": regex}})
+        elif "*" in origin:
+            raise SettingsError(f"GATEWAY_CORS_ORIGINS: {origin!r}: only '*.<domain>' may use a wildcard")
+        else:
+            matchers.append({"exact": f"{parts.scheme}://{host}{port}"})
+    return matchers
+
+
+def _cors_policy(settings: GatewaySettings) -> dict[str, Any]:
+    return _typed(
+        "envoy.extensions.filters.http.cors.v3.CorsPolicy",
+        allow_origin_string_match=origin_matchers(settings.cors_origins),
+        allow_methods="POST, OPTIONS",
+        allow_headers=CORS_ALLOW_HEADERS,
+        expose_headers=CORS_EXPOSE_HEADERS,
+        max_age="600",
+        # A preflight from an origin not allowed is answered here, without CORS headers.
+        forward_not_matching_preflights=False,
+    )
+
+
+def _jwt_authn(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
+    provider: dict[str, Any] = {
+        "issuer": settings.jwt_issuer,
+        "audiences": [settings.jwt_audience],
+        "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}],
+        # Services verify the token again: it is forwarded as it came.
+        "forward": True,
+        "clock_skew_seconds": settings.jwt_clock_skew_seconds,
+        # Marks the requests jwt_authn refused, for the local reply mapper.
+        "failed_status_in_metadata": "jwt_failure",
+    }
+    if settings.jwt_jwks_url:
+        provider["remote_jwks"] = {
+            "http_uri": {"uri": settings.jwt_jwks_url, "cluster": "jwks", "timeout": "5s"},
+            "cache_duration": "600s",
+            # Fetched when the listener starts and refreshed in the background, so no
+            # request waits on the identity provider.
+            "async_fetch": {"fast_listener": False},
+            "retry_policy": {"num_retries": 3},
+        }
+    else:
+        provider["local_jwks"] = {"filename": settings.jwt_jwks_file}
+    public = [{"match": {"path": path}} for api in routes for path in api.public_paths]
+    return _typed(
+        "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+        providers={JWT_PROVIDER: provider},
+        rules=[*public, {"match": {"prefix": API_PREFIX}, "requires": {"provider_name": JWT_PROVIDER}}],
+        bypass_cors_preflight=True,
+    )
+
+
+def _edge_lua(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
+    message = f"call the API on your tenant's host: <tenant>.{settings.base_domain}"
+    status = status_pb2.Status(code=7, message=message)
+    info = error_details_pb2.ErrorInfo(
+        reason="TENANT_SUBDOMAIN_REQUIRED", domain=ERROR_DOMAIN, metadata={"base_domain": settings.base_domain}
+    )
+    status.details.add().Pack(info)
+    public = ", ".join(f"[{_lua_string(path)}] = true" for api in routes for path in api.public_paths)
+    prelude = "\n".join(
+        [
+            "EDGE = {",
+            f"  base_domain = {_lua_string(settings.base_domain)},",
+            f"  api_prefix = {_lua_string(API_PREFIX)},",
+            f"  identity_headers = {{{', '.join(_lua_string(h) for h in IDENTITY_HEADERS)}}},",
+            f"  internal_prefix = {_lua_string(INTERNAL_PREFIX)},",
+            f"  public_paths = {{{public}}},",
+            f"  no_tenant_message = {_lua_string(grpc_message(message))},",
+            f"  no_tenant_details = {_lua_string(base64.b64encode(status.SerializeToString()).decode().rstrip('='))},",
+            "}",
+            "",
+        ]
+    )
+    return _typed(
+        "envoy.extensions.filters.http.lua.v3.Lua",
+        default_source_code={"inline_string": prelude + EDGE_LUA.read_text()},
+    )
+
+
+def grpc_message(text: str) -> str:
+    """``text`` as the ``grpc-message`` header carries it: percent-encoded outside printable ASCII."""
+    return "".join(c if " " <= c <= "~" and c != "%" else quote(c, safe="") for c in text)
+
+
+def _lua_string(value: str) -> str:
+    return json.dumps(value)
+
+
+def _upstream_address(target: str) -> tuple[str, int, bool]:
+    host, _, port = target.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        literal = True
+    except ValueError:
+        literal = False
+    return host, int(port), literal
+
+
+def _service_cluster(name: str, target: str) -> dict[str, Any]:
+    host, port, literal = _upstream_address(target)
+    return {
+        "name": name,
+        "type": "STATIC" if literal else "STRICT_DNS",
+        "connect_timeout": "1s",
+        "lb_policy": "ROUND_ROBIN",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                explicit_http_config={"http2_protocol_options": {}},
+            )
+        },
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(host, port)}}]}],
+        },
+        "health_checks": [
+            {
+                "timeout": "1s",
+                "interval": "5s",
+                "no_traffic_interval": "10s",
+                "unhealthy_threshold": 2,
+                "healthy_threshold": 1,
+                "grpc_health_check": {},
+            }
+        ],
+        "outlier_detection": {
+            "consecutive_5xx": 5,
+            "consecutive_gateway_failure": 3,
+            "interval": "5s",
+            "base_ejection_time": "10s",
+            "max_ejection_percent": 50,
+        },
+    }
+
+
+def _jwks_cluster(url: str) -> dict[str, Any]:
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise SettingsError(f"JWT_JWKS_URL must be an https:// URL, got {url!r}")
+    port = parts.port or 443
+    return {
+        "name": "jwks",
+        "type": "STRICT_DNS",
+        "connect_timeout": "2s",
+        "dns_lookup_family": "V4_PREFERRED",
+        "load_assignment": {
+            "cluster_name": "jwks",
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(parts.hostname, port)}}]}],
+        },
+        "transport_socket": {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": _typed(
+                "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                sni=parts.hostname,
+                common_tls_context={
+                    "validation_context": {
+                        "trusted_ca": {"filename": "/etc/ssl/certs/ca-certificates.crt"},
+                        "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": parts.hostname}}],
+                    }
+                },
+            ),
+        },
+    }
