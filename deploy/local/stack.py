@@ -23,10 +23,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.config import GatewaySettings
+from gateway.envoy import write_config
 from services.runtime.server import ServiceSpec, migrate_service
 from services.runtime.settings import DEFAULT_PORTS, DEV_APP_DB_PASSWORD
 
-from .gateway import start_envoy, wait_ready, write_config
+from .gateway import start_envoy, wait_ready
 from .postgres import start_postgres, stop_postgres
 from .redis_server import start_redis, stop_redis
 from .tokens import ensure_keys
