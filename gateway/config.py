@@ -433,6 +433,8 @@ def _jwt_authn(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
         # Services verify the token again: it is forwarded as it came.
         "forward": True,
         "clock_skew_seconds": settings.jwt_clock_skew_seconds,
+        # A token seen before is not verified again until it expires.
+        "jwt_cache_config": {"jwt_cache_size": 10000},
         # Marks the requests jwt_authn refused, for the local reply mapper.
         "failed_status_in_metadata": "jwt_failure",
     }

@@ -8,7 +8,9 @@ measures, through real gRPC with real JWTs:
 - the tenant registry: GetTenantSettings and public GetBranding (read through the cache),
   and how long a suspension takes to reach a sites process (pushed through Redis);
 - the feature gate: GetEntitlements, one rate-limit decision in Redis (the Lua script),
-  and how long a plan change takes to be enforced by a sites process.
+  and how long a plan change takes to be enforced by a sites process;
+- the gateway: GetSite through the real Envoy, as gRPC (HTTP/2) and as gRPC-web
+  (HTTP/1.1, the way a browser calls), to set against GetSite straight to the service.
 
 The bench tenant's read and write rates are set to unlimited (an override), so the
 service numbers measure the service, not the limiter; the limiter is measured on its own.
@@ -17,6 +19,7 @@ service numbers measure the service, not the limiter; the limiter is measured on
 from __future__ import annotations
 
 import asyncio
+import http.client
 import shutil
 import time
 from collections.abc import Callable
@@ -193,17 +196,49 @@ async def bench_limiter(redis_url: str) -> None:
         await limiter.close()
 
 
+def bench_gateway(port: int, token: str) -> None:
+    """GetSite through Envoy: the cost of the edge (JWT check, tenant from the Host, proxying)."""
+    md = (("authorization", f"Bearer {token}"),)
+    get = pb.GetSiteRequest(site_id="B-0100")
+    options = [("grpc.default_authority", "bench_tenant.localhost")]
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+        stub = pb_grpc.SiteServiceStub(channel)
+        _time_sequential("GetSite gateway", lambda: stub.GetSite(get, metadata=md))
+    payload = get.SerializeToString()
+    body = b"\x00" + len(payload).to_bytes(4, "big") + payload
+    headers = {
+        "Host": f"bench_tenant.localhost:{port}",
+        "Content-Type": "application/grpc-web+proto",
+        "X-Grpc-Web": "1",
+        "Authorization": f"Bearer {token}",
+    }
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+
+    def grpc_web() -> None:
+        connection.request("POST", "/towerco.sites.v1.SiteService/GetSite", body, headers=headers)
+        reply = connection.getresponse()
+        data = reply.read()
+        assert reply.status == 200 and b"grpc-status:0" in data, data
+
+    try:
+        _time_sequential("GetSite grpc-web", grpc_web)
+    finally:
+        connection.close()
+
+
 def main() -> None:
     data = REPO / "test-output" / "bench-data"
     shutil.rmtree(data, ignore_errors=True)
     ports = {"tenant": free_port(), "sites": free_port(), "features": free_port(), "audit": free_port()}
-    stack = Stack(StackConfig(data_dir=data, pg_port=free_port(), redis_port=free_port(), ports=ports))
+    config = StackConfig(data_dir=data, pg_port=free_port(), redis_port=free_port(), ports=ports)
+    config.gateway_port, config.gateway_admin_port = free_port(), free_port()
+    stack = Stack(config)
     services = ("tenant", "sites", "features", "audit")
-    logs = [(REPO / "test-output" / f"bench-{name}.log").open("wb") for name in services]
+    logs = [(REPO / "test-output" / f"bench-{name}.log").open("wb") for name in (*services, "gateway")]
     try:
         stack.start_infra()
         stack.migrate(list(services))
-        for name, log in zip(services, logs, strict=True):
+        for name, log in zip(services, logs, strict=False):
             stack.start_service(name, log=log, extra_env={"LOG_LEVEL": "WARNING"})
         for name in services:
             stack.wait_serving(name)
@@ -224,6 +259,8 @@ def main() -> None:
         bench_registry(f"127.0.0.1:{ports['tenant']}", target, token, admin)
         bench_features(f"127.0.0.1:{ports['features']}", target, token, admin)
         asyncio.run(bench_limiter(stack.redis_url))
+        gateway = stack.start_gateway(log=logs[-1], extra_env={"GATEWAY_WEB_DIR": "/none"})
+        bench_gateway(gateway.port, token)
     finally:
         stack.stop_services()
         stack.stop_infra()
