@@ -68,8 +68,6 @@ def call(
     headers: dict[str, str] | None = None,
 ) -> Reply:
     """POST one unary gRPC-web call to the gateway on ``port`` with ``Host: host``."""
-    payload = request.SerializeToString()
-    body = b"\x00" + len(payload).to_bytes(4, "big") + payload
     sent = {
         "Host": host,
         "Content-Type": "application/grpc-web+proto",
@@ -82,12 +80,23 @@ def call(
     sent.update(headers or {})
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
     try:
-        connection.request("POST", method, body, headers=sent)
+        connection.request("POST", method, frame(request), headers=sent)
         response = connection.getresponse()
         data = response.read()
-        reply = Reply(response.status, {k.lower(): v for k, v in response.getheaders()})
     finally:
         connection.close()
+    return parse(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
+
+
+def frame(request: Message) -> bytes:
+    """One message as a gRPC-web request body: flag 0, 4-byte length, the protobuf bytes."""
+    payload = request.SerializeToString()
+    return b"\x00" + len(payload).to_bytes(4, "big") + payload
+
+
+def parse(http_status: int, headers: dict[str, str], data: bytes) -> Reply:
+    """A gRPC-web response: its data frames and its trailer frame."""
+    reply = Reply(http_status, headers)
     offset = 0
     while offset + 5 <= len(data):
         flag, length = data[offset], int.from_bytes(data[offset + 1 : offset + 5], "big")

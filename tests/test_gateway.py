@@ -26,7 +26,7 @@ from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 
 from gateway.config import GatewaySettings
 
-from .grpcweb import Reply, call
+from .grpcweb import Reply, call, frame, parse
 from .support import bearer, expect_error
 from .test_audit_trail import events_for
 
@@ -192,6 +192,29 @@ def test_resource_exhausted_reaches_a_grpc_web_client_with_retry_details(
     assert reply.status == 8, statuses  # RESOURCE_EXHAUSTED
     assert reply.info is not None and reply.info.reason == "RATE_LIMITED"
     assert int(reply.trailers.get("retry-after-ms", reply.headers.get("retry-after-ms", "0"))) > 0
+
+
+def test_grpc_web_over_http2_is_served_too(gateway, pair, token, tmp_path):
+    """curl (nghttp2) speaks HTTP/2 without TLS, as a browser behind a TLS-terminating proxy would."""
+    tenant_a, _ = pair
+    body = tmp_path / "request.bin"
+    body.write_bytes(frame(sites_pb.ListSitesRequest()))
+    headers_file, out = tmp_path / "headers.txt", tmp_path / "response.bin"
+    command = [
+        "curl", "--silent", "--show-error", "--http2-prior-knowledge", "--max-time", "10",
+        "-H", f"Host: {host(gateway, tenant_a)}",
+        "-H", "Content-Type: application/grpc-web+proto",
+        "-H", "X-Grpc-Web: 1",
+        "-H", f"Authorization: Bearer {token(tenant_a)}",
+        "--data-binary", f"@{body}", "-D", str(headers_file), "-o", str(out),
+        f"http://127.0.0.1:{gateway.port}{LIST_SITES}",
+    ]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, timeout=30)
+    lines = headers_file.read_text().splitlines()
+    assert lines[0].startswith("HTTP/2 200"), lines
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
+    reply = parse(200, headers, out.read_bytes())
+    assert listed(reply) == ["GW-TA-1", "GW-TA-2"]
 
 
 # CORS
