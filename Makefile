@@ -11,13 +11,13 @@ GEN_STAMP := $(GEN)/.stamp
 
 export DATA_DIR ?= $(CURDIR)/.data
 
-.PHONY: help install proto keys migrate run stop token test lint bench clean
+.PHONY: help install proto keys migrate run stop token test lint bench clean web gateway-config
 
 help:
-	@echo "make run      start PostgreSQL, Redis and every service (Ctrl-C stops all)"
+	@echo "make run      start PostgreSQL, Redis, every service and the Envoy gateway (Ctrl-C stops all)"
 	@echo "make test     run the whole test suite against real servers"
 	@echo "make token    print a dev JWT: TENANT=tenant_a ROLE=admin PERMS=a,b TTL=3600"
-	@echo "make proto | migrate | lint | bench | stop | clean"
+	@echo "make proto | web | gateway-config | migrate | lint | bench | stop | clean"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,13 +41,33 @@ $(GEN_STAMP): $(STAMP) $(PROTOS)
 
 proto: $(GEN_STAMP)
 
+# The browser page under gateway/web: a gRPC-web client from npm, built with the machine's
+# Node.js. Without npm it is left out with a note; the gateway then serves the API only.
+WEB := gateway/web
+WEB_STAMP := $(WEB)/dist/.stamp
+WEB_SOURCES := $(WEB)/package.json $(WEB)/package-lock.json $(WEB)/.npmrc $(WEB)/buf.gen.yaml $(WEB)/tsconfig.json $(WEB)/index.html \
+	$(shell find $(WEB)/src $(WEB)/e2e -type f -not -path '*/gen/*' 2>/dev/null) $(PROTOS)
+
+$(WEB_STAMP): $(WEB_SOURCES)
+	@if command -v npm >/dev/null 2>&1; then \
+		cd $(WEB) && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build && touch dist/.stamp; \
+	else \
+		echo "npm not found: the web page under $(WEB) is not built (the gateway serves the API only)"; \
+	fi
+
+web: $(WEB_STAMP)
+
+# The gateway's ConfigMap for the cluster, rendered from the same template as dev.
+gateway-config: $(GEN_STAMP)
+	$(PY) -m gateway render --deploy --kubernetes --out deploy/kubernetes/gateway-config.yaml
+
 keys: $(STAMP)
 	@$(PY) -m deploy.local keys
 
 migrate: $(GEN_STAMP)
 	$(PY) -m deploy.local migrate
 
-run: $(GEN_STAMP)
+run: $(GEN_STAMP) web
 	$(PY) -m deploy.local run
 
 stop: $(STAMP)
@@ -56,7 +76,7 @@ stop: $(STAMP)
 token: $(GEN_STAMP)
 	@$(PY) -m deploy.local token --tenant "$(TENANT)" --role "$(or $(ROLE),admin)" --perms "$(PERMS)" --ttl "$(or $(TTL),3600)"
 
-test: $(GEN_STAMP)
+test: $(GEN_STAMP) web
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(GEN_STAMP)
@@ -64,6 +84,8 @@ lint: $(GEN_STAMP)
 	$(PY) -m ruff format --check services deploy gateway tests
 	$(PY) -m mypy services deploy gateway tests
 	cd protos && npx --yes @bufbuild/buf@1.75.0 lint
+	@$(PY) -m deploy.local keys >/dev/null
+	$(PY) -m gateway validate
 
 bench: $(GEN_STAMP)
 	$(PY) -m tests.bench

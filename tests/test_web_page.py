@@ -1,0 +1,141 @@
+"""The browser frontend under ``gateway/web``, served by the gateway and driven in Chromium.
+
+The page is built with a real gRPC-web client from npm (``make web``). A headless Chromium
+(Debian's ``chromium``, driven by ``playwright-core``) opens it on a tenant's subdomain,
+signs in with a dev token, and must show the tenant's branding and only its sites. A
+screenshot is kept in ``test-output/screenshots/``.
+
+Without a browser or Node.js on the machine the browser test says so and is skipped; in
+CI (``CI`` set) it fails instead, since CI installs both.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from towerco.sites.v1 import sites_service_pb2 as sites_pb
+from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
+
+from gateway.config import GatewaySettings
+
+from .support import bearer
+
+pytestmark = pytest.mark.stack
+
+REPO = Path(__file__).resolve().parents[1]
+WEB = REPO / "gateway" / "web"
+CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
+SCREENSHOTS = REPO / "test-output" / "screenshots"
+
+
+def _missing_for_browser() -> str | None:
+    if not (WEB / "dist" / "index.html").is_file():
+        return "the web page is not built: `make web` needs npm (Node.js)"
+    if shutil.which("node") is None:
+        return "Node.js is not installed, so playwright-core cannot drive the browser"
+    if not (WEB / "node_modules" / "playwright-core").is_dir():
+        return "playwright-core is not installed in gateway/web (run `make web`)"
+    if not CHROMIUM.is_file():
+        return f"no Chromium at {CHROMIUM} (Debian: apt-get install chromium; or set CHROMIUM)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser() -> Path:
+    reason = _missing_for_browser()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI installs what the browser test needs, yet: {reason}")
+        pytest.skip(reason)
+    return CHROMIUM
+
+
+@pytest.fixture
+def branded(new_tenant, registry, sites, token: Callable[..., str]) -> str:
+    """A tenant with its own colours and company name, and three sites."""
+    tenant: str = new_tenant("web", display_name="Kilimanjaro Towers Ltd")
+    settings = tenant_pb.TenantSettings(
+        branding=tenant_pb.Branding(company_name="Kilimanjaro Towers", primary_color="#0A7E3D")
+    )
+    request = tenant_pb.UpdateTenantSettingsRequest(settings=settings)
+    request.update_mask.paths.extend(["branding.company_name", "branding.primary_color"])
+    registry.UpdateTenantSettings(request, metadata=bearer(token(tenant)), timeout=10)
+    for n in (1, 2, 3):
+        sites.CreateSite(
+            sites_pb.CreateSiteRequest(site_id=f"KT-{n:03d}", site=sites_pb.Site(name=f"Kilimanjaro mast {n}")),
+            metadata=bearer(token(tenant)),
+            timeout=10,
+        )
+    return tenant
+
+
+def browse(browser: Path, url: str, token: str, screenshot: Path) -> dict[str, Any]:
+    command = [
+        "node",
+        "e2e/browse.mjs",
+        "--url",
+        url,
+        "--token",
+        token,
+        "--screenshot",
+        str(screenshot),
+        "--chromium",
+        str(browser),
+    ]
+    result = subprocess.run(command, cwd=WEB, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, f"browser run failed ({result.returncode}):\n{result.stderr}\n{result.stdout}"
+    report: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    return report
+
+
+def test_the_page_signs_in_themes_itself_and_lists_the_tenants_sites(gateway, browser, branded, token, tenant_pair):
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    url = f"http://{branded}.localhost:{gateway.port}/"
+    shot = SCREENSHOTS / "web-page-signed-in.png"
+    shot.unlink(missing_ok=True)
+    report = browse(browser, url, token(branded), shot)
+    assert report["error"] in (None, ""), report
+    assert report["companyName"] == "Kilimanjaro Towers"
+    assert report["primaryColor"] == "rgb(10, 126, 61)"  # #0A7E3D from GetBranding
+    assert sorted(report["siteIds"]) == ["KT-001", "KT-002", "KT-003"]
+    assert report["consoleErrors"] == [], report
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Another tenant's token on this tenant's page: the gateway's tenant wins, the call is refused.
+    foreign = browse(browser, url, token(tenant_pair[1]), SCREENSHOTS / "web-page-foreign-token.png")
+    assert foreign["siteIds"] == []
+    assert foreign["error"] and "denied" in foreign["error"].lower(), foreign
+
+
+def _get(settings: GatewaySettings, path: str, host: str) -> http.client.HTTPResponse:
+    connection = http.client.HTTPConnection("127.0.0.1", settings.port, timeout=10)
+    connection.request("GET", path, headers={"Host": host})
+    response = connection.getresponse()
+    response.body = response.read()  # type: ignore[attr-defined]
+    connection.close()
+    return response
+
+
+def test_the_gateway_serves_the_page_with_a_strict_content_policy(gateway):
+    if gateway.web_dir is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI builds the web page (make web), yet the gateway found none")
+        pytest.skip("the web page is not built: `make web` needs npm (Node.js)")
+    page = _get(gateway, "/", f"tenant_a.localhost:{gateway.port}")
+    assert page.status == 200
+    assert page.getheader("content-type") == "text/html; charset=utf-8"
+    policy = page.getheader("content-security-policy") or ""
+    assert "default-src 'self'" in policy and "connect-src 'self'" in policy
+    assert b"app.js" in page.body  # type: ignore[attr-defined]
+    script = _get(gateway, "/app.js", f"tenant_a.localhost:{gateway.port}")
+    assert script.status == 200
+    assert script.getheader("content-type") == "text/javascript"
+    assert script.getheader("x-content-type-options") == "nosniff"
