@@ -39,6 +39,7 @@ from services.runtime.settings import (
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 EDGE_LUA = HERE / "edge.lua"
+GRPC_REPLIES_LUA = HERE / "grpc_replies.lua"
 #: The built browser frontend (``make web``), served by the gateway at ``/``.
 WEB_DIST = HERE / "web" / "dist"
 #: Services in start order; each is ``services.<name>`` with a ``SPEC``.
@@ -94,7 +95,6 @@ class GatewaySettings:
     targets: Mapping[str, str] = field(default_factory=dict)
     #: Upper bound of one API call through the gateway; a shorter ``grpc-timeout`` wins.
     route_timeout_seconds: float = 15.0
-    max_grpc_timeout_seconds: float = 60.0
     #: Connections the listener holds at once before refusing more.
     max_connections: int = 10000
     #: The built web page, or None to serve none.
@@ -273,8 +273,10 @@ def _listener(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
                 "typed_config": _typed("envoy.extensions.filters.http.grpc_web.v3.GrpcWeb"),
             },
             {"name": "envoy.filters.http.cors", "typed_config": _typed("envoy.extensions.filters.http.cors.v3.Cors")},
+            # Before jwt_authn, so its refusals pass through on their way out.
+            {"name": "towerco.grpc_replies", "typed_config": _grpc_replies_lua(settings)},
             {"name": "envoy.filters.http.jwt_authn", "typed_config": _jwt_authn(settings, routes)},
-            {"name": "envoy.filters.http.lua", "typed_config": _edge_lua(settings, routes)},
+            {"name": "towerco.edge_identity", "typed_config": _edge_lua(settings, routes)},
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router"),
@@ -333,9 +335,10 @@ def _route_config(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any
             "match": {"prefix": prefix},
             "route": {
                 "cluster": api.cluster,
+                # The bound of every call; a client's shorter grpc-timeout travels on to the
+                # service, which ends the call then. (grpc_timeout_header_max would replace
+                # this bound by the header, and leave calls without one unbounded.)
                 "timeout": _seconds(settings.route_timeout_seconds),
-                # A client's grpc-timeout is honoured up to this bound.
-                "max_stream_duration": {"grpc_timeout_header_max": _seconds(settings.max_grpc_timeout_seconds)},
                 "retry_policy": {"retry_on": "unavailable", "num_retries": 1},
             },
         }
@@ -460,11 +463,7 @@ def _jwt_authn(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
 
 def _edge_lua(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
     message = f"call the API on your tenant's host: <tenant>.{settings.base_domain}"
-    status = status_pb2.Status(code=7, message=message)
-    info = error_details_pb2.ErrorInfo(
-        reason="TENANT_SUBDOMAIN_REQUIRED", domain=ERROR_DOMAIN, metadata={"base_domain": settings.base_domain}
-    )
-    status.details.add().Pack(info)
+    details = _status_details(7, message, "TENANT_SUBDOMAIN_REQUIRED", base_domain=settings.base_domain)
     public = ", ".join(f"[{_lua_string(path)}] = true" for api in routes for path in api.public_paths)
     prelude = "\n".join(
         [
@@ -475,7 +474,7 @@ def _edge_lua(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
             f"  internal_prefix = {_lua_string(INTERNAL_PREFIX)},",
             f"  public_paths = {{{public}}},",
             f"  no_tenant_message = {_lua_string(grpc_message(message))},",
-            f"  no_tenant_details = {_lua_string(base64.b64encode(status.SerializeToString()).decode().rstrip('='))},",
+            f"  no_tenant_details = {_lua_string(details)},",
             "}",
             "",
         ]
@@ -489,6 +488,53 @@ def _edge_lua(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
 def grpc_message(text: str) -> str:
     """``text`` as the ``grpc-message`` header carries it: percent-encoded outside printable ASCII."""
     return "".join(c if " " <= c <= "~" and c != "%" else quote(c, safe="") for c in text)
+
+
+def gateway_reasons(settings: GatewaySettings) -> dict[str, tuple[int, str, float | None]]:
+    """For each error Envoy makes itself: gRPC code, message, and seconds after which a retry
+    may succeed (RetryInfo), or None. Envoy's own wording stays in the access log."""
+    token = f"JWT of issuer {settings.jwt_issuer!r} for audience {settings.jwt_audience!r}"
+    return {
+        "TOKEN_MISSING": (16, f"a bearer token is required (authorization: Bearer <{token}>)", None),
+        "TOKEN_EXPIRED": (16, "the token has expired: sign in again for a new one", None),
+        "TOKEN_NOT_YET_VALID": (16, "the token is not valid yet: check the clock of its issuer", None),
+        "TOKEN_INVALID": (16, f"the token was refused: it must be a {token}, signed by one of its keys", None),
+        "GATEWAY_TIMEOUT": (
+            4,
+            f"the call took longer than the gateway allows ({settings.route_timeout_seconds:g}s)",
+            None,
+        ),
+        "REQUEST_TOO_LARGE": (8, "the request is larger than the gateway accepts", None),
+        "REQUEST_DENIED": (7, "the gateway does not allow this call", None),
+        "REQUEST_REFUSED": (3, "the gateway could not accept the request as sent", None),
+        "SERVICE_UNAVAILABLE": (14, "the service cannot be reached just now: retry shortly", 1.0),
+    }
+
+
+def _status_details(code: int, message: str, reason: str, retry_seconds: float | None = None, **metadata: str) -> str:
+    """``grpc-status-details-bin``: a google.rpc.Status with ErrorInfo (and RetryInfo), base64."""
+    status = status_pb2.Status(code=code, message=message)
+    status.details.add().Pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata))
+    if retry_seconds is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(int(retry_seconds * 1e9))
+        status.details.add().Pack(retry)
+    return base64.b64encode(status.SerializeToString()).decode().rstrip("=")
+
+
+def _grpc_replies_lua(settings: GatewaySettings) -> dict[str, Any]:
+    reasons = ",\n".join(
+        f"    {name} = {{ code = {_lua_string(str(code))}, message = {_lua_string(grpc_message(message))}, "
+        f"details = {_lua_string(_status_details(code, message, name, retry))} }}"
+        for name, (code, message, retry) in gateway_reasons(settings).items()
+    )
+    prelude = "\n".join(
+        ["REPLIES = {", f"  api_prefix = {_lua_string(API_PREFIX)},", f"  reasons = {{\n{reasons}\n  }},", "}", ""]
+    )
+    return _typed(
+        "envoy.extensions.filters.http.lua.v3.Lua",
+        default_source_code={"inline_string": prelude + GRPC_REPLIES_LUA.read_text()},
+    )
 
 
 def _lua_string(value: str) -> str:

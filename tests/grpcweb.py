@@ -39,18 +39,25 @@ class Reply:
     def message(self) -> str:
         return unquote(self._get("grpc-message") or "")
 
-    @property
-    def info(self) -> error_details_pb2.ErrorInfo | None:
+    def _detail(self, kind: type[M]) -> M | None:
         raw = self._get("grpc-status-details-bin")
         if raw is None:
             return None
         status = status_pb2.Status.FromString(base64.b64decode(raw + "=" * (-len(raw) % 4)))
         for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                return info
+            if detail.Is(kind.DESCRIPTOR):
+                found = kind()
+                detail.Unpack(found)
+                return found
         return None
+
+    @property
+    def info(self) -> error_details_pb2.ErrorInfo | None:
+        return self._detail(error_details_pb2.ErrorInfo)
+
+    @property
+    def retry(self) -> error_details_pb2.RetryInfo | None:
+        return self._detail(error_details_pb2.RetryInfo)
 
     def one(self, kind: type[M]) -> M:
         assert self.status == 0, f"gRPC status {self.status}: {self.message}"

@@ -27,7 +27,7 @@ from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 from gateway.config import GatewaySettings
 
 from .grpcweb import Reply, call, frame, parse
-from .support import bearer, expect_error
+from .support import bearer, expect_error, free_port
 from .test_audit_trail import events_for
 
 pytestmark = pytest.mark.stack
@@ -38,7 +38,7 @@ LIST_SITES = "/towerco.sites.v1.SiteService/ListSites"
 GET_SITE = "/towerco.sites.v1.SiteService/GetSite"
 CREATE_SITE = "/towerco.sites.v1.SiteService/CreateSite"
 GET_BRANDING = "/towerco.tenant.v1.TenantRegistryService/GetBranding"
-UNAUTHENTICATED, PERMISSION_DENIED, UNIMPLEMENTED = 16, 7, 12
+UNAUTHENTICATED, PERMISSION_DENIED, UNIMPLEMENTED, DEADLINE_EXCEEDED, UNAVAILABLE = 16, 7, 12, 4, 14
 
 
 @pytest.fixture
@@ -122,7 +122,10 @@ def test_a_missing_or_bad_token_is_unauthenticated_at_the_edge(gateway, pair, to
     }[problem]
     reply = call(gateway.port, host(gateway, tenant_a), LIST_SITES, sites_pb.ListSitesRequest(), token=bad)
     assert reply.status == UNAUTHENTICATED, (reply.status, reply.message)
+    assert reply.http_status == 200, "gRPC-web clients read grpc-status only from an HTTP 200"
     assert reply.message, "a person can read why"
+    expected = {"missing": "TOKEN_MISSING", "expired": "TOKEN_EXPIRED"}.get(problem, "TOKEN_INVALID")
+    assert reply.info is not None and (reply.info.reason, reply.info.domain) == (expected, "gateway.towerco")
     assert reply.messages == []
 
 
@@ -215,6 +218,37 @@ def test_grpc_web_over_http2_is_served_too(gateway, pair, token, tmp_path):
     headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
     reply = parse(200, headers, out.read_bytes())
     assert listed(reply) == ["GW-TA-1", "GW-TA-2"]
+
+
+def test_a_slow_or_missing_upstream_is_deadline_exceeded_or_unavailable(stack, extra_service, new_tenant, token):
+    """Errors Envoy makes itself when a service is slow or gone, as a gRPC-web client sees them."""
+    slow = extra_service("sites", env={"FAULT_POINTS": "sites.analytics@3"})
+    ports = {"GATEWAY_PORT": str(free_port()), "GATEWAY_ADMIN_PORT": str(free_port())}
+    env = {**ports, "SITES_TARGET": slow.target, "GATEWAY_ROUTE_TIMEOUT_SECONDS": "1", "GATEWAY_WEB_DIR": "/none"}
+    settings = stack.start_gateway(extra_env=env, instance="gateway-slow")
+    try:
+        tenant = new_tenant("gws", plan="professional")  # GetSiteAnalytics is in the plan
+        analytics = "/towerco.sites.v1.SiteService/GetSiteAnalytics"
+        started = time.monotonic()
+        reply = call(
+            settings.port, host(settings, tenant), analytics, sites_pb.GetSiteAnalyticsRequest(), token=token(tenant)
+        )
+        assert (reply.http_status, reply.status) == (200, DEADLINE_EXCEEDED), (reply.status, reply.message)
+        assert "1s" in reply.message
+        assert reply.info is not None and reply.info.reason == "GATEWAY_TIMEOUT"
+        assert time.monotonic() - started < 2.5, "the route timeout (1 s) ended the call, not the service's 3 s"
+        slow.process.terminate()
+        slow.process.wait(10)
+        reply = call(
+            settings.port, host(settings, tenant), LIST_SITES, sites_pb.ListSitesRequest(), token=token(tenant)
+        )
+        assert (reply.http_status, reply.status) == (200, UNAVAILABLE), (reply.status, reply.message)
+        assert reply.info is not None and reply.info.reason == "SERVICE_UNAVAILABLE"
+        assert reply.retry is not None and reply.retry.retry_delay.seconds == 1
+    finally:
+        process = stack.processes.pop("gateway-slow")
+        process.terminate()
+        process.wait(10)
 
 
 # CORS

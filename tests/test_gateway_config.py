@@ -76,19 +76,18 @@ def test_upstreams_speak_http2_with_health_checks_and_outlier_detection(tmp_path
     for route in routes:
         if "route" in route:
             assert route["route"]["timeout"] == "15s"
-            assert route["route"]["max_stream_duration"]["grpc_timeout_header_max"]
 
 
 def test_filters_run_in_order_and_the_admin_interface_is_loopback_only(tmp_path):
     config = render(dev_settings(tmp_path))
     filters = [f["name"].rsplit(".", 1)[-1] for f in _listener_manager(config)["http_filters"]]
-    assert filters == ["grpc_web", "cors", "jwt_authn", "lua", "router"]
+    assert filters == ["grpc_web", "cors", "grpc_replies", "jwt_authn", "edge_identity", "router"]
     assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
 
 
 def test_the_token_rule_pins_issuer_and_audience_and_spares_only_public_rpcs(tmp_path):
     config = render(dev_settings(tmp_path))
-    jwt = _listener_manager(config)["http_filters"][2]["typed_config"]
+    jwt = _listener_manager(config)["http_filters"][3]["typed_config"]
     provider = jwt["providers"]["towerco"]
     assert provider["issuer"] == "towerco-dev-issuer" and provider["audiences"] == ["towerco-aiops"]
     assert provider["forward"] is True
@@ -97,7 +96,7 @@ def test_the_token_rule_pins_issuer_and_audience_and_spares_only_public_rpcs(tmp
     assert sorted(unguarded) == sorted(p for api in apis() for p in api.public_paths)
     assert jwt["rules"][-1] == {"match": {"prefix": API_PREFIX}, "requires": {"provider_name": "towerco"}}
     remote = render(deploy_settings())
-    deployed = _listener_manager(remote)["http_filters"][2]["typed_config"]["providers"]["towerco"]
+    deployed = _listener_manager(remote)["http_filters"][3]["typed_config"]["providers"]["towerco"]
     assert "async_fetch" in deployed["remote_jwks"]
     assert "local_jwks" not in deployed
 

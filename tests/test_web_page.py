@@ -114,6 +114,12 @@ def test_the_page_signs_in_themes_itself_and_lists_the_tenants_sites(gateway, br
     assert foreign["siteIds"] == []
     assert foreign["error"] and "denied" in foreign["error"].lower(), foreign
 
+    # A refusal by the gateway itself reads as a gRPC status too, not as a failed HTTP request.
+    expired = browse(browser, url, token(branded, ttl=-120), SCREENSHOTS / "web-page-expired-token.png")
+    assert expired["siteIds"] == []
+    assert expired["error"].startswith("unauthenticated: the token has expired"), expired
+    assert expired["consoleErrors"] == [] and expired["failedRequests"] == [], expired
+
 
 def _get(settings: GatewaySettings, path: str, host: str) -> http.client.HTTPResponse:
     connection = http.client.HTTPConnection("127.0.0.1", settings.port, timeout=10)
