@@ -16,7 +16,6 @@ import base64
 import importlib
 import ipaddress
 import json
-import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +33,8 @@ from services.runtime.settings import (
     DEFAULT_PORTS,
     SettingsError,
     data_dir,
+    env_int,
+    env_str,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -102,19 +103,10 @@ class GatewaySettings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> GatewaySettings:
-        env = os.environ if environ is None else environ
-
         def get(name: str, default: str) -> str:
-            return (env.get(name) or "").strip() or default
+            return env_str(name, default, environ)
 
-        def number(name: str, default: int) -> int:
-            raw = get(name, str(default))
-            try:
-                return int(raw)
-            except ValueError as exc:
-                raise SettingsError(f"{name} must be a whole number, got {raw!r}") from exc
-
-        port = number("GATEWAY_PORT", 8080)
+        port = env_int("GATEWAY_PORT", 8080, environ)
         base_domain = get("BASE_DOMAIN", "localhost").lower().strip(".")
         jwks_url = get("JWT_JWKS_URL", "")
         keys = Path(get("DATA_DIR", str(data_dir()))) / "keys"
@@ -124,19 +116,19 @@ class GatewaySettings:
         return cls(
             bind_host=get("GATEWAY_BIND_HOST", "127.0.0.1"),
             port=port,
-            admin_port=number("GATEWAY_ADMIN_PORT", 9901),
+            admin_port=env_int("GATEWAY_ADMIN_PORT", 9901, environ),
             base_domain=base_domain,
             cors_origins=tuple(o.strip() for o in origins.split(",") if o.strip()),
             jwt_issuer=get("JWT_ISSUER", DEFAULT_JWT_ISSUER),
             jwt_audience=get("JWT_AUDIENCE", DEFAULT_JWT_AUDIENCE),
             jwt_jwks_file=jwks_file,
             jwt_jwks_url=jwks_url,
-            jwt_clock_skew_seconds=number("JWT_LEEWAY_SECONDS", 30),
+            jwt_clock_skew_seconds=env_int("JWT_LEEWAY_SECONDS", 30, environ),
             targets={
-                name: get(f"{name.upper()}_TARGET", f"127.0.0.1:{get(f'{name.upper()}_PORT', str(default))}")
+                name: get(f"{name.upper()}_TARGET", f"127.0.0.1:{env_int(f'{name.upper()}_PORT', default, environ)}")
                 for name, default in DEFAULT_PORTS.items()
             },
-            route_timeout_seconds=float(number("GATEWAY_ROUTE_TIMEOUT_SECONDS", 15)),
+            route_timeout_seconds=float(env_int("GATEWAY_ROUTE_TIMEOUT_SECONDS", 15, environ)),
             web_dir=Path(web) if (Path(web) / "index.html").is_file() else None,
         )
 

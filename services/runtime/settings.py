@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -24,13 +24,22 @@ DEFAULT_SERVICE_JWT_ISSUER = "towerco-services"
 DEV_SERVICE_KEY_ID = "towerco-service-dev-1"
 
 
-def _env(name: str, default: str) -> str:
-    value = os.environ.get(name, "").strip()
+def env_str(name: str, default: str, environ: Mapping[str, str] | None = None) -> str:
+    """``name`` from ``environ`` (the process environment by default), stripped; ``default`` if empty."""
+    value = (os.environ if environ is None else environ).get(name, "").strip()
     return value or default
 
 
-def _env_number(name: str, default: N, parse: Callable[[str], N]) -> N:
-    raw = os.environ.get(name, "").strip()
+def env_int(name: str, default: int, environ: Mapping[str, str] | None = None) -> int:
+    return _env_number(name, default, int, environ)
+
+
+def _env(name: str, default: str) -> str:
+    return env_str(name, default)
+
+
+def _env_number(name: str, default: N, parse: Callable[[str], N], environ: Mapping[str, str] | None = None) -> N:
+    raw = env_str(name, "", environ)
     if not raw:
         return default
     try:
@@ -40,7 +49,7 @@ def _env_number(name: str, default: N, parse: Callable[[str], N]) -> N:
 
 
 def _env_int(name: str, default: int) -> int:
-    return _env_number(name, default, int)
+    return env_int(name, default)
 
 
 def _env_float(name: str, default: float) -> float:
