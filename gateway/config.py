@@ -43,8 +43,6 @@ EDGE_LUA = HERE / "edge.lua"
 GRPC_REPLIES_LUA = HERE / "grpc_replies.lua"
 #: The built browser frontend (``make web``), served by the gateway at ``/``.
 WEB_DIST = HERE / "web" / "dist"
-#: Services in start order; each is ``services.<name>`` with a ``SPEC``.
-SERVICES = ("tenant", "sites", "features", "audit")
 
 ERROR_DOMAIN = "gateway.towerco"
 #: Headers only the gateway (or a service, on an internal call) may set. A client's copy
@@ -94,7 +92,7 @@ class GatewaySettings:
     jwt_clock_skew_seconds: int = 30
     #: ``host:port`` of each service.
     targets: Mapping[str, str] = field(default_factory=dict)
-    #: Upper bound of one API call through the gateway; a shorter ``grpc-timeout`` wins.
+    #: Upper bound of one API call through the gateway (then DEADLINE_EXCEEDED).
     route_timeout_seconds: float = 15.0
     #: Connections the listener holds at once before refusing more.
     max_connections: int = 10000
@@ -138,7 +136,7 @@ class GatewaySettings:
 
 def served_services() -> dict[str, tuple[ServiceDescriptor, ...]]:
     """The gRPC services each platform service serves, from its ``SPEC``."""
-    return {name: importlib.import_module(f"services.{name}.__main__").SPEC.services for name in SERVICES}
+    return {name: importlib.import_module(f"services.{name}.__main__").SPEC.services for name in DEFAULT_PORTS}
 
 
 @dataclass(frozen=True)
