@@ -112,9 +112,7 @@ def gateway(stack: Stack) -> Iterator[GatewaySettings]:
     with (OUTPUT / "logs" / "gateway.log").open("ab") as log:
         settings = stack.start_gateway(log=log)
         yield settings
-        process = stack.processes.pop("gateway")
-        process.terminate()
-        process.wait(10)
+        stack.stop("gateway")
 
 
 @pytest.fixture(scope="session")

@@ -246,9 +246,7 @@ def test_a_slow_or_missing_upstream_is_deadline_exceeded_or_unavailable(stack, e
         assert reply.info is not None and reply.info.reason == "SERVICE_UNAVAILABLE"
         assert reply.retry is not None and reply.retry.retry_delay.seconds == 1
     finally:
-        process = stack.processes.pop("gateway-slow")
-        process.terminate()
-        process.wait(10)
+        stack.stop("gateway-slow")
 
 
 # CORS

@@ -48,13 +48,18 @@ def _missing_for_browser() -> str | None:
     return None
 
 
+def _lacking(reason: str) -> None:
+    """Skip, saying what the machine lacks; in CI, which installs all of it, fail instead."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI installs what this test needs, yet: {reason}")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def browser() -> Path:
     reason = _missing_for_browser()
     if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI installs what the browser test needs, yet: {reason}")
-        pytest.skip(reason)
+        _lacking(reason)
     return CHROMIUM
 
 
@@ -132,9 +137,7 @@ def _get(settings: GatewaySettings, path: str, host: str) -> http.client.HTTPRes
 
 def test_the_gateway_serves_the_page_with_a_strict_content_policy(gateway):
     if gateway.web_dir is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI builds the web page (make web), yet the gateway found none")
-        pytest.skip("the web page is not built: `make web` needs npm (Node.js)")
+        _lacking("the web page is not built: `make web` needs npm (Node.js)")
     page = _get(gateway, "/", f"tenant_a.localhost:{gateway.port}")
     assert page.status == 200
     assert page.getheader("content-type") == "text/html; charset=utf-8"

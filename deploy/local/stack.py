@@ -190,6 +190,16 @@ class Stack:
         wait_ready(process, settings)
         return settings
 
+    def stop(self, instance: str, timeout: float = 15.0) -> None:
+        """Stop one process this stack started (a service instance or the gateway)."""
+        process = self.processes.pop(instance)
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
     def stop_services(self, timeout: float = 15.0) -> None:
         for process in self.processes.values():
             if process.poll() is None:
