@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from typing import Any
 
 import asyncpg
 import grpc
 import pytest
 from google.protobuf import timestamp_pb2
+from towerco.audit.v1 import audit_log_service_pb2 as audit_pb
 from towerco.features.v1 import feature_gate_service_pb2 as pb
+from towerco.sites.v1 import sites_service_pb2 as sites_pb
 from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 
 from services.runtime.plans import LIMITS, load_plans
@@ -193,6 +196,107 @@ def test_setting_the_same_plan_again_changes_nothing_and_records_nothing(
     assert asyncio.run(version_and_events()) == (2, 1)
 
 
+# --- clearing overrides --------------------------------------------------------------------
+
+
+def version_and_actions(admin_dsn: str, tenant: str) -> tuple[int, Counter[str]]:
+    """The tenant's record version and its audit events by action, waiting in the outbox or delivered."""
+
+    async def read() -> tuple[int, Counter[str]]:
+        conn = await asyncpg.connect(admin_dsn)
+        try:
+            # One snapshot: an event the relay moves meanwhile is counted once, not twice or never.
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                version = await conn.fetchval("SELECT version FROM features.tenant_plans WHERE tenant_id = $1", tenant)
+                outbox = await conn.fetch("SELECT event FROM features.audit_outbox WHERE tenant_id = $1", tenant)
+                logged = await conn.fetch("SELECT action FROM audit.events WHERE tenant_id = $1", tenant)
+        finally:
+            await conn.close()
+        actions = Counter(audit_pb.AuditEvent.FromString(r["event"]).action for r in outbox)
+        actions.update(r["action"] for r in logged)
+        return version, actions
+
+    return asyncio.run(read())
+
+
+def test_clearing_overrides_gives_the_plan_back_once_and_is_audited_once(
+    features, new_tenant, token, platform_token, admin_dsn
+):
+    tenant = new_tenant(plan="basic")
+    md, admin = bearer(token(tenant)), bearer(platform_token)
+    basic = PLANS.get("basic")
+    assert basic is not None
+    plain = entitlements(features, md)
+    features.SetFeatureOverride(
+        pb.SetFeatureOverrideRequest(
+            tenant_id=tenant, feature="advanced_analytics", enabled=True, expire_time=in_seconds(3600)
+        ),
+        metadata=admin,
+        timeout=10,
+    )
+    features.SetLimitOverride(
+        pb.SetLimitOverrideRequest(tenant_id=tenant, resource="max_sites", limit=3), metadata=admin, timeout=10
+    )
+    assert has_feature(features, md, "advanced_analytics") == (True, "OVERRIDE_GRANTED")
+
+    clear_feature = pb.ClearFeatureOverrideRequest(tenant_id=tenant, feature="advanced_analytics")
+    cleared = features.ClearFeatureOverride(clear_feature, metadata=admin, timeout=10)
+    assert "advanced_analytics" not in cleared.features
+    assert cleared.limits["max_sites"] == 3  # the other override stays
+    assert has_feature(features, md, "advanced_analytics") == (False, "NOT_IN_PLAN")
+
+    clear_limit = pb.ClearLimitOverrideRequest(tenant_id=tenant, resource="max_sites")
+    cleared = features.ClearLimitOverride(clear_limit, metadata=admin, timeout=10)
+    assert cleared == plain
+    assert cleared.limits["max_sites"] == basic.limits["max_sites"]
+    assert entitlements(features, md) == plain
+
+    # Clearing again, or clearing what was never set, succeeds and changes nothing.
+    assert features.ClearFeatureOverride(clear_feature, metadata=admin, timeout=10) == plain
+    assert features.ClearLimitOverride(clear_limit, metadata=admin, timeout=10) == plain
+    never_set = pb.ClearFeatureOverrideRequest(tenant_id=tenant, feature="sso")
+    assert features.ClearFeatureOverride(never_set, metadata=admin, timeout=10) == plain
+
+    version, actions = version_and_actions(admin_dsn, tenant)
+    assert version == 5  # registered, 2 sets, 2 clears; the no-op clears bumped nothing
+    assert actions["features.clear_feature_override"] == 1
+    assert actions["features.clear_limit_override"] == 1
+
+
+def test_a_withholding_override_says_so_and_clearing_it_reaches_the_sites_service(
+    sites, features, new_tenant, token, platform_token, eventually
+):
+    tenant = new_tenant(plan="enterprise")
+    md, admin = bearer(token(tenant)), bearer(platform_token)
+    analytics = sites_pb.GetSiteAnalyticsRequest()
+    sites.GetSiteAnalytics(analytics, metadata=md, timeout=10)  # the plan includes it
+    features.SetFeatureOverride(
+        pb.SetFeatureOverrideRequest(tenant_id=tenant, feature="advanced_analytics", enabled=False),
+        metadata=admin,
+        timeout=10,
+    )
+
+    def refused() -> Any:
+        error = expect_error(sites.GetSiteAnalytics, analytics, metadata=md)
+        assert (error.code, error.reason) == (grpc.StatusCode.PERMISSION_DENIED, "FEATURE_WITHHELD_BY_OVERRIDE"), error
+        return error
+
+    error = eventually(refused, within=5)
+    assert error.info is not None
+    assert dict(error.info.metadata) == {
+        "feature": "advanced_analytics",
+        "plan": "enterprise",
+        "decided_by": "OVERRIDE_WITHHELD",
+    }
+    # An enterprise tenant is not told to upgrade: only the platform operator can lift it.
+    assert "override" in error.message and "upgrade" not in error.message, error.message
+
+    features.ClearFeatureOverride(
+        pb.ClearFeatureOverrideRequest(tenant_id=tenant, feature="advanced_analytics"), metadata=admin, timeout=10
+    )
+    eventually(lambda: sites.GetSiteAnalytics(analytics, metadata=md, timeout=10), within=5)
+
+
 # --- the registry shows the feature gate's plan ------------------------------------------
 
 
@@ -242,6 +346,10 @@ def test_bad_reads_name_the_field(features, token, tenant_pair, method, request_
             lambda t: pb.SetLimitOverrideRequest(tenant_id=t, resource="max_sites", limit=-2),
             "limit",
         ),
+        ("ClearFeatureOverride", lambda t: pb.ClearFeatureOverrideRequest(feature="sso"), "tenant_id"),
+        ("ClearFeatureOverride", lambda t: pb.ClearFeatureOverrideRequest(tenant_id=t, feature="x y"), "feature"),
+        ("ClearLimitOverride", lambda t: pb.ClearLimitOverrideRequest(resource="max_sites"), "tenant_id"),
+        ("ClearLimitOverride", lambda t: pb.ClearLimitOverrideRequest(tenant_id=t, resource="cpu"), "resource"),
     ],
 )
 def test_bad_changes_name_the_field_and_change_nothing(
@@ -260,6 +368,8 @@ def test_an_unknown_tenant_is_not_found(features, platform_token):
         (features.GetEntitlements, pb.GetEntitlementsRequest(tenant_id="nobody_here")),
         (features.SetTenantPlan, pb.SetTenantPlanRequest(tenant_id="nobody_here", plan="basic")),
         (features.SetLimitOverride, pb.SetLimitOverrideRequest(tenant_id="nobody_here", resource="max_sites")),
+        (features.ClearFeatureOverride, pb.ClearFeatureOverrideRequest(tenant_id="nobody_here", feature="sso")),
+        (features.ClearLimitOverride, pb.ClearLimitOverrideRequest(tenant_id="nobody_here", resource="max_sites")),
     ):
         error = expect_error(fn, request, metadata=bearer(platform_token))
         assert (error.code, error.reason) == (grpc.StatusCode.NOT_FOUND, "TENANT_NOT_FOUND"), error
@@ -276,6 +386,8 @@ def test_only_platform_admins_change_entitlements(features, token, tenant_pair):
         (features.SetTenantPlan, pb.SetTenantPlanRequest(tenant_id=tenant, plan="enterprise")),
         (features.SetFeatureOverride, pb.SetFeatureOverrideRequest(tenant_id=tenant, feature="sso", enabled=True)),
         (features.SetLimitOverride, pb.SetLimitOverrideRequest(tenant_id=tenant, resource="max_sites", limit=-1)),
+        (features.ClearFeatureOverride, pb.ClearFeatureOverrideRequest(tenant_id=tenant, feature="sso")),
+        (features.ClearLimitOverride, pb.ClearLimitOverrideRequest(tenant_id=tenant, resource="max_sites")),
     ):
         error = expect_error(fn, request, metadata=md)
         assert (error.code, error.reason) == (grpc.StatusCode.PERMISSION_DENIED, "PLATFORM_ADMIN_REQUIRED"), error
@@ -305,6 +417,8 @@ def test_tenant_b_can_neither_read_nor_set_tenant_a_entitlements(features, token
         (features.SetTenantPlan, pb.SetTenantPlanRequest(tenant_id=a, plan="basic")),
         (features.SetFeatureOverride, pb.SetFeatureOverrideRequest(tenant_id=a, feature="sso", enabled=False)),
         (features.SetLimitOverride, pb.SetLimitOverrideRequest(tenant_id=a, resource="max_sites", limit=0)),
+        (features.ClearFeatureOverride, pb.ClearFeatureOverrideRequest(tenant_id=a, feature="sso")),
+        (features.ClearLimitOverride, pb.ClearLimitOverrideRequest(tenant_id=a, resource="max_sites")),
     ):
         error = expect_error(fn, change, metadata=b_manager)
         assert error.code == grpc.StatusCode.PERMISSION_DENIED, error

@@ -46,3 +46,14 @@ INSERT INTO features.limit_overrides (tenant_id, resource, limit_value) VALUES (
 ON CONFLICT (tenant_id, resource) DO UPDATE
 SET limit_value = EXCLUDED.limit_value, update_time = now()
 """
+
+#: Remove one override each; they return the removed value, or no row when there was none.
+DELETE_FEATURE_OVERRIDE = """
+DELETE FROM features.feature_overrides WHERE tenant_id = $1 AND feature = $2
+RETURNING enabled, expire_time
+"""
+
+DELETE_LIMIT_OVERRIDE = """
+DELETE FROM features.limit_overrides WHERE tenant_id = $1 AND resource = $2
+RETURNING limit_value
+"""

@@ -125,6 +125,39 @@ class FeatureGateServicer(pb_grpc.FeatureGateServiceServicer):
 
         return await self._change(tenant_id, "features.set_limit_override", change)
 
+    async def ClearFeatureOverride(self, request: pb.ClearFeatureOverrideRequest, ctx: Ctx) -> pb.Entitlements:
+        require_platform_admin()
+        tenant_id = target_tenant(request.tenant_id, required=True)
+        _check_feature(request.feature)
+
+        async def change(conn: Conn, current_plan: str) -> dict[str, Any] | None:
+            removed = await conn.fetchrow(queries.DELETE_FEATURE_OVERRIDE, tenant_id, request.feature)
+            if removed is None:
+                return None
+            expire = removed["expire_time"]
+            return {
+                "feature": request.feature,
+                "previous_enabled": removed["enabled"],
+                "previous_expire_time": expire.isoformat() if expire else "",
+            }
+
+        return await self._change(tenant_id, "features.clear_feature_override", change)
+
+    async def ClearLimitOverride(self, request: pb.ClearLimitOverrideRequest, ctx: Ctx) -> pb.Entitlements:
+        require_platform_admin()
+        tenant_id = target_tenant(request.tenant_id, required=True)
+        v = Violations()
+        _check_resource(v, request.resource)
+        v.raise_if_any()
+
+        async def change(conn: Conn, current_plan: str) -> dict[str, Any] | None:
+            removed = await conn.fetchval(queries.DELETE_LIMIT_OVERRIDE, tenant_id, request.resource)
+            if removed is None:
+                return None
+            return {"resource": request.resource, "previous_limit": removed}
+
+        return await self._change(tenant_id, "features.clear_limit_override", change)
+
     # Shared
 
     async def _known_plan(self, tenant_id: str) -> str:

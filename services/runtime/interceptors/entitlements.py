@@ -24,7 +24,8 @@ from .base import Behavior, Metadata, PolicyInterceptor
 
 
 class EntitlementsInterceptor(PolicyInterceptor):
-    """PERMISSION_DENIED (FEATURE_NOT_IN_PLAN) without the method's feature; binds the bulkhead limit."""
+    """PERMISSION_DENIED without the method's feature (FEATURE_NOT_IN_PLAN, or
+    FEATURE_WITHHELD_BY_OVERRIDE); binds the bulkhead limit."""
 
     def __init__(self, policies: PolicyTable, directory: EntitlementDirectory) -> None:
         super().__init__(policies)
@@ -51,18 +52,28 @@ class EntitlementsInterceptor(PolicyInterceptor):
             if policy.feature:
                 enabled, why = found.feature(policy.feature)
                 if not enabled:
-                    raise permission_denied(
-                        f"tenant {tenant_id!r} is on plan {found.plan!r}, which does not include "
-                        f"{policy.feature!r}; upgrade the plan or ask the platform operator",
-                        "FEATURE_NOT_IN_PLAN",
-                        feature=policy.feature,
-                        plan=found.plan,
-                        decided_by=why,
-                    )
+                    raise _feature_refused(tenant_id, found.plan, policy.feature, why)
             with entitlements.bound(found), bulkhead.limited(found.limit("db_concurrency")):
                 return await inner(request, ctx)
 
         return behavior
+
+
+def _feature_refused(tenant_id: str, plan: str, feature: str, why: str) -> ServiceError:
+    """The refusal says who can lift it: a larger plan, or only the platform's operator."""
+    if why == entitlements.OVERRIDE_WITHHELD:
+        message = (
+            f"{feature!r} is withheld from tenant {tenant_id!r} by an override a platform admin set, "
+            f"whatever its plan ({plan!r}); ask the platform operator to clear it"
+        )
+        reason = "FEATURE_WITHHELD_BY_OVERRIDE"
+    else:
+        message = (
+            f"tenant {tenant_id!r} is on plan {plan!r}, which does not include {feature!r}; "
+            "upgrade the plan or ask the platform operator"
+        )
+        reason = "FEATURE_NOT_IN_PLAN"
+    return permission_denied(message, reason, feature=feature, plan=plan, decided_by=why)
 
 
 class RateLimitInterceptor(PolicyInterceptor):
