@@ -727,3 +727,14 @@ def test_canonical_encoding_is_rfc8785():
     assert canonical_json({"s": '€$\x0f\nA\'B"\\\\"/', "t": True, "n": None}) == (
         '{"n":null,"s":"€$\\u000f\\nA\'B\\"\\\\\\\\\\"/","t":true}'
     )
+
+
+def test_integral_doubles_beyond_2_53_still_verify(writer, reader, logs):
+    # PostgreSQL gives 1e21 and 2^60 back as integers, which RFC 8785 refuses beyond 2^53:
+    # the chain hashes them as the doubles they were written as.
+    tenant = logs[0].tenant
+    details = {"big": 1e21, "pow": float(2**60), "neg": -(2.0**70), "small": 1e-7}
+    assert writer.write([event(tenant, resource="sites/BIG-1", details=details)]) == 1
+    (stored_event,) = reader(tenant).all(resource="sites/BIG-1")
+    assert json_format.MessageToDict(stored_event.details) == details
+    assert reader(tenant).verify() == pb.VerifyChainResponse(valid=True, events_checked=logs[0].base + 1)

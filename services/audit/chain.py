@@ -4,7 +4,10 @@
 exactly these members, serialized by the JSON Canonicalization Scheme (RFC 8785, "JCS"):
 members sorted by key, no whitespace, strings in UTF-8 with only ``"``, ``\\`` and control
 characters escaped, numbers as ECMAScript prints a double (``1``, ``0.5``, ``1e+21``,
-``1e-7``), so that any JCS library in any language reproduces the bytes:
+``1e-7``), so that any JCS library in any language reproduces the bytes. The encoding is
+the ``rfc8785`` package's; like RFC 8785 it refuses what JSON cannot carry exactly (an
+integer beyond ±(2^53 - 1), a lone surrogate, NaN, an infinity), and such an event is
+refused at write time instead of being hashed as something else:
 
 =============== =========================================================================
 ``action``      as stored
@@ -12,7 +15,8 @@ characters escaped, numbers as ECMAScript prints a double (``1``, ``0.5``, ``1e+
                 ``2025-01-31T09:15:00.250000Z`` (the database keeps microseconds; a
                 caller's nanoseconds are truncated before the event is hashed)
 ``details``     the ``details`` Struct as a JSON object (``{}`` when unset); its numbers
-                are doubles, as protobuf defines them
+                are doubles, as protobuf defines them (an integral one read back from
+                the database is hashed as the double it was written as)
 ``event_id``    lower-case hyphenated UUID
 ``ip_address``  as stored (the normalized text form of the address, or ``""``)
 ``outcome``     as stored
@@ -40,13 +44,13 @@ that nothing after it was changed, not what was purged before it.
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
+
+import rfc8785
 
 #: The event's members in the canonical encoding (everything but ``hash``).
 HASHED_FIELDS = (
@@ -66,7 +70,7 @@ HASHED_FIELDS = (
 
 
 class CanonicalEncodingError(ValueError):
-    """A value JSON cannot carry exactly (NaN, an infinity, a non-string key)."""
+    """A value JSON cannot carry exactly (NaN, an infinity, an integer beyond 2^53, a lone surrogate)."""
 
 
 def rfc3339(moment: datetime) -> str:
@@ -76,66 +80,39 @@ def rfc3339(moment: datetime) -> str:
 
 
 def canonical_json(value: Any) -> str:
-    """``value`` serialized by RFC 8785 (JCS)."""
-    parts: list[str] = []
-    _write(value, parts)
-    return "".join(parts)
+    """``value`` serialized by RFC 8785 (JCS); CanonicalEncodingError for what JCS refuses."""
+    try:
+        return rfc8785.dumps(value).decode("utf-8")
+    except rfc8785.CanonicalizationError as exc:
+        raise CanonicalEncodingError(str(exc)) from None
+    except UnicodeEncodeError:  # rfc8785 sorts keys by UTF-16 before it checks them
+        raise CanonicalEncodingError("input contains non-UTF-8 codepoints (a lone surrogate)") from None
 
 
-def _write(value: Any, out: list[str]) -> None:
-    if value is None or isinstance(value, bool):
-        out.append("null" if value is None else "true" if value else "false")
-    elif isinstance(value, int | float):
-        out.append(_number(float(value)))
-    elif isinstance(value, str):
-        out.append(json.dumps(value, ensure_ascii=False))  # escapes exactly what JCS escapes
-    elif isinstance(value, Mapping):
-        if not all(isinstance(key, str) for key in value):
-            raise CanonicalEncodingError("object keys must be strings")
-        out.append("{")
-        # JCS orders members by the UTF-16 code units of their keys.
-        for i, key in enumerate(sorted(value, key=lambda k: k.encode("utf-16-be"))):
-            if i:
-                out.append(",")
-            out.append(json.dumps(key, ensure_ascii=False))
-            out.append(":")
-            _write(value[key], out)
-        out.append("}")
-    elif isinstance(value, Sequence):
-        out.append("[")
-        for i, item in enumerate(value):
-            if i:
-                out.append(",")
-            _write(item, out)
-        out.append("]")
-    else:
-        raise CanonicalEncodingError(f"not a JSON value: {type(value).__name__}")
+def as_doubles(value: Any) -> Any:
+    """``value`` with every integer made the double it stands for (a Struct's numbers are doubles).
 
-
-def _number(x: float) -> str:
-    """A double as ECMAScript's Number.prototype.toString prints it (RFC 8785 section 3.2.2.3)."""
-    if not math.isfinite(x):
-        raise CanonicalEncodingError("numbers must be finite")
-    if x == 0:
-        return "0"  # -0 as well
-    if x < 0:
-        return "-" + _number(-x)
-    # repr gives the shortest digits that round-trip, as ECMAScript requires.
-    _, digit_tuple, exponent = Decimal(repr(x)).normalize().as_tuple()
-    assert isinstance(exponent, int)
-    digits = "".join(map(str, digit_tuple))
-    k = len(digits)
-    n = exponent + k  # the value is 0.<digits> x 10^n
-    if k <= n <= 21:
-        return digits + "0" * (n - k)
-    if 0 < n <= 21:
-        return digits[:n] + "." + digits[n:]
-    if -6 < n <= 0:
-        return "0." + "0" * -n + digits
-    e = n - 1
-    sign = "+" if e >= 0 else "-"
-    mantissa = digits if k == 1 else digits[0] + "." + digits[1:]
-    return f"{mantissa}e{sign}{abs(e)}"
+    The database keeps a double's JSON text as a decimal and gives an integral one back as
+    an integer (``1e+21`` as ``1000000000000000000000``, ``2^60`` as ``1152921504606847000``),
+    which JCS refuses beyond 2^53; as the double it denotes it encodes exactly as it did
+    when the event was hashed. An integer that is neither a double's exact value nor how
+    one prints (2^53 + 1) was never one, and is refused rather than rounded to a neighbour.
+    """
+    if isinstance(value, bool) or value is None or isinstance(value, float | str):
+        return value
+    if isinstance(value, int):
+        try:
+            double = float(value)
+        except OverflowError:
+            raise CanonicalEncodingError(f"{value} is beyond the range of a JSON number (a double)") from None
+        if double != value and Decimal(canonical_json(double)) != value:
+            raise CanonicalEncodingError(f"{value} is not exactly a JSON number (a double); it would be rounded")
+        return double
+    if isinstance(value, Mapping):
+        return {key: as_doubles(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [as_doubles(item) for item in value]
+    raise CanonicalEncodingError(f"not a JSON value: {type(value).__name__}")
 
 
 @dataclass(frozen=True)
@@ -159,6 +136,7 @@ class ChainedEvent:
     def canonical(self) -> str:
         members = {name: getattr(self, name) for name in HASHED_FIELDS}
         members["create_time"] = rfc3339(self.create_time)
+        members["details"] = as_doubles(self.details)
         return canonical_json(members)
 
     def compute_hash(self) -> str:
