@@ -29,6 +29,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Generated code is never edited by hand: it is rebuilt from protos/ into gen/ (git-ignored).
+# gen/towerco.protoset is what grpcurl reads through the gateway (no server reflection
+# there): every proto with its imports, plus google/rpc/error_details.proto from
+# googleapis-common-protos so ErrorInfo, BadRequest and RetryInfo come out decoded.
+GOOGLE_RPC_PROTOS = $(shell $(PY) -c 'import google.rpc.error_details_pb2 as m, pathlib; print(pathlib.Path(m.__file__).parents[2])')
 $(GEN_STAMP): $(STAMP) $(PROTOS)
 	rm -rf $(GEN) && mkdir -p $(GEN)
 	$(PY) -m grpc_tools.protoc -I protos \
@@ -36,6 +40,8 @@ $(GEN_STAMP): $(STAMP) $(PROTOS)
 		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
 		--python_out=$(GEN) --mypy_out=$(GEN) \
 		--grpc_python_out=$(GEN) --mypy_grpc_out=$(GEN) $(PROTOS)
+	$(PY) -m grpc_tools.protoc -I protos -I $(GOOGLE_RPC_PROTOS) --include_imports \
+		--descriptor_set_out=$(GEN)/towerco.protoset $(PROTOS) google/rpc/error_details.proto
 	find $(GEN) -mindepth 1 -type d -exec touch {}/__init__.py \;
 	touch $@
 

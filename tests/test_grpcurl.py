@@ -1,12 +1,16 @@
 """The sites service as an operator sees it with the real ``grpcurl`` binary.
 
 Server reflection must describe the API, and JSON in / JSON out must work with a bearer
-token, so the service can be explored and scripted without the .proto files.
+token, so the service can be explored and scripted without the .proto files. Through the
+gateway (no reflection there) the README's own commands are run as pasted, with only the
+ports, tenant and tokens of the test stack put in.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -17,8 +21,12 @@ from typing import Any
 import pytest
 from towerco.sites.v1 import sites_service_pb2 as pb
 
+from deploy.local.grpcurl import GATEWAY_FLAGS
+from services.runtime.settings import DEFAULT_PORTS
+
 from .support import bearer
 
+REPO = Path(__file__).resolve().parents[1]
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 SERVICE = "towerco.sites.v1.SiteService"
 #: grpcurl exits with 64 + the gRPC status code when the call fails.
@@ -192,3 +200,68 @@ def test_error_details_are_shown(grpcurl: Grpcurl, token: Callable[..., str], te
     assert "Code: NotFound" in missing.stderr
     assert "SITE_NOT_FOUND" in missing.stderr
     assert grpcurl.call("ListSites", {}, jwt) == {}  # nothing was written
+
+
+# --- the README's commands, through the gateway -------------------------------------------
+
+README_GATEWAY = "127.0.0.1:8080"
+
+
+def readme_commands(after: str) -> list[str]:
+    """The ``$GRPCURL`` commands of the README's first ``sh`` block after the text ``after``."""
+    text = (REPO / "README.md").read_text()
+    start = text.index(after)
+    block = re.search(r"```sh\n(.*?)```", text[start:], re.S)
+    assert block is not None, f"no sh block after {after!r} in README.md"
+    joined = block.group(1).replace("\\\n", " ")
+    return [line.strip() for line in joined.splitlines() if line.strip().startswith("$GRPCURL")]
+
+
+@dataclass
+class Readme:
+    """Runs README commands in a shell, from the repository root, against the test stack."""
+
+    ports: dict[str, str]
+    tenant: str
+    env: dict[str, str]
+
+    def run(self, command: str) -> subprocess.CompletedProcess[str]:
+        command = command.replace("tenant_a", self.tenant)
+        for readme_address, address in self.ports.items():
+            command = command.replace(readme_address, address)
+        return subprocess.run(
+            ["bash", "-c", command], cwd=REPO, env=self.env, capture_output=True, text=True, timeout=60, check=False
+        )
+
+
+@pytest.fixture
+def readme(
+    stack: Any, gateway: Any, new_tenant: Callable[..., str], token: Callable[..., str], platform_token: str
+) -> Readme:
+    tenant = new_tenant(plan="enterprise")  # tenant_a's plan in the demo data
+    ports = {README_GATEWAY: f"127.0.0.1:{gateway.port}"}
+    ports.update({f"127.0.0.1:{DEFAULT_PORTS[n]}": f"127.0.0.1:{stack.config.ports[n]}" for n in DEFAULT_PORTS})
+    env = {**os.environ, "GRPCURL": str(GRPCURL), "TOKEN": token(tenant), "ADMIN": platform_token}
+    return Readme(ports, tenant, env)
+
+
+def test_readme_gateway_examples_use_the_protoset_flags() -> None:
+    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    through_gateway = [line for line in text.splitlines() if "$GRPCURL" in line and README_GATEWAY in line]
+    assert len(through_gateway) >= 2, through_gateway
+    for line in through_gateway:
+        assert f"$GRPCURL {' '.join(GATEWAY_FLAGS)} " in line, line
+    assert (REPO / GATEWAY_FLAGS[-1]).is_file(), "make proto builds the descriptor set the README names"
+
+
+def test_readme_gateway_error_shows_the_decoded_error_info(readme: Readme) -> None:
+    listed, missing = readme_commands("In another terminal, through the gateway")[:2]
+    result = readme.run(listed)
+    assert result.returncode == 0, result.stderr
+    assert "sites" not in json.loads(result.stdout or "{}")  # a fresh tenant has none
+    result = readme.run(missing)
+    assert result.returncode == NOT_FOUND_EXIT, (result.returncode, result.stderr)
+    details = result.stderr.replace(" ", "")
+    assert "isnotrecognized" not in details, result.stderr
+    assert '"@type":"type.googleapis.com/google.rpc.ErrorInfo"' in details, result.stderr
+    assert '"reason":"SITE_NOT_FOUND"' in details, result.stderr

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from deploy.local.grpcurl import PROTOSET
+
 from .support import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,10 +152,11 @@ def test_make_run_from_fresh_clone_survives_restart(checkout: Path) -> None:
 
         # The same API through the gateway, the tenant taken from the subdomain.
         edge = f"127.0.0.1:{ports['GATEWAY']}"
-        proto = ["-import-path", str(checkout / "protos"), "-proto", "towerco/sites/v1/sites_service.proto"]
+        # With the descriptor set make proto built, as the README and the banner give it.
         via_gateway = _grpcurl(
             checkout,
-            *proto,
+            "-protoset",
+            str(checkout / PROTOSET),
             "-authority",
             "tenant_a.localhost",
             "-d",

@@ -13,6 +13,7 @@ from pathlib import Path
 from gateway.config import GatewaySettings
 from services.runtime.settings import data_dir
 
+from .grpcurl import GATEWAY_FLAGS
 from .seed import seed_sites, seed_tenants
 from .stack import Stack, StackConfig, available_services
 from .tokens import ensure_keys, mint
@@ -97,6 +98,7 @@ def _banner(stack: Stack, names: list[str], seeded: int, gateway: GatewaySetting
     tenant = stack.config.ports.get("tenant", 50051)
     features = stack.config.ports.get("features", 50053)
     edge = f"127.0.0.1:{gateway.port}"
+    via_gateway = " ".join(GATEWAY_FLAGS)
     page = f"http://tenant_a.{gateway.base_domain}:{gateway.port}/"
     lines = [
         "",
@@ -110,10 +112,10 @@ def _banner(stack: Stack, names: list[str], seeded: int, gateway: GatewaySetting
         "",
         "Try it through the gateway (the tenant is the subdomain):",
         "  TOKEN=$(make -s token TENANT=tenant_a)",
-        f"  {grpcurl} -plaintext -import-path protos -proto towerco/sites/v1/sites_service.proto \\",
+        f"  {grpcurl} {via_gateway} \\",
         f'      -authority tenant_a.{gateway.base_domain} -H "authorization: Bearer $TOKEN" \\',
         f"      -d '{{\"page_size\": 2}}' {edge} towerco.sites.v1.SiteService/ListSites",
-        f"  {grpcurl} -plaintext -import-path protos -proto towerco/tenant/v1/tenant_registry_service.proto \\",
+        f"  {grpcurl} {via_gateway} \\",
         f'      -authority tenant_a.{gateway.base_domain} -d \'{{"host": "tenant_a.{gateway.base_domain}"}}\' \\',
         f"      {edge} towerco.tenant.v1.TenantRegistryService/GetBranding",
         "",
