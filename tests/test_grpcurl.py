@@ -34,6 +34,7 @@ STATUS_EXIT_OFFSET = 64
 UNAUTHENTICATED_EXIT = STATUS_EXIT_OFFSET + 16
 INVALID_ARGUMENT_EXIT = STATUS_EXIT_OFFSET + 3
 NOT_FOUND_EXIT = STATUS_EXIT_OFFSET + 5
+PERMISSION_DENIED_EXIT = STATUS_EXIT_OFFSET + 7
 
 
 @dataclass
@@ -265,3 +266,34 @@ def test_readme_gateway_error_shows_the_decoded_error_info(readme: Readme) -> No
     assert "isnotrecognized" not in details, result.stderr
     assert '"@type":"type.googleapis.com/google.rpc.ErrorInfo"' in details, result.stderr
     assert '"reason":"SITE_NOT_FOUND"' in details, result.stderr
+
+
+def test_readme_feature_gate_example_runs_as_pasted(readme: Readme, eventually: Callable[..., Any]) -> None:
+    commands = readme_commands("The feature gate (what each plan includes")
+    methods = [command.rsplit("/", 1)[-1] for command in commands]
+    # What each step must answer; a change of the README's example must change this too.
+    expected = [
+        ("GetEntitlements", 0),
+        ("GetSiteAnalytics", 0),
+        ("SetTenantPlan", 0),
+        ("GetSiteAnalytics", PERMISSION_DENIED_EXIT),
+        ("SetFeatureOverride", 0),
+        ("GetSiteAnalytics", 0),
+        ("ClearFeatureOverride", 0),
+        ("SetTenantPlan", 0),
+    ]
+    assert methods == [method for method, _ in expected]
+    for command, (method, exit_code) in zip(commands, expected, strict=True):
+
+        def step(command: str = command, method: str = method, exit_code: int = exit_code) -> str:
+            # A plan change reaches the sites service within milliseconds, not at once.
+            result = readme.run(command)
+            assert result.returncode == exit_code, (method, result.returncode, result.stderr)
+            return result.stderr.replace(" ", "") if exit_code else result.stdout
+
+        output = eventually(step, within=5)
+        if method == "GetSiteAnalytics" and exit_code:
+            assert '"reason":"FEATURE_NOT_IN_PLAN"' in output, output
+            assert '"feature":"advanced_analytics"' in output, output
+        elif method == "GetSiteAnalytics":
+            assert json.loads(output) == {}  # no sites yet: every count is zero
