@@ -7,7 +7,10 @@ to the audit service's internal ``WriteEvents`` (idempotent by ``event_id``) and
 them once acknowledged. With the audit service down, changes still succeed and their
 events wait in the outbox; rows are claimed with ``FOR UPDATE SKIP LOCKED`` so several
 replicas never send the same row at once, and a crash between send and delete only
-causes a resend that the audit service ignores.
+causes a resend that the audit service ignores. While deliveries fail (the audit service
+or the database away) the relay backs off exponentially, with jitter, up to
+``max_retry_seconds``, ignoring the wake-ups of new events; it logs the outage once when
+it starts and once when it ends.
 
 Every service that changes data has the same outbox table (see its migrations):
 ``audit_outbox(tenant_id, event_id, event bytea, create_time)``, tenant-bound by RLS like
@@ -20,7 +23,10 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import random
+import time
 import uuid
+from collections import Counter
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -148,18 +154,25 @@ class AuditRelay:
         service: str,
         batch_size: int = 200,
         idle_seconds: float = 0.2,
-        retry_seconds: float = 1.0,
+        retry_seconds: float = 0.5,
+        max_retry_seconds: float = 30.0,
     ) -> None:
         self._db = db
         self._schema = schema
         self._service = service
-        self._channel = service_channel(target, identity=identity)
+        # gRPC's own reconnect backoff (up to 120 s by default) must not outlast the relay's.
+        reconnect = ("grpc.max_reconnect_backoff_ms", int(max_retry_seconds * 1000))
+        self._channel = service_channel(target, [reconnect], identity=identity)
         self._stub = audit_grpc.AuditLogServiceStub(self._channel)
         self._batch_size = batch_size
         self._idle_seconds = idle_seconds
-        self._retry_seconds = retry_seconds
+        self._backoff = Backoff(retry_seconds, max_retry_seconds)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        #: Outcomes, counted where they happen: events "delivered", delivery attempts "failed".
+        self.counts: Counter[str] = Counter()
+        self._outage_since: float | None = None
+        self._failed_in_outage = 0
 
     def wake(self) -> None:
         """Something was just committed to the outbox: send it now rather than at the next poll."""
@@ -180,25 +193,60 @@ class AuditRelay:
         while True:
             try:
                 sent = await self.deliver_once()
-                delay = 0.0 if sent >= self._batch_size else self._idle_seconds
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("audit relay: delivery failed (%s); events stay in the outbox", _short(exc))
-                delay = self._retry_seconds
+                self._failed(exc)
+                # New events do not cut the wait short: they wait in the outbox for the next try.
+                await asyncio.sleep(self._backoff.next())
+                continue
+            more = sent >= self._batch_size
+            if sent:
+                more = more or self._outage_since is not None  # a probe got through: the rest follow at once
+                # Only a delivery proves the way is open again (an empty outbox proves nothing).
+                self._recovered()
+                self.counts["delivered"] += sent
+            delay = 0.0 if more else self._idle_seconds
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
 
+    def _failed(self, exc: BaseException) -> None:
+        self.counts["failed"] += 1
+        self._failed_in_outage += 1
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            log.warning(
+                "audit relay: cannot deliver events (%s); they stay in the outbox, retrying with backoff up to %gs",
+                _short(exc),
+                self._backoff.cap,
+            )
+        else:
+            log.debug("audit relay: delivery attempt %d failed (%s)", self._failed_in_outage, _short(exc))
+
+    def _recovered(self) -> None:
+        if self._outage_since is None:
+            return
+        log.warning(
+            "audit relay: delivering again after %.1fs and %d failed attempts; the waiting events follow",
+            time.monotonic() - self._outage_since,
+            self._failed_in_outage,
+        )
+        self._outage_since = None
+        self._failed_in_outage = 0
+        self._backoff.reset()
+
     async def deliver_once(self) -> int:
         """Send one batch and delete it once acknowledged; returns how many were sent."""
         request_id = f"audit-relay-{uuid.uuid4().hex[:12]}"
+        # While deliveries fail, each attempt is a probe: it locks and sends one row, not a batch.
+        limit = 1 if self._outage_since is not None else self._batch_size
         with context.bind(context.background_context(self._service, "audit.relay", request_id)):
             async with self._db.outbox_transaction("audit.relay") as conn:
                 rows = await conn.fetch(
                     f"SELECT tenant_id, event_id, event FROM {self._schema}.audit_outbox "
                     "ORDER BY create_time, tenant_id, event_id LIMIT $1 FOR UPDATE SKIP LOCKED",
-                    self._batch_size,
+                    limit,
                 )
                 if not rows:
                     return 0
@@ -236,6 +284,26 @@ class AuditRelay:
                     exc.details(),
                 )
         return delivered
+
+
+class Backoff:
+    """Exponential waits with jitter: ``base``, then doubling up to ``cap``, each 50-100% of its step.
+
+    The jitter keeps the replicas of every service from retrying in step after a shared outage.
+    """
+
+    def __init__(self, base: float, cap: float) -> None:
+        self.base = base
+        self.cap = cap
+        self._step = base
+
+    def next(self) -> float:
+        wait = self._step * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not a secret
+        self._step = min(self.cap, self._step * 2)
+        return wait
+
+    def reset(self) -> None:
+        self._step = self.base
 
 
 def _short(exc: BaseException) -> str:
