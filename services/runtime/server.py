@@ -9,9 +9,11 @@ health NOT_SERVING, drains in-flight calls within the grace period, then closes 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -47,12 +49,18 @@ from .tenants import RegistryStateSource, StateSource, TenantDirectory
 
 log = logging.getLogger("towerco.server")
 
+
+class ListenError(Exception):
+    """The gRPC port cannot be listened on (another process holds it, or the host is not local)."""
+
+
 #: Conditions under which a process must not serve; reported in one line, exit code 2.
 STARTUP_ERRORS: tuple[type[Exception], ...] = (
     SettingsError,
     PolicyError,
     PlansError,
     IsolationError,
+    ListenError,
     migrations.MigrationError,
     asyncpg.PostgresError,
     OSError,
@@ -176,13 +184,39 @@ def build_server(
     reflection.enable_server_reflection(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
-    server.add_insecure_port(f"{settings.bind_host}:{settings.port}")
+    try:
+        server.add_insecure_port(f"{settings.bind_host}:{settings.port}")
+    except RuntimeError as exc:  # taken since the check at start-up: gRPC says only "Failed to bind"
+        raise ListenError(f"cannot listen on {settings.bind_host}:{settings.port} ({exc})") from None
     return server, health
+
+
+def check_port_free(host: str, port: int, variable: str) -> None:
+    """Refuse to start, in one line, when another process already listens on ``host:port``.
+
+    Checked before migrations and connections, so a second copy of a service started by
+    mistake touches nothing. gRPC binds with SO_REUSEADDR and without SO_REUSEPORT; so
+    does the probe, so a port in TIME_WAIT is free here as it is there.
+    """
+    for family, kind, proto, _, address in socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    ):
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    continue  # e.g. no IPv6 for "localhost": gRPC binds what it can, as before
+                raise ListenError(
+                    f"port {port} on {host} is already in use by another process; stop it or set {variable}"
+                ) from None
 
 
 async def serve(spec: ServiceSpec) -> None:
     settings = load(spec.name)
     logs.configure(spec.name, settings.log_level)
+    check_port_free(settings.bind_host, settings.port, f"{spec.name.upper()}_PORT")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
