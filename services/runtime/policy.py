@@ -7,10 +7,10 @@ served without a declared permission.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
-from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.descriptor import Descriptor, ServiceDescriptor
 from towerco.api.v1 import policy_pb2
 
 
@@ -30,6 +30,8 @@ class Policy:
     write: bool = True
     #: A feature the tenant's entitlements must include, or "".
     feature: str = ""
+    #: The method's request message type (for checks that read requests), when known.
+    request_type: Descriptor | None = field(default=None, compare=False, repr=False)
 
     @property
     def rate_class(self) -> str:
@@ -73,6 +75,7 @@ class PolicyTable:
                         internal=declared.internal,
                         write=declared.rate_class != policy_pb2.RATE_CLASS_READ,
                         feature=declared.feature,
+                        request_type=method.input_type,
                     )
                 )
         if missing:
@@ -84,3 +87,6 @@ class PolicyTable:
 
     def __contains__(self, method: str) -> bool:
         return method in self._by_method
+
+    def __iter__(self) -> Iterator[Policy]:
+        return iter(self._by_method.values())

@@ -1,9 +1,15 @@
-"""Collect every bad field of a request, then fail once with all of them."""
+"""Collect every bad field of a request, then fail once with all of them; the text rules.
+
+The character rules every request's strings obey (no U+0000 anywhere; display names
+clean for people to read) are written here once. The request text link applies them to
+every field, from the descriptors and their ``(towerco.api.v1.text)`` options.
+"""
 
 from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from typing import Any
 
 from .errors import FieldViolation, invalid_argument
@@ -61,3 +67,60 @@ def has_nul(value: Any) -> bool:
     if isinstance(value, list):
         return any(has_nul(item) for item in value)
     return False
+
+
+NUL = "\x00"
+NUL_PROBLEM = "must not contain the NUL character (U+0000)"
+
+#: Categories a display text refuses, and what to call them in an error. Unassigned code
+#: points (Cn) are accepted, so that a server with an older Unicode database does not
+#: refuse newer scripts and emoji; non-characters (also Cn) are refused by number.
+_NOT_DISPLAYABLE = {
+    "Cc": "control character",
+    "Cf": "invisible format character (bidi control, zero-width character or byte order mark)",
+    "Zl": "line separator",
+    "Zp": "paragraph separator",
+    "Cs": "surrogate",
+    "Co": "private-use character",
+}
+
+
+def is_noncharacter(code_point: int) -> bool:
+    """U+FDD0..U+FDEF and the last two code points of every plane (U+xFFFE, U+xFFFF)."""
+    return 0xFDD0 <= code_point <= 0xFDEF or code_point & 0xFFFE == 0xFFFE
+
+
+def display_text_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a name people read on one line, or None when it can.
+
+    Refused: controls, invisible format characters (bidi overrides and isolates,
+    zero-width spaces and joiners, U+FEFF...), line and paragraph separators,
+    surrogates, private-use characters and non-characters: they make a name read
+    differently from what it is (U+202E turns text around) or look like another one.
+    """
+    if value.isprintable():  # the common case, at C speed: none of those, nor any Cn
+        return None
+    for position, char in enumerate(value):
+        if char.isprintable():
+            continue
+        category = unicodedata.category(char)
+        what = _NOT_DISPLAYABLE.get(category)
+        if what is None and is_noncharacter(ord(char)):
+            what = "non-character"
+        if what is not None:
+            return f"must not contain the {what} U+{ord(char):04X} (at position {position})"
+    return None  # only spaces other than U+0020 (Zs) or unassigned code points
+
+
+def text_problem(value: str, *, display: bool = False) -> str | None:
+    """Why ``value`` breaks the text rules of its field (any text; a display text), or None."""
+    if NUL in value:
+        return NUL_PROBLEM
+    return display_text_problem(value) if display else None
+
+
+def path_key(key: object) -> str:
+    """A map key fit for a field path or a message: printable ASCII, at most 64 characters."""
+    text = str(key)
+    shown = "".join(ch if " " <= ch <= "~" and ch not in "[]" else "?" for ch in text[:64])
+    return shown + ("..." if len(text) > 64 else "")

@@ -19,6 +19,7 @@ from .errors import ErrorDetailsInterceptor
 from .request_id import RequestContextInterceptor
 from .tenant import TenantInterceptor
 from .tenant_state import TenantStateInterceptor
+from .text import RequestTextInterceptor
 
 
 def server_chain(
@@ -38,4 +39,5 @@ def server_chain(
         AuthorizationInterceptor(policies),  # with which permission (internal: services only)
         EntitlementsInterceptor(policies, entitlements),  # does the plan include it; DB connections it may hold
         RateLimitInterceptor(policies, limiter),  # within the tenant's rpm_read / rpm_write
+        RequestTextInterceptor(policies),  # no NUL in any string field, display names clean
     ]
