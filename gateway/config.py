@@ -26,6 +26,7 @@ from urllib.parse import quote, urlsplit
 from google.protobuf.descriptor import ServiceDescriptor
 from google.rpc import error_details_pb2, status_pb2
 
+from services.runtime.interceptors.request_id import REQUEST_ID
 from services.runtime.policy import PolicyTable
 from services.runtime.settings import (
     DEFAULT_JWT_AUDIENCE,
@@ -41,6 +42,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 EDGE_LUA = HERE / "edge.lua"
 GRPC_REPLIES_LUA = HERE / "grpc_replies.lua"
+REQUEST_ID_LUA = HERE / "request_id.lua"
 #: The built browser frontend (``make web``), served by the gateway at ``/``.
 WEB_DIST = HERE / "web" / "dist"
 
@@ -52,9 +54,18 @@ INTERNAL_PREFIX = "x-towerco-"
 #: Packages whose services are reachable only between services.
 INTERNAL_PACKAGE_PREFIX = "towerco.internal."
 #: Everything a gRPC-web client sends, and the response headers it must be able to read.
-CORS_ALLOW_HEADERS = "authorization, content-type, x-grpc-web, x-user-agent, grpc-timeout"
+CORS_ALLOW_HEADERS = "authorization, content-type, x-grpc-web, x-user-agent, grpc-timeout, x-request-id"
 CORS_EXPOSE_HEADERS = "grpc-status, grpc-message, grpc-status-details-bin, x-request-id, retry-after-ms"
 JWT_PROVIDER = "towerco"
+#: Where the client's x-request-id waits, before Envoy makes its own, for request_id.lua to judge.
+CLIENT_REQUEST_ID_HEADER = f"{INTERNAL_PREFIX}client-request-id"
+#: Set on every error reply Envoy makes itself (the HTTP status it chose), for grpc_replies.lua.
+LOCAL_REPLY_HEADER = f"{INTERNAL_PREFIX}local-reply"
+#: gRPC statuses after which a call was certainly not processed, so the gateway may try it
+#: again: UNAVAILABLE (the service's promise: refused before any work, e.g. while it stops),
+#: no connection made, a stream refused, or a reset before the request left Envoy. Never a
+#: reset after it was sent, a timeout or CANCELLED: the call may have done its work.
+SAFE_RETRY_ON = "unavailable,connect-failure,refused-stream,reset-before-request"
 #: Every platform API path starts so; the token rule and the tenant rule apply to them.
 API_PREFIX = "/towerco."
 #: The web page may load only itself; its API calls go to its own origin.
@@ -96,6 +107,12 @@ class GatewaySettings:
     route_timeout_seconds: float = 15.0
     #: Connections the listener holds at once before refusing more.
     max_connections: int = 10000
+    #: A connection that has sent no byte within this is closed: a client that only opens
+    #: sockets holds each for this long at most.
+    first_bytes_timeout_seconds: float = 5.0
+    #: A connection with no call in flight is closed after this (HTTP/2 with a GOAWAY, which
+    #: gRPC clients follow by reconnecting on their next call).
+    idle_timeout_seconds: float = 60.0
     #: The built web page, or None to serve none.
     web_dir: Path | None = None
 
@@ -127,6 +144,9 @@ class GatewaySettings:
                 for name, default in DEFAULT_PORTS.items()
             },
             route_timeout_seconds=float(env_int("GATEWAY_ROUTE_TIMEOUT_SECONDS", 15, environ)),
+            max_connections=env_int("GATEWAY_MAX_CONNECTIONS", 10000, environ),
+            first_bytes_timeout_seconds=float(env_int("GATEWAY_FIRST_BYTES_TIMEOUT_SECONDS", 5, environ)),
+            idle_timeout_seconds=float(env_int("GATEWAY_IDLE_TIMEOUT_SECONDS", 60, environ)),
             web_dir=Path(web) if (Path(web) / "index.html").is_file() else None,
         )
 
@@ -229,17 +249,25 @@ def _listener(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
         merge_slashes=True,
         path_with_escaped_slashes_action="REJECT_REQUEST",
         common_http_protocol_options={
-            "idle_timeout": "300s",
+            # Counted from the connection's start too, so one that never sends a call goes.
+            "idle_timeout": _seconds(settings.idle_timeout_seconds),
             "headers_with_underscores_action": "REJECT_REQUEST",
         },
         http2_protocol_options={
             "max_concurrent_streams": 100,
             "initial_stream_window_size": 65536,
             "initial_connection_window_size": 1048576,
+            # A peer that stopped answering (gone without a FIN) frees its connection.
+            "connection_keepalive": {"interval": "30s", "timeout": "10s"},
         },
         stream_idle_timeout="300s",
         local_reply_config=_local_replies(),
-        request_headers_timeout="10s",
+        # A call's headers arrive whole within this, or the call is refused.
+        request_headers_timeout="5s",
+        # The client's well-formed x-request-id is kept (request_id.lua, by the services' rule),
+        # else Envoy's own; either way the client reads it back, on errors too.
+        early_header_mutation_extensions=[_client_request_id_mutation()],
+        always_set_request_id_in_response=True,
         access_log=[
             {
                 "name": "envoy.access_loggers.stdout",
@@ -258,6 +286,8 @@ def _listener(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
             }
         ],
         http_filters=[
+            # First, so that every reply, the gateway's own refusals too, carries the id.
+            {"name": "towerco.request_id", "typed_config": _request_id_lua()},
             {
                 "name": "envoy.filters.http.grpc_web",
                 "typed_config": _typed("envoy.extensions.filters.http.grpc_web.v3.GrpcWeb"),
@@ -277,15 +307,59 @@ def _listener(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
     return {
         "name": "gateway",
         "address": _address(settings.bind_host, settings.port),
+        # The HTTP inspector waits for a connection's first bytes; one that sends none
+        # within the timeout is closed before it reaches the HTTP layer.
+        "listener_filters": [
+            {
+                "name": "envoy.filters.listener.http_inspector",
+                "typed_config": _typed("envoy.extensions.filters.listener.http_inspector.v3.HttpInspector"),
+            }
+        ],
+        "listener_filters_timeout": _seconds(settings.first_bytes_timeout_seconds),
+        "continue_on_listener_filters_timeout": False,
         "filter_chains": [
             {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]}
         ],
     }
 
 
+def _client_request_id_mutation() -> dict[str, Any]:
+    """Before Envoy replaces x-request-id with its own, the client's moves aside for edge.lua."""
+    return {
+        "name": "towerco.client_request_id",
+        "typed_config": _typed(
+            "envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
+            mutations=[
+                {"remove": CLIENT_REQUEST_ID_HEADER},
+                {
+                    "append": {
+                        "header": {"key": CLIENT_REQUEST_ID_HEADER, "value": "%REQ(X-REQUEST-ID)%"},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                        "keep_empty_value": False,
+                    }
+                },
+                {"remove": "x-request-id"},
+            ],
+        ),
+    }
+
+
+def _marked(status: str) -> list[dict[str, Any]]:
+    return [{"header": {"key": LOCAL_REPLY_HEADER, "value": status}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
+
+
 def _local_replies() -> dict[str, Any]:
-    """jwt_authn answers a token for another audience with 403 (PERMISSION_DENIED); a token
+    """Every error Envoy makes itself is marked with its HTTP status, so grpc_replies.lua
+    tells it from a service's answer even when Envoy already wrote it as a gRPC status
+    (for a native gRPC call) and the HTTP status is gone.
+
+    jwt_authn answers a token for another audience with 403 (PERMISSION_DENIED); a token
     not meant for this API is a bad token, so it is answered 401 (UNAUTHENTICATED) like any other."""
+    any_error = {
+        "status_code_filter": {
+            "comparison": {"op": "GE", "value": {"default_value": 400, "runtime_key": "gateway.local_reply_min"}}
+        }
+    }
     return {
         "mappers": [
             {
@@ -314,7 +388,9 @@ def _local_replies() -> dict[str, Any]:
                     }
                 },
                 "status_code": 401,
-            }
+                "headers_to_add": _marked("401"),
+            },
+            {"filter": any_error, "headers_to_add": _marked("%RESPONSE_CODE%")},
         ]
     }
 
@@ -329,7 +405,7 @@ def _route_config(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any
                 # service, which ends the call then. (grpc_timeout_header_max would replace
                 # this bound by the header, and leave calls without one unbounded.)
                 "timeout": _seconds(settings.route_timeout_seconds),
-                "retry_policy": {"retry_on": "unavailable", "num_retries": 1},
+                "retry_policy": _retry_policy(),
             },
         }
         for api in routes
@@ -362,6 +438,23 @@ def _route_config(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any
                 "typed_per_filter_config": {"envoy.filters.http.cors": _cors_policy(settings)},
             }
         ],
+    }
+
+
+def _retry_policy() -> dict[str, Any]:
+    """Calls that were certainly not processed are tried again, on another host where there is one."""
+    return {
+        "retry_on": SAFE_RETRY_ON,
+        "num_retries": 2,
+        "retry_host_predicate": [
+            {
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": _typed("envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"),
+            }
+        ],
+        # With one host left (or one in all) the retry goes to it rather than nowhere.
+        "host_selection_retry_max_attempts": 3,
+        "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.25s"},
     }
 
 
@@ -475,6 +568,36 @@ def _edge_lua(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
     )
 
 
+def _request_id_lua() -> dict[str, Any]:
+    prelude = "\n".join(
+        [
+            "REQUEST_IDS = {",
+            f"  client_header = {_lua_string(CLIENT_REQUEST_ID_HEADER)},",
+            f"  pattern = {_lua_string(request_id_lua_pattern())},",
+            f"  max_length = {request_id_max_length()},",
+            "}",
+            "",
+        ]
+    )
+    return _typed(
+        "envoy.extensions.filters.http.lua.v3.Lua",
+        default_source_code={"inline_string": prelude + REQUEST_ID_LUA.read_text()},
+    )
+
+
+def request_id_lua_pattern() -> str:
+    """The services' request-id characters (``REQUEST_ID``) as a Lua pattern, read off the
+    regex itself so the gateway and the services cannot disagree."""
+    allowed = [c for c in map(chr, range(33, 127)) if REQUEST_ID.fullmatch(c)]
+    return "^[" + "".join(c if c.isalnum() else f"%{c}" for c in allowed) + "]+$"
+
+
+def request_id_max_length() -> int:
+    """The longest request id ``REQUEST_ID`` accepts (probed up to 1024)."""
+    sample = next(c for c in map(chr, range(33, 127)) if REQUEST_ID.fullmatch(c))
+    return max(n for n in range(1, 1025) if REQUEST_ID.fullmatch(sample * n))
+
+
 def grpc_message(text: str) -> str:
     """``text`` as the ``grpc-message`` header carries it: percent-encoded outside printable ASCII."""
     return "".join(c if " " <= c <= "~" and c != "%" else quote(c, safe="") for c in text)
@@ -519,7 +642,14 @@ def _grpc_replies_lua(settings: GatewaySettings) -> dict[str, Any]:
         for name, (code, message, retry) in gateway_reasons(settings).items()
     )
     prelude = "\n".join(
-        ["REPLIES = {", f"  api_prefix = {_lua_string(API_PREFIX)},", f"  reasons = {{\n{reasons}\n  }},", "}", ""]
+        [
+            "REPLIES = {",
+            f"  api_prefix = {_lua_string(API_PREFIX)},",
+            f"  local_reply_header = {_lua_string(LOCAL_REPLY_HEADER)},",
+            f"  reasons = {{\n{reasons}\n  }},",
+            "}",
+            "",
+        ]
     )
     return _typed(
         "envoy.extensions.filters.http.lua.v3.Lua",
@@ -569,6 +699,11 @@ def _service_cluster(name: str, target: str) -> dict[str, Any]:
                 "grpc_health_check": {},
             }
         ],
+        # Retries (see _retry_policy) stay a fifth of the calls in flight, so they cannot
+        # multiply the load on a service that is already failing.
+        "circuit_breakers": {
+            "thresholds": [{"retry_budget": {"budget_percent": {"value": 20.0}, "min_retry_concurrency": 3}}]
+        },
         "outlier_detection": {
             "consecutive_5xx": 5,
             "consecutive_gateway_failure": 3,

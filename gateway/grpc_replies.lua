@@ -7,6 +7,11 @@
 -- grpc-status, grpc-message (Envoy's text) and grpc-status-details-bin (an ErrorInfo
 -- reason, and RetryInfo where a retry can help), exactly as a service would answer.
 --
+-- A native gRPC call's error is already written by Envoy as a gRPC status, with Envoy's
+-- raw text ("upstream connect error ...") and no details; such replies carry
+-- REPLIES.local_reply_header (the HTTP status Envoy chose, set by the local reply config),
+-- so they get the same answer as a gRPC-web call, whatever form Envoy gave them.
+--
 -- A route timeout is the gateway's deadline: DEADLINE_EXCEEDED, as a gRPC server says,
 -- not UNAVAILABLE, which clients may retry blindly.
 --
@@ -45,25 +50,32 @@ function envoy_on_request(handle)
 end
 
 function envoy_on_response(handle)
+  local headers = handle:headers()
+  local local_reply = headers:get(REPLIES.local_reply_header)
+  if local_reply ~= nil then
+    headers:remove(REPLIES.local_reply_header)
+  end
   local metadata = handle:streamInfo():dynamicMetadata():get("towerco.grpc_replies")
   if metadata == nil or not metadata["api"] then
     return
   end
-  local headers = handle:headers()
   local content_type = headers:get("content-type") or ""
-  if headers:get("grpc-status") ~= nil or content_type:sub(1, 16) == "application/grpc" then
-    -- Already a gRPC answer (a service's, or one the gateway wrote itself).
+  local grpc_answer = headers:get("grpc-status") ~= nil or content_type:sub(1, 16) == "application/grpc"
+  if local_reply == nil and grpc_answer then
+    -- A service's answer, or one the gateway wrote itself with its details.
     if headers:get(":status") ~= "200" then
       headers:replace(":status", "200")
     end
     return
   end
-  local http_status = headers:get(":status") or "503"
-  local body = handle:body()
-  local text = ""
-  if body ~= nil then
-    text = body:getBytes(0, math.min(body:length(), 1024))
-    body:setBytes("")
+  local http_status = local_reply or headers:get(":status") or "503"
+  local text = headers:get("grpc-message") or ""
+  if not grpc_answer then
+    local body = handle:body()
+    if body ~= nil then
+      text = body:getBytes(0, math.min(body:length(), 1024))
+      body:setBytes("")
+    end
   end
   local reply = REPLIES.reasons[reason_for(http_status, text)]
   headers = handle:headers() -- reading the body ends the scope of the first handle

@@ -25,9 +25,10 @@ from towerco.sites.v1 import sites_service_pb2_grpc as sites_grpc
 from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 
 from gateway.config import GatewaySettings
+from services.runtime.interceptors.request_id import REQUEST_ID
 
 from .grpcweb import Reply, call, frame, parse
-from .support import bearer, expect_error, free_port
+from .support import RichError, bearer, expect_error, free_port
 from .test_audit_trail import events_for
 
 pytestmark = pytest.mark.stack
@@ -220,8 +221,19 @@ def test_grpc_web_over_http2_is_served_too(gateway, pair, token, tmp_path):
     assert listed(reply) == ["GW-TA-1", "GW-TA-2"]
 
 
-def test_a_slow_or_missing_upstream_is_deadline_exceeded_or_unavailable(stack, extra_service, new_tenant, token):
-    """Errors Envoy makes itself when a service is slow or gone, as a gRPC-web client sees them."""
+def _native(settings: GatewaySettings, tenant: str, method: str, request: Any, token: str) -> RichError:
+    """One native gRPC call through the gateway on ``tenant``'s subdomain, expected to fail."""
+    options = [("grpc.default_authority", f"{tenant}.localhost")]
+    with grpc.insecure_channel(f"127.0.0.1:{settings.port}", options=options) as channel:
+        stub = sites_grpc.SiteServiceStub(channel)
+        return expect_error(getattr(stub, method), request, metadata=bearer(token))
+
+
+def test_a_slow_or_missing_upstream_is_the_same_answer_to_grpc_web_and_native_grpc(
+    stack, extra_service, new_tenant, token
+):
+    """Errors Envoy makes itself when a service is slow or gone, as gRPC-web and native gRPC
+    clients see them: the same status, message, ErrorInfo and RetryInfo (not Envoy's text)."""
     slow = extra_service("sites", env={"FAULT_POINTS": "sites.analytics@3"})
     ports = {"GATEWAY_PORT": str(free_port()), "GATEWAY_ADMIN_PORT": str(free_port())}
     env = {**ports, "SITES_TARGET": slow.target, "GATEWAY_ROUTE_TIMEOUT_SECONDS": "1", "GATEWAY_WEB_DIR": "/none"}
@@ -237,6 +249,12 @@ def test_a_slow_or_missing_upstream_is_deadline_exceeded_or_unavailable(stack, e
         assert "1s" in reply.message
         assert reply.info is not None and reply.info.reason == "GATEWAY_TIMEOUT"
         assert time.monotonic() - started < 2.5, "the route timeout (1 s) ended the call, not the service's 3 s"
+        native = _native(settings, tenant, "GetSiteAnalytics", sites_pb.GetSiteAnalyticsRequest(), token(tenant))
+        assert (native.code, native.message, native.reason) == (
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            reply.message,
+            "GATEWAY_TIMEOUT",
+        )
         slow.process.terminate()
         slow.process.wait(10)
         reply = call(
@@ -245,8 +263,88 @@ def test_a_slow_or_missing_upstream_is_deadline_exceeded_or_unavailable(stack, e
         assert (reply.http_status, reply.status) == (200, UNAVAILABLE), (reply.status, reply.message)
         assert reply.info is not None and reply.info.reason == "SERVICE_UNAVAILABLE"
         assert reply.retry is not None and reply.retry.retry_delay.seconds == 1
+        native = _native(settings, tenant, "ListSites", sites_pb.ListSitesRequest(), token(tenant))
+        assert (native.code, native.message) == (grpc.StatusCode.UNAVAILABLE, reply.message), native.message
+        assert native.info is not None and (native.info.reason, native.info.domain) == (
+            "SERVICE_UNAVAILABLE",
+            "gateway.towerco",
+        )
+        assert native.retry is not None and native.retry.retry_delay.seconds == 1
     finally:
         stack.stop("gateway-slow")
+
+
+def test_a_missing_token_is_the_same_answer_to_native_grpc_as_to_grpc_web(gateway, pair):
+    tenant_a, _ = pair
+    web = call(gateway.port, host(gateway, tenant_a), LIST_SITES, sites_pb.ListSitesRequest())
+    options = [("grpc.default_authority", f"{tenant_a}.localhost")]
+    with grpc.insecure_channel(f"127.0.0.1:{gateway.port}", options=options) as channel:
+        native = expect_error(sites_grpc.SiteServiceStub(channel).ListSites, sites_pb.ListSitesRequest())
+    assert (native.code, native.message) == (grpc.StatusCode.UNAUTHENTICATED, web.message)
+    assert native.info is not None and (native.info.reason, native.info.domain) == ("TOKEN_MISSING", "gateway.towerco")
+
+
+# Request ids
+
+
+@pytest.mark.parametrize("sent", ["web-7f3a.b2:c_d-e", "x" * 64])
+def test_a_well_formed_client_request_id_is_kept_end_to_end(gateway, pair, token, sent):
+    tenant_a, _ = pair
+    reply = call(
+        gateway.port,
+        host(gateway, tenant_a),
+        LIST_SITES,
+        sites_pb.ListSitesRequest(),
+        token=token(tenant_a),
+        headers={"X-Request-Id": sent},
+    )
+    assert reply.status == 0
+    # The service's own trailer: the id it logged and audited is the client's.
+    assert reply.trailers["x-request-id"] == sent
+    options = [("grpc.default_authority", f"{tenant_a}.localhost")]
+    with grpc.insecure_channel(f"127.0.0.1:{gateway.port}", options=options) as channel:
+        _, native = sites_grpc.SiteServiceStub(channel).ListSites.with_call(
+            sites_pb.ListSitesRequest(), metadata=bearer(token(tenant_a), **{"x-request-id": sent}), timeout=10
+        )
+        assert dict(native.trailing_metadata())["x-request-id"] == sent
+
+
+@pytest.mark.parametrize("sent", [None, "", "x" * 65, "has space", "semi;colon", "ünïcode", "-" * 100])
+def test_a_missing_or_malformed_client_request_id_is_replaced_by_a_fresh_one(gateway, pair, token, sent):
+    tenant_a, _ = pair
+    headers = {} if sent is None else {"X-Request-Id": sent.encode().decode("latin-1")}
+    reply = call(
+        gateway.port,
+        host(gateway, tenant_a),
+        LIST_SITES,
+        sites_pb.ListSitesRequest(),
+        token=token(tenant_a),
+        headers=headers,
+    )
+    made = reply.trailers["x-request-id"]
+    assert made != sent and REQUEST_ID.fullmatch(made), made
+    assert reply.headers["x-request-id"] == made, "the gateway's header and the service's trailer agree"
+    if sent is not None and sent.isascii():
+        options = [("grpc.default_authority", f"{tenant_a}.localhost")]
+        with grpc.insecure_channel(f"127.0.0.1:{gateway.port}", options=options) as channel:
+            _, native = sites_grpc.SiteServiceStub(channel).ListSites.with_call(
+                sites_pb.ListSitesRequest(), metadata=bearer(token(tenant_a), **{"x-request-id": sent}), timeout=10
+            )
+            again = str(dict(native.trailing_metadata())["x-request-id"])
+            assert again != sent and REQUEST_ID.fullmatch(again), again
+
+
+def test_an_error_the_gateway_makes_carries_the_clients_request_id(gateway, pair):
+    tenant_a, _ = pair
+    reply = call(
+        gateway.port,
+        host(gateway, tenant_a),
+        LIST_SITES,
+        sites_pb.ListSitesRequest(),
+        headers={"X-Request-Id": "no-token-call-1"},
+    )
+    assert reply.status == UNAUTHENTICATED
+    assert reply.headers.get("x-request-id") == "no-token-call-1"
 
 
 # CORS
@@ -261,7 +359,7 @@ def _preflight(settings: GatewaySettings, origin: str, tenant: str) -> http.clie
             "Host": host(settings, tenant),
             "Origin": origin,
             "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "authorization,content-type,x-grpc-web,x-user-agent",
+            "Access-Control-Request-Headers": "authorization,content-type,x-grpc-web,x-user-agent,x-request-id",
         },
     )
     response = connection.getresponse()
@@ -277,7 +375,7 @@ def test_cors_preflight_from_an_allowed_origin_passes_without_a_token(gateway, p
     assert response.status in (200, 204)
     assert response.getheader("access-control-allow-origin") == origin
     allowed = {h.strip() for h in (response.getheader("access-control-allow-headers") or "").split(",")}
-    assert {"authorization", "content-type", "x-grpc-web", "x-user-agent", "grpc-timeout"} <= allowed
+    assert {"authorization", "content-type", "x-grpc-web", "x-user-agent", "grpc-timeout", "x-request-id"} <= allowed
     assert "POST" in (response.getheader("access-control-allow-methods") or "")
 
 

@@ -81,13 +81,13 @@ def test_upstreams_speak_http2_with_health_checks_and_outlier_detection(tmp_path
 def test_filters_run_in_order_and_the_admin_interface_is_loopback_only(tmp_path):
     config = render(dev_settings(tmp_path))
     filters = [f["name"].rsplit(".", 1)[-1] for f in _listener_manager(config)["http_filters"]]
-    assert filters == ["grpc_web", "cors", "grpc_replies", "jwt_authn", "edge_identity", "router"]
+    assert filters == ["request_id", "grpc_web", "cors", "grpc_replies", "jwt_authn", "edge_identity", "router"]
     assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
 
 
 def test_the_token_rule_pins_issuer_and_audience_and_spares_only_public_rpcs(tmp_path):
     config = render(dev_settings(tmp_path))
-    jwt = _listener_manager(config)["http_filters"][3]["typed_config"]
+    jwt = _listener_manager(config)["http_filters"][4]["typed_config"]
     provider = jwt["providers"]["towerco"]
     assert provider["issuer"] == "towerco-dev-issuer" and provider["audiences"] == ["towerco-aiops"]
     assert provider["forward"] is True
@@ -96,7 +96,7 @@ def test_the_token_rule_pins_issuer_and_audience_and_spares_only_public_rpcs(tmp
     assert sorted(unguarded) == sorted(p for api in apis() for p in api.public_paths)
     assert jwt["rules"][-1] == {"match": {"prefix": API_PREFIX}, "requires": {"provider_name": "towerco"}}
     remote = render(deploy_settings())
-    deployed = _listener_manager(remote)["http_filters"][3]["typed_config"]["providers"]["towerco"]
+    deployed = _listener_manager(remote)["http_filters"][4]["typed_config"]["providers"]["towerco"]
     assert "async_fetch" in deployed["remote_jwks"]
     assert "local_jwks" not in deployed
 
@@ -116,3 +116,82 @@ def test_allowed_origins_are_exact_or_one_domains_tenant_subdomains():
 def test_an_origin_matcher_that_admits_too_much_is_refused(origin):
     with pytest.raises(SettingsError):
         origin_matchers([origin])
+
+
+def _api_routes(config: dict[str, Any]) -> list[dict[str, Any]]:
+    routes = _listener_manager(config)["route_config"]["virtual_hosts"][0]["routes"]
+    return [route for route in routes if "route" in route]
+
+
+def test_every_api_route_retries_only_calls_that_were_not_processed_on_another_host(tmp_path):
+    config = render(dev_settings(tmp_path))
+    routes = _api_routes(config)
+    assert len(routes) == sum(len(api.prefixes) for api in apis())
+    for route in routes:
+        policy = route["route"]["retry_policy"]
+        # UNAVAILABLE is the services' "not processed" (as during their shutdown); the others
+        # never reached a service. A reset after sending, 5xx, CANCELLED or a timeout may have.
+        assert set(policy["retry_on"].split(",")) == {
+            "unavailable",
+            "connect-failure",
+            "refused-stream",
+            "reset-before-request",
+        }
+        assert policy["num_retries"] >= 1
+        predicates = [p["name"] for p in policy["retry_host_predicate"]]
+        assert predicates == ["envoy.retry_host_predicates.previous_hosts"]
+        assert policy["host_selection_retry_max_attempts"] > 1
+    for cluster in config["static_resources"]["clusters"]:
+        (threshold,) = cluster["circuit_breakers"]["thresholds"]
+        assert 0 < threshold["retry_budget"]["budget_percent"]["value"] <= 25, (
+            "retries cannot pile up on a failing service"
+        )
+
+
+def test_connections_that_send_nothing_or_stay_idle_are_closed_on_the_settings_timeouts(tmp_path):
+    settings = GatewaySettings.from_env(
+        {
+            "DATA_DIR": str(tmp_path),
+            "GATEWAY_WEB_DIR": "/none",
+            "GATEWAY_MAX_CONNECTIONS": "1234",
+            "GATEWAY_FIRST_BYTES_TIMEOUT_SECONDS": "3",
+            "GATEWAY_IDLE_TIMEOUT_SECONDS": "40",
+        }
+    )
+    config = render(settings)
+    (listener,) = config["static_resources"]["listeners"]
+    assert [f["name"] for f in listener["listener_filters"]] == ["envoy.filters.listener.http_inspector"]
+    assert (listener["listener_filters_timeout"], listener["continue_on_listener_filters_timeout"]) == ("3s", False)
+    manager = _listener_manager(config)
+    assert manager["common_http_protocol_options"]["idle_timeout"] == "40s"
+    assert manager["request_headers_timeout"] == "5s"
+    assert manager["http2_protocol_options"]["connection_keepalive"]["timeout"]
+    (monitor,) = config["overload_manager"]["resource_monitors"]
+    assert monitor["typed_config"]["max_active_downstream_connections"] == 1234
+    defaults = render(deploy_settings())
+    assert _listener_manager(defaults)["common_http_protocol_options"]["idle_timeout"] == "60s"
+    assert defaults["static_resources"]["listeners"][0]["listener_filters_timeout"] == "5s"
+
+
+def test_the_gateway_keeps_request_ids_by_the_services_rule():
+    from gateway.config import request_id_lua_pattern, request_id_max_length
+    from services.runtime.interceptors.request_id import REQUEST_ID
+
+    # The Lua pattern as Python reads it: ^[chars]+$, each punctuation escaped with %.
+    lua = request_id_lua_pattern()
+    assert lua.startswith("^[") and lua.endswith("]+$")
+    allowed = set(lua[2:-3].replace("%", ""))
+    assert request_id_max_length() == 64
+    for sample in ["abc", "A-1.b:c_d", "x" * 64, "x" * 65, "a b", "a;b", "", "é", "%", "a%b", "[x]"]:
+        lua_keeps = 0 < len(sample) <= request_id_max_length() and set(sample) <= allowed
+        assert lua_keeps == bool(REQUEST_ID.fullmatch(sample)), sample
+
+
+def test_envoys_own_errors_are_marked_for_the_grpc_replies_filter(tmp_path):
+    from gateway.config import LOCAL_REPLY_HEADER
+
+    mappers = _listener_manager(render(dev_settings(tmp_path)))["local_reply_config"]["mappers"]
+    for mapper in mappers:
+        (header,) = mapper["headers_to_add"]
+        assert header["header"]["key"] == LOCAL_REPLY_HEADER
+    assert mappers[-1]["headers_to_add"][0]["header"]["value"] == "%RESPONSE_CODE%"

@@ -17,7 +17,9 @@ from ..audit import client_ip
 from ..policy import Policy
 from .base import Behavior, Metadata, PolicyInterceptor
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+#: A client's ``x-request-id`` is kept when it matches this; otherwise one is made. The
+#: gateway renders the same rule into its configuration (``gateway/config.py``).
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 class RequestContextInterceptor(PolicyInterceptor):
