@@ -28,7 +28,7 @@ class RequestContextInterceptor(PolicyInterceptor):
     def wrap(self, inner: Behavior, policy: Policy, metadata: Metadata) -> Behavior:
         async def behavior(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
             supplied = metadata.first("x-request-id") or ""
-            request_id = supplied if _REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex
+            request_id = supplied if REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex
             ctx.set_trailing_metadata((("x-request-id", request_id),))
             peer = ctx.peer()
             ip = client_ip(metadata.first("x-forwarded-for"), peer)
