@@ -14,7 +14,7 @@ from gateway.config import GatewaySettings
 from services.runtime.settings import data_dir
 
 from .grpcurl import GATEWAY_FLAGS
-from .seed import seed_sites, seed_tenants
+from .seed import SeedReport, seed_demo
 from .stack import Stack, StackConfig, available_services
 from .tokens import ensure_keys, mint
 
@@ -70,9 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             stack.start_service(name)
         for name in names:
             stack.wait_serving(name)
-        if "tenant" in names:
-            seed_tenants(stack.keys_dir, stack.config.ports["tenant"])
-        seeded = seed_sites(stack.keys_dir, stack.config.ports["sites"]) if "sites" in names else 0
+        seeded = seed_demo(stack.keys_dir, {n: stack.config.ports[n] for n in names}) if "tenant" in names else None
         gateway_log = stack.config.data_dir / "gateway" / "envoy.log"
         gateway_log.parent.mkdir(parents=True, exist_ok=True)
         with gateway_log.open("ab") as log:
@@ -92,7 +90,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _banner(stack: Stack, names: list[str], seeded: int, gateway: GatewaySettings, gateway_log: Path) -> None:
+def _banner(
+    stack: Stack, names: list[str], seeded: SeedReport | None, gateway: GatewaySettings, gateway_log: Path
+) -> None:
     grpcurl = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
     sites = stack.config.ports.get("sites", 50052)
     tenant = stack.config.ports.get("tenant", 50051)
@@ -108,7 +108,8 @@ def _banner(stack: Stack, names: list[str], seeded: int, gateway: GatewaySetting
         *(f"  {name:<11} 127.0.0.1:{stack.config.ports[name]}" for name in names),
         f"  gateway     {edge} (gRPC and gRPC-web; admin 127.0.0.1:{gateway.admin_port}; log {gateway_log})",
         f"  web page    {page}" if gateway.web_dir else "  web page    not built (needs npm: make web)",
-        f"  demo data   tenants tenant_a and tenant_b, {seeded} sites",
+        f"  demo data   {_demo_line(seeded)}",
+        *(f"              {note}" for note in (seeded.notes if seeded else [])),
         "",
         "Try it through the gateway (the tenant is the subdomain):",
         "  TOKEN=$(make -s token TENANT=tenant_a)",
@@ -135,6 +136,14 @@ def _banner(stack: Stack, names: list[str], seeded: int, gateway: GatewaySetting
         "",
     ]
     print("\n".join(lines), flush=True)
+
+
+def _demo_line(seeded: SeedReport | None) -> str:
+    if seeded is None:
+        return "none (no tenant service)"
+    states = seeded.states.items()
+    tenants = ", ".join(f"{tenant_id} ({state.removeprefix('STATE_').lower()})" for tenant_id, state in states)
+    return f"tenants {tenants}; {seeded.sites} sites"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
