@@ -20,6 +20,7 @@ import asyncpg
 
 from . import bulkhead, context
 from .errors import unavailable
+from .logs import Outage
 
 log = logging.getLogger("towerco.platform")
 
@@ -27,11 +28,43 @@ BIND_TENANT = "SELECT set_config('app.current_tenant_id', $1, true)"
 PLATFORM_READ = "SELECT set_config('app.platform_read', 'on', true)"
 OUTBOX_RELAY = "SELECT set_config('app.audit_relay', 'on', true)"
 
+#: Failures that mean the database cannot be reached (down, restarting, out of connections,
+#: a connection cut), not that a statement was wrong: calls meeting them are answered
+#: UNAVAILABLE, and the outage is logged once, not per call.
+UNREACHABLE: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,  # ConnectionDoesNotExistError among them
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.InterfaceError,
+    OSError,  # refused, reset, unreachable, timed out
+)
+
 
 async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
     # JSON columns arrive as Python values, not text.
     for name in ("json", "jsonb"):
         await conn.set_type_codec(name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+class _RefillFailures(logging.Filter):
+    """asyncpg logs each failed attempt to refill the pool to its minimum size, with a traceback.
+
+    An unreachable database is the outage, already logged once: such a record is reported
+    to it instead. Any other failure (a wrong password) is logged as asyncpg wrote it.
+    """
+
+    def __init__(self, outage: Outage) -> None:
+        super().__init__()
+        self._outage = outage
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, UNREACHABLE):
+            self._outage.failed(error)
+            return False
+        return True
 
 
 class Database:
@@ -42,6 +75,10 @@ class Database:
         self._acquire_timeout = acquire_timeout
         #: Caps each tenant's share of the pool (when the call carries a limit).
         self.bulkhead = heads
+        #: Whether PostgreSQL is reachable, as the last transaction found it; logs its outages.
+        self.outage = Outage("PostgreSQL", log)
+        self._refill_failures = _RefillFailures(self.outage)
+        logging.getLogger("asyncpg.pool").addFilter(self._refill_failures)
 
     @classmethod
     async def connect(
@@ -143,14 +180,22 @@ class Database:
             conn = await self._pool.acquire(timeout=self._acquire_timeout)
         except TimeoutError:
             raise unavailable("all database connections are busy; retry shortly", "DATABASE_BUSY", 0.2) from None
+        except UNREACHABLE as exc:
+            self.outage.failed(exc)
+            raise
         try:
             async with conn.transaction(readonly=readonly):
                 await conn.execute(statement, *args)
+                self.outage.recovered()
                 yield cast("asyncpg.Connection[Any]", conn)
+        except UNREACHABLE as exc:
+            self.outage.failed(exc)
+            raise
         finally:
             await self._pool.release(conn)
 
     async def close(self, grace_seconds: float = 10.0) -> None:
+        logging.getLogger("asyncpg.pool").removeFilter(self._refill_failures)
         try:
             await asyncio.wait_for(self._pool.close(), grace_seconds)
         except TimeoutError:

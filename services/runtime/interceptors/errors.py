@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -15,22 +14,12 @@ from towerco.audit.v1.audit_log_service_pb2 import AuditEvent
 
 from .. import context
 from ..audit import Auditor
+from ..db import UNREACHABLE
 from ..errors import FieldViolation, ServiceError, invalid_argument, unavailable
 from ..policy import Policy, PolicyTable
 from .base import Behavior, Metadata, PolicyInterceptor
 
 log = logging.getLogger("towerco.errors")
-
-#: Database conditions a client should retry later, not report as bugs.
-_RETRYABLE_DB_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.InterfaceError,
-    ConnectionError,
-    OSError,
-    asyncio.TimeoutError,
-)
 
 
 class _Malformed:
@@ -86,8 +75,8 @@ class ErrorDetailsInterceptor(PolicyInterceptor):
                     grpc.StatusCode.ABORTED, "concurrent change conflicted; retry the request", "CONCURRENT_CHANGE"
                 )
                 await _abort(ctx, error, policy)
-            except _RETRYABLE_DB_ERRORS:
-                log.warning("database unavailable for %s", policy.method, exc_info=True)
+            except UNREACHABLE:
+                # Logged once per outage where it is met (Database.outage), not once per call.
                 await _abort(
                     ctx, unavailable("the database is unavailable; retry later", "DATABASE_UNAVAILABLE"), policy
                 )
