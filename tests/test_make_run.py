@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from deploy.local.grpcurl import PROTOSET
+from deploy.local.redis_server import running_pid, start_redis, stop_redis
 
 from .support import free_port
 
@@ -92,6 +93,25 @@ class MakeRun:
         return "".join(self.output)
 
 
+def _make_env(checkout: Path) -> dict[str, str]:
+    """The environment of every make call in the clone: the clone's own DATA_DIR, never an inherited one.
+
+    ``make test`` exports DATA_DIR (the developer's ``.data``); a make in the clone that
+    inherited it would start or stop the servers of the developer's ``make run``.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL", "VIRTUAL_ENV"}}
+    env["DATA_DIR"] = str(checkout / ".data")
+    return env
+
+
+def _stop_clone(checkout: Path) -> subprocess.CompletedProcess[str]:
+    """``make stop`` in the clone: stops the servers of the clone's data directory only."""
+    env = _make_env(checkout)
+    return subprocess.run(
+        ["make", "stop"], cwd=checkout, env=env, check=False, capture_output=True, text=True, timeout=120
+    )
+
+
 @pytest.fixture(scope="module")
 def checkout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     dest = REPO / "test-output" / f"fresh-clone-{os.getpid()}"
@@ -99,7 +119,7 @@ def checkout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     dest.mkdir(parents=True)
     _copy_checkout(dest)
     yield dest
-    subprocess.run(["make", "stop"], cwd=dest, check=False, capture_output=True, timeout=120)
+    _stop_clone(dest)
     shutil.rmtree(dest, ignore_errors=True)
 
 
@@ -113,7 +133,7 @@ def _grpcurl(checkout: Path, *args: str, token: str | None = None) -> subprocess
 def test_make_run_from_fresh_clone_survives_restart(checkout: Path) -> None:
     names = ("PG", "REDIS", "TENANT", "SITES", "FEATURES", "AUDIT", "GATEWAY", "GATEWAY_ADMIN")
     ports = {name: free_port() for name in names}
-    env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL", "VIRTUAL_ENV", "DATA_DIR"}}
+    env = _make_env(checkout)
     env.update({f"{name}_PORT": str(port) for name, port in ports.items()})
     sites = f"127.0.0.1:{ports['SITES']}"
 
@@ -189,3 +209,21 @@ def test_make_run_from_fresh_clone_survives_restart(checkout: Path) -> None:
     finally:
         output = second.interrupt()
     assert output.rstrip().endswith("stopped"), output[-4000:]
+
+
+def test_make_stop_in_the_clone_leaves_another_data_dirs_servers_running(
+    checkout: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``make test`` exports the developer's DATA_DIR; the clone's teardown must not stop that stack."""
+    developer = tmp_path / "developer-data"
+    start_redis(developer / "redis", free_port())
+    start_redis(checkout / ".data" / "redis", free_port())
+    monkeypatch.setenv("DATA_DIR", str(developer))  # as `make test` hands it to pytest
+    try:
+        stopped = _stop_clone(checkout)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        assert running_pid(developer / "redis") is not None, "make stop in the clone stopped the developer's Redis"
+        assert running_pid(checkout / ".data" / "redis") is None, "make stop left the clone's own Redis running"
+    finally:
+        stop_redis(developer / "redis")
+        stop_redis(checkout / ".data" / "redis")

@@ -47,8 +47,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
+    # Only the servers whose pid files are in this DATA_DIR: never another checkout's stack.
     Stack(StackConfig.from_env(data_dir())).stop_infra()
-    print("embedded PostgreSQL and Redis stopped")
+    print(f"embedded PostgreSQL and Redis of {data_dir()} stopped")
     return 0
 
 
