@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import selectors
 import shutil
-import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +20,7 @@ import pytest
 from deploy.local.grpcurl import PROTOSET
 from deploy.local.redis_server import running_pid, start_redis, stop_redis
 
+from .console import Console
 from .support import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,50 +45,8 @@ def _copy_checkout(dest: Path) -> None:
             shutil.copy2(source, target)
 
 
-class MakeRun:
-    def __init__(self, checkout: Path, env: dict[str, str]) -> None:
-        self.checkout = checkout
-        self.env = env
-        self.output: list[str] = []
-        self.process = subprocess.Popen(
-            ["make", "run"],
-            cwd=checkout,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def wait_for(self, text: str, timeout: float) -> None:
-        assert self.process.stdout is not None
-        selector = selectors.DefaultSelector()
-        selector.register(self.process.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + timeout
-        buffer = b""
-        while time.monotonic() < deadline:
-            if not selector.select(timeout=1):
-                if self.process.poll() is not None:
-                    break
-                continue
-            chunk = os.read(self.process.stdout.fileno(), 65536)
-            if not chunk:
-                break
-            buffer += chunk
-            self.output.append(chunk.decode(errors="replace"))
-            if text.encode() in buffer:
-                return
-        raise AssertionError(f"{text!r} did not appear; make run printed:\n{''.join(self.output)[-4000:]}")
-
-    def interrupt(self, timeout: float = 60) -> str:
-        """Ctrl-C, as a terminal sends it: SIGINT to the whole process group; returns the output."""
-        os.killpg(self.process.pid, signal.SIGINT)
-        try:
-            rest, _ = self.process.communicate(timeout=timeout)
-        finally:
-            if self.process.poll() is None:
-                os.killpg(self.process.pid, signal.SIGKILL)
-        self.output.append(rest.decode(errors="replace"))
-        return "".join(self.output)
+def _make_run(checkout: Path, env: dict[str, str]) -> Console:
+    return Console(["make", "run"], checkout, env)
 
 
 def _make_env(checkout: Path) -> dict[str, str]:
@@ -137,7 +93,7 @@ def test_make_run_from_fresh_clone_survives_restart(checkout: Path) -> None:
     env.update({f"{name}_PORT": str(port) for name, port in ports.items()})
     sites = f"127.0.0.1:{ports['SITES']}"
 
-    first = MakeRun(checkout, env)
+    first = _make_run(checkout, env)
     try:
         first.wait_for(BANNER, timeout=900)
         assert (checkout / ".venv" / "bin" / "python").exists()
@@ -188,7 +144,7 @@ def test_make_run_from_fresh_clone_survives_restart(checkout: Path) -> None:
         assert via_gateway.returncode == 0, via_gateway.stderr
         assert {"TWR-A-0001", "RESTART-1"} <= {s["siteId"] for s in json.loads(via_gateway.stdout)["sites"]}
         if shutil.which("npm"):  # the page is built with Node.js where the machine has it
-            assert f"http://tenant_a.localhost:{ports['GATEWAY']}/" in "".join(first.output)
+            assert f"http://tenant_a.localhost:{ports['GATEWAY']}/" in first.text
     finally:
         output = first.interrupt()
     assert output.rstrip().endswith("stopped"), output[-4000:]
@@ -198,7 +154,7 @@ def test_make_run_from_fresh_clone_survives_restart(checkout: Path) -> None:
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", ports["GATEWAY"]), timeout=2).close()
 
-    second = MakeRun(checkout, env)
+    second = _make_run(checkout, env)
     try:
         second.wait_for(BANNER, timeout=300)
         again = _grpcurl(

@@ -6,7 +6,6 @@ import argparse
 import shutil
 import signal
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from services.runtime.settings import data_dir
 from .grpcurl import GATEWAY_FLAGS
 from .seed import SeedReport, seed_demo
 from .stack import Stack, StackConfig, available_services
+from .supervisor import Supervisor
 from .tokens import ensure_keys, mint
 
 
@@ -63,6 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    gave_up = None
     try:
         stack.start_infra()
         stack.migrate()
@@ -77,18 +78,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         with gateway_log.open("ab") as log:
             gateway = stack.start_gateway(log=log)
         _banner(stack, names, seeded, gateway, gateway_log)
-        while not stopping:
-            for name, process in stack.processes.items():
-                if process.poll() is not None:
-                    print(f"service {name} exited with code {process.returncode}; stopping", file=sys.stderr)
-                    stopping = True
-            time.sleep(0.2)
+        gave_up = Supervisor(stack.supervised(names, gateway_log)).watch(lambda: stopping)
+        if gave_up is not None:
+            print(f"make run: {gave_up}; stopping", file=sys.stderr)
     finally:
         print("stopping services ...", file=sys.stderr)
         stack.stop_services()
         stack.stop_infra()
         print("stopped", file=sys.stderr)
-    return 0
+    return 0 if gave_up is None else 1
 
 
 def _banner(
@@ -111,6 +109,8 @@ def _banner(
         f"  web page    {page}" if gateway.web_dir else "  web page    not built (needs npm: make web)",
         f"  demo data   {_demo_line(seeded)}",
         *(f"              {note}" for note in (seeded.notes if seeded else [])),
+        "",
+        "A crashed service, server or gateway is restarted (said so below); Ctrl-C stops everything.",
         "",
         "Try it through the gateway (the tenant is the subdomain):",
         "  TOKEN=$(make -s token TENANT=tenant_a)",

@@ -124,6 +124,11 @@ def stop_postgres(data_dir: Path, *, timeout: float = 60.0) -> None:
             _pg_ctl_stop(data_dir, postgres_bin_dir(), _server_user(), timeout)
 
 
+def running_pid(data_dir: Path) -> int | None:
+    """Pid of the live postmaster serving ``data_dir``; None if there is none."""
+    return _running_postmaster(data_dir.absolute())
+
+
 def postgres_log_file(data_dir: Path) -> Path:
     """Server log of the cluster in ``data_dir`` (kept beside it, not inside it)."""
     return _sibling(data_dir.absolute(), ".log", hidden=False)

@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -27,9 +27,11 @@ from gateway.envoy import write_config
 from services.runtime.server import ServiceSpec, migrate_service
 from services.runtime.settings import DEFAULT_PORTS, DEV_APP_DB_PASSWORD
 
+from . import postgres, redis_server
 from .gateway import start_envoy, wait_ready
 from .postgres import start_postgres, stop_postgres
 from .redis_server import start_redis, stop_redis
+from .supervisor import Supervised
 from .tokens import ensure_keys
 
 REPO = Path(__file__).resolve().parents[2]
@@ -99,11 +101,20 @@ class Stack:
     def start_infra(self) -> None:
         ensure_keys(self.keys_dir)
         if self._embedded_pg:
-            pg = start_postgres(self.config.data_dir / "pg", self.config.pg_port, fast=self.config.fast)
-            asyncio.run(_ensure_database(pg.superuser_dsn(), DATABASE))
-            self.database_url = pg.superuser_dsn(DATABASE)
+            self._start_embedded_postgres()
         if self._embedded_redis:
-            self.redis_url = start_redis(self.config.data_dir / "redis", self.config.redis_port).url
+            self._start_embedded_redis()
+
+    def _start_embedded_postgres(self) -> str:
+        pg = start_postgres(self.config.data_dir / "pg", self.config.pg_port, fast=self.config.fast)
+        asyncio.run(_ensure_database(pg.superuser_dsn(), DATABASE))
+        self.database_url = pg.superuser_dsn(DATABASE)
+        return f"pid {postgres.running_pid(pg.data_dir)}, {pg.host}:{pg.port}"
+
+    def _start_embedded_redis(self) -> str:
+        server = start_redis(self.config.data_dir / "redis", self.config.redis_port)
+        self.redis_url = server.url
+        return f"pid {redis_server.running_pid(server.data_dir)}, {server.url}"
 
     def migrate(self, names: list[str] | None = None) -> dict[str, list[int]]:
         password = self.service_env()["APP_DB_PASSWORD"]
@@ -180,14 +191,20 @@ class Stack:
         return GatewaySettings.from_env(self.service_env(extra_env))
 
     def start_gateway(
-        self, *, log: IO[bytes] | None = None, extra_env: Mapping[str, str] | None = None, instance: str = "gateway"
+        self,
+        *,
+        log: IO[bytes] | None = None,
+        extra_env: Mapping[str, str] | None = None,
+        instance: str = "gateway",
+        wait: bool = True,
     ) -> GatewaySettings:
-        """Render the gateway's configuration for this stack, start Envoy on it, wait until ready."""
+        """Render the gateway's configuration for this stack, start Envoy on it and (if ``wait``) wait until ready."""
         settings = self.gateway_settings(extra_env)
         config = write_config(settings, self.config.data_dir / instance / "envoy.json")
         process = start_envoy(config, log)
         self.processes[instance] = process
-        wait_ready(process, settings)
+        if wait:
+            wait_ready(process, settings)
         return settings
 
     def stop(self, instance: str, timeout: float = 15.0) -> None:
@@ -213,11 +230,50 @@ class Stack:
                 process.wait()
         self.processes.clear()
 
+    def supervised(self, services: list[str], gateway_log: Path) -> list[Supervised]:
+        """What ``make run`` keeps running, servers first: how to tell each is gone and start it again."""
+        watched = []
+        if self._embedded_pg:
+            pg_check = _server_check(postgres.running_pid, self.config.data_dir / "pg")
+            watched.append(Supervised("PostgreSQL", pg_check, self._start_embedded_postgres))
+        if self._embedded_redis:
+            redis_check = _server_check(redis_server.running_pid, self.config.data_dir / "redis")
+            watched.append(Supervised("Redis", redis_check, self._start_embedded_redis))
+
+        def restart_gateway() -> str:
+            with gateway_log.open("ab") as log:
+                # Not waiting for healthy clusters: a service that is down too is restarted meanwhile.
+                self.start_gateway(log=log, wait=False)
+            return f"pid {self.processes['gateway'].pid}"
+
+        for name in [*services, "gateway"]:
+            restart = restart_gateway if name == "gateway" else self._restarter(name)
+            watched.append(Supervised(name, self._exit_check(name), restart))
+        return watched
+
+    def _exit_check(self, instance: str) -> Callable[[], str | None]:
+        def check() -> str | None:
+            code = self.processes[instance].poll()
+            return None if code is None else f"exited with code {code}"
+
+        return check
+
+    def _restarter(self, name: str) -> Callable[[], str]:
+        def restart() -> str:
+            return f"pid {self.start_service(name).pid}"
+
+        return restart
+
     def stop_infra(self) -> None:
         if self._embedded_redis:
             stop_redis(self.config.data_dir / "redis")
         if self._embedded_pg:
             stop_postgres(self.config.data_dir / "pg")
+
+
+def _server_check(running_pid: Callable[[Path], int | None], data_dir: Path) -> Callable[[], str | None]:
+    """A daemon's check: its pid file in ``data_dir`` names a live server of that directory."""
+    return lambda: "is not running" if running_pid(data_dir) is None else None
 
 
 async def _ensure_database(superuser_dsn: str, name: str) -> None:

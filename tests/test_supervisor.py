@@ -1,0 +1,234 @@
+"""``make run`` keeps its stack up: a crashed service, PostgreSQL, Redis or Envoy is restarted.
+
+The rules (backoff, giving up) are checked on their own in milliseconds; then a real dev
+stack (``python -m deploy.local run``, as ``make run`` starts it, with its own data
+directory and ports) has a service, Redis, PostgreSQL and Envoy killed under it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from towerco.sites.v1 import sites_service_pb2 as sites_pb
+from towerco.sites.v1 import sites_service_pb2_grpc as sites_grpc
+
+from deploy.local import postgres, redis_server
+from deploy.local.supervisor import RestartPolicy, Supervised, Supervisor
+from deploy.local.tokens import mint
+
+from .console import Console
+from .support import bearer, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+BANNER = "Towerco AIOps platform is up"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Flaky:
+    """A process record whose deaths and restarts the test decides."""
+
+    def __init__(self, fail_restarts: int = 0) -> None:
+        self.running = True
+        self.restarts = 0
+        self.fail_restarts = fail_restarts
+
+    def check(self) -> str | None:
+        return None if self.running else "exited with code -9"
+
+    def restart(self) -> str:
+        if self.fail_restarts:
+            self.fail_restarts -= 1
+            raise OSError("port taken")
+        self.restarts += 1
+        self.running = True
+        return f"pid {100 + self.restarts}"
+
+
+class Harness:
+    """A supervisor of one flaky ``sites`` on a clock the test moves, and what it said."""
+
+    def __init__(self, fail_restarts: int = 0) -> None:
+        self.clock = FakeClock()
+        self.flaky = Flaky(fail_restarts)
+        self.said: list[str] = []
+        sites = Supervised("sites", self.flaky.check, self.flaky.restart)
+        self.supervisor = Supervisor([sites], RestartPolicy(), report=self.said.append, clock=self.clock)
+
+
+def test_a_crashed_process_is_restarted_after_a_delay_that_doubles_with_each_crash() -> None:
+    h = Harness()
+    delays = []
+    for _ in range(3):
+        h.flaky.running = False
+        assert h.supervisor.tick() is None
+        restart_at = h.supervisor.processes[0].restart_at
+        assert restart_at is not None
+        delays.append(restart_at - h.clock.now)
+        h.clock.now = restart_at - 0.01
+        h.supervisor.tick()
+        assert not h.flaky.running, "restarted before its delay was over"
+        h.clock.now = restart_at
+        h.supervisor.tick()
+        assert h.flaky.running
+    assert delays == [0.5, 1.0, 2.0]
+    assert h.said[0] == "sites exited with code -9; restarting it in 0.5s (crash 1 within 60s)"
+    assert h.said[1] == "sites restarted (pid 101)"
+
+
+def test_five_crashes_within_a_minute_stop_the_stack_with_the_reason() -> None:
+    h = Harness()
+    reasons = []
+    for _ in range(5):
+        h.flaky.running = False
+        reasons.append(h.supervisor.tick())
+        h.clock.now += 10.0  # past every delay, within the minute
+        h.supervisor.tick()
+    assert reasons == [None] * 4 + ["sites exited with code -9: 5 crashes within 60s, giving up"]
+    assert h.flaky.restarts == 4
+
+
+def test_crashes_older_than_the_window_are_forgotten() -> None:
+    h = Harness()
+    for _ in range(10):
+        h.flaky.running = False
+        assert h.supervisor.tick() is None
+        h.clock.now += 30.0  # two crashes a minute: never five within one
+        h.supervisor.tick()
+    assert h.flaky.restarts == 10
+
+
+def test_a_failed_restart_counts_as_a_crash_and_is_tried_again() -> None:
+    h = Harness(fail_restarts=1)
+    h.flaky.running = False
+    h.supervisor.tick()
+    h.clock.now += 0.5
+    assert h.supervisor.tick() is None
+    assert h.said[-1] == "sites could not be restarted: port taken; restarting it in 1s (crash 2 within 60s)"
+    h.clock.now += 1.0
+    h.supervisor.tick()
+    assert h.flaky.running
+    assert h.said[-1] == "sites restarted (pid 101)"
+
+
+def test_nothing_is_restarted_once_ctrl_c_is_pressed() -> None:
+    """Ctrl-C reaches the services too: their exit then is no crash."""
+    h = Harness()
+    h.flaky.running = False
+    assert h.supervisor.watch(lambda: True) is None
+    assert h.supervisor.tick(lambda: True) is None
+    assert h.said == []
+    assert h.flaky.restarts == 0
+
+
+class DevStack:
+    def __init__(self, data_dir: Path, ports: dict[str, int]) -> None:
+        self.data_dir = data_dir
+        self.ports = ports
+        env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL"}}
+        env.update({f"{name}_PORT": str(port) for name, port in ports.items()}, DATA_DIR=str(data_dir))
+        self.console = Console([sys.executable, "-m", "deploy.local", "run"], REPO, env)
+
+    def child(self, argv_part: str) -> int:
+        """Pid of the stack's child process whose command line has ``argv_part``."""
+        pid = self.console.process.pid
+        children = " ".join(Path(task, "children").read_text() for task in Path(f"/proc/{pid}/task").iterdir())
+        for child in map(int, children.split()):
+            if argv_part in Path(f"/proc/{child}/cmdline").read_text().replace("\0", " "):
+                return child
+        raise AssertionError(f"no child of the dev stack runs {argv_part!r}")
+
+
+@pytest.fixture
+def dev_stack(tmp_path: Path) -> Iterator[DevStack]:
+    names = ("PG", "REDIS", "TENANT", "SITES", "FEATURES", "AUDIT", "GATEWAY", "GATEWAY_ADMIN")
+    stack = DevStack(tmp_path / "data", {name: free_port() for name in names})
+    try:
+        yield stack
+    finally:
+        if stack.console.process.poll() is None:
+            stack.console.interrupt()
+        # Whatever a failed run left behind (the servers are daemons), never another stack's.
+        redis_server.stop_redis(stack.data_dir / "redis")
+        postgres.stop_postgres(stack.data_dir / "pg")
+
+
+def _eventually(check: Callable[[], object], within: float) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            check()
+            return
+        except (grpc.RpcError, AssertionError):
+            if time.monotonic() >= deadline:
+                raise
+        time.sleep(0.2)
+
+
+def test_dev_stack_restarts_a_killed_service_redis_postgres_and_envoy_and_stops_on_ctrl_c(dev_stack: DevStack) -> None:
+    console = dev_stack.console
+    console.wait_for(BANNER, timeout=180)
+    token = bearer(mint(dev_stack.data_dir / "keys", tenant="tenant_a", role="admin", ttl=600))
+    direct = grpc.insecure_channel(f"127.0.0.1:{dev_stack.ports['SITES']}")
+    edge = grpc.insecure_channel(
+        f"127.0.0.1:{dev_stack.ports['GATEWAY']}", options=[("grpc.default_authority", "tenant_a.localhost")]
+    )
+    with direct, edge:
+        sites, via_gateway = sites_grpc.SiteServiceStub(direct), sites_grpc.SiteServiceStub(edge)
+        assert sites.GetSite(sites_pb.GetSiteRequest(site_id="TWR-A-0001"), metadata=token, timeout=10).name
+
+        killed = {
+            "sites": dev_stack.child("-m services.sites"),
+            "gateway": dev_stack.child("envoy"),
+            "Redis": redis_server.running_pid(dev_stack.data_dir / "redis"),
+            "PostgreSQL": postgres.running_pid(dev_stack.data_dir / "pg"),
+        }
+        since = console.mark()
+        for pid in killed.values():
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+        for name in killed:
+            console.wait_for(f"make run: {name} restarted", timeout=60, since=since)
+        output = console.text[since:]
+        assert "sites exited with code -9; restarting it in 0.5s" in output, output
+        assert "gateway exited with code -9; restarting it in 0.5s" in output, output
+        assert "Redis is not running; restarting it" in output, output
+        assert "PostgreSQL is not running; restarting it" in output, output
+        assert dev_stack.child("-m services.sites") != killed["sites"]
+
+        # Reads and writes work again, straight to the service and through the gateway.
+        def write_and_read() -> None:
+            sites.CreateSite(
+                sites_pb.CreateSiteRequest(site_id="AFTER-KILL", request_id="after-kill", site=sites_pb.Site(name="x")),
+                metadata=token,
+                timeout=10,
+            )
+            listed = via_gateway.ListSites(sites_pb.ListSitesRequest(page_size=50), metadata=token, timeout=10)
+            assert "AFTER-KILL" in {site.site_id for site in listed.sites}
+
+        _eventually(write_and_read, within=30)
+        assert console.process.poll() is None, "the dev stack stopped after its processes were killed"
+
+    since = console.mark()
+    output = console.interrupt()
+    assert output.rstrip().endswith("stopped"), output[-4000:]
+    assert "restart" not in output[since:], "Ctrl-C was taken for crashes: " + output[since:]
+    assert console.process.returncode == 0
+    assert redis_server.running_pid(dev_stack.data_dir / "redis") is None
+    assert postgres.running_pid(dev_stack.data_dir / "pg") is None
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", dev_stack.ports["SITES"]), timeout=2).close()
