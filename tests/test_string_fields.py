@@ -14,16 +14,21 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
-from google.protobuf import field_mask_pb2, message_factory
+from google.protobuf import empty_pb2, field_mask_pb2, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
+from grpc import aio
 from towerco.sites.v1 import sites_service_pb2 as sites_pb
+from towerco.sites.v1 import sites_service_pb2_grpc as sites_grpc
 from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 
 from services.audit.__main__ import SPEC as AUDIT
 from services.features.__main__ import SPEC as FEATURES
+from services.runtime.interceptors.errors import ErrorDetailsInterceptor
+from services.runtime.interceptors.request_id import RequestContextInterceptor
 from services.runtime.policy import Policy, PolicyTable
 from services.runtime.validation import path_key
 from services.sites.__main__ import SPEC as SITES
@@ -248,3 +253,58 @@ def test_nul_inside_a_site_configuration_names_the_field_and_where(sites: Any, c
     assert got.fields == ["site.configuration"]
     assert got.bad_request is not None
     assert "$.equipment[1].model" in got.bad_request.field_violations[0].description
+
+
+class _StoresAsGiven(sites_grpc.SiteServiceServicer):
+    """GetSite hands ``site_id`` to PostgreSQL as text and as jsonb, like a servicer that forgot a check."""
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+
+    async def GetSite(self, request: sites_pb.GetSiteRequest, ctx: Any) -> sites_pb.Site:
+        conn = await asyncpg.connect(self._dsn)
+        try:
+            if request.site_id == "jsonb":
+                await conn.execute("SELECT $1::jsonb", '{"a": "\\u0000"}')
+            else:
+                await conn.execute("SELECT $1::text", "a\x00b")
+        finally:
+            await conn.close()
+        return sites_pb.Site()
+
+    # The servicer's other methods are abstract; the test never calls them.
+    async def CreateSite(self, request: sites_pb.CreateSiteRequest, ctx: Any) -> sites_pb.Site:
+        raise NotImplementedError
+
+    async def ListSites(self, request: sites_pb.ListSitesRequest, ctx: Any) -> sites_pb.ListSitesResponse:
+        raise NotImplementedError
+
+    async def UpdateSite(self, request: sites_pb.UpdateSiteRequest, ctx: Any) -> sites_pb.Site:
+        raise NotImplementedError
+
+    async def DeleteSite(self, request: sites_pb.DeleteSiteRequest, ctx: Any) -> empty_pb2.Empty:
+        raise NotImplementedError
+
+    async def GetSiteAnalytics(self, request: sites_pb.GetSiteAnalyticsRequest, ctx: Any) -> sites_pb.SiteAnalytics:
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize("kind", ["text", "jsonb"])
+async def test_nul_that_reaches_postgresql_anyway_is_invalid_argument_not_internal(admin_dsn: str, kind: str) -> None:
+    # Defence in depth behind the request check: the error link reads PostgreSQL's refusal
+    # of U+0000 (CharacterNotInRepertoire in text, UntranslatableCharacter in jsonb) as
+    # the client's, not as INTERNAL. Only the two links it needs, over real PostgreSQL.
+    policies = PolicyTable.from_services([sites_pb.DESCRIPTOR.services_by_name["SiteService"]])
+    server = aio.server(interceptors=[RequestContextInterceptor(policies), ErrorDetailsInterceptor(policies)])
+    sites_grpc.add_SiteServiceServicer_to_server(_StoresAsGiven(admin_dsn), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(aio.AioRpcError) as failure:
+                await sites_grpc.SiteServiceStub(channel).GetSite(sites_pb.GetSiteRequest(site_id=kind), timeout=10)
+    finally:
+        await server.stop(None)
+    got = rich_error(failure.value)
+    assert got.code == grpc.StatusCode.INVALID_ARGUMENT, got
+    assert got.reason == "INVALID_CHARACTERS" and got.fields == ["request"]

@@ -12,7 +12,9 @@ import re
 import unicodedata
 from typing import Any
 
-from .errors import FieldViolation, invalid_argument
+import asyncpg
+
+from .errors import FieldViolation, ServiceError, invalid_argument
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _CONTROL_SINGLE_LINE = re.compile(r"[\x00-\x1f\x7f]")
@@ -83,6 +85,21 @@ _NOT_DISPLAYABLE = {
     "Cs": "surrogate",
     "Co": "private-use character",
 }
+
+
+#: What PostgreSQL raises for text it cannot store: U+0000 in text (22021) or jsonb (22P05).
+UNSTORABLE_TEXT: tuple[type[Exception], ...] = (
+    asyncpg.CharacterNotInRepertoireError,
+    asyncpg.UntranslatableCharacterError,
+)
+
+
+def unstorable_text() -> ServiceError:
+    """The answer when such text reached the database after all (not through a request field)."""
+    return invalid_argument(
+        [FieldViolation("request", "holds text the database cannot store (the NUL character, U+0000)")],
+        reason="INVALID_CHARACTERS",
+    )
 
 
 def is_noncharacter(code_point: int) -> bool:

@@ -17,6 +17,7 @@ from ..audit import Auditor
 from ..db import UNREACHABLE
 from ..errors import FieldViolation, ServiceError, invalid_argument, unavailable
 from ..policy import Policy, PolicyTable
+from ..validation import UNSTORABLE_TEXT, unstorable_text
 from .base import Behavior, Metadata, PolicyInterceptor
 
 log = logging.getLogger("towerco.errors")
@@ -75,6 +76,9 @@ class ErrorDetailsInterceptor(PolicyInterceptor):
                     grpc.StatusCode.ABORTED, "concurrent change conflicted; retry the request", "CONCURRENT_CHANGE"
                 )
                 await _abort(ctx, error, policy)
+            except UNSTORABLE_TEXT as exc:  # a NUL from outside the request's fields (they are checked before)
+                log.warning("text the database cannot store reached it in %s: %s", policy.method, exc)
+                await _abort(ctx, unstorable_text(), policy)
             except UNREACHABLE:
                 # Logged once per outage where it is met (Database.outage), not once per call.
                 await _abort(
