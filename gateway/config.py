@@ -112,7 +112,7 @@ class GatewaySettings:
     first_bytes_timeout_seconds: float = 5.0
     #: A connection with no call in flight is closed after this (HTTP/2 with a GOAWAY, which
     #: gRPC clients follow by reconnecting on their next call).
-    idle_timeout_seconds: float = 60.0
+    idle_timeout_seconds: float = 15.0
     #: The built web page, or None to serve none.
     web_dir: Path | None = None
 
@@ -146,7 +146,7 @@ class GatewaySettings:
             route_timeout_seconds=float(env_int("GATEWAY_ROUTE_TIMEOUT_SECONDS", 15, environ)),
             max_connections=env_int("GATEWAY_MAX_CONNECTIONS", 10000, environ),
             first_bytes_timeout_seconds=float(env_int("GATEWAY_FIRST_BYTES_TIMEOUT_SECONDS", 5, environ)),
-            idle_timeout_seconds=float(env_int("GATEWAY_IDLE_TIMEOUT_SECONDS", 60, environ)),
+            idle_timeout_seconds=float(env_int("GATEWAY_IDLE_TIMEOUT_SECONDS", 15, environ)),
             web_dir=Path(web) if (Path(web) / "index.html").is_file() else None,
         )
 

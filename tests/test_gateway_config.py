@@ -169,7 +169,7 @@ def test_connections_that_send_nothing_or_stay_idle_are_closed_on_the_settings_t
     (monitor,) = config["overload_manager"]["resource_monitors"]
     assert monitor["typed_config"]["max_active_downstream_connections"] == 1234
     defaults = render(deploy_settings())
-    assert _listener_manager(defaults)["common_http_protocol_options"]["idle_timeout"] == "60s"
+    assert _listener_manager(defaults)["common_http_protocol_options"]["idle_timeout"] == "15s"
     assert defaults["static_resources"]["listeners"][0]["listener_filters_timeout"] == "5s"
 
 
