@@ -8,10 +8,12 @@ directory and ports) has a service, Redis, PostgreSQL and Envoy killed under it.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -154,17 +156,21 @@ class DevStack:
 
 
 @pytest.fixture
-def dev_stack(tmp_path: Path) -> Iterator[DevStack]:
+def dev_stack() -> Iterator[DevStack]:
     names = ("PG", "REDIS", "TENANT", "SITES", "FEATURES", "AUDIT", "GATEWAY", "GATEWAY_ADMIN")
-    stack = DevStack(tmp_path / "data", {name: free_port() for name in names})
+    # Under test-output/ like the session's data, not tmp_path: a concurrent pytest makes its
+    # base temp directory private again, and PostgreSQL runs as another user when we are root.
+    data_dir = REPO / "test-output" / f"dev-stack-{uuid.uuid4().hex[:8]}"
+    stack = DevStack(data_dir, {name: free_port() for name in names})
     try:
         yield stack
     finally:
         if stack.console.process.poll() is None:
             stack.console.interrupt()
         # Whatever a failed run left behind (the servers are daemons), never another stack's.
-        redis_server.stop_redis(stack.data_dir / "redis")
-        postgres.stop_postgres(stack.data_dir / "pg")
+        redis_server.stop_redis(data_dir / "redis")
+        postgres.stop_postgres(data_dir / "pg")
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def _eventually(check: Callable[[], object], within: float) -> None:
