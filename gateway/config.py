@@ -101,7 +101,8 @@ class GatewaySettings:
     jwt_jwks_file: str = ""
     jwt_jwks_url: str = ""
     jwt_clock_skew_seconds: int = 30
-    #: ``host:port`` of each service.
+    #: ``host:port`` of each service, or several, comma-separated: the gateway balances
+    #: over them and retries a refused call on another (a DNS name may also give several).
     targets: Mapping[str, str] = field(default_factory=dict)
     #: Upper bound of one API call through the gateway (then DEADLINE_EXCEEDED).
     route_timeout_seconds: float = 15.0
@@ -673,10 +674,10 @@ def _upstream_address(target: str) -> tuple[str, int, bool]:
 
 
 def _service_cluster(name: str, target: str) -> dict[str, Any]:
-    host, port, literal = _upstream_address(target)
+    addresses = [_upstream_address(one.strip()) for one in target.split(",") if one.strip()]
     return {
         "name": name,
-        "type": "STATIC" if literal else "STRICT_DNS",
+        "type": "STATIC" if all(literal for _, _, literal in addresses) else "STRICT_DNS",
         "connect_timeout": "1s",
         "lb_policy": "ROUND_ROBIN",
         "typed_extension_protocol_options": {
@@ -687,7 +688,9 @@ def _service_cluster(name: str, target: str) -> dict[str, Any]:
         },
         "load_assignment": {
             "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(host, port)}}]}],
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": _address(host, port)}} for host, port, _ in addresses]}
+            ],
         },
         "health_checks": [
             {

@@ -195,3 +195,13 @@ def test_envoys_own_errors_are_marked_for_the_grpc_replies_filter(tmp_path):
         (header,) = mapper["headers_to_add"]
         assert header["header"]["key"] == LOCAL_REPLY_HEADER
     assert mappers[-1]["headers_to_add"][0]["header"]["value"] == "%RESPONSE_CODE%"
+
+
+def test_a_service_with_several_targets_is_balanced_over_all_of_them(tmp_path):
+    settings = GatewaySettings.from_env(
+        {"DATA_DIR": str(tmp_path), "GATEWAY_WEB_DIR": "/none", "SITES_TARGET": "10.0.0.1:50052, 10.0.0.2:50052"}
+    )
+    (sites,) = [c for c in render(settings)["static_resources"]["clusters"] if c["name"] == "sites"]
+    (locality,) = sites["load_assignment"]["endpoints"]
+    addresses = [e["endpoint"]["address"]["socket_address"]["address"] for e in locality["lb_endpoints"]]
+    assert (sites["type"], addresses) == ("STATIC", ["10.0.0.1", "10.0.0.2"])
