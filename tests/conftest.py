@@ -83,7 +83,8 @@ def stack() -> Iterator[Stack]:
         gateway_port=free_port(),
         gateway_admin_port=free_port(),
         fast=True,
-        env={"LOG_LEVEL": "INFO"},
+        # Refused cross-tenant attempts are audited per window; a short one lets tests see them soon.
+        env={"LOG_LEVEL": "INFO", "AUDIT_REFUSAL_WINDOW_SECONDS": "1"},
     )
     stack = Stack(config)
     logs = {name: (OUTPUT / "logs" / f"{name}.log").open("ab") for name in ("tenant", "sites", "features", "audit")}

@@ -635,7 +635,12 @@ async def test_a_refused_cross_tenant_call_is_in_the_targets_log(audit, token, r
     md = bearer(token(caller, sub="mallory@b.example"), None, **{"x-request-id": request_id})
     err = expect_error(audit.VerifyChain, pb.VerifyChainRequest(tenant_id=target), metadata=md)
     assert (err.code, err.reason) == (DENIED, "CROSS_TENANT_DENIED")
-    # Recorded through the audit service's own outbox, then appended like any service's event.
+    # Tallied for one refusal window, recorded through the audit service's own outbox, then
+    # appended like any service's event.
+    deadline = time.monotonic() + 15
+    while not await admin.fetchval("SELECT count(*) FROM audit.events WHERE request_id = $1", request_id):
+        assert time.monotonic() < deadline, "the refusal never reached the audit log"
+        await asyncio.sleep(0.05)
     assert await settle(admin, target, caller) == [logs[0].base + 1, logs[1].base]
     rows = await admin.fetch("SELECT * FROM audit.events WHERE request_id = $1", request_id)
     assert [(r["tenant_id"], r["action"], r["outcome"], r["user_id"]) for r in rows] == [

@@ -62,6 +62,10 @@ class RequestContext:
     client_ip: str = ""
     caller: Caller | None = None
     tenant_id: str | None = None
+    #: A tenant the caller named (``x-tenant-id``) but may not act on. The call is bound to
+    #: the caller's own tenant meanwhile, so that tenant's state and rate apply to the
+    #: attempt before it is refused (see ``interceptors/cross_tenant.py``).
+    foreign_tenant: str | None = None
 
 
 log = logging.getLogger("towerco.platform")

@@ -42,6 +42,7 @@ from .pagination import PageTokens
 from .plans import Plans, PlansError, load_plans
 from .policy import PolicyError, PolicyTable
 from .ratelimit import LimiterConfig, RateLimiter
+from .refusal_audit import RefusalAudit
 from .settings import Settings, SettingsError, load
 from .tenant_cache import CHANNEL as TENANT_CHANNEL
 from .tenant_cache import TenantCache
@@ -160,11 +161,11 @@ def make_verifier(settings: Settings) -> TokenVerifier:
 
 
 def build_server(
-    spec: ServiceSpec, runtime: Runtime, policies: PolicyTable, limiter: RateLimiter
+    spec: ServiceSpec, runtime: Runtime, policies: PolicyTable, limiter: RateLimiter, refusals: RefusalAudit
 ) -> tuple[aio.Server, HealthServicer]:
     settings = runtime.settings
     chain = server_chain(
-        policies, make_verifier(settings), runtime.tenants, runtime.entitlements, limiter, runtime.audit
+        policies, make_verifier(settings), runtime.tenants, runtime.entitlements, limiter, refusals
     )
     server = aio.server(
         interceptors=chain,
@@ -285,14 +286,16 @@ async def serve(spec: ServiceSpec) -> None:
         plans=plans,
         entitlements=EntitlementDirectory(entitlement_cache, record_source, plans, tenants),
     )
+    refusals = RefusalAudit(runtime.audit, tenants, settings.audit_refusal_window_seconds)
     try:
         await cache.start()
         await entitlement_cache.start()
         if relay is not None:
             await relay.start()
+        await refusals.start()
         if not (await cache.wait_listening(5.0) and await entitlement_cache.wait_listening(1.0)):
             log.warning("not subscribed to tenant changes yet (Redis unreachable?); serving anyway")
-        server, health = build_server(spec, runtime, policies, limiter)
+        server, health = build_server(spec, runtime, policies, limiter, refusals)
         await server.start()
         for hook in runtime._starters:
             await hook()
@@ -309,6 +312,7 @@ async def serve(spec: ServiceSpec) -> None:
     finally:
         for hook in runtime._stoppers:
             await hook()
+        await refusals.close()  # the open tallies go to the outbox, which the next start relays
         if relay is not None:
             await relay.close()  # what it has not sent stays in the outbox for the next start
         await cache.close()

@@ -125,6 +125,9 @@ class Settings:
     #: How long a transaction waits for one of its tenant's connection slots before
     #: RESOURCE_EXHAUSTED, reason TENANT_CONCURRENCY_LIMIT.
     tenant_concurrency_wait_seconds: float
+    #: Refused cross-tenant attempts are tallied and audited once per caller, target and
+    #: method per this many seconds, with their count.
+    audit_refusal_window_seconds: float
     #: Test-only fault injection: ``point[:times],...`` (see services.runtime.faults).
     fault_points: str
     #: Secret that signs page tokens so a tampered or foreign token is refused.
@@ -215,6 +218,7 @@ def load(service: str) -> Settings:
         rate_limit_local_share=_env_float("RATE_LIMIT_LOCAL_SHARE", 0.25),
         rate_limit_fail_closed=_env_bool("RATE_LIMIT_FAIL_CLOSED", False),
         tenant_concurrency_wait_seconds=_env_float("TENANT_CONCURRENCY_WAIT_SECONDS", 0.25),
+        audit_refusal_window_seconds=_env_float("AUDIT_REFUSAL_WINDOW_SECONDS", 60.0),
         fault_points=_env("FAULT_POINTS", ""),
         page_token_secret=_page_token_secret(keys),
         shutdown_grace_seconds=_env_float("SHUTDOWN_GRACE_SECONDS", 10.0),
@@ -223,6 +227,8 @@ def load(service: str) -> Settings:
     )
     if not 0 < settings.rate_limit_local_share <= 1:
         raise SettingsError("RATE_LIMIT_LOCAL_SHARE must be a fraction in (0, 1]")
+    if settings.audit_refusal_window_seconds <= 0:
+        raise SettingsError("AUDIT_REFUSAL_WINDOW_SECONDS must be a positive number of seconds")
     if settings.db_pool_max_size < 1:
         raise SettingsError("DB_POOL_MAX_SIZE must be at least 1")
     if not (settings.jwt_jwks_file or settings.jwt_jwks_url):

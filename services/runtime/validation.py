@@ -97,8 +97,7 @@ UNSTORABLE_TEXT: tuple[type[Exception], ...] = (
 def unstorable_text() -> ServiceError:
     """The answer when such text reached the database after all (not through a request field)."""
     return invalid_argument(
-        [FieldViolation("request", "holds text the database cannot store (the NUL character, U+0000)")],
-        reason="INVALID_CHARACTERS",
+        [FieldViolation("request", "holds text the database cannot store (the NUL character, U+0000)")]
     )
 
 

@@ -5,15 +5,16 @@ Outermost first; a new link is one line here.
 
 from __future__ import annotations
 
-from ..audit import Auditor
 from ..auth import TokenVerifier
 from ..entitlements import EntitlementDirectory
 from ..policy import PolicyTable
 from ..ratelimit import RateLimiter
+from ..refusal_audit import RefusalAudit
 from ..tenants import TenantDirectory
 from .authentication import AuthenticationInterceptor
 from .authorization import AuthorizationInterceptor
 from .base import PolicyInterceptor
+from .cross_tenant import CrossTenantInterceptor
 from .entitlements import EntitlementsInterceptor, RateLimitInterceptor
 from .errors import ErrorDetailsInterceptor
 from .request_id import RequestContextInterceptor
@@ -28,14 +29,15 @@ def server_chain(
     tenants: TenantDirectory,
     entitlements: EntitlementDirectory,
     limiter: RateLimiter,
-    auditor: Auditor | None = None,
+    refusals: RefusalAudit | None = None,
 ) -> list[PolicyInterceptor]:
     return [
         RequestContextInterceptor(policies),  # request id, method, peer, client address (never fails)
-        ErrorDetailsInterceptor(policies, auditor),  # every failure below becomes a rich status (refusals audited)
+        ErrorDetailsInterceptor(policies, refusals),  # every failure below becomes a rich status (refusals audited)
         AuthenticationInterceptor(policies, verifier),  # who is calling (JWT or service identity)
-        TenantInterceptor(policies),  # for which tenant
+        TenantInterceptor(policies),  # for which tenant (naming another one: the caller's own, until refused)
         TenantStateInterceptor(policies, tenants),  # is that tenant active
+        CrossTenantInterceptor(policies, entitlements, limiter),  # another tenant named: counted, refused, audited
         AuthorizationInterceptor(policies),  # with which permission (internal: services only)
         EntitlementsInterceptor(policies, entitlements),  # does the plan include it; DB connections it may hold
         RateLimitInterceptor(policies, limiter),  # within the tenant's rpm_read / rpm_write

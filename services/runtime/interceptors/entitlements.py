@@ -39,16 +39,7 @@ class EntitlementsInterceptor(PolicyInterceptor):
             tenant_id = context.tenant_user_call()
             if tenant_id is None:
                 return await inner(request, ctx)
-            try:
-                found = await self._directory.get(tenant_id)
-            except ServiceError:
-                raise
-            except Exception:
-                raise unavailable(
-                    "the tenant's entitlements cannot be read right now; retry shortly", "ENTITLEMENTS_UNAVAILABLE"
-                ) from None
-            if found is None:
-                raise permission_denied(f"tenant {tenant_id!r} is not known to the platform", "TENANT_UNKNOWN")
+            found = await tenant_entitlements(self._directory, tenant_id)
             if policy.feature:
                 enabled, why = found.feature(policy.feature)
                 if not enabled:
@@ -57,6 +48,21 @@ class EntitlementsInterceptor(PolicyInterceptor):
                 return await inner(request, ctx)
 
         return behavior
+
+
+async def tenant_entitlements(directory: EntitlementDirectory, tenant_id: str) -> entitlements.Entitlements:
+    """The tenant's entitlements; UNAVAILABLE when they cannot be read, PERMISSION_DENIED if unknown."""
+    try:
+        found = await directory.get(tenant_id)
+    except ServiceError:
+        raise
+    except Exception:
+        raise unavailable(
+            "the tenant's entitlements cannot be read right now; retry shortly", "ENTITLEMENTS_UNAVAILABLE"
+        ) from None
+    if found is None:
+        raise permission_denied(f"tenant {tenant_id!r} is not known to the platform", "TENANT_UNKNOWN")
+    return found
 
 
 def _feature_refused(tenant_id: str, plan: str, feature: str, why: str) -> ServiceError:
@@ -86,30 +92,35 @@ class RateLimitInterceptor(PolicyInterceptor):
     def wrap(self, inner: Behavior, policy: Policy, metadata: Metadata) -> Behavior:
         if policy.public:
             return inner
-        limit_name = f"rpm_{policy.rate_class}"
 
         async def behavior(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
             found = entitlements.current()
             tenant_id = context.tenant_user_call()
             if found is None or tenant_id is None:
                 return await inner(request, ctx)
-            per_minute = found.limit(limit_name)
-            decision = await self._limiter.decide(tenant_id, policy.rate_class, per_minute)
-            if decision.unavailable:
-                raise unavailable(
-                    "request rates cannot be checked right now (Redis is unreachable); retry shortly",
-                    "RATE_LIMITER_UNAVAILABLE",
-                    decision.retry_after_seconds,
-                )
-            if not decision.allowed:
-                raise resource_exhausted(
-                    f"tenant {tenant_id!r} is over its {policy.rate_class} rate of {per_minute} calls per minute; "
-                    f"retry in {decision.retry_after_seconds:.3f}s",
-                    "RATE_LIMITED",
-                    retry_after_seconds=decision.retry_after_seconds,
-                    limit=limit_name,
-                    per_minute=str(per_minute),
-                )
+            await admit(self._limiter, tenant_id, policy.rate_class, found)
             return await inner(request, ctx)
 
         return behavior
+
+
+async def admit(limiter: RateLimiter, tenant_id: str, rate_class: str, found: entitlements.Entitlements) -> None:
+    """Count one ``rate_class`` call of the tenant; RESOURCE_EXHAUSTED (RATE_LIMITED) past its rate."""
+    limit_name = f"rpm_{rate_class}"
+    per_minute = found.limit(limit_name)
+    decision = await limiter.decide(tenant_id, rate_class, per_minute)
+    if decision.unavailable:
+        raise unavailable(
+            "request rates cannot be checked right now (Redis is unreachable); retry shortly",
+            "RATE_LIMITER_UNAVAILABLE",
+            decision.retry_after_seconds,
+        )
+    if not decision.allowed:
+        raise resource_exhausted(
+            f"tenant {tenant_id!r} is over its {rate_class} rate of {per_minute} calls per minute; "
+            f"retry in {decision.retry_after_seconds:.3f}s",
+            "RATE_LIMITED",
+            retry_after_seconds=decision.retry_after_seconds,
+            limit=limit_name,
+            per_minute=str(per_minute),
+        )

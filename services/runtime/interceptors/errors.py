@@ -13,10 +13,10 @@ from grpc_status import rpc_status
 from towerco.audit.v1.audit_log_service_pb2 import AuditEvent
 
 from .. import context
-from ..audit import Auditor
 from ..db import UNREACHABLE
 from ..errors import FieldViolation, ServiceError, invalid_argument, unavailable
 from ..policy import Policy, PolicyTable
+from ..refusal_audit import RefusalAudit
 from ..validation import UNSTORABLE_TEXT, unstorable_text
 from .base import Behavior, Metadata, PolicyInterceptor
 
@@ -33,13 +33,14 @@ MALFORMED = _Malformed()
 class ErrorDetailsInterceptor(PolicyInterceptor):
     """Turns :class:`ServiceError` and unexpected exceptions into rich statuses.
 
-    A refusal that carries an audit event (a cross-tenant attempt) is recorded here, in
-    the targeted tenant's log, once the call is known to have failed.
+    A refusal that carries an audit event (a cross-tenant attempt) is handed to the
+    refusal audit here, once the call is known to have failed: it tallies repeats and
+    writes them once per window.
     """
 
-    def __init__(self, policies: PolicyTable, auditor: Auditor | None = None) -> None:
+    def __init__(self, policies: PolicyTable, refusals: RefusalAudit | None = None) -> None:
         super().__init__(policies)
-        self._auditor = auditor
+        self._refusals = refusals
 
     def deserializer(self, original: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
         # gRPC would answer undecodable bytes with INTERNAL; they are the client's error.
@@ -64,8 +65,8 @@ class ErrorDetailsInterceptor(PolicyInterceptor):
                     )
                 return await inner(request, ctx)
             except ServiceError as exc:
-                if exc.audit_event is not None and self._auditor is not None:
-                    await self._record(exc.audit_event)
+                if isinstance(exc.audit_event, AuditEvent) and self._refusals is not None:
+                    self._refusals.note(exc.audit_event)
                 await _abort(ctx, exc, policy)
             except aio.AbortError:
                 raise
@@ -97,13 +98,6 @@ class ErrorDetailsInterceptor(PolicyInterceptor):
                 await _abort(ctx, error, policy)
 
         return behavior
-
-    async def _record(self, message: object) -> None:
-        assert self._auditor is not None and isinstance(message, AuditEvent)
-        try:
-            await self._auditor.record_alone(message)
-        except Exception:  # a lost record of a refusal must not turn the refusal into an error
-            log.exception("could not record audit event %s for tenant %s", message.action, message.tenant_id)
 
 
 async def _abort(ctx: aio.ServicerContext[Any, Any], error: ServiceError, policy: Policy) -> None:

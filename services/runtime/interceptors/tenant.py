@@ -1,8 +1,10 @@
 """Tenant link: decide which tenant the call acts on, once, before any handler runs.
 
 ``x-tenant-id`` (set by the gateway from the subdomain) wins when present, else the
-token's ``tenant_id``. Both present and different is a cross-tenant attempt: refused and
-logged, unless a platform admin calls an RPC that administers other tenants.
+token's ``tenant_id``. Both present and different is a cross-tenant attempt, unless a
+platform admin calls an RPC that administers other tenants: the call stays bound to the
+caller's own tenant, with the named one kept as ``foreign_tenant``, and is refused by
+:class:`~.cross_tenant.CrossTenantInterceptor` once the caller's tenant passed its checks.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from grpc import aio
 from .. import context
 from ..errors import FieldViolation, invalid_argument, unauthenticated
 from ..policy import Policy
-from ..scope import cross_tenant_denied
 from .base import Behavior, Metadata, PolicyInterceptor
 
 
@@ -26,17 +27,23 @@ class TenantInterceptor(PolicyInterceptor):
         async def behavior(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
             current = context.current()
             assert current is not None, "RequestContextInterceptor must run first"
-            tenant_id = resolve_tenant(policy, current.caller, metadata.single("x-tenant-id"))
+            header = metadata.single("x-tenant-id")
+            tenant_id = resolve_tenant(policy, current.caller, header)
             if tenant_id is None:
                 return await inner(request, ctx)
-            with context.bind(dataclasses.replace(current, tenant_id=tenant_id)):
+            foreign = header if header is not None and header != tenant_id else None
+            with context.bind(dataclasses.replace(current, tenant_id=tenant_id, foreign_tenant=foreign)):
                 return await inner(request, ctx)
 
         return behavior
 
 
 def resolve_tenant(policy: Policy, caller: context.Caller | None, header: str | None) -> str | None:
-    """The tenant a call acts on; None only for public calls that name no tenant."""
+    """The tenant a call acts on; None only for public calls that name no tenant.
+
+    For a cross-tenant attempt that is the caller's own tenant: the attempt is refused
+    further down the chain, not here.
+    """
     if header is not None and not context.is_valid_tenant_id(header):
         raise invalid_argument(
             [FieldViolation("metadata.x-tenant-id", "must match ^[a-z][a-z0-9_-]{2,49}$")],
@@ -50,4 +57,4 @@ def resolve_tenant(policy: Policy, caller: context.Caller | None, header: str | 
         return caller.tenant_id
     if caller.is_platform_admin and policy.cross_tenant:
         return header
-    raise cross_tenant_denied(caller.tenant_id, header)
+    return caller.tenant_id

@@ -19,7 +19,7 @@ from .base import Behavior, Metadata, PolicyInterceptor
 
 
 class RequestTextInterceptor(PolicyInterceptor):
-    """INVALID_ARGUMENT, reason INVALID_CHARACTERS, naming each field that breaks a text rule."""
+    """INVALID_ARGUMENT with a field violation naming each field that breaks a text rule."""
 
     def __init__(self, policies: PolicyTable) -> None:
         super().__init__(policies)
@@ -37,7 +37,7 @@ class RequestTextInterceptor(PolicyInterceptor):
         async def behavior(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
             violations = fields.violations(request)
             if violations:
-                raise invalid_argument(violations, reason="INVALID_CHARACTERS")
+                raise invalid_argument(violations)
             return await inner(request, ctx)
 
         return behavior
