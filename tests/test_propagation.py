@@ -28,6 +28,7 @@ from services.runtime.interceptors.chain import server_chain
 from services.runtime.plans import load_plans
 from services.runtime.policy import PolicyTable
 from services.runtime.ratelimit import LimiterConfig, RateLimiter
+from services.runtime.redis_clients import RedisConfig
 from services.runtime.roles import ROLE_PERMISSIONS
 from services.runtime.settings import (
     DEFAULT_JWT_AUDIENCE,
@@ -194,7 +195,8 @@ async def broken_server(stack: Any) -> AsyncIterator[str]:
         VerifierConfig(DEFAULT_JWT_ISSUER, DEFAULT_JWT_AUDIENCE, jwks_file=str(stack.keys_dir / "jwks.json"))
     )
     # Tenant state from the real registry, through a real Redis-backed cache.
-    cache = TenantCache(stack.redis_url, local_seconds=5, timeout=0.5)
+    redis = RedisConfig(stack.redis_url, timeout_seconds=0.5)
+    cache = TenantCache(redis, local_seconds=5)
     identity = ServiceIdentity.from_file(
         "sites",
         issuer=DEFAULT_SERVICE_JWT_ISSUER,
@@ -205,9 +207,9 @@ async def broken_server(stack: Any) -> AsyncIterator[str]:
     source = RegistryStateSource(f"127.0.0.1:{stack.config.ports['tenant']}", identity)
     tenants = TenantDirectory(cache, source)
     gate = FeatureGateSource(f"127.0.0.1:{stack.config.ports['features']}", identity)
-    gate_cache = TenantCache(stack.redis_url, local_seconds=5, timeout=0.5, channel=ENTITLEMENTS_CHANNEL)
+    gate_cache = TenantCache(redis, local_seconds=5, channel=ENTITLEMENTS_CHANNEL)
     directory = EntitlementDirectory(gate_cache, gate, load_plans(), tenants)
-    limiter = RateLimiter(stack.redis_url, LimiterConfig())
+    limiter = RateLimiter(redis, LimiterConfig())
     server = aio.server(interceptors=server_chain(policies, verifier, tenants, directory, limiter))
     pb_grpc.add_SiteServiceServicer_to_server(_BrokenSites(), server)
     port = server.add_insecure_port("127.0.0.1:0")

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from .redis_clients import RedisBusyError, RedisConfig, command_client
+
 log = logging.getLogger("towerco.ratelimit")
 
 # KEYS[1]: the tenant's key for one class. ARGV[1]: emission interval (µs per request).
@@ -69,7 +71,6 @@ ADMIT = Decision(True)
 @dataclass(frozen=True)
 class LimiterConfig:
     burst_seconds: float = 10.0
-    timeout_seconds: float = 0.05
     breaker_seconds: float = 1.0
     #: The share of a tenant's rate one process admits on its own while Redis is down.
     local_share: float = 0.25
@@ -100,14 +101,9 @@ class _LocalGcra:
 
 
 class RateLimiter:
-    def __init__(self, redis_url: str, config: LimiterConfig) -> None:
+    def __init__(self, redis: RedisConfig, config: LimiterConfig) -> None:
         self._config = config
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(
-            redis_url,
-            socket_timeout=config.timeout_seconds,
-            socket_connect_timeout=config.timeout_seconds,
-            retry_on_timeout=False,
-        )
+        self._redis: aioredis.Redis = command_client(redis, "ratelimit")
         self._script = self._redis.register_script(_GCRA)
         self._local = _LocalGcra()
         self._down_until = 0.0
@@ -144,6 +140,8 @@ class RateLimiter:
         return decision
 
     def _trip(self, exc: BaseException) -> None:
+        if isinstance(exc, RedisBusyError):
+            return  # every connection busy: this call decided alone, the next ones still ask Redis
         if self._down_until == 0.0:
             mode = "refusing calls" if self._config.fail_closed else f"admitting {self._config.local_share:.0%} locally"
             log.warning("rate limiter: Redis unavailable (%s); %s", exc, mode)

@@ -42,6 +42,7 @@ from .pagination import PageTokens
 from .plans import Plans, PlansError, load_plans
 from .policy import PolicyError, PolicyTable
 from .ratelimit import LimiterConfig, RateLimiter
+from .redis_clients import RedisConfig
 from .refusal_audit import RefusalAudit
 from .settings import Settings, SettingsError, load
 from .tenant_cache import CHANNEL as TENANT_CHANNEL
@@ -264,10 +265,9 @@ async def serve(spec: ServiceSpec) -> None:
     # A cache of its own: the feature gate counts versions apart from the registry.
     entitlement_cache = _tenant_cache(settings, ENTITLEMENTS_CHANNEL)
     limiter = RateLimiter(
-        settings.redis_url,
+        RedisConfig.from_settings(settings),
         LimiterConfig(
             burst_seconds=settings.rate_limit_burst_seconds,
-            timeout_seconds=settings.redis_timeout_seconds,
             local_share=settings.rate_limit_local_share,
             fail_closed=settings.rate_limit_fail_closed,
         ),
@@ -341,12 +341,8 @@ def _ask(
 
 
 def _tenant_cache(settings: Settings, channel: str = TENANT_CHANNEL) -> TenantCache:
-    return TenantCache(
-        settings.redis_url,
-        local_seconds=settings.tenant_cache_seconds,
-        timeout=settings.redis_timeout_seconds,
-        channel=channel,
-    )
+    redis = RedisConfig.from_settings(settings)
+    return TenantCache(redis, local_seconds=settings.tenant_cache_seconds, channel=channel)
 
 
 async def migrate_only(spec: ServiceSpec) -> None:

@@ -114,6 +114,9 @@ class Settings:
     tenant_cache_seconds: float
     #: Redis calls on the request path give up after this long (then PostgreSQL answers).
     redis_timeout_seconds: float
+    #: The most connections each Redis client of the process opens (the rate limiter's and
+    #: each cache's); a burst past them waits up to ``redis_timeout_seconds`` for one.
+    redis_max_connections: int
     #: The reviewed plans file (features and limits of each plan).
     plans_file: str
     #: A quiet tenant may send this many seconds' worth of its rate at once.
@@ -213,6 +216,7 @@ def load(service: str) -> Settings:
         base_domain=_env("BASE_DOMAIN", "localhost").lower().strip("."),
         tenant_cache_seconds=_env_float("TENANT_CACHE_SECONDS", 5.0),
         redis_timeout_seconds=_env_float("REDIS_TIMEOUT_SECONDS", 0.05),
+        redis_max_connections=_env_int("REDIS_MAX_CONNECTIONS", 16),
         plans_file=_env("PLANS_FILE", str(DEFAULT_PLANS_FILE)),
         rate_limit_burst_seconds=_env_float("RATE_LIMIT_BURST_SECONDS", 10.0),
         rate_limit_local_share=_env_float("RATE_LIMIT_LOCAL_SHARE", 0.25),
@@ -231,6 +235,8 @@ def load(service: str) -> Settings:
         raise SettingsError("AUDIT_REFUSAL_WINDOW_SECONDS must be a positive number of seconds")
     if settings.db_pool_max_size < 1:
         raise SettingsError("DB_POOL_MAX_SIZE must be at least 1")
+    if settings.redis_max_connections < 1:
+        raise SettingsError("REDIS_MAX_CONNECTIONS must be at least 1")
     if not (settings.jwt_jwks_file or settings.jwt_jwks_url):
         raise SettingsError("set JWT_JWKS_FILE or JWT_JWKS_URL")
     if settings.service_jwt_issuer == settings.jwt_issuer:

@@ -29,6 +29,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from .redis_clients import RedisBusyError, RedisConfig, command_client, subscriber_client
+
 log = logging.getLogger("towerco.cache")
 
 CHANNEL = "towerco:tenant-changed"
@@ -72,22 +74,17 @@ class TenantCache:
 
     def __init__(
         self,
-        redis_url: str,
+        redis: RedisConfig,
         *,
         local_seconds: float,
-        timeout: float,
         breaker_seconds: float = 1.0,
         channel: str = CHANNEL,
     ) -> None:
         #: Versions are counted per channel: one writer's versions never mix with another's.
         self._channel = channel
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(
-            redis_url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False
-        )
-        # The subscriber waits for messages indefinitely: a connection of its own, no read timeout.
-        self._subscriber: aioredis.Redis = aioredis.Redis.from_url(
-            redis_url, socket_connect_timeout=max(timeout, 1.0), health_check_interval=15
-        )
+        purpose = channel.removeprefix("towerco:").removesuffix("-changed")  # tenant, entitlements
+        self._redis: aioredis.Redis = command_client(redis, f"{purpose}-cache")
+        self._subscriber: aioredis.Redis = subscriber_client(redis, f"{purpose}-subscriber")
         self._set_if_newer = self._redis.register_script(_SET_IF_NEWER)
         self._local: dict[tuple[str, str], _Entry] = {}
         #: The newest version announced per tenant: older values are never kept.
@@ -170,6 +167,8 @@ class TenantCache:
         return time.monotonic() >= self._redis_down_until
 
     def _trip(self, exc: BaseException) -> None:
+        if isinstance(exc, RedisBusyError):
+            return  # this process is saturated, Redis is not down: no breaker
         if self._redis_usable():
             log.warning("Redis unavailable (%s); reading tenants from the source for %.1fs", exc, self._breaker_seconds)
         self._redis_down_until = time.monotonic() + self._breaker_seconds

@@ -39,6 +39,7 @@ from deploy.local.stack import Stack, StackConfig
 from deploy.local.tokens import mint
 from services.runtime.auth import TokenVerifier, VerifierConfig
 from services.runtime.ratelimit import LimiterConfig, RateLimiter
+from services.runtime.redis_clients import RedisConfig
 from services.runtime.settings import DEFAULT_JWT_AUDIENCE, DEFAULT_JWT_ISSUER
 from tests.support import free_port
 
@@ -182,7 +183,7 @@ def bench_features(target: str, sites_target: str, token: str, admin: str) -> No
 
 
 async def bench_limiter(redis_url: str) -> None:
-    limiter = RateLimiter(redis_url, LimiterConfig(timeout_seconds=1.0))
+    limiter = RateLimiter(RedisConfig(redis_url, timeout_seconds=1.0), LimiterConfig())
     try:
         for _ in range(100):
             await limiter.decide("bench_limiter", "read", 1_000_000)
