@@ -36,7 +36,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 from towerco.audit.v1 import audit_log_service_pb2 as pb
 
 from services.runtime import context
-from services.runtime.validation import Violations, has_nul
+from services.runtime.validation import Violations
 
 from .chain import CanonicalEncodingError, ChainedEvent, canonical_json
 
@@ -145,8 +145,6 @@ def _details(v: Violations, field: str, event: pb.AuditEvent) -> tuple[dict[str,
     except CanonicalEncodingError as exc:
         v.add(field, f"must be plain JSON: {exc}")
         return {}, "{}"
-    if has_nul(details):
-        v.add(field, "must not contain the NUL character")
     size = len(encoded.encode("utf-8"))
     if size > MAX_DETAILS_BYTES:
         v.add(field, f"must be at most {MAX_DETAILS_BYTES} bytes as JSON (got {size})")

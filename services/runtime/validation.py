@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from typing import Any
 
 import asyncpg
 
@@ -58,17 +57,6 @@ class Violations:
     def raise_if_any(self) -> None:
         if self.items:
             raise invalid_argument(self.items)
-
-
-def has_nul(value: Any) -> bool:
-    """True if a JSON-like value holds U+0000 in a key or string (PostgreSQL's jsonb cannot store it)."""
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any("\x00" in key or has_nul(item) for key, item in value.items())
-    if isinstance(value, list):
-        return any(has_nul(item) for item in value)
-    return False
 
 
 NUL = "\x00"

@@ -10,7 +10,7 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from towerco.sites.v1 import sites_service_pb2 as pb
 
-from services.runtime.validation import Violations, has_nul
+from services.runtime.validation import Violations
 
 SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,49}$")
 SITE_ID_HINT = "^[A-Za-z0-9][A-Za-z0-9._-]{0,49}$"
@@ -68,10 +68,6 @@ def configuration_json(v: Violations, field: str, configuration: struct_pb2.Stru
         size = len(json.dumps(value, allow_nan=False, separators=(",", ":")).encode())
     except (ValueError, json_format.Error):
         v.add(field, "must not contain NaN or infinite numbers")
-        return {}
-    if has_nul(value):
-        # PostgreSQL's jsonb cannot store U+0000 in a key or a string.
-        v.add(field, "must not contain the NUL character (U+0000) in a key or a string")
         return {}
     if size > MAX_CONFIGURATION_BYTES:
         v.add(field, f"must be at most {MAX_CONFIGURATION_BYTES} bytes as JSON (got {size})")
