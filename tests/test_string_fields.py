@@ -147,17 +147,11 @@ def _id(case: tuple[str, ServiceDescriptor, MethodDescriptor]) -> str:
 
 @pytest.fixture(scope="module")
 def callers(
-    registry: Any, token: Callable[..., str], platform_token: str, service_token: Callable[..., str]
+    token: Callable[..., str], platform_token: str, service_token: Callable[..., str]
 ) -> Callable[[Policy], tuple[tuple[str, str], ...]]:
-    """Metadata for a method's policy, all acting on one fresh enterprise tenant (every feature, high limits)."""
+    """Metadata for a method's policy, all acting on one fresh tenant (enterprise: every feature, high limits)."""
     tenant = f"nul_{uuid.uuid4().hex[:10]}"
-    request = tenant_pb.CreateTenantRequest(
-        tenant_id=tenant,
-        tenant=tenant_pb.Tenant(display_name="NUL probe", plan="enterprise", admin_email="noc@nul.example"),
-    )
-    registry.CreateTenant(request, metadata=bearer(platform_token), timeout=10)
-    tenant_admin = token(tenant)
-    platform = platform_token
+    tenant_admin = token(tenant)  # provisions it, on the enterprise plan
     service = service_token("tenant")
 
     def metadata(policy: Policy) -> tuple[tuple[str, str], ...]:
@@ -166,7 +160,7 @@ def callers(
         if policy.public:
             return ()
         if policy.cross_tenant:
-            return bearer(platform, tenant)
+            return bearer(platform_token, tenant)
         return bearer(tenant_admin)
 
     return metadata
