@@ -25,7 +25,7 @@ from google.protobuf.message import Message
 from towerco.tenant.v1 import tenant_registry_service_pb2 as pb
 
 from services.runtime.errors import FieldViolation, invalid_argument
-from services.runtime.validation import Violations
+from services.runtime.validation import Violations, path_key
 
 from .egress import host_problem, url_problem
 from .secrets import MASK
@@ -134,7 +134,7 @@ def mask_paths(update_mask: field_mask_pb2.FieldMask) -> frozenset[str]:
     bad = [
         FieldViolation(
             "update_mask",
-            f"{short(path)!r} is not a settings field that can be updated; name branding, localization, "
+            f"{path_key(path)!r} is not a settings field that can be updated; name branding, localization, "
             "business_rules, integrations or a field below them such as branding.logo_url",
         )
         for path in paths
@@ -281,7 +281,7 @@ def _numbers(v: Violations, field: str, values: Mapping[str, float], bounds: tup
     low, high = bounds
     for key, value in sorted(values.items()):
         if not METRIC_KEY.fullmatch(key):
-            v.add(f"{field}[{short(key)}]", "keys must be lower_snake_case, at most 64 characters")
+            v.add(f"{field}[{path_key(key)}]", "keys must be lower_snake_case, at most 64 characters")
         elif not math.isfinite(value) or not low <= value <= high:
             v.add(f"{field}[{key}]", f"must be a finite number from {low:,.0f} to {high:,.0f}")
 
@@ -369,7 +369,7 @@ def _api_keys(v: Violations, keys: Mapping[str, str], stored: pb.TenantSettings 
     if len(keys) > MAX_API_KEYS:
         v.add(at, f"must have at most {MAX_API_KEYS} entries (got {len(keys)})")
     for name, value in sorted(keys.items()):
-        field = f"{at}[{short(name)}]"
+        field = f"{at}[{path_key(name)}]"
         if not METRIC_KEY.fullmatch(name):
             v.add(field, "names must be lower_snake_case, at most 64 characters")
         elif value == MASK:
@@ -381,12 +381,6 @@ def _api_keys(v: Violations, keys: Mapping[str, str], stored: pb.TenantSettings 
             v.add(field, f"must be at most {MAX_API_KEY} characters")
         elif _CONTROL.search(value):
             v.add(field, "must not contain control characters or line breaks")
-
-
-def short(text: str) -> str:
-    """``text`` fit for a field path or message: printable ASCII, at most 64 characters."""
-    shown = "".join(ch if " " <= ch <= "~" and ch not in "[]" else "?" for ch in text[:64])
-    return shown + ("..." if len(text) > 64 else "")
 
 
 # Merging (AIP-134)

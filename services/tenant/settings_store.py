@@ -9,9 +9,10 @@ from google.protobuf import json_format
 from towerco.tenant.v1 import tenant_registry_service_pb2 as pb
 
 from services.runtime.errors import FieldViolation, invalid_argument
+from services.runtime.validation import path_key
 
 from .secrets import MASK, SecretBox
-from .settings_rules import NO_KEY_TO_KEEP, NO_PASSWORD_TO_KEEP, configured, fill_defaults, short
+from .settings_rules import NO_KEY_TO_KEEP, NO_PASSWORD_TO_KEEP, configured, fill_defaults
 
 
 def _secret_aad(tenant_id: str, path: str) -> str:
@@ -50,7 +51,7 @@ def to_document(
         elif key in old_secrets:
             secrets[key] = old_secrets[key]
         else:
-            problems.append(FieldViolation(f"settings.integrations.api_keys[{short(name)}]", NO_KEY_TO_KEEP))
+            problems.append(FieldViolation(f"settings.integrations.api_keys[{path_key(name)}]", NO_KEY_TO_KEEP))
         integrations.api_keys[name] = ""
     if problems:
         raise invalid_argument(problems)
