@@ -24,6 +24,8 @@ from towerco.api.v1 import text_pb2
 from towerco.sites.v1 import sites_service_pb2 as sites_pb
 from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 
+from services.runtime.validation import display_text_problem, is_noncharacter
+
 from .support import bearer, rich_error
 
 #: Refused in every display field: (character, why it is dangerous or meaningless there).
@@ -172,3 +174,18 @@ def test_a_surrogate_cannot_arrive_and_is_invalid_argument_not_internal(
     got = rich_error(failure.value)
     assert got.code == grpc.StatusCode.INVALID_ARGUMENT, got
     assert got.reason == "MALFORMED_REQUEST"
+
+
+def test_display_rule_refuses_exactly_the_documented_characters() -> None:
+    # No server: every code point against the categories text.proto documents, so the
+    # rule's fast path (str.isprintable) can never let one of them through, and spaces,
+    # letters, marks, symbols and unassigned code points are never refused.
+    refused_categories = {"Cc", "Cf", "Zl", "Zp", "Cs", "Co"}
+    wrong = []
+    for code_point in range(0x110000):
+        char = chr(code_point)
+        expected = unicodedata.category(char) in refused_categories or is_noncharacter(code_point)
+        if (display_text_problem(f"a{char}b") is not None) != expected:
+            wrong.append(f"U+{code_point:04X}")
+    assert not wrong, wrong[:20]
+    assert is_noncharacter(0x10FFFF) and is_noncharacter(0xFDEF) and not is_noncharacter(0xFDF0)
