@@ -26,6 +26,7 @@ from urllib.parse import quote, urlsplit
 from google.protobuf.descriptor import ServiceDescriptor
 from google.rpc import error_details_pb2, status_pb2
 
+from services.runtime.audit import GATEWAY_HEADER
 from services.runtime.interceptors.request_id import REQUEST_ID
 from services.runtime.policy import PolicyTable
 from services.runtime.settings import (
@@ -37,6 +38,8 @@ from services.runtime.settings import (
     env_int,
     env_str,
 )
+
+from .overload import overload_manager
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -114,6 +117,9 @@ class GatewaySettings:
     #: A connection with no call in flight is closed after this (HTTP/2 with a GOAWAY, which
     #: gRPC clients follow by reconnecting on their next call).
     idle_timeout_seconds: float = 15.0
+    #: The heap Envoy may use; as it fills, idle connections are closed sooner (see
+    #: gateway/overload.py). Below the pod's memory limit.
+    max_heap_mb: int = 400
     #: The built web page, or None to serve none.
     web_dir: Path | None = None
 
@@ -148,6 +154,7 @@ class GatewaySettings:
             max_connections=env_int("GATEWAY_MAX_CONNECTIONS", 10000, environ),
             first_bytes_timeout_seconds=float(env_int("GATEWAY_FIRST_BYTES_TIMEOUT_SECONDS", 5, environ)),
             idle_timeout_seconds=float(env_int("GATEWAY_IDLE_TIMEOUT_SECONDS", 15, environ)),
+            max_heap_mb=env_int("GATEWAY_MAX_HEAP_MB", 400, environ),
             web_dir=Path(web) if (Path(web) / "index.html").is_file() else None,
         )
 
@@ -206,17 +213,7 @@ def render(settings: GatewaySettings, routes: list[Api] | None = None) -> dict[s
             "listeners": [_listener(settings, routes)],
             "clusters": clusters,
         },
-        "overload_manager": {
-            "resource_monitors": [
-                {
-                    "name": "envoy.resource_monitors.global_downstream_max_connections",
-                    "typed_config": _typed(
-                        "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
-                        max_active_downstream_connections=settings.max_connections,
-                    ),
-                }
-            ]
-        },
+        "overload_manager": overload_manager(settings.max_connections, settings.max_heap_mb * 2**20),
     }
 
 
@@ -318,6 +315,8 @@ def _listener(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
         ],
         "listener_filters_timeout": _seconds(settings.first_bytes_timeout_seconds),
         "continue_on_listener_filters_timeout": False,
+        # What one connection may have buffered (Envoy's default is 1 MiB).
+        "per_connection_buffer_limit_bytes": 32768,
         "filter_chains": [
             {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]}
         ],
@@ -437,8 +436,19 @@ def _route_config(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any
                 "domains": ["*"],
                 "routes": [*api_routes, *page_routes, _unknown_api_route()],
                 "typed_per_filter_config": {"envoy.filters.http.cors": _cors_policy(settings)},
+                "request_headers_to_add": [_gateway_proof()],
             }
         ],
+    }
+
+
+def _gateway_proof() -> dict[str, Any]:
+    """The header that shows a service a call came through the gateway, so it believes the
+    address Envoy appended to x-forwarded-for. Its value is the gateway secret, read from
+    Envoy's environment (``GATEWAY_SECRET``), never written into this configuration."""
+    return {
+        "header": {"key": GATEWAY_HEADER, "value": "%ENVIRONMENT(GATEWAY_SECRET)%"},
+        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
     }
 
 

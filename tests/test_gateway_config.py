@@ -156,6 +156,7 @@ def test_connections_that_send_nothing_or_stay_idle_are_closed_on_the_settings_t
             "GATEWAY_MAX_CONNECTIONS": "1234",
             "GATEWAY_FIRST_BYTES_TIMEOUT_SECONDS": "3",
             "GATEWAY_IDLE_TIMEOUT_SECONDS": "40",
+            "GATEWAY_MAX_HEAP_MB": "300",
         }
     )
     config = render(settings)
@@ -166,8 +167,17 @@ def test_connections_that_send_nothing_or_stay_idle_are_closed_on_the_settings_t
     assert manager["common_http_protocol_options"]["idle_timeout"] == "40s"
     assert manager["request_headers_timeout"] == "5s"
     assert manager["http2_protocol_options"]["connection_keepalive"]["timeout"]
-    (monitor,) = config["overload_manager"]["resource_monitors"]
-    assert monitor["typed_config"]["max_active_downstream_connections"] == 1234
+    assert listener["per_connection_buffer_limit_bytes"] <= 65536
+    overload = config["overload_manager"]
+    connections, heap = overload["resource_monitors"]
+    assert connections["typed_config"]["max_active_downstream_connections"] == 1234
+    assert heap["typed_config"]["max_heap_size_bytes"] == 300 * 2**20
+    # As the heap fills, idle connections are the first to go.
+    actions = {action["name"].rsplit(".", 1)[-1]: action for action in overload["actions"]}
+    (scaled,) = actions["reduce_timeouts"]["typed_config"]["timer_scale_factors"]
+    assert scaled == {"timer": "HTTP_DOWNSTREAM_CONNECTION_IDLE", "min_timeout": "1s"}
+    assert actions["reduce_timeouts"]["triggers"][0]["name"] == heap["name"]
+    assert {"shrink_heap", "stop_accepting_requests"} <= set(actions)
     defaults = render(deploy_settings())
     assert _listener_manager(defaults)["common_http_protocol_options"]["idle_timeout"] == "15s"
     assert defaults["static_resources"]["listeners"][0]["listener_filters_timeout"] == "5s"
