@@ -168,7 +168,7 @@ def _walk_map(step: _Step, entries: Any, at: str, found: list[FieldViolation]) -
             if problem:
                 found.append(FieldViolation(f"{at}[{path_key(key)}]", problem))
         elif step.plan is _JSON_VALUE:
-            _check_json(value, f"{at}[{path_key(key)}]", found)  # a path only for what it reports
+            _check_json(value, f"{at}[{path_key(key)}]", found)
         elif step.plan is not None:
             _walk(step.plan, value, f"{at}[{path_key(key)}].", found)
 
