@@ -127,6 +127,28 @@ def test_a_failed_restart_counts_as_a_crash_and_is_tried_again() -> None:
     assert h.said[-1] == "sites restarted (pid 101)"
 
 
+def test_a_service_is_restarted_only_once_the_server_it_needs_is_back() -> None:
+    clock, said = FakeClock(), list[str]()
+    server, service = Flaky(fail_restarts=1), Flaky()
+    supervisor = Supervisor(
+        [
+            Supervised("PostgreSQL", server.check, server.restart),
+            Supervised("sites", service.check, service.restart, needs=("PostgreSQL",)),
+        ],
+        report=said.append,
+        clock=clock,
+    )
+    server.running = service.running = False
+    supervisor.tick()
+    clock.now += 0.5
+    supervisor.tick()  # the server's restart fails; the service's is due but waits for it
+    assert not service.running and service.restarts == 0
+    clock.now += 1.0
+    supervisor.tick()
+    assert server.running and service.running
+    assert said[-2:] == ["PostgreSQL restarted (pid 101)", "sites restarted (pid 101)"]
+
+
 def test_nothing_is_restarted_once_ctrl_c_is_pressed() -> None:
     """Ctrl-C reaches the services too: their exit then is no crash."""
     h = Harness()

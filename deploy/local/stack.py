@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway.config import GatewaySettings
 from gateway.envoy import write_config
 from services.runtime.server import ServiceSpec, migrate_service
-from services.runtime.settings import DEFAULT_PORTS, DEV_APP_DB_PASSWORD
+from services.runtime.settings import DEFAULT_PORTS, DEV_APP_DB_PASSWORD, gateway_secret
 
 from . import postgres, redis_server
 from .gateway import start_envoy, wait_ready
@@ -201,7 +201,9 @@ class Stack:
         """Render the gateway's configuration for this stack, start Envoy on it and (if ``wait``) wait until ready."""
         settings = self.gateway_settings(extra_env)
         config = write_config(settings, self.config.data_dir / instance / "envoy.json")
-        process = start_envoy(config, log)
+        env = self.service_env(extra_env)
+        env["GATEWAY_SECRET"] = gateway_secret(self.keys_dir, env).decode()
+        process = start_envoy(config, log, env=env)
         self.processes[instance] = process
         if wait:
             wait_ready(process, settings)
@@ -246,9 +248,10 @@ class Stack:
                 self.start_gateway(log=log, wait=False)
             return f"pid {self.processes['gateway'].pid}"
 
-        for name in [*services, "gateway"]:
-            restart = restart_gateway if name == "gateway" else self._restarter(name)
-            watched.append(Supervised(name, self._exit_check(name), restart))
+        servers = tuple(server.name for server in watched)
+        for name in services:
+            watched.append(Supervised(name, self._exit_check(name), self._restarter(name), needs=servers))
+        watched.append(Supervised("gateway", self._exit_check("gateway"), restart_gateway))
         return watched
 
     def _exit_check(self, instance: str) -> Callable[[], str | None]:

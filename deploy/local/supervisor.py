@@ -39,6 +39,9 @@ class Supervised:
     check: Callable[[], str | None]
     #: Starts it again and returns what to say about the new one ("pid 4242").
     restart: Callable[[], str]
+    #: Names of the processes it cannot start without (a service's PostgreSQL): while one
+    #: of them is down, its restart waits instead of failing and counting as a crash.
+    needs: tuple[str, ...] = ()
     crashes: deque[float] = field(default_factory=deque)
     restart_at: float | None = None
 
@@ -80,13 +83,16 @@ class Supervisor:
             if process.restart_at is None:
                 problem = process.check()
                 reason = self._crashed(process, problem) if problem is not None else None
-            elif self._clock() >= process.restart_at:
+            elif self._clock() >= process.restart_at and not self._waiting(process):
                 reason = self._restart(process)
             else:
                 reason = None
             if reason is not None:
                 return reason
         return None
+
+    def _waiting(self, process: Supervised) -> bool:
+        return any(other.restart_at is not None for other in self.processes if other.name in process.needs)
 
     def _restart(self, process: Supervised) -> str | None:
         try:
