@@ -7,7 +7,9 @@ request id of the call that made the change, so each assertion names one call.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,7 +25,10 @@ from towerco.sites.v1 import sites_service_pb2_grpc as sites_grpc
 from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 
 from deploy.local.stack import Stack
+from services.runtime.audit import GATEWAY_HEADER
+from services.runtime.settings import gateway_secret
 
+from . import grpcweb
 from .support import bearer, expect_error
 
 pytestmark = pytest.mark.stack
@@ -101,18 +106,57 @@ async def test_reads_and_failed_changes_yield_no_event(sites, token, tenant_pair
     assert await events_for(admin, tenant, missing, expect=1, wait=1.0) == []
 
 
-async def test_forwarded_client_address_is_the_gateways_entry(sites, token, tenant_pair, admin):
+async def test_a_direct_call_cannot_set_the_audited_client_address(sites, token, tenant_pair, admin):
     tenant, _ = tenant_pair
-    request_id = rid("xff")
-    # The client claims 1.2.3.4; the gateway appended what it saw, 203.0.113.7.
-    metadata = bearer(token(tenant), **{"x-request-id": request_id, "x-forwarded-for": "1.2.3.4, 203.0.113.7"})
+    request_id = rid("xff-direct")
+    # Reaching the service directly, a caller claims to be 6.6.6.6: the peer address is recorded.
+    metadata = bearer(token(tenant), **{"x-request-id": request_id, "x-forwarded-for": "6.6.6.6"})
     sites.CreateSite(
-        sites_pb.CreateSiteRequest(site_id="XFF-1", site=sites_pb.Site(name="Via gateway")),
+        sites_pb.CreateSiteRequest(site_id="XFF-1", site=sites_pb.Site(name="Direct")), metadata=metadata, timeout=10
+    )
+    (event,) = await events_for(admin, tenant, request_id)
+    assert event["ip_address"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize("secret", ["right", "wrong"])
+async def test_only_the_gateways_secret_makes_the_forwarded_address_believed(
+    sites, stack, token, tenant_pair, admin, secret
+):
+    tenant, _ = tenant_pair
+    request_id = rid(f"xff-{secret}")
+    proof = gateway_secret(stack.keys_dir).decode() if secret == "right" else "guessed-secret"
+    # The client claims 1.2.3.4; the gateway appended what it saw, 203.0.113.7.
+    metadata = bearer(
+        token(tenant),
+        **{"x-request-id": request_id, "x-forwarded-for": "1.2.3.4, 203.0.113.7", GATEWAY_HEADER: proof},
+    )
+    sites.CreateSite(
+        sites_pb.CreateSiteRequest(site_id=f"XFF-{secret}", site=sites_pb.Site(name="Via gateway")),
         metadata=metadata,
         timeout=10,
     )
     (event,) = await events_for(admin, tenant, request_id)
-    assert event["ip_address"] == "203.0.113.7"
+    assert event["ip_address"] == ("203.0.113.7" if secret == "right" else "127.0.0.1")
+
+
+async def test_through_the_gateway_the_address_envoy_saw_is_recorded(gateway, token, tenant_pair, admin):
+    tenant, _ = tenant_pair
+    reply = grpcweb.call(
+        gateway.port,
+        f"{tenant}.localhost:{gateway.port}",
+        "/towerco.sites.v1.SiteService/CreateSite",
+        sites_pb.CreateSiteRequest(site_id="XFF-GW", site=sites_pb.Site(name="Through the gateway")),
+        token=token(tenant),
+        headers={"X-Forwarded-For": "6.6.6.6", GATEWAY_HEADER: "forged"},
+    )
+    reply.one(sites_pb.Site)
+    (event,) = await events_for(admin, tenant, reply.trailers["x-request-id"])
+    # Envoy appends the client's address, and for a loopback client its own local address,
+    # which differs from the peer the service sees (Envoy, on 127.0.0.1) when the machine
+    # has a network address; the client's own claim is never taken.
+    hostname = await asyncio.to_thread(subprocess.run, ["hostname", "-I"], capture_output=True, text=True, check=False)
+    local = set(hostname.stdout.split())
+    assert event["ip_address"] in ({a for a in local if not ipaddress.ip_address(a).is_loopback} or {"127.0.0.1"})
 
 
 async def test_registry_changes_each_yield_one_event_without_secrets(registry, platform_token, token, admin):

@@ -11,6 +11,7 @@ import json
 import subprocess
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
@@ -24,7 +25,10 @@ class GatewayError(LocalServerError):
     """Envoy could not be started."""
 
 
-def start_envoy(config: Path, log: IO[bytes] | None = None, concurrency: int = 1) -> subprocess.Popen[bytes]:
+def start_envoy(
+    config: Path, log: IO[bytes] | None = None, concurrency: int = 1, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Envoy on ``config``; ``env`` must hold ``GATEWAY_SECRET``, which the configuration reads from it."""
     return subprocess.Popen(  # noqa: S603 - our own binary and file
         [
             str(envoy_binary()),
@@ -40,6 +44,7 @@ def start_envoy(config: Path, log: IO[bytes] | None = None, concurrency: int = 1
         ],
         stdout=log,
         stderr=subprocess.STDOUT if log is not None else None,
+        env=None if env is None else dict(env),
     )
 
 

@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway.config import GatewaySettings
 from gateway.envoy import write_config
 from services.runtime.server import ServiceSpec, migrate_service
-from services.runtime.settings import DEFAULT_PORTS, DEV_APP_DB_PASSWORD
+from services.runtime.settings import DEFAULT_PORTS, DEV_APP_DB_PASSWORD, gateway_secret
 
 from . import postgres, redis_server
 from .gateway import start_envoy, wait_ready
@@ -201,7 +201,9 @@ class Stack:
         """Render the gateway's configuration for this stack, start Envoy on it and (if ``wait``) wait until ready."""
         settings = self.gateway_settings(extra_env)
         config = write_config(settings, self.config.data_dir / instance / "envoy.json")
-        process = start_envoy(config, log)
+        env = self.service_env(extra_env)
+        env["GATEWAY_SECRET"] = gateway_secret(self.keys_dir, env).decode()
+        process = start_envoy(config, log, env=env)
         self.processes[instance] = process
         if wait:
             wait_ready(process, settings)

@@ -28,20 +28,22 @@ from services.runtime.settings import (
     DEFAULT_JWT_ISSUER,
     DEFAULT_SERVICE_JWT_ISSUER,
     DEV_SERVICE_KEY_ID,
+    GATEWAY_SECRET_FILE,
 )
 
 KID = "towerco-dev-1"
 
 
 def ensure_keys(keys_dir: Path) -> None:
-    """Create the dev signing key, its JWKS and the page-token secret if missing."""
+    """Create the dev signing keys, their JWKS, the page-token and gateway secrets if missing."""
     keys_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(keys_dir, 0o700)
     # The users' identity provider in dev.
     _ensure_signing_key(keys_dir / "dev-signing-key.pem", keys_dir / "jwks.json", KID, "RS256")
-    secret_path = keys_dir / "page-token.secret"
-    if not secret_path.exists():
-        _write_private(secret_path, secrets.token_urlsafe(32).encode())
+    for name in ("page-token.secret", GATEWAY_SECRET_FILE):
+        secret_path = keys_dir / name
+        if not secret_path.exists():
+            _write_private(secret_path, secrets.token_urlsafe(32).encode())
     # The platform's service issuer: a key set of its own, apart from the users'.
     _ensure_signing_key(
         keys_dir / "service-signing-key.pem", keys_dir / "service-jwks.json", DEV_SERVICE_KEY_ID, "ES256"

@@ -48,17 +48,27 @@ OUTCOME_OK = "OK"
 OUTCOME_DENIED = "PERMISSION_DENIED"
 
 
-def client_ip(forwarded_for: str | None, peer: str) -> str:
-    """The client's address: the gateway's entry in ``x-forwarded-for``, else the peer.
+#: The header the gateway sets, to the platform's gateway secret (``GATEWAY_SECRET``), on
+#: every call it forwards: only a call that carries it may say in ``x-forwarded-for`` whom
+#: it comes from. The gateway removes any client's copy (all ``x-towerco-*`` headers).
+GATEWAY_HEADER = "x-towerco-gateway"
 
-    The gateway appends the address it saw to ``x-forwarded-for``; entries before it are
-    whatever the client sent and prove nothing, so only the last one is taken.
+
+def forwarded_address(forwarded_for: str | None) -> str:
+    """The last entry of ``x-forwarded-for`` (the one its sender appended), normalized; "" if none.
+
+    Entries before it are whatever the client sent and prove nothing. Whether the last one
+    is believed depends on who sent the call (see ``RequestContext.client_ip``).
     """
     if forwarded_for:
         candidate = forwarded_for.split(",")[-1].strip()
         with contextlib.suppress(ValueError):
             return str(ipaddress.ip_address(candidate))
-    # grpc peers look like ipv4:127.0.0.1:5555 or ipv6:[::1]:5555
+    return ""
+
+
+def peer_address(peer: str) -> str:
+    """The IP address of a gRPC peer such as ``ipv4:127.0.0.1:5555`` or ``ipv6:[::1]:5555``."""
     kind, _, rest = peer.partition(":")
     if kind == "ipv4":
         return rest.rsplit(":", 1)[0]

@@ -1,4 +1,4 @@
-"""Outgoing service-to-service calls carry the caller's tenant, token and request id.
+"""Outgoing service-to-service calls carry the caller's tenant, token, request id and address.
 
 Every channel a service opens to another goes through :func:`service_channel`, whose
 client interceptor copies the current request context onto the call. The callee sees
@@ -24,11 +24,14 @@ def propagation_metadata(
     existing: Iterable[tuple[str, str | bytes]] | None, identity: ServiceIdentity | None = None
 ) -> list[tuple[str, str | bytes]]:
     """``existing`` without identity headers, plus those of the current request."""
-    identity_headers = {"authorization", "x-tenant-id", "x-request-id"}
+    identity_headers = {"authorization", "x-tenant-id", "x-request-id", "x-forwarded-for"}
     metadata = [(k, v) for k, v in (existing or ()) if k.lower() not in identity_headers]
     ctx = context.current()
     if ctx is not None:
         metadata.append(("x-request-id", ctx.request_id))
+        if ctx.client_ip:
+            # Believed by the callee only from a platform service (a call with ``identity``).
+            metadata.append(("x-forwarded-for", ctx.client_ip))
     if identity is not None:
         metadata.append(("authorization", f"Bearer {identity.token()}"))
         return metadata

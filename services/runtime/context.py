@@ -58,14 +58,30 @@ class RequestContext:
     request_id: str
     method: str
     peer: str = ""
-    #: The client's address as the platform saw it (the gateway's x-forwarded-for entry).
-    client_ip: str = ""
+    #: The peer's IP address: the client's on a direct call, the gateway's through it.
+    peer_ip: str = ""
+    #: The address the last ``x-forwarded-for`` entry names, believed only from the gateway
+    #: or a platform service (see :attr:`client_ip`).
+    forwarded_ip: str = ""
+    #: Whether the call carries the gateway's secret (``audit.GATEWAY_HEADER``).
+    via_gateway: bool = False
     caller: Caller | None = None
     tenant_id: str | None = None
     #: A tenant the caller named (``x-tenant-id``) but may not act on. The call is bound to
     #: the caller's own tenant meanwhile, so that tenant's state and rate apply to the
     #: attempt before it is refused (see ``interceptors/cross_tenant.py``).
     foreign_tenant: str | None = None
+
+    @property
+    def client_ip(self) -> str:
+        """The client's address as the platform saw it (recorded in the audit log).
+
+        The forwarded address when the call comes from the gateway (it carries the gateway's
+        secret) or from a platform service (a service token); otherwise the peer's address:
+        anyone else reaching a service directly would set whatever address they liked.
+        """
+        trusted = self.via_gateway or (self.caller is not None and self.caller.service)
+        return self.forwarded_ip if trusted and self.forwarded_ip else self.peer_ip
 
 
 log = logging.getLogger("towerco.platform")

@@ -166,8 +166,9 @@ def build_server(
 ) -> tuple[aio.Server, HealthServicer]:
     settings = runtime.settings
     chain = server_chain(
-        policies, make_verifier(settings), runtime.tenants, runtime.entitlements, limiter, refusals
-    )
+        policies, make_verifier(settings), runtime.tenants, runtime.entitlements, limiter, refusals,
+        gateway_secret=settings.gateway_secret,
+    )  # fmt: skip
     server = aio.server(
         interceptors=chain,
         options=[
@@ -225,6 +226,8 @@ async def serve(spec: ServiceSpec) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     policies = PolicyTable.from_services(spec.services)  # static: fail before touching anything
+    if not settings.gateway_secret:
+        log.warning("GATEWAY_SECRET is not set: the audit log records the gateway's address, not its clients'")
     plans = load_plans(settings.plans_file)
     if settings.migrate_on_start:
         applied = await run_migrations(spec, settings)

@@ -22,6 +22,8 @@ DEFAULT_JWT_AUDIENCE = "towerco-aiops"
 #: Issuer of the tokens the platform's services present to each other (never users).
 DEFAULT_SERVICE_JWT_ISSUER = "towerco-services"
 DEV_SERVICE_KEY_ID = "towerco-service-dev-1"
+#: The dev gateway secret's file under the keys folder (``GATEWAY_SECRET`` in a deployment).
+GATEWAY_SECRET_FILE = "gateway.secret"  # noqa: S105 - a file name, not a secret
 
 
 def env_str(name: str, default: str, environ: Mapping[str, str] | None = None) -> str:
@@ -135,6 +137,9 @@ class Settings:
     fault_points: str
     #: Secret that signs page tokens so a tampered or foreign token is refused.
     page_token_secret: bytes = field(repr=False)
+    #: The secret the gateway presents on every call it forwards (``GATEWAY_SECRET``):
+    #: only such a call may name the client's address in ``x-forwarded-for``. Empty: none may.
+    gateway_secret: bytes = field(repr=False)
     shutdown_grace_seconds: float
     #: Seconds between NOT_SERVING and refusing new calls, for load balancers to notice.
     shutdown_delay_seconds: float
@@ -173,6 +178,15 @@ def _page_token_secret(keys: Path) -> bytes:
     raise SettingsError(
         f"PAGE_TOKEN_SECRET is not set and no dev secret exists at {path}; run `make keys` (dev) or set it (deploy)"
     )
+
+
+def gateway_secret(keys: Path, environ: Mapping[str, str] | None = None) -> bytes:
+    """``GATEWAY_SECRET``, else the dev secret ``make keys`` wrote, else empty (no call is the gateway's)."""
+    raw = env_str("GATEWAY_SECRET", "", environ)
+    if raw:
+        return raw.encode()
+    path = keys / GATEWAY_SECRET_FILE
+    return path.read_bytes().strip() if path.exists() else b""
 
 
 def load(service: str) -> Settings:
@@ -225,6 +239,7 @@ def load(service: str) -> Settings:
         audit_refusal_window_seconds=_env_float("AUDIT_REFUSAL_WINDOW_SECONDS", 60.0),
         fault_points=_env("FAULT_POINTS", ""),
         page_token_secret=_page_token_secret(keys),
+        gateway_secret=gateway_secret(keys),
         shutdown_grace_seconds=_env_float("SHUTDOWN_GRACE_SECONDS", 10.0),
         shutdown_delay_seconds=_env_float("SHUTDOWN_DELAY_SECONDS", 1.0),
         log_level=_env("LOG_LEVEL", "INFO").upper(),

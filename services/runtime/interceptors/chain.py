@@ -30,9 +30,10 @@ def server_chain(
     entitlements: EntitlementDirectory,
     limiter: RateLimiter,
     refusals: RefusalAudit | None = None,
+    gateway_secret: bytes = b"",
 ) -> list[PolicyInterceptor]:
     return [
-        RequestContextInterceptor(policies),  # request id, method, peer, client address (never fails)
+        RequestContextInterceptor(policies, gateway_secret),  # request id, method, peer, client address (never fails)
         ErrorDetailsInterceptor(policies, refusals),  # every failure below becomes a rich status (refusals audited)
         AuthenticationInterceptor(policies, verifier),  # who is calling (JWT or service identity)
         TenantInterceptor(policies),  # for which tenant (naming another one: the caller's own, until refused)

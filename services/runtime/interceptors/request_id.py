@@ -6,6 +6,7 @@ request id bound (and logged).
 
 from __future__ import annotations
 
+import hmac
 import re
 import uuid
 from typing import Any
@@ -13,8 +14,8 @@ from typing import Any
 from grpc import aio
 
 from .. import context
-from ..audit import client_ip
-from ..policy import Policy
+from ..audit import GATEWAY_HEADER, forwarded_address, peer_address
+from ..policy import Policy, PolicyTable
 from .base import Behavior, Metadata, PolicyInterceptor
 
 #: A client's ``x-request-id`` is kept when it matches this; otherwise one is made. The
@@ -23,7 +24,15 @@ REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 class RequestContextInterceptor(PolicyInterceptor):
-    """Binds a new :class:`RequestContext`; keeps a well-formed ``x-request-id``."""
+    """Binds a new :class:`RequestContext`; keeps a well-formed ``x-request-id``.
+
+    The call is taken to come through the gateway when it carries the gateway's secret
+    (``gateway_secret``; empty: no call is), which decides whose address is recorded.
+    """
+
+    def __init__(self, policies: PolicyTable, gateway_secret: bytes = b"") -> None:
+        super().__init__(policies)
+        self._gateway_secret = gateway_secret
 
     def wrap(self, inner: Behavior, policy: Policy, metadata: Metadata) -> Behavior:
         async def behavior(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
@@ -31,9 +40,20 @@ class RequestContextInterceptor(PolicyInterceptor):
             request_id = supplied if REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex
             ctx.set_trailing_metadata((("x-request-id", request_id),))
             peer = ctx.peer()
-            ip = client_ip(metadata.first("x-forwarded-for"), peer)
-            bound = context.RequestContext(request_id=request_id, method=policy.method, peer=peer, client_ip=ip)
+            bound = context.RequestContext(
+                request_id=request_id,
+                method=policy.method,
+                peer=peer,
+                peer_ip=peer_address(peer),
+                forwarded_ip=forwarded_address(metadata.first("x-forwarded-for")),
+                via_gateway=self._from_gateway(metadata.first(GATEWAY_HEADER)),
+            )
             with context.bind(bound):
                 return await inner(request, ctx)
 
         return behavior
+
+    def _from_gateway(self, proof: str | None) -> bool:
+        if not self._gateway_secret or proof is None:
+            return False
+        return hmac.compare_digest(proof.encode(), self._gateway_secret)
