@@ -26,6 +26,7 @@ from urllib.parse import quote, urlsplit
 from google.protobuf.descriptor import ServiceDescriptor
 from google.rpc import error_details_pb2, status_pb2
 
+from services.runtime.audit import GATEWAY_HEADER
 from services.runtime.interceptors.request_id import REQUEST_ID
 from services.runtime.policy import PolicyTable
 from services.runtime.settings import (
@@ -435,8 +436,19 @@ def _route_config(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any
                 "domains": ["*"],
                 "routes": [*api_routes, *page_routes, _unknown_api_route()],
                 "typed_per_filter_config": {"envoy.filters.http.cors": _cors_policy(settings)},
+                "request_headers_to_add": [_gateway_proof()],
             }
         ],
+    }
+
+
+def _gateway_proof() -> dict[str, Any]:
+    """The header that shows a service a call came through the gateway, so it believes the
+    address Envoy appended to x-forwarded-for. Its value is the gateway secret, read from
+    Envoy's environment (``GATEWAY_SECRET``), never written into this configuration."""
+    return {
+        "header": {"key": GATEWAY_HEADER, "value": "%ENVIRONMENT(GATEWAY_SECRET)%"},
+        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
     }
 
 
