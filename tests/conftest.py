@@ -28,6 +28,7 @@ from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 from towerco.tenant.v1 import tenant_registry_service_pb2_grpc
 
 from deploy.local import seed
+from deploy.local.procs import pid_alive, wait_until
 from deploy.local.redis_server import running_pid, start_redis, stop_redis
 from deploy.local.stack import Stack, StackConfig
 from deploy.local.tokens import mint, mint_service
@@ -337,6 +338,20 @@ class PrivateRedis:
 
     def stop(self) -> None:
         stop_redis(self.data_dir)
+
+    def crash(self) -> None:
+        """SIGKILL: no shutdown; what it had written to its append-only file survives."""
+        pid = self._pid()
+        os.kill(pid, signal.SIGKILL)
+        assert wait_until(lambda: not pid_alive(pid), 10), "the private Redis did not die"
+
+    def restart(self) -> None:
+        """A new server on the same port, loading the same data."""
+        start_redis(self.data_dir, self.port)
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1].split("/")[0])
 
     def freeze(self) -> None:
         """SIGSTOP: connections stay open but nothing answers (a hung server, not a dead one)."""
