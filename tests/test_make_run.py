@@ -145,6 +145,20 @@ def test_make_run_from_fresh_clone_survives_restart(checkout: Path) -> None:
         assert {"TWR-A-0001", "RESTART-1"} <= {s["siteId"] for s in json.loads(via_gateway.stdout)["sites"]}
         if shutil.which("npm"):  # the page is built with Node.js where the machine has it
             assert f"http://tenant_a.localhost:{ports['GATEWAY']}/" in first.text
+
+        # As the README's demo does: the next start must come up all the same, tenant_b left suspended.
+        admin = subprocess.run(
+            ["make", "-s", "token", "ROLE=platform_admin"], cwd=checkout, env=env, capture_output=True, text=True
+        ).stdout.strip()
+        suspended = _grpcurl(
+            checkout,
+            "-d",
+            '{"tenant_id": "tenant_b", "reason": "unpaid invoice"}',
+            f"127.0.0.1:{ports['TENANT']}",
+            "towerco.tenant.v1.TenantRegistryService/SuspendTenant",
+            token=admin,
+        )
+        assert suspended.returncode == 0, suspended.stderr
     finally:
         output = first.interrupt()
     assert output.rstrip().endswith("stopped"), output[-4000:]
@@ -157,6 +171,7 @@ def test_make_run_from_fresh_clone_survives_restart(checkout: Path) -> None:
     second = _make_run(checkout, env)
     try:
         second.wait_for(BANNER, timeout=300)
+        assert "tenant_b (suspended)" in second.text, second.text[-4000:]
         again = _grpcurl(
             checkout, "-d", '{"site_id": "RESTART-1"}', sites, "towerco.sites.v1.SiteService/GetSite", token=token
         )
