@@ -260,3 +260,31 @@ def test_dev_stack_restarts_a_killed_service_redis_postgres_and_envoy_and_stops_
     assert postgres.running_pid(dev_stack.data_dir / "pg") is None
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", dev_stack.ports["SITES"]), timeout=2).close()
+
+
+def test_dev_stack_gives_up_on_a_service_that_keeps_crashing_and_says_why(dev_stack: DevStack) -> None:
+    console = dev_stack.console
+    console.wait_for(BANNER, timeout=180)
+    since = console.mark()
+    os.kill(dev_stack.child("-m services.sites"), signal.SIGKILL)
+    # Another program takes the port as soon as the dead one lets it go (its restart comes
+    # half a second later at the earliest): every restart of sites now exits at once.
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        deadline = time.monotonic() + 2
+        while True:
+            try:
+                squatter.bind(("127.0.0.1", dev_stack.ports["SITES"]))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+        squatter.listen()
+        assert console.process.wait(timeout=60) == 1
+    output = console.interrupt()[since:]  # collects the rest of the output; the stack has stopped itself
+    assert output.count("make run: sites restarted") == 4, output
+    assert "make run: sites exited with code 2: 5 crashes within 60s, giving up; stopping" in output, output
+    assert output.rstrip().endswith("stopped"), output
+    assert redis_server.running_pid(dev_stack.data_dir / "redis") is None
+    assert postgres.running_pid(dev_stack.data_dir / "pg") is None
