@@ -83,9 +83,14 @@ class Tenants:
 
 
 def held_everywhere(p: Processes, t: Tenants, private_redis: PrivateRedis) -> None:
-    """Sites and Redis hold the three as active professionals (the copies a change must replace)."""
+    """Every process and Redis hold the three as active professionals (the copies a change must replace).
+
+    The writers' reads also leave connections in their Redis pools, as a running platform's would.
+    """
     for md in t.md.values():
         p.sites.GetSiteAnalytics(ANALYTICS, metadata=md, timeout=10)
+        p.registry.GetTenantSettings(tenant_pb.GetTenantSettingsRequest(), metadata=md, timeout=10)
+        p.gate.GetEntitlements(features_pb.GetEntitlementsRequest(), metadata=md, timeout=10)
     assert '"STATE_ACTIVE"' in stored(private_redis, t.suspended, "state")
     assert '"professional"' in stored(private_redis, t.downgraded, "entitlements")
 
