@@ -17,6 +17,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from towerco.audit.v1 import audit_log_service_pb2 as audit_pb
 
 from deploy.local.stack import Stack
 from services.runtime import audit
@@ -64,6 +65,12 @@ async def test_relay_backs_off_while_the_audit_service_is_down_and_then_delivers
     auditor = Auditor(db, scratch_outbox, relay)
     tenant = f"relay_{uuid.uuid4().hex[:10]}"
     instance = f"audit-{port}"
+    # The oldest row is one the audit service will refuse (a bug's event): it must hold up
+    # neither the probes nor the batches behind it, and stays in the outbox for repair.
+    poison = audit_pb.AuditEvent(
+        event_id=str(uuid.uuid4()), tenant_id=tenant, action="relay.test", resource="relay/bad", outcome="BOGUS"
+    )
+    await auditor.record_alone(poison)
     await relay.start()
     try:
         # 60 events over about 2.4 s, each waking the relay: at the write rate it would try 60 times.
@@ -72,7 +79,7 @@ async def test_relay_backs_off_while_the_audit_service_is_down_and_then_delivers
             await asyncio.sleep(0.04)
         failed = relay.counts["failed"]
         assert 2 <= failed <= 15, f"{failed} delivery attempts while the audit service was down"
-        assert await admin.fetchval(f"SELECT count(*) FROM {scratch_outbox}.audit_outbox") == 60
+        assert await admin.fetchval(f"SELECT count(*) FROM {scratch_outbox}.audit_outbox") == 61
 
         with (OUTPUT / "logs" / f"{instance}.log").open("ab") as log:
             stack.start_service("audit", instance=instance, log=log, extra_env={"AUDIT_PORT": str(port)})
@@ -80,7 +87,7 @@ async def test_relay_backs_off_while_the_audit_service_is_down_and_then_delivers
 
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if not await admin.fetchval(f"SELECT count(*) FROM {scratch_outbox}.audit_outbox"):
+            if await admin.fetchval(f"SELECT count(*) FROM {scratch_outbox}.audit_outbox") == 1:
                 break
             await asyncio.sleep(0.1)
         resources = await admin.fetch(
@@ -88,6 +95,9 @@ async def test_relay_backs_off_while_the_audit_service_is_down_and_then_delivers
         )
         assert [r["resource"] for r in resources] == [f"relay/{i}" for i in range(60)]
         assert relay.counts["delivered"] == 60
+        assert relay.counts["refused"] == 1
+        kept = await admin.fetchval(f"SELECT event_id FROM {scratch_outbox}.audit_outbox")
+        assert str(kept) == poison.event_id
     finally:
         await relay.close()
         await db.close()

@@ -45,6 +45,8 @@ from .identity import ServiceIdentity
 log = logging.getLogger("towerco.audit")
 
 OUTCOME_OK = "OK"
+#: Refused events a relay remembers to pass over; past this many, it sends them again.
+MAX_REFUSED_REMEMBERED = 10_000
 OUTCOME_DENIED = "PERMISSION_DENIED"
 
 
@@ -179,8 +181,10 @@ class AuditRelay:
         self._backoff = Backoff(retry_seconds, max_retry_seconds)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        #: Outcomes, counted where they happen: events "delivered", delivery attempts "failed".
+        #: Outcomes, counted where they happen: events "delivered" and "refused", attempts "failed".
         self.counts: Counter[str] = Counter()
+        #: Outbox rows the audit service refused (INVALID_ARGUMENT), not sent again by this process.
+        self._refused: set[uuid.UUID] = set()
         self._outage_since: float | None = None
         self._failed_in_outage = 0
 
@@ -255,8 +259,10 @@ class AuditRelay:
             async with self._db.outbox_transaction("audit.relay") as conn:
                 rows = await conn.fetch(
                     f"SELECT tenant_id, event_id, event FROM {self._schema}.audit_outbox "
+                    "WHERE event_id <> ALL($2::uuid[]) "
                     "ORDER BY create_time, tenant_id, event_id LIMIT $1 FOR UPDATE SKIP LOCKED",
                     limit,
+                    list(self._refused),
                 )
                 if not rows:
                     return 0
@@ -265,7 +271,7 @@ class AuditRelay:
                     await self._stub.WriteEvents(audit_pb.WriteEventsRequest(events=events), timeout=10)
                     delivered = list(rows)
                 except grpc.aio.AioRpcError as exc:
-                    if exc.code() != grpc.StatusCode.INVALID_ARGUMENT or len(rows) == 1:
+                    if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
                         raise
                     # One bad event must not hold up every later one: send them one by one.
                     delivered = await self._deliver_each(rows, events)
@@ -286,7 +292,12 @@ class AuditRelay:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
                     raise
-                # Kept in the outbox (nothing is dropped) and reported until someone repairs it.
+                # Kept in the outbox (nothing is dropped) for someone to repair, and passed over
+                # from now on: it must not block the batches (or the probes) behind it, nor be
+                # reported again on every poll. The next start of the process tries it again.
+                if len(self._refused) < MAX_REFUSED_REMEMBERED:
+                    self._refused.add(row["event_id"])
+                self.counts["refused"] += 1
                 log.error(
                     "audit relay: the audit service refuses event %s (%s): %s; it stays in the outbox",
                     message.event_id,
