@@ -26,6 +26,7 @@ from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 
 from deploy.local.stack import Stack
 from services.runtime.audit import GATEWAY_HEADER
+from services.runtime.context import Caller, RequestContext
 from services.runtime.settings import gateway_secret
 
 from . import grpcweb
@@ -137,6 +138,20 @@ async def test_only_the_gateways_secret_makes_the_forwarded_address_believed(
     )
     (event,) = await events_for(admin, tenant, request_id)
     assert event["ip_address"] == ("203.0.113.7" if secret == "right" else "127.0.0.1")
+
+
+def test_the_forwarded_address_is_believed_from_the_gateway_or_a_platform_service_only():
+    def caller(service: bool) -> Caller:
+        return Caller(subject="s", tenant_id="platform", role="r", permissions=frozenset(), token="", service=service)
+
+    def seen(**fields: Any) -> str:
+        return RequestContext(request_id="r", method="m", peer_ip="127.0.0.1", **fields).client_ip
+
+    assert seen(forwarded_ip="203.0.113.7") == "127.0.0.1"
+    assert seen(forwarded_ip="203.0.113.7", caller=caller(service=False)) == "127.0.0.1"
+    assert seen(forwarded_ip="203.0.113.7", via_gateway=True) == "203.0.113.7"
+    assert seen(forwarded_ip="203.0.113.7", caller=caller(service=True)) == "203.0.113.7"
+    assert seen(via_gateway=True) == "127.0.0.1"  # the gateway named no address: the peer's
 
 
 async def test_through_the_gateway_the_address_envoy_saw_is_recorded(gateway, token, tenant_pair, admin):
