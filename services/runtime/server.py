@@ -3,7 +3,8 @@
 ``serve(spec)`` does, in order: read settings, apply migrations, open the one pool, run
 the isolation guard, build the interceptor chain from the declared policies, register
 the servicer, health and reflection, and serve until SIGTERM/SIGINT. Shutdown marks
-health NOT_SERVING, drains in-flight calls within the grace period, then closes the pool.
+health NOT_SERVING, refuses new calls UNAVAILABLE (interceptors/shutdown.py), drains
+in-flight calls within the grace period, stops the server, then closes the pool.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from .faults import Faults
 from .guard import IsolationError, check_isolation
 from .identity import ServiceIdentity
 from .interceptors.chain import server_chain
+from .interceptors.shutdown import ShutdownGate
 from .lookups import InternalLookup
 from .pagination import PageTokens
 from .plans import Plans, PlansError, load_plans
@@ -163,10 +165,11 @@ def make_verifier(settings: Settings) -> TokenVerifier:
 
 def build_server(
     spec: ServiceSpec, runtime: Runtime, policies: PolicyTable, limiter: RateLimiter, refusals: RefusalAudit
-) -> tuple[aio.Server, HealthServicer]:
+) -> tuple[aio.Server, HealthServicer, ShutdownGate]:
     settings = runtime.settings
+    gate = ShutdownGate(policies)
     chain = server_chain(
-        policies, make_verifier(settings), runtime.tenants, runtime.entitlements, limiter, refusals,
+        policies, make_verifier(settings), runtime.tenants, runtime.entitlements, limiter, refusals, gate,
         gateway_secret=settings.gateway_secret,
     )  # fmt: skip
     server = aio.server(
@@ -191,7 +194,7 @@ def build_server(
         server.add_insecure_port(f"{settings.bind_host}:{settings.port}")
     except RuntimeError as exc:  # taken since the check at start-up: gRPC says only "Failed to bind"
         raise ListenError(f"cannot listen on {settings.bind_host}:{settings.port} ({exc})") from None
-    return server, health
+    return server, health, gate
 
 
 def check_port_free(host: str, port: int, variable: str) -> None:
@@ -298,7 +301,7 @@ async def serve(spec: ServiceSpec) -> None:
         await refusals.start()
         if not (await cache.wait_listening(5.0) and await entitlement_cache.wait_listening(1.0)):
             log.warning("not subscribed to tenant changes yet (Redis unreachable?); serving anyway")
-        server, health = build_server(spec, runtime, policies, limiter, refusals)
+        server, health, gate = build_server(spec, runtime, policies, limiter, refusals)
         await server.start()
         for hook in runtime._starters:
             await hook()
@@ -307,11 +310,16 @@ async def serve(spec: ServiceSpec) -> None:
         log.info("%s serving on %s:%d", spec.name, settings.bind_host, settings.port)
 
         await stop.wait()
-        log.info("%s shutting down: NOT_SERVING, draining for up to %.0fs", spec.name, settings.shutdown_grace_seconds)
+        log.info(
+            "%s shutting down: NOT_SERVING, refusing new calls in %gs, draining for up to %gs",
+            spec.name,
+            settings.shutdown_delay_seconds,
+            settings.shutdown_grace_seconds,
+        )
         await health.enter_graceful_shutdown()
         # Give load balancers and clients that watch health a moment to stop sending new calls.
         await asyncio.sleep(settings.shutdown_delay_seconds)
-        await server.stop(settings.shutdown_grace_seconds)
+        await gate.stop(server, settings.shutdown_grace_seconds)
     finally:
         for hook in runtime._stoppers:
             await hook()

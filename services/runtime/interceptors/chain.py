@@ -18,6 +18,7 @@ from .cross_tenant import CrossTenantInterceptor
 from .entitlements import EntitlementsInterceptor, RateLimitInterceptor
 from .errors import ErrorDetailsInterceptor
 from .request_id import RequestContextInterceptor
+from .shutdown import ShutdownGate
 from .tenant import TenantInterceptor
 from .tenant_state import TenantStateInterceptor
 from .text import RequestTextInterceptor
@@ -30,11 +31,13 @@ def server_chain(
     entitlements: EntitlementDirectory,
     limiter: RateLimiter,
     refusals: RefusalAudit | None = None,
+    gate: ShutdownGate | None = None,
     gateway_secret: bytes = b"",
 ) -> list[PolicyInterceptor]:
     return [
         RequestContextInterceptor(policies, gateway_secret),  # request id, method, peer, client address (never fails)
         ErrorDetailsInterceptor(policies, refusals),  # every failure below becomes a rich status (refusals audited)
+        gate or ShutdownGate(policies),  # once stopping: UNAVAILABLE, so clients retry elsewhere
         AuthenticationInterceptor(policies, verifier),  # who is calling (JWT or service identity)
         TenantInterceptor(policies),  # for which tenant (naming another one: the caller's own, until refused)
         TenantStateInterceptor(policies, tenants),  # is that tenant active
