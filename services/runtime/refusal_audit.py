@@ -117,8 +117,8 @@ class RefusalAudit:
                 "window_seconds": self._window,
             }
         )
-        caller_tenant = event.details["caller_tenant"]
-        if not await self._known(event.tenant_id) and isinstance(caller_tenant, str):
+        caller_tenant = _key(tally.first)[0]
+        if not await self._known(event.tenant_id) and caller_tenant:
             event.tenant_id = caller_tenant
         return event
 
