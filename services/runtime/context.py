@@ -3,6 +3,10 @@
 Set by the interceptor chain for the duration of one call and reset when it ends, so
 nothing leaks from one call into the next. Read by the data layer (to bind the tenant to
 each transaction), by outgoing calls (to propagate it) and by logging.
+
+The few ways code may act on a tenant other than the call's, or without one, are listed
+in :data:`DOORS` at the end of this module: who may use each, what it reaches, and the
+tests that prove it (``tests/test_tenant_doors.py`` holds the code to the table).
 """
 
 from __future__ import annotations
@@ -152,7 +156,9 @@ def platform_scope(tenant_id: str, purpose: str) -> Iterator[RequestContext]:
     if not is_valid_tenant_id(tenant_id):
         raise PlatformScopeError(f"{purpose}: not a tenant id: {tenant_id!r}")
     if tenant_id != ctx.tenant_id:
-        log.info(
+        # DEBUG: every tenant a platform admin creates and every batch a service moves passes
+        # here; changes are in the audit log, and at INFO these lines buried everything else.
+        log.debug(
             "platform path %s: %s acts on tenant %s (request %s)", purpose, caller.subject, tenant_id, ctx.request_id
         )
     with bind(dataclasses.replace(ctx, tenant_id=tenant_id)) as scoped:
@@ -190,3 +196,148 @@ def background_context(service: str, purpose: str, request_id: str) -> RequestCo
         service=True,
     )  # fmt: skip
     return RequestContext(request_id=request_id, method=purpose, caller=caller, tenant_id=PLATFORM_TENANT)
+
+
+@dataclass(frozen=True)
+class Door:
+    """A way for code to act on a tenant other than the call's, or without one (see :data:`DOORS`)."""
+
+    #: Where it is defined: ``<module path>::<name>``.
+    defined_in: str
+    #: The only modules that may use it; a static test fails on any other (and on a stale entry).
+    users: frozenset[str]
+    #: What it checks before letting code through.
+    guard: str
+    #: What code inside it can see and do.
+    reach: str
+    #: The tests proving ``guard`` and ``reach`` (``<file>::<test>``); a test fails on a missing one.
+    proven_by: tuple[str, ...]
+
+
+_DOORS_TESTS = "tests/test_tenant_doors.py::"
+
+#: Every way across tenants or around the call's tenant, in one place. Anything else reaches
+#: data only through ``Database.transaction()``, bound to the tenant the interceptor chain
+#: decided for the call, and RLS holds every statement to it.
+DOORS: dict[str, Door] = {
+    "bind": Door(
+        defined_in="services/runtime/context.py::bind",
+        users=frozenset(
+            {
+                "services/runtime/interceptors/request_id.py",  # the call's fresh context
+                "services/runtime/interceptors/authentication.py",  # its caller
+                "services/runtime/interceptors/tenant.py",  # its tenant: the per-request binding
+                "services/runtime/audit.py",  # the relay, as a background_context
+                "services/tenant/offboarding.py",  # as a background_context
+                "services/tenant/migration.py",  # as a background_context
+            }
+        ),
+        guard="none: it binds whatever context it is given, so only the chain's links and background work bind",
+        reach="makes a context current for one block and restores the previous one after, even on an error",
+        proven_by=(_DOORS_TESTS + "test_bind_restores_the_previous_context_when_the_block_ends",),
+    ),
+    "platform_scope": Door(
+        defined_in="services/runtime/context.py::platform_scope",
+        users=frozenset(
+            {
+                "services/tenant/servicer.py",  # tenants' lifecycle and settings, by platform admins
+                "services/tenant/offboarding.py",
+                "services/tenant/migration.py",
+                "services/runtime/tenant_data.py",  # the internal copy and purge of a tenant's data
+                "services/audit/servicer.py",  # VerifyChain of another tenant
+                "services/features/registration.py",
+                "services/features/servicer.py",  # plans and overrides set by platform admins
+            }
+        ),
+        guard="the verified caller is a platform admin or a platform service (a background_context is one); "
+        "the tenant id is well formed",
+        reach="binds the named tenant as if it had called: its transactions and outgoing calls; RLS still "
+        "applies, so one tenant's rows at a time, never two",
+        proven_by=(
+            _DOORS_TESTS + "test_platform_scope_refuses_a_caller_that_is_not_the_platform",
+            _DOORS_TESTS + "test_platform_scope_refuses_what_is_not_a_tenant_id",
+            _DOORS_TESTS + "test_platform_scope_binds_only_the_named_tenant",
+            "tests/test_tenant_data.py::test_end_user_tokens_are_refused",
+        ),
+    ),
+    "system_scope": Door(
+        defined_in="services/runtime/context.py::system_scope",
+        users=frozenset(
+            {
+                "services/tenant/records.py",  # tenant state and settings behind every call (and cache repairs)
+                "services/features/records.py",  # entitlements behind every call
+                "services/runtime/audit.py",  # Auditor.record_alone: a refusal into its target's outbox
+            }
+        ),
+        guard="the tenant id is well formed; any caller, or none (the service's own bookkeeping, not the caller's)",
+        reach="binds the named tenant to the block's transactions, keeping the caller: reads of one tenant's "
+        "records, and a refused call's audit event (the refusal tallies) written to the target's outbox",
+        proven_by=(
+            _DOORS_TESTS + "test_system_scope_refuses_what_is_not_a_tenant_id",
+            _DOORS_TESTS + "test_system_scope_binds_only_the_named_tenant_without_any_caller",
+            "tests/test_audit_service.py::test_a_refused_cross_tenant_call_is_in_the_targets_log",
+        ),
+    ),
+    "background_context": Door(
+        defined_in="services/runtime/context.py::background_context",
+        users=frozenset(
+            {
+                "services/runtime/audit.py",  # the audit relay
+                "services/tenant/offboarding.py",  # deletions resumed at start-up
+                "services/tenant/migration.py",  # migrations resumed at start-up
+            }
+        ),
+        guard="none: a service's own work, with no caller to check",
+        reach="the service itself as caller, bound to the platform's tenant: no tenant's rows; a tenant only "
+        "through platform_scope, and the audit outbox through outbox_transaction",
+        proven_by=(
+            _DOORS_TESTS + "test_background_context_is_the_service_bound_to_the_platform_tenant",
+            _DOORS_TESTS + "test_background_context_without_a_tenant_reaches_no_tenant_rows",
+            _DOORS_TESTS + "test_background_context_reaches_a_tenant_only_through_platform_scope",
+        ),
+    ),
+    "rebind_tenant": Door(
+        defined_in="services/runtime/db.py::Database.rebind_tenant",
+        users=frozenset({"services/audit/servicer.py"}),  # WriteEvents: one batch, several tenants' logs
+        guard="the caller is a platform service; the tenant id is well formed; the connection is in a "
+        "transaction (the binding stays transaction-local)",
+        reach="moves an open transaction to the named tenant: from then on it shows and accepts that tenant's "
+        "rows only; logged (DEBUG) with its purpose",
+        proven_by=(
+            _DOORS_TESTS + "test_rebind_tenant_refuses_a_caller_that_is_not_a_platform_service",
+            _DOORS_TESTS + "test_rebind_tenant_refuses_a_connection_outside_a_transaction",
+            _DOORS_TESTS + "test_rebind_tenant_moves_the_transaction_to_the_named_tenant_only",
+            _DOORS_TESTS + "test_rebind_tenant_is_logged_with_its_purpose",
+            "tests/test_audit_service.py::test_end_user_tokens_cannot_write_events",
+        ),
+    ),
+    "platform_read": Door(
+        defined_in="services/runtime/db.py::Database.platform_read",
+        users=frozenset(
+            {
+                "services/tenant/servicer.py",  # ListTenants, ResolveTenant
+                "services/tenant/offboarding.py",  # finding unfinished deletions at start-up
+            }
+        ),
+        guard="none in code: what it reads decides who may ask (ListTenants: platform admins only; which "
+        "tenant serves a host name is public, ResolveTenant)",
+        reach="a READ ONLY transaction, no tenant bound: every tenant's rows in tables with a platform_read "
+        "policy (the registry's tenants and host routes), none in any other table; nothing can be written",
+        proven_by=(
+            _DOORS_TESTS + "test_platform_read_cannot_write",
+            _DOORS_TESTS + "test_platform_read_shows_every_tenant_only_in_the_directory_tables",
+        ),
+    ),
+    "outbox_transaction": Door(
+        defined_in="services/runtime/db.py::Database.outbox_transaction",
+        users=frozenset({"services/runtime/audit.py"}),  # the audit relay
+        guard="none in code: the relay runs it as a background_context",
+        reach="no tenant bound: every tenant's events in audit_outbox may be read, locked and deleted, none "
+        "added or changed; every other table shows no rows",
+        proven_by=(
+            _DOORS_TESTS + "test_outbox_transaction_reads_every_tenants_events",
+            _DOORS_TESTS + "test_outbox_transaction_shows_no_tenant_rows_elsewhere",
+            _DOORS_TESTS + "test_outbox_transaction_cannot_add_or_change_events",
+        ),
+    ),
+}

@@ -127,7 +127,7 @@ class Database:
         service's ``WriteEvents`` appends a batch of several tenants' events in one
         transaction, re-binding each tenant before touching its rows, so RLS still shows
         and accepts that tenant's rows only. Allowed only for a platform service caller,
-        only inside a transaction (the binding stays transaction-local), and logged.
+        only inside a transaction (the binding stays transaction-local), and logged (DEBUG).
         """
         caller = context.current_caller()
         if caller is None or not caller.service:
@@ -137,7 +137,8 @@ class Database:
         if not conn.is_in_transaction():
             raise RuntimeError(f"{purpose}: rebind_tenant needs an open transaction (the binding is transaction-local)")
         ctx = context.current()
-        log.info(
+        # DEBUG: the audit service passes here for every tenant of every batch it is sent.
+        log.debug(
             "platform path %s: %s binds tenant %s (request %s)",
             purpose,
             caller.subject,
@@ -151,11 +152,11 @@ class Database:
         """A READ ONLY transaction that may read across tenants where a table allows it.
 
         Only tables with a ``platform_read`` policy (the registry's directory of tenants
-        and hosts) show other tenants' rows in it; every other table still shows the
-        bound tenant's only. It is logged with its purpose, and nothing can be written.
+        and hosts) show every tenant's rows in it; it binds no tenant, so every other table
+        shows none. It is logged (DEBUG) with its purpose, and nothing can be written.
         """
         ctx = context.current()
-        log.info("platform read %s (request %s)", purpose, ctx.request_id if ctx else "-")
+        log.debug("platform read %s (request %s)", purpose, ctx.request_id if ctx else "-")
         async with self._open(PLATFORM_READ, readonly=True) as conn:
             yield conn
 
