@@ -1,6 +1,6 @@
 """Audit events: written with the change they describe, delivered to the audit service later.
 
-:func:`record` adds an event to the service's own ``audit_outbox`` table inside the
+:meth:`Auditor.record` adds an event to the service's own ``audit_outbox`` table inside the
 transaction that makes the change, so the change and its event commit together or not at
 all. :class:`AuditRelay`, one background task per process, sends outbox rows in batches
 to the audit service's internal ``WriteEvents`` (idempotent by ``event_id``) and deletes
@@ -12,9 +12,11 @@ or the database away) the relay backs off exponentially, with jitter, up to
 ``max_retry_seconds``, ignoring the wake-ups of new events; it logs the outage once when
 it starts and once when it ends.
 
-Every service that changes data has the same outbox table (see its migrations):
+Every service that changes data has the same outbox table, written once as a shared
+migration (``services/runtime/sql/audit_outbox/``):
 ``audit_outbox(tenant_id, event_id, event bytea, create_time)``, tenant-bound by RLS like
-every table, plus a policy that lets the relay's own transactions see every tenant's rows.
+every table, plus policies that let the relay's own transactions
+(``Database.outbox_transaction``) read, lock and delete every tenant's rows.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""TenantSettings in storage: AIP-134 merging, sealed secrets, masked reads, copies between tenants."""
+"""TenantSettings in storage: sealed secrets (``MASK`` keeps the stored one), masked reads, copies between tenants."""
 
 from __future__ import annotations
 
