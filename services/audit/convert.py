@@ -4,7 +4,7 @@ The rules (each broken one is its own ``events[i].<field>`` violation):
 
 - ``event_id``: empty (the service assigns a UUID) or a UUID ``8-4-4-4-12`` in hex; stored
   lower-case, and unique per tenant: an ``event_id`` the tenant's log holds is skipped.
-- ``tenant_id``: required, a tenant id (``^[a-z][a-z0-9_-]{2,49}$``).
+- ``tenant_id``: required, a tenant id (``ids.TENANT_ID``).
 - ``user_id``: up to 128 characters, one line.
 - ``action``: required, up to 256 characters: a dotted lower-case name (``sites.create``,
   ``security.cross_tenant_denied``) or a full gRPC method name
@@ -36,6 +36,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 from towerco.audit.v1 import audit_log_service_pb2 as pb
 
 from services.runtime import context
+from services.runtime.ids import TENANT_ID
 from services.runtime.validation import Violations
 
 from .chain import CanonicalEncodingError, ChainedEvent, canonical_json
@@ -112,7 +113,7 @@ def _new_event(v: Violations, at: str, event: pb.AuditEvent, received: datetime)
     if not event.tenant_id:
         v.add(f"{at}.tenant_id", "is required")
     elif not context.is_valid_tenant_id(event.tenant_id):
-        v.add(f"{at}.tenant_id", "must match ^[a-z][a-z0-9_-]{2,49}$")
+        v.add(f"{at}.tenant_id", TENANT_ID.problem)
     v.text(f"{at}.user_id", event.user_id, max_len=MAX_USER_ID)
     if len(event.action) > MAX_ACTION:
         v.add(f"{at}.action", f"must be at most {MAX_ACTION} characters (got {len(event.action)})")

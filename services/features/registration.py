@@ -10,6 +10,7 @@ from towerco.internal.v1 import entitlements_pb2_grpc as internal_grpc
 
 from services.runtime import context, lookups
 from services.runtime.entitlements import EntitlementDirectory, Record, RecordSource
+from services.runtime.ids import TENANT_ID
 from services.runtime.plans import Plans
 from services.runtime.server import Runtime
 from services.runtime.validation import Violations
@@ -30,7 +31,7 @@ class TenantEntitlementsServicer(internal_grpc.TenantEntitlementsServiceServicer
         self, request: internal_pb.RegisterTenantRequest, ctx: Ctx
     ) -> internal_pb.TenantEntitlements:
         v = Violations()
-        v.pattern("tenant_id", request.tenant_id, context.TENANT_ID_PATTERN, "^[a-z][a-z0-9_-]{2,49}$")
+        v.identifier("tenant_id", request.tenant_id, TENANT_ID)
         if self._plans.get(request.plan) is None:
             v.add("plan", f"must be one of {', '.join(self._plans.names)}")
         v.raise_if_any()

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
-#: Tenant ids are slugs; validated before any use (header, token claim, request field).
-TENANT_ID_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{2,49}$")
+from .ids import TENANT_ID
 
 #: The reserved tenant whose `platform_admin` tokens administer the platform.
 PLATFORM_TENANT = "platform"
@@ -28,7 +26,7 @@ PLATFORM_ADMIN_ROLE = "platform_admin"
 
 
 def is_valid_tenant_id(value: str) -> bool:
-    return bool(TENANT_ID_PATTERN.fullmatch(value))
+    return TENANT_ID.matches(value)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from . import context
 from .channels import service_channel
 from .errors import FieldViolation, invalid_argument, not_found
 from .identity import ServiceIdentity
+from .ids import TENANT_ID
 from .tenant_cache import Versioned
 
 Reply = TypeVar("Reply")
@@ -48,7 +49,7 @@ class InternalLookup:
 async def answer(source: Source, tenant_id: str) -> tuple[int, dict[str, Any]]:
     """The owner's side: the tenant's version and value; INVALID_ARGUMENT for a bad id, NOT_FOUND if unknown."""
     if not context.is_valid_tenant_id(tenant_id):
-        raise invalid_argument([FieldViolation("tenant_id", "must match ^[a-z][a-z0-9_-]{2,49}$")])
+        raise invalid_argument([FieldViolation("tenant_id", TENANT_ID.problem)])
     item = await source(tenant_id)
     if item.value is None:
         raise not_found("tenant", tenant_id)

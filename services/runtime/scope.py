@@ -11,6 +11,7 @@ import logging
 
 from . import audit, context
 from .errors import FieldViolation, ServiceError, invalid_argument, permission_denied
+from .ids import TENANT_ID
 
 log = logging.getLogger("towerco.security")
 
@@ -26,7 +27,7 @@ def target_tenant(requested: str, field: str = "tenant_id", *, required: bool = 
             )
         return own
     if not context.is_valid_tenant_id(requested):
-        raise invalid_argument([FieldViolation(field, "must match ^[a-z][a-z0-9_-]{2,49}$")])
+        raise invalid_argument([FieldViolation(field, TENANT_ID.problem)])
     if requested == own:
         return own
     caller = context.current_caller()

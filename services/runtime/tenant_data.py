@@ -32,6 +32,7 @@ from towerco.internal.v1 import tenant_data_pb2_grpc as pb_grpc
 
 from . import context
 from .errors import ServiceError, failed_precondition
+from .ids import TENANT_ID
 from .server import Runtime
 from .validation import Violations
 
@@ -413,7 +414,7 @@ def _check_tenant(v: Violations, name: str, value: str) -> None:
     if not value:
         v.add(name, "is required")
     elif not context.is_valid_tenant_id(value):
-        v.add(name, f"must match {context.TENANT_ID_PATTERN.pattern}")
+        v.add(name, TENANT_ID.problem)
 
 
 def _check_migration_id(v: Violations, value: str) -> None:

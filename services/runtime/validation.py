@@ -14,6 +14,7 @@ import unicodedata
 import asyncpg
 
 from .errors import FieldViolation, ServiceError, invalid_argument
+from .ids import IdRule
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _CONTROL_SINGLE_LINE = re.compile(r"[\x00-\x1f\x7f]")
@@ -49,6 +50,9 @@ class Violations:
             return
         if not pattern.fullmatch(value):
             self.add(field, f"must match {hint}")
+
+    def identifier(self, field: str, value: str, rule: IdRule, *, required: bool = True) -> None:
+        self.pattern(field, value, rule.regex, rule.pattern, required=required)
 
     def number(self, field: str, value: float, low: float, high: float) -> None:
         if not math.isfinite(value) or not low <= value <= high:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import re
 from typing import Any
 
 from google.protobuf import empty_pb2
@@ -11,7 +9,7 @@ from grpc import aio
 from towerco.sites.v1 import sites_service_pb2 as pb
 from towerco.sites.v1 import sites_service_pb2_grpc as pb_grpc
 
-from services.runtime import context, entitlements
+from services.runtime import context, entitlements, idempotency
 from services.runtime.errors import FieldViolation, already_exists, invalid_argument, not_found, resource_exhausted
 from services.runtime.pagination import page_size
 from services.runtime.plans import UNLIMITED
@@ -20,8 +18,9 @@ from services.runtime.validation import Violations
 
 from . import convert, queries
 
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 Ctx = aio.ServicerContext[Any, Any]
+#: Fields CreateSite ignores: they must not make a retry look like a different request.
+CREATE_IGNORES = ("site.site_id", "site.tenant_id", "site.create_time", "site.update_time")
 
 
 class SiteServicer(pb_grpc.SiteServiceServicer):
@@ -43,12 +42,11 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
             convert.check_location(v, "site.location", request.site.location)
             location = convert.location_json(request.site.location)
         configuration = convert.configuration_json(v, "site.configuration", request.site.configuration)
-        if request.request_id:
-            v.pattern("request_id", request.request_id, REQUEST_ID, "^[A-Za-z0-9._:-]{1,64}$")
+        idempotency.check_request_id(v, request.request_id)
         v.raise_if_any()
 
         tenant_id = context.current_tenant()
-        request_hash = _request_hash(request)
+        request_hash = idempotency.request_hash(request, CREATE_IGNORES)
         found = entitlements.current() or await self._entitlements.get(tenant_id)
         max_sites = found.limit("max_sites") if found is not None else UNLIMITED
         async with self._db.transaction() as conn:
@@ -75,7 +73,7 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
                     queries.INSERT_CREATE_REQUEST, tenant_id, request.request_id, request_hash, site.SerializeToString()
                 )
                 if stored is None:
-                    raise _request_id_reused()
+                    raise idempotency.request_id_reused("create request")
             return site
 
     async def GetSite(self, request: pb.GetSiteRequest, ctx: Ctx) -> pb.Site:
@@ -180,24 +178,11 @@ def _mask_paths(request: pb.UpdateSiteRequest) -> frozenset[str]:
     return frozenset(paths)
 
 
-def _request_hash(request: pb.CreateSiteRequest) -> str:
-    body = pb.CreateSiteRequest()
-    body.CopyFrom(request)
-    body.request_id = ""
-    # Fields CreateSite ignores must not make a retry look like a different request.
-    body.site.ClearField("site_id")
-    body.site.ClearField("tenant_id")
-    body.site.ClearField("create_time")
-    body.site.ClearField("update_time")
-    return hashlib.sha256(body.SerializeToString(deterministic=True)).hexdigest()
-
-
 async def _replay(conn: Any, tenant_id: str, request_id: str, request_hash: str) -> pb.Site | None:
     prior = await conn.fetchrow(queries.GET_CREATE_REQUEST, tenant_id, request_id)
     if prior is None:
         return None
-    if prior["request_hash"] != request_hash:
-        raise _request_id_reused()
+    idempotency.check_same_request(prior["request_hash"], request_hash, "create request")
     return pb.Site.FromString(prior["response"])
 
 
@@ -214,10 +199,3 @@ async def _check_quota(conn: Any, tenant_id: str, max_sites: int) -> None:
             limit=str(max_sites),
             usage=str(count),
         )
-
-
-def _request_id_reused() -> Exception:
-    return invalid_argument(
-        [FieldViolation("request_id", "was already used for a different create request; use a new request_id")],
-        reason="REQUEST_ID_REUSED",
-    )

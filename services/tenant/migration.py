@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
-import re
 import socket
 import uuid
 from collections.abc import Mapping
@@ -28,11 +26,12 @@ from towerco.internal.v1 import tenant_data_pb2 as internal_pb
 from towerco.internal.v1 import tenant_data_pb2_grpc as internal_grpc
 from towerco.tenant.v1 import tenant_registry_service_pb2 as pb
 
-from services.runtime import context
+from services.runtime import context, idempotency
 from services.runtime.audit import Auditor
 from services.runtime.db import Database
 from services.runtime.errors import FieldViolation, failed_precondition, invalid_argument, not_found
 from services.runtime.faults import Faults
+from services.runtime.ids import TENANT_ID
 from services.runtime.tasks import KeyedTasks
 from services.runtime.tenant_cache import TenantCache
 from services.runtime.validation import Violations
@@ -41,7 +40,6 @@ from . import queries, records, settings_store
 from .secrets import SecretBox
 
 log = logging.getLogger("towerco.tenant.migration")
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 class Part(Protocol):
@@ -179,7 +177,7 @@ class MigrationRunner:
                     tenant_id=tenant_id,
                 )
         owner = context.PLATFORM_TENANT  # migrations belong to the platform, whatever tenant the call names
-        request_hash = _hash(request)
+        request_hash = idempotency.request_hash(request)
         with context.platform_scope(owner, "migration.submit"):
             row = await self._insert(request, owner, request_hash)
         migration = records.migration_from_row(row)
@@ -202,11 +200,7 @@ class MigrationRunner:
             if row is None:  # this request_id was seen before: the same migration, or a misuse
                 row = await conn.fetchrow(queries.GET_MIGRATION_BY_REQUEST, owner, request.request_id)
                 assert row is not None
-                if row["request_hash"] != request_hash:
-                    raise invalid_argument(
-                        [FieldViolation("request_id", "was already used for a different migration")],
-                        reason="REQUEST_ID_REUSED",
-                    )
+                idempotency.check_same_request(row["request_hash"], request_hash, "migration")
             else:
                 await self._audit.record(
                     conn,
@@ -223,7 +217,7 @@ class MigrationRunner:
     def _check(self, request: pb.MigrateTenantDataRequest) -> None:
         v = Violations()
         for field in ("source_tenant_id", "target_tenant_id"):
-            v.pattern(field, getattr(request, field), context.TENANT_ID_PATTERN, "^[a-z][a-z0-9_-]{2,49}$")
+            v.identifier(field, getattr(request, field), TENANT_ID)
         if request.source_tenant_id and request.source_tenant_id == request.target_tenant_id:
             v.add("target_tenant_id", "must differ from source_tenant_id")
         if context.PLATFORM_TENANT in (request.source_tenant_id, request.target_tenant_id):
@@ -237,8 +231,7 @@ class MigrationRunner:
             elif data_type in seen:
                 v.add(f"data_types[{i}]", f"{data_type!r} is listed twice")
             seen.add(data_type)
-        if request.request_id:
-            v.pattern("request_id", request.request_id, REQUEST_ID, "^[A-Za-z0-9._:-]{1,64}$")
+        idempotency.check_request_id(v, request.request_id)
         v.raise_if_any()
 
     async def get(self, migration_id: str) -> pb.Migration:
@@ -371,10 +364,3 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, asyncpg.PostgresError):
         return f"database error {type(exc).__name__}"
     return str(exc)[:300] or type(exc).__name__
-
-
-def _hash(request: pb.MigrateTenantDataRequest) -> str:
-    body = pb.MigrateTenantDataRequest()
-    body.CopyFrom(request)
-    body.request_id = ""
-    return hashlib.sha256(body.SerializeToString(deterministic=True)).hexdigest()

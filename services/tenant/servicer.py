@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -16,7 +15,7 @@ from grpc import aio
 from towerco.tenant.v1 import tenant_registry_service_pb2 as pb
 from towerco.tenant.v1 import tenant_registry_service_pb2_grpc as pb_grpc
 
-from services.runtime import context
+from services.runtime import context, idempotency
 from services.runtime.errors import (
     FieldViolation,
     already_exists,
@@ -26,6 +25,7 @@ from services.runtime.errors import (
     unavailable,
 )
 from services.runtime.faults import InjectedFaultError
+from services.runtime.ids import TENANT_ID
 from services.runtime.pagination import page_size
 from services.runtime.scope import require_platform_admin, target_tenant
 from services.runtime.server import Runtime
@@ -39,9 +39,12 @@ from .secrets import SecretBox
 State = pb.Tenant.State
 Ctx = aio.ServicerContext[Any, Any]
 
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 EMAIL = re.compile(r"^[^@\s]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
 ADMIN_ROLE = "admin"
+#: Fields CreateTenant ignores: they must not make a retry look like a different request.
+CREATE_IGNORES = tuple(
+    f"tenant.{name}" for name in ("tenant_id", "state", "suspend_reason", "create_time", "update_time")
+)
 #: States in which a tenant's data is being or has been removed.
 GONE = ("STATE_DELETING", "STATE_DELETED")
 
@@ -101,7 +104,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
     def _check_create(self, request: pb.CreateTenantRequest) -> None:
         v = Violations()
         tenant_id = request.tenant_id
-        v.pattern("tenant_id", tenant_id, context.TENANT_ID_PATTERN, "^[a-z][a-z0-9_-]{2,49}$")
+        v.identifier("tenant_id", tenant_id, TENANT_ID)
         if tenant_id in hosts.RESERVED_TENANT_IDS:
             v.add("tenant_id", f"{tenant_id!r} is reserved for the platform; choose another id")
         if not request.HasField("tenant"):
@@ -126,14 +129,13 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
             elif domain in seen:
                 v.add(f"tenant.domains[{i}]", "is listed twice")
             seen.add(domain)
-        if request.request_id:
-            v.pattern("request_id", request.request_id, REQUEST_ID, "^[A-Za-z0-9._:-]{1,64}$")
+        idempotency.check_request_id(v, request.request_id)
         v.raise_if_any()
 
     async def _create_or_replay(self, request: pb.CreateTenantRequest) -> Mapping[str, Any]:
         """The first transaction: tenant, hosts, default settings and admin user, or the replay."""
         tenant_id, tenant = request.tenant_id, request.tenant
-        request_hash = _hash(request)
+        request_hash = idempotency.request_hash(request, CREATE_IGNORES)
         for _ in range(2):  # a concurrent create of the same id: the second pass sees it
             try:
                 async with self._db.transaction() as conn:
@@ -235,7 +237,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
         if not requested:
             v.add("tenant_id", "is required: lifecycle changes name the tenant explicitly")
         elif not context.is_valid_tenant_id(requested):
-            v.add("tenant_id", "must match ^[a-z][a-z0-9_-]{2,49}$")
+            v.add("tenant_id", TENANT_ID.problem)
         elif requested == context.PLATFORM_TENANT:
             v.add("tenant_id", "the platform's own tenant cannot be suspended, reactivated or deleted")
         v.raise_if_any()
@@ -356,7 +358,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
         else:
             tenant_id = request.tenant_id
             if not context.is_valid_tenant_id(tenant_id):
-                raise invalid_argument([FieldViolation("tenant_id", "must match ^[a-z][a-z0-9_-]{2,49}$")])
+                raise invalid_argument([FieldViolation("tenant_id", TENANT_ID.problem)])
             if not await self._serves(tenant_id):
                 raise not_found("tenant", tenant_id)
         item = await records.read_settings(self._db, self._cache, tenant_id)
@@ -389,23 +391,10 @@ def _host(value: str, field: str) -> str:
     return host
 
 
-def _hash(request: pb.CreateTenantRequest) -> str:
-    body = pb.CreateTenantRequest()
-    body.CopyFrom(request)
-    body.request_id = ""
-    for name in ("tenant_id", "state", "suspend_reason", "create_time", "update_time"):
-        body.tenant.ClearField(name)  # ignored on create: must not make a retry look different
-    return hashlib.sha256(body.SerializeToString(deterministic=True)).hexdigest()
-
-
 def _replayed(row: Mapping[str, Any], request: pb.CreateTenantRequest, request_hash: str) -> Mapping[str, Any]:
     if not request.request_id or row["request_id"] != request.request_id:
         raise already_exists("tenant", request.tenant_id)
-    if row["request_hash"] != request_hash:
-        raise invalid_argument(
-            [FieldViolation("request_id", "was already used for a different create request; use a new request_id")],
-            reason="REQUEST_ID_REUSED",
-        )
+    idempotency.check_same_request(row["request_hash"], request_hash, "create request")
     return row
 
 

@@ -16,6 +16,7 @@ from grpc import aio
 
 from .. import context
 from ..errors import FieldViolation, invalid_argument, unauthenticated
+from ..ids import TENANT_ID
 from ..policy import Policy
 from .base import Behavior, Metadata, PolicyInterceptor
 
@@ -46,7 +47,7 @@ def resolve_tenant(policy: Policy, caller: context.Caller | None, header: str | 
     """
     if header is not None and not context.is_valid_tenant_id(header):
         raise invalid_argument(
-            [FieldViolation("metadata.x-tenant-id", "must match ^[a-z][a-z0-9_-]{2,49}$")],
+            [FieldViolation("metadata.x-tenant-id", TENANT_ID.problem)],
             reason="TENANT_ID_INVALID",
         )
     if caller is None:
