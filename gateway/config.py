@@ -27,16 +27,24 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.rpc import error_details_pb2, status_pb2
 
 from services.runtime.audit import GATEWAY_HEADER
+from services.runtime.environment import SettingsTable, integer, process_environment, text
 from services.runtime.interceptors.request_id import REQUEST_ID
 from services.runtime.policy import PolicyTable
 from services.runtime.settings import (
-    DEFAULT_JWT_AUDIENCE,
-    DEFAULT_JWT_ISSUER,
+    BASE_DOMAIN,
+    DATA_DIR,
     DEFAULT_PORTS,
+    GATEWAY_SECRET,
+    JWT_AUDIENCE,
+    JWT_ISSUER,
+    JWT_JWKS_FILE,
+    JWT_JWKS_URL,
+    JWT_LEEWAY_SECONDS,
+    PORTS,
+    TARGETS,
     SettingsError,
     data_dir,
-    env_int,
-    env_str,
+    service_targets,
 )
 
 from .overload import overload_manager
@@ -84,77 +92,144 @@ PAGE_SECURITY_HEADERS = {
 WEB_FILES = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript")}
 
 
+# The variables the gateway reads (its own, and those it shares with the services).
+
+GATEWAY_BIND_HOST = text("GATEWAY_BIND_HOST", "127.0.0.1", "where the gateway listens: `0.0.0.0` in a pod")
+GATEWAY_PORT = integer(
+    "GATEWAY_PORT", 8080, "the gateway's listener (gRPC and gRPC-web) and its admin interface (always loopback)"
+)
+GATEWAY_ADMIN_PORT = integer("GATEWAY_ADMIN_PORT", 9901, GATEWAY_PORT.doc)
+GATEWAY_CORS_ORIGINS = text(
+    "GATEWAY_CORS_ORIGINS",
+    "",
+    "origins a browser may call the API from, comma-separated: exact origins, or `scheme://*.<domain>[:port]` "
+    "for tenants' subdomains; `*` is refused",
+    shown="`http://*.<BASE_DOMAIN>:<GATEWAY_PORT>`",
+)
+# Whole seconds, as they always were: "1.5" is refused.
+GATEWAY_ROUTE_TIMEOUT_SECONDS = integer(
+    "GATEWAY_ROUTE_TIMEOUT_SECONDS",
+    15,
+    "longest call through the gateway (DEADLINE_EXCEEDED after it); a client's shorter `grpc-timeout` travels "
+    "on to the service",
+)
+GATEWAY_MAX_CONNECTIONS = integer(
+    "GATEWAY_MAX_CONNECTIONS", 10000, "connections the gateway holds at once; past it new ones are refused"
+)
+GATEWAY_FIRST_BYTES_TIMEOUT_SECONDS = integer(
+    "GATEWAY_FIRST_BYTES_TIMEOUT_SECONDS", 5, "a connection that sends nothing for this long is closed"
+)
+GATEWAY_IDLE_TIMEOUT_SECONDS = integer(
+    "GATEWAY_IDLE_TIMEOUT_SECONDS",
+    15,
+    "a connection with no call in flight is closed after this (HTTP/2: GOAWAY; gRPC clients reconnect on their "
+    "next call)",
+)
+GATEWAY_MAX_HEAP_MB = integer(
+    "GATEWAY_MAX_HEAP_MB",
+    400,
+    "Envoy's heap budget (below the pod's memory limit): from 80% idle connections are closed sooner, down to "
+    "1 s at 95%; at 98% new calls get UNAVAILABLE",
+)
+GATEWAY_WEB_DIR = text(
+    "GATEWAY_WEB_DIR",
+    str(WEB_DIST),
+    "the built page the gateway serves at `/` (none if not built)",
+    shown="`gateway/web/dist`",
+)
+
+GATEWAY_SETTINGS = SettingsTable.of(
+    "gateway",
+    GATEWAY_BIND_HOST,
+    GATEWAY_PORT,
+    GATEWAY_ADMIN_PORT,
+    GATEWAY_CORS_ORIGINS,
+    GATEWAY_ROUTE_TIMEOUT_SECONDS,
+    GATEWAY_MAX_CONNECTIONS,
+    GATEWAY_FIRST_BYTES_TIMEOUT_SECONDS,
+    GATEWAY_IDLE_TIMEOUT_SECONDS,
+    GATEWAY_MAX_HEAP_MB,
+    GATEWAY_WEB_DIR,
+    BASE_DOMAIN,
+    JWT_ISSUER,
+    JWT_AUDIENCE,
+    JWT_JWKS_FILE,
+    JWT_JWKS_URL,
+    JWT_LEEWAY_SECONDS,
+    PORTS.values(),
+    TARGETS.values(),
+    # Read by Envoy itself (``%ENVIRONMENT(GATEWAY_SECRET)%``), never by the renderer.
+    GATEWAY_SECRET,
+    DATA_DIR,
+)
+
+
 @dataclass(frozen=True)
 class GatewaySettings:
     """Everything the gateway's configuration depends on."""
 
     #: Where the listener binds: loopback in dev, ``0.0.0.0`` in a pod.
-    bind_host: str = "127.0.0.1"
-    port: int = 8080
+    bind_host: str = GATEWAY_BIND_HOST.default
+    port: int = GATEWAY_PORT.default
     #: The admin interface, always on loopback.
-    admin_port: int = 9901
+    admin_port: int = GATEWAY_ADMIN_PORT.default
     #: Tenants are ``<tenant>.<base_domain>``.
-    base_domain: str = "localhost"
+    base_domain: str = BASE_DOMAIN.default
     #: Origins a browser may call the API from: exact origins, or ``scheme://*.<domain>[:port]``
     #: for the tenants' subdomains of one domain. Never ``*``.
     cors_origins: tuple[str, ...] = ()
-    jwt_issuer: str = DEFAULT_JWT_ISSUER
-    jwt_audience: str = DEFAULT_JWT_AUDIENCE
+    jwt_issuer: str = JWT_ISSUER.default
+    jwt_audience: str = JWT_AUDIENCE.default
     #: Exactly one of these: the local JWKS file (dev) or the identity provider's JWKS URL.
     jwt_jwks_file: str = ""
     jwt_jwks_url: str = ""
-    jwt_clock_skew_seconds: int = 30
+    jwt_clock_skew_seconds: int = JWT_LEEWAY_SECONDS.default
     #: ``host:port`` of each service, or several, comma-separated: the gateway balances
     #: over them and retries a refused call on another (a DNS name may also give several).
     targets: Mapping[str, str] = field(default_factory=dict)
     #: Upper bound of one API call through the gateway (then DEADLINE_EXCEEDED).
-    route_timeout_seconds: float = 15.0
+    route_timeout_seconds: float = GATEWAY_ROUTE_TIMEOUT_SECONDS.default
     #: Connections the listener holds at once before refusing more.
-    max_connections: int = 10000
+    max_connections: int = GATEWAY_MAX_CONNECTIONS.default
     #: A connection that has sent no byte within this is closed: a client that only opens
     #: sockets holds each for this long at most.
-    first_bytes_timeout_seconds: float = 5.0
+    first_bytes_timeout_seconds: float = GATEWAY_FIRST_BYTES_TIMEOUT_SECONDS.default
     #: A connection with no call in flight is closed after this (HTTP/2 with a GOAWAY, which
     #: gRPC clients follow by reconnecting on their next call).
-    idle_timeout_seconds: float = 15.0
+    idle_timeout_seconds: float = GATEWAY_IDLE_TIMEOUT_SECONDS.default
     #: The heap Envoy may use; as it fills, idle connections are closed sooner (see
     #: gateway/overload.py). Below the pod's memory limit.
-    max_heap_mb: int = 400
+    max_heap_mb: int = GATEWAY_MAX_HEAP_MB.default
     #: The built web page, or None to serve none.
     web_dir: Path | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> GatewaySettings:
-        def get(name: str, default: str) -> str:
-            return env_str(name, default, environ)
-
-        port = env_int("GATEWAY_PORT", 8080, environ)
-        base_domain = get("BASE_DOMAIN", "localhost").lower().strip(".")
-        jwks_url = get("JWT_JWKS_URL", "")
-        keys = Path(get("DATA_DIR", str(data_dir()))) / "keys"
-        jwks_file = get("JWT_JWKS_FILE", "" if jwks_url else str(keys / "jwks.json"))
-        origins = get("GATEWAY_CORS_ORIGINS", f"http://*.{base_domain}:{port}")
-        web = get("GATEWAY_WEB_DIR", str(WEB_DIST))
+        """The gateway's settings from ``environ`` (the process environment by default)."""
+        env = process_environment() if environ is None else environ
+        port = GATEWAY_PORT.read(env)
+        base_domain = BASE_DOMAIN.read(env).lower().strip(".")
+        jwks_url = JWT_JWKS_URL.read(env)
+        jwks_file = JWT_JWKS_FILE.read(env) or ("" if jwks_url else str(data_dir(env) / "keys" / "jwks.json"))
+        origins = GATEWAY_CORS_ORIGINS.read(env) or f"http://*.{base_domain}:{port}"
+        web = GATEWAY_WEB_DIR.read(env)
         return cls(
-            bind_host=get("GATEWAY_BIND_HOST", "127.0.0.1"),
+            bind_host=GATEWAY_BIND_HOST.read(env),
             port=port,
-            admin_port=env_int("GATEWAY_ADMIN_PORT", 9901, environ),
+            admin_port=GATEWAY_ADMIN_PORT.read(env),
             base_domain=base_domain,
             cors_origins=tuple(o.strip() for o in origins.split(",") if o.strip()),
-            jwt_issuer=get("JWT_ISSUER", DEFAULT_JWT_ISSUER),
-            jwt_audience=get("JWT_AUDIENCE", DEFAULT_JWT_AUDIENCE),
+            jwt_issuer=JWT_ISSUER.read(env),
+            jwt_audience=JWT_AUDIENCE.read(env),
             jwt_jwks_file=jwks_file,
             jwt_jwks_url=jwks_url,
-            jwt_clock_skew_seconds=env_int("JWT_LEEWAY_SECONDS", 30, environ),
-            targets={
-                name: get(f"{name.upper()}_TARGET", f"127.0.0.1:{env_int(f'{name.upper()}_PORT', default, environ)}")
-                for name, default in DEFAULT_PORTS.items()
-            },
-            route_timeout_seconds=float(env_int("GATEWAY_ROUTE_TIMEOUT_SECONDS", 15, environ)),
-            max_connections=env_int("GATEWAY_MAX_CONNECTIONS", 10000, environ),
-            first_bytes_timeout_seconds=float(env_int("GATEWAY_FIRST_BYTES_TIMEOUT_SECONDS", 5, environ)),
-            idle_timeout_seconds=float(env_int("GATEWAY_IDLE_TIMEOUT_SECONDS", 15, environ)),
-            max_heap_mb=env_int("GATEWAY_MAX_HEAP_MB", 400, environ),
+            jwt_clock_skew_seconds=JWT_LEEWAY_SECONDS.read(env),
+            targets=service_targets(env),
+            route_timeout_seconds=float(GATEWAY_ROUTE_TIMEOUT_SECONDS.read(env)),
+            max_connections=GATEWAY_MAX_CONNECTIONS.read(env),
+            first_bytes_timeout_seconds=float(GATEWAY_FIRST_BYTES_TIMEOUT_SECONDS.read(env)),
+            idle_timeout_seconds=float(GATEWAY_IDLE_TIMEOUT_SECONDS.read(env)),
+            max_heap_mb=GATEWAY_MAX_HEAP_MB.read(env),
             web_dir=Path(web) if (Path(web) / "index.html").is_file() else None,
         )
 

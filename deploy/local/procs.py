@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.runtime.environment import process_environment
+
 
 class LocalServerError(RuntimeError):
     """A local server could not be started, checked or stopped."""
@@ -38,7 +40,7 @@ class CommandResult:
 
 def clean_env() -> dict[str, str]:
     """The current environment without ``PG*`` variables, which would redirect the PostgreSQL tools."""
-    return {key: value for key, value in os.environ.items() if not key.startswith("PG")}
+    return {key: value for key, value in process_environment().items() if not key.startswith("PG")}
 
 
 def run_command(

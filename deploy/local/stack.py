@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import os
 import subprocess
 import sys
 import time
@@ -22,10 +21,23 @@ import asyncpg
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.config import GatewaySettings
+from gateway.config import GATEWAY_ADMIN_PORT, GATEWAY_PORT, GatewaySettings
 from gateway.envoy import write_config
+from services.runtime.environment import SettingsTable, integer, process_environment
 from services.runtime.server import ServiceSpec, migrate_service
-from services.runtime.settings import DEFAULT_PORTS, DEV_APP_DB_PASSWORD, gateway_secret
+from services.runtime.settings import (
+    APP_DB_PASSWORD,
+    DATA_DIR,
+    DATABASE_URL,
+    DEFAULT_PORTS,
+    GATEWAY_SECRET,
+    JWT_AUDIENCE,
+    JWT_ISSUER,
+    PORTS,
+    REDIS_URL,
+    SERVICE_JWT_ISSUER,
+    gateway_secret,
+)
 
 from . import postgres, redis_server
 from .gateway import start_envoy, wait_ready
@@ -51,35 +63,59 @@ def service_spec(name: str) -> ServiceSpec:
     return spec
 
 
+PG_PORT = integer("PG_PORT", 55432, "ports of the embedded PostgreSQL and Redis")
+REDIS_PORT = integer("REDIS_PORT", 56379, PG_PORT.doc)
+
+#: What ``make run``, ``make token`` and the test suite's stack read (the services and the
+#: gateway they start read their own tables).
+DEV_STACK_SETTINGS = SettingsTable.of(
+    "dev stack",
+    DATA_DIR,
+    DATABASE_URL,
+    REDIS_URL,
+    PG_PORT,
+    REDIS_PORT,
+    PORTS.values(),
+    GATEWAY_PORT,
+    GATEWAY_ADMIN_PORT,
+    APP_DB_PASSWORD,
+    GATEWAY_SECRET,
+    JWT_ISSUER,
+    JWT_AUDIENCE,
+    SERVICE_JWT_ISSUER,
+)
+
+
 @dataclass
 class StackConfig:
     data_dir: Path
-    pg_port: int = 55432
-    redis_port: int = 56379
+    pg_port: int = PG_PORT.default
+    redis_port: int = REDIS_PORT.default
     #: Given servers; None starts the embedded ones.
     database_url: str | None = None
     redis_url: str | None = None
     ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
     #: The gateway's listener and its (loopback) admin interface.
-    gateway_port: int = 8080
-    gateway_admin_port: int = 9901
+    gateway_port: int = GATEWAY_PORT.default
+    gateway_admin_port: int = GATEWAY_ADMIN_PORT.default
     #: Trade durability for speed (tests only): fsync off.
     fast: bool = False
     #: Extra environment for the service processes.
     env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_env(cls, data_dir: Path) -> StackConfig:
-        ports = {name: int(os.environ.get(f"{name.upper()}_PORT") or port) for name, port in DEFAULT_PORTS.items()}
+    def from_env(cls, data_dir: Path, environ: Mapping[str, str] | None = None) -> StackConfig:
+        """The dev stack's settings from ``environ`` (the process environment by default)."""
+        env = process_environment() if environ is None else environ
         return cls(
             data_dir=data_dir,
-            pg_port=int(os.environ.get("PG_PORT") or 55432),
-            redis_port=int(os.environ.get("REDIS_PORT") or 56379),
-            database_url=os.environ.get("DATABASE_URL") or None,
-            redis_url=os.environ.get("REDIS_URL") or None,
-            ports=ports,
-            gateway_port=int(os.environ.get("GATEWAY_PORT") or 8080),
-            gateway_admin_port=int(os.environ.get("GATEWAY_ADMIN_PORT") or 9901),
+            pg_port=PG_PORT.read(env),
+            redis_port=REDIS_PORT.read(env),
+            database_url=DATABASE_URL.read(env) or None,
+            redis_url=REDIS_URL.read(env) if REDIS_URL.is_set(env) else None,
+            ports={name: setting.read(env) for name, setting in PORTS.items()},
+            gateway_port=GATEWAY_PORT.read(env),
+            gateway_admin_port=GATEWAY_ADMIN_PORT.read(env),
         )
 
 
@@ -129,13 +165,14 @@ class Stack:
         return asyncio.run(run())
 
     def service_env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        env = dict(os.environ)
+        # The services inherit this process's environment, overridden by the stack's own.
+        env = dict(process_environment())
         env.update(
             {
                 "DATABASE_URL": self.database_url,
                 "REDIS_URL": self.redis_url,
                 "DATA_DIR": str(self.config.data_dir),
-                "APP_DB_PASSWORD": os.environ.get("APP_DB_PASSWORD") or DEV_APP_DB_PASSWORD,
+                "APP_DB_PASSWORD": APP_DB_PASSWORD.read(process_environment()),
                 "PYTHONUNBUFFERED": "1",
             }
         )

@@ -21,14 +21,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from services.runtime.context import PLATFORM_ADMIN_ROLE, PLATFORM_TENANT, is_valid_tenant_id
+from services.runtime.environment import process_environment
 from services.runtime.identity import mint_service_token
 from services.runtime.roles import ROLE_PERMISSIONS
 from services.runtime.settings import (
-    DEFAULT_JWT_AUDIENCE,
-    DEFAULT_JWT_ISSUER,
-    DEFAULT_SERVICE_JWT_ISSUER,
     DEV_SERVICE_KEY_ID,
     GATEWAY_SECRET_FILE,
+    JWT_AUDIENCE,
+    JWT_ISSUER,
+    SERVICE_JWT_ISSUER,
 )
 
 KID = "towerco-dev-1"
@@ -96,8 +97,8 @@ def mint(
         raise ValueError(f"not a tenant id: {tenant!r}")
     now = int(time.time())
     claims: dict[str, Any] = {
-        "iss": os.environ.get("JWT_ISSUER") or DEFAULT_JWT_ISSUER,
-        "aud": os.environ.get("JWT_AUDIENCE") or DEFAULT_JWT_AUDIENCE,
+        "iss": JWT_ISSUER.read(process_environment()),
+        "aud": JWT_AUDIENCE.read(process_environment()),
         "sub": subject or f"dev-{role}@{tenant}",
         "tenant_id": tenant,
         "role": role,
@@ -118,7 +119,7 @@ def mint_service(keys_dir: Path, service: str = "tenant", ttl: int = 300) -> str
         (keys_dir / "service-signing-key.pem").read_bytes(),
         DEV_SERVICE_KEY_ID,
         service,
-        issuer=os.environ.get("SERVICE_JWT_ISSUER") or DEFAULT_SERVICE_JWT_ISSUER,
-        audience=os.environ.get("JWT_AUDIENCE") or DEFAULT_JWT_AUDIENCE,
+        issuer=SERVICE_JWT_ISSUER.read(process_environment()),
+        audience=JWT_AUDIENCE.read(process_environment()),
         ttl=ttl,
     )

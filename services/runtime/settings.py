@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from .environment import Setting, SettingsError, SettingsTable, flag, integer, number, process_environment, text
 from .plans import DEFAULT_PLANS_FILE
+
+__all__ = ["Settings", "SettingsError", "load"]
 
 #: Default ports of the four services (each overridable by ``<NAME>_PORT``).
 DEFAULT_PORTS: dict[str, int] = {"tenant": 50051, "sites": 50052, "features": 50053, "audit": 50054}
@@ -26,54 +27,212 @@ DEV_SERVICE_KEY_ID = "towerco-service-dev-1"
 GATEWAY_SECRET_FILE = "gateway.secret"  # noqa: S105 - a file name, not a secret
 
 
-def env_str(name: str, default: str, environ: Mapping[str, str] | None = None) -> str:
-    """``name`` from ``environ`` (the process environment by default), stripped; ``default`` if empty."""
-    value = (os.environ if environ is None else environ).get(name, "").strip()
-    return value or default
+# The variables a service process reads, each declared once (the README's table is made from these).
 
+#: Where local state lives; read by every process kind (services, gateway, dev stack).
+DATA_DIR = text(
+    "DATA_DIR",
+    "",
+    "where local state lives: the embedded servers' data and the dev keys (`keys/`)",
+    shown="`.data/` of the working directory (`make` sets the checkout's)",
+)
+DATABASE_URL = text(
+    "DATABASE_URL",
+    "",
+    "administrative DSN: creates roles and schemas, runs migrations. A service refuses to start "
+    "without it; `make run` starts an embedded server (database `towerco`) unless it is set",
+    shown="none; `make run`: the embedded server",
+)
+DATABASE_URLS: dict[str, Setting[str]] = {
+    name: text(
+        f"{name.upper()}_DATABASE_URL",
+        "",
+        "the service's runtime role (never an owner, superuser or BYPASSRLS)",
+        shown="`DATABASE_URL` with user `<service>_app`",
+    )
+    for name in DEFAULT_PORTS
+}
+APP_DB_PASSWORD = text(
+    "APP_DB_PASSWORD", DEV_APP_DB_PASSWORD, "password given to the runtime roles (trust auth in dev ignores it)"
+)
+REDIS_URL = text(
+    "REDIS_URL",
+    "redis://127.0.0.1:56379/0",
+    "Redis; `make run` starts an embedded server unless it is set",
+    shown="embedded server on 56379",
+)
+PORTS: dict[str, Setting[int]] = {
+    name: integer(f"{name.upper()}_PORT", port, "gRPC ports of the services") for name, port in DEFAULT_PORTS.items()
+}
+GRPC_BIND_HOST = text("GRPC_BIND_HOST", "127.0.0.1", "where the services listen: set `0.0.0.0` in a pod")
+JWT_ISSUER = text("JWT_ISSUER", DEFAULT_JWT_ISSUER, "pinned claims of users' tokens (`make token` signs with them)")
+JWT_AUDIENCE = text("JWT_AUDIENCE", DEFAULT_JWT_AUDIENCE, JWT_ISSUER.doc)
+_JWKS_DOC = (
+    "keys that verify users' tokens: a file (dev) or the identity provider's URL (production); "
+    "the gateway takes exactly one"
+)
+JWT_JWKS_FILE = text("JWT_JWKS_FILE", "", _JWKS_DOC, shown="`$DATA_DIR/keys/jwks.json` unless `JWT_JWKS_URL`")
+JWT_JWKS_URL = text("JWT_JWKS_URL", "", _JWKS_DOC)
+JWT_LEEWAY_SECONDS = integer(
+    "JWT_LEEWAY_SECONDS", 30, "clock skew allowed when checking a token's `exp` and `nbf`, in seconds"
+)
+PAGE_TOKEN_SECRET = text(
+    "PAGE_TOKEN_SECRET",
+    "",
+    "signs page tokens; same value on every replica (a service refuses to start without it or the dev file)",
+    shown="`$DATA_DIR/keys/page-token.secret`",
+)
+GATEWAY_SECRET = text(
+    "GATEWAY_SECRET",
+    "",
+    "the gateway (Envoy's environment) and every service: a call carrying it in `x-towerco-gateway` is the "
+    "gateway's, and only its `x-forwarded-for` is believed; unset on a service, none is",
+    shown=f"`$DATA_DIR/keys/{GATEWAY_SECRET_FILE}`",
+)
+AUDIT_REFUSAL_WINDOW_SECONDS = number(
+    "AUDIT_REFUSAL_WINDOW_SECONDS",
+    60.0,
+    "refused cross-tenant attempts are audited once per caller, target and method per window, with their count",
+    kind="number > 0",
+    check=lambda seconds: seconds > 0,
+    refusal="AUDIT_REFUSAL_WINDOW_SECONDS must be a positive number of seconds",
+)
+_POOL_DOC = (
+    "the one database pool per process: its size (the minimum is capped at the maximum), how long a call waits "
+    "for a connection before UNAVAILABLE, and each statement's timeout"
+)
+DB_POOL_MAX_SIZE = integer("DB_POOL_MAX_SIZE", 20, _POOL_DOC, minimum=1)
+DB_POOL_MIN_SIZE = integer("DB_POOL_MIN_SIZE", 2, _POOL_DOC)
+DB_ACQUIRE_TIMEOUT_SECONDS = number("DB_ACQUIRE_TIMEOUT_SECONDS", 2.0, _POOL_DOC)
+DB_STATEMENT_TIMEOUT_MS = integer("DB_STATEMENT_TIMEOUT_MS", 5000, _POOL_DOC)
+MIGRATE_ON_START = flag("MIGRATE_ON_START", True, "apply migrations at start-up (pods: `false`, a Job runs them)")
+SHUTDOWN_DELAY_SECONDS = number(
+    "SHUTDOWN_DELAY_SECONDS",
+    1.0,
+    "on SIGTERM: health NOT_SERVING this long (calls still served) before new calls are refused UNAVAILABLE "
+    "`SHUTTING_DOWN` with RetryInfo: the call did not run, clients and the gateway retry it (never CANCELLED)",
+)
+SHUTDOWN_GRACE_SECONDS = number(
+    "SHUTDOWN_GRACE_SECONDS", 10.0, "then in-flight calls get this long to finish; past it they are cancelled"
+)
+SERVICE_JWT_ISSUER = text(
+    "SERVICE_JWT_ISSUER",
+    DEFAULT_SERVICE_JWT_ISSUER,
+    "issuer of service-to-service tokens; must differ from `JWT_ISSUER`",
+)
+_SERVICE_KEYS_DOC = "the service issuer's public keys, and this process's signing key and its key id"
+SERVICE_JWKS_FILE = text("SERVICE_JWKS_FILE", "", _SERVICE_KEYS_DOC, shown="`$DATA_DIR/keys/service-jwks.json`")
+SERVICE_KEY_FILE = text("SERVICE_KEY_FILE", "", _SERVICE_KEYS_DOC, shown="`$DATA_DIR/keys/service-signing-key.pem`")
+SERVICE_KEY_ID = text("SERVICE_KEY_ID", DEV_SERVICE_KEY_ID, _SERVICE_KEYS_DOC)
+TARGETS: dict[str, Setting[str]] = {
+    name: text(
+        f"{name.upper()}_TARGET",
+        "",
+        "where each service answers (service DNS names in a cluster): relays deliver audit events to "
+        "`AUDIT_TARGET`, services ask `FEATURES_TARGET` for entitlements their caches lack. The gateway also "
+        "takes several, comma-separated, balances over them and retries a call no host processed on another",
+        shown="`127.0.0.1:<SERVICE>_PORT`",
+    )
+    for name in DEFAULT_PORTS
+}
+BASE_DOMAIN = text("BASE_DOMAIN", "localhost", "tenants' sub-domains: `<tenant>.<BASE_DOMAIN>`")
+TENANT_CACHE_SECONDS = number(
+    "TENANT_CACHE_SECONDS", 5.0, "longest a process trusts its memory of a tenant without hearing of a change"
+)
+REDIS_TIMEOUT_SECONDS = number(
+    "REDIS_TIMEOUT_SECONDS", 0.05, "Redis calls on the request path give up after this; PostgreSQL answers instead"
+)
+REDIS_MAX_CONNECTIONS = integer(
+    "REDIS_MAX_CONNECTIONS",
+    16,
+    "most connections each Redis client of a process opens (rate limiter, each cache; plus one per change "
+    "subscription); a burst past them waits `REDIS_TIMEOUT_SECONDS` for one. Named "
+    "`towerco-<service>/<pid>/<purpose>` in `CLIENT LIST`",
+    minimum=1,
+)
+_ENCRYPTION_DOC = (
+    "registry only: `kid=base64(32 bytes),...` AES-256-GCM keys of secret settings, and the active one; "
+    "new values use the active key, old ones still open"
+)
+SETTINGS_ENCRYPTION_KEYS = text(
+    "SETTINGS_ENCRYPTION_KEYS", "", _ENCRYPTION_DOC, shown="`$DATA_DIR/keys/settings-encryption.keys`"
+)
+SETTINGS_ENCRYPTION_KEY_ID = text("SETTINGS_ENCRYPTION_KEY_ID", "", _ENCRYPTION_DOC, shown="the first key")
+PLANS_FILE = text(
+    "PLANS_FILE",
+    str(DEFAULT_PLANS_FILE),
+    "the reviewed plans file every service reads at start-up (a broken file stops the process)",
+    shown="`services/features/plans.toml`",
+)
+RATE_LIMIT_BURST_SECONDS = number(
+    "RATE_LIMIT_BURST_SECONDS", 10.0, "a quiet tenant may send this many seconds' worth of its rate at once"
+)
+RATE_LIMIT_LOCAL_SHARE = number(
+    "RATE_LIMIT_LOCAL_SHARE",
+    0.25,
+    "while Redis is unreachable, the share of a tenant's rate each process admits on its own",
+    kind="number in (0, 1]",
+    check=lambda share: 0 < share <= 1,
+    refusal="RATE_LIMIT_LOCAL_SHARE must be a fraction in (0, 1]",
+)
+RATE_LIMIT_FAIL_CLOSED = flag(
+    "RATE_LIMIT_FAIL_CLOSED",
+    False,
+    "instead refuse every rate-limited call while Redis is unreachable (UNAVAILABLE `RATE_LIMITER_UNAVAILABLE`)",
+)
+TENANT_CONCURRENCY_WAIT_SECONDS = number(
+    "TENANT_CONCURRENCY_WAIT_SECONDS",
+    0.25,
+    "how long a call waits for one of its tenant's database slots before RESOURCE_EXHAUSTED `TENANT_CONCURRENCY_LIMIT`",
+)
+FAULT_POINTS = text(
+    "FAULT_POINTS", "", "tests only: `point[:times],...` makes a named step fail (e.g. `provision.after_commit:1`)"
+)
+LOG_LEVEL = text("LOG_LEVEL", "INFO", "the services' log level: `DEBUG`, `INFO`, `WARNING` or `ERROR` (any case)")
 
-def env_int(name: str, default: int, environ: Mapping[str, str] | None = None) -> int:
-    return _env_number(name, default, int, environ)
-
-
-def _env(name: str, default: str) -> str:
-    return env_str(name, default)
-
-
-def _env_number(name: str, default: N, parse: Callable[[str], N], environ: Mapping[str, str] | None = None) -> N:
-    raw = env_str(name, "", environ)
-    if not raw:
-        return default
-    try:
-        return parse(raw)
-    except ValueError as exc:
-        raise SettingsError(f"{name} must be a number, got {raw!r}") from exc
-
-
-def _env_int(name: str, default: int) -> int:
-    return env_int(name, default)
-
-
-def _env_float(name: str, default: float) -> float:
-    return _env_number(name, default, float)
-
-
-def _env_bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in {"1", "true", "yes", "on"}:
-        return True
-    if raw in {"0", "false", "no", "off"}:
-        return False
-    raise SettingsError(f"{name} must be true or false, got {raw!r}")
-
-
-N = TypeVar("N", int, float)
-
-
-class SettingsError(ValueError):
-    """A setting is missing or malformed; the process refuses to start."""
+SERVICE_SETTINGS = SettingsTable.of(
+    "services",
+    DATABASE_URL,
+    DATABASE_URLS.values(),
+    APP_DB_PASSWORD,
+    REDIS_URL,
+    PORTS.values(),
+    GRPC_BIND_HOST,
+    JWT_ISSUER,
+    JWT_AUDIENCE,
+    JWT_JWKS_FILE,
+    JWT_JWKS_URL,
+    JWT_LEEWAY_SECONDS,
+    PAGE_TOKEN_SECRET,
+    GATEWAY_SECRET,
+    AUDIT_REFUSAL_WINDOW_SECONDS,
+    DB_POOL_MAX_SIZE,
+    DB_POOL_MIN_SIZE,
+    DB_ACQUIRE_TIMEOUT_SECONDS,
+    DB_STATEMENT_TIMEOUT_MS,
+    MIGRATE_ON_START,
+    SHUTDOWN_DELAY_SECONDS,
+    SHUTDOWN_GRACE_SECONDS,
+    SERVICE_JWT_ISSUER,
+    SERVICE_JWKS_FILE,
+    SERVICE_KEY_FILE,
+    SERVICE_KEY_ID,
+    TARGETS.values(),
+    BASE_DOMAIN,
+    TENANT_CACHE_SECONDS,
+    REDIS_TIMEOUT_SECONDS,
+    REDIS_MAX_CONNECTIONS,
+    SETTINGS_ENCRYPTION_KEYS,
+    SETTINGS_ENCRYPTION_KEY_ID,
+    PLANS_FILE,
+    RATE_LIMIT_BURST_SECONDS,
+    RATE_LIMIT_LOCAL_SHARE,
+    RATE_LIMIT_FAIL_CLOSED,
+    TENANT_CONCURRENCY_WAIT_SECONDS,
+    FAULT_POINTS,
+    LOG_LEVEL,
+    DATA_DIR,
+)
 
 
 @dataclass(frozen=True)
@@ -146,9 +305,10 @@ class Settings:
     log_level: str
 
 
-def data_dir() -> Path:
+def data_dir(environ: Mapping[str, str] | None = None) -> Path:
     """Where local state lives (embedded servers, dev keys): ``.data/`` unless ``DATA_DIR``."""
-    return Path(_env("DATA_DIR", str(Path.cwd() / ".data"))).resolve()
+    env = process_environment() if environ is None else environ
+    return Path(DATA_DIR.read(env) or Path.cwd() / ".data").resolve()
 
 
 def dsn_with_user(dsn: str, user: str, password: str) -> str:
@@ -168,8 +328,8 @@ def runtime_dsn(admin_dsn: str, service: str, password: str) -> str:
     return dsn_with_user(admin_dsn, f"{service}_app", password)
 
 
-def _page_token_secret(keys: Path) -> bytes:
-    raw = os.environ.get("PAGE_TOKEN_SECRET", "").strip()
+def _page_token_secret(keys: Path, environ: Mapping[str, str]) -> bytes:
+    raw = PAGE_TOKEN_SECRET.read(environ)
     if raw:
         return raw.encode()
     path = keys / "page-token.secret"
@@ -182,76 +342,68 @@ def _page_token_secret(keys: Path) -> bytes:
 
 def gateway_secret(keys: Path, environ: Mapping[str, str] | None = None) -> bytes:
     """``GATEWAY_SECRET``, else the dev secret ``make keys`` wrote, else empty (no call is the gateway's)."""
-    raw = env_str("GATEWAY_SECRET", "", environ)
+    raw = GATEWAY_SECRET.read(process_environment() if environ is None else environ)
     if raw:
         return raw.encode()
     path = keys / GATEWAY_SECRET_FILE
     return path.read_bytes().strip() if path.exists() else b""
 
 
-def load(service: str) -> Settings:
-    """Read the settings of ``service`` from the environment; raise SettingsError if bad."""
+def load(service: str, environ: Mapping[str, str] | None = None) -> Settings:
+    """The settings of ``service`` from ``environ`` (the process environment by default); SettingsError if bad."""
     if service not in DEFAULT_PORTS:
         raise SettingsError(f"unknown service {service!r}")
-    keys = data_dir() / "keys"
-    database_url = _env("DATABASE_URL", "")
+    env = process_environment() if environ is None else environ
+    keys = data_dir(env) / "keys"
+    database_url = DATABASE_URL.read(env)
     if not database_url:
         raise SettingsError("DATABASE_URL is not set (make run sets it for the embedded server)")
-    password = _env("APP_DB_PASSWORD", DEV_APP_DB_PASSWORD)
-    runtime_url = _env(f"{service.upper()}_DATABASE_URL", runtime_dsn(database_url, service, password))
-    jwks_file = _env("JWT_JWKS_FILE", "" if os.environ.get("JWT_JWKS_URL") else str(keys / "jwks.json"))
-    pool_max = _env_int("DB_POOL_MAX_SIZE", 20)
+    password = APP_DB_PASSWORD.read(env)
+    runtime_url = DATABASE_URLS[service].read(env) or runtime_dsn(database_url, service, password)
+    jwks_url = JWT_JWKS_URL.read(env)
+    jwks_file = JWT_JWKS_FILE.read(env) or ("" if jwks_url else str(keys / "jwks.json"))
+    ports = {name: setting.read(env) for name, setting in PORTS.items()}
+    pool_max = DB_POOL_MAX_SIZE.read(env)
     settings = Settings(
         service=service,
-        bind_host=_env("GRPC_BIND_HOST", "127.0.0.1"),
-        port=_env_int(f"{service.upper()}_PORT", DEFAULT_PORTS[service]),
+        bind_host=GRPC_BIND_HOST.read(env),
+        port=ports[service],
         database_url=database_url,
         runtime_database_url=runtime_url,
         app_db_password=password,
-        redis_url=_env("REDIS_URL", "redis://127.0.0.1:56379/0"),
-        db_pool_min_size=min(_env_int("DB_POOL_MIN_SIZE", 2), pool_max),
+        redis_url=REDIS_URL.read(env),
+        db_pool_min_size=min(DB_POOL_MIN_SIZE.read(env), pool_max),
         db_pool_max_size=pool_max,
-        db_acquire_timeout=_env_float("DB_ACQUIRE_TIMEOUT_SECONDS", 2.0),
-        db_statement_timeout_ms=_env_int("DB_STATEMENT_TIMEOUT_MS", 5000),
-        migrate_on_start=_env_bool("MIGRATE_ON_START", True),
-        jwt_issuer=_env("JWT_ISSUER", DEFAULT_JWT_ISSUER),
-        jwt_audience=_env("JWT_AUDIENCE", DEFAULT_JWT_AUDIENCE),
+        db_acquire_timeout=DB_ACQUIRE_TIMEOUT_SECONDS.read(env),
+        db_statement_timeout_ms=DB_STATEMENT_TIMEOUT_MS.read(env),
+        migrate_on_start=MIGRATE_ON_START.read(env),
+        jwt_issuer=JWT_ISSUER.read(env),
+        jwt_audience=JWT_AUDIENCE.read(env),
         jwt_jwks_file=jwks_file,
-        jwt_jwks_url=_env("JWT_JWKS_URL", ""),
-        jwt_leeway_seconds=_env_int("JWT_LEEWAY_SECONDS", 30),
-        service_jwt_issuer=_env("SERVICE_JWT_ISSUER", DEFAULT_SERVICE_JWT_ISSUER),
-        service_jwks_file=_env("SERVICE_JWKS_FILE", str(keys / "service-jwks.json")),
-        service_key_file=_env("SERVICE_KEY_FILE", str(keys / "service-signing-key.pem")),
-        service_key_id=_env("SERVICE_KEY_ID", DEV_SERVICE_KEY_ID),
-        targets={
-            name: _env(f"{name.upper()}_TARGET", f"127.0.0.1:{_env_int(f'{name.upper()}_PORT', port)}")
-            for name, port in DEFAULT_PORTS.items()
-        },
-        base_domain=_env("BASE_DOMAIN", "localhost").lower().strip("."),
-        tenant_cache_seconds=_env_float("TENANT_CACHE_SECONDS", 5.0),
-        redis_timeout_seconds=_env_float("REDIS_TIMEOUT_SECONDS", 0.05),
-        redis_max_connections=_env_int("REDIS_MAX_CONNECTIONS", 16),
-        plans_file=_env("PLANS_FILE", str(DEFAULT_PLANS_FILE)),
-        rate_limit_burst_seconds=_env_float("RATE_LIMIT_BURST_SECONDS", 10.0),
-        rate_limit_local_share=_env_float("RATE_LIMIT_LOCAL_SHARE", 0.25),
-        rate_limit_fail_closed=_env_bool("RATE_LIMIT_FAIL_CLOSED", False),
-        tenant_concurrency_wait_seconds=_env_float("TENANT_CONCURRENCY_WAIT_SECONDS", 0.25),
-        audit_refusal_window_seconds=_env_float("AUDIT_REFUSAL_WINDOW_SECONDS", 60.0),
-        fault_points=_env("FAULT_POINTS", ""),
-        page_token_secret=_page_token_secret(keys),
-        gateway_secret=gateway_secret(keys),
-        shutdown_grace_seconds=_env_float("SHUTDOWN_GRACE_SECONDS", 10.0),
-        shutdown_delay_seconds=_env_float("SHUTDOWN_DELAY_SECONDS", 1.0),
-        log_level=_env("LOG_LEVEL", "INFO").upper(),
+        jwt_jwks_url=jwks_url,
+        jwt_leeway_seconds=JWT_LEEWAY_SECONDS.read(env),
+        service_jwt_issuer=SERVICE_JWT_ISSUER.read(env),
+        service_jwks_file=SERVICE_JWKS_FILE.read(env) or str(keys / "service-jwks.json"),
+        service_key_file=SERVICE_KEY_FILE.read(env) or str(keys / "service-signing-key.pem"),
+        service_key_id=SERVICE_KEY_ID.read(env),
+        targets=service_targets(env),
+        base_domain=BASE_DOMAIN.read(env).lower().strip("."),
+        tenant_cache_seconds=TENANT_CACHE_SECONDS.read(env),
+        redis_timeout_seconds=REDIS_TIMEOUT_SECONDS.read(env),
+        redis_max_connections=REDIS_MAX_CONNECTIONS.read(env),
+        plans_file=PLANS_FILE.read(env),
+        rate_limit_burst_seconds=RATE_LIMIT_BURST_SECONDS.read(env),
+        rate_limit_local_share=RATE_LIMIT_LOCAL_SHARE.read(env),
+        rate_limit_fail_closed=RATE_LIMIT_FAIL_CLOSED.read(env),
+        tenant_concurrency_wait_seconds=TENANT_CONCURRENCY_WAIT_SECONDS.read(env),
+        audit_refusal_window_seconds=AUDIT_REFUSAL_WINDOW_SECONDS.read(env),
+        fault_points=FAULT_POINTS.read(env),
+        page_token_secret=_page_token_secret(keys, env),
+        gateway_secret=gateway_secret(keys, env),
+        shutdown_grace_seconds=SHUTDOWN_GRACE_SECONDS.read(env),
+        shutdown_delay_seconds=SHUTDOWN_DELAY_SECONDS.read(env),
+        log_level=LOG_LEVEL.read(env).upper(),
     )
-    if not 0 < settings.rate_limit_local_share <= 1:
-        raise SettingsError("RATE_LIMIT_LOCAL_SHARE must be a fraction in (0, 1]")
-    if settings.audit_refusal_window_seconds <= 0:
-        raise SettingsError("AUDIT_REFUSAL_WINDOW_SECONDS must be a positive number of seconds")
-    if settings.db_pool_max_size < 1:
-        raise SettingsError("DB_POOL_MAX_SIZE must be at least 1")
-    if settings.redis_max_connections < 1:
-        raise SettingsError("REDIS_MAX_CONNECTIONS must be at least 1")
     if not (settings.jwt_jwks_file or settings.jwt_jwks_url):
         raise SettingsError("set JWT_JWKS_FILE or JWT_JWKS_URL")
     if settings.service_jwt_issuer == settings.jwt_issuer:
@@ -265,3 +417,8 @@ def load(service: str) -> Settings:
                 f"{what} {path} does not exist; run `make keys` (dev) or mount the service keys (deploy)"
             )
     return settings
+
+
+def service_targets(environ: Mapping[str, str]) -> dict[str, str]:
+    """``host:port`` of every service: its ``<SERVICE>_TARGET``, else its port on loopback."""
+    return {name: TARGETS[name].read(environ) or f"127.0.0.1:{PORTS[name].read(environ)}" for name in DEFAULT_PORTS}

@@ -11,7 +11,13 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from services.runtime.settings import SettingsError, data_dir
+from services.runtime.environment import process_environment
+from services.runtime.settings import (
+    SETTINGS_ENCRYPTION_KEY_ID,
+    SETTINGS_ENCRYPTION_KEYS,
+    SettingsError,
+    data_dir,
+)
 
 #: What reads show instead of a stored secret; sending it back keeps the stored value.
 MASK = "********"
@@ -80,14 +86,16 @@ def _parse(entries: list[str], source: str) -> dict[str, bytes]:
     return keys
 
 
-def load_secret_box(env: Mapping[str, str] = os.environ, dev_file: Path | None = None) -> SecretBox:
+def load_secret_box(env: Mapping[str, str] | None = None, dev_file: Path | None = None) -> SecretBox:
     """Keys from ``SETTINGS_ENCRYPTION_KEYS`` (``kid=base64,...``; first active unless
-    ``SETTINGS_ENCRYPTION_KEY_ID`` names one), else the dev file ``make keys`` writes."""
-    raw = env.get("SETTINGS_ENCRYPTION_KEYS", "").strip()
+    ``SETTINGS_ENCRYPTION_KEY_ID`` names one), else the dev file ``make keys`` writes;
+    read from ``env`` (the process environment by default)."""
+    env = process_environment() if env is None else env
+    raw = SETTINGS_ENCRYPTION_KEYS.read(env)
     if raw:
         entries, source = [e for e in raw.split(",") if e.strip()], "SETTINGS_ENCRYPTION_KEYS"
     else:
-        path = dev_file or data_dir() / "keys" / "settings-encryption.keys"
+        path = dev_file or data_dir(env) / "keys" / "settings-encryption.keys"
         if not path.exists():
             raise SettingsError(
                 f"SETTINGS_ENCRYPTION_KEYS is not set and no dev key file exists at {path}; "
@@ -96,7 +104,7 @@ def load_secret_box(env: Mapping[str, str] = os.environ, dev_file: Path | None =
         lines = path.read_text().splitlines()
         entries, source = [line for line in lines if line.strip() and not line.lstrip().startswith("#")], str(path)
     keys = _parse(entries, source)
-    active = env.get("SETTINGS_ENCRYPTION_KEY_ID", "").strip() or next(iter(keys))
+    active = SETTINGS_ENCRYPTION_KEY_ID.read(env) or next(iter(keys))
     if active not in keys:
         raise SettingsError(f"SETTINGS_ENCRYPTION_KEY_ID={active!r} names none of the keys in {source}")
     return SecretBox(keys, active)
