@@ -2,7 +2,8 @@
 
 The first tests read the code, not a server: each door is used only by the modules its
 row names, is defined where the row says, and every test a row names exists, so the
-table cannot drift from the code. The others open each door against the real database
+table cannot drift from the code; and no module but the database layer sets what
+row-level security reads, which would be a door of its own. The others open each door against the real database
 as the services' runtime roles and look at which tenants' rows it shows and accepts.
 """
 
@@ -117,6 +118,30 @@ def test_each_door_names_tests_that_exist() -> None:
             path = REPO / file
             assert path.is_file(), f"{name}: {file} does not exist"
             assert function in _defined(ast.parse(path.read_text())), f"{name}: {test} does not exist"
+
+
+def _strings(tree: ast.AST) -> Iterator[str]:
+    """The module's string constants, its docstrings left out."""
+    documented = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, documented) and node.body and isinstance(node.body[0], ast.Expr)
+    }
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            yield node.value
+
+
+def test_only_the_database_layer_sets_what_row_level_security_reads() -> None:
+    # set_config('app.current_tenant_id' | 'app.platform_read' | 'app.audit_relay', ...) anywhere
+    # else would be a door the table does not list.
+    setters = {
+        path.relative_to(REPO).as_posix()
+        for path in _code_files()
+        if any("set_config(" in text for text in _strings(ast.parse(path.read_text())))
+    }
+    assert setters == {"services/runtime/db.py"}
 
 
 # --- What each door checks, without a server -------------------------------------------
