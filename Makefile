@@ -11,13 +11,13 @@ GEN_STAMP := $(GEN)/.stamp
 
 export DATA_DIR ?= $(CURDIR)/.data
 
-.PHONY: help install proto keys migrate run stop token test lint bench clean web gateway-config
+.PHONY: help install proto keys migrate run stop token test lint bench clean web gateway-config settings-doc
 
 help:
 	@echo "make run      start PostgreSQL, Redis, every service and the Envoy gateway (Ctrl-C stops all)"
 	@echo "make test     run the whole test suite against real servers"
 	@echo "make token    print a dev JWT: TENANT=tenant_a ROLE=admin PERMS=a,b TTL=3600"
-	@echo "make proto | web | gateway-config | migrate | lint | bench | stop | clean"
+	@echo "make proto | web | gateway-config | settings-doc | migrate | lint | bench | stop | clean"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,10 @@ web: $(WEB_STAMP)
 # The gateway's ConfigMap for the cluster, rendered from the same template as dev.
 gateway-config: $(GEN_STAMP)
 	$(PY) -m gateway render --deploy --kubernetes --out deploy/kubernetes/gateway-config.yaml
+
+# README.md's configuration table, from the environment variables each process declares.
+settings-doc: $(GEN_STAMP)
+	$(PY) -m deploy.local.settings_doc
 
 keys: $(STAMP)
 	@$(PY) -m deploy.local keys

@@ -1,0 +1,218 @@
+"""Settings declared once: each process kind's table of environment variables is what its
+``load`` reads, what the README documents, and all that the code and the manifests use.
+
+No server: every ``load`` here reads a plain dict, never this process's environment.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deploy.local.settings_doc import PROCESS_SETTINGS, README, current_readme
+from deploy.local.stack import DEV_STACK_SETTINGS, StackConfig
+from gateway.config import GATEWAY_SETTINGS, GatewaySettings
+from services.runtime import settings as service_settings
+from services.runtime.environment import SettingsError
+from services.runtime.settings import SERVICE_SETTINGS, load
+
+REPO = Path(__file__).resolve().parents[1]
+#: The one module that may touch ``os.environ``.
+ENVIRONMENT_MODULE = REPO / "services" / "runtime" / "environment.py"
+SCANNED = ("services", "gateway", "deploy")
+#: Variables the platform sets for programs it starts but never reads itself.
+FOREIGN = {"PYTHONUNBUFFERED"}
+DECLARED = frozenset().union(*(table.names for table in PROCESS_SETTINGS))
+
+
+def python_sources() -> Iterator[tuple[Path, ast.Module]]:
+    for root in SCANNED:
+        for path in sorted((REPO / root).rglob("*.py")):
+            if path != ENVIRONMENT_MODULE:
+                yield path, ast.parse(path.read_text(), str(path))
+
+
+def _names_environment(node: ast.expr) -> bool:
+    """Whether an expression reads as an environment mapping (``env``, ``environ``, ``DEPLOY_ENV``...)."""
+    return "env" in ast.unparse(node).lower()
+
+
+def variables_used(tree: ast.Module) -> Iterator[tuple[int, str]]:
+    """Every constant variable name read from or written to an environment mapping."""
+    for node in ast.walk(tree):
+        keys: list[ast.expr | None] = []
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and _names_environment(node.func.value):
+            if node.func.attr in {"get", "pop", "setdefault"} and node.args:
+                keys.append(node.args[0])
+            if node.func.attr == "update" and node.args and isinstance(node.args[0], ast.Dict):
+                keys.extend(node.args[0].keys)
+        elif isinstance(node, ast.Subscript) and _names_environment(node.value):
+            keys.append(node.slice)
+        elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict):
+            if any(_names_environment(target) for target in node.targets):
+                keys.extend(node.value.keys)
+        for key in keys:
+            if isinstance(key, ast.Constant) and isinstance(key.value, str) and key.value.isupper():
+                yield key.lineno, key.value
+
+
+def test_the_readme_configuration_table_is_generated_from_the_declarations() -> None:
+    readme = README.read_text()
+    assert readme == current_readme(readme), "README.md's configuration table drifted: run `make settings-doc`"
+
+
+def test_no_code_touches_os_environ_outside_the_environment_module() -> None:
+    touched = []
+    for path, tree in python_sources():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "os":
+                if node.attr in {"environ", "environb", "getenv", "getenvb", "putenv", "unsetenv"}:
+                    touched.append(f"{path.relative_to(REPO)}:{node.lineno}")
+            elif isinstance(node, ast.ImportFrom) and node.module == "os":
+                touched.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not touched, f"read the environment through a declared Setting (services.runtime.environment): {touched}"
+
+
+def test_every_variable_the_code_reads_or_passes_on_is_declared() -> None:
+    undeclared = [
+        f"{path.relative_to(REPO)}:{line} {name}"
+        for path, tree in python_sources()
+        for line, name in variables_used(tree)
+        if name not in DECLARED | FOREIGN
+    ]
+    assert not undeclared, f"declare these in their process's settings table: {undeclared}"
+
+
+def test_the_scan_sees_reads_through_a_mapping_and_writes_for_children() -> None:
+    # The scan above must not pass by seeing nothing: it finds the reads and writes written here.
+    source = "env.get('A_B')\nenviron['C_D']\nenv.update({'E_F': '1'})\nDEPLOY_ENV = {'G_H': 'x'}\nother.get('I_J')\n"
+    assert sorted(name for _, name in variables_used(ast.parse(source))) == ["A_B", "C_D", "E_F", "G_H"]
+
+
+def test_envoy_reads_only_declared_gateway_variables_from_its_environment() -> None:
+    sources = [*(REPO / "gateway").glob("*.py"), *(REPO / "gateway").glob("*.lua")]
+    sources.append(REPO / "deploy" / "kubernetes" / "gateway-config.yaml")
+    read = {name for path in sources for name in re.findall(r"%ENVIRONMENT\((\w+)\)%", path.read_text())}
+    assert read, "Envoy reads GATEWAY_SECRET from its environment; the scan found nothing"
+    assert read <= GATEWAY_SETTINGS.names, read - GATEWAY_SETTINGS.names
+
+
+@pytest.mark.parametrize("manifest", sorted(p.name for p in (REPO / "deploy" / "kubernetes").glob("*.yaml")))
+def test_every_variable_a_kubernetes_manifest_sets_is_declared_for_that_process(manifest: str) -> None:
+    text = (REPO / "deploy" / "kubernetes" / manifest).read_text()
+    names = set(re.findall(r"^\s*-\s*\{?\s*name:\s*([A-Z][A-Z0-9_]*)\b", text, re.MULTILINE))
+    table = GATEWAY_SETTINGS if manifest.startswith("gateway") else SERVICE_SETTINGS
+    assert names <= table.names, f"{manifest} sets undeclared {sorted(names - table.names)}"
+
+
+def test_the_deploy_gateway_environment_names_only_gateway_variables() -> None:
+    from gateway.__main__ import DEPLOY_ENV
+
+    assert set(DEPLOY_ENV) <= GATEWAY_SETTINGS.names, set(DEPLOY_ENV) - GATEWAY_SETTINGS.names
+
+
+def test_a_variable_several_processes_read_is_one_declaration() -> None:
+    seen: dict[str, object] = {}
+    for table in PROCESS_SETTINGS:
+        for setting in table.settings:
+            assert seen.setdefault(setting.name, setting) is setting, f"{setting.name} is declared twice"
+
+
+def test_every_declaration_has_a_meaning_and_a_default_its_own_range_accepts() -> None:
+    for table in PROCESS_SETTINGS:
+        for setting in table.settings:
+            assert setting.doc.strip(), setting.name
+            assert re.fullmatch(r"[A-Z][A-Z0-9_]*", setting.name), setting.name
+            assert setting.read({}) == setting.default, setting.name
+
+
+def test_the_variables_once_undocumented_have_rows() -> None:
+    readme = README.read_text()
+    for name in ("LOG_LEVEL", "JWT_LEEWAY_SECONDS", "DATA_DIR", "REDIS_MAX_CONNECTIONS", "GATEWAY_SECRET"):
+        assert f"| `{name}`" in readme or f", `{name}`" in readme, name
+    assert {"DATA_DIR", "GATEWAY_SECRET"} <= DEV_STACK_SETTINGS.names & GATEWAY_SETTINGS.names
+
+
+# What load makes of the mapping it is given
+
+
+def service_environment(tmp_path: Path, **values: str) -> dict[str, str]:
+    """What a service needs to load: a DSN, a page-token secret and the service key files."""
+    key = tmp_path / "service-key"
+    key.write_text("not read by load")
+    return {
+        "DATA_DIR": str(tmp_path),
+        "DATABASE_URL": "postgresql://admin@127.0.0.1:1/towerco",
+        "PAGE_TOKEN_SECRET": "page-secret",
+        "SERVICE_JWKS_FILE": str(key),
+        "SERVICE_KEY_FILE": str(key),
+        **values,
+    }
+
+
+def test_a_service_loads_the_declared_defaults(tmp_path: Path) -> None:
+    settings = load("sites", service_environment(tmp_path))
+    assert settings.port == service_settings.PORTS["sites"].default == 50052
+    assert settings.db_pool_max_size == 20 and settings.db_pool_min_size == 2
+    assert settings.redis_max_connections == 16
+    assert settings.audit_refusal_window_seconds == 60.0
+    assert settings.jwt_leeway_seconds == 30
+    assert settings.log_level == "INFO"
+    assert settings.migrate_on_start is True and settings.rate_limit_fail_closed is False
+    assert settings.jwt_jwks_file == str(tmp_path.resolve() / "keys" / "jwks.json")
+    assert settings.runtime_database_url == "postgresql://sites_app:towerco-dev-only@127.0.0.1:1/towerco"
+    assert settings.targets["audit"] == "127.0.0.1:50054"
+
+
+def test_a_service_reads_the_mapping_it_is_given_not_the_process_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DB_POOL_MAX_SIZE", "not a number")
+    monkeypatch.setenv("LOG_LEVEL", "debug")
+    settings = load("sites", service_environment(tmp_path, AUDIT_PORT="6000", LOG_LEVEL="warning"))
+    assert settings.db_pool_max_size == 20
+    assert settings.log_level == "WARNING"
+    assert settings.targets["audit"] == "127.0.0.1:6000"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("DB_POOL_MAX_SIZE", "twenty", "DB_POOL_MAX_SIZE must be a number, got 'twenty'"),
+        ("TENANT_CACHE_SECONDS", "5s", "TENANT_CACHE_SECONDS must be a number, got '5s'"),
+        ("MIGRATE_ON_START", "Maybe", "MIGRATE_ON_START must be true or false, got 'maybe'"),
+        ("DB_POOL_MAX_SIZE", "0", "DB_POOL_MAX_SIZE must be at least 1"),
+        ("REDIS_MAX_CONNECTIONS", "0", "REDIS_MAX_CONNECTIONS must be at least 1"),
+        ("AUDIT_REFUSAL_WINDOW_SECONDS", "0", "AUDIT_REFUSAL_WINDOW_SECONDS must be a positive number of seconds"),
+        ("RATE_LIMIT_LOCAL_SHARE", "1.5", "RATE_LIMIT_LOCAL_SHARE must be a fraction in (0, 1]"),
+        ("RATE_LIMIT_LOCAL_SHARE", "0", "RATE_LIMIT_LOCAL_SHARE must be a fraction in (0, 1]"),
+        ("SERVICE_JWT_ISSUER", "towerco-dev-issuer", "SERVICE_JWT_ISSUER must differ from JWT_ISSUER"),
+        ("DATABASE_URL", " ", "DATABASE_URL is not set"),
+    ],
+)
+def test_a_service_refuses_a_bad_value_naming_the_variable(tmp_path: Path, name: str, value: str, message: str) -> None:
+    with pytest.raises(SettingsError) as refused:
+        load("sites", service_environment(tmp_path, **{name: value}))
+    assert str(refused.value).startswith(message)
+
+
+def test_the_gateway_loads_its_declared_defaults_and_keeps_whole_second_timeouts(tmp_path: Path) -> None:
+    settings = GatewaySettings.from_env({"DATA_DIR": str(tmp_path), "GATEWAY_WEB_DIR": "/none"})
+    assert (settings.port, settings.admin_port, settings.max_heap_mb) == (8080, 9901, 400)
+    assert (settings.route_timeout_seconds, settings.idle_timeout_seconds) == (15.0, 15.0)
+    assert settings.cors_origins == ("http://*.localhost:8080",)
+    assert settings.jwt_clock_skew_seconds == 30
+    with pytest.raises(SettingsError, match=re.escape("GATEWAY_ROUTE_TIMEOUT_SECONDS must be a number, got '1.5'")):
+        GatewaySettings.from_env({"DATA_DIR": str(tmp_path), "GATEWAY_ROUTE_TIMEOUT_SECONDS": "1.5"})
+
+
+def test_the_dev_stack_starts_embedded_servers_unless_given_urls(tmp_path: Path) -> None:
+    embedded = StackConfig.from_env(tmp_path, {})
+    assert (embedded.database_url, embedded.redis_url) == (None, None)
+    assert (embedded.pg_port, embedded.redis_port, embedded.gateway_port) == (55432, 56379, 8080)
+    given = StackConfig.from_env(tmp_path, {"REDIS_URL": "redis://127.0.0.1:7000/0", "PG_PORT": "6000"})
+    assert (given.redis_url, given.pg_port) == ("redis://127.0.0.1:7000/0", 6000)
