@@ -28,7 +28,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from services.runtime.audit import GATEWAY_HEADER
 from services.runtime.environment import SettingsTable, integer, process_environment, text
-from services.runtime.interceptors.request_id import REQUEST_ID
+from services.runtime.ids import REQUEST_ID, TENANT_ID, IdRule
 from services.runtime.policy import PolicyTable
 from services.runtime.settings import (
     BASE_DOMAIN,
@@ -574,7 +574,7 @@ def origin_matchers(origins: Iterable[str]) -> list[dict[str, Any]]:
             if not domain or "*" in domain:
                 raise SettingsError(f"GATEWAY_CORS_ORIGINS: {origin!r}: only '*.<domain>' may use a wildcard")
             # The tenant id rule without its length bound, which RE2 would expand past its limit.
-            label = "[a-z][a-z0-9_-]+"
+            label = f"[{TENANT_ID.first}][{TENANT_ID.rest}]+"
             regex = f"^{re.escape(parts.scheme)}://{label}\\.{re.escape(domain)}{re.escape(port)}$"
             matchers.append({"safe_regex": {"regex": regex}})
         elif "*" in origin:
@@ -642,6 +642,7 @@ def _edge_lua(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
             f"  identity_headers = {{{', '.join(_lua_string(h) for h in IDENTITY_HEADERS)}}},",
             f"  internal_prefix = {_lua_string(INTERNAL_PREFIX)},",
             f"  public_paths = {{{public}}},",
+            f"  tenant_id = {_lua_rule(TENANT_ID)},",
             f"  no_tenant_message = {_lua_string(grpc_message(message))},",
             f"  no_tenant_details = {_lua_string(details)},",
             "}",
@@ -659,8 +660,8 @@ def _request_id_lua() -> dict[str, Any]:
         [
             "REQUEST_IDS = {",
             f"  client_header = {_lua_string(CLIENT_REQUEST_ID_HEADER)},",
-            f"  pattern = {_lua_string(request_id_lua_pattern())},",
-            f"  max_length = {request_id_max_length()},",
+            f"  pattern = {_lua_string(lua_pattern(REQUEST_ID))},",
+            f"  max_length = {REQUEST_ID.max_length},",
             "}",
             "",
         ]
@@ -671,17 +672,24 @@ def _request_id_lua() -> dict[str, Any]:
     )
 
 
-def request_id_lua_pattern() -> str:
-    """The services' request-id characters (``REQUEST_ID``) as a Lua pattern, read off the
-    regex itself so the gateway and the services cannot disagree."""
-    allowed = [c for c in map(chr, range(33, 127)) if REQUEST_ID.fullmatch(c)]
-    return "^[" + "".join(c if c.isalnum() else f"%{c}" for c in allowed) + "]+$"
+def lua_pattern(rule: IdRule) -> str:
+    """The characters of an identifier rule (``services/runtime/ids.py``) as a Lua pattern;
+    Lua has no counted repeats, so the gateway checks the lengths on their own."""
+    if rule.first == rule.rest:
+        return f"^[{_lua_class(rule.rest)}]+$"
+    return f"^[{_lua_class(rule.first)}][{_lua_class(rule.rest)}]*$"
 
 
-def request_id_max_length() -> int:
-    """The longest request id ``REQUEST_ID`` accepts (probed up to 1024)."""
-    sample = next(c for c in map(chr, range(33, 127)) if REQUEST_ID.fullmatch(c))
-    return max(n for n in range(1, 1025) if REQUEST_ID.fullmatch(sample * n))
+def _lua_class(body: str) -> str:
+    """A regex character class body as a Lua set: every printable ASCII character it holds,
+    punctuation escaped with ``%``."""
+    allowed = [c for c in map(chr, range(33, 127)) if re.fullmatch(f"[{body}]", c)]
+    return "".join(c if c.isalnum() else f"%{c}" for c in allowed)
+
+
+def _lua_rule(rule: IdRule) -> str:
+    pattern = _lua_string(lua_pattern(rule))
+    return f"{{pattern = {pattern}, min_length = {rule.min_length}, max_length = {rule.max_length}}}"
 
 
 def grpc_message(text: str) -> str:

@@ -3,12 +3,12 @@
 -- 1. Identity headers are the gateway's to set, never the client's: every header in
 --    EDGE.identity_headers and every header starting with EDGE.internal_prefix is removed.
 -- 2. The tenant comes from the Host: "<tenant>.<base domain>" (strict: the tenant id rule
---    of the services) sets x-tenant-id. Any other host names no tenant.
+--    of the services, EDGE.tenant_id) sets x-tenant-id. Any other host names no tenant.
 -- 3. Without a tenant only public RPCs, the web page and CORS preflights pass; any other
 --    API call is refused with PERMISSION_DENIED and ErrorInfo TENANT_SUBDOMAIN_REQUIRED.
 --
--- EDGE is defined above this text by gateway/config.py, from the gateway settings and
--- the services' proto policies.
+-- EDGE is defined above this text by gateway/config.py, from the gateway settings, the
+-- services' proto policies and their tenant id rule (TENANT_ID in services/runtime/ids.py).
 
 local function tenant_from_host(authority)
   if authority == nil then
@@ -21,7 +21,8 @@ local function tenant_from_host(authority)
     return nil
   end
   local label = host:sub(1, #host - #suffix)
-  if #label < 3 or #label > 50 or label:match("^[a-z][a-z0-9_%-]*$") == nil then
+  local rule = EDGE.tenant_id
+  if #label < rule.min_length or #label > rule.max_length or label:match(rule.pattern) == nil then
     return nil
   end
   return label

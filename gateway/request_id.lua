@@ -2,9 +2,8 @@
 --
 -- Envoy gives every request its own x-request-id; the client's was set aside before that
 -- (as REQUEST_IDS.client_header, by the early header mutation in gateway/config.py). It
--- is kept when it follows the services' rule (REQUEST_ID in
--- services/runtime/interceptors/request_id.py): at most REQUEST_IDS.max_length characters
--- matching REQUEST_IDS.pattern. Otherwise Envoy's stays. Either way the service logs and
+-- is kept when it follows the services' rule (REQUEST_ID in services/runtime/ids.py): at
+-- most REQUEST_IDS.max_length characters matching REQUEST_IDS.pattern. Otherwise Envoy's stays. Either way the service logs and
 -- audits that id and the client reads it back in x-request-id, on errors too.
 --
 -- REQUEST_IDS is defined above this text by gateway/config.py, from the services' rule.

@@ -184,17 +184,17 @@ def test_connections_that_send_nothing_or_stay_idle_are_closed_on_the_settings_t
 
 
 def test_the_gateway_keeps_request_ids_by_the_services_rule():
-    from gateway.config import request_id_lua_pattern, request_id_max_length
-    from services.runtime.interceptors.request_id import REQUEST_ID
+    from gateway.config import lua_pattern
+    from services.runtime.ids import REQUEST_ID
 
     # The Lua pattern as Python reads it: ^[chars]+$, each punctuation escaped with %.
-    lua = request_id_lua_pattern()
+    lua = lua_pattern(REQUEST_ID)
     assert lua.startswith("^[") and lua.endswith("]+$")
     allowed = set(lua[2:-3].replace("%", ""))
-    assert request_id_max_length() == 64
+    assert REQUEST_ID.max_length == 64
     for sample in ["abc", "A-1.b:c_d", "x" * 64, "x" * 65, "a b", "a;b", "", "é", "%", "a%b", "[x]"]:
-        lua_keeps = 0 < len(sample) <= request_id_max_length() and set(sample) <= allowed
-        assert lua_keeps == bool(REQUEST_ID.fullmatch(sample)), sample
+        lua_keeps = 0 < len(sample) <= REQUEST_ID.max_length and set(sample) <= allowed
+        assert lua_keeps == REQUEST_ID.matches(sample), sample
 
 
 def test_envoys_own_errors_are_marked_for_the_grpc_replies_filter(tmp_path):

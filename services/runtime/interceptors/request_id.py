@@ -7,7 +7,6 @@ request id bound (and logged).
 from __future__ import annotations
 
 import hmac
-import re
 import uuid
 from typing import Any
 
@@ -15,16 +14,13 @@ from grpc import aio
 
 from .. import context
 from ..audit import GATEWAY_HEADER, forwarded_address, peer_address
+from ..ids import REQUEST_ID
 from ..policy import Policy, PolicyTable
 from .base import Behavior, Metadata, PolicyInterceptor
 
-#: A client's ``x-request-id`` is kept when it matches this; otherwise one is made. The
-#: gateway renders the same rule into its configuration (``gateway/config.py``).
-REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-
 
 class RequestContextInterceptor(PolicyInterceptor):
-    """Binds a new :class:`RequestContext`; keeps a well-formed ``x-request-id``.
+    """Binds a new :class:`RequestContext`; keeps an ``x-request-id`` that follows ``REQUEST_ID``.
 
     The call is taken to come through the gateway when it carries the gateway's secret
     (``gateway_secret``; empty: no call is), which decides whose address is recorded.
@@ -37,7 +33,8 @@ class RequestContextInterceptor(PolicyInterceptor):
     def wrap(self, inner: Behavior, policy: Policy, metadata: Metadata) -> Behavior:
         async def behavior(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
             supplied = metadata.first("x-request-id") or ""
-            request_id = supplied if REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex
+            # The gateway renders the same rule into its configuration (gateway/config.py).
+            request_id = supplied if REQUEST_ID.matches(supplied) else uuid.uuid4().hex
             ctx.set_trailing_metadata((("x-request-id", request_id),))
             peer = ctx.peer()
             bound = context.RequestContext(
