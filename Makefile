@@ -29,18 +29,22 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Generated code is never edited by hand: it is rebuilt from protos/ into gen/ (git-ignored).
-# gen/towerco.protoset is what grpcurl reads through the gateway (no server reflection
-# there): every proto with its imports, plus google/rpc/error_details.proto from
-# googleapis-common-protos so ErrorInfo, BadRequest and RetryInfo come out decoded.
-GOOGLE_RPC_PROTOS = $(shell $(PY) -c 'import google.rpc.error_details_pb2 as m, pathlib; print(pathlib.Path(m.__file__).parents[2])')
+# The protos import google/api/field_behavior.proto, and the protoset adds
+# google/rpc/error_details.proto: both come from googleapis-common-protos in the venv
+# (GOOGLEAPIS_PROTOS), as does the Python module google.api.field_behavior_pb2.
+# gen/towerco.protoset is every proto with its imports and its comments: what grpcurl
+# reads through the gateway (no server reflection there; ErrorInfo, BadRequest and
+# RetryInfo come out decoded), the image `make lint` lints and the web page's TypeScript
+# is generated from.
+GOOGLEAPIS_PROTOS = $(shell $(PY) -c 'import google.rpc.error_details_pb2 as m, pathlib; print(pathlib.Path(m.__file__).parents[2])')
 $(GEN_STAMP): $(STAMP) $(PROTOS)
 	rm -rf $(GEN) && mkdir -p $(GEN)
-	$(PY) -m grpc_tools.protoc -I protos \
+	$(PY) -m grpc_tools.protoc -I protos -I $(GOOGLEAPIS_PROTOS) \
 		--plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy \
 		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
 		--python_out=$(GEN) --mypy_out=$(GEN) \
 		--grpc_python_out=$(GEN) --mypy_grpc_out=$(GEN) $(PROTOS)
-	$(PY) -m grpc_tools.protoc -I protos -I $(GOOGLE_RPC_PROTOS) --include_imports \
+	$(PY) -m grpc_tools.protoc -I protos -I $(GOOGLEAPIS_PROTOS) --include_imports --include_source_info \
 		--descriptor_set_out=$(GEN)/towerco.protoset $(PROTOS) google/rpc/error_details.proto
 	find $(GEN) -mindepth 1 -type d -exec touch {}/__init__.py \;
 	touch $@
@@ -48,13 +52,14 @@ $(GEN_STAMP): $(STAMP) $(PROTOS)
 proto: $(GEN_STAMP)
 
 # The browser page under gateway/web: a gRPC-web client from npm, built with the machine's
-# Node.js. Without npm it is left out with a note; the gateway then serves the API only.
+# Node.js from gen/towerco.protoset. Without npm it is left out with a note; the gateway
+# then serves the API only.
 WEB := gateway/web
 WEB_STAMP := $(WEB)/dist/.stamp
 WEB_SOURCES := $(WEB)/package.json $(WEB)/package-lock.json $(WEB)/.npmrc $(WEB)/buf.gen.yaml $(WEB)/tsconfig.json $(WEB)/index.html \
-	$(shell find $(WEB)/src $(WEB)/e2e -type f -not -path '*/gen/*' 2>/dev/null) $(PROTOS)
+	$(shell find $(WEB)/src $(WEB)/e2e -type f -not -path '*/gen/*' 2>/dev/null)
 
-$(WEB_STAMP): $(WEB_SOURCES)
+$(WEB_STAMP): $(WEB_SOURCES) $(GEN_STAMP)
 	@if command -v npm >/dev/null 2>&1; then \
 		cd $(WEB) && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build && touch dist/.stamp; \
 	else \
@@ -93,7 +98,7 @@ lint: $(GEN_STAMP)
 	$(PY) -m ruff check services deploy gateway tests
 	$(PY) -m ruff format --check services deploy gateway tests
 	$(PY) -m mypy services deploy gateway tests
-	cd protos && npx --yes @bufbuild/buf@1.75.0 lint
+	cd protos && npx --yes @bufbuild/buf@1.75.0 lint '../$(GEN)/towerco.protoset#format=binpb' --path towerco
 	@$(PY) -m deploy.local keys >/dev/null
 	$(PY) -m gateway validate
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.api import field_behavior_pb2
 from towerco.sites.v1 import sites_service_pb2 as sites_pb
 from towerco.sites.v1 import sites_service_pb2_grpc as sites_grpc
 from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
@@ -35,6 +36,8 @@ pytestmark = pytest.mark.stack
 
 REPO = Path(__file__).resolve().parents[1]
 GRPCURL = Path(sys.executable).parent / "grpcurl"
+#: Where googleapis-common-protos keeps google/api/field_behavior.proto, which the protos import.
+GOOGLEAPIS_PROTOS = Path(field_behavior_pb2.__file__).parents[2]
 LIST_SITES = "/towerco.sites.v1.SiteService/ListSites"
 GET_SITE = "/towerco.sites.v1.SiteService/GetSite"
 CREATE_SITE = "/towerco.sites.v1.SiteService/CreateSite"
@@ -456,6 +459,8 @@ def _grpcurl(settings: GatewaySettings, tenant: str, token: str, method: str, da
         "-plaintext",
         "-import-path",
         str(REPO / "protos"),
+        "-import-path",
+        str(GOOGLEAPIS_PROTOS),
         "-proto",
         "towerco/sites/v1/sites_service.proto",
         "-authority",

@@ -89,7 +89,12 @@ def test_describe_service_and_messages(grpcurl: Grpcurl) -> None:
     assert 'permission:"sites.write"' in result.stdout
     site = grpcurl.run("describe", "towerco.sites.v1.Site")
     assert site.returncode == 0, site.stderr
-    for field in ("string site_id = 1;", "string tenant_id = 2;", ".google.protobuf.Struct configuration = 5;"):
+    # Field behaviour travels with the descriptors: grpcurl users see it.
+    for field in (
+        "string site_id = 1 [(.google.api.field_behavior) = IDENTIFIER];",
+        "string tenant_id = 2 [(.google.api.field_behavior) = OUTPUT_ONLY];",
+        ".google.protobuf.Struct configuration = 5 [(.google.api.field_behavior) = OPTIONAL];",
+    ):
         assert field in site.stdout
     missing = grpcurl.run("describe", "towerco.sites.v1.NoSuchThing")
     assert missing.returncode != 0
