@@ -21,7 +21,7 @@ from services.tenant import settings_store as store
 from services.tenant.secrets import MASK, SecretBox, SecretError, load_secret_box
 
 KEY_1, KEY_2 = bytes(range(32)), bytes(range(32, 64))
-ALL = frozenset(rules.TOP_LEVEL)
+ALL = rules.MASK_PATHS.top_level
 PASSWORD, API_KEY = "smtp-Pa55word-plain", "sk-live-0123456789abcdef"
 AAD = "tenant_a/integrations.smtp.password"
 
@@ -74,7 +74,7 @@ def test_empty_mask_or_star_updates_all_four_parts(paths: tuple[str, ...]) -> No
 
 
 def test_mask_accepts_every_field_below_the_parts_from_the_descriptors() -> None:
-    updatable = rules.updatable_paths()
+    updatable = rules.MASK_PATHS.updatable
     for path in ("branding.logo_url", "integrations.smtp", "integrations.smtp.tls", "business_rules.sla_targets"):
         assert path in updatable
     assert "branding.display_name" not in updatable

@@ -10,6 +10,7 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from towerco.sites.v1 import sites_service_pb2 as pb
 
+from services.runtime.field_behavior import MaskPaths
 from services.runtime.validation import Violations
 
 SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,49}$")
@@ -20,20 +21,8 @@ MAX_ADDRESS = 500
 MAX_REGION = 100
 MAX_CONFIGURATION_BYTES = 16 * 1024
 
-#: Update-mask paths a client may name, and the output-only ones it may not.
-UPDATABLE_PATHS = frozenset(
-    {
-        "name",
-        "location",
-        "location.latitude",
-        "location.longitude",
-        "location.address",
-        "location.region",
-        "location.country_code",
-        "configuration",
-    }
-)
-OUTPUT_ONLY_PATHS = frozenset({"site_id", "tenant_id", "create_time", "update_time"})
+#: Update-mask paths a client may name, and the fixed ones it may not, from the Site proto.
+MASK_PATHS = MaskPaths.of(pb.Site.DESCRIPTOR)
 LOCATION_FIELDS = ("latitude", "longitude", "address", "region", "country_code")
 
 

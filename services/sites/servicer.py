@@ -166,12 +166,12 @@ def _check_site_id(site_id: str) -> None:
 def _mask_paths(request: pb.UpdateSiteRequest) -> frozenset[str]:
     paths = list(request.update_mask.paths)
     if not paths or paths == ["*"]:
-        return convert.UPDATABLE_PATHS - {p for p in convert.UPDATABLE_PATHS if p.startswith("location.")}
+        return convert.MASK_PATHS.top_level
     bad = []
     for path in paths:
-        if path in convert.OUTPUT_ONLY_PATHS:
+        if path in convert.MASK_PATHS.fixed:
             bad.append(FieldViolation("update_mask", f"{path!r} is output only or immutable and cannot be updated"))
-        elif path not in convert.UPDATABLE_PATHS:
+        elif path not in convert.MASK_PATHS.updatable:
             bad.append(FieldViolation("update_mask", f"{path!r} is not a field of Site that can be updated"))
     if bad:
         raise invalid_argument(bad, reason="INVALID_UPDATE_MASK")

@@ -20,18 +20,20 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import cache
 
 from google.protobuf import field_mask_pb2
-from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 from towerco.tenant.v1 import tenant_registry_service_pb2 as pb
 
 from services.runtime.errors import FieldViolation, invalid_argument
+from services.runtime.field_behavior import MaskPaths
 from services.runtime.validation import Violations, path_key
 
 from .egress import host_problem, url_problem
 from .secrets import MASK
 
-TOP_LEVEL = ("branding", "localization", "business_rules", "integrations")
-IGNORED_PATHS = frozenset({"tenant_id", "branding.display_name"})
+#: Update-mask paths from the TenantSettings proto; its fixed ones (tenant_id, an output-only
+#: display name) are ignored in a mask, as the proto documents.
+MASK_PATHS = MaskPaths.of(pb.TenantSettings.DESCRIPTOR)
+_PARTS = ", ".join(f.name for f in pb.TenantSettings.DESCRIPTOR.fields if f.name in MASK_PATHS.top_level)
 #: What an empty value of these fields means, and is stored as.
 DEFAULTS: Mapping[str, str] = {
     "branding.primary_color": "#3B82F6",
@@ -106,43 +108,23 @@ def default_settings(tenant_id: str, display_name: str) -> pb.TenantSettings:
 # Update masks
 
 
-@cache
-def updatable_paths() -> frozenset[str]:
-    """Every path below the four top-level messages, derived from the descriptors."""
-    paths: set[str] = set()
-
-    def walk(prefix: str, descriptor: Descriptor) -> None:
-        for field in descriptor.fields:
-            path = f"{prefix}.{field.name}"
-            paths.add(path)
-            if field.message_type is not None and not field.is_repeated:  # maps are repeated too
-                walk(path, field.message_type)
-
-    for name in TOP_LEVEL:
-        paths.add(name)
-        message = pb.TenantSettings.DESCRIPTOR.fields_by_name[name].message_type
-        assert message is not None
-        walk(name, message)
-    return frozenset(paths - IGNORED_PATHS)
-
-
 def mask_paths(update_mask: field_mask_pb2.FieldMask) -> frozenset[str]:
-    """The paths an update changes: all four parts for an empty mask or ``*``; output-only ones dropped."""
+    """The paths an update changes: all four parts for an empty mask or ``*``; fixed ones dropped."""
     paths = list(update_mask.paths)
     if not paths or paths == ["*"]:
-        return frozenset(TOP_LEVEL)
+        return MASK_PATHS.top_level
     bad = [
         FieldViolation(
             "update_mask",
-            f"{path_key(path)!r} is not a settings field that can be updated; name branding, localization, "
-            "business_rules, integrations or a field below them such as branding.logo_url",
+            f"{path_key(path)!r} is not a settings field that can be updated; name {_PARTS} "
+            "or a field below them such as branding.logo_url",
         )
         for path in paths
-        if path not in updatable_paths() and path not in IGNORED_PATHS
+        if path not in MASK_PATHS.updatable and path not in MASK_PATHS.fixed
     ]
     if bad:
         raise invalid_argument(bad, reason="INVALID_UPDATE_MASK")
-    return frozenset(p for p in paths if p not in IGNORED_PATHS)
+    return frozenset(p for p in paths if p not in MASK_PATHS.fixed)
 
 
 def _covered(paths: Iterable[str], path: str) -> bool:
