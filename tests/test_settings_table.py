@@ -26,6 +26,8 @@ ENVIRONMENT_MODULE = REPO / "services" / "runtime" / "environment.py"
 SCANNED = ("services", "gateway", "deploy")
 #: Variables the platform sets for programs it starts but never reads itself.
 FOREIGN = {"PYTHONUNBUFFERED"}
+#: What the test harness reads for itself or hands the README's demo script: not the platform's.
+TEST_HARNESS = {"TEST_CONTAINERS", "CI", "CHROMIUM", "GRPCURL", "TOKEN", "ADMIN"}
 DECLARED = frozenset().union(*(table.names for table in PROCESS_SETTINGS))
 
 
@@ -41,6 +43,10 @@ def _names_environment(node: ast.expr) -> bool:
     return "env" in ast.unparse(node).lower()
 
 
+def _dict_keys(node: ast.expr) -> list[ast.expr | None]:
+    return list(node.keys) if isinstance(node, ast.Dict) else []
+
+
 def variables_used(tree: ast.Module) -> Iterator[tuple[int, str]]:
     """Every constant variable name read from or written to an environment mapping."""
     for node in ast.walk(tree):
@@ -50,7 +56,12 @@ def variables_used(tree: ast.Module) -> Iterator[tuple[int, str]]:
                 keys.append(node.args[0])
             if node.func.attr == "update" and node.args and isinstance(node.args[0], ast.Dict):
                 keys.extend(node.args[0].keys)
-        elif isinstance(node, ast.Subscript) and _names_environment(node.value):
+        if isinstance(node, ast.Call):
+            # extra_env={...}, env={...}, and the tests' extra_sites({...}): an environment for a process.
+            keys.extend(k for kw in node.keywords if kw.arg and "env" in kw.arg for k in _dict_keys(kw.value))
+            if ast.unparse(node.func).startswith("extra_") and node.args:
+                keys.extend(_dict_keys(node.args[0]))
+        if isinstance(node, ast.Subscript) and _names_environment(node.value):
             keys.append(node.slice)
         elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict):
             if any(_names_environment(target) for target in node.targets):
@@ -87,10 +98,25 @@ def test_every_variable_the_code_reads_or_passes_on_is_declared() -> None:
     assert not undeclared, f"declare these in their process's settings table: {undeclared}"
 
 
-def test_the_scan_sees_reads_through_a_mapping_and_writes_for_children() -> None:
-    # The scan above must not pass by seeing nothing: it finds the reads and writes written here.
-    source = "env.get('A_B')\nenviron['C_D']\nenv.update({'E_F': '1'})\nDEPLOY_ENV = {'G_H': 'x'}\nother.get('I_J')\n"
-    assert sorted(name for _, name in variables_used(ast.parse(source))) == ["A_B", "C_D", "E_F", "G_H"]
+def test_every_variable_a_test_starts_a_process_with_is_declared() -> None:
+    # A misspelt name would configure nothing, and the test would prove less than it says.
+    undeclared = [
+        f"{path.relative_to(REPO)}:{line} {name}"
+        for path in sorted((REPO / "tests").rglob("*.py"))
+        for line, name in variables_used(ast.parse(path.read_text()))
+        if name not in DECLARED | FOREIGN | TEST_HARNESS
+    ]
+    assert not undeclared, f"not a declared setting: {undeclared}"
+
+
+def test_the_scan_sees_reads_through_a_mapping_and_environments_for_processes() -> None:
+    # The scans above must not pass by seeing nothing: they find each kind of use written here.
+    source = (
+        "env.get('A_B')\nenviron['C_D']\nenv.update({'E_F': '1'})\nDEPLOY_ENV = {'G_H': 'x'}\n"
+        "start(extra_env={'I_J': '1'})\nextra_sites({'K_L': '1'})\nother.get('M_N')\nstart({'O_P': '1'})\n"
+    )
+    found = sorted(name for _, name in variables_used(ast.parse(source)))
+    assert found == ["A_B", "C_D", "E_F", "G_H", "I_J", "K_L"]
 
 
 def test_envoy_reads_only_declared_gateway_variables_from_its_environment() -> None:
