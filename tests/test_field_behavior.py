@@ -20,7 +20,9 @@ from towerco.tenant.v1 import tenant_registry_service_pb2
 from services.runtime.errors import ServiceError
 from services.runtime.field_behavior import behaviors, walk
 from services.sites import convert as site_rules
+from services.sites import servicer as sites_servicer
 from services.sites.servicer import _mask_paths as site_mask_paths
+from services.tenant import servicer as tenant_servicer
 from services.tenant import settings_rules
 
 FILES: tuple[FileDescriptor, ...] = (
@@ -142,3 +144,19 @@ def test_settings_defaults_are_the_fields_declared_non_empty_default() -> None:
         if field_behavior_pb2.NON_EMPTY_DEFAULT in behaviors(field)
     }
     assert declared == set(settings_rules.DEFAULTS)
+
+
+def test_creates_ignore_the_output_only_and_identifier_fields_of_the_resource() -> None:
+    assert set(sites_servicer.CREATE_IGNORES) == {
+        "site.site_id",
+        "site.tenant_id",
+        "site.create_time",
+        "site.update_time",
+    }
+    assert set(tenant_servicer.CREATE_IGNORES) == {
+        "tenant.tenant_id",
+        "tenant.state",
+        "tenant.suspend_reason",
+        "tenant.create_time",
+        "tenant.update_time",
+    }

@@ -10,6 +10,9 @@ documented choice). Every other field is updatable, and so are the fields of an
 updatable message, at any depth; maps and repeated fields are replaced whole, and a
 ``google.protobuf`` message (Struct, Timestamp, ...) is a value, not fields to name.
 
+A create ignores the OUTPUT_ONLY and IDENTIFIER fields of the resource it is given (the ID
+comes from the request), so they must not make a retry look like a different request.
+
 Built once per resource when a service module is imported, never per request.
 """
 
@@ -25,6 +28,9 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 FIXED: frozenset[int] = frozenset(
     {field_behavior_pb2.OUTPUT_ONLY, field_behavior_pb2.IDENTIFIER, field_behavior_pb2.IMMUTABLE}
 )
+
+#: Behaviours of the resource fields a create ignores.
+IGNORED_ON_CREATE: frozenset[int] = frozenset({field_behavior_pb2.OUTPUT_ONLY, field_behavior_pb2.IDENTIFIER})
 
 
 def behaviors(field: FieldDescriptor) -> frozenset[int]:
@@ -65,3 +71,10 @@ def walk(message: Descriptor, prefix: str = "") -> Iterator[tuple[str, FieldDesc
             continue
         if not nested.full_name.startswith("google.protobuf."):
             yield from walk(nested, f"{path}.")
+
+
+def ignored_on_create(request: Descriptor, resource: str) -> tuple[str, ...]:
+    """Paths in a create ``request`` (``site.tenant_id``) of the ``resource`` fields it ignores."""
+    field = request.fields_by_name[resource]
+    assert field.message_type is not None, f"{request.full_name}.{resource} is not a message"
+    return tuple(f"{resource}.{path}" for path, f in walk(field.message_type) if behaviors(f) & IGNORED_ON_CREATE)

@@ -11,6 +11,7 @@ from towerco.sites.v1 import sites_service_pb2_grpc as pb_grpc
 
 from services.runtime import context, entitlements, idempotency
 from services.runtime.errors import FieldViolation, already_exists, invalid_argument, not_found, resource_exhausted
+from services.runtime.field_behavior import ignored_on_create
 from services.runtime.pagination import page_size
 from services.runtime.plans import UNLIMITED
 from services.runtime.server import Runtime
@@ -19,8 +20,8 @@ from services.runtime.validation import Violations
 from . import convert, queries
 
 Ctx = aio.ServicerContext[Any, Any]
-#: Fields CreateSite ignores: they must not make a retry look like a different request.
-CREATE_IGNORES = ("site.site_id", "site.tenant_id", "site.create_time", "site.update_time")
+#: Fields CreateSite ignores (OUTPUT_ONLY, IDENTIFIER): they must not make a retry look like a different request.
+CREATE_IGNORES = ignored_on_create(pb.CreateSiteRequest.DESCRIPTOR, "site")
 
 
 class SiteServicer(pb_grpc.SiteServiceServicer):

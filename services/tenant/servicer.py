@@ -25,6 +25,7 @@ from services.runtime.errors import (
     unavailable,
 )
 from services.runtime.faults import InjectedFaultError
+from services.runtime.field_behavior import ignored_on_create
 from services.runtime.ids import TENANT_ID
 from services.runtime.pagination import page_size
 from services.runtime.scope import require_platform_admin, target_tenant
@@ -41,10 +42,8 @@ Ctx = aio.ServicerContext[Any, Any]
 
 EMAIL = re.compile(r"^[^@\s]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
 ADMIN_ROLE = "admin"
-#: Fields CreateTenant ignores: they must not make a retry look like a different request.
-CREATE_IGNORES = tuple(
-    f"tenant.{name}" for name in ("tenant_id", "state", "suspend_reason", "create_time", "update_time")
-)
+#: Fields CreateTenant ignores (OUTPUT_ONLY, IDENTIFIER): they must not make a retry look like a different request.
+CREATE_IGNORES = ignored_on_create(pb.CreateTenantRequest.DESCRIPTOR, "tenant")
 #: States in which a tenant's data is being or has been removed.
 GONE = ("STATE_DELETING", "STATE_DELETED")
 
