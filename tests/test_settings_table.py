@@ -156,6 +156,16 @@ def test_every_declaration_has_a_meaning_and_a_default_its_own_range_accepts() -
             assert setting.read({}) == setting.default, setting.name
 
 
+def test_a_service_settings_field_is_the_declared_variable_of_its_name_or_a_named_exception() -> None:
+    import dataclasses
+
+    unnamed = {f.name for f in dataclasses.fields(service_settings.Settings)} - {
+        name.lower() for name in SERVICE_SETTINGS.names
+    }
+    # As Settings' docstring lists them: load's argument, and fields named otherwise or made from several.
+    assert unnamed == {"service", "bind_host", "port", "db_acquire_timeout", "runtime_database_url", "targets"}
+
+
 def test_the_variables_once_undocumented_have_rows() -> None:
     readme = README.read_text()
     for name in ("LOG_LEVEL", "JWT_LEEWAY_SECONDS", "DATA_DIR", "REDIS_MAX_CONNECTIONS", "GATEWAY_SECRET"):

@@ -237,22 +237,24 @@ SERVICE_SETTINGS = SettingsTable.of(
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything a service process reads from its environment, once."""
+    """Everything a service process reads from its environment, once.
+
+    A field holds the variable declared above under its name in capitals, whose declaration
+    says what it means; except ``service`` (load's argument), ``bind_host``
+    (``GRPC_BIND_HOST``), ``port`` (the service's ``<SERVICE>_PORT``), ``db_acquire_timeout``
+    (``DB_ACQUIRE_TIMEOUT_SECONDS``) and the fields that say where they come from.
+    """
 
     service: str
-    #: Address the gRPC server binds, e.g. ``127.0.0.1`` in dev, ``0.0.0.0`` in a pod.
     bind_host: str
     port: int
-    #: Administrative DSN: creates roles and schemas and runs migrations as the owner role.
     database_url: str
-    #: DSN of this service's runtime role (never an owner, superuser or BYPASSRLS).
+    #: ``<SERVICE>_DATABASE_URL``, else ``DATABASE_URL`` as the runtime role ``<service>_app``.
     runtime_database_url: str = field(repr=False)
-    #: Password the migrations give the runtime role (trust auth in dev ignores it).
     app_db_password: str = field(repr=False)
     redis_url: str
     db_pool_min_size: int
     db_pool_max_size: int
-    #: Seconds a request waits for a pooled connection before UNAVAILABLE.
     db_acquire_timeout: float
     db_statement_timeout_ms: int
     migrate_on_start: bool
@@ -261,46 +263,29 @@ class Settings:
     jwt_jwks_file: str
     jwt_jwks_url: str
     jwt_leeway_seconds: int
-    #: The platform's service issuer: its public keys, and this process's signing key.
     service_jwt_issuer: str
     service_jwks_file: str
     service_key_file: str = field(repr=False)
     service_key_id: str
-    #: Where each platform service answers, e.g. ``{"tenant": "127.0.0.1:50051", ...}``.
+    #: Where each platform service answers (``<SERVICE>_TARGET``, else its ``<SERVICE>_PORT``
+    #: on loopback), e.g. ``{"tenant": "127.0.0.1:50051", ...}``.
     targets: dict[str, str]
-    #: Tenants' sub-domains hang off this domain: ``<tenant>.<base_domain>``.
     base_domain: str
-    #: Seconds a process trusts its in-memory copy of a tenant's state and settings
-    #: without hearing of a change (changes are pushed at once through Redis).
     tenant_cache_seconds: float
-    #: Redis calls on the request path give up after this long (then PostgreSQL answers).
     redis_timeout_seconds: float
-    #: The most connections each Redis client of the process opens (the rate limiter's and
-    #: each cache's); a burst past them waits up to ``redis_timeout_seconds`` for one.
     redis_max_connections: int
-    #: The reviewed plans file (features and limits of each plan).
     plans_file: str
-    #: A quiet tenant may send this many seconds' worth of its rate at once.
     rate_limit_burst_seconds: float
-    #: While Redis is unreachable, the share of a tenant's rate one process admits alone...
     rate_limit_local_share: float
-    #: ...or, when set, nothing at all (UNAVAILABLE, reason RATE_LIMITER_UNAVAILABLE).
     rate_limit_fail_closed: bool
-    #: How long a transaction waits for one of its tenant's connection slots before
-    #: RESOURCE_EXHAUSTED, reason TENANT_CONCURRENCY_LIMIT.
     tenant_concurrency_wait_seconds: float
-    #: Refused cross-tenant attempts are tallied and audited once per caller, target and
-    #: method per this many seconds, with their count.
     audit_refusal_window_seconds: float
-    #: Test-only fault injection: ``point[:times],...`` (see services.runtime.faults).
     fault_points: str
-    #: Secret that signs page tokens so a tampered or foreign token is refused.
+    #: ``PAGE_TOKEN_SECRET``, else the dev file.
     page_token_secret: bytes = field(repr=False)
-    #: The secret the gateway presents on every call it forwards (``GATEWAY_SECRET``):
-    #: only such a call may name the client's address in ``x-forwarded-for``. Empty: none may.
+    #: ``GATEWAY_SECRET``, else the dev file, else empty (no call may name the client's address).
     gateway_secret: bytes = field(repr=False)
     shutdown_grace_seconds: float
-    #: Seconds between NOT_SERVING and refusing new calls, for load balancers to notice.
     shutdown_delay_seconds: float
     log_level: str
 
