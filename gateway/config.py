@@ -26,8 +26,10 @@ from urllib.parse import quote, urlsplit
 from google.protobuf.descriptor import ServiceDescriptor
 from google.rpc import error_details_pb2, status_pb2
 
+from services.runtime import error_catalogue
 from services.runtime.audit import GATEWAY_HEADER
 from services.runtime.environment import SettingsTable, integer, process_environment, text
+from services.runtime.error_catalogue import ErrorReason, Reason
 from services.runtime.ids import REQUEST_ID, TENANT_ID, IdRule
 from services.runtime.policy import PolicyTable
 from services.runtime.settings import (
@@ -632,7 +634,7 @@ def _jwt_authn(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
 
 def _edge_lua(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
     message = f"call the API on your tenant's host: <tenant>.{settings.base_domain}"
-    details = _status_details(7, message, "TENANT_SUBDOMAIN_REQUIRED", base_domain=settings.base_domain)
+    details = _status_details(ErrorReason.TENANT_SUBDOMAIN_REQUIRED, message, base_domain=settings.base_domain)
     public = ", ".join(f"[{_lua_string(path)}] = true" for api in routes for path in api.public_paths)
     prelude = "\n".join(
         [
@@ -697,31 +699,35 @@ def grpc_message(text: str) -> str:
     return "".join(c if " " <= c <= "~" and c != "%" else quote(c, safe="") for c in text)
 
 
-def gateway_reasons(settings: GatewaySettings) -> dict[str, tuple[int, str, float | None]]:
-    """For each error Envoy makes itself: gRPC code, message, and seconds after which a retry
-    may succeed (RetryInfo), or None. Envoy's own wording stays in the access log."""
+def gateway_reasons(settings: GatewaySettings) -> dict[Reason, tuple[str, float | None]]:
+    """For each error Envoy makes itself: its message, and seconds after which a retry may
+    succeed (RetryInfo), or None; the gRPC code is the catalogue's (ErrorReason). Envoy's own
+    wording stays in the access log."""
     token = f"JWT of issuer {settings.jwt_issuer!r} for audience {settings.jwt_audience!r}"
     return {
-        "TOKEN_MISSING": (16, f"a bearer token is required (authorization: Bearer <{token}>)", None),
-        "TOKEN_EXPIRED": (16, "the token has expired: sign in again for a new one", None),
-        "TOKEN_NOT_YET_VALID": (16, "the token is not valid yet: check the clock of its issuer", None),
-        "TOKEN_INVALID": (16, f"the token was refused: it must be a {token}, signed by one of its keys", None),
-        "GATEWAY_TIMEOUT": (
-            4,
+        ErrorReason.TOKEN_MISSING: (f"a bearer token is required (authorization: Bearer <{token}>)", None),
+        ErrorReason.TOKEN_EXPIRED: ("the token has expired: sign in again for a new one", None),
+        ErrorReason.TOKEN_NOT_YET_VALID: ("the token is not valid yet: check the clock of its issuer", None),
+        ErrorReason.TOKEN_INVALID: (f"the token was refused: it must be a {token}, signed by one of its keys", None),
+        ErrorReason.GATEWAY_TIMEOUT: (
             f"the call took longer than the gateway allows ({settings.route_timeout_seconds:g}s)",
             None,
         ),
-        "REQUEST_TOO_LARGE": (8, "the request is larger than the gateway accepts", None),
-        "REQUEST_DENIED": (7, "the gateway does not allow this call", None),
-        "REQUEST_REFUSED": (3, "the gateway could not accept the request as sent", None),
-        "SERVICE_UNAVAILABLE": (14, "the service cannot be reached just now: retry shortly", 1.0),
+        ErrorReason.REQUEST_TOO_LARGE: ("the request is larger than the gateway accepts", None),
+        ErrorReason.REQUEST_DENIED: ("the gateway does not allow this call", None),
+        ErrorReason.REQUEST_REFUSED: ("the gateway could not accept the request as sent", None),
+        ErrorReason.SERVICE_UNAVAILABLE: ("the service cannot be reached just now: retry shortly", 1.0),
     }
 
 
-def _status_details(code: int, message: str, reason: str, retry_seconds: float | None = None, **metadata: str) -> str:
-    """``grpc-status-details-bin``: a google.rpc.Status with ErrorInfo (and RetryInfo), base64."""
-    status = status_pb2.Status(code=code, message=message)
-    status.details.add().Pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata))
+def _status_details(reason: Reason, message: str, retry_seconds: float | None = None, **metadata: str) -> str:
+    """``grpc-status-details-bin``: a google.rpc.Status with ErrorInfo (and RetryInfo), base64,
+    with the code the catalogue gives ``reason`` (which refuses other metadata or RetryInfo)."""
+    name = error_catalogue.name(reason)
+    code = error_catalogue.entry(name).code
+    error_catalogue.check(name, code, metadata, retry_seconds is not None)
+    status = status_pb2.Status(code=code.value[0], message=message)
+    status.details.add().Pack(error_details_pb2.ErrorInfo(reason=name, domain=ERROR_DOMAIN, metadata=metadata))
     if retry_seconds is not None:
         retry = error_details_pb2.RetryInfo()
         retry.retry_delay.FromNanoseconds(int(retry_seconds * 1e9))
@@ -731,9 +737,7 @@ def _status_details(code: int, message: str, reason: str, retry_seconds: float |
 
 def _grpc_replies_lua(settings: GatewaySettings) -> dict[str, Any]:
     reasons = ",\n".join(
-        f"    {name} = {{ code = {_lua_string(str(code))}, message = {_lua_string(grpc_message(message))}, "
-        f"details = {_lua_string(_status_details(code, message, name, retry))} }}"
-        for name, (code, message, retry) in gateway_reasons(settings).items()
+        _lua_reply(reason, message, retry) for reason, (message, retry) in gateway_reasons(settings).items()
     )
     prelude = "\n".join(
         [
@@ -748,6 +752,17 @@ def _grpc_replies_lua(settings: GatewaySettings) -> dict[str, Any]:
     return _typed(
         "envoy.extensions.filters.http.lua.v3.Lua",
         default_source_code={"inline_string": prelude + GRPC_REPLIES_LUA.read_text()},
+    )
+
+
+def _lua_reply(reason: Reason, message: str, retry_seconds: float | None) -> str:
+    """One entry of ``REPLIES.reasons``, keyed by the reason's name in the catalogue."""
+    name = error_catalogue.name(reason)
+    code = str(error_catalogue.entry(name).code.value[0])
+    details = _status_details(reason, message, retry_seconds)
+    return (
+        f"    {name} = {{ code = {_lua_string(code)}, message = {_lua_string(grpc_message(message))}, "
+        f"details = {_lua_string(details)} }}"
     )
 
 

@@ -15,6 +15,8 @@ from urllib.parse import unquote
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
+from .support import assert_catalogued
+
 M = TypeVar("M", bound=Message)
 TRAILER_FLAG = 0x80
 
@@ -44,6 +46,7 @@ class Reply:
         if raw is None:
             return None
         status = status_pb2.Status.FromString(base64.b64decode(raw + "=" * (-len(raw) % 4)))
+        assert_catalogued(status)
         for detail in status.details:
             if detail.Is(kind.DESCRIPTOR):
                 found = kind()

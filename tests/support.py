@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+from services.runtime import error_catalogue
 
 
 def free_port() -> int:
@@ -48,6 +50,8 @@ class RichError:
 def rich_error(error: grpc.RpcError) -> RichError:
     call: Any = error
     status = rpc_status.from_call(call)
+    if status is not None:
+        assert_catalogued(status)
     info = bad = retry = None
     for detail in status.details if status else ():
         for kind in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest, error_details_pb2.RetryInfo):
@@ -61,6 +65,19 @@ def rich_error(error: grpc.RpcError) -> RichError:
                 else:
                     retry = message
     return RichError(call.code(), call.details() or "", info, bad, retry)
+
+
+def assert_catalogued(status: status_pb2.Status) -> None:
+    """Fails the test that received ``status`` if its ErrorInfo reason is not in the error
+    catalogue (ErrorReason), or came with another code, metadata keys or RetryInfo than the
+    catalogue's entry says."""
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            code = next(c for c in grpc.StatusCode if c.value[0] == status.code)
+            retry = any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
+            error_catalogue.check(info.reason, code, info.metadata.keys(), retry)
 
 
 def expect_error(fn: Any, request: Any, **kwargs: Any) -> RichError:

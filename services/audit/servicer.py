@@ -13,7 +13,7 @@ from towerco.audit.v1 import audit_log_service_pb2 as pb
 from towerco.audit.v1 import audit_log_service_pb2_grpc as pb_grpc
 
 from services.runtime import context
-from services.runtime.errors import FieldViolation, ServiceError, invalid_argument, not_found, unavailable
+from services.runtime.errors import ErrorReason, FieldViolation, ServiceError, invalid_argument, not_found, unavailable
 from services.runtime.pagination import page_size
 from services.runtime.scope import target_tenant
 from services.runtime.server import Runtime
@@ -74,7 +74,7 @@ class AuditLogServicer(pb_grpc.AuditLogServiceServicer):
             if not isinstance(before, int):
                 raise invalid_argument(
                     [FieldViolation("page_token", "page token is not a page token from this API")],
-                    reason="INVALID_PAGE_TOKEN",
+                    reason=ErrorReason.INVALID_PAGE_TOKEN,
                 )
         sql, args = queries.list_events(
             before=before, action=request.action, resource=request.resource, user_id=request.user_id,
@@ -120,10 +120,10 @@ class AuditLogServicer(pb_grpc.AuditLogServiceServicer):
         except Exception:
             raise unavailable(
                 "the tenant registry cannot be reached to look this tenant up; retry shortly",
-                "TENANT_DIRECTORY_UNAVAILABLE",
+                ErrorReason.TENANT_DIRECTORY_UNAVAILABLE,
             ) from None
         if info is None:
-            raise not_found("tenant", tenant_id)
+            raise not_found(ErrorReason.TENANT_NOT_FOUND, tenant_id)
 
 
 async def _append(conn: asyncpg.Connection[Any], tenant_id: str, events: list[convert.NewEvent]) -> int:

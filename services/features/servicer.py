@@ -14,7 +14,7 @@ from towerco.features.v1 import feature_gate_service_pb2_grpc as pb_grpc
 
 from services.runtime import context
 from services.runtime.entitlements import Entitlements, evaluate
-from services.runtime.errors import FieldViolation, invalid_argument, not_found
+from services.runtime.errors import ErrorReason, FieldViolation, invalid_argument, not_found
 from services.runtime.plans import FEATURE_PATTERN, LIMITS, UNLIMITED
 from services.runtime.scope import require_platform_admin, target_tenant
 from services.runtime.server import Runtime
@@ -164,14 +164,14 @@ class FeatureGateServicer(pb_grpc.FeatureGateServiceServicer):
         """The registry's plan of a tenant that exists and is not deleted; NOT_FOUND otherwise."""
         info = await self._tenants.get(tenant_id)
         if info is None or info.state in _GONE:
-            raise not_found("tenant", tenant_id)
+            raise not_found(ErrorReason.TENANT_NOT_FOUND, tenant_id)
         return info.plan
 
     async def _entitlements_of(self, tenant_id: str) -> Entitlements:
         await self._known_plan(tenant_id)
         found = await self._entitlements.get(tenant_id)
         if found is None:
-            raise not_found("tenant", tenant_id)
+            raise not_found(ErrorReason.TENANT_NOT_FOUND, tenant_id)
         return found
 
     async def _change(self, tenant_id: str, action: str, change: Change) -> pb.Entitlements:

@@ -23,7 +23,9 @@ from typing import Any
 import jwt
 from jwt import PyJWK, PyJWKClient
 
+from . import error_catalogue
 from .context import PLATFORM_TENANT, Caller, is_valid_tenant_id
+from .errors import ErrorReason, Reason
 
 #: Service tokens name their service as ``service:<name>``.
 SERVICE_SUBJECT_PREFIX = "service:"
@@ -35,11 +37,11 @@ MAX_TOKEN_BYTES = 8192
 
 
 class TokenError(Exception):
-    """The token is not acceptable; ``reason`` is the ErrorInfo reason sent back."""
+    """The token is not acceptable; ``reason`` is the ErrorInfo reason sent back (its name)."""
 
-    def __init__(self, message: str, reason: str = "TOKEN_INVALID") -> None:
+    def __init__(self, message: str, reason: Reason = ErrorReason.TOKEN_INVALID) -> None:
         super().__init__(message)
-        self.reason = reason
+        self.reason = error_catalogue.name(reason)
 
 
 @dataclass(frozen=True)
@@ -147,9 +149,9 @@ class TokenVerifier:
                 options={"require": ["exp", "iss", "aud", "sub"]},
             )
         except jwt.ExpiredSignatureError as exc:
-            raise TokenError("token has expired", "TOKEN_EXPIRED") from exc
+            raise TokenError("token has expired", ErrorReason.TOKEN_EXPIRED) from exc
         except jwt.ImmatureSignatureError as exc:
-            raise TokenError("token is not valid yet", "TOKEN_NOT_YET_VALID") from exc
+            raise TokenError("token is not valid yet", ErrorReason.TOKEN_NOT_YET_VALID) from exc
         except jwt.InvalidAudienceError as exc:
             raise TokenError("token audience is not accepted") from exc
         except jwt.InvalidIssuerError as exc:

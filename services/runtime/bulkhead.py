@@ -21,7 +21,7 @@ from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
-from .errors import resource_exhausted
+from .errors import ErrorReason, resource_exhausted
 
 _limit: ContextVar[int | None] = ContextVar("towerco_tenant_db_concurrency", default=None)
 
@@ -100,7 +100,7 @@ class Bulkhead:
             raise resource_exhausted(
                 f"tenant {tenant_id!r} already uses all {capacity} of its database connections "
                 "in this service; retry shortly",
-                "TENANT_CONCURRENCY_LIMIT",
+                ErrorReason.TENANT_CONCURRENCY_LIMIT,
                 retry_after_seconds=max(self._wait, 0.1),
                 limit=str(capacity),
             ) from None

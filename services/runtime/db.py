@@ -19,7 +19,7 @@ from typing import Any, cast
 import asyncpg
 
 from . import bulkhead, context
-from .errors import unavailable
+from .errors import ErrorReason, unavailable
 from .logs import Outage
 
 log = logging.getLogger("towerco.platform")
@@ -180,7 +180,9 @@ class Database:
         try:
             conn = await self._pool.acquire(timeout=self._acquire_timeout)
         except TimeoutError:
-            raise unavailable("all database connections are busy; retry shortly", "DATABASE_BUSY", 0.2) from None
+            raise unavailable(
+                "all database connections are busy; retry shortly", ErrorReason.DATABASE_BUSY, 0.2
+            ) from None
         except UNREACHABLE as exc:
             self.outage.failed(exc)
             raise

@@ -14,11 +14,11 @@ from collections.abc import Iterable
 
 from google.protobuf.message import Message
 
-from .errors import FieldViolation, ServiceError, invalid_argument
+from .errors import ErrorReason, FieldViolation, ServiceError, invalid_argument
 from .ids import REQUEST_ID
 from .validation import Violations
 
-REUSED = "REQUEST_ID_REUSED"
+REUSED = ErrorReason.REQUEST_ID_REUSED
 
 
 def check_request_id(v: Violations, value: str) -> None:

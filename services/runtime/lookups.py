@@ -16,7 +16,7 @@ import grpc
 
 from . import context
 from .channels import service_channel
-from .errors import FieldViolation, invalid_argument, not_found
+from .errors import ErrorReason, FieldViolation, invalid_argument, not_found
 from .identity import ServiceIdentity
 from .ids import TENANT_ID
 from .tenant_cache import Versioned
@@ -52,5 +52,5 @@ async def answer(source: Source, tenant_id: str) -> tuple[int, dict[str, Any]]:
         raise invalid_argument([FieldViolation("tenant_id", TENANT_ID.problem)])
     item = await source(tenant_id)
     if item.value is None:
-        raise not_found("tenant", tenant_id)
+        raise not_found(ErrorReason.TENANT_NOT_FOUND, tenant_id)
     return item.version, item.value

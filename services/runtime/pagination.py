@@ -14,7 +14,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import FieldViolation, ServiceError, invalid_argument
+from .errors import ErrorReason, FieldViolation, ServiceError, invalid_argument
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
@@ -73,4 +73,4 @@ def _digest(query: Mapping[str, Any]) -> str:
 
 
 def _bad_token(why: str) -> ServiceError:
-    return invalid_argument([FieldViolation("page_token", f"page token {why}")], reason="INVALID_PAGE_TOKEN")
+    return invalid_argument([FieldViolation("page_token", f"page token {why}")], reason=ErrorReason.INVALID_PAGE_TOKEN)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from . import audit, context
-from .errors import FieldViolation, ServiceError, invalid_argument, permission_denied
+from .errors import ErrorReason, FieldViolation, ServiceError, invalid_argument, permission_denied
 from .ids import TENANT_ID
 
 log = logging.getLogger("towerco.security")
@@ -23,7 +23,7 @@ def target_tenant(requested: str, field: str = "tenant_id", *, required: bool = 
         if required:
             raise invalid_argument(
                 [FieldViolation(field, "is required: name the tenant explicitly for this change")],
-                reason="TENANT_ID_REQUIRED",
+                reason=ErrorReason.TENANT_ID_REQUIRED,
             )
         return own
     if not context.is_valid_tenant_id(requested):
@@ -50,7 +50,7 @@ def cross_tenant_denied(own: str, requested: str) -> ServiceError:
     )
     error = permission_denied(
         "the token's tenant does not match the requested tenant",
-        "CROSS_TENANT_DENIED",
+        ErrorReason.CROSS_TENANT_DENIED,
         token_tenant=own,
         requested_tenant=requested,
     )
@@ -70,6 +70,6 @@ def require_platform_admin() -> context.Caller:
     if caller is None or not caller.is_platform_admin:
         raise permission_denied(
             "only the platform's administrators (tenant 'platform', role platform_admin) may do this",
-            "PLATFORM_ADMIN_REQUIRED",
+            ErrorReason.PLATFORM_ADMIN_REQUIRED,
         )
     return caller

@@ -31,7 +31,7 @@ from towerco.internal.v1 import tenant_data_pb2 as pb
 from towerco.internal.v1 import tenant_data_pb2_grpc as pb_grpc
 
 from . import context
-from .errors import ServiceError, failed_precondition
+from .errors import ErrorReason, ServiceError, failed_precondition
 from .ids import TENANT_ID
 from .server import Runtime
 from .validation import Violations
@@ -354,7 +354,7 @@ class TenantDataServicer(pb_grpc.TenantDataServiceServicer):
             raise failed_precondition(
                 f"migration {request.migration_id!r} already copied {request.data_type} from tenant "
                 f"{row['source_tenant_id']!r}, not {request.source_tenant_id!r}",
-                "MIGRATION_ID_REUSED",
+                ErrorReason.MIGRATION_ID_REUSED,
                 migration_id=request.migration_id,
                 source_tenant_id=row["source_tenant_id"],
             )
@@ -399,7 +399,7 @@ def _conflict_error(data_type: str, conflicts: Sequence[Key]) -> ServiceError:
     listed = ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
     return failed_precondition(
         f"the target tenant already holds {len(ids)} of the {data_type} being copied: {listed}",
-        "MIGRATION_CONFLICT",
+        ErrorReason.MIGRATION_CONFLICT,
         conflicts=",".join(shown),
         conflict_count=str(len(ids)),
         data_type=data_type,

@@ -10,7 +10,14 @@ from towerco.sites.v1 import sites_service_pb2 as pb
 from towerco.sites.v1 import sites_service_pb2_grpc as pb_grpc
 
 from services.runtime import context, entitlements, idempotency
-from services.runtime.errors import FieldViolation, already_exists, invalid_argument, not_found, resource_exhausted
+from services.runtime.errors import (
+    ErrorReason,
+    FieldViolation,
+    already_exists,
+    invalid_argument,
+    not_found,
+    resource_exhausted,
+)
 from services.runtime.field_behavior import ignored_on_create
 from services.runtime.pagination import page_size
 from services.runtime.plans import UNLIMITED
@@ -66,7 +73,7 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
                     replay = await _replay(conn, tenant_id, request.request_id, request_hash)
                     if replay is not None:
                         return replay
-                raise already_exists("site", request.site_id)
+                raise already_exists(ErrorReason.SITE_ALREADY_EXISTS, request.site_id)
             site = convert.site_from_row(tenant_id, row)
             await self._audit.record(conn, "sites.create", f"sites/{request.site_id}", {"name": site.name})
             if request.request_id:
@@ -83,7 +90,7 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
         async with self._db.transaction(readonly=True) as conn:
             row = await conn.fetchrow(queries.GET_SITE, tenant_id, request.site_id)
         if row is None:
-            raise not_found("site", request.site_id)
+            raise not_found(ErrorReason.SITE_NOT_FOUND, request.site_id)
         return convert.site_from_row(tenant_id, row)
 
     async def ListSites(self, request: pb.ListSitesRequest, ctx: Ctx) -> pb.ListSitesResponse:
@@ -123,7 +130,7 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
         async with self._db.transaction() as conn:
             row = await conn.fetchrow(queries.GET_SITE_FOR_UPDATE, tenant_id, site_id)
             if row is None:
-                raise not_found("site", site_id)
+                raise not_found(ErrorReason.SITE_NOT_FOUND, site_id)
             name = request.site.name.strip() if "name" in paths else row["name"]
             location = row["location"]
             if "location" in paths:
@@ -145,7 +152,7 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
         async with self._db.transaction() as conn:
             status = await conn.execute(queries.DELETE_SITE, tenant_id, request.site_id)
             if status == "DELETE 0":
-                raise not_found("site", request.site_id)
+                raise not_found(ErrorReason.SITE_NOT_FOUND, request.site_id)
             await self._audit.record(conn, "sites.delete", f"sites/{request.site_id}")
         return empty_pb2.Empty()
 
@@ -175,7 +182,7 @@ def _mask_paths(request: pb.UpdateSiteRequest) -> frozenset[str]:
         elif path not in convert.MASK_PATHS.updatable:
             bad.append(FieldViolation("update_mask", f"{path!r} is not a field of Site that can be updated"))
     if bad:
-        raise invalid_argument(bad, reason="INVALID_UPDATE_MASK")
+        raise invalid_argument(bad, reason=ErrorReason.INVALID_UPDATE_MASK)
     return frozenset(paths)
 
 
@@ -195,7 +202,7 @@ async def _check_quota(conn: Any, tenant_id: str, max_sites: int) -> None:
         raise resource_exhausted(
             f"tenant {tenant_id!r} has {count} sites, the most its plan allows ({max_sites}); "
             "delete a site or move to a larger plan",
-            "QUOTA_EXCEEDED",
+            ErrorReason.QUOTA_EXCEEDED,
             resource="max_sites",
             limit=str(max_sites),
             usage=str(count),

@@ -29,7 +29,7 @@ from towerco.tenant.v1 import tenant_registry_service_pb2 as pb
 from services.runtime import context, idempotency
 from services.runtime.audit import Auditor
 from services.runtime.db import Database
-from services.runtime.errors import FieldViolation, failed_precondition, invalid_argument, not_found
+from services.runtime.errors import ErrorReason, FieldViolation, failed_precondition, invalid_argument, not_found
 from services.runtime.faults import Faults
 from services.runtime.ids import TENANT_ID
 from services.runtime.tasks import KeyedTasks
@@ -110,7 +110,7 @@ class SettingsPart:
             async with self._db.transaction() as conn:
                 row = await conn.fetchrow(queries.GET_TENANT_FOR_UPDATE, target)
                 if row is None:
-                    raise not_found("tenant", target)
+                    raise not_found(ErrorReason.TENANT_NOT_FOUND, target)
                 if await conn.fetchval(queries.GET_SETTINGS_BACKUP, target, uuid.UUID(migration_id)) is not None:
                     return 1  # this migration already replaced them
                 previous = await conn.fetchval(queries.GET_SETTINGS_FOR_UPDATE, target)
@@ -168,11 +168,11 @@ class MigrationRunner:
                 async with self._db.transaction(readonly=True) as conn:
                     state = await conn.fetchval("SELECT state FROM tenant.tenants WHERE tenant_id = $1", tenant_id)
             if state is None:
-                raise not_found("tenant", tenant_id)
+                raise not_found(ErrorReason.TENANT_NOT_FOUND, tenant_id)
             if state != "STATE_ACTIVE":
                 raise failed_precondition(
                     f"{field} {tenant_id!r} is {state}; both tenants must be STATE_ACTIVE",
-                    "TENANT_STATE_CONFLICT",
+                    ErrorReason.TENANT_STATE_CONFLICT,
                     state=state,
                     tenant_id=tenant_id,
                 )
@@ -245,7 +245,7 @@ class MigrationRunner:
             async with self._db.transaction(readonly=True) as conn:
                 row = await conn.fetchrow(queries.GET_MIGRATION, context.PLATFORM_TENANT, key)
         if row is None:
-            raise not_found("migration", migration_id)
+            raise not_found(ErrorReason.MIGRATION_NOT_FOUND, migration_id)
         return records.migration_from_row(row)
 
     def start(self, migration_id: str) -> None:

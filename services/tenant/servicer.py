@@ -17,6 +17,7 @@ from towerco.tenant.v1 import tenant_registry_service_pb2_grpc as pb_grpc
 
 from services.runtime import context, idempotency
 from services.runtime.errors import (
+    ErrorReason,
     FieldViolation,
     already_exists,
     failed_precondition,
@@ -88,7 +89,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
                 raise unavailable(
                     f"tenant {tenant_id!r} was created but is not active yet ({_short(exc)}); "
                     "retry CreateTenant with the same request_id to finish provisioning",
-                    "PROVISIONING_INCOMPLETE",
+                    ErrorReason.PROVISIONING_INCOMPLETE,
                     retry_after_seconds=1.0,
                 ) from None
             async with self._db.transaction() as conn:
@@ -155,7 +156,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
                             async with conn.transaction():
                                 await conn.execute(queries.INSERT_HOST, tenant_id, domain)
                         except asyncpg.UniqueViolationError:
-                            raise already_exists("domain", domain) from None
+                            raise already_exists(ErrorReason.DOMAIN_ALREADY_EXISTS, domain) from None
                     defaults = settings_rules.default_settings(tenant_id, tenant.display_name.strip())
                     document = settings_store.to_document(defaults, self._box, tenant_id, None)
                     await conn.execute(queries.INSERT_SETTINGS, tenant_id, document)
@@ -174,7 +175,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
             except asyncpg.UniqueViolationError as exc:
                 if exc.constraint_name != "tenants_pkey":
                     raise
-        raise already_exists("tenant", tenant_id)
+        raise already_exists(ErrorReason.TENANT_ALREADY_EXISTS, tenant_id)
 
     async def GetTenant(self, request: pb.GetTenantRequest, ctx: Ctx) -> pb.Tenant:
         tenant_id = target_tenant(request.tenant_id)
@@ -182,7 +183,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
             async with self._db.transaction(readonly=True) as conn:
                 row = await conn.fetchrow(queries.GET_TENANT, tenant_id)
         if row is None:
-            raise not_found("tenant", tenant_id)
+            raise not_found(ErrorReason.TENANT_NOT_FOUND, tenant_id)
         return await self._present(row)
 
     async def ListTenants(self, request: pb.ListTenantsRequest, ctx: Ctx) -> pb.ListTenantsResponse:
@@ -249,12 +250,12 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
             async with self._db.transaction() as conn:
                 row = await conn.fetchrow(queries.GET_TENANT_FOR_UPDATE, tenant_id)
                 if row is None:
-                    raise not_found("tenant", tenant_id)
+                    raise not_found(ErrorReason.TENANT_NOT_FOUND, tenant_id)
                 if row["state"] not in allowed:
                     raise failed_precondition(
                         f"tenant {tenant_id!r} is {State.Name(State.Value(row['state']))}; this change needs "
                         + " or ".join(sorted(allowed)),
-                        "TENANT_STATE_CONFLICT",
+                        ErrorReason.TENANT_STATE_CONFLICT,
                         state=row["state"],
                     )
                 updated: Mapping[str, Any] | None = await conn.fetchrow(queries.SET_STATE, tenant_id, new_state, reason)
@@ -270,7 +271,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
         host = _host(request.host, "host")
         tenant_id = await self._resolve(host)
         if tenant_id is None:
-            raise not_found("host", host)
+            raise not_found(ErrorReason.HOST_NOT_FOUND, host)
         return pb.ResolveTenantResponse(tenant_id=tenant_id)
 
     async def _resolve(self, host: str) -> str | None:
@@ -293,7 +294,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
         tenant_id = target_tenant(request.tenant_id)
         item = await records.read_settings(self._db, self._cache, tenant_id)
         if item.value is None:
-            raise not_found("tenant", tenant_id)
+            raise not_found(ErrorReason.TENANT_NOT_FOUND, tenant_id)
         settings = records.settings_from_value(item.value)
         settings.tenant_id = tenant_id
         return settings
@@ -308,12 +309,12 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
             async with self._db.transaction() as conn:
                 row = await conn.fetchrow(queries.GET_TENANT_FOR_UPDATE, tenant_id)
                 if row is None:
-                    raise not_found("tenant", tenant_id)
+                    raise not_found(ErrorReason.TENANT_NOT_FOUND, tenant_id)
                 if row["state"] in GONE:
                     # Offboarding removes the settings; writing them would bring a row back.
                     raise failed_precondition(
                         f"tenant {tenant_id!r} is {row['state']}; its settings can no longer change",
-                        "TENANT_STATE_CONFLICT",
+                        ErrorReason.TENANT_STATE_CONFLICT,
                         state=row["state"],
                     )
                 previous = await conn.fetchval(queries.GET_SETTINGS_FOR_UPDATE, tenant_id)
@@ -347,22 +348,22 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
                     FieldViolation("host", "set exactly one of host and tenant_id"),
                     FieldViolation("tenant_id", "set exactly one of host and tenant_id"),
                 ],
-                reason="EXACTLY_ONE_REQUIRED",
+                reason=ErrorReason.EXACTLY_ONE_REQUIRED,
             )
         if request.host:
             host = _host(request.host, "host")
             tenant_id = await self._resolve(host)
             if tenant_id is None:
-                raise not_found("host", host)
+                raise not_found(ErrorReason.HOST_NOT_FOUND, host)
         else:
             tenant_id = request.tenant_id
             if not context.is_valid_tenant_id(tenant_id):
                 raise invalid_argument([FieldViolation("tenant_id", TENANT_ID.problem)])
             if not await self._serves(tenant_id):
-                raise not_found("tenant", tenant_id)
+                raise not_found(ErrorReason.TENANT_NOT_FOUND, tenant_id)
         item = await records.read_settings(self._db, self._cache, tenant_id)
         if item.value is None:
-            raise not_found("tenant", tenant_id)
+            raise not_found(ErrorReason.TENANT_NOT_FOUND, tenant_id)
         branding = records.settings_from_value(item.value).branding
         branding.display_name = str(item.value["display_name"])
         return branding
@@ -392,7 +393,7 @@ def _host(value: str, field: str) -> str:
 
 def _replayed(row: Mapping[str, Any], request: pb.CreateTenantRequest, request_hash: str) -> Mapping[str, Any]:
     if not request.request_id or row["request_id"] != request.request_id:
-        raise already_exists("tenant", request.tenant_id)
+        raise already_exists(ErrorReason.TENANT_ALREADY_EXISTS, request.tenant_id)
     idempotency.check_same_request(row["request_hash"], request_hash, "create request")
     return row
 

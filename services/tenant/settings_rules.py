@@ -23,7 +23,7 @@ from google.protobuf import field_mask_pb2
 from google.protobuf.message import Message
 from towerco.tenant.v1 import tenant_registry_service_pb2 as pb
 
-from services.runtime.errors import FieldViolation, invalid_argument
+from services.runtime.errors import ErrorReason, FieldViolation, invalid_argument
 from services.runtime.field_behavior import MaskPaths
 from services.runtime.validation import Violations, path_key
 
@@ -123,7 +123,7 @@ def mask_paths(update_mask: field_mask_pb2.FieldMask) -> frozenset[str]:
         if path not in MASK_PATHS.updatable and path not in MASK_PATHS.fixed
     ]
     if bad:
-        raise invalid_argument(bad, reason="INVALID_UPDATE_MASK")
+        raise invalid_argument(bad, reason=ErrorReason.INVALID_UPDATE_MASK)
     return frozenset(p for p in paths if p not in MASK_PATHS.fixed)
 
 

@@ -10,7 +10,7 @@ from grpc import aio
 
 from .. import context
 from ..auth import TokenError, TokenVerifier
-from ..errors import unauthenticated
+from ..errors import ErrorReason, unauthenticated
 from ..policy import Policy, PolicyTable
 from .base import Behavior, Metadata, PolicyInterceptor
 
@@ -28,14 +28,16 @@ class AuthenticationInterceptor(PolicyInterceptor):
             if header is None:
                 if policy.public:
                     return await inner(request, ctx)
-                raise unauthenticated("a bearer token is required (authorization: Bearer <JWT>)", "TOKEN_MISSING")
+                raise unauthenticated(
+                    "a bearer token is required (authorization: Bearer <JWT>)", ErrorReason.TOKEN_MISSING
+                )
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
-                raise unauthenticated("authorization must be 'Bearer <JWT>'", "TOKEN_MISSING")
+                raise unauthenticated("authorization must be 'Bearer <JWT>'", ErrorReason.TOKEN_MISSING)
             try:
                 caller = await _verify(self._verifier, token.strip())
             except TokenError as exc:
-                raise unauthenticated(str(exc), exc.reason) from None
+                raise unauthenticated(str(exc), ErrorReason.Value(exc.reason)) from None
             current = context.current()
             assert current is not None, "RequestContextInterceptor must run first"
             with context.bind(dataclasses.replace(current, caller=caller)):

@@ -11,7 +11,7 @@ from typing import Any
 from grpc import aio
 
 from .. import context
-from ..errors import permission_denied
+from ..errors import ErrorReason, permission_denied
 from ..policy import Policy
 from .base import Behavior, Metadata, PolicyInterceptor
 
@@ -28,12 +28,12 @@ class AuthorizationInterceptor(PolicyInterceptor):
             if policy.internal and (caller is None or not caller.service):
                 raise permission_denied(
                     "this method is internal to the platform: only its services may call it",
-                    "SERVICE_IDENTITY_REQUIRED",
+                    ErrorReason.SERVICE_IDENTITY_REQUIRED,
                 )
             if caller is None or policy.permission not in caller.permissions:
                 raise permission_denied(
                     f"this call needs the {policy.permission!r} permission",
-                    "PERMISSION_MISSING",
+                    ErrorReason.PERMISSION_MISSING,
                     permission=policy.permission,
                 )
             return await inner(request, ctx)

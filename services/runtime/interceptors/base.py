@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, cast
 import grpc
 from grpc import aio
 
-from ..errors import FieldViolation, invalid_argument
+from ..errors import ErrorReason, FieldViolation, invalid_argument
 from ..policy import Policy, PolicyTable
 
 Behavior: TypeAlias = "Callable[[Any, aio.ServicerContext[Any, Any]], Awaitable[Any]]"
@@ -49,7 +49,7 @@ class Metadata:
         if len(values) > 1:
             raise invalid_argument(
                 [FieldViolation(f"metadata.{key}", f"{key} must be sent at most once")],
-                reason="METADATA_REPEATED",
+                reason=ErrorReason.METADATA_REPEATED,
             )
         return values[0]
 

@@ -17,7 +17,7 @@ from grpc import aio
 
 from .. import bulkhead, context, entitlements
 from ..entitlements import EntitlementDirectory
-from ..errors import ServiceError, permission_denied, resource_exhausted, unavailable
+from ..errors import ErrorReason, ServiceError, permission_denied, resource_exhausted, unavailable
 from ..policy import Policy, PolicyTable
 from ..ratelimit import RateLimiter
 from .base import Behavior, Metadata, PolicyInterceptor
@@ -58,10 +58,10 @@ async def tenant_entitlements(directory: EntitlementDirectory, tenant_id: str) -
         raise
     except Exception:
         raise unavailable(
-            "the tenant's entitlements cannot be read right now; retry shortly", "ENTITLEMENTS_UNAVAILABLE"
+            "the tenant's entitlements cannot be read right now; retry shortly", ErrorReason.ENTITLEMENTS_UNAVAILABLE
         ) from None
     if found is None:
-        raise permission_denied(f"tenant {tenant_id!r} is not known to the platform", "TENANT_UNKNOWN")
+        raise permission_denied(f"tenant {tenant_id!r} is not known to the platform", ErrorReason.TENANT_UNKNOWN)
     return found
 
 
@@ -72,13 +72,13 @@ def _feature_refused(tenant_id: str, plan: str, feature: str, why: str) -> Servi
             f"{feature!r} is withheld from tenant {tenant_id!r} by an override a platform admin set, "
             f"whatever its plan ({plan!r}); ask the platform operator to clear it"
         )
-        reason = "FEATURE_WITHHELD_BY_OVERRIDE"
+        reason = ErrorReason.FEATURE_WITHHELD_BY_OVERRIDE
     else:
         message = (
             f"tenant {tenant_id!r} is on plan {plan!r}, which does not include {feature!r}; "
             "upgrade the plan or ask the platform operator"
         )
-        reason = "FEATURE_NOT_IN_PLAN"
+        reason = ErrorReason.FEATURE_NOT_IN_PLAN
     return permission_denied(message, reason, feature=feature, plan=plan, decided_by=why)
 
 
@@ -112,14 +112,14 @@ async def admit(limiter: RateLimiter, tenant_id: str, rate_class: str, found: en
     if decision.unavailable:
         raise unavailable(
             "request rates cannot be checked right now (Redis is unreachable); retry shortly",
-            "RATE_LIMITER_UNAVAILABLE",
+            ErrorReason.RATE_LIMITER_UNAVAILABLE,
             decision.retry_after_seconds,
         )
     if not decision.allowed:
         raise resource_exhausted(
             f"tenant {tenant_id!r} is over its {rate_class} rate of {per_minute} calls per minute; "
             f"retry in {decision.retry_after_seconds:.3f}s",
-            "RATE_LIMITED",
+            ErrorReason.RATE_LIMITED,
             retry_after_seconds=decision.retry_after_seconds,
             limit=limit_name,
             per_minute=str(per_minute),

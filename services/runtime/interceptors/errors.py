@@ -7,14 +7,13 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncpg
-import grpc
 from grpc import aio
 from grpc_status import rpc_status
 from towerco.audit.v1.audit_log_service_pb2 import AuditEvent
 
 from .. import context
 from ..db import UNREACHABLE
-from ..errors import FieldViolation, ServiceError, invalid_argument, unavailable
+from ..errors import ErrorReason, FieldViolation, ServiceError, aborted, internal, invalid_argument, unavailable
 from ..policy import Policy, PolicyTable
 from ..refusal_audit import RefusalAudit
 from ..validation import UNSTORABLE_TEXT, unstorable_text
@@ -61,7 +60,7 @@ class ErrorDetailsInterceptor(PolicyInterceptor):
                 if request is MALFORMED:
                     raise invalid_argument(
                         [FieldViolation("request", "is not a valid protobuf message for this method")],
-                        reason="MALFORMED_REQUEST",
+                        reason=ErrorReason.MALFORMED_REQUEST,
                     )
                 return await inner(request, ctx)
             except ServiceError as exc:
@@ -71,11 +70,11 @@ class ErrorDetailsInterceptor(PolicyInterceptor):
             except aio.AbortError:
                 raise
             except asyncpg.QueryCanceledError:
-                await _abort(ctx, unavailable("the database took too long; retry later", "DATABASE_TIMEOUT"), policy)
-            except (asyncpg.SerializationError, asyncpg.DeadlockDetectedError):
-                error = ServiceError(
-                    grpc.StatusCode.ABORTED, "concurrent change conflicted; retry the request", "CONCURRENT_CHANGE"
+                await _abort(
+                    ctx, unavailable("the database took too long; retry later", ErrorReason.DATABASE_TIMEOUT), policy
                 )
+            except (asyncpg.SerializationError, asyncpg.DeadlockDetectedError):
+                error = aborted("concurrent change conflicted; retry the request", ErrorReason.CONCURRENT_CHANGE)
                 await _abort(ctx, error, policy)
             except UNSTORABLE_TEXT as exc:  # a NUL from outside the request's fields (they are checked before)
                 log.warning("text the database cannot store reached it in %s: %s", policy.method, exc)
@@ -83,17 +82,18 @@ class ErrorDetailsInterceptor(PolicyInterceptor):
             except UNREACHABLE:
                 # Logged once per outage where it is met (Database.outage), not once per call.
                 await _abort(
-                    ctx, unavailable("the database is unavailable; retry later", "DATABASE_UNAVAILABLE"), policy
+                    ctx,
+                    unavailable("the database is unavailable; retry later", ErrorReason.DATABASE_UNAVAILABLE),
+                    policy,
                 )
             except Exception:
                 current = context.current()
                 request_id = current.request_id if current else ""
                 log.exception("unexpected error in %s", policy.method)
-                error = ServiceError(
-                    grpc.StatusCode.INTERNAL,
+                error = internal(
                     f"internal error; quote request id {request_id} when reporting it",
-                    "INTERNAL_ERROR",
-                    metadata={"request_id": request_id},
+                    ErrorReason.INTERNAL_ERROR,
+                    request_id=request_id,
                 )
                 await _abort(ctx, error, policy)
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from grpc import aio
 
-from ..errors import unavailable
+from ..errors import ErrorReason, unavailable
 from ..policy import Policy, PolicyTable
 from .base import Behavior, Metadata, PolicyInterceptor
 
@@ -81,7 +81,7 @@ class ShutdownGate(PolicyInterceptor):
             self.refused += 1
             raise unavailable(
                 "the server is shutting down and did not run this call; retry it",
-                "SHUTTING_DOWN",
+                ErrorReason.SHUTTING_DOWN,
                 self._retry_after,
             )
 

@@ -15,7 +15,7 @@ from typing import Any
 from grpc import aio
 
 from .. import context
-from ..errors import FieldViolation, invalid_argument, unauthenticated
+from ..errors import ErrorReason, FieldViolation, invalid_argument, unauthenticated
 from ..ids import TENANT_ID
 from ..policy import Policy
 from .base import Behavior, Metadata, PolicyInterceptor
@@ -48,12 +48,12 @@ def resolve_tenant(policy: Policy, caller: context.Caller | None, header: str | 
     if header is not None and not context.is_valid_tenant_id(header):
         raise invalid_argument(
             [FieldViolation("metadata.x-tenant-id", TENANT_ID.problem)],
-            reason="TENANT_ID_INVALID",
+            reason=ErrorReason.TENANT_ID_INVALID,
         )
     if caller is None:
         if policy.public:
             return header
-        raise unauthenticated("tenant not identified", "TENANT_NOT_IDENTIFIED")
+        raise unauthenticated("tenant not identified", ErrorReason.TENANT_NOT_IDENTIFIED)
     if header is None or header == caller.tenant_id:
         return caller.tenant_id
     if caller.is_platform_admin and policy.cross_tenant:

@@ -12,16 +12,16 @@ from typing import Any
 from grpc import aio
 
 from .. import context
-from ..errors import ServiceError, permission_denied, unavailable
+from ..errors import ErrorReason, Reason, ServiceError, permission_denied, unavailable
 from ..policy import Policy, PolicyTable
 from ..tenants import State, TenantDirectory
 from .base import Behavior, Metadata, PolicyInterceptor
 
-_REFUSALS: dict[int, tuple[str, str]] = {
-    State.STATE_PROVISIONING: ("TENANT_PROVISIONING", "is still being set up; try again shortly"),
-    State.STATE_SUSPENDED: ("TENANT_SUSPENDED", "is suspended; contact the platform operator"),
-    State.STATE_DELETING: ("TENANT_DELETED", "has been deleted"),
-    State.STATE_DELETED: ("TENANT_DELETED", "has been deleted"),
+_REFUSALS: dict[int, tuple[Reason, str]] = {
+    State.STATE_PROVISIONING: (ErrorReason.TENANT_PROVISIONING, "is still being set up; try again shortly"),
+    State.STATE_SUSPENDED: (ErrorReason.TENANT_SUSPENDED, "is suspended; contact the platform operator"),
+    State.STATE_DELETING: (ErrorReason.TENANT_DELETED, "has been deleted"),
+    State.STATE_DELETED: (ErrorReason.TENANT_DELETED, "has been deleted"),
 }
 
 
@@ -52,10 +52,10 @@ class TenantStateInterceptor(PolicyInterceptor):
         except Exception:
             raise unavailable(
                 "the tenant registry cannot be reached to check this tenant; retry shortly",
-                "TENANT_DIRECTORY_UNAVAILABLE",
+                ErrorReason.TENANT_DIRECTORY_UNAVAILABLE,
             ) from None
         if info is None:
-            raise permission_denied(f"tenant {tenant_id!r} is not known to the platform", "TENANT_UNKNOWN")
+            raise permission_denied(f"tenant {tenant_id!r} is not known to the platform", ErrorReason.TENANT_UNKNOWN)
         if info.state != State.STATE_ACTIVE:
-            reason, why = _REFUSALS.get(info.state, ("TENANT_UNAVAILABLE", "cannot be served"))
+            reason, why = _REFUSALS.get(info.state, (ErrorReason.TENANT_UNAVAILABLE, "cannot be served"))
             raise permission_denied(f"tenant {tenant_id!r} {why}", reason, tenant_id=tenant_id)
