@@ -32,7 +32,7 @@ from towerco.internal.v1 import tenant_data_pb2_grpc as pb_grpc
 
 from . import context
 from .errors import ErrorReason, ServiceError, failed_precondition
-from .ids import TENANT_ID
+from .ids import TENANT_ID, IdRule
 from .server import Runtime
 from .validation import Violations
 
@@ -42,7 +42,7 @@ Ctx = aio.ServicerContext[Any, Any]
 Key = tuple[str, ...]
 
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
-MIGRATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+MIGRATION_ID = IdRule(first="A-Za-z0-9", rest="A-Za-z0-9._:-", min_length=1, max_length=64)
 #: Advisory locks of tenant migrations live under this first key (the second: a hash).
 _LOCK_NAMESPACE = 0x7E4A_0D47
 #: Prepare lists at most this many conflicts; any at all already blocks the copy.
@@ -418,4 +418,4 @@ def _check_tenant(v: Violations, name: str, value: str) -> None:
 
 
 def _check_migration_id(v: Violations, value: str) -> None:
-    v.pattern("migration_id", value, MIGRATION_ID, "^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+    v.identifier("migration_id", value, MIGRATION_ID)

@@ -11,10 +11,10 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from towerco.sites.v1 import sites_service_pb2 as pb
 
 from services.runtime.field_behavior import MaskPaths
+from services.runtime.ids import IdRule
 from services.runtime.validation import Violations
 
-SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,49}$")
-SITE_ID_HINT = "^[A-Za-z0-9][A-Za-z0-9._-]{0,49}$"
+SITE_ID = IdRule(first="A-Za-z0-9", rest="A-Za-z0-9._-", min_length=1, max_length=50)
 COUNTRY_CODE = re.compile(r"^[A-Z]{2}$")
 MAX_NAME = 100
 MAX_ADDRESS = 500
@@ -27,7 +27,7 @@ LOCATION_FIELDS = ("latitude", "longitude", "address", "region", "country_code")
 
 
 def check_site_id(v: Violations, field: str, value: str) -> None:
-    v.pattern(field, value, SITE_ID, SITE_ID_HINT)
+    v.identifier(field, value, SITE_ID)
 
 
 def check_name(v: Violations, field: str, value: str) -> None:
