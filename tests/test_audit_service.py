@@ -28,7 +28,7 @@ from towerco.audit.v1 import audit_log_service_pb2 as pb
 from towerco.audit.v1 import audit_log_service_pb2_grpc as pb_grpc
 
 from deploy.local.stack import Stack
-from services.audit.chain import canonical_json
+from services.audit.hash_chain import canonical_json
 from services.runtime.settings import runtime_dsn
 
 from .support import RichError, bearer, expect_error
@@ -215,7 +215,7 @@ async def become(admin: asyncpg.Connection[Any], role: str, tenant: str) -> None
 
 
 def documented_hash(e: pb.AuditEvent) -> str:
-    """The hash as the proto and chain.py document it, computed independently of the service.
+    """The hash as the proto and hash_chain.py document it, computed independently of the service.
 
     For details without integral numbers, RFC 8785 bytes are exactly what ``json.dumps``
     writes with sorted keys, no spaces and UTF-8 text.

@@ -39,7 +39,7 @@ from services.runtime import context
 from services.runtime.ids import TENANT_ID
 from services.runtime.validation import Violations
 
-from .chain import CanonicalEncodingError, ChainedEvent, canonical_json
+from .hash_chain import CanonicalEncodingError, ChainedEvent, canonical_json
 
 MAX_EVENTS = 500
 MAX_USER_ID = 128

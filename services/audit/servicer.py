@@ -20,7 +20,7 @@ from services.runtime.server import Runtime
 from services.runtime.validation import Violations
 
 from . import convert, queries
-from .chain import ChainCheck, ChainedEvent
+from .hash_chain import ChainCheck, ChainedEvent
 
 Ctx = aio.ServicerContext[Any, Any]
 

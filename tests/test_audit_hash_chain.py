@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from services.audit.chain import CanonicalEncodingError, ChainedEvent, canonical_json
+from services.audit.hash_chain import CanonicalEncodingError, ChainedEvent, canonical_json
 
 
 def chained(details: dict[str, Any]) -> ChainedEvent:

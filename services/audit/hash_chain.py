@@ -39,6 +39,9 @@ predecessor's ``hash`` (or is not empty on sequence 1), or a stored ``hash`` tha
 the hash of the event. After a retention purge (see ``services/audit/retention.py``) the
 first remaining event's ``prev_hash`` is trusted as the chain's start: the chain proves
 that nothing after it was changed, not what was purged before it.
+
+(The audit schema's first migration still calls this module ``chain.py``: applied
+migrations are checksummed, so their text stays as it was applied.)
 """
 
 from __future__ import annotations
