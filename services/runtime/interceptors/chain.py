@@ -15,8 +15,9 @@ from .authentication import AuthenticationInterceptor
 from .authorization import AuthorizationInterceptor
 from .base import PolicyInterceptor
 from .cross_tenant import CrossTenantInterceptor
-from .entitlements import EntitlementsInterceptor, RateLimitInterceptor
+from .entitlements import EntitlementsInterceptor
 from .errors import ErrorDetailsInterceptor
+from .rate_limit import RateLimitInterceptor
 from .request_id import RequestContextInterceptor
 from .shutdown import ShutdownGate
 from .tenant import TenantInterceptor

@@ -20,7 +20,8 @@ from ..policy import Policy, PolicyTable
 from ..ratelimit import RateLimiter
 from ..scope import cross_tenant_denied
 from .base import Behavior, Metadata, PolicyInterceptor
-from .entitlements import admit, tenant_entitlements
+from .entitlements import tenant_entitlements
+from .rate_limit import admit
 
 
 class CrossTenantInterceptor(PolicyInterceptor):
