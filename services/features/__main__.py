@@ -9,12 +9,12 @@ from towerco.features.v1 import feature_gate_service_pb2, feature_gate_service_p
 from towerco.internal.v1 import entitlements_pb2, entitlements_pb2_grpc, tenant_data_pb2, tenant_data_pb2_grpc
 
 from services.runtime.server import Runtime, ServiceSpec, main
-from services.runtime.tenant_data import TenantDataServicer
+from services.runtime.tenant_data_service import TenantDataServicer
 
 from .records import record_source
 from .registration import TenantEntitlementsServicer
 from .servicer import FeatureGateServicer
-from .tenant_data import FEATURES_TENANT_DATA
+from .tenant_data_spec import FEATURES_TENANT_DATA
 
 
 def register(server: aio.Server, runtime: Runtime) -> None:

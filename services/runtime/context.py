@@ -241,7 +241,7 @@ DOORS: dict[str, Door] = {
                 "services/tenant/servicer.py",  # tenants' lifecycle and settings, by platform admins
                 "services/tenant/offboarding.py",
                 "services/tenant/migration.py",
-                "services/runtime/tenant_data.py",  # the internal copy and purge of a tenant's data
+                "services/runtime/tenant_data_service.py",  # the internal copy and purge of a tenant's data
                 "services/audit/servicer.py",  # VerifyChain of another tenant
                 "services/features/registration.py",
                 "services/features/servicer.py",  # plans and overrides set by platform admins
@@ -255,7 +255,7 @@ DOORS: dict[str, Door] = {
             _DOORS_TESTS + "test_platform_scope_refuses_a_caller_that_is_not_the_platform",
             _DOORS_TESTS + "test_platform_scope_refuses_what_is_not_a_tenant_id",
             _DOORS_TESTS + "test_platform_scope_binds_only_the_named_tenant",
-            "tests/test_tenant_data.py::test_end_user_tokens_are_refused",
+            "tests/test_tenant_data_service.py::test_end_user_tokens_are_refused",
         ),
     ),
     "system_scope": Door(

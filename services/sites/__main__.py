@@ -9,10 +9,10 @@ from towerco.internal.v1 import tenant_data_pb2, tenant_data_pb2_grpc
 from towerco.sites.v1 import sites_service_pb2, sites_service_pb2_grpc
 
 from services.runtime.server import Runtime, ServiceSpec, main
-from services.runtime.tenant_data import TenantDataServicer
+from services.runtime.tenant_data_service import TenantDataServicer
 
 from .servicer import SiteServicer
-from .tenant_data import SITES_TENANT_DATA
+from .tenant_data_spec import SITES_TENANT_DATA
 
 
 def register(server: aio.Server, runtime: Runtime) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.runtime.tenant_data import CopySpec, TenantDataSpec
+from services.runtime.tenant_data_service import CopySpec, TenantDataSpec
 
 SITES_TENANT_DATA = TenantDataSpec(
     schema="sites",

@@ -23,9 +23,9 @@ from towerco.internal.v1 import tenant_data_pb2_grpc as pb_grpc
 from towerco.sites.v1 import sites_service_pb2 as sites_pb
 from towerco.sites.v1 import sites_service_pb2_grpc as sites_grpc
 
-from services.features.tenant_data import FEATURES_TENANT_DATA
-from services.runtime.tenant_data import CopySpec, TenantDataSpec, spec_problems
-from services.sites.tenant_data import SITES_TENANT_DATA
+from services.features.tenant_data_spec import FEATURES_TENANT_DATA
+from services.runtime.tenant_data_service import CopySpec, TenantDataSpec, spec_problems
+from services.sites.tenant_data_spec import SITES_TENANT_DATA
 
 from .support import RichError, bearer, expect_error
 

@@ -6,7 +6,7 @@ overrides, which are commercial terms, not operational data.
 
 from __future__ import annotations
 
-from services.runtime.tenant_data import TenantDataSpec
+from services.runtime.tenant_data_service import TenantDataSpec
 
 FEATURES_TENANT_DATA = TenantDataSpec(
     schema="features",

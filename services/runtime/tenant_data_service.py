@@ -13,7 +13,11 @@ same everywhere:
   column type, a jsonb ``null`` included, arrives exactly as it was read.
 
 Identifiers come from the static spec and are checked when it is made; values are always
-parameters.
+parameters. Each service's spec is its ``tenant_data_spec.py``.
+
+(The bookkeeping's SQL, ``sql/tenant_data/`` and the sites' ``0002_tenant_data.sql``, still
+calls this module ``tenant_data.py``: applied migrations are checksummed, so their text
+stays as it was applied.)
 """
 
 from __future__ import annotations
@@ -82,7 +86,7 @@ class CopySpec:
 
 @dataclass(frozen=True)
 class TenantDataSpec:
-    """What a service's tenant data is; see ``services/sites/tenant_data.py``."""
+    """What a service's tenant data is; see ``services/sites/tenant_data_spec.py``."""
 
     #: The service's PostgreSQL schema; every table below lives in it.
     schema: str
