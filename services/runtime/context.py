@@ -227,7 +227,7 @@ DOORS: dict[str, Door] = {
                 "services/runtime/interceptors/tenant.py",  # its tenant: the per-request binding
                 "services/runtime/audit.py",  # the relay, as a background_context
                 "services/tenant/offboarding.py",  # as a background_context
-                "services/tenant/migration.py",  # as a background_context
+                "services/tenant/tenant_data_migration.py",  # as a background_context
             }
         ),
         guard="none: it binds whatever context it is given, so only the chain's links and background work bind",
@@ -240,7 +240,7 @@ DOORS: dict[str, Door] = {
             {
                 "services/tenant/servicer.py",  # tenants' lifecycle and settings, by platform admins
                 "services/tenant/offboarding.py",
-                "services/tenant/migration.py",
+                "services/tenant/tenant_data_migration.py",
                 "services/runtime/tenant_data_service.py",  # the internal copy and purge of a tenant's data
                 "services/audit/servicer.py",  # VerifyChain of another tenant
                 "services/features/registration.py",
@@ -282,7 +282,7 @@ DOORS: dict[str, Door] = {
             {
                 "services/runtime/audit.py",  # the audit relay
                 "services/tenant/offboarding.py",  # deletions resumed at start-up
-                "services/tenant/migration.py",  # migrations resumed at start-up
+                "services/tenant/tenant_data_migration.py",  # migrations resumed at start-up
             }
         ),
         guard="none: a service's own work, with no caller to check",

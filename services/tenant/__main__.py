@@ -12,11 +12,11 @@ from services.runtime.channels import service_channel
 from services.runtime.server import Runtime, ServiceSpec, main
 
 from .directory import TenantDirectoryServicer
-from .migration import MigrationRunner, Part, RemotePart, SettingsPart
 from .offboarding import Offboarding
 from .records import state_source
 from .secrets import load_secret_box
 from .servicer import TenantRegistryServicer
+from .tenant_data_migration import MigrationRunner, Part, RemotePart, SettingsPart
 
 #: Who owns which data type that a migration can copy, besides the registry's `settings`.
 REMOTE_DATA_TYPES = {"sites": "sites"}

@@ -34,9 +34,9 @@ from services.runtime.server import Runtime
 from services.runtime.validation import Violations
 
 from . import hosts, queries, records, settings_rules, settings_store
-from .migration import MigrationRunner
 from .offboarding import Offboarding
 from .secrets import SecretBox
+from .tenant_data_migration import MigrationRunner
 
 State = pb.Tenant.State
 Ctx = aio.ServicerContext[Any, Any]

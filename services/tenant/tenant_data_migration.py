@@ -7,6 +7,9 @@ the registry's own ``settings`` part runs here). If a part fails, the parts alre
 done are undone, so no row of the migration remains in the target. A migration left
 running by a process that died is taken over by another once that process's
 lease expires: undone, then run again. Every step is idempotent.
+
+A tenant data migration moves one tenant's rows into another; it is not a schema migration
+(those are the services' ``migrations/`` directories, applied by ``services/runtime/migrations.py``).
 """
 
 from __future__ import annotations
