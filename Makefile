@@ -11,11 +11,12 @@ GEN_STAMP := $(GEN)/.stamp
 
 export DATA_DIR ?= $(CURDIR)/.data
 
-.PHONY: help install proto keys migrate run stop token test lint bench clean web gateway-config settings-doc
+.PHONY: help install proto keys migrate run stop token test test-unit lint bench clean web gateway-config settings-doc
 
 help:
 	@echo "make run      start PostgreSQL, Redis, every service and the Envoy gateway (Ctrl-C stops all)"
 	@echo "make test     run the whole test suite against real servers"
+	@echo "make test-unit  only the tests that start no server or process (seconds)"
 	@echo "make token    print a dev JWT: TENANT=tenant_a ROLE=admin PERMS=a,b TTL=3600"
 	@echo "make proto | web | gateway-config | settings-doc | migrate | lint | bench | stop | clean"
 
@@ -93,6 +94,11 @@ token: $(GEN_STAMP)
 
 test: $(GEN_STAMP) web
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The tests that start no server and no process (tests/conftest.py marks the others
+# `stack` by reading them): seconds, no PostgreSQL, no web build.
+test-unit: $(GEN_STAMP)
+	$(PY) -m pytest -m "not stack and not slow" $(PYTEST_ARGS)
 
 lint: $(GEN_STAMP)
 	$(PY) -m ruff check services deploy gateway tests

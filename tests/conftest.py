@@ -37,9 +37,32 @@ from services.runtime import context
 from services.runtime.settings import runtime_dsn
 
 from .support import free_port
+from .support.stack_marking import StarterFinder, needs_servers, no_servers
 
 REPO = Path(__file__).resolve().parents[1]
 OUTPUT = REPO / "test-output"
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects: it reads the marks added here
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks ``stack`` every test that starts a server or a process, itself or through a
+    fixture (``stack`` and all built on it included): ``make test-unit`` runs the others."""
+    finder = StarterFinder()
+    for item in items:
+        if item.get_closest_marker("stack") is None and needs_servers(item, finder):
+            item.add_marker(pytest.mark.stack)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_reach_no_server(request: pytest.FixtureRequest) -> Iterator[None]:
+    """In a run without the stack tests (``make test-unit``), a test left unmarked that
+    starts a process or connects anywhere fails at once, saying so."""
+    unit_run = "not stack" in (request.config.option.markexpr or "")
+    if not unit_run or request.node.get_closest_marker("stack") is not None:
+        yield
+        return
+    with no_servers():
+        yield
 
 
 def _containers() -> tuple[str, str, Callable[[], None]] | None:

@@ -1,8 +1,7 @@
-"""Helpers the tests share: free ports, tokens, metadata and reading rich error details."""
+"""Reading a failed call's rich error details, each ErrorInfo held to the error catalogue."""
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,21 +10,6 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from services.runtime import error_catalogue
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def bearer(token: str, tenant: str | None = None, **extra: str) -> tuple[tuple[str, str], ...]:
-    metadata = [("authorization", f"Bearer {token}")]
-    if tenant is not None:
-        metadata.append(("x-tenant-id", tenant))
-    metadata.extend(extra.items())
-    return tuple(metadata)
 
 
 @dataclass

@@ -1,0 +1,11 @@
+"""Call metadata: the bearer token, the tenant header and whatever else a test sends."""
+
+from __future__ import annotations
+
+
+def bearer(token: str, tenant: str | None = None, **extra: str) -> tuple[tuple[str, str], ...]:
+    metadata = [("authorization", f"Bearer {token}")]
+    if tenant is not None:
+        metadata.append(("x-tenant-id", tenant))
+    metadata.extend(extra.items())
+    return tuple(metadata)
