@@ -23,7 +23,7 @@ from services.sites import convert as site_rules
 from services.sites import servicer as sites_servicer
 from services.sites.servicer import _mask_paths as site_mask_paths
 from services.tenant import servicer as tenant_servicer
-from services.tenant import settings_rules
+from services.tenant import tenant_settings_rules
 
 FILES: tuple[FileDescriptor, ...] = (
     sites_service_pb2.DESCRIPTOR,
@@ -79,7 +79,7 @@ def test_site_mask_paths_are_the_documented_ones() -> None:
 
 
 def test_settings_mask_paths_are_the_documented_ones() -> None:
-    paths = settings_rules.MASK_PATHS
+    paths = tenant_settings_rules.MASK_PATHS
     assert paths.top_level == {"branding", "localization", "business_rules", "integrations"}
     assert paths.fixed == {"tenant_id", "branding.display_name"}
     # Maps and repeated fields are replaced whole: nothing below them can be named.
@@ -129,7 +129,7 @@ def test_site_update_without_a_mask_updates_the_top_level_fields(mask: list[str]
 
 def test_settings_unknown_path_names_the_four_parts_in_proto_order() -> None:
     with pytest.raises(ServiceError) as caught:
-        settings_rules.mask_paths(field_mask_pb2.FieldMask(paths=["brandin"]))
+        tenant_settings_rules.mask_paths(field_mask_pb2.FieldMask(paths=["brandin"]))
     [violation] = caught.value.violations
     assert violation.description == (
         "'brandin' is not a settings field that can be updated; name branding, localization, "
@@ -143,7 +143,7 @@ def test_settings_defaults_are_the_fields_declared_non_empty_default() -> None:
         for path, field in walk(tenant_registry_service_pb2.TenantSettings.DESCRIPTOR)
         if field_behavior_pb2.NON_EMPTY_DEFAULT in behaviors(field)
     }
-    assert declared == set(settings_rules.DEFAULTS)
+    assert declared == set(tenant_settings_rules.DEFAULTS)
 
 
 def test_creates_ignore_the_output_only_and_identifier_fields_of_the_resource() -> None:

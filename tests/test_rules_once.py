@@ -18,7 +18,7 @@ from gateway.config import lua_pattern, origin_matchers, render
 from services.runtime.ids import REQUEST_ID, TENANT_ID, IdRule
 from services.runtime.plans import FEATURE_PATTERN, PLAN_PATTERN
 from services.sites.convert import SITE_ID
-from services.tenant.settings_rules import COLOR
+from services.tenant.tenant_settings_rules import COLOR
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ from towerco.sites.v1 import sites_service_pb2 as sites_pb
 from towerco.tenant.v1 import tenant_registry_service_pb2 as pb
 from towerco.tenant.v1 import tenant_registry_service_pb2_grpc as pb_grpc
 
-from services.tenant import settings_store
+from services.tenant import tenant_settings_store
 from services.tenant.secrets import MASK, load_secret_box
 
 from .support import bearer, expect_error
@@ -124,7 +124,7 @@ async def test_migration_copies_sites_and_settings_into_the_target(
     box = load_secret_box({}, stack.keys_dir / "settings-encryption.keys")
     target_document = await db_settings(admin, target)
     assert api_key not in json.dumps(target_document)
-    assert settings_store.reveal_secret(target_document, box, target, "api_keys.pagerduty") == api_key
+    assert tenant_settings_store.reveal_secret(target_document, box, target, "api_keys.pagerduty") == api_key
 
     # The source is as it was.
     assert await db_sites(admin, source) == source_sites

@@ -21,7 +21,7 @@ import redis
 from towerco.tenant.v1 import tenant_registry_service_pb2 as pb
 from towerco.tenant.v1 import tenant_registry_service_pb2_grpc as pb_grpc
 
-from services.tenant import settings_rules, settings_store
+from services.tenant import tenant_settings_rules, tenant_settings_store
 from services.tenant.secrets import MASK, SecretBox, load_secret_box
 
 from .support import RichError, bearer, expect_error
@@ -68,7 +68,7 @@ def secret_box(stack: Any) -> SecretBox:
 def test_new_tenant_reads_its_default_settings(registry, token, tenant_pair):
     tenant, _ = tenant_pair
     settings = get_settings(registry, bearer(token(tenant, role="viewer")))
-    expected = settings_rules.default_settings(tenant, tenant)  # the fixture names the tenant after its id
+    expected = tenant_settings_rules.default_settings(tenant, tenant)  # the fixture names the tenant after its id
     assert settings == expected
     assert settings.branding.primary_color == "#3B82F6"
     assert settings.localization.timezone == "UTC"
@@ -515,9 +515,9 @@ async def test_secrets_are_sealed_masked_and_never_returned_cached_or_logged(
     document = json.loads(raw)
     assert set(document["secrets"]) == {"smtp.password", "api_keys.pagerduty", "api_keys.opsgenie"}
     assert document["secrets"]["smtp.password"]["kid"] == secret_box.active_kid
-    assert settings_store.reveal_secret(document, secret_box, tenant, "smtp.password") == password
-    assert settings_store.reveal_secret(document, secret_box, tenant, "api_keys.pagerduty") == api_key
-    assert settings_store.reveal_secret(document, secret_box, tenant, "api_keys.opsgenie") == second_key
+    assert tenant_settings_store.reveal_secret(document, secret_box, tenant, "smtp.password") == password
+    assert tenant_settings_store.reveal_secret(document, secret_box, tenant, "api_keys.pagerduty") == api_key
+    assert tenant_settings_store.reveal_secret(document, secret_box, tenant, "api_keys.opsgenie") == second_key
 
     # Not in the shared cache: the cached settings carry the mask.
     client = redis.Redis.from_url(stack.redis_url)
@@ -566,8 +566,8 @@ async def test_sending_the_mask_back_keeps_the_stored_secrets(registry, token, t
     document = await stored_document(admin, tenant)
     assert document["secrets"]["smtp.password"] == sealed["smtp.password"]  # the very same envelope
     assert document["secrets"]["api_keys.pagerduty"] == sealed["api_keys.pagerduty"]
-    assert settings_store.reveal_secret(document, secret_box, tenant, "smtp.password") == password
-    assert settings_store.reveal_secret(document, secret_box, tenant, "api_keys.statuspage") == "sk-status-new"
+    assert tenant_settings_store.reveal_secret(document, secret_box, tenant, "smtp.password") == password
+    assert tenant_settings_store.reveal_secret(document, secret_box, tenant, "api_keys.statuspage") == "sk-status-new"
 
     # The mask on a leaf path keeps the password too; a new value replaces it.
     update(registry, md, pb.TenantSettings(integrations=pb.Integrations(smtp=smtp(MASK))), "integrations.smtp.password")
@@ -577,7 +577,7 @@ async def test_sending_the_mask_back_keeps_the_stored_secrets(registry, token, t
     )
     document = await stored_document(admin, tenant)
     assert document["secrets"]["smtp.password"] != sealed["smtp.password"]
-    assert settings_store.reveal_secret(document, secret_box, tenant, "smtp.password") == "new-pw"
+    assert tenant_settings_store.reveal_secret(document, secret_box, tenant, "smtp.password") == "new-pw"
 
 
 async def test_the_mask_where_nothing_is_stored_is_refused(registry, token, tenant_pair, admin):

@@ -16,8 +16,8 @@ from towerco.tenant.v1 import tenant_registry_service_pb2 as pb
 from services.runtime.errors import ServiceError
 from services.runtime.settings import SettingsError
 from services.runtime.validation import Violations
-from services.tenant import settings_rules as rules
-from services.tenant import settings_store as store
+from services.tenant import tenant_settings_rules as rules
+from services.tenant import tenant_settings_store as store
 from services.tenant.secrets import MASK, SecretBox, SecretError, load_secret_box
 
 KEY_1, KEY_2 = bytes(range(32)), bytes(range(32, 64))

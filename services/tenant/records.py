@@ -13,7 +13,7 @@ from services.runtime.db import Database
 from services.runtime.tenant_cache import TenantCache, Versioned
 from services.runtime.tenants import STATE_KIND, StateSource
 
-from . import queries, settings_rules, settings_store
+from . import queries, tenant_settings_rules, tenant_settings_store
 
 SETTINGS_KIND = "settings"
 State = pb.Tenant.State
@@ -58,9 +58,9 @@ def settings_value(row: Mapping[str, Any], document: Mapping[str, Any] | None) -
     """The cached settings of a tenant: masked (no secret ever enters a cache) plus its name."""
     tenant_id = row["tenant_id"]
     settings = (
-        settings_store.from_document(dict(document), tenant_id)
+        tenant_settings_store.from_document(dict(document), tenant_id)
         if document is not None
-        else settings_rules.default_settings(tenant_id, row["display_name"])
+        else tenant_settings_rules.default_settings(tenant_id, row["display_name"])
     )
     return {"display_name": row["display_name"], "settings": json_format.MessageToDict(settings)}
 

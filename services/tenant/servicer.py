@@ -33,7 +33,7 @@ from services.runtime.scope import require_platform_admin, target_tenant
 from services.runtime.server import Runtime
 from services.runtime.validation import Violations
 
-from . import hosts, queries, records, settings_rules, settings_store
+from . import hosts, queries, records, tenant_settings_rules, tenant_settings_store
 from .offboarding import Offboarding
 from .secrets import SecretBox
 from .tenant_data_migration import MigrationRunner
@@ -157,8 +157,8 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
                                 await conn.execute(queries.INSERT_HOST, tenant_id, domain)
                         except asyncpg.UniqueViolationError:
                             raise already_exists(ErrorReason.DOMAIN_ALREADY_EXISTS, domain) from None
-                    defaults = settings_rules.default_settings(tenant_id, tenant.display_name.strip())
-                    document = settings_store.to_document(defaults, self._box, tenant_id, None)
+                    defaults = tenant_settings_rules.default_settings(tenant_id, tenant.display_name.strip())
+                    document = tenant_settings_store.to_document(defaults, self._box, tenant_id, None)
                     await conn.execute(queries.INSERT_SETTINGS, tenant_id, document)
                     await conn.execute(
                         queries.INSERT_USER, tenant_id, f"user-{uuid.uuid4().hex}", tenant.admin_email, ADMIN_ROLE
@@ -301,9 +301,9 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
 
     async def UpdateTenantSettings(self, request: pb.UpdateTenantSettingsRequest, ctx: Ctx) -> pb.TenantSettings:
         tenant_id = target_tenant(request.settings.tenant_id, "settings.tenant_id")
-        paths = settings_rules.mask_paths(request.update_mask)
+        paths = tenant_settings_rules.mask_paths(request.update_mask)
         v = Violations()
-        settings_rules.validate(request.settings, paths, v)
+        tenant_settings_rules.validate(request.settings, paths, v)
         v.raise_if_any()  # what is wrong whatever is stored: refused before touching the database
         with context.platform_scope(tenant_id, "settings.update") if _foreign(tenant_id) else nullcontext():
             async with self._db.transaction() as conn:
@@ -319,15 +319,15 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
                     )
                 previous = await conn.fetchval(queries.GET_SETTINGS_FOR_UPDATE, tenant_id)
                 stored = (
-                    settings_store.from_document(previous, tenant_id)
+                    tenant_settings_store.from_document(previous, tenant_id)
                     if previous is not None
-                    else settings_rules.default_settings(tenant_id, row["display_name"])
+                    else tenant_settings_rules.default_settings(tenant_id, row["display_name"])
                 )
                 # Rules across fields (a port without any host, a kept secret never stored) need the stored values.
-                settings_rules.validate(request.settings, paths, v, stored=stored)
+                tenant_settings_rules.validate(request.settings, paths, v, stored=stored)
                 v.raise_if_any()
-                merged = settings_rules.merge(stored, request.settings, paths)
-                document = settings_store.to_document(merged, self._box, tenant_id, previous)
+                merged = tenant_settings_rules.merge(stored, request.settings, paths)
+                document = tenant_settings_store.to_document(merged, self._box, tenant_id, previous)
                 await conn.execute(queries.UPSERT_SETTINGS, tenant_id, document)
                 await conn.execute(queries.BUMP_VERSION, tenant_id)
                 # The fields changed, never their values: some of them are secrets.
@@ -337,7 +337,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
                 row = await conn.fetchrow(queries.GET_TENANT, tenant_id)
             assert row is not None
             await records.publish(self._cache, row, document)
-        settings = settings_store.from_document(document, tenant_id)
+        settings = tenant_settings_store.from_document(document, tenant_id)
         settings.tenant_id = tenant_id
         return settings
 

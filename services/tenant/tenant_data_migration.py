@@ -39,7 +39,7 @@ from services.runtime.tasks import KeyedTasks
 from services.runtime.tenant_cache import TenantCache
 from services.runtime.validation import Violations
 
-from . import queries, records, settings_store
+from . import queries, records, tenant_settings_store
 from .secrets import SecretBox
 
 log = logging.getLogger("towerco.tenant.migration")
@@ -119,7 +119,7 @@ class SettingsPart:
                 previous = await conn.fetchval(queries.GET_SETTINGS_FOR_UPDATE, target)
                 backup = previous if previous is not None else {}
                 await conn.execute(queries.INSERT_SETTINGS_BACKUP, target, uuid.UUID(migration_id), backup)
-                copied = settings_store.reseal(document, self._box, source, target)
+                copied = tenant_settings_store.reseal(document, self._box, source, target)
                 await conn.execute(queries.UPSERT_SETTINGS, target, copied)
                 await conn.execute(queries.BUMP_VERSION, target)
                 row = await conn.fetchrow(queries.GET_TENANT, target)

@@ -1,4 +1,4 @@
-"""TenantSettings: defaults, update masks, validation, merging (stored and sealed by ``settings_store.py``).
+"""TenantSettings: defaults, update masks, validation, merging (stored and sealed by ``tenant_settings_store.py``).
 
 Every rule reports its own field violation, named by its path in the request
 (``settings.branding.primary_color``, ``settings.integrations.webhook_endpoints[0]``), so

@@ -12,7 +12,7 @@ from services.runtime.errors import FieldViolation, invalid_argument
 from services.runtime.validation import path_key
 
 from .secrets import MASK, SecretBox
-from .settings_rules import NO_KEY_TO_KEEP, NO_PASSWORD_TO_KEEP, configured, fill_defaults
+from .tenant_settings_rules import NO_KEY_TO_KEEP, NO_PASSWORD_TO_KEEP, configured, fill_defaults
 
 
 def _secret_aad(tenant_id: str, path: str) -> str:
