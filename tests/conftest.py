@@ -104,6 +104,7 @@ def stack() -> Iterator[Stack]:
         database_url=containers[0] if containers else os.environ.get("DATABASE_URL") or None,
         redis_url=containers[1] if containers else os.environ.get("REDIS_URL") or None,
         ports={"tenant": free_port(), "sites": free_port(), "features": free_port(), "audit": free_port()},
+        metrics_ports={"tenant": free_port(), "sites": free_port(), "features": free_port(), "audit": free_port()},
         gateway_port=free_port(),
         gateway_admin_port=free_port(),
         fast=True,

@@ -163,7 +163,15 @@ def test_a_service_settings_field_is_the_declared_variable_of_its_name_or_a_name
         name.lower() for name in SERVICE_SETTINGS.names
     }
     # As Settings' docstring lists them: load's argument, and fields named otherwise or made from several.
-    assert unnamed == {"service", "bind_host", "port", "db_acquire_timeout", "runtime_database_url", "targets"}
+    assert unnamed == {
+        "service",
+        "bind_host",
+        "port",
+        "metrics_port",
+        "db_acquire_timeout",
+        "runtime_database_url",
+        "targets",
+    }
 
 
 def test_the_variables_once_undocumented_have_rows() -> None:

@@ -29,10 +29,12 @@ from services.runtime.settings import (
     APP_DB_PASSWORD,
     DATA_DIR,
     DATABASE_URL,
+    DEFAULT_METRICS_PORTS,
     DEFAULT_PORTS,
     GATEWAY_SECRET,
     JWT_AUDIENCE,
     JWT_ISSUER,
+    METRICS_PORTS,
     PORTS,
     REDIS_URL,
     SERVICE_JWT_ISSUER,
@@ -76,6 +78,7 @@ DEV_STACK_SETTINGS = SettingsTable.of(
     PG_PORT,
     REDIS_PORT,
     PORTS.values(),
+    METRICS_PORTS.values(),
     GATEWAY_PORT,
     GATEWAY_ADMIN_PORT,
     APP_DB_PASSWORD,
@@ -95,6 +98,8 @@ class StackConfig:
     database_url: str | None = None
     redis_url: str | None = None
     ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    #: Each service's Prometheus ``/metrics`` port (what a Prometheus of the stack scrapes).
+    metrics_ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_METRICS_PORTS))
     #: The gateway's listener and its (loopback) admin interface.
     gateway_port: int = GATEWAY_PORT.default
     gateway_admin_port: int = GATEWAY_ADMIN_PORT.default
@@ -114,6 +119,7 @@ class StackConfig:
             database_url=DATABASE_URL.read(env) or None,
             redis_url=REDIS_URL.read(env) if REDIS_URL.is_set(env) else None,
             ports={name: setting.read(env) for name, setting in PORTS.items()},
+            metrics_ports={name: setting.read(env) for name, setting in METRICS_PORTS.items()},
             gateway_port=GATEWAY_PORT.read(env),
             gateway_admin_port=GATEWAY_ADMIN_PORT.read(env),
         )
@@ -177,6 +183,7 @@ class Stack:
             }
         )
         env.update({f"{name.upper()}_PORT": str(port) for name, port in self.config.ports.items()})
+        env.update({f"{name.upper()}_METRICS_PORT": str(port) for name, port in self.config.metrics_ports.items()})
         env.update(
             {"GATEWAY_PORT": str(self.config.gateway_port), "GATEWAY_ADMIN_PORT": str(self.config.gateway_admin_port)}
         )
@@ -192,11 +199,16 @@ class Stack:
         extra_env: Mapping[str, str] | None = None,
         instance: str | None = None,
     ) -> subprocess.Popen[bytes]:
-        """Start ``python -m services.<name>``; ``instance`` names a second copy of a service."""
+        """Start ``python -m services.<name>``; ``instance`` names a second copy of a service.
+
+        A second copy serves no ``/metrics`` unless ``extra_env`` gives it a port: the first
+        holds the stack's.
+        """
+        metrics = {METRICS_PORTS[name].name: "0"} if instance not in (None, name) else {}
         process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
             [sys.executable, "-m", f"services.{name}"],
             cwd=REPO,
-            env=self.service_env(extra_env),
+            env=self.service_env({**metrics, **(extra_env or {})}),
             stdout=log,
             stderr=subprocess.STDOUT if log is not None else None,
         )

@@ -14,6 +14,8 @@ __all__ = ["Settings", "SettingsError", "load"]
 
 #: Default ports of the four services (each overridable by ``<NAME>_PORT``).
 DEFAULT_PORTS: dict[str, int] = {"tenant": 50051, "sites": 50052, "features": 50053, "audit": 50054}
+#: Default ports of their Prometheus ``/metrics`` (each overridable by ``<NAME>_METRICS_PORT``).
+DEFAULT_METRICS_PORTS: dict[str, int] = {"tenant": 9461, "sites": 9462, "features": 9463, "audit": 9464}
 
 
 #: Password of the runtime roles when APP_DB_PASSWORD is not set (trust auth in dev ignores it).
@@ -65,6 +67,28 @@ PORTS: dict[str, Setting[int]] = {
     name: integer(f"{name.upper()}_PORT", port, "gRPC ports of the services") for name, port in DEFAULT_PORTS.items()
 }
 GRPC_BIND_HOST = text("GRPC_BIND_HOST", "127.0.0.1", "where the services listen: set `0.0.0.0` in a pod")
+METRICS_PORTS: dict[str, Setting[int]] = {
+    name: integer(
+        f"{name.upper()}_METRICS_PORT",
+        port,
+        "HTTP ports of the services' Prometheus `/metrics`, on `GRPC_BIND_HOST`; `0`: none",
+        minimum=0,
+    )
+    for name, port in DEFAULT_METRICS_PORTS.items()
+}
+METRICS_TENANT_LABEL_CAP = integer(
+    "METRICS_TENANT_LABEL_CAP",
+    1000,
+    "most tenants a process names in metrics' `tenant` and `target` labels; later ones share `_other`",
+    minimum=1,
+)
+PROMETHEUS_MULTIPROC_DIR = text(
+    "PROMETHEUS_MULTIPROC_DIR",
+    "",
+    "several worker processes of one service: an empty folder they share (read by prometheus-client); "
+    "`/metrics` then serves the sum over the workers",
+    shown="unset: one process",
+)
 JWT_ISSUER = text("JWT_ISSUER", DEFAULT_JWT_ISSUER, "pinned claims of users' tokens (`make token` signs with them)")
 JWT_AUDIENCE = text("JWT_AUDIENCE", DEFAULT_JWT_AUDIENCE, JWT_ISSUER.doc)
 _JWKS_DOC = (
@@ -198,6 +222,9 @@ SERVICE_SETTINGS = SettingsTable.of(
     REDIS_URL,
     PORTS.values(),
     GRPC_BIND_HOST,
+    METRICS_PORTS.values(),
+    METRICS_TENANT_LABEL_CAP,
+    PROMETHEUS_MULTIPROC_DIR,
     JWT_ISSUER,
     JWT_AUDIENCE,
     JWT_JWKS_FILE,
@@ -241,13 +268,17 @@ class Settings:
 
     A field holds the variable declared above under its name in capitals, whose declaration
     says what it means; except ``service`` (load's argument), ``bind_host``
-    (``GRPC_BIND_HOST``), ``port`` (the service's ``<SERVICE>_PORT``), ``db_acquire_timeout``
+    (``GRPC_BIND_HOST``), ``port`` (the service's ``<SERVICE>_PORT``),
+    ``metrics_port`` (its ``<SERVICE>_METRICS_PORT``), ``db_acquire_timeout``
     (``DB_ACQUIRE_TIMEOUT_SECONDS``) and the fields that say where they come from.
     """
 
     service: str
     bind_host: str
     port: int
+    metrics_port: int
+    metrics_tenant_label_cap: int
+    prometheus_multiproc_dir: str
     database_url: str
     #: ``<SERVICE>_DATABASE_URL``, else ``DATABASE_URL`` as the runtime role ``<service>_app``.
     runtime_database_url: str = field(repr=False)
@@ -353,6 +384,9 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Settings:
         service=service,
         bind_host=GRPC_BIND_HOST.read(env),
         port=ports[service],
+        metrics_port=METRICS_PORTS[service].read(env),
+        metrics_tenant_label_cap=METRICS_TENANT_LABEL_CAP.read(env),
+        prometheus_multiproc_dir=PROMETHEUS_MULTIPROC_DIR.read(env),
         database_url=database_url,
         runtime_database_url=runtime_url,
         app_db_password=password,
