@@ -16,7 +16,7 @@ from .authorization import AuthorizationInterceptor
 from .base import PolicyInterceptor
 from .cross_tenant import CrossTenantInterceptor
 from .entitlements import EntitlementsInterceptor
-from .errors import ErrorDetailsInterceptor
+from .error_details import ErrorDetailsInterceptor
 from .rate_limit import RateLimitInterceptor
 from .request_id import RequestContextInterceptor
 from .shutdown import ShutdownGate

@@ -1,4 +1,4 @@
-"""Error link: every failure leaves as a status with google.rpc details."""
+"""Error-details link: every failure leaves as a status with google.rpc details."""
 
 from __future__ import annotations
 
