@@ -1,4 +1,8 @@
-"""Process settings, read once from the environment at start-up."""
+"""Process settings: the environment variables a service process reads, once, at start-up.
+
+Not the tenant settings (the TenantSettings resource a tenant edits through the API):
+those are ``services/tenant/tenant_settings_rules.py`` and ``tenant_settings_store.py``.
+"""
 
 from __future__ import annotations
 
