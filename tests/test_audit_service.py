@@ -32,14 +32,13 @@ from services.audit.hash_chain import canonical_json
 from services.runtime.settings import runtime_dsn
 
 from .support import RichError, bearer, expect_error
+from .support.metadata import Metadata
 
 DOMAIN = "towerco.audit.v1.AuditLogService"
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 #: Retention tests date their old events in 2001; no other test writes events that old.
 OLD = datetime(2001, 3, 1, tzinfo=UTC)
-
-Metadata = tuple[tuple[str, str], ...]
 
 
 def ts(moment: datetime) -> timestamp_pb2.Timestamp:

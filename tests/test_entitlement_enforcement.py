@@ -12,21 +12,7 @@ from towerco.sites.v1 import sites_service_pb2 as pb
 from towerco.sites.v1 import sites_service_pb2_grpc as sites_grpc
 
 from .support import RichError, bearer, expect_error, rich_error
-
-
-def create(sites: Any, md: Any, site_id: str) -> pb.Site:
-    site: pb.Site = sites.CreateSite(
-        pb.CreateSiteRequest(site_id=site_id, site=pb.Site(name=f"Tower {site_id}")), metadata=md, timeout=20
-    )
-    return site
-
-
-def set_limit(features: Any, platform_token: str, tenant: str, resource: str, limit: int) -> None:
-    features.SetLimitOverride(
-        features_pb.SetLimitOverrideRequest(tenant_id=tenant, resource=resource, limit=limit),
-        metadata=bearer(platform_token),
-        timeout=10,
-    )
+from .support.requests import create_site, set_limit
 
 
 def analytics(sites: Any, md: Any) -> pb.SiteAnalytics:
@@ -47,8 +33,8 @@ def test_create_site_stops_at_max_sites_with_quota_exceeded(sites, features, new
     tenant = new_tenant(plan="basic")
     md = bearer(token(tenant))
     set_limit(features, platform_token, tenant, "max_sites", 2)
-    create(sites, md, "Q-1")
-    create(sites, md, "Q-2")
+    create_site(sites, md, "Q-1", timeout=20)
+    create_site(sites, md, "Q-2", timeout=20)
     error = expect_error(sites.CreateSite, pb.CreateSiteRequest(site_id="Q-3", site=pb.Site(name="x")), metadata=md)
     assert (error.code, error.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "QUOTA_EXCEEDED"), error
     assert error.info is not None
@@ -57,7 +43,7 @@ def test_create_site_stops_at_max_sites_with_quota_exceeded(sites, features, new
     # Nothing half-written: the refused site does not exist, and a freed slot is usable.
     assert expect_error(sites.GetSite, pb.GetSiteRequest(site_id="Q-3"), metadata=md).code == grpc.StatusCode.NOT_FOUND
     sites.DeleteSite(pb.DeleteSiteRequest(site_id="Q-1"), metadata=md, timeout=10)
-    assert create(sites, md, "Q-3").site_id == "Q-3"
+    assert create_site(sites, md, "Q-3", timeout=20).site_id == "Q-3"
 
 
 def test_twenty_concurrent_creates_for_the_last_slot_admit_exactly_one(
@@ -67,11 +53,11 @@ def test_twenty_concurrent_creates_for_the_last_slot_admit_exactly_one(
     md = bearer(token(tenant))
     set_limit(features, platform_token, tenant, "max_sites", 5)
     for n in range(4):
-        create(sites, md, f"R-{n}")
+        create_site(sites, md, f"R-{n}", timeout=20)
 
     def attempt(n: int) -> str:
         try:
-            create(sites, md, f"RACE-{n}")
+            create_site(sites, md, f"RACE-{n}", timeout=20)
         except grpc.RpcError as exc:
             error = rich_error(exc)
             return error.reason
@@ -104,7 +90,7 @@ def test_site_analytics_needs_advanced_analytics(sites, new_tenant, token):
     assert error.info.metadata["feature"] == "advanced_analytics"
     assert error.info.metadata["plan"] == "basic"
     md = bearer(token(professional))
-    create(sites, md, "A-1")
+    create_site(sites, md, "A-1", timeout=20)
     assert analytics(sites, md).total_sites == 1
 
 

@@ -12,7 +12,6 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import empty_pb2
 from grpc import aio
 from towerco.sites.v1 import sites_service_pb2 as pb
 from towerco.sites.v1 import sites_service_pb2_grpc as pb_grpc
@@ -40,6 +39,7 @@ from services.runtime.tenant_cache import TenantCache
 from services.runtime.tenants import RegistryStateSource, TenantDirectory
 
 from .support import bearer, expect_error, rich_error
+from .support.servicers import SitesServing
 
 DOMAIN = "towerco.sites.v1.SiteService"
 
@@ -166,25 +166,9 @@ def test_refused_call_returns_the_request_id(sites, token, tenant_pair, case, co
     assert _trailing_request_ids(failure.value) == [f"rid-{case}"]
 
 
-class _BrokenSites(pb_grpc.SiteServiceServicer):
+class _BrokenSites(SitesServing):
     async def GetSite(self, request: pb.GetSiteRequest, ctx: Any) -> pb.Site:
         raise RuntimeError("secret internals")
-
-    # The servicer's other methods are abstract; the tests here never call them.
-    async def CreateSite(self, request: pb.CreateSiteRequest, ctx: Any) -> pb.Site:
-        raise NotImplementedError
-
-    async def ListSites(self, request: pb.ListSitesRequest, ctx: Any) -> pb.ListSitesResponse:
-        raise NotImplementedError
-
-    async def UpdateSite(self, request: pb.UpdateSiteRequest, ctx: Any) -> pb.Site:
-        raise NotImplementedError
-
-    async def DeleteSite(self, request: pb.DeleteSiteRequest, ctx: Any) -> empty_pb2.Empty:
-        raise NotImplementedError
-
-    async def GetSiteAnalytics(self, request: pb.GetSiteAnalyticsRequest, ctx: Any) -> pb.SiteAnalytics:
-        raise NotImplementedError
 
 
 @pytest.fixture

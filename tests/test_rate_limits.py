@@ -12,19 +12,11 @@ import time
 from typing import Any
 
 import grpc
-from towerco.features.v1 import feature_gate_service_pb2 as features_pb
 from towerco.sites.v1 import sites_service_pb2 as pb
 from towerco.sites.v1 import sites_service_pb2_grpc as sites_grpc
 
 from .support import bearer, expect_error, rich_error
-
-
-def set_limit(features: Any, platform_token: str, tenant: str, resource: str, limit: int) -> None:
-    features.SetLimitOverride(
-        features_pb.SetLimitOverrideRequest(tenant_id=tenant, resource=resource, limit=limit),
-        metadata=bearer(platform_token),
-        timeout=10,
-    )
+from .support.requests import set_limit
 
 
 def list_sites(stub: Any, md: Any) -> None:

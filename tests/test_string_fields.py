@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
-from google.protobuf import empty_pb2, field_mask_pb2, message_factory
+from google.protobuf import field_mask_pb2, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 from grpc import aio
@@ -35,6 +35,7 @@ from services.sites.__main__ import SPEC as SITES
 from services.tenant.__main__ import SPEC as TENANT
 
 from .support import bearer, rich_error
+from .support.servicers import SitesServing
 
 PROTOS = Path(__file__).resolve().parents[1] / "protos"
 BAD = "bad\x00value"
@@ -249,7 +250,7 @@ def test_nul_inside_a_site_configuration_names_the_field_and_where(sites: Any, c
     assert "$.equipment[1].model" in got.bad_request.field_violations[0].description
 
 
-class _StoresAsGiven(sites_grpc.SiteServiceServicer):
+class _StoresAsGiven(SitesServing):
     """GetSite hands ``site_id`` to PostgreSQL as text and as jsonb, like a servicer that forgot a check."""
 
     def __init__(self, dsn: str) -> None:
@@ -265,22 +266,6 @@ class _StoresAsGiven(sites_grpc.SiteServiceServicer):
         finally:
             await conn.close()
         return sites_pb.Site()
-
-    # The servicer's other methods are abstract; the test never calls them.
-    async def CreateSite(self, request: sites_pb.CreateSiteRequest, ctx: Any) -> sites_pb.Site:
-        raise NotImplementedError
-
-    async def ListSites(self, request: sites_pb.ListSitesRequest, ctx: Any) -> sites_pb.ListSitesResponse:
-        raise NotImplementedError
-
-    async def UpdateSite(self, request: sites_pb.UpdateSiteRequest, ctx: Any) -> sites_pb.Site:
-        raise NotImplementedError
-
-    async def DeleteSite(self, request: sites_pb.DeleteSiteRequest, ctx: Any) -> empty_pb2.Empty:
-        raise NotImplementedError
-
-    async def GetSiteAnalytics(self, request: sites_pb.GetSiteAnalyticsRequest, ctx: Any) -> sites_pb.SiteAnalytics:
-        raise NotImplementedError
 
 
 @pytest.mark.parametrize("kind", ["text", "jsonb"])

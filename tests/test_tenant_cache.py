@@ -18,8 +18,7 @@ from towerco.tenant.v1 import tenant_registry_service_pb2 as pb
 from towerco.tenant.v1 import tenant_registry_service_pb2_grpc as pb_grpc
 
 from .support import bearer
-
-Metadata = tuple[tuple[str, str], ...]
+from .support.metadata import Metadata
 
 
 def company_name(stub: Any, md: Metadata) -> str:

@@ -22,10 +22,10 @@ from services.tenant import tenant_settings_store
 from services.tenant.secrets import MASK, load_secret_box
 
 from .support import bearer, expect_error
+from .support.metadata import Metadata
 
 Migration = pb.Migration
 TERMINAL = (Migration.STATE_SUCCEEDED, Migration.STATE_FAILED, Migration.STATE_ROLLED_BACK)
-Metadata = tuple[tuple[str, str], ...]
 
 
 def migrate_request(source: str, target: str, *data_types: str, request_id: str = "") -> pb.MigrateTenantDataRequest:

@@ -28,10 +28,10 @@ from services.runtime.tenant_data_service import CopySpec, TenantDataSpec, spec_
 from services.sites.tenant_data_spec import SITES_TENANT_DATA
 
 from .support import RichError, bearer, expect_error
+from .support.metadata import Metadata
 
 DOMAIN = "towerco.internal.v1.TenantDataService"
 TABLES = ("sites", "create_requests", "tenant_migrations", "tenant_migration_rows")
-Metadata = tuple[tuple[str, str], ...]
 
 
 @dataclass

@@ -21,9 +21,10 @@ from towerco.tenant.v1 import tenant_registry_service_pb2_grpc as pb_grpc
 from deploy.local.tokens import mint
 
 from .support import RichError, bearer, expect_error, free_port
+from .support.metadata import Metadata
+from .support.requests import get_tenant
 
 State = pb.Tenant.State
-Metadata = tuple[tuple[str, str], ...]
 
 
 def list_sites(stub: Any, md: Metadata) -> list[str]:
@@ -46,13 +47,6 @@ def refused(stub: Any, md: Metadata, reason: str) -> Callable[[], RichError]:
 def suspend(registry: Any, platform_token: str, tenant_id: str, reason: str = "invoice overdue") -> pb.Tenant:
     tenant: pb.Tenant = registry.SuspendTenant(
         pb.SuspendTenantRequest(tenant_id=tenant_id, reason=reason), metadata=bearer(platform_token), timeout=10
-    )
-    return tenant
-
-
-def get_tenant(registry: Any, platform_token: str, tenant_id: str) -> pb.Tenant:
-    tenant: pb.Tenant = registry.GetTenant(
-        pb.GetTenantRequest(tenant_id=tenant_id), metadata=bearer(platform_token), timeout=10
     )
     return tenant
 

@@ -21,6 +21,7 @@ from towerco.tenant.v1 import tenant_registry_service_pb2_grpc as pb_grpc
 from deploy.local.tokens import mint
 
 from .support import bearer, expect_error
+from .support.requests import get_tenant
 
 DOMAIN = "towerco.tenant.v1.TenantRegistryService"
 SITES_DOMAIN = "towerco.sites.v1.SiteService"
@@ -43,13 +44,6 @@ def create_request(tenant_id: str, request_id: str = "", **fields: Any) -> pb.Cr
         **fields,
     )
     return pb.CreateTenantRequest(tenant_id=tenant_id, tenant=tenant, request_id=request_id)
-
-
-def get_tenant(registry: Any, platform_token: str, tenant_id: str) -> pb.Tenant:
-    tenant: pb.Tenant = registry.GetTenant(
-        pb.GetTenantRequest(tenant_id=tenant_id), metadata=bearer(platform_token), timeout=10
-    )
-    return tenant
 
 
 def assert_no_tenant(registry: Any, platform_token: str, tenant_id: str) -> None:

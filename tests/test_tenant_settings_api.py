@@ -25,9 +25,9 @@ from services.tenant import tenant_settings_rules, tenant_settings_store
 from services.tenant.secrets import MASK, SecretBox, load_secret_box
 
 from .support import RichError, bearer, expect_error
+from .support.metadata import Metadata
 
 TENANT_LOG = Path(__file__).resolve().parents[1] / "test-output" / "logs" / "tenant.log"
-Metadata = tuple[tuple[str, str], ...]
 Mutate = Callable[[pb.TenantSettings], None]
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+# What a call's ``metadata=`` takes.
+Metadata = tuple[tuple[str, str], ...]
 
-def bearer(token: str, tenant: str | None = None, **extra: str) -> tuple[tuple[str, str], ...]:
+
+def bearer(token: str, tenant: str | None = None, **extra: str) -> Metadata:
     metadata = [("authorization", f"Bearer {token}")]
     if tenant is not None:
         metadata.append(("x-tenant-id", tenant))
