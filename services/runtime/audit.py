@@ -10,7 +10,9 @@ replicas never send the same row at once, and a crash between send and delete on
 causes a resend that the audit service ignores. While deliveries fail (the audit service
 or the database away) the relay backs off exponentially, with jitter, up to
 ``max_retry_seconds``, ignoring the wake-ups of new events; it logs the outage once when
-it starts and once when it ends.
+it starts and once when it ends. A delivery continues the trace of the call that recorded
+the event (remembered by the process that recorded it; see :meth:`AuditRelay.wake`), so a
+change and the delivery of its audit event are one trace.
 
 Every service that changes data has the same outbox table, written once as a shared
 migration (``services/runtime/sql/audit_outbox/``):
@@ -39,7 +41,7 @@ from google.protobuf import struct_pb2
 from towerco.audit.v1 import audit_log_service_pb2 as audit_pb
 from towerco.audit.v1 import audit_log_service_pb2_grpc as audit_grpc
 
-from . import context
+from . import context, tracing
 from .channels import service_channel
 from .db import Database
 from .identity import ServiceIdentity
@@ -49,6 +51,8 @@ log = logging.getLogger("towerco.audit")
 OUTCOME_OK = "OK"
 #: Refused events a relay remembers to pass over; past this many, it sends them again.
 MAX_REFUSED_REMEMBERED = 10_000
+#: Traces of recorded events a relay remembers until they are delivered; past this, the oldest are forgotten.
+MAX_TRACES_REMEMBERED = 10_000
 OUTCOME_DENIED = "PERMISSION_DENIED"
 
 
@@ -152,7 +156,7 @@ class Auditor:
             message.SerializeToString(),
         )
         if self._relay is not None:
-            self._relay.wake()
+            self._relay.wake(uuid.UUID(message.event_id), tracing.carrier())
 
 
 class AuditRelay:
@@ -187,11 +191,22 @@ class AuditRelay:
         self.counts: Counter[str] = Counter()
         #: Outbox rows the audit service refused (INVALID_ARGUMENT), not sent again by this process.
         self._refused: set[uuid.UUID] = set()
+        #: The ``traceparent`` of the call that recorded each event still waiting, by event id.
+        self._traces: dict[uuid.UUID, str] = {}
         self._outage_since: float | None = None
         self._failed_in_outage = 0
 
-    def wake(self) -> None:
-        """Something was just committed to the outbox: send it now rather than at the next poll."""
+    def wake(self, event_id: uuid.UUID | None = None, traceparent: str = "") -> None:
+        """Something was just committed to the outbox: send it now rather than at the next poll.
+
+        ``traceparent`` is the trace of the call that recorded ``event_id``: its delivery joins
+        that trace. Only in this process's memory: an event another replica (or the next start)
+        delivers is sent in a trace of its own; a rolled-back event's entry ages out.
+        """
+        if event_id is not None and traceparent:
+            if len(self._traces) >= MAX_TRACES_REMEMBERED:
+                del self._traces[next(iter(self._traces))]
+            self._traces[event_id] = traceparent
         self._wake.set()
 
     async def start(self) -> None:
@@ -269,20 +284,24 @@ class AuditRelay:
                 if not rows:
                     return 0
                 events = [audit_pb.AuditEvent.FromString(row["event"]) for row in rows]
-                try:
-                    await self._stub.WriteEvents(audit_pb.WriteEventsRequest(events=events), timeout=10)
-                    delivered = list(rows)
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
-                        raise
-                    # One bad event must not hold up every later one: send them one by one.
-                    delivered = await self._deliver_each(rows, events)
+                traces = [self._traces.get(row["event_id"], "") for row in rows]
+                with tracing.resumed("audit.relay", traces, **{"audit.events": len(rows)}):
+                    try:
+                        await self._stub.WriteEvents(audit_pb.WriteEventsRequest(events=events), timeout=10)
+                        delivered = list(rows)
+                    except grpc.aio.AioRpcError as exc:
+                        if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                            raise
+                        # One bad event must not hold up every later one: send them one by one.
+                        delivered = await self._deliver_each(rows, events)
                 await conn.execute(
                     f"DELETE FROM {self._schema}.audit_outbox "
                     "WHERE (tenant_id, event_id) IN (SELECT * FROM unnest($1::text[], $2::uuid[]))",
                     [row["tenant_id"] for row in delivered],
                     [row["event_id"] for row in delivered],
                 )
+        for row in delivered:
+            self._traces.pop(row["event_id"], None)
         return len(delivered)
 
     async def _deliver_each(self, rows: list[Any], events: list[audit_pb.AuditEvent]) -> list[Any]:

@@ -1,4 +1,4 @@
-"""Outgoing service-to-service calls carry the caller's tenant, token, request id and address.
+"""Outgoing service-to-service calls carry the caller's tenant, token, request id, address and trace.
 
 Every channel a service opens to another goes through :func:`service_channel`, whose
 client interceptor copies the current request context onto the call. The callee sees
@@ -6,7 +6,8 @@ the same tenant and the same caller, so it can never be handed a wider scope.
 
 A channel made with an ``identity`` calls as the platform service itself instead (its
 own service token, no tenant header): for the internal contracts that only services
-may call. The request id still travels, so one request can be followed everywhere.
+may call. The request id and the trace context (W3C ``traceparent``) still travel, so one
+request can be followed everywhere, in the logs and as one trace.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from grpc import aio
 
-from . import context
+from . import context, tracing
 from .identity import ServiceIdentity
 
 
@@ -24,8 +25,9 @@ def propagation_metadata(
     existing: Iterable[tuple[str, str | bytes]] | None, identity: ServiceIdentity | None = None
 ) -> list[tuple[str, str | bytes]]:
     """``existing`` without identity headers, plus those of the current request."""
-    identity_headers = {"authorization", "x-tenant-id", "x-request-id", "x-forwarded-for"}
+    identity_headers = {"authorization", "x-tenant-id", "x-request-id", "x-forwarded-for", *tracing.TRACE_HEADERS}
     metadata = [(k, v) for k, v in (existing or ()) if k.lower() not in identity_headers]
+    metadata.extend(tracing.outgoing())
     ctx = context.current()
     if ctx is not None:
         metadata.append(("x-request-id", ctx.request_id))
@@ -51,7 +53,7 @@ else:
 
 
 class ContextPropagationInterceptor(_ClientInterceptor):
-    """Puts tenant, request id and the caller's token (or the service's) on every unary call."""
+    """Puts tenant, request id, trace context and the caller's token (or the service's) on every unary call."""
 
     def __init__(self, identity: ServiceIdentity | None = None) -> None:
         self._identity = identity

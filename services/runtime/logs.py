@@ -1,30 +1,101 @@
-"""One log format for every service, tagged with the call's tenant and request id; outages logged once."""
+"""One log format for every service, each line tagged with the call's tenant, request id and trace id.
+
+``text`` (the default, for ``make run``) is one readable line per record; ``json`` (pods) one
+JSON object per line: ``ts``, ``level``, ``logger``, ``service``, ``message``, ``tenant``,
+``request_id``, ``trace_id``, ``span_id``, any ``extra`` the record was given, and
+``exception``. Whatever looks like a JWT is replaced before a line is written, whoever
+logged it: tokens are never written by the code, and this makes sure of it.
+
+Outages of a dependency are logged once (:class:`Outage`).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import sys
 import time
+from datetime import UTC, datetime
+from typing import Any
 
-from . import context
+from . import context, tracing
+
+#: The formats ``LOG_FORMAT`` may name.
+FORMATS = ("text", "json")
+#: A JSON Web Token: three base64url segments, the first a JSON object's encoding (``{"``).
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+REDACTED = "[redacted token]"
+#: What every LogRecord has: anything else on a record is an ``extra`` and goes into JSON lines.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "tenant",
+    "request_id",
+    "trace_id",
+    "span_id",
+}
+
+
+def redact(text: str) -> str:
+    """``text`` with every JWT-looking string replaced."""
+    return _JWT.sub(REDACTED, text) if "eyJ" in text else text
 
 
 class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         ctx = context.current()
-        record.tenant = (ctx.tenant_id or "-") if ctx else "-"
-        record.request_id = ctx.request_id if ctx else "-"
+        if not hasattr(record, "tenant"):  # the access line names the tenant the call had
+            record.tenant = (ctx.tenant_id or "-") if ctx else "-"
+        if not hasattr(record, "request_id"):
+            record.request_id = ctx.request_id if ctx else "-"
+        record.trace_id, record.span_id = tracing.current_ids()
         return True
 
 
-def configure(service: str, level: str) -> None:
+class TextFormatter(logging.Formatter):
+    def __init__(self, service: str) -> None:
+        super().__init__(
+            f"%(asctime)s %(levelname)s {service} %(name)s tenant=%(tenant)s request=%(request_id)s "
+            "trace=%(trace_id)s %(message)s"
+        )
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+class JsonFormatter(logging.Formatter):
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self._service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "service": self._service,
+            "message": record.getMessage(),
+            "tenant": getattr(record, "tenant", "-"),
+            "request_id": getattr(record, "request_id", "-"),
+            "trace_id": getattr(record, "trace_id", "-"),
+            "span_id": getattr(record, "span_id", "-"),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and key not in line:
+                line[key] = value
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            line["exception"] = record.exc_text
+        return redact(json.dumps(line, default=str, ensure_ascii=False))
+
+
+def configure(service: str, level: str, log_format: str = "text") -> None:
+    """Log to stderr in ``log_format`` (one of :data:`FORMATS`) at ``level``."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_ContextFilter())
-    handler.setFormatter(
-        logging.Formatter(
-            f"%(asctime)s %(levelname)s {service} %(name)s tenant=%(tenant)s request=%(request_id)s %(message)s"
-        )
-    )
+    handler.setFormatter(JsonFormatter(service) if log_format == "json" else TextFormatter(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from . import logs, migrations
+from . import logs, migrations, tracing
 from .audit import Auditor, AuditRelay
 from .auth import TokenVerifier, VerifierConfig
 from .db import Database
@@ -221,7 +221,8 @@ def check_port_free(host: str, port: int, variable: str) -> None:
 
 async def serve(spec: ServiceSpec) -> None:
     settings = load(spec.name)
-    logs.configure(spec.name, settings.log_level)
+    logs.configure(spec.name, settings.log_level, settings.log_format)
+    tracing.configure(spec.name, settings.otel_exporter_otlp_endpoint, settings.otel_bsp_schedule_delay)
     check_port_free(settings.bind_host, settings.port, f"{spec.name.upper()}_PORT")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -332,6 +333,7 @@ async def serve(spec: ServiceSpec) -> None:
         for lookup in remote:
             await lookup.close()
         await db.close()
+        tracing.shutdown()  # the spans still in the batch go out
     log.info("%s stopped", spec.name)
 
 
@@ -358,7 +360,7 @@ def _tenant_cache(settings: Settings, channel: str = TENANT_CHANNEL) -> TenantCa
 
 async def migrate_only(spec: ServiceSpec) -> None:
     settings = load(spec.name)
-    logs.configure(spec.name, settings.log_level)
+    logs.configure(spec.name, settings.log_level, settings.log_format)
     applied = await run_migrations(spec, settings)
     log.info("%s migrations applied: %s", spec.name, applied or "none (up to date)")
 

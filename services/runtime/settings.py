@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from . import logs
 from .environment import Setting, SettingsError, SettingsTable, flag, integer, number, process_environment, text
 from .plans import DEFAULT_PLANS_FILE
 
@@ -217,6 +218,28 @@ FAULT_POINTS = text(
     "FAULT_POINTS", "", "tests only: `point[:times],...` makes a named step fail (e.g. `provision.after_commit:1`)"
 )
 LOG_LEVEL = text("LOG_LEVEL", "INFO", "the services' log level: `DEBUG`, `INFO`, `WARNING` or `ERROR` (any case)")
+LOG_FORMAT = Setting(
+    "LOG_FORMAT",
+    "text",
+    "`text`: one readable line per record (`make run`); `json`: one JSON object per line (pods), with `tenant`, "
+    "`request_id`, `trace_id`",
+    lambda name, raw: raw.lower(),
+    "`text` or `json`",
+    check=lambda value: value in logs.FORMATS,
+    refusal="LOG_FORMAT must be text or json",
+)
+OTEL_EXPORTER_OTLP_ENDPOINT = text(
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "",
+    "where spans go, over OTLP gRPC (e.g. `http://otel-collector:4317`); unset: traces are kept in-process only "
+    "(their ids still in the logs and in `traceparent` between services), nothing is exported",
+)
+OTEL_BSP_SCHEDULE_DELAY = integer(
+    "OTEL_BSP_SCHEDULE_DELAY",
+    5000,
+    "with an OTLP endpoint: most milliseconds a finished span waits to be sent",
+    minimum=1,
+)
 
 SERVICE_SETTINGS = SettingsTable.of(
     "services",
@@ -262,6 +285,9 @@ SERVICE_SETTINGS = SettingsTable.of(
     TENANT_CONCURRENCY_WAIT_SECONDS,
     FAULT_POINTS,
     LOG_LEVEL,
+    LOG_FORMAT,
+    OTEL_EXPORTER_OTLP_ENDPOINT,
+    OTEL_BSP_SCHEDULE_DELAY,
     DATA_DIR,
 )
 
@@ -323,6 +349,9 @@ class Settings:
     shutdown_grace_seconds: float
     shutdown_delay_seconds: float
     log_level: str
+    log_format: str
+    otel_exporter_otlp_endpoint: str
+    otel_bsp_schedule_delay: int
 
 
 def data_dir(environ: Mapping[str, str] | None = None) -> Path:
@@ -426,6 +455,9 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Settings:
         shutdown_grace_seconds=SHUTDOWN_GRACE_SECONDS.read(env),
         shutdown_delay_seconds=SHUTDOWN_DELAY_SECONDS.read(env),
         log_level=LOG_LEVEL.read(env).upper(),
+        log_format=LOG_FORMAT.read(env),
+        otel_exporter_otlp_endpoint=OTEL_EXPORTER_OTLP_ENDPOINT.read(env),
+        otel_bsp_schedule_delay=OTEL_BSP_SCHEDULE_DELAY.read(env),
     )
     if not (settings.jwt_jwks_file or settings.jwt_jwks_url):
         raise SettingsError("set JWT_JWKS_FILE or JWT_JWKS_URL")

@@ -23,6 +23,7 @@ from .shutdown import ShutdownGate
 from .tenant import TenantInterceptor
 from .tenant_state import TenantStateInterceptor
 from .text import RequestTextInterceptor
+from .tracing import TracingInterceptor
 
 
 def server_chain(
@@ -37,6 +38,7 @@ def server_chain(
 ) -> list[PolicyInterceptor]:
     return [
         RequestContextInterceptor(policies, gateway_secret),  # request id, method, peer, client address (never fails)
+        TracingInterceptor(policies),  # the call's span (the caller's traceparent its parent); one access line
         ErrorDetailsInterceptor(policies, refusals),  # every failure below becomes a rich status (refusals audited)
         gate or ShutdownGate(policies),  # once stopping: UNAVAILABLE, so clients retry elsewhere
         AuthenticationInterceptor(policies, verifier),  # who is calling (JWT or service identity)

@@ -14,7 +14,7 @@ from typing import Any
 
 from grpc import aio
 
-from .. import context
+from .. import context, tracing
 from ..errors import ErrorReason, FieldViolation, invalid_argument, unauthenticated
 from ..ids import TENANT_ID
 from ..policy import Policy
@@ -32,6 +32,7 @@ class TenantInterceptor(PolicyInterceptor):
             tenant_id = resolve_tenant(policy, current.caller, header)
             if tenant_id is None:
                 return await inner(request, ctx)
+            tracing.tag_tenant(tenant_id)
             foreign = header if header is not None and header != tenant_id else None
             with context.bind(dataclasses.replace(current, tenant_id=tenant_id, foreign_tenant=foreign)):
                 return await inner(request, ctx)

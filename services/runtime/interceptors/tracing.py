@@ -1,0 +1,86 @@
+"""Tracing link: the call's span, and its one access line.
+
+Just inside the request context (so the request id is known) and outside the error link
+(so it sees the status the caller gets, whichever link refused the call).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import grpc
+from grpc import aio
+from opentelemetry.trace import Status, StatusCode
+
+from .. import context, tracing
+from ..policy import Policy
+from .base import Behavior, Metadata, PolicyInterceptor
+
+access_log = logging.getLogger("towerco.access")
+
+#: Codes that mean the server failed (OpenTelemetry marks these server spans as errors).
+SERVER_ERRORS = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class TracingInterceptor(PolicyInterceptor):
+    """Opens the call's span from the caller's ``traceparent``; logs one access line at the end."""
+
+    def wrap(self, inner: Behavior, policy: Policy, metadata: Metadata) -> Behavior:
+        incoming = {key: value for key in tracing.TRACE_HEADERS if (value := metadata.first(key)) is not None}
+
+        async def behavior(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
+            current = context.current()
+            request_id = current.request_id if current else ""
+            with tracing.server_span(policy.method, request_id, incoming) as (span, record):
+                code = grpc.StatusCode.UNKNOWN
+                try:
+                    response = await inner(request, ctx)
+                    code = _code(ctx)
+                    return response
+                except aio.AbortError:
+                    code = _code(ctx)
+                    raise
+                except BaseException:  # cancelled by the client or at shutdown
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                finally:
+                    span.set_attribute(tracing.STATUS_ATTRIBUTE, code.value[0])
+                    if code in SERVER_ERRORS:
+                        span.set_status(Status(StatusCode.ERROR, code.name))
+                    elapsed_ms = round((time.perf_counter() - record.started) * 1000, 1)
+                    access_log.info(
+                        "%s %s %.1fms",
+                        policy.method,
+                        code.name,
+                        elapsed_ms,
+                        extra={
+                            "tenant": record.tenant or "-",
+                            "method": policy.method,
+                            "code": code.name,
+                            "duration_ms": elapsed_ms,
+                        },
+                    )
+
+        return behavior
+
+
+def _code(ctx: aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+    """The status the call ends with: what the handler or the error link set, else OK."""
+    code: Any = ctx.code()
+    if code is None:
+        return grpc.StatusCode.OK
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return _CODES.get(code, grpc.StatusCode.UNKNOWN)

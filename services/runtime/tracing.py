@@ -1,0 +1,161 @@
+"""Traces: one span per call, W3C ``traceparent`` between services, OTLP export when asked.
+
+Every process records spans with the OpenTelemetry SDK, so each call has a trace id that
+its log lines carry and that travels to the services it calls (``traceparent`` in the
+metadata, see ``channels.py``). They leave the process only when
+``OTEL_EXPORTER_OTLP_ENDPOINT`` is set: then a batch processor sends them there over OTLP
+gRPC. Otherwise nothing is exported, and a span costs its bookkeeping only.
+
+The server side is :class:`~.interceptors.tracing.TracingInterceptor`, which opens the
+call's span from the caller's ``traceparent``; the tenant link names the tenant on it
+(:func:`tag_tenant`). Work a service does later on a call's behalf (the audit relay) picks
+the call's context up again with :func:`carrier` and :func:`resumed`.
+
+Configuration is handed in from the settings table, never read by the SDK from the
+environment: the resource is built by hand and the exporter is given its endpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import Link, Span, SpanKind
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+#: Attribute names (OpenTelemetry's RPC conventions, plus the platform's own).
+TENANT_ATTRIBUTE = "tenant.id"
+REQUEST_ID_ATTRIBUTE = "request.id"
+STATUS_ATTRIBUTE = "rpc.grpc.status_code"
+#: The metadata keys of W3C trace context: what the propagator reads and writes.
+TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+_provider: TracerProvider | None = None
+_tracer: trace.Tracer = trace.NoOpTracer()
+
+
+def configure(service: str, endpoint: str = "", schedule_delay_ms: int = 5000) -> TracerProvider:
+    """Record spans for this process as ``service``; export them to ``endpoint`` if it is set."""
+    provider = TracerProvider(resource=Resource({"service.name": f"towerco-{service}", "service.namespace": "towerco"}))
+    if endpoint:
+        # Imported only when used: the exporter pulls in its own gRPC client machinery.
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter(endpoint=endpoint, insecure=not endpoint.startswith("https://"))
+        provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=schedule_delay_ms))
+    use(provider)
+    return provider
+
+
+def use(provider: TracerProvider | None, *processors: SpanProcessor) -> None:
+    """Make ``provider`` (with ``processors`` added) the one spans come from; None: record nothing."""
+    global _provider, _tracer
+    for processor in processors:
+        assert provider is not None
+        provider.add_span_processor(processor)
+    _provider = provider
+    _tracer = provider.get_tracer("towerco") if provider is not None else trace.NoOpTracer()
+
+
+def shutdown() -> None:
+    """Send what the batch holds and stop: at the end of the process."""
+    if _provider is not None:
+        _provider.shutdown()
+
+
+@dataclass
+class CallRecord:
+    """What the call's span learns as the chain runs, read back for the access line."""
+
+    method: str
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+    tenant: str | None = None
+
+
+_call: ContextVar[CallRecord | None] = ContextVar("towerco_call", default=None)
+
+
+@contextmanager
+def server_span(method: str, request_id: str, incoming: Mapping[str, str]) -> Iterator[tuple[Span, CallRecord]]:
+    """The span of one incoming call, child of the caller's ``traceparent`` when it sent one."""
+    service, _, rpc = method.lstrip("/").partition("/")
+    parent = _PROPAGATOR.extract(incoming) if incoming else None
+    record = CallRecord(method, request_id)
+    attributes = {
+        "rpc.system": "grpc",
+        "rpc.service": service,
+        "rpc.method": rpc,
+        REQUEST_ID_ATTRIBUTE: request_id,
+    }
+    token = _call.set(record)
+    try:
+        with _tracer.start_as_current_span(
+            method.lstrip("/"), context=parent, kind=SpanKind.SERVER, attributes=attributes,
+            record_exception=False, set_status_on_exception=False,
+        ) as span:  # fmt: skip
+            yield span, record
+    finally:
+        _call.reset(token)
+
+
+def tag_tenant(tenant_id: str) -> None:
+    """The call acts on ``tenant_id``: say so on its span and its access line."""
+    record = _call.get()
+    if record is not None:
+        record.tenant = tenant_id
+    trace.get_current_span().set_attribute(TENANT_ATTRIBUTE, tenant_id)
+
+
+def outgoing() -> list[tuple[str, str]]:
+    """The current trace context as metadata for an outgoing call (empty outside any span)."""
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier)
+    return list(carrier.items())
+
+
+def carrier() -> str:
+    """The current span's ``traceparent``, to be kept with work done later on its behalf ("" if none)."""
+    return dict(outgoing()).get("traceparent", "")
+
+
+@contextmanager
+def resumed(name: str, carriers: Iterable[str], **attributes: str | int) -> Iterator[Span]:
+    """A span for work done on behalf of earlier calls, given their :func:`carrier` values.
+
+    The first call's trace continues (so a provisioning and the delivery of its audit events
+    are one trace); the others are linked, as a batch serves several calls at once.
+    """
+    contexts = [
+        trace.get_current_span(_PROPAGATOR.extract({"traceparent": value})).get_span_context()
+        for value in carriers
+        if value
+    ]
+    valid = list({(c.trace_id, c.span_id): c for c in contexts if c.is_valid}.values())
+    parent: Context | None = trace.set_span_in_context(trace.NonRecordingSpan(valid[0])) if valid else None
+    links = [Link(c) for c in valid[1:]]
+    with _tracer.start_as_current_span(
+        name, context=parent, kind=SpanKind.INTERNAL, links=links, attributes=attributes
+    ) as span:
+        yield span
+
+
+def _span_context(traceparent: str) -> trace.SpanContext:
+    return trace.get_current_span(_PROPAGATOR.extract({"traceparent": traceparent})).get_span_context()
+
+
+def current_ids() -> tuple[str, str]:
+    """The current trace and span ids in hex, or ``("-", "-")`` outside any span."""
+    span_context = trace.get_current_span().get_span_context()
+    if not span_context.is_valid:
+        return "-", "-"
+    return format(span_context.trace_id, "032x"), format(span_context.span_id, "016x")
