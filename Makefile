@@ -107,6 +107,7 @@ lint: $(GEN_STAMP)
 	cd protos && npx --yes @bufbuild/buf@1.75.0 lint '../$(GEN)/towerco.protoset#format=binpb' --path towerco
 	@$(PY) -m deploy.local keys >/dev/null
 	$(PY) -m gateway validate
+	promtool check rules deploy/prometheus/rules/*.yml
 
 bench: $(GEN_STAMP)
 	$(PY) -m tests.bench

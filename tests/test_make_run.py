@@ -87,7 +87,7 @@ def _grpcurl(checkout: Path, *args: str, token: str | None = None) -> subprocess
 
 
 def test_make_run_from_fresh_clone_survives_restart(checkout: Path) -> None:
-    names = ("PG", "REDIS", "TENANT", "SITES", "FEATURES", "AUDIT", "GATEWAY", "GATEWAY_ADMIN")
+    names = ("PG", "REDIS", "TENANT", "SITES", "FEATURES", "AUDIT", "GATEWAY", "GATEWAY_ADMIN", "PROMETHEUS")
     ports = {name: free_port() for name in names}
     env = _make_env(checkout)
     env.update({f"{name}_PORT": str(port) for name, port in ports.items()})
@@ -97,6 +97,8 @@ def test_make_run_from_fresh_clone_survives_restart(checkout: Path) -> None:
     try:
         first.wait_for(BANNER, timeout=900)
         assert (checkout / ".venv" / "bin" / "python").exists()
+        # Debian's prometheus is on PATH wherever the suite runs (.ci/run installs it).
+        assert f"Prometheus  http://127.0.0.1:{ports['PROMETHEUS']}" in first.text, first.text[-4000:]
         token = subprocess.run(
             ["make", "-s", "token", "TENANT=tenant_a"],
             cwd=checkout,

@@ -23,6 +23,7 @@ from towerco.sites.v1 import sites_service_pb2 as sites_pb
 from towerco.sites.v1 import sites_service_pb2_grpc as sites_grpc
 
 from deploy.local import postgres, redis_server
+from deploy.local.prometheus import PrometheusError, query
 from deploy.local.supervisor import RestartPolicy, Supervised, Supervisor
 from deploy.local.tokens import mint
 
@@ -179,7 +180,7 @@ class DevStack:
 
 @pytest.fixture
 def dev_stack() -> Iterator[DevStack]:
-    names = ("PG", "REDIS", "TENANT", "SITES", "FEATURES", "AUDIT", "GATEWAY", "GATEWAY_ADMIN")
+    names = ("PG", "REDIS", "TENANT", "SITES", "FEATURES", "AUDIT", "GATEWAY", "GATEWAY_ADMIN", "PROMETHEUS")
     # Under test-output/ like the session's data, not tmp_path: a concurrent pytest makes its
     # base temp directory private again, and PostgreSQL runs as another user when we are root.
     data_dir = REPO / "test-output" / f"dev-stack-{uuid.uuid4().hex[:8]}"
@@ -201,15 +202,18 @@ def _eventually(check: Callable[[], object], within: float) -> None:
         try:
             check()
             return
-        except (grpc.RpcError, AssertionError):
+        except (grpc.RpcError, AssertionError, OSError, PrometheusError):
             if time.monotonic() >= deadline:
                 raise
         time.sleep(0.2)
 
 
-def test_dev_stack_restarts_a_killed_service_redis_postgres_and_envoy_and_stops_on_ctrl_c(dev_stack: DevStack) -> None:
+def test_dev_stack_restarts_a_killed_service_redis_postgres_envoy_and_prometheus_and_stops_on_ctrl_c(
+    dev_stack: DevStack,
+) -> None:
     console = dev_stack.console
     console.wait_for(BANNER, timeout=180)
+    assert f"Prometheus  http://127.0.0.1:{dev_stack.ports['PROMETHEUS']}" in console.text, console.text[-4000:]
     token = bearer(mint(dev_stack.data_dir / "keys", tenant="tenant_a", role="admin", ttl=600))
     direct = grpc.insecure_channel(f"127.0.0.1:{dev_stack.ports['SITES']}")
     edge = grpc.insecure_channel(
@@ -222,6 +226,7 @@ def test_dev_stack_restarts_a_killed_service_redis_postgres_and_envoy_and_stops_
         killed = {
             "sites": dev_stack.child("-m services.sites"),
             "gateway": dev_stack.child("envoy"),
+            "Prometheus": dev_stack.child("prometheus --config.file"),
             "Redis": redis_server.running_pid(dev_stack.data_dir / "redis"),
             "PostgreSQL": postgres.running_pid(dev_stack.data_dir / "pg"),
         }
@@ -234,6 +239,7 @@ def test_dev_stack_restarts_a_killed_service_redis_postgres_and_envoy_and_stops_
         output = console.text[since:]
         assert "sites exited with code -9; restarting it in 0.5s" in output, output
         assert "gateway exited with code -9; restarting it in 0.5s" in output, output
+        assert "Prometheus exited with code -9; restarting it in 0.5s" in output, output
         assert "Redis is not running; restarting it" in output, output
         assert "PostgreSQL is not running; restarting it" in output, output
         assert dev_stack.child("-m services.sites") != killed["sites"]
@@ -249,6 +255,13 @@ def test_dev_stack_restarts_a_killed_service_redis_postgres_and_envoy_and_stops_
             assert "AFTER-KILL" in {site.site_id for site in listed.sites}
 
         _eventually(write_and_read, within=30)
+
+        # The restarted Prometheus scrapes the restarted gateway again.
+        def gateway_scraped() -> None:
+            up = query(f"http://127.0.0.1:{dev_stack.ports['PROMETHEUS']}", 'up{job="gateway"}')
+            assert [sample["value"][1] for sample in up] == ["1"], up
+
+        _eventually(gateway_scraped, within=30)
         assert console.process.poll() is None, "the dev stack stopped after its processes were killed"
 
     since = console.mark()

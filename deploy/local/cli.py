@@ -13,6 +13,7 @@ from gateway.config import GatewaySettings
 from services.runtime.settings import data_dir
 
 from .grpcurl import GATEWAY_FLAGS
+from .prometheus import prometheus_binary
 from .seed import SeedReport, seed_demo
 from .stack import Stack, StackConfig, available_services
 from .supervisor import Supervisor
@@ -77,7 +78,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         gateway_log.parent.mkdir(parents=True, exist_ok=True)
         with gateway_log.open("ab") as log:
             gateway = stack.start_gateway(log=log)
-        _banner(stack, names, seeded, gateway, gateway_log)
+        prometheus = stack.start_prometheus() if prometheus_binary() else None
+        _banner(stack, names, seeded, gateway, gateway_log, prometheus)
         gave_up = Supervisor(stack.supervised(names, gateway_log)).watch(lambda: stopping)
         if gave_up is not None:
             print(f"make run: {gave_up}; stopping", file=sys.stderr)
@@ -90,7 +92,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _banner(
-    stack: Stack, names: list[str], seeded: SeedReport | None, gateway: GatewaySettings, gateway_log: Path
+    stack: Stack,
+    names: list[str],
+    seeded: SeedReport | None,
+    gateway: GatewaySettings,
+    gateway_log: Path,
+    prometheus: str | None,
 ) -> None:
     grpcurl = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
     sites = stack.config.ports.get("sites", 50052)
@@ -107,6 +114,9 @@ def _banner(
         *(f"  {name:<11} 127.0.0.1:{stack.config.ports[name]}" for name in names),
         f"  gateway     {edge} (gRPC and gRPC-web; admin 127.0.0.1:{gateway.admin_port}; log {gateway_log})",
         f"  web page    {page}" if gateway.web_dir else "  web page    not built (needs npm: make web)",
+        f"  Prometheus  {prometheus} (rules and alerts of deploy/prometheus; dashboards in deploy/grafana)"
+        if prometheus
+        else "  Prometheus  not started: no prometheus on PATH (Debian: apt-get install prometheus)",
         f"  demo data   {_demo_line(seeded)}",
         *(f"              {note}" for note in (seeded.notes if seeded else [])),
         "",

@@ -44,6 +44,8 @@ from services.runtime.settings import (
 from . import postgres, redis_server
 from .gateway import start_envoy, wait_ready
 from .postgres import start_postgres, stop_postgres
+from .prometheus import PROMETHEUS_PORT, render_config, start_prometheus
+from .prometheus import wait_ready as wait_prometheus_ready
 from .redis_server import start_redis, stop_redis
 from .supervisor import Supervised
 from .tokens import ensure_keys
@@ -81,6 +83,7 @@ DEV_STACK_SETTINGS = SettingsTable.of(
     METRICS_PORTS.values(),
     GATEWAY_PORT,
     GATEWAY_ADMIN_PORT,
+    PROMETHEUS_PORT,
     APP_DB_PASSWORD,
     GATEWAY_SECRET,
     JWT_ISSUER,
@@ -103,6 +106,8 @@ class StackConfig:
     #: The gateway's listener and its (loopback) admin interface.
     gateway_port: int = GATEWAY_PORT.default
     gateway_admin_port: int = GATEWAY_ADMIN_PORT.default
+    #: Where Prometheus listens, when it is started (``make run``: if the binary is there).
+    prometheus_port: int = PROMETHEUS_PORT.default
     #: Trade durability for speed (tests only): fsync off.
     fast: bool = False
     #: Extra environment for the service processes.
@@ -122,6 +127,7 @@ class StackConfig:
             metrics_ports={name: setting.read(env) for name, setting in METRICS_PORTS.items()},
             gateway_port=GATEWAY_PORT.read(env),
             gateway_admin_port=GATEWAY_ADMIN_PORT.read(env),
+            prometheus_port=PROMETHEUS_PORT.read(env),
         )
 
 
@@ -258,6 +264,27 @@ class Stack:
             wait_ready(process, settings)
         return settings
 
+    def start_prometheus(
+        self, *, port: int | None = None, scrape_interval: str = "5s", instance: str = "prometheus", wait: bool = True
+    ) -> str:
+        """Prometheus scraping this stack's services and gateway, with the platform's rules; its URL.
+
+        It listens on ``port`` (default: the stack's ``prometheus_port``); its configuration,
+        database and log go under ``<data_dir>/<instance>/``. PrometheusError when the binary
+        is not on PATH (see :func:`~deploy.local.prometheus.prometheus_binary`).
+        """
+        folder = self.config.data_dir / instance
+        folder.mkdir(parents=True, exist_ok=True)
+        config = folder / "prometheus.yml"
+        config.write_text(render_config(self.config.metrics_ports, self.config.gateway_admin_port, scrape_interval))
+        port = port or self.config.prometheus_port
+        with (folder / "prometheus.log").open("ab") as log:
+            process = start_prometheus(config, folder / "data", port, log)
+        self.processes[instance] = process
+        if wait:
+            wait_prometheus_ready(process, port)
+        return f"http://127.0.0.1:{port}"
+
     def stop(self, instance: str, timeout: float = 15.0) -> None:
         """Stop one process this stack started (a service instance or the gateway)."""
         process = self.processes.pop(instance)
@@ -301,6 +328,13 @@ class Stack:
         for name in services:
             watched.append(Supervised(name, self._exit_check(name), self._restarter(name), needs=servers))
         watched.append(Supervised("gateway", self._exit_check("gateway"), restart_gateway))
+        if "prometheus" in self.processes:  # started only when the binary is there
+
+            def restart_prometheus() -> str:
+                self.start_prometheus(wait=False)
+                return f"pid {self.processes['prometheus'].pid}"
+
+            watched.append(Supervised("Prometheus", self._exit_check("prometheus"), restart_prometheus))
         return watched
 
     def _exit_check(self, instance: str) -> Callable[[], str | None]:
