@@ -240,11 +240,41 @@ def documented_hash(e: pb.AuditEvent) -> str:
 # --- Writing and reading -----------------------------------------------------------------
 
 
-def test_written_events_list_back_with_every_field(writer, reader, logs):
-    tenant = logs[0].tenant
-    details = {"name": "Soweto Monopole", "fields": ["name", "location"], "power": {"kw": 12.5}, "ok": True}
+DETAILS = {"name": "Soweto Monopole", "fields": ["name", "location"], "power": {"kw": 12.5}, "ok": True}
+
+
+@dataclass(frozen=True)
+class WrittenPair:
+    """Two events written in one call to a fresh tenant's log, as ListEvents gives them back."""
+
+    sent: pb.AuditEvent  # every field set, output-only ones too
+    written: int
+    base: int  # the tenant's events before (its provisioning)
+    oldest: pb.AuditEvent  # the full event, read back
+    newest: pb.AuditEvent  # the least an event needs, read back
+    earlier: list[pb.AuditEvent]
+    before: datetime
+    after: datetime
+
+
+@pytest.fixture(scope="module")
+def written_pair(audit, service_token, token, admin_dsn) -> WrittenPair:
+    """Written once for the tests of what a written event lists back as (each reads one part)."""
+    tenant = f"ta_{uuid.uuid4().hex[:10]}"
+    md = bearer(token(tenant))  # provisions the tenant
+
+    async def settled() -> int:
+        conn: asyncpg.Connection[Any] = await asyncpg.connect(admin_dsn)
+        try:
+            (count,) = await settle(conn, tenant)
+        finally:
+            await conn.close()
+        return count
+
+    base = asyncio.run(settled())
+    assert base >= 1  # CreateTenant is itself audited
     first = event(
-        tenant, user_id="user-17", action="sites.update", resource="sites/TWR-A-0100", details=details,
+        tenant, user_id="user-17", action="sites.update", resource="sites/TWR-A-0100", details=DETAILS,
         ip_address="2001:db8:0:0:0:0:0:1", request_id="0b7c-1", outcome="FAILED_PRECONDITION",
         create_time=timestamp_pb2.Timestamp(seconds=1_700_000_000, nanos=123_456_789),
         # Output only: ignored on input.
@@ -253,29 +283,55 @@ def test_written_events_list_back_with_every_field(writer, reader, logs):
     # The least an event needs: no event_id, no create_time, no user or resource.
     second = pb.AuditEvent(tenant_id=tenant, action="/towerco.sites.v1.SiteService/DeleteSite", outcome="NOT_FOUND")
     before = datetime.now(UTC) - timedelta(seconds=1)
-
-    assert writer.write([first, second]) == 2
-
+    count = Writer(audit, bearer(service_token(service="sites"))).write([first, second])
     after = datetime.now(UTC) + timedelta(seconds=1)
-    newest, oldest, *earlier = reader(tenant).all()  # newest first
-    assert len(earlier) == logs[0].base
-    assert oldest.event_id == first.event_id
-    assert oldest.tenant_id == tenant
+    newest, oldest, *earlier = Reader(audit, md).all()  # newest first
+    return WrittenPair(first, count, base, oldest, newest, earlier, before, after)
+
+
+def test_written_events_are_counted_and_listed_after_the_tenants_earlier_ones(written_pair):
+    assert written_pair.written == 2
+    assert len(written_pair.earlier) == written_pair.base
+
+
+def test_a_written_event_lists_back_with_every_field_it_was_sent(written_pair):
+    oldest = written_pair.oldest
+    assert oldest.event_id == written_pair.sent.event_id
+    assert oldest.tenant_id == written_pair.sent.tenant_id
     assert (oldest.user_id, oldest.action, oldest.resource) == ("user-17", "sites.update", "sites/TWR-A-0100")
-    assert json_format.MessageToDict(oldest.details) == details
-    assert oldest.ip_address == "2001:db8::1"  # stored in its normalized form
+    assert json_format.MessageToDict(oldest.details) == DETAILS
     assert (oldest.request_id, oldest.outcome) == ("0b7c-1", "FAILED_PRECONDITION")
+
+
+def test_a_written_ip_address_is_stored_in_its_normalized_form(written_pair):
+    assert written_pair.oldest.ip_address == "2001:db8::1"
+
+
+def test_a_written_create_time_is_the_callers_to_the_microsecond(written_pair):
     # When the change happened is the caller's time, to the microsecond the database keeps.
+    oldest = written_pair.oldest
     assert (oldest.create_time.seconds, oldest.create_time.nanos) == (1_700_000_000, 123_456_000)
-    assert (oldest.sequence, oldest.prev_hash) == (logs[0].base + 1, earlier[0].hash)
+
+
+def test_output_only_chain_fields_sent_are_ignored_and_the_event_is_chained_to_the_last(written_pair):
+    oldest = written_pair.oldest
+    assert (oldest.sequence, oldest.prev_hash) == (written_pair.base + 1, written_pair.earlier[0].hash)
     assert oldest.hash == documented_hash(oldest)
 
+
+def test_an_event_without_id_time_user_or_resource_gets_an_id_and_the_time_it_was_received(written_pair):
+    newest = written_pair.newest
     assert str(uuid.UUID(newest.event_id)) == newest.event_id  # assigned by the service
     assert (newest.user_id, newest.resource, newest.ip_address, newest.request_id) == ("", "", "", "")
     assert newest.action == "/towerco.sites.v1.SiteService/DeleteSite"
     assert not newest.details.fields
-    assert before <= newest.create_time.ToDatetime(tzinfo=UTC) <= after  # unset: when it was received
-    assert (newest.sequence, newest.prev_hash) == (logs[0].base + 2, oldest.hash)
+    # unset: when it was received
+    assert written_pair.before <= newest.create_time.ToDatetime(tzinfo=UTC) <= written_pair.after
+
+
+def test_the_second_event_of_a_write_is_chained_to_the_first(written_pair):
+    newest, oldest = written_pair.newest, written_pair.oldest
+    assert (newest.sequence, newest.prev_hash) == (written_pair.base + 2, oldest.hash)
     assert newest.hash == documented_hash(newest)
     assert newest.hash != oldest.hash
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -62,37 +63,60 @@ async def registry_rows(admin: Any, tenant_id: str) -> dict[str, int]:
 # --- provisioning ----------------------------------------------------------------------
 
 
-async def test_create_tenant_makes_an_active_tenant_with_default_settings_and_admin_user(
-    registry, platform_token, admin
-):
+@dataclass(frozen=True)
+class Onboarded:
+    """One CreateTenant by the platform admin: what it was asked and what it answered."""
+
+    tenant_id: str
+    domain: str
+    created: pb.Tenant
+
+
+@pytest.fixture(scope="module")
+def onboarded(registry, platform_token) -> Onboarded:
+    """A tenant made once for the tests of what CreateTenant makes (each reads one part of it)."""
     tenant_id = fresh_id("prov")
     domain = fresh_domain()
     request = create_request(tenant_id, "onboard-1", display_name="Coastal Towers", plan="enterprise", domains=[domain])
     created = registry.CreateTenant(request, metadata=bearer(platform_token), timeout=10)
+    return Onboarded(tenant_id, domain, created)
 
-    assert created.tenant_id == tenant_id
+
+def test_create_tenant_answers_the_tenant_active_with_the_fields_asked_for(onboarded):
+    created = onboarded.created
+    assert created.tenant_id == onboarded.tenant_id
     assert created.state == State.STATE_ACTIVE
     assert (created.display_name, created.plan, created.admin_email) == (
         "Coastal Towers",
         "enterprise",
         "noc@coastal.example",
     )
-    assert list(created.domains) == [domain]
+    assert list(created.domains) == [onboarded.domain]
     assert created.create_time.seconds > 0
-    assert get_tenant(registry, platform_token, tenant_id) == created
 
+
+def test_a_created_tenant_reads_back_as_create_tenant_answered(registry, platform_token, onboarded):
+    assert get_tenant(registry, platform_token, onboarded.tenant_id) == onboarded.created
+
+
+def test_a_created_tenant_has_default_settings_branded_with_its_name(registry, platform_token, onboarded):
     settings = registry.GetTenantSettings(
-        pb.GetTenantSettingsRequest(tenant_id=tenant_id), metadata=bearer(platform_token), timeout=10
+        pb.GetTenantSettingsRequest(tenant_id=onboarded.tenant_id), metadata=bearer(platform_token), timeout=10
     )
-    assert settings.tenant_id == tenant_id
+    assert settings.tenant_id == onboarded.tenant_id
     assert settings.branding.company_name == "Coastal Towers"
     assert (settings.branding.primary_color, settings.branding.secondary_color) == ("#3B82F6", "#6B7280")
     assert (settings.localization.timezone, settings.localization.date_format) == ("UTC", "YYYY-MM-DD")
     assert (settings.localization.currency, settings.localization.language) == ("USD", "en")
 
-    users = await admin.fetch("SELECT email, role FROM tenant.tenant_users WHERE tenant_id = $1", tenant_id)
+
+async def test_a_created_tenant_has_its_admin_email_as_its_one_admin_user(admin, onboarded):
+    users = await admin.fetch("SELECT email, role FROM tenant.tenant_users WHERE tenant_id = $1", onboarded.tenant_id)
     assert [(u["email"], u["role"]) for u in users] == [("noc@coastal.example", "admin")]
-    assert await registry_rows(admin, tenant_id) == {
+
+
+async def test_a_created_tenant_has_one_row_in_each_registry_table(admin, onboarded):
+    assert await registry_rows(admin, onboarded.tenant_id) == {
         "tenants": 1,
         "tenant_settings": 1,
         "tenant_users": 1,
