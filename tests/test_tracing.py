@@ -55,7 +55,7 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
         self.spans: list[ExportedSpan] = []
         self._lock = threading.Lock()
 
-    def Export(  # noqa: N802 - the gRPC method's name
+    def Export(
         self, request: trace_service_pb2.ExportTraceServiceRequest, context: grpc.ServicerContext
     ) -> trace_service_pb2.ExportTraceServiceResponse:
         received = []
