@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
 import asyncpg
 
-from . import bulkhead, context
+from . import bulkhead, context, metrics
 from .errors import ErrorReason, unavailable
 from .logs import Outage
 
@@ -114,11 +115,21 @@ class Database:
         tenant_id = context.current_tenant()
         limit = bulkhead.current_limit()
         if limit is None or self.bulkhead is None:
-            async with self._open(BIND_TENANT, tenant_id, readonly=readonly) as conn:
+            async with self._tenant_open(tenant_id, readonly) as conn:
                 yield conn
             return
-        async with self.bulkhead.slot(tenant_id, limit), self._open(BIND_TENANT, tenant_id, readonly=readonly) as conn:
+        async with self.bulkhead.slot(tenant_id, limit), self._tenant_open(tenant_id, readonly) as conn:
             yield conn
+
+    @asynccontextmanager
+    async def _tenant_open(self, tenant_id: str, readonly: bool) -> AsyncIterator[asyncpg.Connection[Any]]:
+        """A transaction bound to ``tenant_id``; the time it holds (or waits for) a connection is the tenant's."""
+        started = time.perf_counter()
+        try:
+            async with self._open(BIND_TENANT, tenant_id, readonly=readonly) as conn:
+                yield conn
+        finally:
+            metrics.active().db_time(tenant_id, time.perf_counter() - started)
 
     async def rebind_tenant(self, conn: asyncpg.Connection[Any], tenant_id: str, purpose: str) -> None:
         """Bind ``tenant_id`` to ``conn``'s open transaction in place of the one bound so far.

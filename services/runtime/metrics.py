@@ -8,9 +8,9 @@ costs dictionary look-ups, not ``labels()``.
 
 Cardinality is bounded: no label carries a free-form value. ``tenant`` (and the target of
 a cross-tenant refusal) is the tenant id for the first ``METRICS_TENANT_LABEL_CAP`` tenants
-a process meets and :data:`OTHER_TENANT` for every one after; a call with no tenant (a
-public call naming none) is :data:`NO_TENANT`. ``method`` is a declared RPC's full name
-(undeclared ones never reach the chain), ``code`` a gRPC status name.
+a process meets and :data:`OTHER_TENANT` for every one after; a call with no tenant is
+:data:`NO_TENANT`, a platform admin's or service's :data:`PLATFORM_CALLER`. ``method`` is a
+declared RPC's full name (undeclared ones never reach the chain), ``code`` a gRPC status name.
 
 With ``PROMETHEUS_MULTIPROC_DIR`` set (several worker processes of one service), the client
 library keeps the values in files there and ``/metrics`` serves their sum over the workers
@@ -33,8 +33,12 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 #: The label value of every tenant past the cap.
 OTHER_TENANT = "_other"
-#: The label value of a call bound to no tenant (public calls that name none).
+#: The label value of a call bound to no tenant (public calls that name none, calls refused
+#: before their tenant is known).
 NO_TENANT = "_none"
+#: The label value of the calls of platform admins and platform services, whichever tenant
+#: they act on: a tenant's numbers are its own users' calls.
+PLATFORM_CALLER = "_platform"
 #: ``service`` before :func:`configure` (unit tests, tools).
 UNCONFIGURED = "unconfigured"
 DEFAULT_TENANT_LABEL_CAP = 1000
@@ -291,11 +295,11 @@ class CallRecord:
 _call: ContextVar[CallRecord | None] = ContextVar("towerco_metrics_call", default=None)
 
 
-def note_tenant(tenant_id: str) -> None:
+def note_tenant(tenant_id: str, *, by_platform: bool) -> None:
     """Tell the metrics link which tenant the call is bound to (the tenant link calls it)."""
     record = _call.get()
     if record is not None:
-        record.tenant_id = tenant_id
+        record.tenant_id = PLATFORM_CALLER if by_platform else tenant_id
 
 
 @contextmanager

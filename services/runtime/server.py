@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from . import logs, migrations, tracing
+from . import logs, metrics, migrations, tracing
 from .audit import Auditor, AuditRelay
 from .auth import TokenVerifier, VerifierConfig
 from .db import Database
@@ -40,6 +40,7 @@ from .identity import ServiceIdentity
 from .interceptors.chain import server_chain
 from .interceptors.shutdown import ShutdownGate
 from .lookups import InternalLookup
+from .metrics_endpoint import MetricsEndpoint, start_metrics_endpoint
 from .pagination import PageTokens
 from .plans import Plans, PlansError, load_plans
 from .policy import PolicyError, PolicyTable
@@ -224,6 +225,9 @@ async def serve(spec: ServiceSpec) -> None:
     logs.configure(spec.name, settings.log_level, settings.log_format)
     tracing.configure(spec.name, settings.otel_exporter_otlp_endpoint, settings.otel_bsp_schedule_delay)
     check_port_free(settings.bind_host, settings.port, f"{spec.name.upper()}_PORT")
+    if settings.metrics_port:
+        check_port_free(settings.bind_host, settings.metrics_port, f"{spec.name.upper()}_METRICS_PORT")
+    metrics.configure(spec.name, settings.metrics_tenant_label_cap)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -294,6 +298,7 @@ async def serve(spec: ServiceSpec) -> None:
         entitlements=EntitlementDirectory(entitlement_cache, record_source, plans, tenants),
     )
     refusals = RefusalAudit(runtime.audit, tenants, settings.audit_refusal_window_seconds)
+    endpoint: MetricsEndpoint | None = None
     try:
         await cache.start()
         await entitlement_cache.start()
@@ -303,6 +308,11 @@ async def serve(spec: ServiceSpec) -> None:
         if not (await cache.wait_listening(5.0) and await entitlement_cache.wait_listening(1.0)):
             log.warning("not subscribed to tenant changes yet (Redis unreachable?); serving anyway")
         server, health, gate = build_server(spec, runtime, policies, limiter, refusals)
+        if settings.metrics_port:
+            endpoint = start_metrics_endpoint(
+                settings.bind_host, settings.metrics_port, settings.prometheus_multiproc_dir
+            )
+            log.info("%s metrics on http://%s:%d/metrics", spec.name, settings.bind_host, settings.metrics_port)
         await server.start()
         for hook in runtime._starters:
             await hook()
@@ -333,6 +343,8 @@ async def serve(spec: ServiceSpec) -> None:
         for lookup in remote:
             await lookup.close()
         await db.close()
+        if endpoint is not None:
+            endpoint.close()
         tracing.shutdown()  # the spans still in the batch go out
     log.info("%s stopped", spec.name)
 

@@ -14,6 +14,7 @@ from ..tenants import TenantDirectory
 from .authentication import AuthenticationInterceptor
 from .authorization import AuthorizationInterceptor
 from .base import PolicyInterceptor
+from .call_metrics import CallMetricsInterceptor
 from .cross_tenant import CrossTenantInterceptor
 from .entitlements import EntitlementsInterceptor
 from .error_details import ErrorDetailsInterceptor
@@ -39,6 +40,7 @@ def server_chain(
     return [
         RequestContextInterceptor(policies, gateway_secret),  # request id, method, peer, client address (never fails)
         TracingInterceptor(policies),  # the call's span (the caller's traceparent its parent); one access line
+        CallMetricsInterceptor(policies),  # counted by tenant and method, once the status is known
         ErrorDetailsInterceptor(policies, refusals),  # every failure below becomes a rich status (refusals audited)
         gate or ShutdownGate(policies),  # once stopping: UNAVAILABLE, so clients retry elsewhere
         AuthenticationInterceptor(policies, verifier),  # who is calling (JWT or service identity)

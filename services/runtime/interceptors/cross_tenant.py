@@ -14,7 +14,7 @@ from typing import Any
 
 from grpc import aio
 
-from .. import context
+from .. import context, metrics
 from ..entitlements import EntitlementDirectory
 from ..policy import Policy, PolicyTable
 from ..ratelimit import RateLimiter
@@ -40,6 +40,7 @@ class CrossTenantInterceptor(PolicyInterceptor):
             own = context.tenant_user_call()  # None for the platform's callers: no tenant's rate
             if own is not None:
                 await admit(self._limiter, own, "read", await tenant_entitlements(self._directory, own))
+            metrics.active().cross_tenant_refusal(current.foreign_tenant)
             raise cross_tenant_denied(current.caller.tenant_id, current.foreign_tenant)
 
         return behavior

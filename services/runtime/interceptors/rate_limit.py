@@ -15,7 +15,7 @@ from typing import Any
 
 from grpc import aio
 
-from .. import context, entitlements
+from .. import context, entitlements, metrics
 from ..errors import ErrorReason, resource_exhausted, unavailable
 from ..policy import Policy, PolicyTable
 from ..ratelimit import RateLimiter
@@ -56,6 +56,7 @@ async def admit(limiter: RateLimiter, tenant_id: str, rate_class: str, found: en
             decision.retry_after_seconds,
         )
     if not decision.allowed:
+        metrics.active().rate_limited(tenant_id, rate_class)
         raise resource_exhausted(
             f"tenant {tenant_id!r} is over its {rate_class} rate of {per_minute} calls per minute; "
             f"retry in {decision.retry_after_seconds:.3f}s",

@@ -14,7 +14,7 @@ from typing import Any
 
 from grpc import aio
 
-from .. import context, tracing
+from .. import context, metrics, tracing
 from ..errors import ErrorReason, FieldViolation, invalid_argument, unauthenticated
 from ..ids import TENANT_ID
 from ..policy import Policy
@@ -33,6 +33,7 @@ class TenantInterceptor(PolicyInterceptor):
             if tenant_id is None:
                 return await inner(request, ctx)
             tracing.tag_tenant(tenant_id)
+            metrics.note_tenant(tenant_id, by_platform=current.caller is not None and current.caller.is_platform)
             foreign = header if header is not None and header != tenant_id else None
             with context.bind(dataclasses.replace(current, tenant_id=tenant_id, foreign_tenant=foreign)):
                 return await inner(request, ctx)

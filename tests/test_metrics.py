@@ -1,0 +1,120 @@
+"""Per-tenant metrics on the services' ``/metrics``, scraped from the session stack.
+
+One fresh tenant makes a known mix of calls (successes, a client error, cross-tenant
+refusals, a rate-limit refusal); the sites service's exposition must show exactly those
+counts for it, and nothing for the tenant it tried to reach.
+"""
+
+from __future__ import annotations
+
+import urllib.request
+from collections import Counter
+from typing import Any
+
+import grpc
+from prometheus_client.parser import text_string_to_metric_families
+from towerco.features.v1 import feature_gate_service_pb2 as features_pb
+from towerco.sites.v1 import sites_service_pb2 as pb
+
+from deploy.local.stack import Stack
+
+SITES = "sites"
+
+
+def scrape(stack: Stack, service: str) -> list[Any]:
+    """Every sample of ``service``'s ``/metrics``."""
+    url = f"http://127.0.0.1:{stack.config.metrics_ports[service]}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.status == 200
+        text = response.read().decode()
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def values(samples: list[Any], name: str, **labels: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """The samples called ``name`` whose labels include ``labels``, by their other labels."""
+    found = {}
+    for sample in samples:
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+            rest = tuple(sorted((k, v) for k, v in sample.labels.items() if k not in labels))
+            found[rest] = sample.value
+    return found
+
+
+def call(fn: Any, request: Any, metadata: Any, seen: Counter[str]) -> None:
+    try:
+        fn(request, metadata=metadata, timeout=10)
+        seen["OK"] += 1
+    except grpc.RpcError as error:
+        seen[error.code().name] += 1
+
+
+def test_a_tenants_calls_are_counted_by_outcome_on_the_sites_metrics_and_no_other_tenant_appears(
+    stack, sites, features, new_tenant, token, platform_token
+):
+    tenant, other = new_tenant(plan="basic"), new_tenant(plan="basic")
+    own = (("authorization", f"Bearer {token(tenant)}"),)
+    foreign = (*own, ("x-tenant-id", other))
+    reads: Counter[str] = Counter()
+
+    for _ in range(3):
+        call(sites.ListSites, pb.ListSitesRequest(page_size=1), own, reads)
+    call(sites.GetSite, pb.GetSiteRequest(site_id="no-such-site"), own, reads)
+    for _ in range(2):
+        call(sites.ListSites, pb.ListSitesRequest(page_size=1), foreign, reads)
+    assert reads == {"OK": 3, "NOT_FOUND": 1, "PERMISSION_DENIED": 2}
+
+    # Its read rate down to 6 a minute: once the burst is spent, the next read is refused.
+    features.SetLimitOverride(
+        features_pb.SetLimitOverrideRequest(tenant_id=tenant, resource="rpm_read", limit=6),
+        metadata=(("authorization", f"Bearer {platform_token}"),),
+        timeout=10,
+    )
+    for _ in range(200):
+        call(sites.ListSites, pb.ListSitesRequest(page_size=1), own, reads)
+        if reads["RESOURCE_EXHAUSTED"]:
+            break
+    assert reads["RESOURCE_EXHAUSTED"] == 1, reads
+
+    samples = scrape(stack, SITES)
+    calls = values(samples, "towerco_tenant_calls_total", tenant=tenant, service=SITES)
+    assert calls == {
+        (("outcome", "ok"), ("rate_class", "read")): reads["OK"],
+        (("outcome", "client_error"), ("rate_class", "read")): 1,
+        (("outcome", "refused"), ("rate_class", "read")): 3,
+    }
+    total = reads.total()
+    assert values(samples, "towerco_tenant_call_duration_seconds_count", tenant=tenant) == {
+        (("service", SITES),): total
+    }
+    assert values(samples, "towerco_tenant_rate_limited_total", tenant=tenant) == {
+        (("rate_class", "read"), ("service", SITES)): 1
+    }
+    assert values(samples, "towerco_cross_tenant_refusals_total", target=other) == {(("service", SITES),): 2}
+    # Its reads that ran touched the database: the time is counted as its own.
+    db_seconds = values(samples, "towerco_tenant_db_seconds_total", tenant=tenant, service=SITES)
+    assert list(db_seconds) == [()] and db_seconds[()] > 0
+    # Per method, the client error is there by its code (all tenants: at least this one's).
+    not_found = values(
+        samples, "towerco_rpc_calls_total", service=SITES, method="/towerco.sites.v1.SiteService/GetSite"
+    )
+    assert not_found[(("code", "NOT_FOUND"),)] >= 1
+
+    # The tenant it tried to reach made no call: no series names it as a tenant.
+    assert [s for s in samples if s.labels.get("tenant") == other] == []
+    # The feature gate's calls made for them (its entitlements, the platform's override) are
+    # the platform's, not theirs; the database time spent on their rows is theirs.
+    gate = [s for s in scrape(stack, "features") if s.labels.get("tenant") in (tenant, other)]
+    assert gate and {s.name for s in gate} == {"towerco_tenant_db_seconds_total"}
+
+
+def test_metrics_label_values_are_bounded(stack, sites, new_tenant, token):
+    """No label of the sites exposition carries a free-form value: only known label names."""
+    tenant = new_tenant(plan="basic")
+    md = (("authorization", f"Bearer {token(tenant)}"),)
+    call(sites.GetSite, pb.GetSiteRequest(site_id="free-form-site-id"), md, Counter())
+    samples = scrape(stack, SITES)
+    towerco = [s for s in samples if s.name.startswith("towerco_")]
+    assert towerco
+    allowed = {"tenant", "service", "rate_class", "outcome", "method", "code", "result", "dependency", "target", "le"}
+    assert {k for s in towerco for k in s.labels} <= allowed
+    assert not [s for s in towerco if "free-form-site-id" in s.labels.values()]
