@@ -2,29 +2,39 @@
 
 An OTLP trace receiver runs in the test's process (the collector's gRPC contract from
 opentelemetry-proto) and services of the test's own are started with
-``OTEL_EXPORTER_OTLP_ENDPOINT`` pointed at it and a short batch delay. The session's
-services export nothing (no endpoint), which the last test relies on too.
+``OTEL_EXPORTER_OTLP_ENDPOINT`` pointed at it and a short batch delay (the session's
+services export nothing). The audit relay's test runs a relay in the test's process, over
+an outbox of its own, with its spans recorded in memory.
 """
 
 from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from towerco.sites.v1 import sites_service_pb2 as sites_pb
 from towerco.sites.v1 import sites_service_pb2_grpc as sites_grpc
 from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 from towerco.tenant.v1 import tenant_registry_service_pb2_grpc as tenant_grpc
 
 from deploy.local.stack import Stack
+from services.runtime import audit, tracing
+from services.runtime.audit import Auditor, AuditRelay
+from services.runtime.db import Database
+from services.runtime.identity import ServiceIdentity
+from services.runtime.settings import DEFAULT_JWT_AUDIENCE, DEFAULT_SERVICE_JWT_ISSUER, DEV_SERVICE_KEY_ID
 
 from .conftest import ExtraService
 from .support import bearer, free_port
@@ -231,3 +241,74 @@ def test_the_gateway_passes_the_callers_traceparent_to_the_service(
     assert (got.service, got.name) == ("towerco-sites", "towerco.sites.v1.SiteService/ListSites")
     assert got.parent_span_id == client_span
     assert got.attributes["tenant.id"] == tenant
+
+
+@pytest.fixture
+def in_process_spans() -> Iterator[InMemorySpanExporter]:
+    """This test process records its own spans (as a service does) into memory; none after the test."""
+    exporter = InMemorySpanExporter()
+    tracing.use(TracerProvider(), SimpleSpanProcessor(exporter))
+    yield exporter
+    tracing.use(None)
+
+
+@pytest.fixture
+async def scratch_outbox(admin: asyncpg.Connection[Any]) -> AsyncIterator[str]:
+    """A schema holding an ``audit_outbox`` like every service's (so no service's relay takes its rows)."""
+    schema = f"trace_{uuid.uuid4().hex[:10]}"
+    await admin.execute(f"CREATE SCHEMA {schema}")
+    await admin.execute(
+        f"CREATE TABLE {schema}.audit_outbox (tenant_id text NOT NULL, event_id uuid NOT NULL, event bytea NOT NULL, "
+        "create_time timestamptz NOT NULL DEFAULT clock_timestamp(), PRIMARY KEY (tenant_id, event_id))"
+    )
+    yield schema
+    await admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+async def test_the_audit_relay_delivers_an_event_in_the_trace_of_the_call_that_recorded_it(
+    stack: Stack,
+    admin_dsn: str,
+    scratch_outbox: str,
+    collector: tuple[Collector, str],
+    traced: Callable[..., ExtraService],
+    in_process_spans: InMemorySpanExporter,
+    eventually: Callable[..., Any],
+) -> None:
+    receiver, _ = collector
+    audit_service = traced("audit")
+    identity = ServiceIdentity.from_file(
+        "sites", issuer=DEFAULT_SERVICE_JWT_ISSUER, audience=DEFAULT_JWT_AUDIENCE,
+        key_file=str(stack.keys_dir / "service-signing-key.pem"), kid=DEV_SERVICE_KEY_ID,
+    )  # fmt: skip
+    db = await Database.connect(admin_dsn, min_size=1, max_size=2)
+    relay = AuditRelay(db, scratch_outbox, audit_service.target, identity, service="sites")
+    auditor = Auditor(db, scratch_outbox, relay)
+    tenant = f"trace_{uuid.uuid4().hex[:10]}"
+    origins = []
+    try:
+        # Two calls record an event each; the relay sends both in one batch, later, on its own.
+        for name in ("first", "second"):
+            with tracing.server_span(f"/test.Origin/{name}", f"origin-{name}", {}) as (span, _):
+                await auditor.record_alone(audit.event("trace.test", f"trace/{name}", tenant_id=tenant))
+                origins.append(span.get_span_context())
+        assert await relay.deliver_once() == 2
+    finally:
+        await relay.close()
+        await db.close()
+
+    (delivery,) = [s for s in in_process_spans.get_finished_spans() if s.name == "audit.relay"]
+    assert delivery.context is not None and delivery.parent is not None
+    # The batch continues the first call's trace and links the second's.
+    assert (delivery.context.trace_id, delivery.parent.span_id) == (origins[0].trace_id, origins[0].span_id)
+    assert [(link.context.trace_id, link.context.span_id) for link in delivery.links] == [
+        (origins[1].trace_id, origins[1].span_id)
+    ]
+
+    def written() -> ExportedSpan:
+        spans = [s for s in receiver.in_trace(format(origins[0].trace_id, "032x")) if s.name.endswith("/WriteEvents")]
+        assert spans
+        return spans[0]
+
+    write = eventually(written, within=10.0, interval=0.1)
+    assert write.service == "towerco-audit"
+    assert write.parent_span_id == format(delivery.context.span_id, "016x")
