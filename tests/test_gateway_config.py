@@ -148,10 +148,12 @@ def test_every_api_route_retries_only_calls_that_were_not_processed_on_another_h
         )
 
 
-def test_connections_that_send_nothing_or_stay_idle_are_closed_on_the_settings_timeouts(tmp_path):
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The rendering of settings that change every connection limit from its default."""
     settings = GatewaySettings.from_env(
         {
-            "DATA_DIR": str(tmp_path),
+            "DATA_DIR": str(tmp_path_factory.mktemp("tuned")),
             "GATEWAY_WEB_DIR": "/none",
             "GATEWAY_MAX_CONNECTIONS": "1234",
             "GATEWAY_FIRST_BYTES_TIMEOUT_SECONDS": "3",
@@ -159,25 +161,47 @@ def test_connections_that_send_nothing_or_stay_idle_are_closed_on_the_settings_t
             "GATEWAY_MAX_HEAP_MB": "300",
         }
     )
-    config = render(settings)
-    (listener,) = config["static_resources"]["listeners"]
+    return render(settings)
+
+
+def test_a_connection_that_sends_nothing_is_closed_on_the_first_bytes_timeout(tuned):
+    (listener,) = tuned["static_resources"]["listeners"]
     assert [f["name"] for f in listener["listener_filters"]] == ["envoy.filters.listener.http_inspector"]
     assert (listener["listener_filters_timeout"], listener["continue_on_listener_filters_timeout"]) == ("3s", False)
-    manager = _listener_manager(config)
-    assert manager["common_http_protocol_options"]["idle_timeout"] == "40s"
+
+
+def test_an_idle_connection_is_closed_on_the_idle_timeout(tuned):
+    assert _listener_manager(tuned)["common_http_protocol_options"]["idle_timeout"] == "40s"
+
+
+def test_slow_request_headers_and_dead_http2_peers_are_timed_out(tuned):
+    manager = _listener_manager(tuned)
     assert manager["request_headers_timeout"] == "5s"
     assert manager["http2_protocol_options"]["connection_keepalive"]["timeout"]
+
+
+def test_a_connection_buffers_at_most_64_kib(tuned):
+    (listener,) = tuned["static_resources"]["listeners"]
     assert listener["per_connection_buffer_limit_bytes"] <= 65536
-    overload = config["overload_manager"]
-    connections, heap = overload["resource_monitors"]
+
+
+def test_the_overload_manager_caps_connections_and_heap_at_the_settings(tuned):
+    connections, heap = tuned["overload_manager"]["resource_monitors"]
     assert connections["typed_config"]["max_active_downstream_connections"] == 1234
     assert heap["typed_config"]["max_heap_size_bytes"] == 300 * 2**20
-    # As the heap fills, idle connections are the first to go.
+
+
+def test_as_the_heap_fills_idle_connections_are_the_first_to_go(tuned):
+    overload = tuned["overload_manager"]
+    _, heap = overload["resource_monitors"]
     actions = {action["name"].rsplit(".", 1)[-1]: action for action in overload["actions"]}
     (scaled,) = actions["reduce_timeouts"]["typed_config"]["timer_scale_factors"]
     assert scaled == {"timer": "HTTP_DOWNSTREAM_CONNECTION_IDLE", "min_timeout": "1s"}
     assert actions["reduce_timeouts"]["triggers"][0]["name"] == heap["name"]
     assert {"shrink_heap", "stop_accepting_requests"} <= set(actions)
+
+
+def test_by_default_idle_connections_close_after_15_s_and_silent_ones_after_5_s():
     defaults = render(deploy_settings())
     assert _listener_manager(defaults)["common_http_protocol_options"]["idle_timeout"] == "15s"
     assert defaults["static_resources"]["listeners"][0]["listener_filters_timeout"] == "5s"

@@ -11,6 +11,7 @@ import json
 import math
 import random
 import threading
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -187,8 +188,23 @@ FULL_CONFIG: dict[str, Any] = {
 }
 
 
-def test_create_returns_stored_site_in_callers_tenant(a: Api, b: Api) -> None:
-    stale = timestamp_pb2.Timestamp(seconds=978307200)  # 2001-01-01, must be ignored
+STALE = timestamp_pb2.Timestamp(seconds=978307200)  # 2001-01-01, must be ignored
+
+
+@dataclass(frozen=True)
+class CreatedSite:
+    """One CreateSite by tenant a that also sends the output-only fields, naming tenant b."""
+
+    a: Api
+    b: Api
+    created: pb.Site
+
+
+@pytest.fixture(scope="module")
+def created_site(sites: pb_grpc.SiteServiceStub, token: Callable[..., str]) -> CreatedSite:
+    """Made once for the tests of what CreateSite stores and answers (each reads one part)."""
+    suffix = uuid.uuid4().hex[:10]
+    a, b = (Api(sites, tenant, metadata(token(tenant))) for tenant in (f"ta_{suffix}", f"tb_{suffix}"))
     created = a.create(
         "TWR-001",
         name="Tower One",
@@ -196,24 +212,46 @@ def test_create_returns_stored_site_in_callers_tenant(a: Api, b: Api) -> None:
         configuration=FULL_CONFIG,
         site_id="ignored-id",
         tenant_id=b.tenant,
-        create_time=stale,
-        update_time=stale,
+        create_time=STALE,
+        update_time=STALE,
     )
+    return CreatedSite(a, b, created)
+
+
+def test_create_returns_the_site_with_the_fields_sent_under_the_id_of_the_request(created_site: CreatedSite) -> None:
+    created = created_site.created
     assert created.site_id == "TWR-001"
-    assert created.tenant_id == a.tenant
     assert created.name == "Tower One"
     assert created.location == pb.Location(**FULL_LOCATION)
     assert config_of(created) == FULL_CONFIG
+
+
+def test_create_puts_the_site_in_the_callers_tenant_not_the_one_sent(created_site: CreatedSite) -> None:
+    assert created_site.created.tenant_id == created_site.a.tenant
+
+
+def test_create_sets_both_times_to_now_ignoring_the_ones_sent(created_site: CreatedSite) -> None:
+    created = created_site.created
     assert created.HasField("create_time") and created.HasField("update_time")
-    assert created.create_time.seconds > stale.seconds + 10 * 365 * 86400
+    assert created.create_time.seconds > STALE.seconds + 10 * 365 * 86400
     assert created.update_time == created.create_time
 
-    assert a.get("TWR-001") == created
+
+def test_a_created_site_reads_and_lists_back_as_create_answered(created_site: CreatedSite) -> None:
+    a = created_site.a
+    assert a.get("TWR-001") == created_site.created
     assert a.ids() == ["TWR-001"]
-    # The client-supplied tenant_id did not put the site into tenant b, nor create "ignored-id".
+
+
+def test_a_tenant_id_sent_in_the_site_puts_nothing_in_that_tenant(created_site: CreatedSite) -> None:
+    b = created_site.b
+    # The client-supplied tenant_id did not put the site into tenant b.
     assert is_empty(b)
     b.fails("GetSite", pb.GetSiteRequest(site_id="TWR-001"), NOT_FOUND, "SITE_NOT_FOUND")
-    a.fails("GetSite", pb.GetSiteRequest(site_id="ignored-id"), NOT_FOUND, "SITE_NOT_FOUND")
+
+
+def test_a_site_id_sent_in_the_site_creates_no_site_of_that_id(created_site: CreatedSite) -> None:
+    created_site.a.fails("GetSite", pb.GetSiteRequest(site_id="ignored-id"), NOT_FOUND, "SITE_NOT_FOUND")
 
 
 def test_create_trims_name_and_site_without_location_has_none(a: Api) -> None:
