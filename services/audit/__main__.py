@@ -9,6 +9,7 @@ from towerco.audit.v1 import audit_log_service_pb2, audit_log_service_pb2_grpc
 
 from services.runtime.server import Runtime, ServiceSpec, main
 
+from .canary_sentinels import AUDIT_SENTINELS
 from .retention import ensure_retention_role
 from .servicer import AuditLogServicer
 
@@ -23,6 +24,7 @@ SPEC = ServiceSpec(
     services=(audit_log_service_pb2.DESCRIPTOR.services_by_name["AuditLogService"],),
     migrations_dir=Path(__file__).parent / "migrations",
     register=register,
+    sentinels=AUDIT_SENTINELS,
     # Its own refusals (cross-tenant attempts) reach its log through an outbox and
     # WriteEvents, like every other service's.
     outbox=True,

@@ -11,6 +11,7 @@ from towerco.internal.v1 import entitlements_pb2, entitlements_pb2_grpc, tenant_
 from services.runtime.server import Runtime, ServiceSpec, main
 from services.runtime.tenant_data_service import TenantDataServicer
 
+from .canary_sentinels import FEATURES_SENTINELS
 from .records import record_source
 from .registration import TenantEntitlementsServicer
 from .servicer import FeatureGateServicer
@@ -37,6 +38,7 @@ SPEC = ServiceSpec(
     ),
     migrations_dir=Path(__file__).parent / "migrations",
     register=register,
+    sentinels=FEATURES_SENTINELS,
     entitlement_source=record_source,
     components=("tenant_data",),
 )

@@ -23,6 +23,9 @@ from .ids import TENANT_ID
 #: The reserved tenant whose `platform_admin` tokens administer the platform.
 PLATFORM_TENANT = "platform"
 PLATFORM_ADMIN_ROLE = "platform_admin"
+#: The reserved tenants of the isolation canary (``services/runtime/canary.py``): no one can
+#: create them, and no listing, usage or metric of tenants shows them.
+CANARY_TENANTS = ("canary_a", "canary_b")
 
 
 def is_valid_tenant_id(value: str) -> bool:
@@ -265,15 +268,18 @@ DOORS: dict[str, Door] = {
                 "services/tenant/records.py",  # tenant state and settings behind every call (and cache repairs)
                 "services/features/records.py",  # entitlements behind every call
                 "services/runtime/audit.py",  # Auditor.record_alone: a refusal into its target's outbox
+                "services/runtime/canary.py",  # the isolation canaries' sentinels and checks, as each canary
             }
         ),
         guard="the tenant id is well formed; any caller, or none (the service's own bookkeeping, not the caller's)",
         reach="binds the named tenant to the block's transactions, keeping the caller: reads of one tenant's "
-        "records, and a refused call's audit event (the refusal tallies) written to the target's outbox",
+        "records, a refused call's audit event (the refusal tallies) written to the target's outbox, and the "
+        "isolation canaries' sentinel rows, each written and checked as its own canary",
         proven_by=(
             _DOORS_TESTS + "test_system_scope_refuses_what_is_not_a_tenant_id",
             _DOORS_TESTS + "test_system_scope_binds_only_the_named_tenant_without_any_caller",
             "tests/test_audit_service.py::test_a_refused_cross_tenant_call_is_in_the_targets_log",
+            "tests/test_canary.py::test_each_canary_sees_its_own_sentinels_and_none_of_the_other",
         ),
     ),
     "background_context": Door(

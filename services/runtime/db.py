@@ -129,7 +129,8 @@ class Database:
             async with self._open(BIND_TENANT, tenant_id, readonly=readonly) as conn:
                 yield conn
         finally:
-            metrics.active().db_time(tenant_id, time.perf_counter() - started)
+            if tenant_id not in context.CANARY_TENANTS:  # the canary's rounds are the platform's cost, no tenant's
+                metrics.active().db_time(tenant_id, time.perf_counter() - started)
 
     async def rebind_tenant(self, conn: asyncpg.Connection[Any], tenant_id: str, purpose: str) -> None:
         """Bind ``tenant_id`` to ``conn``'s open transaction in place of the one bound so far.

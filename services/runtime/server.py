@@ -16,7 +16,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 from . import logs, metrics, migrations, tracing
 from .audit import Auditor, AuditRelay
 from .auth import TokenVerifier, VerifierConfig
+from .canary import CanaryError, IsolationCanary
 from .db import Database
 from .entitlements import CHANNEL as ENTITLEMENTS_CHANNEL
 from .entitlements import EntitlementDirectory, FeatureGateSource, RecordSource
@@ -65,6 +66,7 @@ STARTUP_ERRORS: tuple[type[Exception], ...] = (
     PolicyError,
     PlansError,
     IsolationError,
+    CanaryError,
     ListenError,
     migrations.MigrationError,
     asyncpg.PostgresError,
@@ -131,6 +133,10 @@ class ServiceSpec:
     #: Set-up the SQL migrations cannot do as the owner role (e.g. extra roles), run with
     #: the administrative DSN after every migration run, however it is started. Idempotent.
     after_migrate: Callable[[str], Awaitable[None]] | None = None
+    #: The isolation canary's sentinel rows (``services/runtime/canary.py``): for each tenant
+    #: table of the schema, the INSERT of one canary's row (``$1``: the canary tenant id,
+    #: ``{schema}``: the schema; ON CONFLICT DO NOTHING), in the order they may be written.
+    sentinels: Mapping[str, str] = field(default_factory=dict)
 
 
 async def run_migrations(spec: ServiceSpec, settings: Settings) -> list[int]:
@@ -308,6 +314,11 @@ async def serve(spec: ServiceSpec) -> None:
         if not (await cache.wait_listening(5.0) and await entitlement_cache.wait_listening(1.0)):
             log.warning("not subscribed to tenant changes yet (Redis unreachable?); serving anyway")
         server, health, gate = build_server(spec, runtime, policies, limiter, refusals)
+        canary = IsolationCanary(
+            db, spec.schema, spec.sentinels, settings.canary_interval_seconds, _health_reporter(spec, health)
+        )
+        await canary.seed()  # a tenant table it cannot check stops the start, as the guard's findings do
+        runtime.on_stop(canary.close)
         if settings.metrics_port:
             endpoint = start_metrics_endpoint(
                 settings.bind_host, settings.metrics_port, settings.prometheus_multiproc_dir
@@ -318,6 +329,7 @@ async def serve(spec: ServiceSpec) -> None:
             await hook()
         for name in [*(s.full_name for s in spec.services), ""]:
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        canary.start()
         log.info("%s serving on %s:%d", spec.name, settings.bind_host, settings.port)
 
         await stop.wait()
@@ -347,6 +359,17 @@ async def serve(spec: ServiceSpec) -> None:
             endpoint.close()
         tracing.shutdown()  # the spans still in the batch go out
     log.info("%s stopped", spec.name)
+
+
+def _health_reporter(spec: ServiceSpec, health: HealthServicer) -> Callable[[bool], Awaitable[None]]:
+    """The canary's verdict on the health check: the service's own names, not the overall ``""``."""
+
+    async def report(isolated: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if isolated else health_pb2.HealthCheckResponse.NOT_SERVING
+        for descriptor in spec.services:
+            await health.set(descriptor.full_name, status)
+
+    return report
 
 
 Lookup = TypeVar("Lookup", bound=InternalLookup)

@@ -126,6 +126,15 @@ AUDIT_REFUSAL_WINDOW_SECONDS = number(
     check=lambda seconds: seconds > 0,
     refusal="AUDIT_REFUSAL_WINDOW_SECONDS must be a positive number of seconds",
 )
+CANARY_INTERVAL_SECONDS = number(
+    "CANARY_INTERVAL_SECONDS",
+    30.0,
+    "how often the isolation canary checks, as one reserved canary tenant, that the other's rows are invisible "
+    "(`towerco_isolation_breach_total`, health NOT_SERVING on a breach)",
+    kind="number > 0",
+    check=lambda seconds: seconds > 0,
+    refusal="CANARY_INTERVAL_SECONDS must be a positive number of seconds",
+)
 _POOL_DOC = (
     "the one database pool per process: its size (the minimum is capped at the maximum), how long a call waits "
     "for a connection before UNAVAILABLE, and each statement's timeout"
@@ -260,6 +269,7 @@ SERVICE_SETTINGS = SettingsTable.of(
     PAGE_TOKEN_SECRET,
     GATEWAY_SECRET,
     AUDIT_REFUSAL_WINDOW_SECONDS,
+    CANARY_INTERVAL_SECONDS,
     DB_POOL_MAX_SIZE,
     DB_POOL_MIN_SIZE,
     DB_ACQUIRE_TIMEOUT_SECONDS,
@@ -341,6 +351,7 @@ class Settings:
     rate_limit_fail_closed: bool
     tenant_concurrency_wait_seconds: float
     audit_refusal_window_seconds: float
+    canary_interval_seconds: float
     fault_points: str
     #: ``PAGE_TOKEN_SECRET``, else the dev file.
     page_token_secret: bytes = field(repr=False)
@@ -449,6 +460,7 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Settings:
         rate_limit_fail_closed=RATE_LIMIT_FAIL_CLOSED.read(env),
         tenant_concurrency_wait_seconds=TENANT_CONCURRENCY_WAIT_SECONDS.read(env),
         audit_refusal_window_seconds=AUDIT_REFUSAL_WINDOW_SECONDS.read(env),
+        canary_interval_seconds=CANARY_INTERVAL_SECONDS.read(env),
         fault_points=FAULT_POINTS.read(env),
         page_token_secret=_page_token_secret(keys, env),
         gateway_secret=gateway_secret(keys, env),

@@ -11,6 +11,7 @@ from towerco.sites.v1 import sites_service_pb2, sites_service_pb2_grpc
 from services.runtime.server import Runtime, ServiceSpec, main
 from services.runtime.tenant_data_service import TenantDataServicer
 
+from .canary_sentinels import SITES_SENTINELS
 from .servicer import SiteServicer
 from .tenant_data_spec import SITES_TENANT_DATA
 
@@ -29,6 +30,7 @@ SPEC = ServiceSpec(
     ),
     migrations_dir=Path(__file__).parent / "migrations",
     register=register,
+    sentinels=SITES_SENTINELS,
 )
 
 if __name__ == "__main__":

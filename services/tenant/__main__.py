@@ -11,6 +11,7 @@ from towerco.tenant.v1 import tenant_registry_service_pb2, tenant_registry_servi
 from services.runtime.channels import service_channel
 from services.runtime.server import Runtime, ServiceSpec, main
 
+from .canary_sentinels import TENANT_SENTINELS
 from .directory import TenantDirectoryServicer
 from .offboarding import Offboarding
 from .records import state_source
@@ -65,6 +66,7 @@ SPEC = ServiceSpec(
     ),
     migrations_dir=Path(__file__).parent / "migrations",
     register=register,
+    sentinels=TENANT_SENTINELS,
     state_source=state_source,
 )
 

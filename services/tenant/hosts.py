@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 
+from services.runtime.canary import CANARY_TENANTS
 from services.runtime.context import is_valid_tenant_id
 
-#: Names no tenant may take: they are (or may become) the platform's own hosts.
+#: Names no tenant may take: they are (or may become) the platform's own hosts, or are
+#: the isolation canaries' (services/runtime/canary.py).
 RESERVED_TENANT_IDS = frozenset(
     {"www", "api", "admin", "platform", "gateway", "app", "auth", "login", "static", "assets", "mail", "status",
-     "docs", "support", "internal", "system", "root", "towerco"}
+     "docs", "support", "internal", "system", "root", "towerco", *CANARY_TENANTS}
 )  # fmt: skip
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")

@@ -45,7 +45,7 @@ UPDATE tenant.tenants SET version = version + 1, update_time = now() WHERE tenan
 
 LIST_TENANTS = f"""
 SELECT {TENANT_COLUMNS} FROM tenant.tenants t
-WHERE tenant_id > $1 AND ($2 OR state <> 'STATE_DELETED')
+WHERE tenant_id > $1 AND ($2 OR state <> 'STATE_DELETED') AND tenant_id <> ALL($4::text[])
 ORDER BY tenant_id LIMIT $3
 """
 TENANTS_IN_STATE = "SELECT tenant_id FROM tenant.tenants WHERE state = $1 ORDER BY tenant_id"

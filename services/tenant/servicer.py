@@ -16,6 +16,7 @@ from towerco.tenant.v1 import tenant_registry_service_pb2 as pb
 from towerco.tenant.v1 import tenant_registry_service_pb2_grpc as pb_grpc
 
 from services.runtime import context, idempotency
+from services.runtime.canary import CANARY_TENANTS
 from services.runtime.errors import (
     ErrorReason,
     FieldViolation,
@@ -194,7 +195,8 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
         position = self._tokens.decode(request.page_token, own, query)
         after = str(position.get("after", "")) if position else ""
         async with self._db.platform_read("tenants.list") as conn:
-            rows = await conn.fetch(queries.LIST_TENANTS, after, request.show_deleted, size + 1)
+            # The isolation canaries are the platform's instruments, not tenants anyone serves.
+            rows = await conn.fetch(queries.LIST_TENANTS, after, request.show_deleted, size + 1, CANARY_TENANTS)
         response = pb.ListTenantsResponse(tenants=await asyncio.gather(*(self._present(r) for r in rows[:size])))
         if len(rows) > size:
             response.next_page_token = self._tokens.encode(own, query, {"after": rows[size - 1]["tenant_id"]})
