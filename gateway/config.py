@@ -343,23 +343,7 @@ def _listener(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
         # else Envoy's own; either way the client reads it back, on errors too.
         early_header_mutation_extensions=[_client_request_id_mutation()],
         always_set_request_id_in_response=True,
-        access_log=[
-            {
-                "name": "envoy.access_loggers.stdout",
-                "typed_config": _typed(
-                    "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
-                    log_format={
-                        "text_format_source": {
-                            "inline_string": (
-                                '[%START_TIME%] "%REQ(:METHOD)% %REQ(:PATH)% %PROTOCOL%" %RESPONSE_CODE% '
-                                "%RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %DURATION%ms "
-                                "authority=%REQ(:AUTHORITY)% tenant=%REQ(X-TENANT-ID)% request_id=%REQ(X-REQUEST-ID)%\n"
-                            )
-                        }
-                    },
-                ),
-            }
-        ],
+        access_log=_access_logs(),
         http_filters=[
             # First, so that every reply, the gateway's own refusals too, carries the id.
             {"name": "towerco.request_id", "typed_config": _request_id_lua()},
@@ -733,6 +717,32 @@ def _status_details(reason: Reason, message: str, retry_seconds: float | None = 
         retry.retry_delay.FromNanoseconds(int(retry_seconds * 1e9))
         status.details.add().Pack(retry)
     return base64.b64encode(status.SerializeToString()).decode().rstrip("=")
+
+
+def _access_logs() -> list[dict[str, Any]]:
+    """One stdout line per call: what was asked, by which tenant, under which request id, and
+    its gRPC status code where Envoy sees it. A native call's is in its trailers (or its
+    trailers-only reply), which Envoy reads. A gRPC-web reply carries its trailers in the
+    body, where Envoy does not look (GRPC_STATUS would say UNKNOWN for an OK): only a
+    trailers-only reply's code (an error) is logged for it, "-" otherwise."""
+    line = (
+        '[%START_TIME%] "%REQ(:METHOD)% %REQ(:PATH)% %PROTOCOL%" %RESPONSE_CODE% '
+        "%RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %DURATION%ms "
+        "authority=%REQ(:AUTHORITY)% tenant=%REQ(X-TENANT-ID)% request_id=%REQ(X-REQUEST-ID)% grpc_status={}\n"
+    )
+
+    def stdout(grpc_status: str, grpc_web: bool) -> dict[str, Any]:
+        header = {"name": "x-grpc-web", "present_match": True, "invert_match": not grpc_web}
+        return {
+            "name": "envoy.access_loggers.stdout",
+            "filter": {"header_filter": {"header": header}},
+            "typed_config": _typed(
+                "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                log_format={"text_format_source": {"inline_string": line.format(grpc_status)}},
+            ),
+        }
+
+    return [stdout("%GRPC_STATUS_NUMBER%", grpc_web=False), stdout("%RESP(GRPC-STATUS)%", grpc_web=True)]
 
 
 def _grpc_replies_lua(settings: GatewaySettings) -> dict[str, Any]:

@@ -41,6 +41,9 @@ def start_envoy(
             "warning",
             "--drain-time-s",
             "2",
+            # The access log within a second of a call (Envoy's default buffers it for 10 s).
+            "--file-flush-interval-msec",
+            "1000",
         ],
         stdout=log,
         stderr=subprocess.STDOUT if log is not None else None,
