@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -37,6 +36,8 @@ from services.runtime import context
 from services.runtime.settings import runtime_dsn
 
 from .support import free_port
+from .support.processes import ExtraService as ExtraService  # re-exported: tests import it from here
+from .support.processes import ExtraServices
 from .support.stack_marking import StarterFinder, needs_servers, no_servers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -296,16 +297,6 @@ def eventually() -> Callable[..., Any]:
     return poll
 
 
-@dataclass
-class ExtraService:
-    target: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
 @pytest.fixture
 def extra_service(stack: Stack, tmp_path: Path) -> Iterator[Callable[..., ExtraService]]:
     """``extra_service(name, env=None, wait=True)``: another process of service ``name``.
@@ -314,33 +305,9 @@ def extra_service(stack: Stack, tmp_path: Path) -> Iterator[Callable[..., ExtraS
     unless ``env`` says otherwise, skips migrations, logs to the test's ``tmp_path`` and is
     stopped after the test.
     """
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(name: str, env: dict[str, str] | None = None, wait: bool = True) -> ExtraService:
-        port = free_port()
-        instance = f"{name}-{port}"
-        log_path = tmp_path / f"{instance}.log"
-        with log_path.open("ab") as log:
-            process = stack.start_service(
-                name,
-                instance=instance,
-                log=log,
-                extra_env={f"{name.upper()}_PORT": str(port), "MIGRATE_ON_START": "0", **(env or {})},
-            )
-        started.append(process)
-        if wait:
-            stack.wait_serving(name, port=port, instance=instance)
-        return ExtraService(f"127.0.0.1:{port}", process, log_path)
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    services = ExtraServices(stack, tmp_path)
+    yield services.start
+    services.stop()
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from services.tenant.secrets import MASK, SecretBox, load_secret_box
 
 from .support import RichError, bearer, expect_error
 from .support.metadata import Metadata
+from .support.processes import ExtraServices
 
 TENANT_LOG = Path(__file__).resolve().parents[1] / "test-output" / "logs" / "tenant.log"
 Mutate = Callable[[pb.TenantSettings], None]
@@ -457,88 +459,154 @@ async def audit_trail(admin: Any, tenant_id: str) -> bytes:
     return b"\n".join(found)
 
 
-async def test_secrets_are_sealed_masked_and_never_returned_cached_or_logged(
-    registry, token, tenant_pair, admin, stack, extra_service, secret_box
-):
-    tenant, _ = tenant_pair
+@dataclass(frozen=True)
+class SecretsSent:
+    """Secrets written to one tenant's settings through two registry processes (the second
+    logs at DEBUG), two of them refused, and every reply and error a client saw meanwhile."""
+
+    tenant: str
+    password: str
+    api_key: str
+    second_key: str
+    secrets: tuple[str, ...]  # every secret sent, the refused one too
+    written: pb.TenantSettings
+    via_second: pb.TenantSettings
+    errors: list[RichError]
+    read: pb.TenantSettings
+    seen: bytes  # everything a client saw: replies, the branding, the errors
+    logs: Callable[[], str]  # both registry processes' log output
+
+
+@pytest.fixture(scope="module")
+def secrets_sent(registry, token, stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecretsSent]:
+    """Done once for the tests of where secrets go (each looks in one place)."""
+    tenant = f"ta_{uuid.uuid4().hex[:10]}"
     md = bearer(token(tenant))
     password, api_key = f"pw-{uuid.uuid4().hex}", f"sk-live-{uuid.uuid4().hex}"
     second_key, rejected = f"sk-second-{uuid.uuid4().hex}", f"sk-bad-{uuid.uuid4().hex}"
-    secrets = (password, api_key, second_key, rejected)
-    extra = extra_service("tenant", {"LOG_LEVEL": "DEBUG"})
+    services = ExtraServices(stack, tmp_path_factory.mktemp("secrets"))
+    try:
+        extra = services.start("tenant", {"LOG_LEVEL": "DEBUG"})
+        written = update(
+            registry,
+            md,
+            pb.TenantSettings(integrations=pb.Integrations(smtp=smtp(password), api_keys={"pagerduty": api_key})),
+            "integrations",
+        )
+        with grpc.insecure_channel(extra.target) as channel:
+            second = pb_grpc.TenantRegistryServiceStub(channel)
+            also = pb.TenantSettings(integrations=pb.Integrations(api_keys={"pagerduty": MASK, "opsgenie": second_key}))
+            via_second = second.UpdateTenantSettings(
+                update_request(also, "integrations.api_keys"), metadata=md, timeout=10
+            )
+            read_second = second.GetTenantSettings(pb.GetTenantSettingsRequest(), metadata=md, timeout=10)
+            # A refused secret is not echoed in the error either.
+            bad = pb.TenantSettings(integrations=pb.Integrations(api_keys={"pagerduty": rejected + "\n"}))
+            errors = [
+                expect_error(second.UpdateTenantSettings, update_request(bad, "integrations.api_keys"), metadata=md),
+                expect_error(
+                    registry.UpdateTenantSettings,
+                    update_request(
+                        pb.TenantSettings(integrations=pb.Integrations(smtp=smtp(rejected + "x" * 1024))),
+                        "integrations.smtp",
+                    ),
+                    metadata=md,
+                ),
+            ]
+        read = get_settings(registry, md)
+        branding = registry.GetBranding(pb.GetBrandingRequest(tenant_id=tenant), timeout=10)
+        seen = all_text(written, via_second, read_second, read, branding) + b"".join(error_text(e) for e in errors)
+        yield SecretsSent(
+            tenant,
+            password,
+            api_key,
+            second_key,
+            (password, api_key, second_key, rejected),
+            written,
+            via_second,
+            errors,
+            read,
+            seen,
+            lambda: TENANT_LOG.read_text(errors="replace") + extra.output(),
+        )
+    finally:
+        services.stop()
 
-    written = update(
-        registry,
-        md,
-        pb.TenantSettings(integrations=pb.Integrations(smtp=smtp(password), api_keys={"pagerduty": api_key})),
-        "integrations",
-    )
+
+def test_written_secrets_come_back_masked(secrets_sent):
+    written = secrets_sent.written
     assert written.integrations.smtp.password == MASK
     assert dict(written.integrations.api_keys) == {"pagerduty": MASK}
     assert written.integrations.smtp.host == "smtp.operator.example"
 
-    with grpc.insecure_channel(extra.target) as channel:
-        second = pb_grpc.TenantRegistryServiceStub(channel)
-        also = pb.TenantSettings(integrations=pb.Integrations(api_keys={"pagerduty": MASK, "opsgenie": second_key}))
-        via_second = second.UpdateTenantSettings(update_request(also, "integrations.api_keys"), metadata=md, timeout=10)
-        assert dict(via_second.integrations.api_keys) == {"pagerduty": MASK, "opsgenie": MASK}
-        read_second = second.GetTenantSettings(pb.GetTenantSettingsRequest(), metadata=md, timeout=10)
-        # A refused secret is not echoed in the error either.
-        bad = pb.TenantSettings(integrations=pb.Integrations(api_keys={"pagerduty": rejected + "\n"}))
-        errors = [
-            expect_error(second.UpdateTenantSettings, update_request(bad, "integrations.api_keys"), metadata=md),
-            expect_error(
-                registry.UpdateTenantSettings,
-                update_request(
-                    pb.TenantSettings(integrations=pb.Integrations(smtp=smtp(rejected + "x" * 1024))),
-                    "integrations.smtp",
-                ),
-                metadata=md,
-            ),
-        ]
+
+def test_a_secret_added_through_another_process_beside_a_sent_back_mask_comes_back_masked(secrets_sent):
+    assert dict(secrets_sent.via_second.integrations.api_keys) == {"pagerduty": MASK, "opsgenie": MASK}
+
+
+def test_a_refused_secret_is_invalid_argument_naming_its_field(secrets_sent):
+    errors = secrets_sent.errors
     assert [e.code for e in errors] == [grpc.StatusCode.INVALID_ARGUMENT] * 2
     assert errors[0].fields == ["settings.integrations.api_keys[pagerduty]"]
     assert errors[1].fields == ["settings.integrations.smtp.password"]
 
-    read = get_settings(registry, md)
+
+def test_read_settings_carry_the_mask_for_every_secret(secrets_sent):
+    read = secrets_sent.read
     assert read.integrations.smtp.password == MASK
     assert dict(read.integrations.api_keys) == {"pagerduty": MASK, "opsgenie": MASK}
-    branding = registry.GetBranding(pb.GetBrandingRequest(tenant_id=tenant), timeout=10)
-    seen = all_text(written, via_second, read_second, read, branding) + b"".join(error_text(e) for e in errors)
-    for secret in secrets:
-        assert secret.encode() not in seen
 
-    # At rest: sealed, each bound to this tenant and field, and no plaintext anywhere in the row.
-    raw = await admin.fetchval("SELECT document::text FROM tenant.tenant_settings WHERE tenant_id = $1", tenant)
-    for secret in secrets:
+
+def test_no_reply_branding_or_error_holds_a_secret(secrets_sent):
+    for secret in secrets_sent.secrets:
+        assert secret.encode() not in secrets_sent.seen
+
+
+async def test_the_stored_settings_row_holds_no_secret_in_plaintext(admin, secrets_sent):
+    raw = await admin.fetchval(
+        "SELECT document::text FROM tenant.tenant_settings WHERE tenant_id = $1", secrets_sent.tenant
+    )
+    for secret in secrets_sent.secrets:
         assert secret not in raw
-    document = json.loads(raw)
+
+
+async def test_each_stored_secret_is_sealed_for_its_tenant_and_field_with_the_active_key(
+    admin, secret_box, secrets_sent
+):
+    # At rest: sealed, each bound to this tenant and field.
+    tenant = secrets_sent.tenant
+    document = await stored_document(admin, tenant)
     assert set(document["secrets"]) == {"smtp.password", "api_keys.pagerduty", "api_keys.opsgenie"}
     assert document["secrets"]["smtp.password"]["kid"] == secret_box.active_kid
-    assert tenant_settings_store.reveal_secret(document, secret_box, tenant, "smtp.password") == password
-    assert tenant_settings_store.reveal_secret(document, secret_box, tenant, "api_keys.pagerduty") == api_key
-    assert tenant_settings_store.reveal_secret(document, secret_box, tenant, "api_keys.opsgenie") == second_key
+    reveal = tenant_settings_store.reveal_secret
+    assert reveal(document, secret_box, tenant, "smtp.password") == secrets_sent.password
+    assert reveal(document, secret_box, tenant, "api_keys.pagerduty") == secrets_sent.api_key
+    assert reveal(document, secret_box, tenant, "api_keys.opsgenie") == secrets_sent.second_key
 
-    # Not in the shared cache: the cached settings carry the mask.
+
+def test_the_shared_cache_holds_the_settings_with_the_mask_only(stack, secrets_sent):
     client = redis.Redis.from_url(stack.redis_url)
     try:
-        cached = client.get(f"tenant:{{{tenant}}}:settings")
+        cached = client.get(f"tenant:{{{secrets_sent.tenant}}}:settings")
     finally:
         client.close()
     assert cached is not None and MASK.encode() in cached
-    for secret in secrets:
+    for secret in secrets_sent.secrets:
         assert secret.encode() not in cached
 
-    # Not in the audit trail: events still in the registry's outbox, or already in the audit log.
-    audited = await audit_trail(admin, tenant)
+
+async def test_the_audit_trail_of_the_updates_holds_no_secret(admin, secrets_sent):
+    # Events still in the registry's outbox, or already in the audit log.
+    audited = await audit_trail(admin, secrets_sent.tenant)
     assert b"settings.update" in audited, "the settings updates were audited"
-    for secret in secrets:
+    for secret in secrets_sent.secrets:
         assert secret.encode() not in audited
 
-    # Not in any log line of either registry process (the second one logs at DEBUG).
-    logs = TENANT_LOG.read_text(errors="replace") + extra.output()
-    assert tenant in logs  # the logs do record what happened to this tenant
-    for secret in secrets:
+
+def test_no_log_line_of_either_registry_process_holds_a_secret(secrets_sent):
+    logs = secrets_sent.logs()
+    assert secrets_sent.tenant in logs  # the logs do record what happened to this tenant
+    for secret in secrets_sent.secrets:
         assert secret not in logs
 
 
