@@ -240,8 +240,8 @@ LOG_FORMAT = Setting(
 OTEL_EXPORTER_OTLP_ENDPOINT = text(
     "OTEL_EXPORTER_OTLP_ENDPOINT",
     "",
-    "where spans go, over OTLP gRPC (e.g. `http://otel-collector:4317`); unset: traces are kept in-process only "
-    "(their ids still in the logs and in `traceparent` between services), nothing is exported",
+    "where spans go, over OTLP gRPC (e.g. `http://otel-collector:4317`); unset: spans are not recorded, only their "
+    "ids made (still in the logs and in `traceparent` between services), nothing is exported",
 )
 OTEL_BSP_SCHEDULE_DELAY = integer(
     "OTEL_BSP_SCHEDULE_DELAY",

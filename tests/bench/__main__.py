@@ -9,6 +9,8 @@ measures, through real gRPC with real JWTs:
   and how long a suspension takes to reach a sites process (pushed through Redis);
 - the feature gate: GetEntitlements, one rate-limit decision in Redis (the Lua script),
   and how long a plan change takes to be enforced by a sites process;
+- the tracing link (span and access line) per call: no SDK, sampled out (no OTLP endpoint),
+  recorded, exported (``tests/bench/tracing_cost.py``);
 - the gateway: GetSite through the real Envoy, as gRPC (HTTP/2) and as gRPC-web
   (HTTP/1.1, the way a browser calls), to set against GetSite straight to the service.
 
@@ -43,6 +45,8 @@ from services.runtime.redis_clients import RedisConfig
 from services.runtime.settings import DEFAULT_JWT_AUDIENCE, DEFAULT_JWT_ISSUER
 from services.runtime.text_fields import TextFields
 from tests.support import free_port
+
+from .tracing_cost import bench_tracing
 
 REPO = Path(__file__).resolve().parents[2]
 SITES = 200
@@ -284,6 +288,7 @@ def main() -> None:
         asyncio.run(bench_concurrent(target, token))
         bench_tokens(stack.keys_dir)
         bench_request_text()
+        bench_tracing()
         bench_registry(f"127.0.0.1:{ports['tenant']}", target, token, admin)
         bench_features(f"127.0.0.1:{ports['features']}", target, token, admin)
         asyncio.run(bench_limiter(stack.redis_url))
