@@ -24,7 +24,7 @@ from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 
 from deploy.local.stack import Stack, service_spec
 from services.runtime import context
-from services.runtime.canary import CANARY_A, CANARY_B, CANARY_TENANTS, UNSEEDED, IsolationCanary
+from services.runtime.canary import CANARY_A, CANARY_B, CANARY_TENANTS, UNSEEDED, CanaryError, IsolationCanary
 from services.runtime.db import Database
 from services.runtime.server import migrate_service
 from services.runtime.settings import runtime_dsn
@@ -104,6 +104,35 @@ async def test_the_canaries_cannot_be_created(registry: Any, platform_token: str
         error = expect_error(registry.CreateTenant, request, metadata=bearer(platform_token))
         assert error.code == grpc.StatusCode.INVALID_ARGUMENT, error
         assert "reserved" in error.message, error
+
+
+@pytest.mark.stack
+async def test_the_canaries_cannot_be_suspended_reactivated_or_deleted(registry: Any, platform_token: str) -> None:
+    for tenant_id in CANARY_TENANTS:
+        for method, request in (
+            (registry.SuspendTenant, tenant_pb.SuspendTenantRequest(tenant_id=tenant_id, reason="test")),
+            (registry.ReactivateTenant, tenant_pb.ReactivateTenantRequest(tenant_id=tenant_id)),
+            (registry.DeleteTenant, tenant_pb.DeleteTenantRequest(tenant_id=tenant_id)),
+        ):
+            error = expect_error(method, request, metadata=bearer(platform_token))
+            assert error.code == grpc.StatusCode.INVALID_ARGUMENT, error
+            assert "isolation canary" in error.message, error
+
+
+@pytest.mark.stack
+async def test_a_missing_sentinel_is_written_again(
+    canaries: dict[str, IsolationCanary], admin: asyncpg.Connection[Any]
+) -> None:
+    await admin.execute("DELETE FROM sites.sites WHERE tenant_id = $1", CANARY_B)
+    assert await canaries["sites"].check() == []
+    assert await admin.fetchval("SELECT count(*) FROM sites.sites WHERE tenant_id = $1", CANARY_B) == 1
+
+
+@pytest.mark.stack
+async def test_a_tenant_table_without_a_sentinel_stops_the_start(canaries: dict[str, IsolationCanary]) -> None:
+    bare = IsolationCanary(canaries["sites"]._db, "sites", {}, 1.0, _never)
+    with pytest.raises(CanaryError, match="without an isolation-canary sentinel: create_requests, sites;"):
+        await bare.seed()
 
 
 @pytest.mark.stack

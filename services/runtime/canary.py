@@ -2,15 +2,15 @@
 
 Every service holds a sentinel row of each canary tenant (:data:`CANARY_TENANTS`) in each of
 its tenant tables, seeded idempotently at start-up through ``context.system_scope``. Every
-``CANARY_INTERVAL_SECONDS`` the service opens a real tenant transaction as canary A
-(``Database.transaction()``: ``set_config('app.current_tenant_id', ..., true)``, RLS, the
-runtime role) and looks, in every table of its schema with a ``tenant_id`` column (read
+``CANARY_INTERVAL_SECONDS`` the service opens a real tenant transaction as each canary in
+turn (``Database.transaction()``: ``set_config('app.current_tenant_id', ..., true)``, RLS,
+the runtime role) and looks, in every table of its schema with a ``tenant_id`` column (read
 from the catalog, so a new table is checked without anyone listing it), for:
 
-- canary B's rows, asked for by tenant as the services' queries ask (``WHERE tenant_id =
-  $1``), the way a query handed the wrong tenant would find them; and
-- any row that is not canary A's, with no condition on the bound tenant at all, so that
-  row-level security alone stands between A and every other tenant.
+- the other canary's rows, asked for by tenant as the services' queries ask (``WHERE
+  tenant_id = $1``), the way a query handed the wrong tenant would find them; and
+- any row that is not its own, with no condition on the bound tenant at all, so that
+  row-level security alone stands between the canary and every other tenant.
 
 Any row found is a breach: ``towerco_isolation_breach_total{service}`` goes up (the
 ``TenantIsolationBreach`` alert fires on it), a CRITICAL line names the table, and the
@@ -74,6 +74,9 @@ ORDER BY c.relname
 _CHECK_FAILURES: tuple[type[BaseException], ...] = (asyncpg.PostgresError, *UNREACHABLE)
 
 
+_OWN_SQL = "SELECT EXISTS (SELECT 1 FROM {} WHERE tenant_id = $1)"
+
+
 class CanaryError(RuntimeError):
     """A tenant table has no sentinel, so the canary could not prove it isolated (a start-up error)."""
 
@@ -123,27 +126,38 @@ class IsolationCanary:
                             await conn.execute(insert.format(schema=self._schema), tenant_id)
 
     async def check(self) -> list[str]:
-        """One round as canary A; returns what it saw that it must not (empty: isolated)."""
+        """One round as each canary in turn; returns what it saw that it must not (empty: isolated).
+
+        A canary that no longer sees its own sentinel somewhere (removed by hand, say) gets it
+        written again: without it, the other's lookup by tenant there would prove nothing.
+        """
         findings: list[str] = []
-        with context.system_scope(CANARY_A, "canary.check"):
-            async with self._db.transaction(readonly=True) as conn:
-                for table in self.tables:
-                    findings.extend(await self._check_table(conn, table))
+        missing: list[str] = []
+        for me, other in ((CANARY_A, CANARY_B), (CANARY_B, CANARY_A)):
+            with context.system_scope(me, "canary.check"):
+                async with self._db.transaction(readonly=True) as conn:
+                    for table in self.tables:
+                        findings.extend(await self._check_table(conn, table, me, other))
+                        if table not in UNSEEDED and not await conn.fetchval(_OWN_SQL.format(self._name(table)), me):
+                            missing.append(f"{me} in {self._name(table)}")
+        if missing:
+            log.warning("isolation canary: sentinels missing (%s); writing them again", ", ".join(missing))
+            await self.seed()
         return findings
 
-    async def _check_table(self, conn: asyncpg.Connection[Any], table: str) -> list[str]:
-        name = f"{self._schema}.{table}"  # from the catalog, not from a caller
+    def _name(self, table: str) -> str:
+        return f"{self._schema}.{table}"  # both from the catalog, never from a caller
+
+    async def _check_table(self, conn: asyncpg.Connection[Any], table: str, me: str, other: str) -> list[str]:
+        name = self._name(table)
         found = []
-        filtered = await conn.fetchval(f"SELECT count(*) FROM {name} WHERE tenant_id = $1", CANARY_B)
+        filtered = await conn.fetchval(f"SELECT count(*) FROM {name} WHERE tenant_id = $1", other)
         if filtered:
-            found.append(f"{name}: {filtered} row(s) of {CANARY_B} by tenant_id = '{CANARY_B}'")
+            found.append(f"as {me}, {name}: {filtered} row(s) of {other} by tenant_id = '{other}'")
         # No condition on the bound tenant: only RLS keeps every other tenant out.
-        other = await conn.fetchval(
-            f"SELECT tenant_id FROM {name} WHERE tenant_id IS DISTINCT FROM $1 LIMIT 1",
-            CANARY_A,
-        )
-        if other is not None:
-            found.append(f"{name}: unfiltered, shows tenant {other!r}'s rows")
+        stranger = await conn.fetchval(f"SELECT tenant_id FROM {name} WHERE tenant_id IS DISTINCT FROM $1 LIMIT 1", me)
+        if stranger is not None:
+            found.append(f"as {me}, {name}: unfiltered, shows tenant {stranger!r}'s rows")
         return found
 
     async def _run(self) -> None:
@@ -167,7 +181,7 @@ class IsolationCanary:
         if findings:
             for finding in findings:
                 metrics.active().isolation_breach()
-                log.critical("TENANT ISOLATION BREACH: as %s, %s", CANARY_A, finding)
+                log.critical("TENANT ISOLATION BREACH: %s", finding)
             if not self.breached:
                 self.breached = True
                 await self._report(False)

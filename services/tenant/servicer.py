@@ -242,6 +242,8 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
             v.add("tenant_id", TENANT_ID.problem)
         elif requested == context.PLATFORM_TENANT:
             v.add("tenant_id", "the platform's own tenant cannot be suspended, reactivated or deleted")
+        elif requested in CANARY_TENANTS:
+            v.add("tenant_id", "the isolation canary's tenants cannot be suspended, reactivated or deleted")
         v.raise_if_any()
         return target_tenant(requested)
 
