@@ -23,7 +23,6 @@ import pytest
 from towerco.audit.v1 import audit_log_service_pb2_grpc
 from towerco.features.v1 import feature_gate_service_pb2_grpc
 from towerco.sites.v1 import sites_service_pb2_grpc
-from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 from towerco.tenant.v1 import tenant_registry_service_pb2_grpc
 
 from deploy.local import seed
@@ -38,6 +37,7 @@ from services.runtime.settings import runtime_dsn
 from .support import free_port
 from .support.processes import ExtraService as ExtraService  # re-exported: tests import it from here
 from .support.processes import ExtraServices
+from .support.requests import create_tenant
 from .support.stack_marking import StarterFinder, needs_servers, no_servers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -255,20 +255,7 @@ def new_tenant(registry, platform_token: str) -> Callable[..., str]:
     """
 
     def create(prefix: str = "t", **fields: Any) -> str:
-        tenant_id = f"{prefix}_{uuid.uuid4().hex[:10]}"
-        tenant = tenant_pb.Tenant(
-            display_name=fields.pop("display_name", f"Operator {tenant_id}"),
-            plan=fields.pop("plan", "professional"),
-            admin_email=fields.pop("admin_email", f"noc@{tenant_id.replace('_', '-')}.example"),
-            **fields,
-        )
-        created = registry.CreateTenant(
-            tenant_pb.CreateTenantRequest(tenant_id=tenant_id, tenant=tenant, request_id=f"new-{tenant_id}"),
-            metadata=(("authorization", f"Bearer {platform_token}"),),
-            timeout=10,
-        )
-        assert created.state == tenant_pb.Tenant.STATE_ACTIVE, created
-        return tenant_id
+        return create_tenant(registry, platform_token, prefix, **fields)
 
     return create
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from towerco.sites.v1 import sites_service_pb2 as sites_pb
@@ -89,47 +91,94 @@ def pair_md(token, tenant_pair) -> tuple[str, str, Metadata, Metadata]:
     return source, target, bearer(token(source)), bearer(token(target))
 
 
-async def test_migration_copies_sites_and_settings_into_the_target(
-    registry, sites, platform_token, pair_md, admin, stack, eventually
-):
-    source, target, source_md, target_md = pair_md
+@dataclass(frozen=True)
+class Merged:
+    """A migration of a source tenant's sites and settings into a target with a site of its own."""
+
+    source: str
+    target: str
+    source_md: Metadata
+    target_md: Metadata
+    api_key: str  # a secret in the source's settings
+    source_settings: pb.TenantSettings
+    source_sites: dict[str, str]  # the source in PostgreSQL before the migration
+    source_document: dict[str, Any]
+    started: pb.Migration
+    done: pb.Migration
+
+
+@pytest.fixture(scope="module")
+def merged(registry, sites, platform_token, token, admin_dsn, eventually) -> Merged:
+    """Migrated once for the tests of what a migration does (each looks at one part)."""
+    suffix = uuid.uuid4().hex[:10]
+    source, target = f"ta_{suffix}", f"tb_{suffix}"
+    source_md, target_md = bearer(token(source)), bearer(token(target))
     api_key = f"sk-{uuid.uuid4().hex}"
     create_sites(sites, source_md, "MIG-1", "MIG-2")
     create_sites(sites, target_md, "OWN-1")
     source_settings = brand(registry, source_md, "Absorbed Co", api_key)
-    source_sites, source_document = await db_sites(admin, source), await db_settings(admin, source)
 
+    async def source_now() -> tuple[dict[str, str], dict[str, Any]]:
+        admin = await asyncpg.connect(admin_dsn)
+        try:
+            return await db_sites(admin, source), await db_settings(admin, source)
+        finally:
+            await admin.close()
+
+    source_sites, source_document = asyncio.run(source_now())
     started = registry.MigrateTenantData(
         migrate_request(source, target, "sites", "settings", request_id=f"merge-{source}"),
         metadata=bearer(platform_token),
         timeout=10,
     )
+    done = finished(registry, platform_token, started.migration_id, eventually)
+    return Merged(
+        source, target, source_md, target_md, api_key, source_settings, source_sites, source_document, started, done
+    )
+
+
+def test_a_migration_starts_pending_with_an_id_and_what_it_was_asked(merged):
+    started = merged.started
     assert started.state == Migration.STATE_PENDING
     assert str(uuid.UUID(started.migration_id)) == started.migration_id
-    assert (started.source_tenant_id, started.target_tenant_id) == (source, target)
+    assert (started.source_tenant_id, started.target_tenant_id) == (merged.source, merged.target)
     assert list(started.data_types) == ["sites", "settings"]
 
-    done = finished(registry, platform_token, started.migration_id, eventually)
-    assert done.state == Migration.STATE_SUCCEEDED, done
-    assert done.error == ""
 
-    # The target's own users now see the source's sites next to their own.
-    assert site_names(sites, target_md) == {"OWN-1": "Site OWN-1", "MIG-1": "Site MIG-1", "MIG-2": "Site MIG-2"}
-    got = sites.GetSite(sites_pb.GetSiteRequest(site_id="MIG-2"), metadata=target_md, timeout=10)
+def test_a_migration_of_sites_and_settings_succeeds(merged):
+    assert merged.done.state == Migration.STATE_SUCCEEDED, merged.done
+    assert merged.done.error == ""
+
+
+def test_the_targets_users_see_the_sources_sites_next_to_their_own(sites, merged):
+    assert site_names(sites, merged.target_md) == {
+        "OWN-1": "Site OWN-1",
+        "MIG-1": "Site MIG-1",
+        "MIG-2": "Site MIG-2",
+    }
+    got = sites.GetSite(sites_pb.GetSiteRequest(site_id="MIG-2"), metadata=merged.target_md, timeout=10)
     assert got.name == "Site MIG-2"
-    # The settings came along, the secret re-sealed for the target (still masked, still usable).
-    copied = registry.GetTenantSettings(pb.GetTenantSettingsRequest(), metadata=target_md, timeout=10)
-    assert copied.branding == source_settings.branding
-    assert dict(copied.integrations.api_keys) == {"pagerduty": MASK}
-    box = load_secret_box({}, stack.keys_dir / "settings-encryption.keys")
-    target_document = await db_settings(admin, target)
-    assert api_key not in json.dumps(target_document)
-    assert tenant_settings_store.reveal_secret(target_document, box, target, "api_keys.pagerduty") == api_key
 
-    # The source is as it was.
-    assert await db_sites(admin, source) == source_sites
-    assert await db_settings(admin, source) == source_document
-    assert site_names(sites, source_md) == {"MIG-1": "Site MIG-1", "MIG-2": "Site MIG-2"}
+
+def test_the_settings_come_along_with_the_secret_still_masked(registry, merged):
+    copied = registry.GetTenantSettings(pb.GetTenantSettingsRequest(), metadata=merged.target_md, timeout=10)
+    assert copied.branding == merged.source_settings.branding
+    assert dict(copied.integrations.api_keys) == {"pagerduty": MASK}
+
+
+async def test_the_secret_is_resealed_for_the_target_and_still_usable(admin, stack, merged):
+    box = load_secret_box({}, stack.keys_dir / "settings-encryption.keys")
+    target_document = await db_settings(admin, merged.target)
+    assert merged.api_key not in json.dumps(target_document)
+    assert tenant_settings_store.reveal_secret(target_document, box, merged.target, "api_keys.pagerduty") == (
+        merged.api_key
+    )
+
+
+async def test_the_source_is_left_as_it_was(admin, sites, merged):
+    assert await db_sites(admin, merged.source) == merged.source_sites
+    assert await db_settings(admin, merged.source) == merged.source_document
+    assert site_names(sites, merged.source_md) == {"MIG-1": "Site MIG-1", "MIG-2": "Site MIG-2"}
 
 
 async def test_a_site_id_in_both_tenants_fails_the_migration_before_anything_is_written(

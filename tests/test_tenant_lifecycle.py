@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -22,7 +23,7 @@ from deploy.local.tokens import mint
 
 from .support import RichError, bearer, expect_error, free_port
 from .support.metadata import Metadata
-from .support.requests import get_tenant
+from .support.requests import create_site, create_tenant, get_tenant
 
 State = pb.Tenant.State
 
@@ -223,66 +224,96 @@ def test_lifecycle_changes_need_a_platform_admin(registry, token, platform_token
 # --- delete ----------------------------------------------------------------------------
 
 
-async def test_delete_purges_the_tenant_everywhere_and_keeps_its_id_reserved(
-    registry, sites, token, platform_token, new_tenant, tenant_pair, admin, eventually
-):
+@dataclass(frozen=True)
+class Deleted:
+    """A tenant with a custom domain and two sites, deleted, beside another tenant with two sites."""
+
+    tenant: str
+    domain: str
+    other: str
+    md: Metadata
+    other_md: Metadata
+    sites_before: list[str]
+    deleting: pb.Tenant  # what DeleteTenant answered
+    final: pb.Tenant  # once DELETED
+
+
+@pytest.fixture(scope="module")
+def deleted(registry, sites, token, platform_token, eventually) -> Deleted:
+    """Deleted once for the tests of what a deletion purges and keeps (each looks at one part)."""
     domain = f"noc.{uuid.uuid4().hex[:10]}.operator.example"
-    tenant = new_tenant("del", domains=[domain])
-    _, other = tenant_pair
+    tenant = create_tenant(registry, platform_token, "del", domains=[domain])
+    other = create_tenant(registry, platform_token, "tb")
     md, other_md = bearer(token(tenant)), bearer(token(other))
     for stub_md, prefix in ((md, "DEL"), (other_md, "KEEP")):
         for i in (1, 2):
-            sites.CreateSite(
-                sites_pb.CreateSiteRequest(site_id=f"{prefix}-{i}", site=sites_pb.Site(name=f"{prefix} {i}")),
-                metadata=stub_md,
-                timeout=10,
-            )
-    assert list_sites(sites, md) == ["DEL-1", "DEL-2"]
+            create_site(sites, stub_md, f"{prefix}-{i}", name=f"{prefix} {i}")
+    sites_before = list_sites(sites, md)
 
     deleting = registry.DeleteTenant(
         pb.DeleteTenantRequest(tenant_id=tenant), metadata=bearer(platform_token), timeout=10
     )
-    assert deleting.state == State.STATE_DELETING
     eventually(refused(sites, md, "TENANT_DELETED"))
 
-    def deleted() -> pb.Tenant:
+    def is_deleted() -> pb.Tenant:
         current = get_tenant(registry, platform_token, tenant)
         assert current.state == State.STATE_DELETED, current
         return current
 
-    final = eventually(deleted, within=10, interval=0.1)
-    assert list(final.domains) == []
-    assert await admin.fetchval("SELECT count(*) FROM sites.sites WHERE tenant_id = $1", tenant) == 0
-    kept = await admin.fetch("SELECT site_id FROM sites.sites WHERE tenant_id = $1 ORDER BY site_id", other)
+    final = eventually(is_deleted, within=10, interval=0.1)
+    return Deleted(tenant, domain, other, md, other_md, sites_before, deleting, final)
+
+
+def test_delete_answers_deleting_and_ends_deleted_without_domains(deleted):
+    assert deleted.sites_before == ["DEL-1", "DEL-2"]  # there was something to purge
+    assert deleted.deleting.state == State.STATE_DELETING
+    assert list(deleted.final.domains) == []
+
+
+async def test_a_deleted_tenants_sites_are_purged_and_the_other_tenants_kept(admin, deleted):
+    assert await admin.fetchval("SELECT count(*) FROM sites.sites WHERE tenant_id = $1", deleted.tenant) == 0
+    kept = await admin.fetch("SELECT site_id FROM sites.sites WHERE tenant_id = $1 ORDER BY site_id", deleted.other)
     assert [r["site_id"] for r in kept] == ["KEEP-1", "KEEP-2"]
+
+
+async def test_a_deleted_tenant_keeps_only_its_tenants_row_in_the_registry(admin, deleted):
     for table, left in (("tenants", 1), ("tenant_settings", 0), ("tenant_users", 0), ("host_routes", 0)):
-        count = await admin.fetchval(f"SELECT count(*) FROM tenant.{table} WHERE tenant_id = $1", tenant)
+        count = await admin.fetchval(f"SELECT count(*) FROM tenant.{table} WHERE tenant_id = $1", deleted.tenant)
         assert count == left, table
-    # The feature gate's record of the tenant went too; the other tenant's stays.
-    for tenant_id, left in ((tenant, 0), (other, 1)):
+
+
+async def test_the_feature_gates_record_of_a_deleted_tenant_goes_and_the_others_stays(admin, deleted):
+    for tenant_id, left in ((deleted.tenant, 0), (deleted.other, 1)):
         count = await admin.fetchval("SELECT count(*) FROM features.tenant_plans WHERE tenant_id = $1", tenant_id)
         assert count == left, tenant_id
 
-    assert refused(sites, md, "TENANT_DELETED")().info is not None
-    assert list_sites(sites, other_md) == ["KEEP-1", "KEEP-2"]
-    for host in (f"{tenant}.localhost", domain):
+
+def test_a_deleted_tenants_calls_are_refused_and_the_other_tenant_is_served(sites, deleted):
+    assert refused(sites, deleted.md, "TENANT_DELETED")().info is not None
+    assert list_sites(sites, deleted.other_md) == ["KEEP-1", "KEEP-2"]
+
+
+def test_a_deleted_tenants_host_names_and_branding_are_not_found(registry, deleted):
+    for host in (f"{deleted.tenant}.localhost", deleted.domain):
         error = expect_error(registry.ResolveTenant, pb.ResolveTenantRequest(host=host))
         assert error.code == grpc.StatusCode.NOT_FOUND, (host, error)
-    error = expect_error(registry.GetBranding, pb.GetBrandingRequest(tenant_id=tenant))
+    error = expect_error(registry.GetBranding, pb.GetBrandingRequest(tenant_id=deleted.tenant))
     assert error.code == grpc.StatusCode.NOT_FOUND, error
 
-    for request_id in ("", f"again-{tenant}"):
+
+def test_a_deleted_tenants_id_stays_reserved(registry, platform_token, deleted):
+    for request_id in ("", f"again-{deleted.tenant}"):
         error = expect_error(
             registry.CreateTenant,
             pb.CreateTenantRequest(
-                tenant_id=tenant,
+                tenant_id=deleted.tenant,
                 request_id=request_id,
                 tenant=pb.Tenant(display_name="Reborn", plan="basic", admin_email="noc@reborn.example"),
             ),
             metadata=bearer(platform_token),
         )
         assert (error.code, error.reason) == (grpc.StatusCode.ALREADY_EXISTS, "TENANT_ALREADY_EXISTS"), error
-    assert get_tenant(registry, platform_token, tenant) == final
+    assert get_tenant(registry, platform_token, deleted.tenant) == deleted.final
 
 
 async def test_an_unfinished_deletion_resumes_when_a_registry_process_starts(

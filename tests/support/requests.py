@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from towerco.features.v1 import feature_gate_service_pb2 as features_pb
@@ -33,3 +34,24 @@ def set_limit(features: Any, platform_token: str, tenant: str, resource: str, li
         metadata=bearer(platform_token),
         timeout=10,
     )
+
+
+def create_tenant(registry: Any, platform_token: str, prefix: str = "t", **fields: Any) -> str:
+    """CreateTenant of a fresh ``<prefix>_<random>`` by the platform admin; its id, once ACTIVE.
+
+    ``fields`` are the Tenant's (display_name, plan, admin_email and domains have defaults).
+    """
+    tenant_id = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    tenant = tenant_pb.Tenant(
+        display_name=fields.pop("display_name", f"Operator {tenant_id}"),
+        plan=fields.pop("plan", "professional"),
+        admin_email=fields.pop("admin_email", f"noc@{tenant_id.replace('_', '-')}.example"),
+        **fields,
+    )
+    created = registry.CreateTenant(
+        tenant_pb.CreateTenantRequest(tenant_id=tenant_id, tenant=tenant, request_id=f"new-{tenant_id}"),
+        metadata=bearer(platform_token),
+        timeout=10,
+    )
+    assert created.state == tenant_pb.Tenant.STATE_ACTIVE, created
+    return tenant_id
