@@ -67,7 +67,9 @@ INTERNAL_PREFIX = "x-towerco-"
 #: Packages whose services are reachable only between services.
 INTERNAL_PACKAGE_PREFIX = "towerco.internal."
 #: Everything a gRPC-web client sends, and the response headers it must be able to read.
-CORS_ALLOW_HEADERS = "authorization, content-type, x-grpc-web, x-user-agent, grpc-timeout, x-request-id"
+CORS_ALLOW_HEADERS = (
+    "authorization, content-type, x-grpc-web, x-user-agent, grpc-timeout, x-request-id, traceparent, tracestate"
+)
 CORS_EXPOSE_HEADERS = "grpc-status, grpc-message, grpc-status-details-bin, x-request-id, retry-after-ms"
 JWT_PROVIDER = "towerco"
 #: Where the client's x-request-id waits, before Envoy makes its own, for request_id.lua to judge.

@@ -9,6 +9,7 @@ an outbox of its own, with its spans recorded in memory.
 
 from __future__ import annotations
 
+import http.client
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -30,6 +31,7 @@ from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 from towerco.tenant.v1 import tenant_registry_service_pb2_grpc as tenant_grpc
 
 from deploy.local.stack import Stack
+from gateway.config import GatewaySettings
 from services.runtime import audit, tracing
 from services.runtime.audit import Auditor, AuditRelay
 from services.runtime.db import Database
@@ -312,3 +314,26 @@ async def test_the_audit_relay_delivers_an_event_in_the_trace_of_the_call_that_r
     write = eventually(written, within=10.0, interval=0.1)
     assert write.service == "towerco-audit"
     assert write.parent_span_id == format(delivery.context.span_id, "016x")
+
+
+def test_a_browser_may_send_its_traceparent_through_the_gateway(gateway: GatewaySettings) -> None:
+    origin = f"http://acme.localhost:{gateway.port}"
+    connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+    try:
+        connection.request(
+            "OPTIONS",
+            "/towerco.sites.v1.SiteService/ListSites",
+            headers={
+                "Host": f"acme.localhost:{gateway.port}",
+                "Origin": origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type,x-grpc-web,traceparent,tracestate",
+            },
+        )
+        response = connection.getresponse()
+        response.read()
+    finally:
+        connection.close()
+    assert response.status in (200, 204)
+    allowed = {h.strip() for h in (response.getheader("access-control-allow-headers") or "").split(",")}
+    assert {"traceparent", "tracestate"} <= allowed
