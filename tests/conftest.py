@@ -143,6 +143,15 @@ def gateway(stack: Stack) -> Iterator[GatewaySettings]:
 
 
 @pytest.fixture(scope="session")
+def prometheus(stack: Stack, gateway: GatewaySettings) -> Iterator[str]:
+    """A real Prometheus (Debian's package) scraping the session's services and gateway every
+    second, with the platform's recording and alert rules; its URL. Started on first use."""
+    url = stack.start_prometheus(port=free_port(), scrape_interval="1s")
+    yield url
+    stack.stop("prometheus")
+
+
+@pytest.fixture(scope="session")
 def sites_target(stack: Stack) -> str:
     return f"127.0.0.1:{stack.config.ports['sites']}"
 
