@@ -17,6 +17,7 @@ from towerco.features.v1 import feature_gate_service_pb2 as features_pb
 from towerco.sites.v1 import sites_service_pb2 as pb
 
 from deploy.local.stack import Stack
+from services.runtime import metrics
 
 SITES = "sites"
 
@@ -118,3 +119,46 @@ def test_metrics_label_values_are_bounded(stack, sites, new_tenant, token):
     allowed = {"tenant", "service", "rate_class", "outcome", "method", "code", "result", "dependency", "target", "le"}
     assert {k for s in towerco for k in s.labels} <= allowed
     assert not [s for s in towerco if "free-form-site-id" in s.labels.values()]
+
+
+def test_platform_health_is_on_the_metrics_of_every_service(stack, sites, new_tenant, token, eventually):
+    tenant = new_tenant(plan="basic")
+    md = (("authorization", f"Bearer {token(tenant)}"),)
+    for _ in range(2):
+        sites.ListSites(pb.ListSitesRequest(page_size=1), metadata=md, timeout=10)
+
+    def measured() -> list[Any]:
+        samples = scrape(stack, SITES)
+        # The relay measures its outbox every second: depth and lag of the sites service.
+        assert values(samples, "towerco_audit_outbox_depth", service=SITES)
+        assert values(samples, "towerco_audit_relay_lag_seconds", service=SITES)
+        return samples
+
+    samples = eventually(measured, within=5.0)
+    # The tenant's state and entitlements were looked up for each call: in memory after the first.
+    cache = values(samples, "towerco_tenant_cache_requests_total", service=SITES)
+    assert cache[(("result", "hit"),)] >= 1 and cache[(("result", "miss"),)] >= 1
+    for service in ("tenant", "features", "audit"):
+        assert any(s.name == "towerco_rpc_calls_total" for s in scrape(stack, service)), service
+
+
+def test_past_the_cap_new_tenants_share_one_label_value() -> None:
+    recorder = metrics.ServiceMetrics("cap_test", tenant_label_cap=2)
+    for tenant in ("cap_a", "cap_b", "cap_c", "cap_d", "cap_a"):
+        recorder.call(tenant, "read", "/towerco.sites.v1.SiteService/GetSite", "OK", 0.001)
+    counted = {
+        sample.labels["tenant"]: sample.value
+        for family in metrics.TENANT_CALLS.collect()
+        for sample in family.samples
+        if sample.labels["service"] == "cap_test"
+    }
+    assert counted == {"cap_a": 2, "cap_b": 1, metrics.OTHER_TENANT: 2}
+
+
+def test_a_status_becomes_the_outcome_the_slos_count() -> None:
+    assert metrics.outcome("OK") == "ok"
+    assert {metrics.outcome(c) for c in ("UNAUTHENTICATED", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED")} == {"refused"}
+    assert {metrics.outcome(c) for c in ("INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED", "UNKNOWN")} == {"server_error"}
+    assert {metrics.outcome(c) for c in ("INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "ABORTED")} == {
+        "client_error"
+    }

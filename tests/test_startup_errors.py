@@ -10,10 +10,12 @@ from pathlib import Path
 
 from deploy.local.tokens import ensure_keys
 
+from .support import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def start_sites(tmp_path: Path, port: int) -> subprocess.CompletedProcess[str]:
+def start_sites(tmp_path: Path, port: int, metrics_port: int | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``python -m services.sites`` on ``port`` until it exits (no database: it must stop before one)."""
     ensure_keys(tmp_path / "keys")
     env = {
@@ -22,6 +24,7 @@ def start_sites(tmp_path: Path, port: int) -> subprocess.CompletedProcess[str]:
         # Never reached: the port is checked before migrations and connections.
         "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
         "SITES_PORT": str(port),
+        "SITES_METRICS_PORT": str(metrics_port or free_port()),
         "GRPC_BIND_HOST": "127.0.0.1",
         "PYTHONUNBUFFERED": "1",
     }
@@ -50,3 +53,17 @@ def test_a_port_in_use_is_refused_in_one_line_naming_it(tmp_path: Path) -> None:
     assert f"port {port} on 127.0.0.1 is already in use" in lines[0]
     assert "SITES_PORT" in lines[0]
     assert result.stdout == ""
+
+
+def test_a_metrics_port_in_use_is_refused_in_one_line_naming_it(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        metrics_port = holder.getsockname()[1]
+        result = start_sites(tmp_path, free_port(), metrics_port)
+
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"port {metrics_port} on 127.0.0.1 is already in use" in lines[0]
+    assert "SITES_METRICS_PORT" in lines[0]

@@ -181,6 +181,7 @@ class DevStack:
 @pytest.fixture
 def dev_stack() -> Iterator[DevStack]:
     names = ("PG", "REDIS", "TENANT", "SITES", "FEATURES", "AUDIT", "GATEWAY", "GATEWAY_ADMIN", "PROMETHEUS")
+    names += ("TENANT_METRICS", "SITES_METRICS", "FEATURES_METRICS", "AUDIT_METRICS")
     # Under test-output/ like the session's data, not tmp_path: a concurrent pytest makes its
     # base temp directory private again, and PostgreSQL runs as another user when we are root.
     data_dir = REPO / "test-output" / f"dev-stack-{uuid.uuid4().hex[:8]}"

@@ -91,6 +91,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if gave_up is None else 1
 
 
+def _service_line(stack: Stack, name: str) -> str:
+    """A service's gRPC address and its Prometheus ``/metrics``."""
+    metrics_port = stack.config.metrics_ports.get(name, 0)
+    scraped = f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else "none (port 0)"
+    return f"  {name:<11} 127.0.0.1:{stack.config.ports[name]} (metrics {scraped})"
+
+
 def _banner(
     stack: Stack,
     names: list[str],
@@ -111,7 +118,7 @@ def _banner(
         "Towerco AIOps platform is up (Ctrl-C stops everything).",
         f"  PostgreSQL  {stack.database_url}",
         f"  Redis       {stack.redis_url}",
-        *(f"  {name:<11} 127.0.0.1:{stack.config.ports[name]}" for name in names),
+        *(_service_line(stack, name) for name in names),
         f"  gateway     {edge} (gRPC and gRPC-web; admin 127.0.0.1:{gateway.admin_port}; log {gateway_log})",
         f"  web page    {page}" if gateway.web_dir else "  web page    not built (needs npm: make web)",
         f"  Prometheus  {prometheus} (rules and alerts of deploy/prometheus; dashboards in deploy/grafana)"

@@ -41,7 +41,7 @@ from google.protobuf import struct_pb2
 from towerco.audit.v1 import audit_log_service_pb2 as audit_pb
 from towerco.audit.v1 import audit_log_service_pb2_grpc as audit_grpc
 
-from . import context, tracing
+from . import context, metrics, tracing
 from .channels import service_channel
 from .db import Database
 from .identity import ServiceIdentity
@@ -159,6 +159,10 @@ class Auditor:
             self._relay.wake(uuid.UUID(message.event_id), tracing.carrier())
 
 
+#: How often the relay measures its outbox (a count over the rows waiting).
+MEASURE_SECONDS = 1.0
+
+
 class AuditRelay:
     """Moves outbox rows to the audit service, in batches, until the process stops."""
 
@@ -195,6 +199,7 @@ class AuditRelay:
         self._traces: dict[uuid.UUID, str] = {}
         self._outage_since: float | None = None
         self._failed_in_outage = 0
+        self._measured_at = 0.0
 
     def wake(self, event_id: uuid.UUID | None = None, traceparent: str = "") -> None:
         """Something was just committed to the outbox: send it now rather than at the next poll.
@@ -222,6 +227,7 @@ class AuditRelay:
     async def _run(self) -> None:
         delay = self._idle_seconds
         while True:
+            await self._measure()
             try:
                 sent = await self.deliver_once()
             except asyncio.CancelledError:
@@ -241,6 +247,26 @@ class AuditRelay:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def _measure(self) -> None:
+        """The outbox's depth and the age of its oldest event, as metrics; at most once a second."""
+        if time.monotonic() - self._measured_at < MEASURE_SECONDS:
+            return
+        self._measured_at = time.monotonic()
+        request_id = f"audit-relay-{uuid.uuid4().hex[:12]}"
+        try:
+            with context.bind(context.background_context(self._service, "audit.relay", request_id)):
+                async with self._db.outbox_transaction("audit.relay") as conn:
+                    row = await conn.fetchrow(
+                        "SELECT count(*) AS depth, "
+                        "COALESCE(EXTRACT(EPOCH FROM clock_timestamp() - min(create_time)), 0) AS lag "
+                        f"FROM {self._schema}.audit_outbox"
+                    )
+        except Exception as exc:  # the database is down: the delivery that follows says so
+            log.debug("audit relay: cannot measure the outbox (%s)", _short(exc))
+            return
+        assert row is not None
+        metrics.active().outbox(int(row["depth"]), max(0.0, float(row["lag"])))
 
     def _failed(self, exc: BaseException) -> None:
         self.counts["failed"] += 1

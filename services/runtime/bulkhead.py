@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
+from . import metrics
 from .errors import ErrorReason, resource_exhausted
 
 _limit: ContextVar[int | None] = ContextVar("towerco_tenant_db_concurrency", default=None)
@@ -88,6 +89,7 @@ class Bulkhead:
 
     async def _wait_for_slot(self, tenant_id: str, slots: _Slots, capacity: int) -> None:
         loop = asyncio.get_running_loop()
+        metrics.active().bulkhead_wait()
         slots.waiters += 1
         try:
             async with asyncio.timeout(self._wait):
@@ -97,6 +99,7 @@ class Bulkhead:
                     await waiter
         except TimeoutError:
             slots.wake_one()  # a slot freed while this one gave up goes to the next waiter
+            metrics.active().bulkhead_refusal()
             raise resource_exhausted(
                 f"tenant {tenant_id!r} already uses all {capacity} of its database connections "
                 "in this service; retry shortly",

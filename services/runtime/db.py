@@ -64,6 +64,7 @@ class _RefillFailures(logging.Filter):
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, UNREACHABLE):
             self._outage.failed(error)
+            metrics.active().dependency_error("postgres")
             return False
         return True
 
@@ -197,6 +198,7 @@ class Database:
             ) from None
         except UNREACHABLE as exc:
             self.outage.failed(exc)
+            metrics.active().dependency_error("postgres")
             raise
         try:
             async with conn.transaction(readonly=readonly):
@@ -205,6 +207,7 @@ class Database:
                 yield cast("asyncpg.Connection[Any]", conn)
         except UNREACHABLE as exc:
             self.outage.failed(exc)
+            metrics.active().dependency_error("postgres")
             raise
         finally:
             await self._pool.release(conn)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from . import metrics
 from .redis_clients import RedisBusyError, RedisConfig, command_client
 
 log = logging.getLogger("towerco.ratelimit")
@@ -146,6 +147,8 @@ class RateLimiter:
             mode = "refusing calls" if self._config.fail_closed else f"admitting {self._config.local_share:.0%} locally"
             log.warning("rate limiter: Redis unavailable (%s); %s", exc, mode)
         self._down_until = time.monotonic() + self._config.breaker_seconds
+        metrics.active().dependency_error("redis")
+        metrics.active().breaker("redis", "rate_limiter", is_open=True)
 
     def _recovered(self) -> None:
         if self._down_until != 0.0:
@@ -156,6 +159,7 @@ class RateLimiter:
             )
             self._down_until = 0.0
             self._local_since_log = 0
+            metrics.active().breaker("redis", "rate_limiter", is_open=False)
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -40,6 +40,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from . import metrics
 from .redis_clients import RedisBusyError, RedisConfig, command_client, subscriber_client
 
 log = logging.getLogger("towerco.cache")
@@ -167,7 +168,9 @@ class TenantCache:
         key = (tenant_id, kind)
         entry = self._local.get(key)
         if entry is not None and time.monotonic() - entry.stored_at < self._local_seconds:
+            metrics.active().cache_lookup(hit=True)
             return entry.item
+        metrics.active().cache_lookup(hit=False)
         cached = await self._redis_get(tenant_id, kind)
         if cached is not None and cached.version < self._floor.get(tenant_id, 0):
             cached = None  # Redis missed a change this process has heard of
@@ -246,6 +249,8 @@ class TenantCache:
         if self._redis_usable():
             log.warning("Redis unavailable (%s); reading tenants from the source for %.1fs", exc, self._breaker_seconds)
         self._redis_down_until = time.monotonic() + self._breaker_seconds
+        metrics.active().dependency_error("redis")
+        metrics.active().breaker("redis", self._channel, is_open=True)
 
     async def _redis_get(self, tenant_id: str, kind: str) -> Versioned | None:
         if not self._redis_usable():
@@ -255,6 +260,9 @@ class TenantCache:
         except (RedisError, OSError) as exc:
             self._trip(exc)
             return None
+        if self._redis_down_until:
+            self._redis_down_until = 0.0  # answered again: the breaker closes
+            metrics.active().breaker("redis", self._channel, is_open=False)
         if raw is None:
             return None
         data = raw.encode() if isinstance(raw, str) else raw
