@@ -18,7 +18,7 @@ from deploy.local.stack import DEV_STACK_SETTINGS, StackConfig
 from gateway.config import GATEWAY_SETTINGS, GatewaySettings
 from services.runtime import settings as service_settings
 from services.runtime.environment import SettingsError
-from services.runtime.settings import SERVICE_SETTINGS, load
+from services.runtime.settings import SERVICE_SETTINGS, Settings, load
 
 REPO = Path(__file__).resolve().parents[1]
 #: The one module that may touch ``os.environ``.
@@ -198,18 +198,44 @@ def service_environment(tmp_path: Path, **values: str) -> dict[str, str]:
     }
 
 
-def test_a_service_loads_the_declared_defaults(tmp_path: Path) -> None:
-    settings = load("sites", service_environment(tmp_path))
-    assert settings.port == service_settings.PORTS["sites"].default == 50052
-    assert settings.db_pool_max_size == 20 and settings.db_pool_min_size == 2
-    assert settings.redis_max_connections == 16
-    assert settings.audit_refusal_window_seconds == 60.0
-    assert settings.jwt_leeway_seconds == 30
-    assert settings.log_level == "INFO"
-    assert settings.migrate_on_start is True and settings.rate_limit_fail_closed is False
-    assert settings.jwt_jwks_file == str(tmp_path.resolve() / "keys" / "jwks.json")
-    assert settings.runtime_database_url == "postgresql://sites_app:towerco-dev-only@127.0.0.1:1/towerco"
-    assert settings.targets["audit"] == "127.0.0.1:50054"
+@pytest.fixture(scope="module")
+def sites_defaults(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Settings]:
+    """What the sites service loads from the least it needs (its data folder and settings)."""
+    data_dir = tmp_path_factory.mktemp("defaults")
+    return data_dir, load("sites", service_environment(data_dir))
+
+
+@pytest.mark.parametrize(
+    ("field", "default"),
+    [
+        ("port", 50052),
+        ("db_pool_max_size", 20),
+        ("db_pool_min_size", 2),
+        ("redis_max_connections", 16),
+        ("audit_refusal_window_seconds", 60.0),
+        ("jwt_leeway_seconds", 30),
+        ("log_level", "INFO"),
+        ("migrate_on_start", True),
+        ("rate_limit_fail_closed", False),
+        ("runtime_database_url", "postgresql://sites_app:towerco-dev-only@127.0.0.1:1/towerco"),
+    ],
+)
+def test_a_service_loads_the_declared_default_of(sites_defaults, field: str, default: object) -> None:
+    value = getattr(sites_defaults[1], field)
+    assert value is default if isinstance(default, bool) else value == default
+
+
+def test_the_declared_port_of_sites_is_50052() -> None:
+    assert service_settings.PORTS["sites"].default == 50052
+
+
+def test_a_service_finds_its_jwks_file_under_its_data_folder_by_default(sites_defaults) -> None:
+    data_dir, settings = sites_defaults
+    assert settings.jwt_jwks_file == str(data_dir.resolve() / "keys" / "jwks.json")
+
+
+def test_a_service_calls_the_audit_service_on_its_default_port(sites_defaults) -> None:
+    assert sites_defaults[1].targets["audit"] == "127.0.0.1:50054"
 
 
 def test_a_service_reads_the_mapping_it_is_given_not_the_process_environment(
