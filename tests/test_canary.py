@@ -120,6 +120,16 @@ async def test_the_canaries_cannot_be_suspended_reactivated_or_deleted(registry:
 
 
 @pytest.mark.stack
+async def test_no_host_or_branding_leads_to_a_canary(registry: Any) -> None:
+    for tenant_id in CANARY_TENANTS:
+        for host in (f"{tenant_id}.localhost", f"{tenant_id.replace('_', '-')}.isolation-canary.invalid"):
+            error = expect_error(registry.ResolveTenant, tenant_pb.ResolveTenantRequest(host=host))
+            assert (error.code, error.reason) == (grpc.StatusCode.NOT_FOUND, "HOST_NOT_FOUND"), (host, error)
+        error = expect_error(registry.GetBranding, tenant_pb.GetBrandingRequest(tenant_id=tenant_id))
+        assert (error.code, error.reason) == (grpc.StatusCode.NOT_FOUND, "TENANT_NOT_FOUND"), error
+
+
+@pytest.mark.stack
 async def test_a_missing_sentinel_is_written_again(
     canaries: dict[str, IsolationCanary], admin: asyncpg.Connection[Any]
 ) -> None:

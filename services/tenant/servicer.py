@@ -289,6 +289,8 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
         return tenant_id if await self._serves(tenant_id) else None
 
     async def _serves(self, tenant_id: str) -> bool:
+        if tenant_id in CANARY_TENANTS:  # kept SUSPENDED for the canary, never a sign-in page
+            return False
         info = await self._tenants.get(tenant_id)
         return info is not None and info.state in (State.STATE_ACTIVE, State.STATE_SUSPENDED)
 
