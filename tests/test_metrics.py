@@ -15,16 +15,23 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 from towerco.features.v1 import feature_gate_service_pb2 as features_pb
 from towerco.sites.v1 import sites_service_pb2 as pb
+from towerco.sites.v1 import sites_service_pb2_grpc as sites_grpc
 
 from deploy.local.stack import Stack
 from services.runtime import metrics
+
+from .support import free_port
 
 SITES = "sites"
 
 
 def scrape(stack: Stack, service: str) -> list[Any]:
     """Every sample of ``service``'s ``/metrics``."""
-    url = f"http://127.0.0.1:{stack.config.metrics_ports[service]}/metrics"
+    return scrape_port(stack.config.metrics_ports[service])
+
+
+def scrape_port(port: int) -> list[Any]:
+    url = f"http://127.0.0.1:{port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as response:
         assert response.status == 200
         text = response.read().decode()
@@ -162,3 +169,25 @@ def test_a_status_becomes_the_outcome_the_slos_count() -> None:
     assert {metrics.outcome(c) for c in ("INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "ABORTED")} == {
         "client_error"
     }
+
+
+def test_two_processes_of_a_service_sharing_a_multiprocess_folder_both_serve_the_sum(
+    extra_service, new_tenant, token, tmp_path
+):
+    folder = tmp_path / "prometheus-multiproc"
+    folder.mkdir()
+    ports = [free_port(), free_port()]
+    workers = [
+        extra_service("sites", env={"PROMETHEUS_MULTIPROC_DIR": str(folder), "SITES_METRICS_PORT": str(port)})
+        for port in ports
+    ]
+    tenant = new_tenant(plan="basic")
+    md = (("authorization", f"Bearer {token(tenant)}"),)
+    for worker, calls in zip(workers, (2, 3), strict=True):
+        with grpc.insecure_channel(worker.target) as channel:
+            stub = sites_grpc.SiteServiceStub(channel)
+            for _ in range(calls):
+                stub.ListSites(pb.ListSitesRequest(page_size=1), metadata=md, timeout=10)
+    for port in ports:
+        calls_seen = values(scrape_port(port), "towerco_tenant_calls_total", tenant=tenant, service=SITES)
+        assert calls_seen == {(("outcome", "ok"), ("rate_class", "read")): 5}, port
