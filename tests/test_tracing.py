@@ -34,14 +34,13 @@ from deploy.local.stack import Stack
 from gateway.config import GatewaySettings
 from services.runtime import audit, tracing
 from services.runtime.audit import Auditor, AuditRelay
+from services.runtime.channels import propagation_metadata
 from services.runtime.db import Database
 from services.runtime.identity import ServiceIdentity
 from services.runtime.settings import DEFAULT_JWT_AUDIENCE, DEFAULT_SERVICE_JWT_ISSUER, DEV_SERVICE_KEY_ID
 
 from .conftest import ExtraService
 from .support import bearer, free_port
-
-pytestmark = pytest.mark.stack
 
 
 @dataclass(frozen=True)
@@ -337,3 +336,16 @@ def test_a_browser_may_send_its_traceparent_through_the_gateway(gateway: Gateway
     assert response.status in (200, 204)
     allowed = {h.strip() for h in (response.getheader("access-control-allow-headers") or "").split(",")}
     assert {"traceparent", "tracestate"} <= allowed
+
+
+def test_an_outgoing_call_carries_the_current_trace_and_never_a_stale_one(
+    in_process_spans: InMemorySpanExporter,
+) -> None:
+    stale = traceparent()[0]
+    assert propagation_metadata([("traceparent", stale), ("k", "v")]) == [("k", "v")]  # outside any call
+    header, trace_id, _ = traceparent()
+    with tracing.server_span("/test.Origin/Call", "req-1", {"traceparent": header}) as (span, _):
+        sent = dict(propagation_metadata([("traceparent", stale), ("tracestate", "x=1")]))
+        own = format(span.get_span_context().span_id, "016x")
+    assert "tracestate" not in sent
+    assert sent["traceparent"] == f"00-{trace_id}-{own}-01"
