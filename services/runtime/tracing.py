@@ -48,7 +48,7 @@ _tracer: trace.Tracer = trace.NoOpTracer()
 
 
 def configure(service: str, endpoint: str = "", schedule_delay_ms: int = 5000) -> TracerProvider:
-    """Record spans for this process as ``service``; export them to ``endpoint`` if it is set."""
+    """Trace this process as ``service``: spans recorded and sent to ``endpoint`` if set, else sampled out."""
     provider = TracerProvider(
         resource=Resource({"service.name": f"towerco-{service}", "service.namespace": "towerco"}),
         sampler=ParentBased(ALWAYS_ON) if endpoint else ALWAYS_OFF,
