@@ -28,9 +28,11 @@ from services.tenant.secrets import MASK, SecretBox, load_secret_box
 from .support import RichError, bearer, expect_error
 from .support.metadata import Metadata
 from .support.processes import ExtraServices
+from .support.settings_changes import Mutate
+from .support.settings_changes import set_api_key as _api_key
+from .support.settings_changes import set_field as _set
 
 TENANT_LOG = Path(__file__).resolve().parents[1] / "test-output" / "logs" / "tenant.log"
-Mutate = Callable[[pb.TenantSettings], None]
 
 
 def get_settings(registry: Any, md: Metadata, tenant_id: str = "") -> pb.TenantSettings:
@@ -167,10 +169,6 @@ def test_a_viewer_cannot_update_settings(registry, token, tenant_pair):
 # --- one bad value per rule: refused by name, nothing saved -----------------------------
 
 
-def _set(part: str, name: str, value: object) -> Mutate:
-    return lambda s: setattr(getattr(s, part), name, value)
-
-
 def _map(name: str, key: str, value: float) -> Mutate:
     return lambda s: getattr(s.business_rules, name).__setitem__(key, value)
 
@@ -188,10 +186,6 @@ def _smtp(**values: Any) -> Mutate:
 
 def _webhooks(*urls: str) -> Mutate:
     return lambda s: s.integrations.webhook_endpoints.extend(urls)
-
-
-def _api_key(name: str, value: str) -> Mutate:
-    return lambda s: s.integrations.api_keys.__setitem__(name, value)
 
 
 def _rule(level: int, after: int, *notify: str) -> pb.EscalationRule:

@@ -20,6 +20,10 @@ from services.tenant import tenant_settings_rules as rules
 from services.tenant import tenant_settings_store as store
 from services.tenant.secrets import MASK, SecretBox, SecretError, load_secret_box
 
+from .support.settings_changes import Mutate
+from .support.settings_changes import set_api_key as _api_key
+from .support.settings_changes import set_field as _set
+
 KEY_1, KEY_2 = bytes(range(32)), bytes(range(32, 64))
 ALL = rules.MASK_PATHS.top_level
 PASSWORD, API_KEY = "smtp-Pa55word-plain", "sk-live-0123456789abcdef"
@@ -99,13 +103,6 @@ def test_mask_refuses_each_unknown_path_with_its_own_violation() -> None:
 # Validation: one test per rule, each naming the exact field
 
 
-Mutate = Callable[[pb.TenantSettings], None]
-
-
-def _set(part: str, name: str, value: object) -> Mutate:
-    return lambda s: setattr(getattr(s, part), name, value)
-
-
 def _rule(index: int, *, notify: list[str] | None = None, **numbers: int) -> Mutate:
     def mutate(s: pb.TenantSettings) -> None:
         rule = s.business_rules.escalation_rules[index]
@@ -132,10 +129,6 @@ def _smtp(**values: object) -> Mutate:
 
 def _webhook(url: str) -> Mutate:
     return lambda s: s.integrations.webhook_endpoints.__setitem__(0, url)
-
-
-def _api_key(name: str, value: str) -> Mutate:
-    return lambda s: s.integrations.api_keys.__setitem__(name, value)
 
 
 BAD_VALUES: list[tuple[str, Mutate, str]] = [
