@@ -180,8 +180,9 @@ class DevStack:
 
 @pytest.fixture
 def dev_stack() -> Iterator[DevStack]:
-    names = ("PG", "REDIS", "TENANT", "SITES", "FEATURES", "AUDIT", "GATEWAY", "GATEWAY_ADMIN", "PROMETHEUS")
-    names += ("TENANT_METRICS", "SITES_METRICS", "FEATURES_METRICS", "AUDIT_METRICS")
+    services = ("TENANT", "SITES", "FEATURES", "AUDIT")
+    metrics = tuple(f"{name}_METRICS" for name in services)
+    names = ("PG", "REDIS", *services, *metrics, "GATEWAY", "GATEWAY_ADMIN", "PROMETHEUS")
     # Under test-output/ like the session's data, not tmp_path: a concurrent pytest makes its
     # base temp directory private again, and PostgreSQL runs as another user when we are root.
     data_dir = REPO / "test-output" / f"dev-stack-{uuid.uuid4().hex[:8]}"
@@ -257,12 +258,14 @@ def test_dev_stack_restarts_a_killed_service_redis_postgres_envoy_and_prometheus
 
         _eventually(write_and_read, within=30)
 
-        # The restarted Prometheus scrapes the restarted gateway again.
-        def gateway_scraped() -> None:
-            up = query(f"http://127.0.0.1:{dev_stack.ports['PROMETHEUS']}", 'up{job="gateway"}')
-            assert [sample["value"][1] for sample in up] == ["1"], up
+        # The restarted Prometheus scrapes every service's /metrics and the restarted gateway.
+        def all_scraped() -> None:
+            up = query(f"http://127.0.0.1:{dev_stack.ports['PROMETHEUS']}", "up")
+            assert {sample["metric"]["job"]: sample["value"][1] for sample in up} == {
+                job: "1" for job in ("tenant", "sites", "features", "audit", "gateway")
+            }, up
 
-        _eventually(gateway_scraped, within=30)
+        _eventually(all_scraped, within=30)
         assert console.process.poll() is None, "the dev stack stopped after its processes were killed"
 
     since = console.mark()
