@@ -32,6 +32,7 @@ from services.audit.hash_chain import canonical_json
 from services.runtime.settings import runtime_dsn
 
 from .support import RichError, bearer, expect_error
+from .support.errors import expect_refusal
 from .support.metadata import Metadata
 
 DOMAIN = "towerco.audit.v1.AuditLogService"
@@ -75,11 +76,8 @@ class Writer:
         return self.stub.WriteEvents(pb.WriteEventsRequest(events=list(events)), metadata=self.md, timeout=10).written
 
     def fails(self, events: Iterable[pb.AuditEvent], code: grpc.StatusCode, reason: str) -> RichError:
-        err = expect_error(self.stub.WriteEvents, pb.WriteEventsRequest(events=list(events)), metadata=self.md)
-        assert err.code == code, err
-        assert err.reason == reason, err
-        assert err.info is not None and err.info.domain == DOMAIN, err
-        return err
+        request = pb.WriteEventsRequest(events=list(events))
+        return expect_refusal(self.stub.WriteEvents, request, self.md, code, reason, DOMAIN)
 
 
 @dataclass
@@ -116,11 +114,7 @@ class Reader:
         return self.stub.VerifyChain(pb.VerifyChainRequest(tenant_id=tenant), metadata=self.md, timeout=30)
 
     def fails(self, method: str, request: Any, code: grpc.StatusCode, reason: str) -> RichError:
-        err = expect_error(getattr(self.stub, method), request, metadata=self.md)
-        assert err.code == code, err
-        assert err.reason == reason, err
-        assert err.info is not None and err.info.domain == DOMAIN, err
-        return err
+        return expect_refusal(getattr(self.stub, method), request, self.md, code, reason, DOMAIN)
 
 
 @pytest.fixture

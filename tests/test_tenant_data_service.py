@@ -28,6 +28,7 @@ from services.runtime.tenant_data_service import CopySpec, TenantDataSpec, spec_
 from services.sites.tenant_data_spec import SITES_TENANT_DATA
 
 from .support import RichError, bearer, expect_error
+from .support.errors import expect_refusal
 from .support.metadata import Metadata
 
 DOMAIN = "towerco.internal.v1.TenantDataService"
@@ -67,11 +68,7 @@ class TenantData:
     def fails(
         self, method: str, request: Any, code: grpc.StatusCode, reason: str, md: Metadata | None = None
     ) -> RichError:
-        err = expect_error(getattr(self.stub, method), request, metadata=self.md if md is None else md)
-        assert err.code == code, err
-        assert err.reason == reason, err
-        assert err.info is not None and err.info.domain == DOMAIN, err
-        return err
+        return expect_refusal(getattr(self.stub, method), request, self.md if md is None else md, code, reason, DOMAIN)
 
 
 @dataclass

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from .errors import RichError, assert_catalogued, expect_error, rich_error
+from .errors import RichError, assert_catalogued, expect_error, expect_refusal, rich_error
 from .metadata import bearer
 from .ports import free_port
 
-__all__ = ["RichError", "assert_catalogued", "bearer", "expect_error", "free_port", "rich_error"]
+__all__ = ["RichError", "assert_catalogued", "bearer", "expect_error", "expect_refusal", "free_port", "rich_error"]

@@ -71,3 +71,12 @@ def expect_error(fn: Any, request: Any, **kwargs: Any) -> RichError:
     except grpc.RpcError as error:
         return rich_error(error)
     raise AssertionError(f"{fn} succeeded but an error was expected")
+
+
+def expect_refusal(fn: Any, request: Any, metadata: Any, code: grpc.StatusCode, reason: str, domain: str) -> RichError:
+    """Call ``fn``, which must fail with ``code`` and an ErrorInfo of ``reason`` from ``domain``."""
+    err = expect_error(fn, request, metadata=metadata)
+    assert err.code == code, err
+    assert err.reason == reason, err
+    assert err.info is not None and err.info.domain == domain, err
+    return err
