@@ -191,3 +191,37 @@ def test_two_processes_of_a_service_sharing_a_multiprocess_folder_both_serve_the
     for port in ports:
         calls_seen = values(scrape_port(port), "towerco_tenant_calls_total", tenant=tenant, service=SITES)
         assert calls_seen == {(("outcome", "ok"), ("rate_class", "read")): 5}, port
+
+
+def test_redis_errors_and_the_open_breaker_show_until_redis_answers_again(
+    extra_service, private_redis, new_tenant, token, eventually
+):
+    port = free_port()
+    worker = extra_service("sites", env={"REDIS_URL": private_redis.url, "SITES_METRICS_PORT": str(port)})
+    tenant = new_tenant(plan="basic")
+    md = (("authorization", f"Bearer {token(tenant)}"),)
+    with grpc.insecure_channel(worker.target) as channel:
+        stub = sites_grpc.SiteServiceStub(channel)
+
+        def list_sites() -> None:
+            stub.ListSites(pb.ListSitesRequest(page_size=1), metadata=md, timeout=10)
+
+        list_sites()
+        before = values(scrape_port(port), "towerco_dependency_errors_total", service=SITES, dependency="redis")
+        assert values(scrape_port(port), "towerco_breaker_open", service=SITES, dependency="redis") in ({}, {(): 0})
+
+        private_redis.stop()
+        list_sites()  # decided without Redis (its share of the rate, locally)
+        samples = scrape_port(port)
+        errors = values(samples, "towerco_dependency_errors_total", service=SITES, dependency="redis")
+        assert errors[()] > before.get((), 0)
+        assert values(samples, "towerco_breaker_open", service=SITES, dependency="redis") == {(): 1}
+
+        private_redis.restart()
+
+        def closed() -> None:
+            list_sites()
+            assert values(scrape_port(port), "towerco_breaker_open", service=SITES, dependency="redis") == {(): 0}
+
+        # The caches ask Redis again once their memory of the tenant is older than TENANT_CACHE_SECONDS.
+        eventually(closed, within=30.0, interval=0.5)
