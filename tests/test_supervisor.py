@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -161,11 +162,12 @@ def test_nothing_is_restarted_once_ctrl_c_is_pressed() -> None:
 
 
 class DevStack:
-    def __init__(self, data_dir: Path, ports: dict[str, int]) -> None:
+    def __init__(self, data_dir: Path, ports: dict[str, int], extra_env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.ports = ports
         env = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "REDIS_URL"}}
         env.update({f"{name}_PORT": str(port) for name, port in ports.items()}, DATA_DIR=str(data_dir))
+        env.update(extra_env or {})
         self.console = Console([sys.executable, "-m", "deploy.local", "run"], REPO, env)
 
     def child(self, argv_part: str) -> int:
@@ -178,15 +180,15 @@ class DevStack:
         raise AssertionError(f"no child of the dev stack runs {argv_part!r}")
 
 
-@pytest.fixture
-def dev_stack() -> Iterator[DevStack]:
+@contextmanager
+def _dev_stack(extra_env: dict[str, str] | None = None) -> Iterator[DevStack]:
     services = ("TENANT", "SITES", "FEATURES", "AUDIT")
     metrics = tuple(f"{name}_METRICS" for name in services)
     names = ("PG", "REDIS", *services, *metrics, "GATEWAY", "GATEWAY_ADMIN", "PROMETHEUS")
     # Under test-output/ like the session's data, not tmp_path: a concurrent pytest makes its
     # base temp directory private again, and PostgreSQL runs as another user when we are root.
     data_dir = REPO / "test-output" / f"dev-stack-{uuid.uuid4().hex[:8]}"
-    stack = DevStack(data_dir, {name: free_port() for name in names})
+    stack = DevStack(data_dir, {name: free_port() for name in names}, extra_env)
     try:
         yield stack
     finally:
@@ -196,6 +198,21 @@ def dev_stack() -> Iterator[DevStack]:
         redis_server.stop_redis(data_dir / "redis")
         postgres.stop_postgres(data_dir / "pg")
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def dev_stack() -> Iterator[DevStack]:
+    with _dev_stack() as stack:
+        yield stack
+
+
+@pytest.fixture
+def dev_stack_without_prometheus() -> Iterator[DevStack]:
+    """A dev stack on a machine without Debian's prometheus: a PATH that has no such binary
+    (the stack finds its other programs by absolute path; useradd is in /usr/sbin)."""
+    assert shutil.which("prometheus", path="/usr/sbin") is None
+    with _dev_stack({"PATH": "/usr/sbin"}) as stack:
+        yield stack
 
 
 def _eventually(check: Callable[[], object], within: float) -> None:
@@ -305,3 +322,18 @@ def test_dev_stack_gives_up_on_a_service_that_keeps_crashing_and_says_why(dev_st
     assert output.rstrip().endswith("stopped"), output
     assert redis_server.running_pid(dev_stack.data_dir / "redis") is None
     assert postgres.running_pid(dev_stack.data_dir / "pg") is None
+
+
+def test_dev_stack_without_prometheus_says_so_and_serves_all_the_same(dev_stack_without_prometheus: DevStack) -> None:
+    stack = dev_stack_without_prometheus
+    stack.console.wait_for(BANNER, timeout=180)
+    assert "Prometheus  not started: no prometheus on PATH" in stack.console.text, stack.console.text[-4000:]
+    token = bearer(mint(stack.data_dir / "keys", tenant="tenant_a", role="admin", ttl=600))
+    with grpc.insecure_channel(f"127.0.0.1:{stack.ports['SITES']}") as channel:
+        site = sites_grpc.SiteServiceStub(channel).GetSite(
+            sites_pb.GetSiteRequest(site_id="TWR-A-0001"), metadata=token, timeout=10
+        )
+        assert site.name
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", stack.ports["PROMETHEUS"]), timeout=2).close()
+    assert stack.console.process.poll() is None
