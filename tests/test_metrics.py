@@ -12,6 +12,7 @@ from collections import Counter
 from typing import Any
 
 import grpc
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from towerco.features.v1 import feature_gate_service_pb2 as features_pb
 from towerco.sites.v1 import sites_service_pb2 as pb
@@ -19,6 +20,8 @@ from towerco.sites.v1 import sites_service_pb2_grpc as sites_grpc
 
 from deploy.local.stack import Stack
 from services.runtime import metrics
+from services.runtime.bulkhead import Bulkhead
+from services.runtime.errors import ServiceError
 
 from .support import free_port
 
@@ -225,3 +228,19 @@ def test_redis_errors_and_the_open_breaker_show_until_redis_answers_again(
 
         # The caches ask Redis again once their memory of the tenant is older than TENANT_CACHE_SECONDS.
         eventually(closed, within=30.0, interval=0.5)
+
+
+async def test_bulkhead_waits_and_refusals_are_counted() -> None:
+    service = metrics.active().service
+
+    def counted() -> tuple[float, float]:
+        waits = metrics.BULKHEAD_WAITS.labels(service)._value.get()
+        return waits, metrics.BULKHEAD_REFUSALS.labels(service)._value.get()
+
+    before = counted()
+    heads = Bulkhead(pool_size=3, wait_seconds=0.05)
+    async with heads.slot("bh_tenant", 1):
+        with pytest.raises(ServiceError):
+            async with heads.slot("bh_tenant", 1):
+                pass
+    assert counted() == (before[0] + 1, before[1] + 1)
