@@ -1,5 +1,6 @@
-"""Issue 15's acceptance on a real Prometheus: after a known mix of calls by one tenant, a
-PromQL query shows exactly those counts for that tenant and nothing for the others.
+"""The stack's Prometheus: it scrapes every service and the gateway, and (issue 15's
+acceptance) after a known mix of calls by one tenant a PromQL query shows exactly those
+counts for that tenant and nothing for the others.
 
 The session's Prometheus scrapes the services every second. The tenant is fresh and its
 read rate is 6 a minute, so its reads are partly refused; its counts are what the client
@@ -9,17 +10,20 @@ saw, call by call, sorted into outcomes by the services' own rule.
 from __future__ import annotations
 
 import collections
+import socket
 import urllib.request
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from towerco.sites.v1 import sites_service_pb2 as sites_pb
 
-from deploy.local.prometheus import query
-from deploy.local.stack import Stack
+from deploy.local.prometheus import PrometheusError, query
+from deploy.local.stack import Stack, StackConfig
 from services.runtime.metrics import outcome
 
 from .support import bearer
@@ -92,3 +96,29 @@ def test_a_tenants_known_mix_of_calls_is_what_prometheus_counts_for_it_and_nothi
     # The bystander made no call to sites: not a single series of it there.
     assert query(prometheus, f'towerco_tenant_calls_total{{tenant="{bystander}", service="sites"}}') == []
     assert _scraped(stack, "sites", bystander) == {}
+
+
+def test_prometheus_scrapes_every_services_metrics_port_and_the_gateways_admin_stats(
+    stack: Stack, prometheus: str, eventually: Callable[..., Any]
+) -> None:
+    expected = {name: f"127.0.0.1:{port}" for name, port in stack.config.metrics_ports.items()}
+    expected["gateway"] = f"127.0.0.1:{stack.config.gateway_admin_port}"
+
+    def all_up() -> None:
+        up = query(prometheus, "up")
+        assert {sample["metric"]["job"]: sample["metric"]["instance"] for sample in up} == expected, up
+        assert {sample["value"][1] for sample in up} == {"1"}, up
+
+    eventually(all_up, within=10)
+    # Envoy's own series come through its admin interface.
+    assert query(prometheus, 'envoy_http_downstream_rq_total{envoy_http_conn_manager_prefix="gateway"}')
+
+
+def test_prometheus_on_a_port_already_taken_fails_to_start_and_says_why(tmp_path: Path) -> None:
+    stack = Stack(StackConfig(data_dir=tmp_path))
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        with pytest.raises(PrometheusError, match="address already in use"):
+            stack.start_prometheus(port=squatter.getsockname()[1])
+    assert stack.processes["prometheus"].poll() is not None

@@ -23,7 +23,7 @@ from typing import IO, Any
 
 from services.runtime.environment import integer
 
-from .procs import LocalServerError
+from .procs import LocalServerError, log_tail
 
 PROMETHEUS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 CONFIG_TEMPLATE = PROMETHEUS_DIR / "prometheus.yml"
@@ -60,7 +60,7 @@ def render_config(metrics_ports: Mapping[str, int], gateway_admin_port: int, scr
 
 
 def start_prometheus(config: Path, data_dir: Path, port: int, log: IO[bytes] | None = None) -> subprocess.Popen[bytes]:
-    """Prometheus on ``config``, listening on ``127.0.0.1:port``, its database in ``data_dir``."""
+    """Prometheus on ``config`` on ``127.0.0.1:port``, its database in ``data_dir``, its output to ``log``."""
     binary = prometheus_binary()
     if binary is None:
         raise PrometheusError("prometheus is not on PATH (Debian: apt-get install prometheus)")
@@ -71,7 +71,8 @@ def start_prometheus(config: Path, data_dir: Path, port: int, log: IO[bytes] | N
             f"--config.file={config}",
             f"--storage.tsdb.path={data_dir}",
             f"--web.listen-address=127.0.0.1:{port}",
-            "--storage.tsdb.retention.time=7d",
+            # The 30-day SLIs and error budget need 30 days of samples.
+            "--storage.tsdb.retention.time=31d",
             "--log.level=warn",
         ],
         stdout=log,
@@ -80,13 +81,15 @@ def start_prometheus(config: Path, data_dir: Path, port: int, log: IO[bytes] | N
     )
 
 
-def wait_ready(process: subprocess.Popen[bytes], port: int, timeout: float = 30.0) -> None:
-    """Until ``/-/ready`` answers (the database is open and the rules are loaded)."""
+def wait_ready(process: subprocess.Popen[bytes], port: int, log: Path | None = None, timeout: float = 30.0) -> None:
+    """Until ``/-/ready`` answers (the database is open and the rules are loaded); the
+    error says why it did not, from the end of its ``log`` (a port in use, a bad rule)."""
     deadline = time.monotonic() + timeout
     problem = "no answer"
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise PrometheusError(f"prometheus exited with code {process.returncode} while starting")
+            said = f"\n--- tail of {log} ---\n{log_tail(log, 10)}" if log else ""
+            raise PrometheusError(f"prometheus exited with code {process.returncode} while starting{said}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=1) as reply:
                 if reply.status == 200:

@@ -278,11 +278,12 @@ class Stack:
         config = folder / "prometheus.yml"
         config.write_text(render_config(self.config.metrics_ports, self.config.gateway_admin_port, scrape_interval))
         port = port or self.config.prometheus_port
-        with (folder / "prometheus.log").open("ab") as log:
+        log_path = folder / "prometheus.log"
+        with log_path.open("ab") as log:
             process = start_prometheus(config, folder / "data", port, log)
         self.processes[instance] = process
         if wait:
-            wait_prometheus_ready(process, port)
+            wait_prometheus_ready(process, port, log_path)
         return f"http://127.0.0.1:{port}"
 
     def stop(self, instance: str, timeout: float = 15.0) -> None:
