@@ -1,7 +1,8 @@
 """The feature gate's rows of the isolation canaries (``services/runtime/canary.py``).
 
 One INSERT per tenant table of the schema, ``$1`` being the canary tenant, the plan row
-first (the overrides reference it).
+first (the overrides reference it). The usage rows are in the hour of the epoch, outside
+any window a usage query or report asks for.
 """
 
 from __future__ import annotations
@@ -12,4 +13,8 @@ FEATURES_SENTINELS = {
     "VALUES ($1, 'isolation_canary', false) ON CONFLICT DO NOTHING",
     "limit_overrides": "INSERT INTO {schema}.limit_overrides (tenant_id, resource, limit_value) "
     "VALUES ($1, 'max_sites', 0) ON CONFLICT DO NOTHING",
+    "usage_hourly": "INSERT INTO {schema}.usage_hourly (tenant_id, hour, counter, value) "
+    "VALUES ($1, 'epoch', 'read_calls', 0) ON CONFLICT DO NOTHING",
+    "usage_flushes": "INSERT INTO {schema}.usage_flushes (tenant_id, flush_id, received_time) "
+    "VALUES ($1, '00000000-0000-0000-0000-000000000000', 'epoch') ON CONFLICT DO NOTHING",
 }
