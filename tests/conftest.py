@@ -109,8 +109,9 @@ def stack() -> Iterator[Stack]:
         gateway_port=free_port(),
         gateway_admin_port=free_port(),
         fast=True,
-        # Refused cross-tenant attempts are audited per window; a short one lets tests see them soon.
-        env={"LOG_LEVEL": "INFO", "AUDIT_REFUSAL_WINDOW_SECONDS": "1"},
+        # Refused cross-tenant attempts are audited per window, and usage flushed per interval;
+        # short ones let tests see them soon.
+        env={"LOG_LEVEL": "INFO", "AUDIT_REFUSAL_WINDOW_SECONDS": "1", "USAGE_FLUSH_SECONDS": "0.5"},
     )
     stack = Stack(config)
     logs = {name: (OUTPUT / "logs" / f"{name}.log").open("ab") for name in ("tenant", "sites", "features", "audit")}

@@ -6,7 +6,14 @@ from pathlib import Path
 
 from grpc import aio
 from towerco.features.v1 import feature_gate_service_pb2, feature_gate_service_pb2_grpc
-from towerco.internal.v1 import entitlements_pb2, entitlements_pb2_grpc, tenant_data_pb2, tenant_data_pb2_grpc
+from towerco.internal.v1 import (
+    entitlements_pb2,
+    entitlements_pb2_grpc,
+    tenant_data_pb2,
+    tenant_data_pb2_grpc,
+    usage_pb2,
+    usage_pb2_grpc,
+)
 
 from services.runtime.server import Runtime, ServiceSpec, main
 from services.runtime.tenant_data_service import TenantDataServicer
@@ -16,6 +23,7 @@ from .records import record_source
 from .registration import TenantEntitlementsServicer
 from .servicer import FeatureGateServicer
 from .tenant_data_spec import FEATURES_TENANT_DATA
+from .usage_recording import TenantUsageServicer, local_sink
 
 
 def register(server: aio.Server, runtime: Runtime) -> None:
@@ -26,6 +34,7 @@ def register(server: aio.Server, runtime: Runtime) -> None:
     tenant_data_pb2_grpc.add_TenantDataServiceServicer_to_server(
         TenantDataServicer(runtime, FEATURES_TENANT_DATA), server
     )
+    usage_pb2_grpc.add_TenantUsageServiceServicer_to_server(TenantUsageServicer(runtime), server)
 
 
 SPEC = ServiceSpec(
@@ -35,12 +44,14 @@ SPEC = ServiceSpec(
         feature_gate_service_pb2.DESCRIPTOR.services_by_name["FeatureGateService"],
         entitlements_pb2.DESCRIPTOR.services_by_name["TenantEntitlementsService"],
         tenant_data_pb2.DESCRIPTOR.services_by_name["TenantDataService"],
+        usage_pb2.DESCRIPTOR.services_by_name["TenantUsageService"],
     ),
     migrations_dir=Path(__file__).parent / "migrations",
     register=register,
     sentinels=FEATURES_SENTINELS,
     entitlement_source=record_source,
     components=("tenant_data",),
+    usage_sink=lambda runtime: local_sink(runtime.db, runtime.faults),
 )
 
 if __name__ == "__main__":

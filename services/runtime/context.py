@@ -248,6 +248,7 @@ DOORS: dict[str, Door] = {
                 "services/audit/servicer.py",  # VerifyChain of another tenant
                 "services/features/registration.py",
                 "services/features/servicer.py",  # plans and overrides set by platform admins
+                "services/features/usage_recording.py",  # RecordUsage: a service's batch of one tenant's usage
             }
         ),
         guard="the verified caller is a platform admin or a platform service (a background_context is one); "
@@ -267,6 +268,7 @@ DOORS: dict[str, Door] = {
             {
                 "services/tenant/records.py",  # tenant state and settings behind every call (and cache repairs)
                 "services/features/records.py",  # entitlements behind every call
+                "services/features/usage_recording.py",  # the feature gate's own usage counts, flushed
                 "services/runtime/audit.py",  # Auditor.record_alone: a refusal into its target's outbox
                 "services/runtime/canary.py",  # the isolation canaries' sentinels and checks, as each canary
             }

@@ -19,7 +19,7 @@ from typing import Any, cast
 
 import asyncpg
 
-from . import bulkhead, context, metrics
+from . import bulkhead, context, metrics, usage
 from .errors import ErrorReason, unavailable
 from .logs import Outage
 
@@ -131,7 +131,9 @@ class Database:
                 yield conn
         finally:
             if tenant_id not in context.CANARY_TENANTS:  # the canary's rounds are the platform's cost, no tenant's
-                metrics.active().db_time(tenant_id, time.perf_counter() - started)
+                seconds = time.perf_counter() - started
+                metrics.active().db_time(tenant_id, seconds)
+                usage.active().db_time(tenant_id, seconds)
 
     async def rebind_tenant(self, conn: asyncpg.Connection[Any], tenant_id: str, purpose: str) -> None:
         """Bind ``tenant_id`` to ``conn``'s open transaction in place of the one bound so far.

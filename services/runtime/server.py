@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from . import logs, metrics, migrations, tracing
+from . import logs, metrics, migrations, tracing, usage
 from .audit import Auditor, AuditRelay
 from .auth import TokenVerifier, VerifierConfig
 from .canary import CanaryError, IsolationCanary
@@ -137,6 +137,9 @@ class ServiceSpec:
     #: table of the schema, the INSERT of one canary's row (``$1``: the canary tenant id,
     #: ``{schema}``: the schema; ON CONFLICT DO NOTHING), in the order they may be written.
     sentinels: Mapping[str, str] = field(default_factory=dict)
+    #: Where the process's usage counts go (``services/runtime/usage.py``); default: the
+    #: feature gate's ``RecordUsage``. The feature gate records its own directly.
+    usage_sink: Callable[[Runtime], usage.Sink] | None = None
 
 
 async def run_migrations(spec: ServiceSpec, settings: Settings) -> list[int]:
@@ -324,6 +327,7 @@ async def serve(spec: ServiceSpec) -> None:
                 settings.bind_host, settings.metrics_port, settings.prometheus_multiproc_dir
             )
             log.info("%s metrics on http://%s:%d/metrics", spec.name, settings.bind_host, settings.metrics_port)
+        _meter_usage(spec, runtime)
         await server.start()
         for hook in runtime._starters:
             await hook()
@@ -359,6 +363,18 @@ async def serve(spec: ServiceSpec) -> None:
             endpoint.close()
         tracing.shutdown()  # the spans still in the batch go out
     log.info("%s stopped", spec.name)
+
+
+def _meter_usage(spec: ServiceSpec, runtime: Runtime) -> None:
+    """Flush the usage counted on calls every ``USAGE_FLUSH_SECONDS``, and what is left once drained."""
+    meter = usage.active()
+    if spec.usage_sink is not None:
+        meter.start(spec.usage_sink(runtime), runtime.settings.usage_flush_seconds)
+        runtime.on_stop(meter.close)
+        return
+    remote = usage.RemoteUsageSink(runtime.settings.targets["features"], runtime.identity)
+    meter.start(remote, runtime.settings.usage_flush_seconds)
+    runtime.on_stop(meter.close, remote.close)
 
 
 def _health_reporter(spec: ServiceSpec, health: HealthServicer) -> Callable[[bool], Awaitable[None]]:

@@ -135,6 +135,15 @@ CANARY_INTERVAL_SECONDS = number(
     check=lambda seconds: seconds > 0,
     refusal="CANARY_INTERVAL_SECONDS must be a positive number of seconds",
 )
+USAGE_FLUSH_SECONDS = number(
+    "USAGE_FLUSH_SECONDS",
+    10.0,
+    "how often each process hands the usage it counted (per tenant and hour) to the feature gate, and so the most "
+    "usage a crash loses; a graceful stop flushes what is left",
+    kind="number > 0",
+    check=lambda seconds: seconds > 0,
+    refusal="USAGE_FLUSH_SECONDS must be a positive number of seconds",
+)
 _POOL_DOC = (
     "the one database pool per process: its size (the minimum is capped at the maximum), how long a call waits "
     "for a connection before UNAVAILABLE, and each statement's timeout"
@@ -270,6 +279,7 @@ SERVICE_SETTINGS = SettingsTable.of(
     GATEWAY_SECRET,
     AUDIT_REFUSAL_WINDOW_SECONDS,
     CANARY_INTERVAL_SECONDS,
+    USAGE_FLUSH_SECONDS,
     DB_POOL_MAX_SIZE,
     DB_POOL_MIN_SIZE,
     DB_ACQUIRE_TIMEOUT_SECONDS,
@@ -352,6 +362,7 @@ class Settings:
     tenant_concurrency_wait_seconds: float
     audit_refusal_window_seconds: float
     canary_interval_seconds: float
+    usage_flush_seconds: float
     fault_points: str
     #: ``PAGE_TOKEN_SECRET``, else the dev file.
     page_token_secret: bytes = field(repr=False)
@@ -461,6 +472,7 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Settings:
         tenant_concurrency_wait_seconds=TENANT_CONCURRENCY_WAIT_SECONDS.read(env),
         audit_refusal_window_seconds=AUDIT_REFUSAL_WINDOW_SECONDS.read(env),
         canary_interval_seconds=CANARY_INTERVAL_SECONDS.read(env),
+        usage_flush_seconds=USAGE_FLUSH_SECONDS.read(env),
         fault_points=FAULT_POINTS.read(env),
         page_token_secret=_page_token_secret(keys, env),
         gateway_secret=gateway_secret(keys, env),

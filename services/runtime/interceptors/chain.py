@@ -25,6 +25,7 @@ from .tenant import TenantInterceptor
 from .tenant_state import TenantStateInterceptor
 from .text import RequestTextInterceptor
 from .tracing import TracingInterceptor
+from .usage import UsageInterceptor
 
 
 def server_chain(
@@ -46,6 +47,7 @@ def server_chain(
         AuthenticationInterceptor(policies, verifier),  # who is calling (JWT or service identity)
         TenantInterceptor(policies),  # for which tenant (naming another one: the caller's own, until refused)
         TenantStateInterceptor(policies, tenants),  # is that tenant active
+        UsageInterceptor(policies),  # its users' calls counted for billing, refusals below included (in memory)
         CrossTenantInterceptor(policies, entitlements, limiter),  # another tenant named: counted, refused, audited
         AuthorizationInterceptor(policies),  # with which permission (internal: services only)
         EntitlementsInterceptor(policies, entitlements),  # does the plan include it; DB connections it may hold
