@@ -11,6 +11,7 @@ measures, through real gRPC with real JWTs:
   and how long a plan change takes to be enforced by a sites process;
 - the tracing link (span and access line) per call: no SDK, sampled out (no OTLP endpoint),
   recorded, exported (``tests/bench/tracing_cost.py``);
+- usage metering's counting per call, next to one dict increment (``tests/bench/usage_cost.py``);
 - the gateway: GetSite through the real Envoy, as gRPC (HTTP/2) and as gRPC-web
   (HTTP/1.1, the way a browser calls), to set against GetSite straight to the service.
 
@@ -49,6 +50,7 @@ from services.runtime.text_fields import TextFields
 from tests.support import free_port
 
 from .tracing_cost import bench_tracing
+from .usage_cost import bench_usage
 
 REPO = Path(__file__).resolve().parents[2]
 SITES = 200
@@ -335,6 +337,7 @@ def main() -> None:
         bench_request_text()
         bench_metrics()
         bench_tracing()
+        bench_usage()
         bench_registry(f"127.0.0.1:{ports['tenant']}", target, token, admin)
         bench_features(f"127.0.0.1:{ports['features']}", target, token, admin)
         asyncio.run(bench_limiter(stack.redis_url))
