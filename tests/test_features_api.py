@@ -20,6 +20,7 @@ from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 from services.runtime.plans import LIMITS, load_plans
 
 from .support import bearer, expect_error
+from .support.requests import create_site
 
 PLANS = load_plans()
 
@@ -150,7 +151,7 @@ def test_provisioning_registers_the_plan_with_the_feature_gate(new_tenant, admin
 # --- overrides and precedence -----------------------------------------------------------
 
 
-def test_override_beats_plan_and_plan_beats_default(features, new_tenant, token, platform_token):
+def test_override_beats_plan_and_plan_beats_default(features, sites, new_tenant, token, platform_token):
     tenant = new_tenant(plan="basic")
     md = bearer(token(tenant))
     admin = bearer(platform_token)
@@ -184,13 +185,15 @@ def test_override_beats_plan_and_plan_beats_default(features, new_tenant, token,
     assert moved.plan == "enterprise"
     assert "custom_branding" in moved.features and "site_inventory" not in moved.features
     assert moved.limits["max_sites"] == 3 and moved.limits["max_users"] == -1
-    check = features.CheckLimit(pb.CheckLimitRequest(resource="max_sites", current_usage=2), metadata=md, timeout=10)
-    assert (check.allowed, check.limit) == (True, 3)
-    check = features.CheckLimit(pb.CheckLimitRequest(resource="max_sites", current_usage=3), metadata=md, timeout=10)
-    assert (check.allowed, check.limit) == (False, 3)
-    check = features.CheckLimit(
-        pb.CheckLimitRequest(resource="max_users", current_usage=10**9), metadata=md, timeout=10
-    )
+    # CheckLimit counts the sites held itself (issue 16): two of three, then three of three.
+    for site_id in ("OV-1", "OV-2"):
+        create_site(sites, md, site_id)
+    check = features.CheckLimit(pb.CheckLimitRequest(resource="max_sites"), metadata=md, timeout=10)
+    assert (check.allowed, check.limit, check.usage) == (True, 3, 2)
+    create_site(sites, md, "OV-3")
+    check = features.CheckLimit(pb.CheckLimitRequest(resource="max_sites"), metadata=md, timeout=10)
+    assert (check.allowed, check.limit, check.usage) == (False, 3, 3)
+    check = features.CheckLimit(pb.CheckLimitRequest(resource="max_users"), metadata=md, timeout=10)
     assert (check.allowed, check.limit) == (True, -1)
 
 

@@ -360,6 +360,45 @@ async def test_platform_read_shows_every_tenant_only_in_the_directory_tables(
 
 
 @pytest.fixture
+async def usage_of(admin: asyncpg.Connection[Any], tenant_pair: tuple[str, str]) -> AsyncIterator[tuple[str, str]]:
+    """Two tenants, each with an hour of usage and a limit override in the feature gate, written as the superuser."""
+    for tenant_id in tenant_pair:
+        await admin.execute(
+            "INSERT INTO features.usage_hourly (tenant_id, hour, counter, value) "
+            "VALUES ($1, '2026-01-01T00:00:00Z', 'read_calls', 1)",
+            tenant_id,
+        )
+        await admin.execute(
+            "INSERT INTO features.limit_overrides (tenant_id, resource, limit_value) VALUES ($1, 'max_sites', 7) "
+            "ON CONFLICT DO NOTHING",
+            tenant_id,
+        )
+    yield tenant_pair
+    await admin.execute("DELETE FROM features.usage_hourly WHERE tenant_id = ANY($1::text[])", list(tenant_pair))
+    await admin.execute("DELETE FROM features.limit_overrides WHERE tenant_id = ANY($1::text[])", list(tenant_pair))
+
+
+@pytest.fixture
+async def features_db(stack: Stack) -> AsyncIterator[Database]:
+    dsn = runtime_dsn(stack.database_url, "features", stack.service_env()["APP_DB_PASSWORD"])
+    db = await Database.connect(dsn, min_size=1, max_size=1)
+    yield db
+    await db.close()
+
+
+@pytest.mark.stack
+async def test_platform_read_shows_every_tenants_usage_and_no_other_feature_gate_rows(
+    features_db: Database, usage_of: tuple[str, str]
+) -> None:
+    async with features_db.platform_read("test") as conn:
+        assert await _tenants_seen(conn, "features.usage_hourly", usage_of) == set(usage_of)
+        assert await _tenants_seen(conn, "features.limit_overrides", usage_of) == set()
+        assert await _tenants_seen(conn, "features.usage_flushes", usage_of) == set()
+        with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+            await conn.execute("DELETE FROM features.usage_hourly WHERE tenant_id = $1", usage_of[0])
+
+
+@pytest.fixture
 async def outbox(admin: asyncpg.Connection[Any], tenant_pair: tuple[str, str]) -> AsyncIterator[str]:
     """A scratch schema made by the services' own audit outbox migration, with an event of each tenant.
 

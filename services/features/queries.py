@@ -57,3 +57,28 @@ DELETE_LIMIT_OVERRIDE = """
 DELETE FROM features.limit_overrides WHERE tenant_id = $1 AND resource = $2
 RETURNING limit_value
 """
+
+# Usage (0002_usage.sql). A window is [start, end), whole UTC hours.
+
+#: One tenant's counts by hour in a window, oldest first.
+USAGE_BY_HOUR = """
+SELECT hour, counter, value FROM features.usage_hourly
+WHERE tenant_id = $1 AND hour >= $2 AND hour < $3
+ORDER BY hour, counter
+"""
+
+#: Every tenant's totals in a window, one page of tenants after $4 (keyset on tenant_id),
+#: leaving out the tenants in $5. Only in Database.platform_read (the platform_read policy).
+USAGE_TOTALS_PAGE = """
+WITH page AS (
+    SELECT DISTINCT tenant_id FROM features.usage_hourly
+    WHERE hour >= $1 AND hour < $2 AND tenant_id > $3 AND NOT tenant_id = ANY($4::text[])
+    ORDER BY tenant_id
+    LIMIT $5
+)
+SELECT u.tenant_id, u.counter, sum(u.value)::bigint AS value
+FROM features.usage_hourly AS u JOIN page USING (tenant_id)
+WHERE u.hour >= $1 AND u.hour < $2
+GROUP BY u.tenant_id, u.counter
+ORDER BY u.tenant_id, u.counter
+"""

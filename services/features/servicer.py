@@ -15,6 +15,7 @@ from towerco.features.v1 import feature_gate_service_pb2_grpc as pb_grpc
 from services.runtime import context
 from services.runtime.entitlements import Entitlements, evaluate
 from services.runtime.errors import ErrorReason, FieldViolation, invalid_argument, not_found
+from services.runtime.held_resources import HeldResourceCounts
 from services.runtime.plans import FEATURE_PATTERN, LIMITS, UNLIMITED
 from services.runtime.scope import require_platform_admin, target_tenant
 from services.runtime.server import Runtime
@@ -22,6 +23,8 @@ from services.runtime.tenants import State
 from services.runtime.validation import Violations
 
 from . import queries, records
+from .usage_reports import UsageReports
+from .usage_window import Window, checked_window
 
 Ctx = aio.ServicerContext[Any, Any]
 Conn: TypeAlias = "asyncpg.Connection[Any]"
@@ -39,6 +42,9 @@ class FeatureGateServicer(pb_grpc.FeatureGateServiceServicer):
         self._tenants = runtime.tenants
         self._entitlements = runtime.entitlements
         self._audit = runtime.audit
+        held = HeldResourceCounts(runtime.settings.targets, runtime.identity)
+        runtime.on_stop(held.close)
+        self._usage = UsageReports(runtime.db, runtime.entitlements, held, runtime.page_tokens)
         # The plans never change while the process runs: the answer is built once.
         self._plan_list = pb.ListPlansResponse(
             plans=[
@@ -61,11 +67,25 @@ class FeatureGateServicer(pb_grpc.FeatureGateServiceServicer):
         tenant_id = target_tenant(request.tenant_id)
         v = Violations()
         _check_resource(v, request.resource)
-        if request.current_usage < 0:
+        if request.current_usage < 0:  # refused as before it was deprecated, so old clients see no change
             v.add("current_usage", "must be 0 or more")
         v.raise_if_any()
-        limit = (await self._entitlements_of(tenant_id)).limit(request.resource)
-        return pb.CheckLimitResponse(allowed=limit == UNLIMITED or request.current_usage < limit, limit=limit)
+        # Otherwise current_usage is ignored: the platform's own count decides.
+        return await self._usage.check_limit(await self._entitlements_of(tenant_id), request.resource)
+
+    async def GetUsage(self, request: pb.GetUsageRequest, ctx: Ctx) -> pb.Usage:
+        tenant_id = target_tenant(request.tenant_id)
+        window = _window(request)
+        info = await self._tenants.get(tenant_id)
+        if info is None:
+            raise not_found(ErrorReason.TENANT_NOT_FOUND, tenant_id)
+        # A deleted tenant's usage is kept (billing needs it); it holds nothing any more.
+        found = None if info.state in _GONE else await self._entitlements_of(tenant_id)
+        return await self._usage.usage(tenant_id, window, found)
+
+    async def ListTenantUsage(self, request: pb.ListTenantUsageRequest, ctx: Ctx) -> pb.ListTenantUsageResponse:
+        require_platform_admin()
+        return await self._usage.tenant_usage(_window(request), request.page_size, request.page_token)
 
     async def ListPlans(self, request: pb.ListPlansRequest, ctx: Ctx) -> pb.ListPlansResponse:
         return self._plan_list
@@ -201,6 +221,17 @@ def _check_feature(feature: str) -> None:
 def _check_resource(v: Violations, resource: str) -> None:
     if resource not in LIMITS:
         v.add("resource", f"must be one of {', '.join(LIMITS)}")
+
+
+def _window(request: pb.GetUsageRequest | pb.ListTenantUsageRequest) -> Window:
+    v = Violations()
+    present = (request.HasField("start_time"), request.HasField("end_time"))
+    window = checked_window(v, request.start_time, request.end_time, present=present)
+    if isinstance(request, pb.ListTenantUsageRequest) and request.page_size < 0:
+        v.add("page_size", "must not be negative")
+    v.raise_if_any()
+    assert window is not None, "no violation means a window"
+    return window
 
 
 def _to_pb(found: Entitlements) -> pb.Entitlements:

@@ -249,6 +249,8 @@ DOORS: dict[str, Door] = {
                 "services/features/registration.py",
                 "services/features/servicer.py",  # plans and overrides set by platform admins
                 "services/features/usage_recording.py",  # RecordUsage: a service's batch of one tenant's usage
+                "services/features/usage_reports.py",  # GetUsage of another tenant, by platform admins
+                "services/runtime/held_resources.py",  # counting a tenant's sites or users for the feature gate
             }
         ),
         guard="the verified caller is a platform admin or a platform service (a background_context is one); "
@@ -323,15 +325,19 @@ DOORS: dict[str, Door] = {
             {
                 "services/tenant/servicer.py",  # ListTenants, ResolveTenant
                 "services/tenant/offboarding.py",  # finding unfinished deletions at start-up
+                "services/features/usage_reports.py",  # ListTenantUsage, the billing export
             }
         ),
-        guard="none in code: what it reads decides who may ask (ListTenants: platform admins only; which "
-        "tenant serves a host name is public, ResolveTenant)",
+        guard="none in code: what it reads decides who may ask (ListTenants and ListTenantUsage: platform "
+        "admins only; which tenant serves a host name is public, ResolveTenant)",
         reach="a READ ONLY transaction, no tenant bound: every tenant's rows in tables with a platform_read "
-        "policy (the registry's tenants and host routes), none in any other table; nothing can be written",
+        "policy (the registry's tenants and host routes, the feature gate's hourly usage), none in any other "
+        "table; nothing can be written",
         proven_by=(
             _DOORS_TESTS + "test_platform_read_cannot_write",
             _DOORS_TESTS + "test_platform_read_shows_every_tenant_only_in_the_directory_tables",
+            _DOORS_TESTS + "test_platform_read_shows_every_tenants_usage_and_no_other_feature_gate_rows",
+            "tests/test_usage_api.py::test_a_tenant_cannot_list_tenant_usage",
         ),
     ),
     "outbox_transaction": Door(

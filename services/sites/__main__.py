@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from grpc import aio
-from towerco.internal.v1 import tenant_data_pb2, tenant_data_pb2_grpc
+from towerco.internal.v1 import held_resources_pb2, held_resources_pb2_grpc, tenant_data_pb2, tenant_data_pb2_grpc
 from towerco.sites.v1 import sites_service_pb2, sites_service_pb2_grpc
 
+from services.runtime.held_resources import HeldResourcesServicer
 from services.runtime.server import Runtime, ServiceSpec, main
 from services.runtime.tenant_data_service import TenantDataServicer
 
+from . import queries
 from .canary_sentinels import SITES_SENTINELS
 from .servicer import SiteServicer
 from .tenant_data_spec import SITES_TENANT_DATA
@@ -19,6 +21,9 @@ from .tenant_data_spec import SITES_TENANT_DATA
 def register(server: aio.Server, runtime: Runtime) -> None:
     sites_service_pb2_grpc.add_SiteServiceServicer_to_server(SiteServicer(runtime), server)
     tenant_data_pb2_grpc.add_TenantDataServiceServicer_to_server(TenantDataServicer(runtime, SITES_TENANT_DATA), server)
+    held_resources_pb2_grpc.add_HeldResourcesServiceServicer_to_server(
+        HeldResourcesServicer(runtime, {"max_sites": queries.COUNT_SITES}), server
+    )
 
 
 SPEC = ServiceSpec(
@@ -27,6 +32,7 @@ SPEC = ServiceSpec(
     services=(
         sites_service_pb2.DESCRIPTOR.services_by_name["SiteService"],
         tenant_data_pb2.DESCRIPTOR.services_by_name["TenantDataService"],
+        held_resources_pb2.DESCRIPTOR.services_by_name["HeldResourcesService"],
     ),
     migrations_dir=Path(__file__).parent / "migrations",
     register=register,

@@ -5,12 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from grpc import aio
-from towerco.internal.v1 import entitlements_pb2, entitlements_pb2_grpc, tenant_data_pb2, tenant_data_pb2_grpc
+from towerco.internal.v1 import (
+    entitlements_pb2,
+    entitlements_pb2_grpc,
+    held_resources_pb2,
+    held_resources_pb2_grpc,
+    tenant_data_pb2,
+    tenant_data_pb2_grpc,
+)
 from towerco.tenant.v1 import tenant_registry_service_pb2, tenant_registry_service_pb2_grpc
 
 from services.runtime.channels import service_channel
+from services.runtime.held_resources import HeldResourcesServicer
 from services.runtime.server import Runtime, ServiceSpec, main
 
+from . import queries
 from .canary_sentinels import TENANT_SENTINELS
 from .directory import TenantDirectoryServicer
 from .offboarding import Offboarding
@@ -53,6 +62,10 @@ def register(server: aio.Server, runtime: Runtime) -> None:
     tenant_data_pb2_grpc.add_TenantDirectoryServiceServicer_to_server(
         TenantDirectoryServicer(state_source(runtime.db)), server
     )
+    # max_users: the users the registry knows (each tenant's administrator until users are managed).
+    held_resources_pb2_grpc.add_HeldResourcesServiceServicer_to_server(
+        HeldResourcesServicer(runtime, {"max_users": queries.COUNT_USERS}), server
+    )
     runtime.on_start(migrations.resume, offboarding.resume)
     runtime.on_stop(migrations.close, offboarding.close)
 
@@ -63,6 +76,7 @@ SPEC = ServiceSpec(
     services=(
         tenant_registry_service_pb2.DESCRIPTOR.services_by_name["TenantRegistryService"],
         tenant_data_pb2.DESCRIPTOR.services_by_name["TenantDirectoryService"],
+        held_resources_pb2.DESCRIPTOR.services_by_name["HeldResourcesService"],
     ),
     migrations_dir=Path(__file__).parent / "migrations",
     register=register,

@@ -30,6 +30,8 @@ DELETE_SETTINGS = "DELETE FROM tenant.tenant_settings WHERE tenant_id = $1"
 
 INSERT_USER = "INSERT INTO tenant.tenant_users (tenant_id, user_id, email, role) VALUES ($1, $2, $3, $4)"
 DELETE_USERS = "DELETE FROM tenant.tenant_users WHERE tenant_id = $1"
+#: The users a tenant holds now, against its max_users (HeldResourcesService).
+COUNT_USERS = "SELECT count(*) FROM tenant.tenant_users WHERE tenant_id = $1"
 
 # Every change of a tenant's record or settings bumps its version (the caches' order).
 SET_STATE = f"""
