@@ -9,7 +9,9 @@ flushing themselves are proven in tests/test_usage_metering.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,8 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
-from google.protobuf import timestamp_pb2
+from google.protobuf import json_format, timestamp_pb2
+from towerco.audit.v1 import audit_log_service_pb2 as audit_pb
 from towerco.features.v1 import feature_gate_service_pb2 as pb
 from towerco.features.v1 import feature_gate_service_pb2_grpc as pb_grpc
 from towerco.sites.v1 import sites_service_pb2 as sites_pb
@@ -300,6 +303,58 @@ def test_check_limit_answers_from_the_sites_held_not_the_callers_claim(
     assert check(claim=0) == (False, 2, 2)  # nor one under it
     sites.DeleteSite(sites_pb.DeleteSiteRequest(site_id="CL-1"), metadata=md, timeout=10)
     assert check(claim=0) == (True, 2, 1)
+
+
+def threshold_events(admin_dsn: str, tenant: str) -> list[dict[str, Any]]:
+    """The tenant's usage.threshold_reached events' details, in the sites outbox or delivered, oldest first."""
+
+    async def read() -> list[tuple[Any, dict[str, Any]]]:
+        conn = await asyncpg.connect(admin_dsn)
+        try:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                outbox = await conn.fetch("SELECT event_id, event FROM sites.audit_outbox WHERE tenant_id = $1", tenant)
+                logged = await conn.fetch(
+                    "SELECT event_id, create_time, details FROM audit.events WHERE tenant_id = $1 AND action = $2",
+                    tenant,
+                    "usage.threshold_reached",
+                )
+        finally:
+            await conn.close()
+        found: dict[Any, tuple[Any, dict[str, Any]]] = {}
+        for r in outbox:
+            event = audit_pb.AuditEvent.FromString(r["event"])
+            if event.action == "usage.threshold_reached":
+                found[r["event_id"]] = (event.create_time.ToDatetime(UTC), json_format.MessageToDict(event.details))
+        for r in logged:
+            found[r["event_id"]] = (r["create_time"], json.loads(r["details"]))
+        return sorted(found.values(), key=lambda item: item[0])
+
+    return [details for _, details in asyncio.run(read())]
+
+
+def test_crossing_80_and_100_percent_of_max_sites_is_audited_once_each_per_crossing(
+    features, sites, new_tenant, token, platform_token, admin_dsn
+) -> None:
+    tenant = new_tenant(plan="professional")
+    md = bearer(token(tenant))
+    set_limit(features, platform_token, tenant, "max_sites", 5)
+    for n in range(3):
+        create_site(sites, md, f"TH-{n}")
+    assert threshold_events(admin_dsn, tenant) == []
+    create_site(sites, md, "TH-3")  # 4 of 5: 80%
+    create_site(sites, md, "TH-4")  # 5 of 5: 100%
+    refused = expect_error(
+        sites.CreateSite, sites_pb.CreateSiteRequest(site_id="TH-5", site=sites_pb.Site(name="x")), metadata=md
+    )
+    assert refused.reason == "QUOTA_EXCEEDED"
+    crossings = [(e["threshold_percent"], e["usage"], e["limit"]) for e in threshold_events(admin_dsn, tenant)]
+    assert crossings == [(80, 4, 5), (100, 5, 5)]
+    # Below 100% again and back: a new crossing of 100%, none of 80% (never left).
+    sites.DeleteSite(sites_pb.DeleteSiteRequest(site_id="TH-0"), metadata=md, timeout=10)
+    create_site(sites, md, "TH-6")
+    events = threshold_events(admin_dsn, tenant)
+    assert Counter(e["threshold_percent"] for e in events) == {80: 1, 100: 2}
+    assert all(e["resource"] == "max_sites" for e in events)
 
 
 # --- retention --------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from services.runtime.field_behavior import ignored_on_create
 from services.runtime.pagination import page_size
 from services.runtime.plans import UNLIMITED
 from services.runtime.server import Runtime
+from services.runtime.usage_thresholds import record_crossings
 from services.runtime.validation import Violations
 
 from . import convert, queries
@@ -62,8 +63,7 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
                 replay = await _replay(conn, tenant_id, request.request_id, request_hash)
                 if replay is not None:
                     return replay
-            if max_sites != UNLIMITED:
-                await _check_quota(conn, tenant_id, max_sites)
+            held = await _check_quota(conn, tenant_id, max_sites) if max_sites != UNLIMITED else None
             row = await conn.fetchrow(
                 queries.INSERT_SITE, tenant_id, request.site_id, request.site.name.strip(), location, configuration
             )
@@ -76,6 +76,8 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
                 raise already_exists(ErrorReason.SITE_ALREADY_EXISTS, request.site_id)
             site = convert.site_from_row(tenant_id, row)
             await self._audit.record(conn, "sites.create", f"sites/{request.site_id}", {"name": site.name})
+            if held is not None:  # under the quota lock: creates are counted one at a time
+                await record_crossings(self._audit, conn, "max_sites", held, held + 1, max_sites)
             if request.request_id:
                 stored = await conn.fetchval(
                     queries.INSERT_CREATE_REQUEST, tenant_id, request.request_id, request_hash, site.SerializeToString()
@@ -194,10 +196,11 @@ async def _replay(conn: Any, tenant_id: str, request_id: str, request_hash: str)
     return pb.Site.FromString(prior["response"])
 
 
-async def _check_quota(conn: Any, tenant_id: str, max_sites: int) -> None:
-    """RESOURCE_EXHAUSTED when the tenant holds ``max_sites`` already; exact under concurrency."""
+async def _check_quota(conn: Any, tenant_id: str, max_sites: int) -> int:
+    """The sites the tenant holds; RESOURCE_EXHAUSTED when that is ``max_sites`` already. Exact under
+    concurrency: the lock taken here is held until the transaction ends, so no other create counts meanwhile."""
     await conn.execute(queries.LOCK_SITE_QUOTA, tenant_id)  # held until this transaction ends
-    count = await conn.fetchval(queries.COUNT_SITES, tenant_id)
+    count: int = await conn.fetchval(queries.COUNT_SITES, tenant_id)
     if count >= max_sites:
         raise resource_exhausted(
             f"tenant {tenant_id!r} has {count} sites, the most its plan allows ({max_sites}); "
@@ -207,3 +210,4 @@ async def _check_quota(conn: Any, tenant_id: str, max_sites: int) -> None:
             limit=str(max_sites),
             usage=str(count),
         )
+    return count
