@@ -11,13 +11,14 @@ GEN_STAMP := $(GEN)/.stamp
 
 export DATA_DIR ?= $(CURDIR)/.data
 
-.PHONY: help install proto keys migrate run stop token test test-unit lint bench clean web gateway-config settings-doc
+.PHONY: help install proto keys migrate run stop token test test-unit lint bench clean web gateway-config settings-doc usage-report
 
 help:
 	@echo "make run      start PostgreSQL, Redis, every service and the Envoy gateway (Ctrl-C stops all)"
 	@echo "make test     run the whole test suite against real servers"
 	@echo "make test-unit  only the tests that start no server or process (seconds)"
 	@echo "make token    print a dev JWT: TENANT=tenant_a ROLE=admin PERMS=a,b TTL=3600"
+	@echo "make usage-report MONTH=2026-11 [OUT=usage.csv]  a month's usage per tenant as CSV (billing)"
 	@echo "make proto | web | gateway-config | settings-doc | migrate | lint | bench | stop | clean"
 
 $(STAMP): pyproject.toml
@@ -111,6 +112,10 @@ lint: $(GEN_STAMP)
 
 bench: $(GEN_STAMP)
 	$(PY) -m tests.bench
+
+# The billing export from the running platform's ListTenantUsage (see deploy/local/usage_report.py).
+usage-report: $(GEN_STAMP)
+	@$(PY) -m deploy.local usage-report --month "$(MONTH)" --out "$(or $(OUT),-)"
 
 clean:
 	rm -rf $(GEN) $(VENV)

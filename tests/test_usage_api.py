@@ -9,7 +9,10 @@ flushing themselves are proven in tests/test_usage_metering.py.
 from __future__ import annotations
 
 import asyncio
+import csv
 import json
+import subprocess
+import sys
 import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -25,6 +28,7 @@ from towerco.features.v1 import feature_gate_service_pb2 as pb
 from towerco.features.v1 import feature_gate_service_pb2_grpc as pb_grpc
 from towerco.sites.v1 import sites_service_pb2 as sites_pb
 
+from deploy.local.usage_report import month_window
 from services.features.usage_window import checked_window
 from services.runtime.plans import LIMITS
 from services.runtime.validation import Violations
@@ -126,6 +130,11 @@ def test_a_bad_window_names_its_field(start: datetime | None, end: datetime | No
 @pytest.mark.parametrize("length", [timedelta(hours=1), timedelta(days=30), timedelta(days=366)])
 def test_whole_hours_up_to_366_days_are_a_window(length: timedelta) -> None:
     assert _window(START, START + length) == []
+
+
+def test_a_month_is_its_first_hour_to_the_next_months_first_hour() -> None:
+    assert month_window("2026-11") == (hour("2026-11-01T00:00:00"), hour("2026-12-01T00:00:00"))
+    assert month_window("2026-12") == (hour("2026-12-01T00:00:00"), hour("2027-01-01T00:00:00"))
 
 
 def test_get_usage_refuses_a_window_not_in_whole_hours_naming_the_field(features, token, tenant_pair) -> None:
@@ -279,6 +288,55 @@ def test_a_platform_admin_lists_every_tenants_totals_page_by_page(
         "INVALID_PAGE_TOKEN",
         ["page_token"],
     )
+
+
+def test_the_usage_report_csv_totals_equal_list_tenant_usage(
+    stack, features, features_target, platform_token, tenant_pair, admin_dsn, tmp_path
+) -> None:
+    tenant_a, tenant_b = tenant_pair
+    record(
+        admin_dsn,
+        [
+            (tenant_a, "2025-05-01T00:00:00", "read_calls", 11),  # the month's first hour
+            (tenant_a, "2025-05-31T23:00:00", "write_calls", 3),  # and its last
+            (tenant_a, "2025-05-12T10:00:00", "feature:advanced_analytics", 2),
+            (tenant_b, "2025-05-20T10:00:00", "db_microseconds", 777),
+            (tenant_b, "2025-06-01T00:00:00", "read_calls", 500),  # June
+            ("platform", "2025-05-02T00:00:00", "read_calls", 40),  # the platform's own: not billed
+        ],
+    )
+    out = tmp_path / "usage-2025-05.csv"
+    subprocess.run(
+        [
+            sys.executable, "-m", "deploy.local", "usage-report", "--month", "2025-05", "--out", str(out),
+            "--target", features_target, "--token", platform_token,
+        ],
+        cwd=REPO, check=True, timeout=60, capture_output=True,
+    )  # fmt: skip
+    with out.open(newline="") as f:
+        report = list(csv.DictReader(f))
+    listed = list_all(features, bearer(platform_token), hour("2025-05-01T00:00:00"), hour("2025-06-01T00:00:00"))
+    billed = [t for t in listed if t.tenant_id != "platform"]
+    assert {t.tenant_id for t in listed} == {tenant_a, tenant_b, "platform"}
+    assert [r["tenant_id"] for r in report] == [t.tenant_id for t in billed]
+    for row, tenant in zip(report, billed, strict=True):
+        assert (row["month"], row["plan"]) == ("2025-05", tenant.plan)
+        for counter in ("read_calls", "write_calls", "rate_limited", "plan_refused", "db_microseconds"):
+            assert int(row[counter]) == getattr(tenant.totals, counter), (row, counter)
+        assert int(row["feature:advanced_analytics"]) == tenant.totals.feature_calls.get("advanced_analytics", 0)
+    assert [(r["read_calls"], r["write_calls"], r["db_microseconds"]) for r in report] == [
+        ("11", "3", "0"),
+        ("0", "0", "777"),
+    ]
+
+
+def test_the_usage_report_refuses_a_month_that_is_not_yyyy_mm(features_target, platform_token) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "deploy.local", "usage-report", "--month", "2025-13", "--target", features_target,
+         "--token", platform_token],
+        cwd=REPO, timeout=60, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 2 and "--month must be YYYY-MM" in done.stderr, done.stderr
 
 
 # --- CheckLimit and thresholds ----------------------------------------------------------

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import io
 import shutil
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+import grpc
+from towerco.features.v1.feature_gate_service_pb2_grpc import FeatureGateServiceStub
 
 from gateway.config import GatewaySettings
 from services.runtime.settings import data_dir
@@ -18,6 +22,8 @@ from .seed import SeedReport, seed_demo
 from .stack import Stack, StackConfig, available_services
 from .supervisor import Supervisor
 from .tokens import ensure_keys, mint
+from .usage_report import MonthError
+from .usage_report import run as usage_report
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -36,6 +42,32 @@ def cmd_token(args: argparse.Namespace) -> int:
         print(f"make token: {exc}", file=sys.stderr)
         return 2
     print(token)
+    return 0
+
+
+def cmd_usage_report(args: argparse.Namespace) -> int:
+    config = StackConfig.from_env(data_dir())
+    target = args.target or f"127.0.0.1:{config.ports['features']}"
+    token = args.token
+    if not token:
+        ensure_keys(data_dir() / "keys")
+        token = mint(data_dir() / "keys", role="platform_admin", ttl=600, subject="usage-report")
+    report = io.StringIO()  # written out only once complete: no half a report on a failure
+    try:
+        with grpc.insecure_channel(target) as channel:
+            rows = usage_report(FeatureGateServiceStub(channel), token, args.month, report)
+    except MonthError as exc:
+        print(f"make usage-report: {exc}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as exc:
+        print(f"make usage-report: the feature gate at {target} answered {exc.code().name}: {exc.details()}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    if args.out == "-":
+        sys.stdout.write(report.getvalue())
+    else:
+        Path(args.out).write_text(report.getvalue(), encoding="utf-8")
+    print(f"usage report {args.month}: {rows} tenants -> {args.out}", file=sys.stderr)
     return 0
 
 
@@ -177,6 +209,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     token.add_argument("--perms", default="", help="comma-separated; default: the role's permissions")
     token.add_argument("--ttl", type=int, default=3600)
     token.set_defaults(func=cmd_token)
+    report = sub.add_parser("usage-report", help="write a month's usage per tenant as CSV (billing)")
+    report.add_argument("--month", required=True, help="YYYY-MM, a calendar month in UTC")
+    report.add_argument("--out", default="-", help="the CSV file; - (default) is standard output")
+    report.add_argument("--target", default="", help="the feature gate host:port; default: the dev stack's")
+    report.add_argument("--token", default="", help="a platform admin token; default: minted from the dev keys")
+    report.set_defaults(func=cmd_usage_report)
     args = parser.parse_args(argv)
     result: int = args.func(args)
     return result
