@@ -27,6 +27,7 @@ from towerco.audit.v1 import audit_log_service_pb2 as audit_pb
 from towerco.features.v1 import feature_gate_service_pb2 as pb
 from towerco.features.v1 import feature_gate_service_pb2_grpc as pb_grpc
 from towerco.sites.v1 import sites_service_pb2 as sites_pb
+from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 
 from deploy.local.usage_report import month_window
 from services.features.usage_window import checked_window
@@ -34,7 +35,7 @@ from services.runtime.plans import LIMITS
 from services.runtime.validation import Violations
 
 from .support import bearer, expect_error, expect_refusal, free_port
-from .support.requests import create_site, set_limit
+from .support.requests import create_site, get_tenant, set_limit
 
 DOMAIN = "towerco.features.v1.FeatureGateService"
 REPO = Path(__file__).resolve().parents[1]
@@ -416,6 +417,27 @@ def test_crossing_80_and_100_percent_of_max_sites_is_audited_once_each_per_cross
 
 
 # --- retention --------------------------------------------------------------------------
+
+
+def test_a_deleted_tenants_usage_is_kept_and_still_listed(
+    features, registry, new_tenant, platform_token, admin_dsn, eventually
+) -> None:
+    tenant = new_tenant(plan="basic")
+    record(admin_dsn, [(tenant, "2025-07-04T12:00:00", "read_calls", 6)])
+    registry.DeleteTenant(tenant_pb.DeleteTenantRequest(tenant_id=tenant), metadata=bearer(platform_token), timeout=10)
+
+    def deleted() -> None:
+        assert get_tenant(registry, platform_token, tenant).state == tenant_pb.Tenant.State.STATE_DELETED
+
+    eventually(deleted, within=10, interval=0.1)
+    md = bearer(platform_token)
+    listed = list_all(features, md, hour("2025-07-04T00:00:00"), hour("2025-07-05T00:00:00"))
+    assert [(t.tenant_id, t.plan, t.totals.read_calls) for t in listed] == [(tenant, "basic", 6)]
+    usage = get_usage(features, md, "2025-07-04T00:00:00", "2025-07-05T00:00:00", tenant_id=tenant)
+    assert (usage.totals.read_calls, usage.plan, list(usage.limits)) == (6, "basic", [])
+
+
+# --- an owner that cannot be asked ----------------------------------------------------
 
 
 def test_usage_is_unavailable_not_internal_when_the_sites_service_cannot_be_asked(
