@@ -17,15 +17,17 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
+from google.protobuf import timestamp_pb2
 from towerco.features.v1 import feature_gate_service_pb2 as features_pb
-from towerco.internal.v1 import usage_pb2
+from towerco.features.v1 import feature_gate_service_pb2_grpc as features_grpc
+from towerco.internal.v1 import usage_pb2, usage_pb2_grpc
 from towerco.sites.v1 import sites_service_pb2 as pb
 from towerco.sites.v1 import sites_service_pb2_grpc as sites_grpc
 
 from services.runtime import usage
 from services.runtime.usage import UsageMeter
 
-from .support import bearer, rich_error
+from .support import bearer, expect_error, expect_refusal, rich_error
 from .support.requests import set_limit
 
 #: The refusals the client may see in the script, and the counter each one adds to.
@@ -170,6 +172,69 @@ def test_a_flush_recorded_but_not_acknowledged_is_sent_again_and_counted_once(
     assert calls_recorded(admin_dsn, tenant) == script.expected == {"read_calls": 3}
     flushes = query(admin_dsn, "SELECT flush_id FROM features.usage_flushes WHERE tenant_id = $1", tenant)
     assert len(flushes) == 1
+
+
+def test_the_feature_gates_own_calls_are_counted(features_target, new_tenant, token, admin_dsn, eventually):
+    tenant = new_tenant(plan="basic")
+    script = Script(bearer(token(tenant)))
+    with grpc.insecure_channel(features_target) as channel:
+        gate = features_grpc.FeatureGateServiceStub(channel)
+        for _ in range(2):
+            assert script.call(gate.GetEntitlements, features_pb.GetEntitlementsRequest(), "read_calls") == ""
+    eventually(lambda: _equal(calls_recorded(admin_dsn, tenant), script.expected), within=15)
+
+
+def _batch(tenant_id: str, *counts: usage_pb2.UsageCount, flush_id: str = "") -> usage_pb2.RecordUsageRequest:
+    return usage_pb2.RecordUsageRequest(tenant_id=tenant_id, flush_id=flush_id or str(uuid.uuid4()), counts=counts)
+
+
+def _count(counter: str, value: int, hour: int = 1_785_000_000 // 3600 * 3600) -> usage_pb2.UsageCount:
+    return usage_pb2.UsageCount(hour=timestamp_pb2.Timestamp(seconds=hour), counter=counter, value=value)
+
+
+def test_record_usage_refuses_end_user_tokens(features_target, tenant_pair, token, platform_token, admin_dsn):
+    tenant, _ = tenant_pair
+    with grpc.insecure_channel(features_target) as channel:
+        stub = usage_pb2_grpc.TenantUsageServiceStub(channel)
+        for md in (bearer(platform_token), bearer(token(tenant))):
+            expect_refusal(
+                stub.RecordUsage,
+                _batch(tenant, _count("read_calls", 1000)),
+                md,
+                grpc.StatusCode.PERMISSION_DENIED,
+                "SERVICE_IDENTITY_REQUIRED",
+                "towerco.internal.v1.TenantUsageService",
+            )
+    assert recorded(admin_dsn, tenant) == {}
+
+
+def test_record_usage_names_each_bad_field_and_records_nothing(features_target, tenant_pair, service_token, admin_dsn):
+    tenant, _ = tenant_pair
+    bad = _batch(
+        tenant,
+        _count("read_calls", 1),
+        _count("read_calls", 1, hour=1_785_000_000 // 3600 * 3600 + 60),
+        _count("calls", 1),
+        _count("feature:Not-A-Feature", 1),
+        _count("write_calls", -1),
+        flush_id="not-a-uuid",
+    )
+    with grpc.insecure_channel(features_target) as channel:
+        stub = usage_pb2_grpc.TenantUsageServiceStub(channel)
+        error = expect_error(stub.RecordUsage, bad, metadata=bearer(service_token("sites")))
+        assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"), error
+        assert error.fields == [
+            "flush_id",
+            "counts[1].hour",
+            "counts[2].counter",
+            "counts[3].counter",
+            "counts[4].value",
+        ]
+        # A good batch sent twice (its acknowledgement lost) is recorded once.
+        good = _batch(tenant, _count("read_calls", 2), _count("feature:advanced_analytics", 1))
+        replies = [stub.RecordUsage(good, metadata=bearer(service_token("sites")), timeout=10) for _ in range(2)]
+    assert [r.repeated for r in replies] == [False, True]
+    assert recorded(admin_dsn, tenant) == {"read_calls": 2, "feature:advanced_analytics": 1}
 
 
 # --- The meter on its own (no server) ------------------------------------------------------------
