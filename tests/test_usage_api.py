@@ -216,6 +216,36 @@ def test_get_usage_shows_the_sites_and_users_held_against_each_limit(
     assert usage.totals == pb.UsageCounts() and not usage.hours
 
 
+def test_get_usage_shows_what_the_services_counted_and_flushed(
+    features, sites, new_tenant, token, platform_token, eventually
+) -> None:
+    tenant = new_tenant(plan="professional")
+    md = bearer(token(tenant))
+    for _ in range(3):
+        sites.ListSites(sites_pb.ListSitesRequest(page_size=1), metadata=md, timeout=10)
+    create_site(sites, md, "FL-1")
+    create_site(sites, md, "FL-2")
+    sites.GetSiteAnalytics(sites_pb.GetSiteAnalyticsRequest(), metadata=md, timeout=10)
+    # Read as the platform admin, whose calls are no tenant's usage; the window covers the
+    # hour before and after, in case the calls straddle an hour.
+    now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    request = pb.GetUsageRequest(
+        tenant_id=tenant, start_time=stamp(now - timedelta(hours=1)), end_time=stamp(now + timedelta(hours=2))
+    )
+
+    def flushed() -> pb.Usage:
+        usage: pb.Usage = features.GetUsage(request, metadata=bearer(platform_token), timeout=10)
+        counted = pb.UsageCounts()
+        counted.CopyFrom(usage.totals)
+        counted.db_microseconds = 0  # a duration: only its presence is known in advance
+        assert counted == pb.UsageCounts(read_calls=4, write_calls=2, feature_calls={"advanced_analytics": 1}), usage
+        assert usage.totals.db_microseconds > 0, usage
+        return usage
+
+    usage = eventually(flushed, within=10, interval=0.2)  # USAGE_FLUSH_SECONDS is short in the test stack
+    assert sum(h.counts.read_calls for h in usage.hours) == 4
+
+
 def test_tenant_b_cannot_read_tenant_a_usage(features, token, tenant_pair, admin_dsn) -> None:
     tenant_a, tenant_b = tenant_pair
     record(admin_dsn, [(tenant_a, "2025-03-01T00:00:00", "read_calls", 9)])
