@@ -184,8 +184,12 @@ def test_the_feature_gates_own_calls_are_counted(features_target, new_tenant, to
     eventually(lambda: _equal(calls_recorded(admin_dsn, tenant), script.expected), within=15)
 
 
-def _batch(tenant_id: str, *counts: usage_pb2.UsageCount, flush_id: str = "") -> usage_pb2.RecordUsageRequest:
-    return usage_pb2.RecordUsageRequest(tenant_id=tenant_id, flush_id=flush_id or str(uuid.uuid4()), counts=counts)
+def _batch(tenant_id: str, *counts: usage_pb2.UsageCount, flush_id: str = "") -> usage_pb2.UsageBatch:
+    return usage_pb2.UsageBatch(tenant_id=tenant_id, flush_id=flush_id or str(uuid.uuid4()), counts=counts)
+
+
+def _request(*batches: usage_pb2.UsageBatch) -> usage_pb2.RecordUsageRequest:
+    return usage_pb2.RecordUsageRequest(batches=batches)
 
 
 def _count(counter: str, value: int, hour: int = 1_785_000_000 // 3600 * 3600) -> usage_pb2.UsageCount:
@@ -199,7 +203,7 @@ def test_record_usage_refuses_end_user_tokens(features_target, tenant_pair, toke
         for md in (bearer(platform_token), bearer(token(tenant))):
             expect_refusal(
                 stub.RecordUsage,
-                _batch(tenant, _count("read_calls", 1000)),
+                _request(_batch(tenant, _count("read_calls", 1000))),
                 md,
                 grpc.StatusCode.PERMISSION_DENIED,
                 "SERVICE_IDENTITY_REQUIRED",
@@ -209,57 +213,68 @@ def test_record_usage_refuses_end_user_tokens(features_target, tenant_pair, toke
 
 
 def test_record_usage_names_each_bad_field_and_records_nothing(features_target, tenant_pair, service_token, admin_dsn):
-    tenant, _ = tenant_pair
-    bad = _batch(
-        tenant,
-        _count("read_calls", 1),
-        _count("read_calls", 1, hour=1_785_000_000 // 3600 * 3600 + 60),
-        _count("calls", 1),
-        _count("feature:Not-A-Feature", 1),
-        _count("write_calls", -1),
-        flush_id="not-a-uuid",
+    tenant, other = tenant_pair
+    twice = str(uuid.uuid4())
+    bad = _request(
+        _batch(other, _count("read_calls", 1), flush_id=twice),  # good, but not recorded: the request is refused
+        _batch(
+            tenant,
+            _count("read_calls", 1),
+            _count("read_calls", 1, hour=1_785_000_000 // 3600 * 3600 + 60),
+            _count("calls", 1),
+            _count("feature:Not-A-Feature", 1),
+            _count("write_calls", -1),
+            flush_id="not-a-uuid",
+        ),
+        _batch("Not A Tenant", flush_id=twice),
     )
+    md = bearer(service_token("sites"))
     with grpc.insecure_channel(features_target) as channel:
         stub = usage_pb2_grpc.TenantUsageServiceStub(channel)
-        error = expect_error(stub.RecordUsage, bad, metadata=bearer(service_token("sites")))
+        error = expect_error(stub.RecordUsage, bad, metadata=md)
         assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"), error
         assert error.fields == [
-            "flush_id",
-            "counts[1].hour",
-            "counts[2].counter",
-            "counts[3].counter",
-            "counts[4].value",
+            "batches[1].flush_id",
+            "batches[1].counts[1].hour",
+            "batches[1].counts[2].counter",
+            "batches[1].counts[3].counter",
+            "batches[1].counts[4].value",
+            "batches[2].tenant_id",
+            "batches[2].flush_id",
         ]
-        # A good batch sent twice (its acknowledgement lost) is recorded once.
-        good = _batch(tenant, _count("read_calls", 2), _count("feature:advanced_analytics", 1))
-        replies = [stub.RecordUsage(good, metadata=bearer(service_token("sites")), timeout=10) for _ in range(2)]
-    assert [r.repeated for r in replies] == [False, True]
+        assert recorded(admin_dsn, tenant) == recorded(admin_dsn, other) == {}
+        # Good batches sent twice (the acknowledgement lost) are recorded once.
+        first = _batch(tenant, _count("read_calls", 2), _count("feature:advanced_analytics", 1))
+        second = _batch(other, _count("write_calls", 1))
+        replies = [stub.RecordUsage(_request(first, second), metadata=md, timeout=10) for _ in range(2)]
+    assert [list(r.repeated_flush_ids) for r in replies] == [[], [first.flush_id, second.flush_id]]
     assert recorded(admin_dsn, tenant) == {"read_calls": 2, "feature:advanced_analytics": 1}
+    assert recorded(admin_dsn, other) == {"write_calls": 1}
 
 
 # --- The meter on its own (no server) ------------------------------------------------------------
 
 
 class Sink:
-    """Records what it is sent; fails the next ``failures`` sends after the batch is received."""
+    """Records the batches of each call; fails the next ``failures`` calls after receiving them."""
 
     def __init__(self, failures: int = 0) -> None:
         self.failures = failures
-        self.received: list[usage_pb2.RecordUsageRequest] = []
+        self.calls: list[list[usage_pb2.UsageBatch]] = []
 
-    async def __call__(self, request: usage_pb2.RecordUsageRequest) -> bool:
-        self.received.append(request)
+    async def __call__(self, request: usage_pb2.RecordUsageRequest) -> list[str]:
+        self.calls.append(list(request.batches))
         if self.failures:
             self.failures -= 1
             raise ConnectionError("acknowledgement lost")
-        return False
+        return []
 
 
-def totals(requests: list[usage_pb2.RecordUsageRequest]) -> dict[tuple[str, str], int]:
+def totals(batches: list[usage_pb2.UsageBatch]) -> dict[tuple[str, str], int]:
     out: collections.Counter[tuple[str, str]] = collections.Counter()
-    for request in requests:
-        for count in request.counts:
-            out[(request.tenant_id, count.counter)] += count.value
+    for batch in batches:
+        for count in batch.counts:
+            out[(batch.tenant_id, count.counter)] += count.value
     return dict(out)
 
 
@@ -273,7 +288,7 @@ async def test_a_failed_batch_keeps_its_flush_id_and_new_counts_go_to_a_new_batc
     assert await meter.flush(sink) == 1
     meter.call("t_one", usage.WRITE_CALLS, None, None)
     assert await meter.flush(sink) == 0
-    first, again, new = sink.received
+    [first], [again, new] = sink.calls
     assert again.flush_id == first.flush_id and again.counts == first.counts
     assert new.flush_id != first.flush_id
     assert [c.counter for c in new.counts] == [usage.WRITE_CALLS]
@@ -288,7 +303,8 @@ async def test_counts_are_batched_per_tenant_and_by_utc_hour() -> None:
     meter.call("t_one", usage.READ_CALLS, None, usage.RATE_LIMITED)
     meter.call("t_two", usage.WRITE_CALLS, None, usage.PLAN_REFUSED)
     await meter.flush(sink)
-    by_tenant = {r.tenant_id: r for r in sink.received}
+    [batches] = sink.calls  # one call
+    by_tenant = {b.tenant_id: b for b in batches}
     assert sorted(by_tenant) == ["t_one", "t_two"]
     assert {(c.hour.seconds, c.counter, c.value) for c in by_tenant["t_one"].counts} == {
         (7 * 3600, "read_calls", 1),
@@ -305,7 +321,7 @@ async def test_the_platform_and_the_canaries_are_not_metered(tenant_id: str) -> 
     meter.call(tenant_id, usage.READ_CALLS, None, None)
     meter.count(tenant_id, usage.DB_MICROSECONDS, 10)
     await meter.flush(sink)
-    assert sink.received == []
+    assert sink.calls == []
 
 
 async def test_closing_flushes_what_is_left_once() -> None:
@@ -313,6 +329,16 @@ async def test_closing_flushes_what_is_left_once() -> None:
     meter.start(sink, interval=3600)
     meter.call("t_one", usage.READ_CALLS, None, None)
     await meter.close()
-    assert totals(sink.received) == {("t_one", "read_calls"): 1}
+    assert totals(sink.calls[0]) == {("t_one", "read_calls"): 1}
     await meter.close()  # a second close sends nothing more
-    assert len(sink.received) == 1
+    assert len(sink.calls) == 1
+
+
+async def test_many_tenants_go_in_calls_of_at_most_the_limit_each() -> None:
+    meter, sink = UsageMeter(), Sink()
+    tenants = [f"t_{i:04d}" for i in range(usage.BATCHES_PER_CALL * 2 + 1)]
+    for tenant_id in tenants:
+        meter.call(tenant_id, usage.READ_CALLS, None, None)
+    await meter.flush(sink)
+    assert sorted(len(call) for call in sink.calls) == [1, usage.BATCHES_PER_CALL, usage.BATCHES_PER_CALL]
+    assert sorted(b.tenant_id for call in sink.calls for b in call) == tenants

@@ -1,7 +1,7 @@
 """towerco.internal.v1.TenantUsageService: the usage every service process counted, recorded once.
 
-A batch is one tenant's counts with a ``flush_id`` (``services/runtime/usage.py``). It is
-applied in one transaction bound to that tenant: the ``flush_id`` goes into
+A batch is one tenant's counts with a ``flush_id`` (``services/runtime/usage.py``). Each is
+applied in its own transaction bound to its tenant: the ``flush_id`` goes into
 ``usage_flushes`` first; if it was there already the batch is a retry whose
 acknowledgement was lost, and nothing is added. Otherwise its counts are added to
 ``usage_hourly``. The feature gate's own counts take the same path without the network
@@ -10,8 +10,11 @@ acknowledgement was lost, and nothing is added. Otherwise its counts are added t
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from grpc import aio
@@ -42,8 +45,23 @@ FROM unnest($2::timestamptz[], $3::text[], $4::bigint[]) AS t (hour, counter, va
 ON CONFLICT (tenant_id, hour, counter) DO UPDATE SET value = usage_hourly.value + EXCLUDED.value
 """
 
-#: Tests: the batch is committed and its acknowledgement is lost.
+#: Tests: the batches are committed and the acknowledgement is lost.
 AFTER_COMMIT = "usage.record.after_commit"
+
+#: The hours a Timestamp can name: 0001-01-01T00:00Z to 9999-12-31T23:00Z.
+FIRST, LAST = -62_135_596_800, 253_402_297_200
+COUNTER_RULE = f"must be one of {', '.join(usage.COUNTERS)} or {usage.FEATURE_PREFIX}<feature>"
+
+#: Binds one batch's tenant for its transaction (the door differs by who sends it).
+Scope = Callable[[str], contextlib.AbstractContextManager[Any]]
+
+
+@dataclass(frozen=True)
+class CheckedBatch:
+    tenant_id: str
+    flush_id: uuid.UUID
+    #: Summed by (hour, counter), so the upsert meets each row once.
+    counts: dict[tuple[datetime.datetime, str], int]
 
 
 class TenantUsageServicer(usage_pb2_grpc.TenantUsageServiceServicer):
@@ -52,66 +70,97 @@ class TenantUsageServicer(usage_pb2_grpc.TenantUsageServiceServicer):
         self._faults = runtime.faults
 
     async def RecordUsage(self, request: usage_pb2.RecordUsageRequest, ctx: Ctx) -> usage_pb2.RecordUsageResponse:
-        counts = checked(request)
-        with context.platform_scope(request.tenant_id, "features.record_usage"):
-            repeated = await apply(self._db, self._faults, request.tenant_id, request.flush_id, counts)
-        return usage_pb2.RecordUsageResponse(repeated=repeated)
+        batches = checked(request)
+        repeated = await record(self._db, self._faults, batches, _for_the_calling_service)
+        return usage_pb2.RecordUsageResponse(repeated_flush_ids=repeated)
 
 
-def checked(request: usage_pb2.RecordUsageRequest) -> dict[tuple[datetime.datetime, str], int]:
-    """The batch's counts summed by (hour, counter); INVALID_ARGUMENT naming each bad field."""
+def _for_the_calling_service(tenant_id: str) -> contextlib.AbstractContextManager[Any]:
+    return context.platform_scope(tenant_id, "features.record_usage")
+
+
+def _as_own_bookkeeping(tenant_id: str) -> contextlib.AbstractContextManager[Any]:
+    return context.system_scope(tenant_id, "features.record_own_usage")
+
+
+def checked(request: usage_pb2.RecordUsageRequest) -> list[CheckedBatch]:
+    """The request's batches, checked whole; INVALID_ARGUMENT naming each bad field."""
     v = Violations()
-    v.identifier("tenant_id", request.tenant_id, TENANT_ID)
-    try:
-        uuid.UUID(request.flush_id)
-    except ValueError:
-        v.add("flush_id", "must be a UUID, made once per batch and kept across its retries")
-    counts: dict[tuple[datetime.datetime, str], int] = {}
-    for i, count in enumerate(request.counts):
-        where = f"counts[{i}]"
-        if not count.HasField("hour") or count.hour.seconds % usage.HOUR or count.hour.nanos:
-            v.add(f"{where}.hour", "must be the start of a UTC hour")
-        feature = count.counter.removeprefix(usage.FEATURE_PREFIX)
-        known = count.counter in usage.COUNTERS or (
-            count.counter.startswith(usage.FEATURE_PREFIX) and FEATURE_PATTERN.fullmatch(feature) is not None
-        )
-        if not known:
-            v.add(f"{where}.counter", f"must be one of {', '.join(usage.COUNTERS)} or {usage.FEATURE_PREFIX}<feature>")
-        if count.value < 0:
-            v.add(f"{where}.value", "must be zero or more")
-        key = (count.hour.ToDatetime(tzinfo=datetime.UTC), count.counter)
-        counts[key] = counts.get(key, 0) + count.value
+    if len(request.batches) > usage.BATCHES_PER_CALL:
+        v.add("batches", f"at most {usage.BATCHES_PER_CALL} batches to a call")
+    seen: set[uuid.UUID] = set()
+    out: list[CheckedBatch] = []
+    for i, batch in enumerate(request.batches):
+        where = f"batches[{i}]"
+        v.identifier(f"{where}.tenant_id", batch.tenant_id, TENANT_ID)
+        flush_id = _uuid(batch.flush_id)
+        if flush_id is None:
+            v.add(f"{where}.flush_id", "must be a UUID, made once per batch and kept across its retries")
+        elif flush_id in seen:
+            v.add(f"{where}.flush_id", "is another batch's of this request: one flush_id per batch")
+        else:
+            seen.add(flush_id)
+        counts: dict[tuple[datetime.datetime, str], int] = {}
+        for j, count in enumerate(batch.counts):
+            field = f"{where}.counts[{j}]"
+            hour = count.hour.seconds
+            if not count.HasField("hour") or hour % usage.HOUR or count.hour.nanos or not FIRST <= hour <= LAST:
+                v.add(f"{field}.hour", "must be the start of a UTC hour, years 1 to 9999")
+            if not _known(count.counter):
+                v.add(f"{field}.counter", COUNTER_RULE)
+            if count.value < 0:
+                v.add(f"{field}.value", "must be zero or more")
+            key = (count.hour.ToDatetime(tzinfo=datetime.UTC), count.counter)
+            counts[key] = counts.get(key, 0) + count.value
+        out.append(CheckedBatch(batch.tenant_id, flush_id or uuid.UUID(int=0), counts))
     v.raise_if_any()
-    return counts
+    return out
 
 
-async def apply(
-    db: Database, faults: Faults, tenant_id: str, flush_id: str, counts: dict[tuple[datetime.datetime, str], int]
-) -> bool:
-    """Record one batch in the bound tenant's transaction; True when ``flush_id`` was recorded before."""
-    async with db.transaction() as conn:
-        new = await conn.fetchval(RECORD_FLUSH, tenant_id, uuid.UUID(flush_id))
-        if new is not None and counts:
-            hours, counters = zip(*counts, strict=True)
-            await conn.execute(ADD_USAGE, tenant_id, list(hours), list(counters), list(counts.values()))
+def _uuid(text: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        return None
+
+
+def _known(counter: str) -> bool:
+    if counter in usage.COUNTERS:
+        return True
+    feature = counter.removeprefix(usage.FEATURE_PREFIX)
+    return feature != counter and FEATURE_PATTERN.fullmatch(feature) is not None
+
+
+async def record(db: Database, faults: Faults, batches: list[CheckedBatch], scope: Scope) -> list[str]:
+    """Record each batch in its tenant's own transaction; the flush ids that were recorded before."""
+    repeated: list[str] = []
+    for batch in batches:
+        with scope(batch.tenant_id):
+            async with db.transaction() as conn:
+                new = await conn.fetchval(RECORD_FLUSH, batch.tenant_id, batch.flush_id)
+                if new is not None and batch.counts:
+                    hours, counters = zip(*batch.counts, strict=True)
+                    await conn.execute(
+                        ADD_USAGE, batch.tenant_id, list(hours), list(counters), list(batch.counts.values())
+                    )
+        if new is None:
+            repeated.append(str(batch.flush_id))
     try:
         faults.check(AFTER_COMMIT)
     except InjectedFaultError as exc:
         raise unavailable(
-            f"usage flush {flush_id} of tenant {tenant_id!r} was recorded but not acknowledged ({exc}); "
-            "send it again with the same flush_id",
+            f"{len(batches)} usage batches were recorded but not acknowledged ({exc}); "
+            "send them again with the same flush ids",
             ErrorReason.SERVICE_UNAVAILABLE,
             1.0,
         ) from None
-    return new is None
+    return repeated
 
 
 def local_sink(db: Database, faults: Faults) -> usage.Sink:
     """The feature gate's own counts, recorded in its database directly: its bookkeeping, not a call."""
 
-    async def record(request: usage_pb2.RecordUsageRequest) -> bool:
-        counts = checked(request)
-        with context.system_scope(request.tenant_id, "features.record_own_usage"):
-            return await apply(db, faults, request.tenant_id, request.flush_id, counts)
+    async def send(request: usage_pb2.RecordUsageRequest) -> list[str]:
+        return await record(db, faults, checked(request), _as_own_bookkeeping)
 
-    return record
+    return send

@@ -5,10 +5,10 @@ user adds to its counters, by tenant, UTC hour and counter (``read_calls``,
 ``write_calls``, ``rate_limited``, ``plan_refused``, ``db_microseconds``,
 ``feature:<name>``): a dict increment, no I/O. Every ``USAGE_FLUSH_SECONDS``, and once
 more on a graceful stop, the counts so far become one batch per tenant with a ``flush_id``
-made once; the batch is handed to the feature gate (``TenantUsageService.RecordUsage``),
-which records each ``flush_id`` once. A batch that fails keeps its ``flush_id`` and is sent
-again at the next flush (new counts go to new batches), so a batch whose acknowledgement
-was lost never counts twice. A crash loses what was counted since the last flush.
+made once; the batches are handed to the feature gate (``TenantUsageService.RecordUsage``,
+many to a call), which records each ``flush_id`` once. A batch that fails keeps its
+``flush_id`` and is sent again at the next flush (new counts go to new batches), so a
+batch whose acknowledgement was lost never counts twice. A crash loses what was counted since the last flush.
 
 The platform's own tenant and the isolation canaries are never metered: no one bills them.
 """
@@ -53,8 +53,12 @@ REFUSALS: dict[str, str] = {
 NOT_METERED = frozenset({context.PLATFORM_TENANT, *context.CANARY_TENANTS})
 HOUR = 3600
 
-#: Sends one batch; returns once the feature gate acknowledged it (True: a repeat), raises otherwise.
-Sink = Callable[[usage_pb2.RecordUsageRequest], Awaitable[bool]]
+#: Most batches one RecordUsage call carries.
+BATCHES_PER_CALL = 500
+
+#: Sends batches; returns once the feature gate recorded them all, with the flush ids it had
+#: recorded before (repeats), and raises otherwise.
+Sink = Callable[[usage_pb2.RecordUsageRequest], Awaitable[list[str]]]
 
 
 def calls_counter(rate_class: str) -> str:
@@ -75,8 +79,8 @@ class Batch:
     flush_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     attempts: int = 0
 
-    def request(self) -> usage_pb2.RecordUsageRequest:
-        return usage_pb2.RecordUsageRequest(
+    def message(self) -> usage_pb2.UsageBatch:
+        return usage_pb2.UsageBatch(
             tenant_id=self.tenant_id,
             flush_id=self.flush_id,
             counts=[
@@ -141,29 +145,31 @@ class UsageMeter:
         self.pending.extend(Batch(tenant_id, tenant_counts) for tenant_id, tenant_counts in by_tenant.items())
         return self.pending
 
-    async def flush(self, sink: Sink, concurrency: int = 8) -> int:
-        """Send every batch (the new counts cut first); the acknowledged ones are dropped. Returns how many failed."""
+    async def flush(self, sink: Sink, concurrency: int = 4) -> int:
+        """Send every batch (the new counts cut first), ``BATCHES_PER_CALL`` to a call; the
+        acknowledged ones are dropped. Returns how many batches failed."""
         batches = list(self.cut())
+        calls = [batches[i : i + BATCHES_PER_CALL] for i in range(0, len(batches), BATCHES_PER_CALL)]
         slots = asyncio.Semaphore(concurrency)
 
-        async def send(batch: Batch) -> bool:
+        async def send(part: list[Batch]) -> bool:
             async with slots:
-                batch.attempts += 1
+                for batch in part:
+                    batch.attempts += 1
                 try:
-                    repeated = await sink(batch.request())
-                except Exception as exc:  # kept, with its flush_id, for the next flush
+                    repeated = await sink(usage_pb2.RecordUsageRequest(batches=[batch.message() for batch in part]))
+                except Exception as exc:  # kept, with their flush ids, for the next flush
                     log.warning(
-                        "usage of tenant %s not recorded yet (flush %s, attempt %d): %s; kept for the next flush",
-                        batch.tenant_id, batch.flush_id, batch.attempts, exc,
+                        "usage of %d tenants not recorded yet (attempt %d): %s; kept for the next flush",
+                        len(part), max(batch.attempts for batch in part), exc,
                     )  # fmt: skip
                     return False
-                if repeated:
-                    log.info("usage flush %s of tenant %s was recorded before: counted once", batch.flush_id,
-                             batch.tenant_id)  # fmt: skip
+                for flush_id in repeated:
+                    log.info("usage flush %s was recorded before: counted once", flush_id)
                 return True
 
-        done = await asyncio.gather(*(send(batch) for batch in batches))
-        sent = {id(batch) for batch, ok in zip(batches, done, strict=True) if ok}
+        done = await asyncio.gather(*(send(part) for part in calls))
+        sent = {id(batch) for part, ok in zip(calls, done, strict=True) if ok for batch in part}
         self.pending = [batch for batch in self.pending if id(batch) not in sent]
         return len(batches) - len(sent)
 
@@ -210,9 +216,9 @@ class RemoteUsageSink:
         self._stub = usage_pb2_grpc.TenantUsageServiceStub(self._channel)
         self._timeout = timeout
 
-    async def __call__(self, request: usage_pb2.RecordUsageRequest) -> bool:
+    async def __call__(self, request: usage_pb2.RecordUsageRequest) -> list[str]:
         reply: usage_pb2.RecordUsageResponse = await self._stub.RecordUsage(request, timeout=self._timeout)
-        return reply.repeated
+        return list(reply.repeated_flush_ids)
 
     async def close(self) -> None:
         await self._channel.close(None)
