@@ -30,7 +30,8 @@ from towerco.sites.v1 import sites_service_pb2 as sites_pb
 from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 
 from deploy.local.usage_report import month_window
-from services.features.usage_window import checked_window
+from services.features.usage_reports import page_cap
+from services.features.usage_window import Window, checked_window
 from services.runtime.plans import LIMITS
 from services.runtime.validation import Violations
 
@@ -136,6 +137,14 @@ def test_whole_hours_up_to_366_days_are_a_window(length: timedelta) -> None:
 def test_a_month_is_its_first_hour_to_the_next_months_first_hour() -> None:
     assert month_window("2026-11") == (hour("2026-11-01T00:00:00"), hour("2026-12-01T00:00:00"))
     assert month_window("2026-12") == (hour("2026-12-01T00:00:00"), hour("2027-01-01T00:00:00"))
+
+
+@pytest.mark.parametrize(
+    ("length", "cap"),
+    [(timedelta(hours=1), 500), (timedelta(days=6), 500), (timedelta(days=31), 100), (timedelta(days=366), 8)],
+)
+def test_a_page_of_tenant_usage_sums_at_most_a_months_hundred_tenants(length: timedelta, cap: int) -> None:
+    assert page_cap(Window(START, START + length)) == cap
 
 
 def test_get_usage_refuses_a_window_not_in_whole_hours_naming_the_field(features, token, tenant_pair) -> None:

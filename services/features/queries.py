@@ -67,18 +67,31 @@ WHERE tenant_id = $1 AND hour >= $2 AND hour < $3
 ORDER BY hour, counter
 """
 
-#: Every tenant's totals in a window, one page of tenants after $4 (keyset on tenant_id),
-#: leaving out the tenants in $5. Only in Database.platform_read (the platform_read policy).
+#: Every tenant's totals in a window, one page of tenants after $3 (keyset on tenant_id),
+#: leaving out the tenants in $4. Only in Database.platform_read (the platform_read policy).
+#: The tenants are walked one index probe each (a loose index scan on the primary key),
+#: and each is summed over the window's hours only: never a scan of every tenant's rows,
+#: which years of hours kept for billing would make too slow for a statement's timeout.
 USAGE_TOTALS_PAGE = """
-WITH page AS (
-    SELECT DISTINCT tenant_id FROM features.usage_hourly
-    WHERE hour >= $1 AND hour < $2 AND tenant_id > $3 AND NOT tenant_id = ANY($4::text[])
-    ORDER BY tenant_id
-    LIMIT $5
+WITH RECURSIVE tenants AS (
+    (SELECT tenant_id FROM features.usage_hourly WHERE tenant_id > $3 ORDER BY tenant_id LIMIT 1)
+    UNION ALL
+    SELECT (
+        SELECT u.tenant_id FROM features.usage_hourly AS u
+        WHERE u.tenant_id > t.tenant_id ORDER BY u.tenant_id LIMIT 1
+    )
+    FROM tenants AS t WHERE t.tenant_id IS NOT NULL
+), page AS (
+    SELECT t.tenant_id FROM tenants AS t
+    WHERE t.tenant_id IS NOT NULL AND NOT t.tenant_id = ANY($4::text[])
+      AND EXISTS (
+          SELECT 1 FROM features.usage_hourly AS u
+          WHERE u.tenant_id = t.tenant_id AND u.hour >= $1 AND u.hour < $2
+      )
+    LIMIT $5  -- in tenant_id order: the walk above yields them so, one by one, and stops here
 )
 SELECT u.tenant_id, u.counter, sum(u.value)::bigint AS value
-FROM features.usage_hourly AS u JOIN page USING (tenant_id)
-WHERE u.hour >= $1 AND u.hour < $2
+FROM page JOIN features.usage_hourly AS u ON u.tenant_id = page.tenant_id AND u.hour >= $1 AND u.hour < $2
 GROUP BY u.tenant_id, u.counter
 ORDER BY u.tenant_id, u.counter
 """

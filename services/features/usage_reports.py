@@ -19,7 +19,7 @@ from services.runtime import context
 from services.runtime.db import Database
 from services.runtime.entitlements import EntitlementDirectory, Entitlements
 from services.runtime.held_resources import OWNERS, HeldResourceCounts
-from services.runtime.pagination import PageTokens, page_size
+from services.runtime.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, PageTokens, page_size
 from services.runtime.plans import LIMITS, UNLIMITED
 from services.runtime.scope import require_platform_admin
 
@@ -31,6 +31,16 @@ PLAIN_COUNTERS = ("read_calls", "write_calls", "rate_limited", "plan_refused", "
 FEATURE_PREFIX = "feature:"
 #: Never listed: the isolation canaries' sentinel rows are not usage.
 UNLISTED = tuple(context.CANARY_TENANTS)
+#: How many tenant-hours one page of ListTenantUsage sums at most: 100 tenants of a 31-day
+#: month. A page's time grows with tenants x hours; this keeps it well within the
+#: statement timeout whatever the window (a year: 8 tenants a page).
+TENANT_HOURS_PER_PAGE = 100 * 31 * 24
+
+
+def page_cap(window: Window) -> int:
+    """The most tenants one page of ``window`` may hold (AIP-158: a larger page_size is capped)."""
+    hours = int((window.end - window.start).total_seconds()) // 3600
+    return max(1, min(MAX_PAGE_SIZE, TENANT_HOURS_PER_PAGE // hours))
 
 
 def add_count(counts: pb.UsageCounts, counter: str, value: int) -> None:
@@ -76,7 +86,8 @@ class UsageReports:
     async def tenant_usage(self, window: Window, requested_size: int, page_token: str) -> pb.ListTenantUsageResponse:
         """Every tenant's totals: the platform's own read across tenants, platform admins only."""
         caller = require_platform_admin()
-        size = page_size(requested_size)
+        cap = page_cap(window)
+        size = page_size(requested_size, default=min(DEFAULT_PAGE_SIZE, cap), maximum=cap)
         position = self._tokens.decode(page_token, caller.tenant_id, window.query())
         after = str(position.get("after", "")) if position else ""
         async with self._db.platform_read("list tenant usage") as conn:
