@@ -66,10 +66,6 @@ def calls_counter(rate_class: str) -> str:
     return READ_CALLS if rate_class == "read" else WRITE_CALLS
 
 
-def is_counter(name: str) -> bool:
-    return name in COUNTERS or name.startswith(FEATURE_PREFIX)
-
-
 @dataclass
 class Batch:
     """One tenant's counts handed over at once; ``flush_id`` stays the same until acknowledged."""
