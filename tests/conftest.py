@@ -32,7 +32,6 @@ from deploy.local.stack import Stack, StackConfig
 from deploy.local.tokens import mint, mint_service
 from gateway.config import GatewaySettings
 from services.runtime import context
-from services.runtime.settings import runtime_dsn
 
 from .support import free_port
 from .support.processes import ExtraService as ExtraService  # re-exported: tests import it from here
@@ -376,7 +375,7 @@ def admin_dsn(stack: Stack) -> str:
 
 @pytest.fixture(scope="session")
 def sites_runtime_dsn(stack: Stack) -> str:
-    return runtime_dsn(stack.database_url, "sites", stack.service_env()["APP_DB_PASSWORD"])
+    return stack.runtime_dsn("sites")
 
 
 @pytest.fixture

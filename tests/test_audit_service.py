@@ -29,7 +29,6 @@ from towerco.audit.v1 import audit_log_service_pb2_grpc as pb_grpc
 
 from deploy.local.stack import Stack
 from services.audit.hash_chain import canonical_json
-from services.runtime.settings import runtime_dsn
 
 from .support import RichError, bearer, expect_error
 from .support.errors import expect_refusal
@@ -140,7 +139,7 @@ def platform_reader(audit: pb_grpc.AuditLogServiceStub, platform_token: str) -> 
 @pytest.fixture
 async def audit_app(stack: Stack) -> AsyncIterator[asyncpg.Connection[Any]]:
     """A raw connection as the audit service's runtime role."""
-    dsn = runtime_dsn(stack.database_url, "audit", stack.service_env()["APP_DB_PASSWORD"])
+    dsn = stack.runtime_dsn("audit")
     conn: asyncpg.Connection[Any] = await asyncpg.connect(dsn)
     try:
         assert await conn.fetchval("SELECT current_user") == "audit_app"

@@ -22,12 +22,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 
+from deploy.local.dsn import runtime_dsn
 from deploy.local.stack import Stack, service_spec
 from services.runtime import context
 from services.runtime.canary import CANARY_A, CANARY_B, CANARY_TENANTS, UNSEEDED, CanaryError, IsolationCanary
 from services.runtime.db import Database
 from services.runtime.server import migrate_service
-from services.runtime.settings import runtime_dsn
 
 from .support import bearer, expect_error, free_port
 from .test_outage_logging import PrivatePostgres, private_postgres  # noqa: F401 - the fixture
@@ -45,12 +45,11 @@ async def _never(isolated: bool) -> None:
 @pytest.fixture
 async def canaries(stack: Stack) -> AsyncIterator[dict[str, IsolationCanary]]:
     """Each service's canary, on a pool of its own as the service's runtime role."""
-    password = stack.service_env()["APP_DB_PASSWORD"]
     opened: dict[str, IsolationCanary] = {}
     pools: list[Database] = []
     try:
         for name in SERVICES:
-            db = await Database.connect(runtime_dsn(stack.database_url, name, password), min_size=1, max_size=1)
+            db = await Database.connect(stack.runtime_dsn(name), min_size=1, max_size=1)
             pools.append(db)
             spec = service_spec(name)
             opened[name] = IsolationCanary(db, spec.schema, spec.sentinels, 1.0, _never)
@@ -198,12 +197,12 @@ def test_a_policy_broken_on_purpose_is_caught_within_the_canary_interval(
     extra_service: Callable[..., Any],
     eventually: Callable[..., Any],
 ) -> None:
-    asyncio.run(migrate_service(service_spec("sites"), private_postgres.dsn, stack.service_env()["APP_DB_PASSWORD"]))
+    asyncio.run(migrate_service(service_spec("sites"), private_postgres.dsn, stack.app_db_password))
     metrics_port = free_port()
     sites = extra_service(
         "sites",
         {
-            "DATABASE_URL": private_postgres.dsn,
+            "SITES_DATABASE_URL": runtime_dsn(private_postgres.dsn, "sites", stack.app_db_password),
             "CANARY_INTERVAL_SECONDS": "0.2",
             "SITES_METRICS_PORT": str(metrics_port),
         },

@@ -9,8 +9,8 @@ from typing import Any
 import asyncpg
 import pytest
 
+from deploy.local.dsn import dsn_with_user
 from services.runtime.guard import IsolationError, check_isolation
-from services.runtime.settings import dsn_with_user
 
 
 def dsn_as(admin_dsn: str, user: str) -> str:

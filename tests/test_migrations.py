@@ -16,11 +16,11 @@ from typing import Any
 import asyncpg
 import pytest
 
+from deploy.local.dsn import runtime_dsn
 from deploy.local.stack import service_spec
 from services.runtime import migrations
 from services.runtime.guard import check_isolation
 from services.runtime.migrations import MigrationError
-from services.runtime.settings import runtime_dsn
 
 PASSWORD = "mtest-only"
 
@@ -286,12 +286,7 @@ async def test_sites_migrations_are_recorded(admin_dsn, stack):
     assert [(r["version"], r["checksum"]) for r in rows] == [
         (m.version, m.checksum) for m in migrations.load(spec.migrations_dir)
     ]
-    assert (
-        await migrations.migrate(
-            admin_dsn, "sites", "sites", spec.migrations_dir, stack.service_env()["APP_DB_PASSWORD"]
-        )
-        == []
-    )
+    assert await migrations.migrate(admin_dsn, "sites", "sites", spec.migrations_dir, stack.app_db_password) == []
 
 
 async def test_shared_outbox_is_applied_once_into_every_service_schema(admin):

@@ -19,6 +19,7 @@ import pytest
 from towerco.sites.v1 import sites_service_pb2 as pb
 from towerco.sites.v1 import sites_service_pb2_grpc as pb_grpc
 
+from deploy.local.dsn import runtime_dsn
 from deploy.local.postgres import start_postgres, stop_postgres
 from deploy.local.stack import Stack, service_spec
 from services.runtime.logs import Outage
@@ -67,12 +68,11 @@ def test_a_database_outage_is_logged_once_and_its_end_once(
     token: Callable[..., str],
     eventually: Callable[..., Any],
 ) -> None:
-    password = stack.service_env()["APP_DB_PASSWORD"]
-    asyncio.run(migrate_service(service_spec("sites"), private_postgres.dsn, password))
+    asyncio.run(migrate_service(service_spec("sites"), private_postgres.dsn, stack.app_db_password))
     sites = extra_service(
         "sites",
         {
-            "DATABASE_URL": private_postgres.dsn,
+            "SITES_DATABASE_URL": runtime_dsn(private_postgres.dsn, "sites", stack.app_db_password),
             "DB_POOL_MIN_SIZE": "2",
             "DB_POOL_MAX_SIZE": "4",
             "DB_ACQUIRE_TIMEOUT_SECONDS": "2",

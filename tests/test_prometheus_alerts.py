@@ -17,6 +17,7 @@ from typing import Any
 
 import asyncpg
 
+from deploy.local.dsn import runtime_dsn
 from deploy.local.prometheus import query
 from deploy.local.stack import Stack, StackConfig, service_spec
 from services.runtime.server import migrate_service
@@ -42,12 +43,12 @@ def test_a_real_isolation_breach_fires_the_alert_for_that_service_alone(
     eventually: Callable[..., Any],
     tmp_path: Path,
 ) -> None:
-    asyncio.run(migrate_service(service_spec("sites"), private_postgres.dsn, stack.service_env()["APP_DB_PASSWORD"]))
+    asyncio.run(migrate_service(service_spec("sites"), private_postgres.dsn, stack.app_db_password))
     metrics_port = free_port()
     extra_service(
         "sites",
         {
-            "DATABASE_URL": private_postgres.dsn,
+            "SITES_DATABASE_URL": runtime_dsn(private_postgres.dsn, "sites", stack.app_db_password),
             "CANARY_INTERVAL_SECONDS": "0.2",
             "SITES_METRICS_PORT": str(metrics_port),
         },

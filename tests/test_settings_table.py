@@ -185,12 +185,12 @@ def test_the_variables_once_undocumented_have_rows() -> None:
 
 
 def service_environment(tmp_path: Path, **values: str) -> dict[str, str]:
-    """What a service needs to load: a DSN, a page-token secret and the service key files."""
+    """What a service needs to load: its runtime DSN, a page-token secret and the service key files."""
     key = tmp_path / "service-key"
     key.write_text("not read by load")
     return {
         "DATA_DIR": str(tmp_path),
-        "DATABASE_URL": "postgresql://admin@127.0.0.1:1/towerco",
+        "SITES_DATABASE_URL": "postgresql://sites_app:secret@127.0.0.1:1/towerco",
         "PAGE_TOKEN_SECRET": "page-secret",
         "SERVICE_JWKS_FILE": str(key),
         "SERVICE_KEY_FILE": str(key),
@@ -215,9 +215,10 @@ def sites_defaults(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Sett
         ("audit_refusal_window_seconds", 60.0),
         ("jwt_leeway_seconds", 30),
         ("log_level", "INFO"),
-        ("migrate_on_start", True),
+        ("migrate_on_start", False),
         ("rate_limit_fail_closed", False),
-        ("runtime_database_url", "postgresql://sites_app:towerco-dev-only@127.0.0.1:1/towerco"),
+        ("runtime_database_url", "postgresql://sites_app:secret@127.0.0.1:1/towerco"),
+        ("migration_database_url", ""),
     ],
 )
 def test_a_service_loads_the_declared_default_of(sites_defaults, field: str, default: object) -> None:
@@ -261,7 +262,7 @@ def test_a_service_reads_the_mapping_it_is_given_not_the_process_environment(
         ("RATE_LIMIT_LOCAL_SHARE", "1.5", "RATE_LIMIT_LOCAL_SHARE must be a fraction in (0, 1]"),
         ("RATE_LIMIT_LOCAL_SHARE", "0", "RATE_LIMIT_LOCAL_SHARE must be a fraction in (0, 1]"),
         ("SERVICE_JWT_ISSUER", "towerco-dev-issuer", "SERVICE_JWT_ISSUER must differ from JWT_ISSUER"),
-        ("DATABASE_URL", " ", "DATABASE_URL is not set"),
+        ("SITES_DATABASE_URL", " ", "SITES_DATABASE_URL is not set"),
     ],
 )
 def test_a_service_refuses_a_bad_value_naming_the_variable(tmp_path: Path, name: str, value: str, message: str) -> None:

@@ -22,7 +22,7 @@ def start_sites(tmp_path: Path, port: int, metrics_port: int | None = None) -> s
         **os.environ,
         "DATA_DIR": str(tmp_path),
         # Never reached: the port is checked before migrations and connections.
-        "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+        "SITES_DATABASE_URL": "postgresql://sites_app@127.0.0.1:1/none",
         "SITES_PORT": str(port),
         "SITES_METRICS_PORT": str(metrics_port or free_port()),
         "GRPC_BIND_HOST": "127.0.0.1",

@@ -25,7 +25,6 @@ from services.runtime import context
 from services.runtime.context import DOORS, Caller, PlatformScopeError, RequestContext
 from services.runtime.db import Database
 from services.runtime.migrations import SHARED, load
-from services.runtime.settings import runtime_dsn
 
 REPO = Path(__file__).resolve().parents[1]
 #: The code the doors' rows are about: everything that runs, none of the tests.
@@ -219,7 +218,7 @@ async def sites_db(sites_runtime_dsn: str) -> AsyncIterator[Database]:
 
 @pytest.fixture
 async def registry_db(stack: Stack) -> AsyncIterator[Database]:
-    dsn = runtime_dsn(stack.database_url, "tenant", stack.service_env()["APP_DB_PASSWORD"])
+    dsn = stack.runtime_dsn("tenant")
     db = await Database.connect(dsn, min_size=1, max_size=1)
     yield db
     await db.close()
@@ -380,7 +379,7 @@ async def usage_of(admin: asyncpg.Connection[Any], tenant_pair: tuple[str, str])
 
 @pytest.fixture
 async def features_db(stack: Stack) -> AsyncIterator[Database]:
-    dsn = runtime_dsn(stack.database_url, "features", stack.service_env()["APP_DB_PASSWORD"])
+    dsn = stack.runtime_dsn("features")
     db = await Database.connect(dsn, min_size=1, max_size=1)
     yield db
     await db.close()

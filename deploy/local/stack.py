@@ -23,12 +23,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.config import GATEWAY_ADMIN_PORT, GATEWAY_PORT, GatewaySettings
 from gateway.envoy import write_config
-from services.runtime.environment import SettingsTable, integer, process_environment
+from services.runtime.environment import SettingsTable, integer, process_environment, text
 from services.runtime.server import ServiceSpec, migrate_service
 from services.runtime.settings import (
-    APP_DB_PASSWORD,
     DATA_DIR,
-    DATABASE_URL,
+    DATABASE_URLS,
     DEFAULT_METRICS_PORTS,
     DEFAULT_PORTS,
     GATEWAY_SECRET,
@@ -42,6 +41,7 @@ from services.runtime.settings import (
 )
 
 from . import postgres, redis_server
+from .dsn import DEV_APP_DB_PASSWORD, runtime_dsn
 from .gateway import start_envoy, wait_ready
 from .postgres import start_postgres, stop_postgres
 from .prometheus import PROMETHEUS_PORT, render_config, start_prometheus
@@ -69,6 +69,20 @@ def service_spec(name: str) -> ServiceSpec:
 
 PG_PORT = integer("PG_PORT", 55432, "ports of the embedded PostgreSQL and Redis")
 REDIS_PORT = integer("REDIS_PORT", 56379, PG_PORT.doc)
+DATABASE_URL = text(
+    "DATABASE_URL",
+    "",
+    "a PostgreSQL server of your own for `make run` and the tests: an owner's (administrative) DSN. The dev stack "
+    "migrates with it and hands each service `<SERVICE>_DATABASE_URL`, the same server as `<service>_app` with "
+    "`APP_DB_PASSWORD`. Services never read it",
+    shown="none: the embedded server (database `towerco`)",
+)
+APP_DB_PASSWORD = text(
+    "APP_DB_PASSWORD",
+    DEV_APP_DB_PASSWORD,
+    "the password the dev stack gives the runtime roles and puts in the services' `<SERVICE>_DATABASE_URL` "
+    "(the embedded server trusts loopback)",
+)
 
 #: What ``make run``, ``make token`` and the test suite's stack read (the services and the
 #: gateway they start read their own tables).
@@ -164,14 +178,23 @@ class Stack:
         self.redis_url = server.url
         return f"pid {redis_server.running_pid(server.data_dir)}, {server.url}"
 
+    @property
+    def app_db_password(self) -> str:
+        """The runtime roles' password in this stack (``APP_DB_PASSWORD``, else the dev one)."""
+        return APP_DB_PASSWORD.read(process_environment())
+
+    def runtime_dsn(self, service: str) -> str:
+        """The DSN the stack gives ``service``: its database as the runtime role ``<service>_app``."""
+        return runtime_dsn(self.database_url, service, self.app_db_password)
+
     def migrate(self, names: list[str] | None = None) -> dict[str, list[int]]:
-        password = self.service_env()["APP_DB_PASSWORD"]
+        """Migrate with the owner's DSN (``DATABASE_URL`` or the embedded server's): services never hold it."""
 
         async def run() -> dict[str, list[int]]:
             done = {}
             for name in names or available_services():
                 spec = service_spec(name)
-                done[name] = await migrate_service(spec, self.database_url, password)
+                done[name] = await migrate_service(spec, self.database_url, self.app_db_password)
             return done
 
         return asyncio.run(run())
@@ -181,13 +204,16 @@ class Stack:
         env = dict(process_environment())
         env.update(
             {
-                "DATABASE_URL": self.database_url,
                 "REDIS_URL": self.redis_url,
                 "DATA_DIR": str(self.config.data_dir),
-                "APP_DB_PASSWORD": APP_DB_PASSWORD.read(process_environment()),
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        # Each service's runtime DSN, named explicitly as a deployment names it.
+        env.update({setting.name: self.runtime_dsn(name) for name, setting in DATABASE_URLS.items()})
+        # Not the dev stack's own variables: a service must not lean on them.
+        for name in ("DATABASE_URL", "APP_DB_PASSWORD"):
+            env.pop(name, None)
         env.update({f"{name.upper()}_PORT": str(port) for name, port in self.config.ports.items()})
         env.update({f"{name.upper()}_METRICS_PORT": str(port) for name, port in self.config.metrics_ports.items()})
         env.update(

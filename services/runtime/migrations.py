@@ -91,10 +91,13 @@ async def migrate(
     service: str,
     schema: str,
     directory: Path,
-    app_password: str,
+    app_password: str | None,
     components: Sequence[str] = (),
 ) -> list[int]:
-    """Apply pending migrations of one service (shared ``components`` first); returns the versions applied now."""
+    """Apply pending migrations of one service (shared ``components`` first); returns the versions applied now.
+
+    ``app_password`` becomes the runtime role's password; None leaves it as it is (e.g. certificate login).
+    """
     owner, app, schema = _ident(f"{service}_owner"), _ident(f"{service}_app"), _ident(schema)
     pending = load(directory)  # a badly named file stops us before anything is created
     shared = {name: load(SHARED / _ident(name)) for name in components}
@@ -114,7 +117,7 @@ async def migrate(
 
 
 async def _ensure_roles_and_schema(
-    conn: asyncpg.Connection[Any], owner: str, app: str, schema: str, app_password: str
+    conn: asyncpg.Connection[Any], owner: str, app: str, schema: str, app_password: str | None
 ) -> None:
     async with conn.transaction():
         await conn.execute("CREATE SCHEMA IF NOT EXISTS platform_meta")
@@ -136,9 +139,10 @@ async def _ensure_roles_and_schema(
                 f"CREATE ROLE {app} LOGIN NOSUPERUSER NOBYPASSRLS NOREPLICATION NOCREATEDB NOCREATEROLE NOINHERIT"
             )
         # Re-assert the runtime role's limits every time: nobody widens them by hand unnoticed.
-        password = await conn.fetchval("SELECT quote_literal($1)", app_password)
+        password = "" if app_password is None else await conn.fetchval("SELECT quote_literal($1)", app_password)
         await conn.execute(
-            f"ALTER ROLE {app} LOGIN NOSUPERUSER NOBYPASSRLS NOREPLICATION NOCREATEDB NOCREATEROLE PASSWORD {password}"
+            f"ALTER ROLE {app} LOGIN NOSUPERUSER NOBYPASSRLS NOREPLICATION NOCREATEDB NOCREATEROLE"
+            + (f" PASSWORD {password}" if password else "")
         )
         # Migrations (run as the owner) call platform_meta.isolate_by_tenant('<table>').
         await conn.execute(f"GRANT USAGE ON SCHEMA platform_meta TO {owner}")

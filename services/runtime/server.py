@@ -49,7 +49,7 @@ from .policy import PolicyError, PolicyTable
 from .ratelimit import LimiterConfig, RateLimiter
 from .redis_clients import RedisConfig
 from .refusal_audit import RefusalAudit
-from .settings import Settings, SettingsError, load
+from .settings import Settings, SettingsError, load, migration_target
 from .tenant_cache import CHANNEL as TENANT_CHANNEL
 from .tenant_cache import TenantCache
 from .tenants import RegistryStateSource, StateSource, TenantDirectory
@@ -144,11 +144,16 @@ class ServiceSpec:
 
 
 async def run_migrations(spec: ServiceSpec, settings: Settings) -> list[int]:
-    return await migrate_service(spec, settings.database_url, settings.app_db_password)
+    """Migrate with ``MIGRATION_DATABASE_URL``, giving the runtime role the password of its own DSN."""
+    admin_dsn, app_password = migration_target(settings)
+    return await migrate_service(spec, admin_dsn, app_password)
 
 
-async def migrate_service(spec: ServiceSpec, admin_dsn: str, app_password: str) -> list[int]:
-    """Apply the service's pending migrations, then its ``after_migrate`` set-up."""
+async def migrate_service(spec: ServiceSpec, admin_dsn: str, app_password: str | None) -> list[int]:
+    """Apply the service's pending migrations, then its ``after_migrate`` set-up.
+
+    ``app_password``: the runtime role's password; None leaves it as it is.
+    """
     components = (*(("audit_outbox",) if spec.outbox else ()), *spec.components)
     applied = await migrations.migrate(admin_dsn, spec.name, spec.schema, spec.migrations_dir, app_password, components)
     if spec.after_migrate is not None:
@@ -431,7 +436,8 @@ def main(spec: ServiceSpec) -> None:
     """Entry point of ``python -m services.<name> [migrate]``.
 
     Without arguments: serve. With ``migrate``: apply pending migrations and exit (the
-    release Job of a deployment, run with the administrative DSN).
+    release Job of a deployment, run with ``MIGRATION_DATABASE_URL``, the owner's DSN, and
+    the service's ``<SERVICE>_DATABASE_URL``, whose password the runtime role is given).
     """
     args = sys.argv[1:]
     if args not in ([], ["migrate"]):

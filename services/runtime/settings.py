@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 from . import logs
 from .environment import Setting, SettingsError, SettingsTable, flag, integer, number, process_environment, text
@@ -23,8 +23,6 @@ DEFAULT_PORTS: dict[str, int] = {"tenant": 50051, "sites": 50052, "features": 50
 DEFAULT_METRICS_PORTS: dict[str, int] = {"tenant": 9461, "sites": 9462, "features": 9463, "audit": 9464}
 
 
-#: Password of the runtime roles when APP_DB_PASSWORD is not set (trust auth in dev ignores it).
-DEV_APP_DB_PASSWORD = "towerco-dev-only"  # noqa: S105 - documented dev default; deployments set it
 DEFAULT_JWT_ISSUER = "towerco-dev-issuer"
 DEFAULT_JWT_AUDIENCE = "towerco-aiops"
 #: Issuer of the tokens the platform's services present to each other (never users).
@@ -43,25 +41,24 @@ DATA_DIR = text(
     "where local state lives: the embedded servers' data and the dev keys (`keys/`)",
     shown="`.data/` of the working directory (`make` sets the checkout's)",
 )
-DATABASE_URL = text(
-    "DATABASE_URL",
+MIGRATION_DATABASE_URL = text(
+    "MIGRATION_DATABASE_URL",
     "",
-    "administrative DSN: creates roles and schemas, runs migrations. A service refuses to start "
-    "without it; `make run` starts an embedded server (database `towerco`) unless it is set",
-    shown="none; `make run`: the embedded server",
+    "the owner's (administrative) DSN, read only to migrate: `python -m services.<name> migrate` (the "
+    "migration Job) or `MIGRATE_ON_START`. It creates the roles and schemas and sets the runtime role's password "
+    "to the one in `<SERVICE>_DATABASE_URL`; a serving pod never holds it",
+    shown="none; `make run` migrates with its own",
 )
 DATABASE_URLS: dict[str, Setting[str]] = {
     name: text(
         f"{name.upper()}_DATABASE_URL",
         "",
-        "the service's runtime role (never an owner, superuser or BYPASSRLS)",
-        shown="`DATABASE_URL` with user `<service>_app`",
+        "the service's runtime role `<service>_app` (never an owner, superuser or BYPASSRLS), used exactly as "
+        "given: a service refuses to start without its own",
+        shown="none; `make run` sets each",
     )
     for name in DEFAULT_PORTS
 }
-APP_DB_PASSWORD = text(
-    "APP_DB_PASSWORD", DEV_APP_DB_PASSWORD, "password given to the runtime roles (trust auth in dev ignores it)"
-)
 REDIS_URL = text(
     "REDIS_URL",
     "redis://127.0.0.1:56379/0",
@@ -152,7 +149,11 @@ DB_POOL_MAX_SIZE = integer("DB_POOL_MAX_SIZE", 20, _POOL_DOC, minimum=1)
 DB_POOL_MIN_SIZE = integer("DB_POOL_MIN_SIZE", 2, _POOL_DOC)
 DB_ACQUIRE_TIMEOUT_SECONDS = number("DB_ACQUIRE_TIMEOUT_SECONDS", 2.0, _POOL_DOC)
 DB_STATEMENT_TIMEOUT_MS = integer("DB_STATEMENT_TIMEOUT_MS", 5000, _POOL_DOC)
-MIGRATE_ON_START = flag("MIGRATE_ON_START", True, "apply migrations at start-up (pods: `false`, a Job runs them)")
+MIGRATE_ON_START = flag(
+    "MIGRATE_ON_START",
+    False,
+    "apply migrations at start-up with `MIGRATION_DATABASE_URL` (pods leave it `false`: the migration Job runs them)",
+)
 SHUTDOWN_DELAY_SECONDS = number(
     "SHUTDOWN_DELAY_SECONDS",
     1.0,
@@ -261,9 +262,8 @@ OTEL_BSP_SCHEDULE_DELAY = integer(
 
 SERVICE_SETTINGS = SettingsTable.of(
     "services",
-    DATABASE_URL,
+    MIGRATION_DATABASE_URL,
     DATABASE_URLS.values(),
-    APP_DB_PASSWORD,
     REDIS_URL,
     PORTS.values(),
     GRPC_BIND_HOST,
@@ -329,10 +329,10 @@ class Settings:
     metrics_port: int
     metrics_tenant_label_cap: int
     prometheus_multiproc_dir: str
-    database_url: str
-    #: ``<SERVICE>_DATABASE_URL``, else ``DATABASE_URL`` as the runtime role ``<service>_app``.
+    #: Empty unless given (read only when migrating).
+    migration_database_url: str = field(repr=False)
+    #: The service's own ``<SERVICE>_DATABASE_URL``, as given.
     runtime_database_url: str = field(repr=False)
-    app_db_password: str = field(repr=False)
     redis_url: str
     db_pool_min_size: int
     db_pool_max_size: int
@@ -382,21 +382,31 @@ def data_dir(environ: Mapping[str, str] | None = None) -> Path:
     return Path(DATA_DIR.read(env) or Path.cwd() / ".data").resolve()
 
 
-def dsn_with_user(dsn: str, user: str, password: str) -> str:
-    """``dsn``'s host, port and database, logging in as ``user``."""
-    parts = urlsplit(dsn)
-    host = parts.hostname or "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{quote(user)}:{quote(password, safe='')}@{host}"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+def runtime_role(service: str) -> str:
+    """The role a service runs as, which its migrations create: ``<service>_app``."""
+    return f"{service}_app"
 
 
-def runtime_dsn(admin_dsn: str, service: str, password: str) -> str:
-    """The runtime role's DSN: the admin DSN's host and database with ``<service>_app``."""
-    return dsn_with_user(admin_dsn, f"{service}_app", password)
+def migration_target(settings: Settings) -> tuple[str, str | None]:
+    """What migrating needs: the owner's DSN, and the runtime role's password (from its DSN; None: left as it is).
+
+    SettingsError when ``MIGRATION_DATABASE_URL`` is missing, or the runtime DSN logs in as
+    another role than the one the migrations create (its password would go to the wrong role).
+    """
+    if not settings.migration_database_url:
+        raise SettingsError(
+            f"MIGRATION_DATABASE_URL is not set: migrating needs the owner's DSN ({settings.service} "
+            "migrate, or MIGRATE_ON_START=true)"
+        )
+    runtime = urlsplit(settings.runtime_database_url)
+    role = runtime_role(settings.service)
+    user = unquote(runtime.username or "")
+    if user != role:
+        raise SettingsError(
+            f"{DATABASE_URLS[settings.service].name} logs in as {user or 'nobody'!r}, not {role!r}, the runtime "
+            "role the migrations create"
+        )
+    return settings.migration_database_url, None if runtime.password is None else unquote(runtime.password)
 
 
 def _page_token_secret(keys: Path, environ: Mapping[str, str]) -> bytes:
@@ -426,11 +436,12 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError(f"unknown service {service!r}")
     env = process_environment() if environ is None else environ
     keys = data_dir(env) / "keys"
-    database_url = DATABASE_URL.read(env)
-    if not database_url:
-        raise SettingsError("DATABASE_URL is not set (make run sets it for the embedded server)")
-    password = APP_DB_PASSWORD.read(env)
-    runtime_url = DATABASE_URLS[service].read(env) or runtime_dsn(database_url, service, password)
+    runtime_url = DATABASE_URLS[service].read(env)
+    if not runtime_url:
+        raise SettingsError(
+            f"{DATABASE_URLS[service].name} is not set: the DSN of the {service} service's runtime role "
+            f"{runtime_role(service)} (DATABASE_URL and APP_DB_PASSWORD are no longer read)"
+        )
     jwks_url = JWT_JWKS_URL.read(env)
     jwks_file = JWT_JWKS_FILE.read(env) or ("" if jwks_url else str(keys / "jwks.json"))
     ports = {name: setting.read(env) for name, setting in PORTS.items()}
@@ -442,9 +453,8 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Settings:
         metrics_port=METRICS_PORTS[service].read(env),
         metrics_tenant_label_cap=METRICS_TENANT_LABEL_CAP.read(env),
         prometheus_multiproc_dir=PROMETHEUS_MULTIPROC_DIR.read(env),
-        database_url=database_url,
+        migration_database_url=MIGRATION_DATABASE_URL.read(env),
         runtime_database_url=runtime_url,
-        app_db_password=password,
         redis_url=REDIS_URL.read(env),
         db_pool_min_size=min(DB_POOL_MIN_SIZE.read(env), pool_max),
         db_pool_max_size=pool_max,
