@@ -11,7 +11,7 @@ GEN_STAMP := $(GEN)/.stamp
 
 export DATA_DIR ?= $(CURDIR)/.data
 
-.PHONY: help install proto keys migrate run stop token test test-unit lint bench clean web gateway-config settings-doc usage-report
+.PHONY: help install proto keys migrate run stop token test test-unit lint bench clean web gateway-config settings-doc usage-report lock
 
 help:
 	@echo "make run      start PostgreSQL, Redis, every service and the Envoy gateway (Ctrl-C stops all)"
@@ -19,6 +19,7 @@ help:
 	@echo "make test-unit  only the tests that start no server or process (seconds)"
 	@echo "make token    print a dev JWT: TENANT=tenant_a ROLE=admin PERMS=a,b TTL=3600"
 	@echo "make usage-report MONTH=2026-11 [OUT=usage.csv]  a month's usage per tenant as CSV (billing)"
+	@echo "make lock     requirements*.lock from pyproject.toml, hashes pinned (UPGRADE=1: newest versions)"
 	@echo "make proto | web | gateway-config | settings-doc | migrate | lint | bench | stop | clean"
 
 $(STAMP): pyproject.toml
@@ -109,6 +110,14 @@ lint: $(GEN_STAMP)
 	@$(PY) -m deploy.local keys >/dev/null
 	$(PY) -m gateway validate
 	promtool check rules deploy/prometheus/rules/*.yml
+	$(PY) -m deploy.requirements_lock check
+	$(VENV)/bin/hadolint deploy/Dockerfile
+
+# The image's lock files (deploy/Dockerfile installs them with --require-hashes): uv resolves
+# pyproject.toml for Linux and Python 3.11, keeping the pins already there unless UPGRADE=1.
+# make lint (and tests/test_dependencies.py) fail when pyproject.toml and the locks disagree.
+lock: $(STAMP)
+	$(PY) -m deploy.requirements_lock compile $(if $(UPGRADE),--upgrade)
 
 bench: $(GEN_STAMP)
 	$(PY) -m tests.bench
