@@ -135,6 +135,18 @@ GATEWAY_MAX_HEAP_MB = integer(
     "Envoy's heap budget (below the pod's memory limit): from 80% idle connections are closed sooner, down to "
     "1 s at 95%; at 98% new calls get UNAVAILABLE",
 )
+_TLS_DOC = (
+    "the gateway serves TLS with this PEM certificate chain and key (both or neither), ALPN `h2,http/1.1` for "
+    "gRPC and gRPC-web; unset: plaintext. `make run` uses `make certs`' pair when it is there"
+)
+GATEWAY_TLS_CERT_FILE = text("GATEWAY_TLS_CERT_FILE", "", _TLS_DOC)
+GATEWAY_TLS_KEY_FILE = text("GATEWAY_TLS_KEY_FILE", "", _TLS_DOC)
+GATEWAY_UPSTREAM_TLS_CA_FILE = text(
+    "GATEWAY_UPSTREAM_TLS_CA_FILE",
+    "",
+    "the gateway calls the services over TLS, verifying them with this CA (PEM) and the host names of their "
+    "`<SERVICE>_TARGET`; for services with `GRPC_TLS_CERT_FILE`. Unset: plaintext",
+)
 GATEWAY_WEB_DIR = text(
     "GATEWAY_WEB_DIR",
     str(WEB_DIST),
@@ -153,6 +165,9 @@ GATEWAY_SETTINGS = SettingsTable.of(
     GATEWAY_FIRST_BYTES_TIMEOUT_SECONDS,
     GATEWAY_IDLE_TIMEOUT_SECONDS,
     GATEWAY_MAX_HEAP_MB,
+    GATEWAY_TLS_CERT_FILE,
+    GATEWAY_TLS_KEY_FILE,
+    GATEWAY_UPSTREAM_TLS_CA_FILE,
     GATEWAY_WEB_DIR,
     BASE_DOMAIN,
     JWT_ISSUER,
@@ -206,6 +221,20 @@ class GatewaySettings:
     max_heap_mb: int = GATEWAY_MAX_HEAP_MB.default
     #: The built web page, or None to serve none.
     web_dir: Path | None = None
+    #: The listener's certificate chain and key (PEM files), or empty for plaintext.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    #: The CA the services' certificates chain to, or empty to call them in plaintext.
+    upstream_tls_ca_file: str = ""
+
+    @property
+    def serves_tls(self) -> bool:
+        return bool(self.tls_cert_file)
+
+    @property
+    def scheme(self) -> str:
+        """What a browser's origin and a client's URL start with."""
+        return "https" if self.serves_tls else "http"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> GatewaySettings:
@@ -215,7 +244,11 @@ class GatewaySettings:
         base_domain = BASE_DOMAIN.read(env).lower().strip(".")
         jwks_url = JWT_JWKS_URL.read(env)
         jwks_file = JWT_JWKS_FILE.read(env) or ("" if jwks_url else str(data_dir(env) / "keys" / "jwks.json"))
-        origins = GATEWAY_CORS_ORIGINS.read(env) or f"http://*.{base_domain}:{port}"
+        cert_file, key_file = GATEWAY_TLS_CERT_FILE.read(env), GATEWAY_TLS_KEY_FILE.read(env)
+        if bool(cert_file) != bool(key_file):
+            raise SettingsError("set both GATEWAY_TLS_CERT_FILE and GATEWAY_TLS_KEY_FILE to serve TLS, or neither")
+        scheme = "https" if cert_file else "http"
+        origins = GATEWAY_CORS_ORIGINS.read(env) or f"{scheme}://*.{base_domain}:{port}"
         web = GATEWAY_WEB_DIR.read(env)
         return cls(
             bind_host=GATEWAY_BIND_HOST.read(env),
@@ -235,6 +268,9 @@ class GatewaySettings:
             idle_timeout_seconds=float(GATEWAY_IDLE_TIMEOUT_SECONDS.read(env)),
             max_heap_mb=GATEWAY_MAX_HEAP_MB.read(env),
             web_dir=Path(web) if (Path(web) / "index.html").is_file() else None,
+            tls_cert_file=cert_file,
+            tls_key_file=key_file,
+            upstream_tls_ca_file=GATEWAY_UPSTREAM_TLS_CA_FILE.read(env),
         )
 
 
@@ -282,7 +318,9 @@ def render(settings: GatewaySettings, routes: list[Api] | None = None) -> dict[s
     if bool(settings.jwt_jwks_file) == bool(settings.jwt_jwks_url):
         raise SettingsError("set exactly one of JWT_JWKS_FILE and JWT_JWKS_URL")
     routes = apis() if routes is None else routes
-    clusters = [_service_cluster(api.cluster, settings.targets[api.cluster]) for api in routes]
+    clusters = [
+        _service_cluster(api.cluster, settings.targets[api.cluster], settings.upstream_tls_ca_file) for api in routes
+    ]
     if settings.jwt_jwks_url:
         clusters.append(_jwks_cluster(settings.jwt_jwks_url))
     return {
@@ -368,21 +406,53 @@ def _listener(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
     return {
         "name": "gateway",
         "address": _address(settings.bind_host, settings.port),
-        # The HTTP inspector waits for a connection's first bytes; one that sends none
-        # within the timeout is closed before it reaches the HTTP layer.
-        "listener_filters": [
-            {
-                "name": "envoy.filters.listener.http_inspector",
-                "typed_config": _typed("envoy.extensions.filters.listener.http_inspector.v3.HttpInspector"),
-            }
-        ],
+        # The inspector waits for a connection's first bytes (its TLS ClientHello, or its
+        # HTTP request); one that sends none within the timeout is closed before it reaches
+        # the HTTP layer.
+        "listener_filters": [_first_bytes_inspector(settings)],
         "listener_filters_timeout": _seconds(settings.first_bytes_timeout_seconds),
         "continue_on_listener_filters_timeout": False,
         # What one connection may have buffered (Envoy's default is 1 MiB).
         "per_connection_buffer_limit_bytes": 32768,
         "filter_chains": [
-            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]}
+            {
+                "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}],
+                **({"transport_socket": _downstream_tls(settings)} if settings.serves_tls else {}),
+            }
         ],
+    }
+
+
+def _first_bytes_inspector(settings: GatewaySettings) -> dict[str, Any]:
+    if settings.serves_tls:
+        return {
+            "name": "envoy.filters.listener.tls_inspector",
+            "typed_config": _typed("envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"),
+        }
+    return {
+        "name": "envoy.filters.listener.http_inspector",
+        "typed_config": _typed("envoy.extensions.filters.listener.http_inspector.v3.HttpInspector"),
+    }
+
+
+def _downstream_tls(settings: GatewaySettings) -> dict[str, Any]:
+    """TLS on the listener; ALPN offers HTTP/2 first (native gRPC needs it, gRPC-web takes
+    either) and HTTP/1.1 for the browsers and clients that ask for it."""
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": _typed(
+            "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            common_tls_context={
+                "alpn_protocols": ["h2", "http/1.1"],
+                "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+                "tls_certificates": [
+                    {
+                        "certificate_chain": {"filename": settings.tls_cert_file},
+                        "private_key": {"filename": settings.tls_key_file},
+                    }
+                ],
+            },
+        ),
     }
 
 
@@ -793,8 +863,9 @@ def _upstream_address(target: str) -> tuple[str, int, bool]:
     return host, int(port), literal
 
 
-def _service_cluster(name: str, target: str) -> dict[str, Any]:
+def _service_cluster(name: str, target: str, tls_ca_file: str = "") -> dict[str, Any]:
     addresses = [_upstream_address(one.strip()) for one in target.split(",") if one.strip()]
+    tls = {"transport_socket": _upstream_tls(addresses, tls_ca_file)} if tls_ca_file else {}
     return {
         "name": name,
         "type": "STATIC" if all(literal for _, _, literal in addresses) else "STRICT_DNS",
@@ -834,6 +905,29 @@ def _service_cluster(name: str, target: str) -> dict[str, Any]:
             "base_ejection_time": "10s",
             "max_ejection_percent": 50,
         },
+        **tls,
+    }
+
+
+def _upstream_tls(addresses: list[tuple[str, int, bool]], ca_file: str) -> dict[str, Any]:
+    """TLS to a service's hosts (their health checks too): the certificate must chain to
+    ``ca_file`` and name one of the hosts the target lists, by DNS name or IP address."""
+    hosts = sorted({(host, literal) for host, _, literal in addresses})
+    names = [{"san_type": "IP_ADDRESS" if literal else "DNS", "matcher": {"exact": host}} for host, literal in hosts]
+    sni = next((host for host, literal in hosts if not literal), None)
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": _typed(
+            "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            **({"sni": sni} if sni else {}),
+            common_tls_context={
+                "alpn_protocols": ["h2"],
+                "validation_context": {
+                    "trusted_ca": {"filename": ca_file},
+                    "match_typed_subject_alt_names": names,
+                },
+            },
+        ),
     }
 
 

@@ -39,6 +39,7 @@ from services.runtime.settings import (
     SERVICE_JWT_ISSUER,
     gateway_secret,
 )
+from services.runtime.tls import GrpcTls
 
 from . import postgres, redis_server
 from .dsn import DEV_APP_DB_PASSWORD, runtime_dsn
@@ -153,6 +154,7 @@ class Stack:
         self.database_url = config.database_url or ""
         self.redis_url = config.redis_url or ""
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._tls: dict[str, GrpcTls] = {}
         self._embedded_pg = config.database_url is None
         self._embedded_redis = config.redis_url is None
 
@@ -237,10 +239,13 @@ class Stack:
         holds the stack's.
         """
         metrics = {METRICS_PORTS[name].name: "0"} if instance not in (None, name) else {}
+        env = self.service_env({**metrics, **(extra_env or {})})
+        # wait_serving asks it as its callers will: over TLS if it serves TLS.
+        self._tls[instance or name] = GrpcTls.from_env(env)
         process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
             [sys.executable, "-m", f"services.{name}"],
             cwd=REPO,
-            env=self.service_env({**metrics, **(extra_env or {})}),
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT if log is not None else None,
         )
@@ -254,7 +259,8 @@ class Stack:
         port = port or self.config.ports[name]
         process = self.processes.get(instance or name)
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        tls = self._tls.get(instance or name) or GrpcTls.from_env(self.service_env())
+        with tls.channel(f"127.0.0.1:{port}") as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if process is not None and process.poll() is not None:

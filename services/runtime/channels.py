@@ -15,10 +15,21 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import grpc
 from grpc import aio
 
 from . import context, tracing
 from .identity import ServiceIdentity
+from .tls import GrpcTls
+
+#: What every channel to another service verifies it with (``GRPC_TLS_CA_FILE``); None: plaintext.
+_credentials: grpc.ChannelCredentials | None = None
+
+
+def configure(tls: GrpcTls) -> None:
+    """Once at start-up: calls to other services use TLS if ``tls`` names a CA."""
+    global _credentials
+    _credentials = tls.channel_credentials()
 
 
 def propagation_metadata(
@@ -77,9 +88,10 @@ class ContextPropagationInterceptor(_ClientInterceptor):
 def service_channel(
     target: str, options: Sequence[tuple[str, Any]] = (), *, identity: ServiceIdentity | None = None
 ) -> aio.Channel:
-    """A channel to another platform service: on behalf of the caller, or as ``identity``."""
-    return aio.insecure_channel(
-        target,
-        options=[("grpc.keepalive_time_ms", 30_000), *options],
-        interceptors=[ContextPropagationInterceptor(identity)],  # type: ignore[list-item]  # stubs lag grpc.aio
-    )
+    """A channel to another platform service: on behalf of the caller, or as ``identity``;
+    over TLS once :func:`configure` was given a CA."""
+    options = [("grpc.keepalive_time_ms", 30_000), *options]
+    interceptors = [ContextPropagationInterceptor(identity)]
+    if _credentials is not None:
+        return aio.secure_channel(target, _credentials, options=options, interceptors=interceptors)  # type: ignore[arg-type]  # stubs lag grpc.aio
+    return aio.insecure_channel(target, options=options, interceptors=interceptors)  # type: ignore[arg-type]  # stubs lag grpc.aio

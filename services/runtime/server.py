@@ -29,7 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from . import logs, metrics, migrations, tracing, usage
+from . import channels, logs, metrics, migrations, tracing, usage
 from .audit import Auditor, AuditRelay
 from .auth import TokenVerifier, VerifierConfig
 from .canary import CanaryError, IsolationCanary
@@ -206,8 +206,13 @@ def build_server(
     reflection.enable_server_reflection(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
+    address = f"{settings.bind_host}:{settings.port}"
+    credentials = settings.grpc_tls.server_credentials()
     try:
-        server.add_insecure_port(f"{settings.bind_host}:{settings.port}")
+        if credentials is None:
+            server.add_insecure_port(address)
+        else:  # TLS only: a plaintext client fails its handshake
+            server.add_secure_port(address, credentials)
     except RuntimeError as exc:  # taken since the check at start-up: gRPC says only "Failed to bind"
         raise ListenError(f"cannot listen on {settings.bind_host}:{settings.port} ({exc})") from None
     return server, health, gate
@@ -243,6 +248,7 @@ async def serve(spec: ServiceSpec) -> None:
     if settings.metrics_port:
         check_port_free(settings.bind_host, settings.metrics_port, f"{spec.name.upper()}_METRICS_PORT")
     metrics.configure(spec.name, settings.metrics_tenant_label_cap)
+    channels.configure(settings.grpc_tls)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -341,7 +347,13 @@ async def serve(spec: ServiceSpec) -> None:
         for name in [*(s.full_name for s in spec.services), ""]:
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
         canary.start()
-        log.info("%s serving on %s:%d", spec.name, settings.bind_host, settings.port)
+        log.info(
+            "%s serving on %s:%d%s",
+            spec.name,
+            settings.bind_host,
+            settings.port,
+            " (TLS)" if settings.grpc_tls.serves_tls else "",
+        )
 
         await stop.wait()
         log.info(

@@ -14,6 +14,7 @@ from urllib.parse import unquote, urlsplit
 from . import logs
 from .environment import Setting, SettingsError, SettingsTable, flag, integer, number, process_environment, text
 from .plans import DEFAULT_PLANS_FILE
+from .tls import GRPC_TLS_SETTINGS, GrpcTls
 
 __all__ = ["Settings", "SettingsError", "load"]
 
@@ -308,6 +309,7 @@ SERVICE_SETTINGS = SettingsTable.of(
     LOG_FORMAT,
     OTEL_EXPORTER_OTLP_ENDPOINT,
     OTEL_BSP_SCHEDULE_DELAY,
+    GRPC_TLS_SETTINGS,
     DATA_DIR,
 )
 
@@ -374,6 +376,14 @@ class Settings:
     log_format: str
     otel_exporter_otlp_endpoint: str
     otel_bsp_schedule_delay: int
+    grpc_tls_cert_file: str
+    grpc_tls_key_file: str
+    grpc_tls_ca_file: str
+
+    @property
+    def grpc_tls(self) -> GrpcTls:
+        """TLS served, and used on calls to other services (services/runtime/tls.py)."""
+        return GrpcTls(self.grpc_tls_cert_file, self.grpc_tls_key_file, self.grpc_tls_ca_file)
 
 
 def data_dir(environ: Mapping[str, str] | None = None) -> Path:
@@ -446,6 +456,7 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Settings:
     jwks_file = JWT_JWKS_FILE.read(env) or ("" if jwks_url else str(keys / "jwks.json"))
     ports = {name: setting.read(env) for name, setting in PORTS.items()}
     pool_max = DB_POOL_MAX_SIZE.read(env)
+    tls = GrpcTls.from_env(env)
     settings = Settings(
         service=service,
         bind_host=GRPC_BIND_HOST.read(env),
@@ -492,6 +503,9 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Settings:
         log_format=LOG_FORMAT.read(env),
         otel_exporter_otlp_endpoint=OTEL_EXPORTER_OTLP_ENDPOINT.read(env),
         otel_bsp_schedule_delay=OTEL_BSP_SCHEDULE_DELAY.read(env),
+        grpc_tls_cert_file=tls.cert_file,
+        grpc_tls_key_file=tls.key_file,
+        grpc_tls_ca_file=tls.ca_file,
     )
     if not (settings.jwt_jwks_file or settings.jwt_jwks_url):
         raise SettingsError("set JWT_JWKS_FILE or JWT_JWKS_URL")
