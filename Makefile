@@ -71,9 +71,11 @@ $(WEB_STAMP): $(WEB_SOURCES) $(GEN_STAMP)
 
 web: $(WEB_STAMP)
 
-# The gateway's ConfigMap for the cluster, rendered from the same template as dev.
+# Each kustomize overlay's gateway configuration, rendered from the same template as dev
+# with the overlay's platform.env (its towerco-gateway ConfigMap is generated from it).
+OVERLAYS := dev prod
 gateway-config: $(GEN_STAMP)
-	$(PY) -m gateway render --deploy --kubernetes --out deploy/kubernetes/gateway-config.yaml
+	$(foreach o,$(OVERLAYS),$(PY) -m gateway render --overlay $(o) --out deploy/kubernetes/overlays/$(o)/gateway-envoy.json &&) true
 
 # README.md's configuration table, from the environment variables each process declares.
 settings-doc: $(GEN_STAMP)
@@ -110,6 +112,8 @@ lint: $(GEN_STAMP)
 	@$(PY) -m deploy.local keys >/dev/null
 	$(PY) -m gateway validate
 	promtool check rules deploy/prometheus/rules/*.yml
+	$(PY) -m deploy.kubernetes.render --out test-output/kubernetes
+	$(VENV)/bin/kubernetes-validate --strict --quiet --kubernetes-version 1.32.0 $(foreach o,$(OVERLAYS),test-output/kubernetes/$(o).yaml)
 	$(PY) -m deploy.requirements_lock check
 	$(VENV)/bin/hadolint deploy/Dockerfile
 

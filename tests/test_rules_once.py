@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.__main__ import deploy_settings
+from gateway.__main__ import deploy_settings, overlay_values
 from gateway.config import lua_pattern, origin_matchers, render
 from services.runtime.ids import REQUEST_ID, TENANT_ID, IdRule
 from services.runtime.plans import FEATURE_PATTERN, PLAN_PATTERN
@@ -198,7 +198,7 @@ def _filter(node: object, name: str) -> dict[str, object] | None:
 
 
 def _edge_tenant_rule() -> dict[str, object]:
-    edge = _filter(render(deploy_settings()), "towerco.edge_identity")
+    edge = _filter(render(deploy_settings(overlay_values("prod"))), "towerco.edge_identity")
     assert edge is not None
     source = edge["typed_config"]["default_source_code"]["inline_string"]  # type: ignore[index]
     rule = re.search(r'tenant_id = \{pattern = "([^"]*)", min_length = (\d+), max_length = (\d+)\}', source)

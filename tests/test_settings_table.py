@@ -12,7 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
+from deploy.kubernetes.render import OVERLAYS, render
 from deploy.local.settings_doc import PROCESS_SETTINGS, README, current_readme
 from deploy.local.stack import DEV_STACK_SETTINGS, StackConfig
 from gateway.config import GATEWAY_SETTINGS, GatewaySettings
@@ -121,24 +123,42 @@ def test_the_scan_sees_reads_through_a_mapping_and_environments_for_processes() 
 
 def test_envoy_reads_only_declared_gateway_variables_from_its_environment() -> None:
     sources = [*(REPO / "gateway").glob("*.py"), *(REPO / "gateway").glob("*.lua")]
-    sources.append(REPO / "deploy" / "kubernetes" / "gateway-config.yaml")
+    sources.extend((REPO / "deploy" / "kubernetes" / "overlays").glob("*/gateway-envoy.json"))
     read = {name for path in sources for name in re.findall(r"%ENVIRONMENT\((\w+)\)%", path.read_text())}
     assert read, "Envoy reads GATEWAY_SECRET from its environment; the scan found nothing"
     assert read <= GATEWAY_SETTINGS.names, read - GATEWAY_SETTINGS.names
 
 
-@pytest.mark.parametrize("manifest", sorted(p.name for p in (REPO / "deploy" / "kubernetes").glob("*.yaml")))
-def test_every_variable_a_kubernetes_manifest_sets_is_declared_for_that_process(manifest: str) -> None:
-    text = (REPO / "deploy" / "kubernetes" / manifest).read_text()
-    names = set(re.findall(r"^\s*-\s*\{?\s*name:\s*([A-Z][A-Z0-9_]*)\b", text, re.MULTILINE))
-    table = GATEWAY_SETTINGS if manifest.startswith("gateway") else SERVICE_SETTINGS
-    assert names <= table.names, f"{manifest} sets undeclared {sorted(names - table.names)}"
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_variable_a_kubernetes_overlay_sets_is_declared_for_that_process(overlay: str) -> None:
+    # The rendered overlay (kubectl kustomize): each container's env, and every key of the
+    # ConfigMaps and Secrets it reads whole (envFrom), is a variable of its own process.
+    objects = [doc for doc in yaml.safe_load_all(render(overlay)) if doc]
+    generated = {(o["kind"], o["metadata"]["name"]): set(o.get("data", {})) for o in objects}
+    checked = 0
+    for workload in objects:
+        if workload["kind"] not in {"Deployment", "Job"}:
+            continue
+        spec = workload["spec"]["template"]["spec"]
+        for container in [*spec.get("initContainers", []), *spec["containers"]]:
+            names = {env["name"] for env in container.get("env", [])}
+            for source in container.get("envFrom", []):
+                for ref, kind in (("configMapRef", "ConfigMap"), ("secretRef", "Secret")):
+                    if ref in source:
+                        names |= generated[kind, source[ref]["name"]]
+            table = GATEWAY_SETTINGS if workload["metadata"]["name"] == "gateway" else SERVICE_SETTINGS
+            where = f"{overlay}: {workload['kind']}/{workload['metadata']['name']} {container['name']}"
+            assert names, where
+            assert names <= table.names, f"{where} sets undeclared {sorted(names - table.names)}"
+            checked += 1
+    assert checked == 9, "five Deployments and the Job's four migrations"
 
 
 def test_the_deploy_gateway_environment_names_only_gateway_variables() -> None:
-    from gateway.__main__ import DEPLOY_ENV
+    from gateway.__main__ import DEPLOY_ENV, OVERLAY_VALUES
 
     assert set(DEPLOY_ENV) <= GATEWAY_SETTINGS.names, set(DEPLOY_ENV) - GATEWAY_SETTINGS.names
+    assert set(OVERLAY_VALUES) <= GATEWAY_SETTINGS.names, set(OVERLAY_VALUES) - GATEWAY_SETTINGS.names
 
 
 def test_a_variable_several_processes_read_is_one_declaration() -> None:
