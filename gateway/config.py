@@ -83,6 +83,8 @@ LOCAL_REPLY_HEADER = f"{INTERNAL_PREFIX}local-reply"
 SAFE_RETRY_ON = "unavailable,connect-failure,refused-stream,reset-before-request"
 #: Every platform API path starts so; the token rule and the tenant rule apply to them.
 API_PREFIX = "/towerco."
+#: What a load balancer asks the gateway (HTTP GET on the listener): 200 while it serves.
+HEALTH_PATH = "/healthz"
 #: The web page may load only itself; its API calls go to its own origin.
 PAGE_SECURITY_HEADERS = {
     "content-security-policy": (
@@ -292,6 +294,12 @@ class Api:
     #: Full paths of its RPCs that need no token.
     public_paths: tuple[str, ...]
 
+    @property
+    def health_service(self) -> str:
+        """The gRPC service name the gateway's health checks ask: SERVING only while the
+        service's database answers and no isolation breach stands (services/runtime/health.py)."""
+        return self.prefixes[0].strip("/") if self.prefixes else ""
+
 
 def apis(served: Mapping[str, Iterable[ServiceDescriptor]] | None = None) -> list[Api]:
     """Routes for every service, from the policies in the protos; internal ones are left out."""
@@ -319,7 +327,8 @@ def render(settings: GatewaySettings, routes: list[Api] | None = None) -> dict[s
         raise SettingsError("set exactly one of JWT_JWKS_FILE and JWT_JWKS_URL")
     routes = apis() if routes is None else routes
     clusters = [
-        _service_cluster(api.cluster, settings.targets[api.cluster], settings.upstream_tls_ca_file) for api in routes
+        _service_cluster(api.cluster, settings.targets[api.cluster], settings.upstream_tls_ca_file, api.health_service)
+        for api in routes
     ]
     if settings.jwt_jwks_url:
         clusters.append(_jwks_cluster(settings.jwt_jwks_url))
@@ -385,7 +394,9 @@ def _listener(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
         always_set_request_id_in_response=True,
         access_log=_access_logs(),
         http_filters=[
-            # First, so that every reply, the gateway's own refusals too, carries the id.
+            # The load balancer's probe, answered by Envoy itself (503 once it is draining).
+            {"name": "envoy.filters.http.health_check", "typed_config": _health_path()},
+            # Then, so that every other reply, the gateway's own refusals too, carries the id.
             {"name": "towerco.request_id", "typed_config": _request_id_lua()},
             {
                 "name": "envoy.filters.http.grpc_web",
@@ -454,6 +465,18 @@ def _downstream_tls(settings: GatewaySettings) -> dict[str, Any]:
             },
         ),
     }
+
+
+def _health_path() -> dict[str, Any]:
+    """``GET HEALTH_PATH``: 200 while Envoy serves, 503 once it drains (``POST /healthcheck/fail``
+    on the admin interface, or shutting down), so a load balancer takes it out first. Whether
+    the services are ready is theirs to say, to the clusters' health checks: a gateway with
+    none ready still answers each call (UNAVAILABLE, retry later), so it stays in."""
+    return _typed(
+        "envoy.extensions.filters.http.health_check.v3.HealthCheck",
+        pass_through_mode=False,
+        headers=[{"name": ":path", "string_match": {"exact": HEALTH_PATH}}],
+    )
 
 
 def _client_request_id_mutation() -> dict[str, Any]:
@@ -807,7 +830,10 @@ def _access_logs() -> list[dict[str, Any]]:
         header = {"name": "x-grpc-web", "present_match": True, "invert_match": not grpc_web}
         return {
             "name": "envoy.access_loggers.stdout",
-            "filter": {"header_filter": {"header": header}},
+            # The load balancer's probes of HEALTH_PATH are not calls.
+            "filter": {
+                "and_filter": {"filters": [{"header_filter": {"header": header}}, {"not_health_check_filter": {}}]}
+            },
             "typed_config": _typed(
                 "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
                 log_format={"text_format_source": {"inline_string": line.format(grpc_status)}},
@@ -863,7 +889,7 @@ def _upstream_address(target: str) -> tuple[str, int, bool]:
     return host, int(port), literal
 
 
-def _service_cluster(name: str, target: str, tls_ca_file: str = "") -> dict[str, Any]:
+def _service_cluster(name: str, target: str, tls_ca_file: str = "", health_service: str = "") -> dict[str, Any]:
     addresses = [_upstream_address(one.strip()) for one in target.split(",") if one.strip()]
     tls = {"transport_socket": _upstream_tls(addresses, tls_ca_file)} if tls_ca_file else {}
     return {
@@ -883,14 +909,16 @@ def _service_cluster(name: str, target: str, tls_ca_file: str = "") -> dict[str,
                 {"lb_endpoints": [{"endpoint": {"address": _address(host, port)}} for host, port, _ in addresses]}
             ],
         },
+        # The service's readiness, not its liveness (""): a host whose database is unreachable
+        # is out within about 4 s of it turning NOT_SERVING (two failed checks), back after one.
         "health_checks": [
             {
                 "timeout": "1s",
-                "interval": "5s",
-                "no_traffic_interval": "10s",
+                "interval": "1s",
+                "no_traffic_interval": "5s",
                 "unhealthy_threshold": 2,
                 "healthy_threshold": 1,
-                "grpc_health_check": {},
+                "grpc_health_check": {"service_name": health_service},
             }
         ],
         # Retries (see _retry_policy) stay a fifth of the calls in flight, so they cannot

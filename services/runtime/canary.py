@@ -15,10 +15,12 @@ from the catalog, so a new table is checked without anyone listing it), for:
 Any row found is a breach: ``towerco_isolation_breach_total{service}`` goes up (the
 ``TenantIsolationBreach`` alert fires on it), a CRITICAL line names the table, and the
 health check answers NOT_SERVING for the service's gRPC service names until a round finds
-nothing again. The overall status (``""``) is left alone on purpose: a broken policy is
-in the shared database, so every replica would drop out of its load balancer at once,
-turning a leak that needs a human into an outage of every tenant; the alert pages the
-human, who decides.
+nothing again (``services/runtime/health.py``, with the database's reachability). Those
+names are the service's readiness, which the gateway and the cluster ask: a broken policy
+is in the shared database, so every replica of the service leaves at once, and a service
+that may show one tenant another's rows stops taking calls rather than go on leaking; the
+alert pages the human. The process's status (``""``, liveness) stays SERVING: a restart
+would not mend a policy.
 
 The canary ids are reserved (the registry refuses to create them, ``hosts.RESERVED_TENANT_IDS``)
 and left out of tenant listings. The registry keeps a tenant record of each (its other

@@ -38,6 +38,7 @@ from .entitlements import CHANNEL as ENTITLEMENTS_CHANNEL
 from .entitlements import EntitlementDirectory, FeatureGateSource, RecordSource
 from .faults import Faults
 from .guard import IsolationError, check_isolation
+from .health import DatabaseProbe, HealthState, probe_name
 from .identity import ServiceIdentity
 from .interceptors.chain import server_chain
 from .interceptors.shutdown import ShutdownGate
@@ -329,11 +330,13 @@ async def serve(spec: ServiceSpec) -> None:
         if not (await cache.wait_listening(5.0) and await entitlement_cache.wait_listening(1.0)):
             log.warning("not subscribed to tenant changes yet (Redis unreachable?); serving anyway")
         server, health, gate = build_server(spec, runtime, policies, limiter, refusals)
-        canary = IsolationCanary(
-            db, spec.schema, spec.sentinels, settings.canary_interval_seconds, _health_reporter(spec, health)
-        )
+        # One writer of the health check: readiness needs the database and no isolation breach.
+        state = HealthState(health, spec.name, [s.full_name for s in spec.services])
+        canary = IsolationCanary(db, spec.schema, spec.sentinels, settings.canary_interval_seconds, state.isolation)
         await canary.seed()  # a tenant table it cannot check stops the start, as the guard's findings do
         runtime.on_stop(canary.close)
+        probe = DatabaseProbe(settings.runtime_database_url, state.database, application_name=probe_name(spec.name))
+        runtime.on_stop(probe.close)
         if settings.metrics_port:
             endpoint = start_metrics_endpoint(
                 settings.bind_host, settings.metrics_port, settings.prometheus_multiproc_dir
@@ -344,9 +347,9 @@ async def serve(spec: ServiceSpec) -> None:
         for hook in runtime._starters:
             await hook()
         _freeze_startup_objects()
-        for name in [*(s.full_name for s in spec.services), ""]:
-            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await state.serving()
         canary.start()
+        probe.start()
         log.info(
             "%s serving on %s:%d%s",
             spec.name,
@@ -394,17 +397,6 @@ def _meter_usage(spec: ServiceSpec, runtime: Runtime) -> None:
     remote = usage.RemoteUsageSink(runtime.settings.targets["features"], runtime.identity)
     meter.start(remote, runtime.settings.usage_flush_seconds)
     runtime.on_stop(meter.close, remote.close)
-
-
-def _health_reporter(spec: ServiceSpec, health: HealthServicer) -> Callable[[bool], Awaitable[None]]:
-    """The canary's verdict on the health check: the service's own names, not the overall ``""``."""
-
-    async def report(isolated: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if isolated else health_pb2.HealthCheckResponse.NOT_SERVING
-        for descriptor in spec.services:
-            await health.set(descriptor.full_name, status)
-
-    return report
 
 
 Lookup = TypeVar("Lookup", bound=InternalLookup)
