@@ -22,11 +22,10 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from . import metrics
-from .redis_clients import RedisBusyError, RedisConfig, command_client
+from .redis_clients import CommandClient, RedisBusyError, RedisConfig, command_client
 
 log = logging.getLogger("towerco.ratelimit")
 
@@ -104,7 +103,7 @@ class _LocalGcra:
 class RateLimiter:
     def __init__(self, redis: RedisConfig, config: LimiterConfig) -> None:
         self._config = config
-        self._redis: aioredis.Redis = command_client(redis, "ratelimit")
+        self._redis: CommandClient = command_client(redis, "ratelimit")
         self._script = self._redis.register_script(_GCRA)
         self._local = _LocalGcra()
         self._down_until = 0.0

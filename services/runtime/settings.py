@@ -14,6 +14,7 @@ from urllib.parse import unquote, urlsplit
 from . import logs
 from .environment import Setting, SettingsError, SettingsTable, flag, integer, number, process_environment, text
 from .plans import DEFAULT_PLANS_FILE
+from .redis_url import parse_redis_url
 from .tls import GRPC_TLS_SETTINGS, GrpcTls
 
 __all__ = ["Settings", "SettingsError", "load"]
@@ -60,10 +61,13 @@ DATABASE_URLS: dict[str, Setting[str]] = {
     )
     for name in DEFAULT_PORTS
 }
-REDIS_URL = text(
+REDIS_URL = Setting(
     "REDIS_URL",
     "redis://127.0.0.1:56379/0",
-    "Redis; `make run` starts an embedded server unless it is set",
+    "Redis: `redis://host:port/0` one server, `redis+cluster://host:port,host:port,...` a Redis Cluster "
+    "(nodes to start from; see Redis Cluster); `make run` starts an embedded server unless it is set",
+    parse_redis_url,
+    "text",
     shown="embedded server on 56379",
 )
 PORTS: dict[str, Setting[int]] = {

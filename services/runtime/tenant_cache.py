@@ -41,7 +41,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from . import metrics
-from .redis_clients import RedisBusyError, RedisConfig, command_client, subscriber_client
+from .redis_clients import CommandClient, RedisBusyError, RedisConfig, command_client, subscriber_client
 
 log = logging.getLogger("towerco.cache")
 
@@ -111,7 +111,7 @@ class TenantCache:
         #: Versions are counted per channel: one writer's versions never mix with another's.
         self._channel = channel
         purpose = channel.removeprefix("towerco:").removesuffix("-changed")  # tenant, entitlements
-        self._redis: aioredis.Redis = command_client(redis, f"{purpose}-cache")
+        self._redis: CommandClient = command_client(redis, f"{purpose}-cache")
         self._subscriber: aioredis.Redis = subscriber_client(redis, f"{purpose}-subscriber")
         self._set_if_newer = self._redis.register_script(_SET_IF_NEWER)
         self._local: dict[tuple[str, str], _Entry] = {}
