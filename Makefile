@@ -11,7 +11,7 @@ GEN_STAMP := $(GEN)/.stamp
 
 export DATA_DIR ?= $(CURDIR)/.data
 
-.PHONY: help install proto keys migrate run stop token test test-unit lint bench clean web gateway-config settings-doc usage-report lock
+.PHONY: help install proto keys certs migrate run stop token test test-unit lint bench clean web gateway-config settings-doc usage-report lock
 
 help:
 	@echo "make run      start PostgreSQL, Redis, every service and the Envoy gateway (Ctrl-C stops all)"
@@ -20,6 +20,7 @@ help:
 	@echo "make token    print a dev JWT: TENANT=tenant_a ROLE=admin PERMS=a,b TTL=3600"
 	@echo "make usage-report MONTH=2026-11 [OUT=usage.csv]  a month's usage per tenant as CSV (billing)"
 	@echo "make lock     requirements*.lock from pyproject.toml, hashes pinned (UPGRADE=1: newest versions)"
+	@echo "make certs    a self-signed CA and server pair in DATA_DIR/tls: make run then serves the gateway over TLS"
 	@echo "make proto | web | gateway-config | settings-doc | migrate | lint | bench | stop | clean"
 
 $(STAMP): pyproject.toml
@@ -83,6 +84,12 @@ settings-doc: $(GEN_STAMP)
 
 keys: $(STAMP)
 	@$(PY) -m deploy.local keys
+
+# For trying TLS on one machine (deploy/local/certs.py): a self-signed CA and a server pair
+# for localhost, 127.0.0.1 and *.$BASE_DOMAIN under $(DATA_DIR)/tls. `make run` then serves
+# the gateway over TLS; remove the folder to go back to plaintext.
+certs: $(GEN_STAMP)
+	@$(PY) -m deploy.local certs
 
 migrate: $(GEN_STAMP)
 	$(PY) -m deploy.local migrate

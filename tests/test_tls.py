@@ -11,28 +11,38 @@ they pass.
 from __future__ import annotations
 
 import http.client
+import json
 import socket
 import ssl
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from towerco.sites.v1 import sites_service_pb2 as sites_pb
 from towerco.sites.v1 import sites_service_pb2_grpc as sites_grpc
 
 from deploy.local.certs import LocalTls, ensure_certificates
+from deploy.local.grpcurl import gateway_flags
 from deploy.local.redis_server import start_redis, stop_redis
 from deploy.local.stack import SERVICE_ORDER, Stack
-from gateway.config import GatewaySettings
+from deploy.local.tokens import ensure_keys
+from gateway.config import GatewaySettings, render, render_json
+from gateway.envoy import validate
+from services.runtime.settings import SettingsError
+from services.runtime.tls import GrpcTls
 
 from .grpcweb import frame, parse
 from .support import bearer, expect_error, free_port
 
-pytestmark = pytest.mark.stack
-
 LIST_SITES = "/towerco.sites.v1.SiteService/ListSites"
+REPO = Path(__file__).resolve().parents[1]
+GRPCURL = Path(sys.executable).parent / "grpcurl"
 
 
 @dataclass(frozen=True)
@@ -176,3 +186,92 @@ def test_services_call_each_other_over_tls(world, new_tenant, token):
         )
         listed = stub.ListSites(sites_pb.ListSitesRequest(), metadata=bearer(token(tenant)), timeout=15)
     assert [site.site_id for site in listed.sites] == ["TLS-D"]
+
+
+def test_grpcurl_with_the_banners_flags_calls_the_tls_gateway(world, new_tenant, token):
+    """What ``make run`` prints once ``make certs`` was run: ``-cacert`` instead of ``-plaintext``."""
+    tenant = new_tenant("tlscurl")
+    result = subprocess.run(
+        [
+            str(GRPCURL),
+            *gateway_flags(str(world.tls.ca_cert)),
+            "-authority",
+            f"{tenant}.localhost",
+            "-H",
+            f"authorization: Bearer {token(tenant)}",
+            "-d",
+            "{}",
+            "-max-time",
+            "20",
+            f"127.0.0.1:{world.gateway.port}",
+            "towerco.sites.v1.SiteService/ListSites",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {}
+
+
+# What needs no server
+
+
+def test_make_certs_keeps_its_ca_and_makes_the_pair_again_for_another_domain(tmp_path):
+    first = ensure_certificates(tmp_path, "localhost")
+    ca, pair = first.ca_cert.read_bytes(), first.cert.read_bytes()
+    assert ensure_certificates(tmp_path, "localhost").cert.read_bytes() == pair, "a current pair is kept"
+    again = ensure_certificates(tmp_path, "aiops.example.test")
+    assert again.ca_cert.read_bytes() == ca, "clients that trust the CA keep trusting it"
+    cert = x509.load_pem_x509_certificate(again.cert.read_bytes())
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca))
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName)[:2] == ["localhost", "*.aiops.example.test"]
+    assert "tenant_a.aiops.example.test" in names.get_values_for_type(x509.DNSName), "a demo host, named"
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert {path.stat().st_mode & 0o777 for path in (again.key, again.ca_key)} == {0o600}
+
+
+def test_half_a_tls_pair_or_a_missing_file_is_refused_at_start_up(tmp_path):
+    tls = ensure_certificates(tmp_path, "localhost")
+    with pytest.raises(SettingsError, match="GRPC_TLS_CERT_FILE and GRPC_TLS_KEY_FILE"):
+        GrpcTls.from_env({"GRPC_TLS_CERT_FILE": str(tls.cert)})
+    with pytest.raises(SettingsError, match=r"GRPC_TLS_CA_FILE /nowhere/ca\.crt does not exist"):
+        GrpcTls.from_env({"GRPC_TLS_CA_FILE": "/nowhere/ca.crt"})
+    with pytest.raises(SettingsError, match="GATEWAY_TLS_CERT_FILE and GATEWAY_TLS_KEY_FILE"):
+        GatewaySettings.from_env({"DATA_DIR": str(tmp_path), "GATEWAY_TLS_KEY_FILE": str(tls.key)})
+    assert GrpcTls.from_env({}).server_credentials() is None and GrpcTls().channel_credentials() is None
+
+
+def test_without_a_certificate_the_gateway_stays_plaintext(tmp_path):
+    ensure_keys(tmp_path / "keys")
+    config = render(GatewaySettings.from_env({"DATA_DIR": str(tmp_path), "GATEWAY_WEB_DIR": "/none"}))
+    (listener,) = config["static_resources"]["listeners"]
+    assert "transport_socket" not in listener["filter_chains"][0]
+    assert [f["name"] for f in listener["listener_filters"]] == ["envoy.filters.listener.http_inspector"]
+    assert not any("transport_socket" in cluster for cluster in config["static_resources"]["clusters"])
+
+
+def test_envoy_validates_the_tls_rendering(tmp_path):
+    ensure_keys(tmp_path / "keys")
+    tls = ensure_certificates(tmp_path / "tls", "localhost")
+    env = {
+        "DATA_DIR": str(tmp_path),
+        "GATEWAY_WEB_DIR": "/none",
+        **tls.gateway_env(),
+        "GATEWAY_UPSTREAM_TLS_CA_FILE": str(tls.ca_cert),
+        "SITES_TARGET": "sites-headless.towerco.svc:50052",
+    }
+    settings = GatewaySettings.from_env(env)
+    assert settings.cors_origins == (f"https://*.localhost:{settings.port}",), "a TLS gateway's pages are https"
+    path = tmp_path / "envoy.json"
+    path.write_text(render_json(settings))
+    assert f"configuration '{path}' OK" in validate(path)
+    sites = next(c for c in render(settings)["static_resources"]["clusters"] if c["name"] == "sites")
+    upstream = sites["transport_socket"]["typed_config"]
+    assert upstream["sni"] == "sites-headless.towerco.svc"
+    assert upstream["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"] == [
+        {"san_type": "DNS", "matcher": {"exact": "sites-headless.towerco.svc"}}
+    ]

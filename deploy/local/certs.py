@@ -4,8 +4,8 @@ Written under ``$DATA_DIR/tls/`` with the names a Kubernetes TLS Secret uses: ``
 (what clients trust: grpcurl ``-cacert``, ``GRPC_TLS_CA_FILE``,
 ``GATEWAY_UPSTREAM_TLS_CA_FILE``), ``tls.crt`` and ``tls.key`` (the server's pair, for
 ``GATEWAY_TLS_*`` and ``GRPC_TLS_*``), and ``ca.key``. The server certificate names
-``localhost``, ``127.0.0.1`` and ``*.<BASE_DOMAIN>``, so the gateway's tenant hosts and the
-services on loopback all verify. Nothing here is for production: a cluster's certificates
+``localhost``, ``127.0.0.1``, ``*.<BASE_DOMAIN>`` and the demo tenants' hosts, so the
+gateway's tenant hosts and the services on loopback all verify. Nothing here is for production: a cluster's certificates
 come from its own issuer.
 """
 
@@ -21,6 +21,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .seed import DEMO_TENANTS
 
 #: How long the dev certificates are valid.
 VALID_DAYS = 365
@@ -70,10 +72,13 @@ def local_tls(data_dir: Path) -> LocalTls:
 
 
 def server_names(base_domain: str) -> list[x509.GeneralName]:
-    """What the dev server certificate is valid for: loopback and every tenant host."""
+    """What the dev server certificate is valid for: loopback and every tenant host. The
+    demo tenants' hosts are named as well: OpenSSL (curl, browsers) and gRPC's own clients
+    refuse a wildcard right under a top-level name such as ``*.localhost``."""
     return [
         x509.DNSName("localhost"),
         x509.DNSName(f"*.{base_domain}"),
+        *(x509.DNSName(f"{tenant}.{base_domain}") for tenant in DEMO_TENANTS),
         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
     ]
 

@@ -13,10 +13,13 @@ from pathlib import Path
 import grpc
 from towerco.features.v1.feature_gate_service_pb2_grpc import FeatureGateServiceStub
 
-from gateway.config import GatewaySettings
-from services.runtime.settings import data_dir
+from gateway.config import GATEWAY_TLS_CERT_FILE, GatewaySettings
+from services.runtime.environment import process_environment
+from services.runtime.settings import BASE_DOMAIN, data_dir
+from services.runtime.tls import GrpcTls
 
-from .grpcurl import GATEWAY_FLAGS
+from .certs import ensure_certificates, local_tls
+from .grpcurl import gateway_flags
 from .prometheus import prometheus_binary
 from .seed import SeedReport, seed_demo
 from .stack import Stack, StackConfig, available_services
@@ -29,6 +32,15 @@ from .usage_report import run as usage_report
 def cmd_keys(args: argparse.Namespace) -> int:
     ensure_keys(data_dir() / "keys")
     print(f"dev keys in {data_dir() / 'keys'}")
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    base_domain = BASE_DOMAIN.read(process_environment()).lower().strip(".")
+    tls = ensure_certificates(local_tls(data_dir()).folder, base_domain)
+    print(f"dev CA {tls.ca_cert} and server pair {tls.cert} ({tls.key})")
+    print(f"  for localhost, 127.0.0.1, *.{base_domain} and the demo tenants' hosts")
+    print("make run now serves the gateway over TLS (https; grpcurl -cacert); remove the folder to go back")
     return 0
 
 
@@ -54,7 +66,7 @@ def cmd_usage_report(args: argparse.Namespace) -> int:
         token = mint(data_dir() / "keys", role="platform_admin", ttl=600, subject="usage-report")
     report = io.StringIO()  # written out only once complete: no half a report on a failure
     try:
-        with grpc.insecure_channel(target) as channel:
+        with GrpcTls.from_env(process_environment()).channel(target) as channel:
             rows = usage_report(FeatureGateServiceStub(channel), token, args.month, report)
     except MonthError as exc:
         print(f"make usage-report: {exc}", file=sys.stderr)
@@ -97,6 +109,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     gave_up = None
+    certs = local_tls(stack.config.data_dir)
+    if certs.exists() and not GATEWAY_TLS_CERT_FILE.is_set(process_environment()):
+        stack.config.env.update(certs.gateway_env())  # `make certs` was run: the gateway serves TLS
     try:
         stack.start_infra()
         stack.migrate()
@@ -105,13 +120,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             stack.start_service(name)
         for name in names:
             stack.wait_serving(name)
-        seeded = seed_demo(stack.keys_dir, {n: stack.config.ports[n] for n in names}) if "tenant" in names else None
+        ports = {n: stack.config.ports[n] for n in names}
+        tls = GrpcTls.from_env(stack.service_env())
+        seeded = seed_demo(stack.keys_dir, ports, tls=tls) if "tenant" in names else None
         gateway_log = stack.config.data_dir / "gateway" / "envoy.log"
         gateway_log.parent.mkdir(parents=True, exist_ok=True)
         with gateway_log.open("ab") as log:
             gateway = stack.start_gateway(log=log)
         prometheus = stack.start_prometheus() if prometheus_binary() else None
-        _banner(stack, names, seeded, gateway, gateway_log, prometheus)
+        _banner(stack, names, seeded, gateway, gateway_log, prometheus, tls)
         gave_up = Supervisor(stack.supervised(names, gateway_log)).watch(lambda: stopping)
         if gave_up is not None:
             print(f"make run: {gave_up}; stopping", file=sys.stderr)
@@ -137,21 +154,33 @@ def _banner(
     gateway: GatewaySettings,
     gateway_log: Path,
     prometheus: str | None,
+    tls: GrpcTls,
 ) -> None:
     grpcurl = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+    certs = local_tls(stack.config.data_dir)
+    # The CA of `make certs` when the gateway serves its pair; otherwise the operator's own.
+    gateway_ca = (
+        ""
+        if not gateway.serves_tls
+        else str(certs.ca_cert)
+        if gateway.tls_cert_file == str(certs.cert)
+        else "<CA file>"
+    )
+    direct = f"-cacert {tls.ca_file or '<CA file>'}" if tls.serves_tls else "-plaintext"
     sites = stack.config.ports.get("sites", 50052)
     tenant = stack.config.ports.get("tenant", 50051)
     features = stack.config.ports.get("features", 50053)
     edge = f"127.0.0.1:{gateway.port}"
-    via_gateway = " ".join(GATEWAY_FLAGS)
-    page = f"http://tenant_a.{gateway.base_domain}:{gateway.port}/"
+    via_gateway = " ".join(gateway_flags(gateway_ca))
+    page = f"{gateway.scheme}://tenant_a.{gateway.base_domain}:{gateway.port}/"
     lines = [
         "",
         "Towerco AIOps platform is up (Ctrl-C stops everything).",
         f"  PostgreSQL  {stack.database_url}",
         f"  Redis       {stack.redis_url}",
         *(_service_line(stack, name) for name in names),
-        f"  gateway     {edge} (gRPC and gRPC-web; admin 127.0.0.1:{gateway.admin_port}; log {gateway_log})",
+        f"  gateway     {gateway.scheme}://{edge} (gRPC and gRPC-web{', TLS' if gateway.serves_tls else ''}; "
+        f"admin 127.0.0.1:{gateway.admin_port}; log {gateway_log})",
         f"  web page    {page}" if gateway.web_dir else "  web page    not built (needs npm: make web)",
         f"  Prometheus  {prometheus} (rules and alerts of deploy/prometheus; dashboards in deploy/grafana)"
         if prometheus
@@ -171,17 +200,17 @@ def _banner(
         f"      {edge} towerco.tenant.v1.TenantRegistryService/GetBranding",
         "",
         "or straight to each service (the tenant is the token's):",
-        f"  {grpcurl} -plaintext 127.0.0.1:{sites} list",
-        f'  {grpcurl} -plaintext -H "authorization: Bearer $TOKEN" \\',
+        f"  {grpcurl} {direct} 127.0.0.1:{sites} list",
+        f'  {grpcurl} {direct} -H "authorization: Bearer $TOKEN" \\',
         f'      -d \'{{"site_id": "TWR-A-0001"}}\' 127.0.0.1:{sites} towerco.sites.v1.SiteService/GetSite',
-        f'  {grpcurl} -plaintext -H "authorization: Bearer $TOKEN" \\',
+        f'  {grpcurl} {direct} -H "authorization: Bearer $TOKEN" \\',
         f"      -d '{{\"page_size\": 2}}' 127.0.0.1:{sites} towerco.sites.v1.SiteService/ListSites",
-        f'  {grpcurl} -plaintext -d \'{{"host": "tenant_a.localhost"}}\' \\',
+        f'  {grpcurl} {direct} -d \'{{"host": "tenant_a.localhost"}}\' \\',
         f"      127.0.0.1:{tenant} towerco.tenant.v1.TenantRegistryService/GetBranding",
         "  ADMIN=$(make -s token ROLE=platform_admin)",
-        f'  {grpcurl} -plaintext -H "authorization: Bearer $ADMIN" -d \'{{"page_size": 10}}\' \\',
+        f'  {grpcurl} {direct} -H "authorization: Bearer $ADMIN" -d \'{{"page_size": 10}}\' \\',
         f"      127.0.0.1:{tenant} towerco.tenant.v1.TenantRegistryService/ListTenants",
-        f'  {grpcurl} -plaintext -H "authorization: Bearer $TOKEN" \\',
+        f'  {grpcurl} {direct} -H "authorization: Bearer $TOKEN" \\',
         f"      127.0.0.1:{features} towerco.features.v1.FeatureGateService/GetEntitlements",
         "",
     ]
@@ -203,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("migrate", help="apply every service's pending migrations").set_defaults(func=cmd_migrate)
     sub.add_parser("stop", help="stop the embedded PostgreSQL and Redis").set_defaults(func=cmd_stop)
     sub.add_parser("keys", help="create the dev signing key and JWKS if missing").set_defaults(func=cmd_keys)
+    sub.add_parser("certs", help="a self-signed CA and server pair under DATA_DIR/tls").set_defaults(func=cmd_certs)
     token = sub.add_parser("token", help="print a dev JWT")
     token.add_argument("--tenant", default="")
     token.add_argument("--role", default="admin")

@@ -14,3 +14,8 @@ PROTOSET = "gen/towerco.protoset"
 
 #: The flags of every grpcurl example through the gateway, before -authority/-H/-d.
 GATEWAY_FLAGS = ("-plaintext", "-protoset", PROTOSET)
+
+
+def gateway_flags(ca_file: str = "") -> tuple[str, ...]:
+    """:data:`GATEWAY_FLAGS`, or for a gateway serving TLS, the CA that verifies it instead of ``-plaintext``."""
+    return ("-cacert", ca_file, "-protoset", PROTOSET) if ca_file else GATEWAY_FLAGS

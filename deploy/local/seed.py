@@ -21,6 +21,8 @@ from towerco.sites.v1 import sites_service_pb2_grpc as sites_grpc
 from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 from towerco.tenant.v1 import tenant_registry_service_pb2_grpc as tenant_grpc
 
+from services.runtime.tls import GrpcTls
+
 from .tokens import mint
 
 
@@ -102,14 +104,20 @@ def provision(
     return result
 
 
-def seed_demo(keys_dir: Path, ports: Mapping[str, int], demo: Mapping[str, DemoTenant] = DEMO_TENANTS) -> SeedReport:
+def seed_demo(
+    keys_dir: Path,
+    ports: Mapping[str, int],
+    demo: Mapping[str, DemoTenant] = DEMO_TENANTS,
+    tls: GrpcTls = GrpcTls(),  # noqa: B008 - frozen, plaintext
+) -> SeedReport:
     """Create the missing demo tenants and the active ones' sites; leave every other demo tenant alone.
 
-    ``ports`` names the services that run; without ``sites`` no site is seeded.
+    ``ports`` names the services that run; without ``sites`` no site is seeded. ``tls``: how
+    the services are called (over TLS when it names a CA).
     """
     report = SeedReport()
     token = mint(keys_dir, role="platform_admin", ttl=300, subject="seed")
-    with grpc.insecure_channel(f"127.0.0.1:{ports['tenant']}") as channel:
+    with tls.channel(f"127.0.0.1:{ports['tenant']}") as channel:
         registry = tenant_grpc.TenantRegistryServiceStub(channel)
         for tenant_id, tenant in demo.items():
             try:
@@ -122,7 +130,7 @@ def seed_demo(keys_dir: Path, ports: Mapping[str, int], demo: Mapping[str, DemoT
             report.notes.append(f"demo tenant {tenant_id} is {state}: left as it is, its sites not seeded")
     active = [tenant_id for tenant_id, state in report.states.items() if state == "STATE_ACTIVE"]
     if "sites" in ports:
-        with grpc.insecure_channel(f"127.0.0.1:{ports['sites']}") as channel:
+        with tls.channel(f"127.0.0.1:{ports['sites']}") as channel:
             sites = sites_grpc.SiteServiceStub(channel)
             for tenant_id in active:
                 try:
