@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from deploy.local.tokens import ensure_keys
-from gateway.__main__ import deploy_settings, kubernetes_configmap
+from gateway.__main__ import OVERLAYS, deploy_settings, overlay_values, overlays
 from gateway.config import API_PREFIX, GatewaySettings, apis, origin_matchers, render, render_json, served_services
 from gateway.envoy import validate
 from services.runtime.settings import SettingsError
@@ -26,18 +26,39 @@ def dev_settings(tmp_path: Path) -> GatewaySettings:
     return GatewaySettings.from_env({"DATA_DIR": str(tmp_path), "GATEWAY_WEB_DIR": "/none"})
 
 
-@pytest.mark.parametrize("flavor", ["dev", "deploy"])
+def prod_settings() -> GatewaySettings:
+    return deploy_settings(overlay_values("prod"))
+
+
+@pytest.mark.parametrize("flavor", ["dev", "prod"])
 def test_envoy_validates_the_rendering_without_deprecation_warnings(tmp_path, flavor):
-    settings = dev_settings(tmp_path) if flavor == "dev" else deploy_settings()
+    settings = dev_settings(tmp_path) if flavor == "dev" else prod_settings()
     path = tmp_path / f"{flavor}.json"
     path.write_text(render_json(settings))
     output = validate(path)  # raises on an error or a deprecation warning
     assert f"configuration '{path}' OK" in output
 
 
-def test_the_committed_kubernetes_config_is_the_current_rendering():
-    committed = (REPO / "deploy" / "kubernetes" / "gateway-config.yaml").read_text()
-    assert committed == kubernetes_configmap(render_json(deploy_settings())), "run `make gateway-config`"
+def test_each_overlays_committed_gateway_config_is_the_current_rendering_of_its_values():
+    assert overlays() == ["dev", "prod"]
+    for overlay in overlays():
+        committed = (OVERLAYS / overlay / "gateway-envoy.json").read_text()
+        assert committed == render_json(deploy_settings(overlay_values(overlay))), (
+            f"{overlay}: run `make gateway-config`"
+        )
+
+
+def test_an_overlays_values_are_what_its_gateway_is_rendered_with():
+    values = overlay_values("prod")
+    settings = prod_settings()
+    assert (settings.base_domain, settings.jwt_issuer, settings.jwt_jwks_url) == (
+        values["BASE_DOMAIN"],
+        values["JWT_ISSUER"],
+        values["JWT_JWKS_URL"],
+    )
+    assert settings.cors_origins == (values["GATEWAY_CORS_ORIGINS"],)
+    with pytest.raises(SettingsError, match="no overlay 'staging'"):
+        overlay_values("staging")
 
 
 def test_every_public_service_is_routed_and_no_internal_one():
@@ -114,7 +135,7 @@ def test_the_token_rule_pins_issuer_and_audience_and_spares_only_public_rpcs(tmp
     unguarded = [rule["match"]["path"] for rule in jwt["rules"] if "requires" not in rule]
     assert sorted(unguarded) == sorted(p for api in apis() for p in api.public_paths)
     assert jwt["rules"][-1] == {"match": {"prefix": API_PREFIX}, "requires": {"provider_name": "towerco"}}
-    remote = render(deploy_settings())
+    remote = render(prod_settings())
     deployed = _http_filter(remote, "envoy.filters.http.jwt_authn")["providers"]["towerco"]
     assert "async_fetch" in deployed["remote_jwks"]
     assert "local_jwks" not in deployed
@@ -221,7 +242,7 @@ def test_as_the_heap_fills_idle_connections_are_the_first_to_go(tuned):
 
 
 def test_by_default_idle_connections_close_after_15_s_and_silent_ones_after_5_s():
-    defaults = render(deploy_settings())
+    defaults = render(prod_settings())
     assert _listener_manager(defaults)["common_http_protocol_options"]["idle_timeout"] == "15s"
     assert defaults["static_resources"]["listeners"][0]["listener_filters_timeout"] == "5s"
 

@@ -22,6 +22,7 @@ import yaml
 
 from deploy.kubernetes.render import KUBERNETES, KUBERNETES_VERSION, OVERLAYS, SECRETS_EXAMPLE, render
 from gateway.__main__ import OVERLAY_VALUES
+from gateway.config import HEALTH_PATH, apis
 from services.runtime.settings import DEFAULT_METRICS_PORTS, DEFAULT_PORTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,6 +103,7 @@ def test_every_deployment_is_probed_bounded_locked_down_pinned_spread_budgeted_a
     assert set(deployments) == {*SERVICES, "gateway"}
     budgets = of_kind(objects, "PodDisruptionBudget").values()
     scalers = {h["spec"]["scaleTargetRef"]["name"]: h for h in of_kind(objects, "HorizontalPodAutoscaler").values()}
+    readiness = {api.cluster: api.health_service for api in apis()}
     for name, deployment in deployments.items():
         template = deployment["spec"]["template"]
         spec, labels = template["spec"], template["metadata"]["labels"]
@@ -122,9 +124,11 @@ def test_every_deployment_is_probed_bounded_locked_down_pinned_spread_budgeted_a
             port = DEFAULT_PORTS[name]
             assert container["livenessProbe"]["grpc"] == {"port": port}
             assert container["readinessProbe"]["grpc"]["port"] == port
-            assert container["readinessProbe"]["grpc"]["service"].startswith(f"towerco.{name}.v1.")
+            # Ready as the gateway's health checks see it: the service's own name (its database answers).
+            assert container["readinessProbe"]["grpc"]["service"] == readiness[name]
         else:
-            assert container["readinessProbe"] and container["livenessProbe"]
+            for probe in ("readinessProbe", "livenessProbe"):
+                assert container[probe]["httpGet"] == {"path": HEALTH_PATH, "port": "http"}, probe
         assert [b for b in budgets if matches(b["spec"]["selector"], labels)], f"{name} has no PodDisruptionBudget"
         scaler = scalers[name]["spec"]
         (metric,) = scaler["metrics"]
