@@ -5,15 +5,21 @@ transaction and binds the current call's tenant to it with
 ``set_config('app.current_tenant_id', $1, true)``: transaction-local, so it vanishes at
 COMMIT or ROLLBACK and a pooled connection never carries one tenant into the next
 request. Without a tenant in the request context it refuses to run.
+
+Since nothing a call sets outlives its transaction, the pool may reach PostgreSQL through
+pgbouncer in transaction mode (``DB_POOL_MODE=transaction``, see :func:`connect_options`).
+Given a read DSN, a second pool on a streaming replica serves the read-only transactions
+of read RPCs (:meth:`Database.route_reads`), bound to the tenant the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
@@ -28,6 +34,19 @@ log = logging.getLogger("towerco.platform")
 BIND_TENANT = "SELECT set_config('app.current_tenant_id', $1, true)"
 PLATFORM_READ = "SELECT set_config('app.platform_read', 'on', true)"
 OUTBOX_RELAY = "SELECT set_config('app.audit_relay', 'on', true)"
+#: On the replica: the same binding, and how far it has replayed the primary's WAL.
+BIND_TENANT_ON_REPLICA = (
+    "SELECT set_config('app.current_tenant_id', $1, true), pg_last_wal_replay_lsn()::text AS replayed"
+)
+#: Where the primary's WAL is: past the commit record of every transaction committed before.
+WAL_POSITION = "SELECT pg_current_wal_insert_lsn()::text"
+#: Reads of a tenant whose last write's position is unknown go to the primary.
+_UNKNOWN_POSITION = 2**64 - 1
+
+#: ``DB_POOL_MODE``: how the DSNs reach PostgreSQL (see :func:`connect_options`).
+SESSION_POOLING = "session"
+TRANSACTION_POOLING = "transaction"
+POOL_MODES = (SESSION_POOLING, TRANSACTION_POOLING)
 
 #: Failures that mean the database cannot be reached (down, restarting, out of connections,
 #: a connection cut), not that a statement was wrong: calls meeting them are answered
@@ -41,12 +60,62 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
     asyncpg.InterfaceError,
     OSError,  # refused, reset, unreachable, timed out
 )
+#: What sends a read back to the primary: the replica's pool exhausted or the replica unreachable.
+_REPLICA_DOWN: tuple[type[BaseException], ...] = (TimeoutError, *UNREACHABLE)
 
 
 async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
     # JSON columns arrive as Python values, not text.
     for name in ("json", "jsonb"):
         await conn.set_type_codec(name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+def connect_options(pool_mode: str, statement_timeout_ms: int, application_name: str) -> dict[str, Any]:
+    """asyncpg's connection options for ``pool_mode`` (``DB_POOL_MODE``).
+
+    ``session``: a connection is one server session for its life: statements are prepared
+    once and cached, and the timeouts are start-up parameters.
+
+    ``transaction`` (pgbouncer's ``pool_mode = transaction``): each transaction may run on
+    another server session, so nothing may outlive one. No prepared-statement cache
+    (Debian's pgbouncer 1.18 keeps no prepared statement across server sessions; 1.21's
+    ``max_prepared_statements`` would), no start-up parameter but ``application_name``
+    (pgbouncer refuses the others), and the timeouts set in each transaction instead
+    (:func:`local_timeouts`). Every statement must run inside a transaction: asyncpg parses
+    and executes in two round trips, which pgbouncer keeps on one server session only there.
+    """
+    if pool_mode not in POOL_MODES:
+        raise ValueError(f"DB_POOL_MODE must be one of {', '.join(POOL_MODES)}, got {pool_mode!r}")
+    if pool_mode == TRANSACTION_POOLING:
+        return {"statement_cache_size": 0, "server_settings": {"application_name": application_name}}
+    return {"server_settings": {"application_name": application_name, **_timeouts(statement_timeout_ms)}}
+
+
+def local_timeouts(statement_timeout_ms: int) -> str:
+    """The timeouts as more columns of a transaction's first statement, transaction-local like the binding."""
+    return "".join(
+        f", set_config('{name}', '{value}', true)" for name, value in _timeouts(statement_timeout_ms).items()
+    )
+
+
+def _timeouts(statement_timeout_ms: int) -> dict[str, str]:
+    return {
+        "statement_timeout": str(statement_timeout_ms),
+        "idle_in_transaction_session_timeout": str(max(statement_timeout_ms * 2, 10_000)),
+    }
+
+
+async def _leave_server_session(conn: asyncpg.Connection[Any]) -> None:
+    """Transaction pooling: the server session is pgbouncer's, not the connection's, to reset.
+
+    asyncpg's own reset (``RESET ALL`` and more) would run on whichever server session
+    pgbouncer picked; the pool has already ended any open transaction, which is all ours.
+    """
+
+
+def _lsn(text: str) -> int:
+    high, low = text.split("/")
+    return (int(high, 16) << 32) | int(low, 16)
 
 
 class _RefillFailures(logging.Filter):
@@ -72,13 +141,30 @@ class _RefillFailures(logging.Filter):
 class Database:
     """A process's pool, handing out tenant-bound transactions only."""
 
-    def __init__(self, pool: asyncpg.Pool[Any], acquire_timeout: float, heads: bulkhead.Bulkhead | None = None) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool[Any],
+        acquire_timeout: float,
+        heads: bulkhead.Bulkhead | None = None,
+        *,
+        read_pool: asyncpg.Pool[Any] | None = None,
+        local_settings: str = "",
+    ) -> None:
         self._pool = pool
+        #: On a streaming replica: the read-only transactions of the methods :meth:`route_reads` names.
+        self._read_pool = read_pool
+        self._replica_methods: frozenset[str] = frozenset()
+        #: Each tenant's last write through this process: the primary's WAL position after it.
+        self._written: dict[str, int] = {}
+        #: More columns of each transaction's first statement (transaction pooling: the timeouts).
+        self._local_settings = local_settings
         self._acquire_timeout = acquire_timeout
         #: Caps each tenant's share of the pool (when the call carries a limit).
         self.bulkhead = heads
         #: Whether PostgreSQL is reachable, as the last transaction found it; logs its outages.
         self.outage = Outage("PostgreSQL", log)
+        #: The replica's outages: its reads go to the primary meanwhile.
+        self.replica_outage = Outage("PostgreSQL read replica", log)
         self._refill_failures = _RefillFailures(self.outage)
         logging.getLogger("asyncpg.pool").addFilter(self._refill_failures)
 
@@ -93,22 +179,42 @@ class Database:
         statement_timeout_ms: int = 5000,
         application_name: str = "towerco",
         tenant_wait_seconds: float | None = None,
+        pool_mode: str = SESSION_POOLING,
+        read_dsn: str = "",
     ) -> Database:
-        """The pool; with ``tenant_wait_seconds``, a per-tenant bulkhead over it too."""
-        pool = await asyncpg.create_pool(
-            dsn,
-            min_size=min_size,
-            max_size=max_size,
-            command_timeout=max(1.0, statement_timeout_ms / 1000 + 1),
-            init=_init_connection,
-            server_settings={
-                "application_name": application_name,
-                "statement_timeout": str(statement_timeout_ms),
-                "idle_in_transaction_session_timeout": str(max(statement_timeout_ms * 2, 10_000)),
-            },
-        )
+        """The pool, and one on ``read_dsn`` (a replica) if given; with ``tenant_wait_seconds``,
+        a per-tenant bulkhead over the primary's too."""
+        options: dict[str, Any] = {
+            "min_size": min_size,
+            "max_size": max_size,
+            "command_timeout": max(1.0, statement_timeout_ms / 1000 + 1),
+            "init": _init_connection,
+            **connect_options(pool_mode, statement_timeout_ms, application_name),
+        }
+        local_settings = ""
+        if pool_mode == TRANSACTION_POOLING:
+            options["reset"] = _leave_server_session
+            local_settings = local_timeouts(statement_timeout_ms)
+        pool = await asyncpg.create_pool(dsn, **options)
+        read_pool = None
+        if read_dsn:
+            try:
+                read_pool = await asyncpg.create_pool(read_dsn, **options)
+            except BaseException:
+                await pool.close()
+                raise
         heads = None if tenant_wait_seconds is None else bulkhead.Bulkhead(max_size, tenant_wait_seconds)
-        return cls(pool, acquire_timeout, heads)
+        return cls(pool, acquire_timeout, heads, read_pool=read_pool, local_settings=local_settings)
+
+    def route_reads(self, methods: Iterable[str]) -> None:
+        """Serve the read-only tenant transactions of ``methods`` from the replica, if there is one.
+
+        The caller names the read RPCs that no write, quota check or migration depends on.
+        Even for those the primary serves a tenant whose last write through this process
+        the replica has not replayed yet (read-your-writes), and any read the replica
+        cannot take (unreachable).
+        """
+        self._replica_methods = frozenset(methods)
 
     @asynccontextmanager
     async def transaction(self, *, readonly: bool = False) -> AsyncIterator[asyncpg.Connection[Any]]:
@@ -127,13 +233,88 @@ class Database:
         """A transaction bound to ``tenant_id``; the time it holds (or waits for) a connection is the tenant's."""
         started = time.perf_counter()
         try:
-            async with self._open(BIND_TENANT, tenant_id, readonly=readonly) as conn:
+            if readonly and self._routed_to_replica():
+                async with self._replica_transaction(tenant_id) as conn:
+                    if conn is not None:
+                        yield conn
+                        return
+            async with self._open(
+                BIND_TENANT, tenant_id, readonly=readonly, written=None if readonly else tenant_id
+            ) as conn:
                 yield conn
         finally:
             if tenant_id not in context.CANARY_TENANTS:  # the canary's rounds are the platform's cost, no tenant's
                 seconds = time.perf_counter() - started
                 metrics.active().db_time(tenant_id, seconds)
                 usage.active().db_time(tenant_id, seconds)
+
+    def _routed_to_replica(self) -> bool:
+        ctx = context.current()
+        return self._read_pool is not None and ctx is not None and ctx.method in self._replica_methods
+
+    @asynccontextmanager
+    async def _replica_transaction(self, tenant_id: str) -> AsyncIterator[asyncpg.Connection[Any] | None]:
+        """A READ ONLY transaction on the replica bound to ``tenant_id``; None when the primary must serve.
+
+        None when the replica has not replayed the tenant's last write through this process,
+        or cannot be reached (its outage logged once).
+        """
+        assert self._read_pool is not None
+        try:
+            conn: Any = await self._read_pool.acquire(timeout=self._acquire_timeout)
+        except _REPLICA_DOWN as exc:
+            self._replica_failed(exc)
+            yield None
+            return
+        transaction = conn.transaction(readonly=True)
+        try:
+            try:
+                await transaction.start()
+                row = await conn.fetchrow(BIND_TENANT_ON_REPLICA + self._local_settings, tenant_id)
+                self.replica_outage.recovered()
+                served = self._replayed_writes_of(tenant_id, row["replayed"])
+                if not served:
+                    await transaction.rollback()
+            except UNREACHABLE as exc:
+                self._replica_failed(exc)
+                conn.terminate()  # mid-transaction and broken: the pool makes a new one
+                served = False
+            if not served:
+                yield None
+                return
+            try:
+                yield conn
+            except BaseException:
+                with contextlib.suppress(*UNREACHABLE):
+                    await transaction.rollback()
+                raise
+            await transaction.commit()
+        finally:
+            await self._read_pool.release(conn)
+
+    def _replica_failed(self, error: BaseException) -> None:
+        self.replica_outage.failed(error)
+        metrics.active().dependency_error("postgres_replica")
+
+    def _replayed_writes_of(self, tenant_id: str, replayed: str | None) -> bool:
+        """Whether the replica, having replayed up to ``replayed``, shows the tenant's writes through this process."""
+        written = self._written.get(tenant_id)
+        if written is None or replayed is None:  # nothing written here, or the read DSN names a primary
+            return True
+        if _lsn(replayed) < written:
+            return False
+        if self._written.get(tenant_id) == written:
+            del self._written[tenant_id]  # caught up: later reads need not look
+        return True
+
+    async def _note_written(self, conn: Any, tenant_id: str) -> None:
+        """After a tenant's commit: remember where the primary's WAL is, which the replica must pass to serve it."""
+        try:
+            async with conn.transaction(readonly=True):  # inside one: a transaction pooler may switch sessions
+                position = _lsn(await conn.fetchval(WAL_POSITION))
+        except UNREACHABLE:
+            position = _UNKNOWN_POSITION  # committed, but where is unknown: the primary serves its reads
+        self._written[tenant_id] = max(position, self._written.get(tenant_id, 0))
 
     async def rebind_tenant(self, conn: asyncpg.Connection[Any], tenant_id: str, purpose: str) -> None:
         """Bind ``tenant_id`` to ``conn``'s open transaction in place of the one bound so far.
@@ -189,9 +370,12 @@ class Database:
 
     @asynccontextmanager
     async def _open(
-        self, statement: str, *args: object, readonly: bool = False
+        self, statement: str, *args: object, readonly: bool = False, written: str | None = None
     ) -> AsyncIterator[asyncpg.Connection[Any]]:
-        """A pooled connection in a transaction whose first statement sets its scope."""
+        """A pooled connection in a transaction whose first statement sets its scope.
+
+        ``written``: the tenant whose write this is; with a replica, its WAL position is noted after the commit.
+        """
         try:
             conn = await self._pool.acquire(timeout=self._acquire_timeout)
         except TimeoutError:
@@ -204,9 +388,11 @@ class Database:
             raise
         try:
             async with conn.transaction(readonly=readonly):
-                await conn.execute(statement, *args)
+                await conn.execute(statement + self._local_settings, *args)
                 self.outage.recovered()
                 yield cast("asyncpg.Connection[Any]", conn)
+            if written is not None and self._read_pool is not None:
+                await self._note_written(conn, written)
         except UNREACHABLE as exc:
             self.outage.failed(exc)
             metrics.active().dependency_error("postgres")
@@ -216,7 +402,10 @@ class Database:
 
     async def close(self, grace_seconds: float = 10.0) -> None:
         logging.getLogger("asyncpg.pool").removeFilter(self._refill_failures)
-        try:
-            await asyncio.wait_for(self._pool.close(), grace_seconds)
-        except TimeoutError:
-            self._pool.terminate()
+        for pool in (self._pool, self._read_pool):
+            if pool is None:
+                continue
+            try:
+                await asyncio.wait_for(pool.close(), grace_seconds)
+            except TimeoutError:
+                pool.terminate()

@@ -33,7 +33,7 @@ from . import channels, logs, metrics, migrations, tracing, usage
 from .audit import Auditor, AuditRelay
 from .auth import TokenVerifier, VerifierConfig
 from .canary import CanaryError, IsolationCanary
-from .db import Database
+from .db import Database, connect_options
 from .entitlements import CHANNEL as ENTITLEMENTS_CHANNEL
 from .entitlements import EntitlementDirectory, FeatureGateSource, RecordSource
 from .faults import Faults
@@ -241,6 +241,25 @@ def check_port_free(host: str, port: int, variable: str) -> None:
                 ) from None
 
 
+async def _guard_isolation(spec: ServiceSpec, settings: Settings) -> None:
+    """The isolation guard, as the runtime role, on the primary and on the replica if there is one."""
+    for dsn in filter(None, (settings.runtime_database_url, settings.read_database_url)):
+        options = connect_options(settings.db_pool_mode, settings.db_statement_timeout_ms, f"towerco-{spec.name}-guard")
+        try:
+            conn: asyncpg.Connection[Any] = await asyncpg.connect(dsn, **options)
+        except asyncpg.PostgresError as exc:
+            if "unsupported startup parameter" not in str(exc):
+                raise
+            raise SettingsError(
+                f"{exc}: a pooler in transaction mode (pgbouncer)? set DB_POOL_MODE=transaction"
+            ) from None
+        try:
+            async with conn.transaction(readonly=True):  # a transaction pooler keeps it on one server session
+                await check_isolation(conn, spec.schema)
+        finally:
+            await conn.close()
+
+
 async def serve(spec: ServiceSpec) -> None:
     settings = load(spec.name)
     logs.configure(spec.name, settings.log_level, settings.log_format)
@@ -263,11 +282,7 @@ async def serve(spec: ServiceSpec) -> None:
         applied = await run_migrations(spec, settings)
         if applied:
             log.info("migrations applied: %s", applied)
-    guard_conn: asyncpg.Connection[Any] = await asyncpg.connect(settings.runtime_database_url)
-    try:
-        await check_isolation(guard_conn, spec.schema)
-    finally:
-        await guard_conn.close()
+    await _guard_isolation(spec, settings)
     db = await Database.connect(
         settings.runtime_database_url,
         min_size=settings.db_pool_min_size,
@@ -276,7 +291,10 @@ async def serve(spec: ServiceSpec) -> None:
         statement_timeout_ms=settings.db_statement_timeout_ms,
         application_name=f"towerco-{spec.name}/{os.getpid()}",
         tenant_wait_seconds=settings.tenant_concurrency_wait_seconds,
+        pool_mode=settings.db_pool_mode,
+        read_dsn=settings.read_database_url,
     )
+    db.route_reads(p.method for p in policies if not p.write and not p.internal)
     identity = ServiceIdentity.from_file(
         spec.name,
         issuer=settings.service_jwt_issuer,

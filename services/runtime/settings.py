@@ -154,6 +154,28 @@ DB_POOL_MAX_SIZE = integer("DB_POOL_MAX_SIZE", 20, _POOL_DOC, minimum=1)
 DB_POOL_MIN_SIZE = integer("DB_POOL_MIN_SIZE", 2, _POOL_DOC)
 DB_ACQUIRE_TIMEOUT_SECONDS = number("DB_ACQUIRE_TIMEOUT_SECONDS", 2.0, _POOL_DOC)
 DB_STATEMENT_TIMEOUT_MS = integer("DB_STATEMENT_TIMEOUT_MS", 5000, _POOL_DOC)
+DB_POOL_MODE = Setting(
+    "DB_POOL_MODE",
+    "session",
+    "how `<SERVICE>_DATABASE_URL` and `<SERVICE>_READ_DATABASE_URL` reach PostgreSQL: `session` (directly, or a "
+    "pooler in session mode) or `transaction` (pgbouncer's `pool_mode = transaction`: no prepared-statement cache, "
+    "`application_name` the only start-up parameter, the timeouts set in each transaction like the tenant)",
+    lambda name, raw: raw.lower(),
+    "`session` or `transaction`",
+    check=lambda value: value in ("session", "transaction"),
+    refusal="DB_POOL_MODE must be session or transaction",
+)
+READ_DATABASE_URLS: dict[str, Setting[str]] = {
+    name: text(
+        f"{name.upper()}_READ_DATABASE_URL",
+        "",
+        "a streaming replica of the service's database, as its runtime role: it serves the read RPCs' reads (rate "
+        "class read, not internal) unless the tenant's last write through the process is not replayed there yet; "
+        "README: Read replicas",
+        shown="none: the primary serves every read",
+    )
+    for name in DEFAULT_PORTS
+}
 MIGRATE_ON_START = flag(
     "MIGRATE_ON_START",
     False,
@@ -289,6 +311,8 @@ SERVICE_SETTINGS = SettingsTable.of(
     DB_POOL_MIN_SIZE,
     DB_ACQUIRE_TIMEOUT_SECONDS,
     DB_STATEMENT_TIMEOUT_MS,
+    DB_POOL_MODE,
+    READ_DATABASE_URLS.values(),
     MIGRATE_ON_START,
     SHUTDOWN_DELAY_SECONDS,
     SHUTDOWN_GRACE_SECONDS,
@@ -344,6 +368,9 @@ class Settings:
     db_pool_max_size: int
     db_acquire_timeout: float
     db_statement_timeout_ms: int
+    db_pool_mode: str
+    #: The service's ``<SERVICE>_READ_DATABASE_URL``; empty: no replica.
+    read_database_url: str = field(repr=False)
     migrate_on_start: bool
     jwt_issuer: str
     jwt_audience: str
@@ -475,6 +502,8 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Settings:
         db_pool_max_size=pool_max,
         db_acquire_timeout=DB_ACQUIRE_TIMEOUT_SECONDS.read(env),
         db_statement_timeout_ms=DB_STATEMENT_TIMEOUT_MS.read(env),
+        db_pool_mode=DB_POOL_MODE.read(env),
+        read_database_url=READ_DATABASE_URLS[service].read(env),
         migrate_on_start=MIGRATE_ON_START.read(env),
         jwt_issuer=JWT_ISSUER.read(env),
         jwt_audience=JWT_AUDIENCE.read(env),
