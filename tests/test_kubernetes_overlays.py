@@ -128,7 +128,8 @@ def test_every_deployment_is_probed_bounded_locked_down_pinned_spread_budgeted_a
             assert container["readinessProbe"]["grpc"]["service"] == readiness[name]
         else:
             for probe in ("readinessProbe", "livenessProbe"):
-                assert container[probe]["httpGet"] == {"path": HEALTH_PATH, "port": "http"}, probe
+                get = container[probe]["httpGet"]
+                assert (get["path"], get["port"]) == (HEALTH_PATH, "http"), probe
         assert [b for b in budgets if matches(b["spec"]["selector"], labels)], f"{name} has no PodDisruptionBudget"
         scaler = scalers[name]["spec"]
         (metric,) = scaler["metrics"]
@@ -297,3 +298,32 @@ def test_the_secret_templates_hold_placeholders_only_and_the_real_secrets_stay_o
         secret = KUBERNETES / "overlays" / overlay / "secrets" / "tenant.env"
         done = subprocess.run(["git", "check-ignore", "-q", str(secret)], cwd=REPO, check=False)
         assert done.returncode == 0, f"git would commit {secret.relative_to(REPO)}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_gateway_serving_tls_has_its_pair_mounted_and_is_probed_over_https(rendered, overlay):
+    import json
+
+    objects = rendered[overlay]
+    config = json.loads(generated(objects, "ConfigMap", "towerco-gateway")["data"]["envoy.json"])
+    (listener,) = config["static_resources"]["listeners"]
+    sockets = [chain["transport_socket"] for chain in listener["filter_chains"] if "transport_socket" in chain]
+    spec = of_kind(objects, "Deployment")["gateway"]["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    schemes = {container[probe]["httpGet"].get("scheme", "HTTP") for probe in ("readinessProbe", "livenessProbe")}
+    if not sockets:
+        assert schemes == {"HTTP"}, "a plaintext gateway probed over HTTPS is never ready"
+        return
+    assert schemes == {"HTTPS"}, "a TLS-only listener answers no plain HTTP probe: the gateway would never be ready"
+    mounts = {m["mountPath"].rstrip("/"): m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    secrets = {name: set(s["data"]) for name, s in of_kind(objects, "Secret").items()}
+    for socket in sockets:
+        for pair in socket["typed_config"]["common_tls_context"]["tls_certificates"]:
+            for part in ("certificate_chain", "private_key"):
+                folder, _, file = pair[part]["filename"].rpartition("/")
+                assert folder in mounts, f"{pair[part]['filename']} is on no volume of the gateway pod"
+                secret = volumes[mounts[folder]]["secret"]
+                keys = secrets[secret["secretName"]]
+                items = {i["path"]: i["key"] for i in secret.get("items", [])} or {k: k for k in keys}
+                assert items.get(file) in keys, f"{file} is not in {secret['secretName']}"
