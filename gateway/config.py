@@ -909,8 +909,8 @@ def _service_cluster(name: str, target: str, tls_ca_file: str = "", health_servi
                 {"lb_endpoints": [{"endpoint": {"address": _address(host, port)}} for host, port, _ in addresses]}
             ],
         },
-        # The service's readiness, not its liveness (""): a host whose database is unreachable
-        # is out within about 4 s of it turning NOT_SERVING (two failed checks), back after one.
+        # The service's readiness, not its liveness (""): a NOT_SERVING answer takes the host out
+        # at once (two checks without an answer do too), one SERVING answer brings it back.
         "health_checks": [
             {
                 "timeout": "1s",
