@@ -223,6 +223,22 @@ def test_a_tenants_own_writes_are_read_back_from_the_primary_while_the_replica_l
         assert _listed(stub, md_s) == {"S-1", "S-PRIMARY-ONLY"}
 
 
+def test_a_read_dsn_that_would_bypass_rls_stops_the_start(stack: Stack, replication: Replication) -> None:
+    services = ExtraServices(stack, OUTPUT / "logs")
+    try:
+        service = services.start(
+            "sites",
+            {"SITES_DATABASE_URL": replication.runtime_dsn, "SITES_READ_DATABASE_URL": replication.replica_dsn},
+            wait=False,
+        )
+        assert service.process.wait(60) == 2
+    finally:
+        services.stop()
+    refusal = service.output().strip().splitlines()[-1]
+    assert "tenant isolation is not enforced" in refusal, refusal
+    assert "runtime role postgres has SUPERUSER" in refusal, refusal
+
+
 def test_reads_fall_back_to_the_primary_when_the_replica_is_down(
     sites_with_replica: ExtraService,
     replication: Replication,
