@@ -22,16 +22,19 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from towerco.sites.v1 import sites_service_pb2 as sites_pb
 from towerco.sites.v1 import sites_service_pb2_grpc as sites_grpc
 
+from deploy.kubernetes import render as kubernetes
 from deploy.local.certs import LocalTls, ensure_certificates
 from deploy.local.grpcurl import gateway_flags
 from deploy.local.redis_server import start_redis, stop_redis
 from deploy.local.stack import SERVICE_ORDER, Stack
 from deploy.local.tokens import ensure_keys
+from gateway.__main__ import deploy_settings, overlay_values
 from gateway.config import GatewaySettings, render, render_json
 from gateway.envoy import validate
 from services.runtime.settings import SettingsError
@@ -275,3 +278,33 @@ def test_envoy_validates_the_tls_rendering(tmp_path):
     assert upstream["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"] == [
         {"san_type": "DNS", "matcher": {"exact": "sites-headless.towerco.svc"}}
     ]
+
+
+def test_envoy_validates_a_rendering_whose_tls_files_are_only_in_the_cluster(tmp_path):
+    """The prod overlay's gateway reads its pair from the mounted Secret, absent here: the
+    validation stands a throwaway pair in, and says so."""
+    path = tmp_path / "prod.json"
+    settings = deploy_settings(overlay_values("prod"))
+    assert settings.serves_tls and not Path(settings.tls_cert_file).exists()
+    path.write_text(render_json(settings))
+    output = validate(path)
+    assert f"configuration '{path}' OK" in output
+    assert f"checked with a stand-in pair: {settings.tls_cert_file}, {settings.tls_key_file}" in output
+
+
+def test_the_prod_overlay_mounts_the_gateways_tls_secret_where_its_configuration_reads_it():
+    objects = [o for o in yaml.safe_load_all(kubernetes.render("prod")) if o]
+    values = overlay_values("prod")
+    secrets = [o for o in objects if o["kind"] == "Secret"]
+    (secret,) = [o for o in secrets if o["metadata"]["name"].startswith("towerco-gateway-tls")]
+    assert secret["type"] == "kubernetes.io/tls" and set(secret["data"]) == {"tls.crt", "tls.key"}
+    (gateway,) = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "gateway"]
+    spec = gateway["spec"]["template"]["spec"]
+    (volume,) = [v for v in spec["volumes"] if v.get("secret", {}).get("secretName") == secret["metadata"]["name"]]
+    (container,) = spec["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    assert values["GATEWAY_TLS_CERT_FILE"] == f"{mount['mountPath']}/tls.crt"
+    assert values["GATEWAY_TLS_KEY_FILE"] == f"{mount['mountPath']}/tls.key"
+    assert {container[p]["httpGet"]["scheme"] for p in ("readinessProbe", "livenessProbe")} == {"HTTPS"}
+    (service,) = [o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "gateway"]
+    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(443, "http")]
