@@ -254,3 +254,26 @@ def test_reads_fall_back_to_the_primary_when_the_replica_is_down(
         replication.insert_behind_the_service(tenant, "D-PRIMARY-ONLY")
         assert _listed(stub, metadata) == {"D-1", "D-PRIMARY-ONLY"}
     assert "PostgreSQL read replica unavailable" in sites_with_replica.output()
+
+
+def test_a_process_started_while_the_replica_is_down_serves_from_the_primary(
+    stack: Stack,
+    replication: Replication,
+    new_tenant: Callable[..., str],
+    token: Callable[..., str],
+) -> None:
+    stop_postgres(replication.folder / "replica")  # stopped already when the test above ran
+    tenant = new_tenant("rrs")
+    metadata = bearer(token(tenant))
+    services = ExtraServices(stack, OUTPUT / "logs")
+    try:
+        started = services.start(
+            "sites",
+            {"SITES_DATABASE_URL": replication.runtime_dsn, "SITES_READ_DATABASE_URL": replication.read_dsn},
+        )
+        replication.insert_behind_the_service(tenant, "S-1")
+        with grpc.insecure_channel(started.target) as channel:
+            assert _listed(pb_grpc.SiteServiceStub(channel), metadata) == {"S-1"}
+    finally:
+        services.stop()
+    assert "read replica unreachable at start-up" in started.output()

@@ -33,7 +33,7 @@ from . import channels, logs, metrics, migrations, tracing, usage
 from .audit import Auditor, AuditRelay
 from .auth import TokenVerifier, VerifierConfig
 from .canary import CanaryError, IsolationCanary
-from .db import Database, connect_options
+from .db import UNREACHABLE, Database, connect_options
 from .entitlements import CHANNEL as ENTITLEMENTS_CHANNEL
 from .entitlements import EntitlementDirectory, FeatureGateSource, RecordSource
 from .faults import Faults
@@ -241,23 +241,41 @@ def check_port_free(host: str, port: int, variable: str) -> None:
                 ) from None
 
 
-async def _guard_isolation(spec: ServiceSpec, settings: Settings) -> None:
-    """The isolation guard, as the runtime role, on the primary and on the replica if there is one."""
-    for dsn in filter(None, (settings.runtime_database_url, settings.read_database_url)):
-        options = connect_options(settings.db_pool_mode, settings.db_statement_timeout_ms, f"towerco-{spec.name}-guard")
-        try:
-            conn: asyncpg.Connection[Any] = await asyncpg.connect(dsn, **options)
-        except asyncpg.PostgresError as exc:
-            if "unsupported startup parameter" not in str(exc):
-                raise
-            raise SettingsError(
-                f"{exc}: a pooler in transaction mode (pgbouncer)? set DB_POOL_MODE=transaction"
-            ) from None
-        try:
-            async with conn.transaction(readonly=True):  # a transaction pooler keeps it on one server session
-                await check_isolation(conn, spec.schema)
-        finally:
-            await conn.close()
+async def _guard_isolation(spec: ServiceSpec, settings: Settings) -> str:
+    """The isolation guard, as the runtime role, on the primary and on the replica if there is one.
+
+    Returns the read DSN to use: none when there is no replica, or when it cannot be reached
+    to be checked (then the primary serves every read until the process restarts, rather
+    than a replica nobody checked, or no start at all while the replica is away).
+    """
+    await _check_isolation_at(settings.runtime_database_url, spec, settings)
+    if not settings.read_database_url:
+        return ""
+    try:
+        await _check_isolation_at(settings.read_database_url, spec, settings)
+    except UNREACHABLE as exc:
+        log.warning(
+            "read replica unreachable at start-up (%s: %s): the primary serves every read until a restart",
+            type(exc).__name__,
+            exc,
+        )
+        return ""
+    return settings.read_database_url
+
+
+async def _check_isolation_at(dsn: str, spec: ServiceSpec, settings: Settings) -> None:
+    options = connect_options(settings.db_pool_mode, settings.db_statement_timeout_ms, f"towerco-{spec.name}-guard")
+    try:
+        conn: asyncpg.Connection[Any] = await asyncpg.connect(dsn, **options)
+    except asyncpg.PostgresError as exc:
+        if "unsupported startup parameter" not in str(exc):
+            raise
+        raise SettingsError(f"{exc}: a pooler in transaction mode (pgbouncer)? set DB_POOL_MODE=transaction") from None
+    try:
+        async with conn.transaction(readonly=True):  # a transaction pooler keeps it on one server session
+            await check_isolation(conn, spec.schema)
+    finally:
+        await conn.close()
 
 
 async def serve(spec: ServiceSpec) -> None:
@@ -282,7 +300,7 @@ async def serve(spec: ServiceSpec) -> None:
         applied = await run_migrations(spec, settings)
         if applied:
             log.info("migrations applied: %s", applied)
-    await _guard_isolation(spec, settings)
+    read_dsn = await _guard_isolation(spec, settings)
     db = await Database.connect(
         settings.runtime_database_url,
         min_size=settings.db_pool_min_size,
@@ -292,7 +310,7 @@ async def serve(spec: ServiceSpec) -> None:
         application_name=f"towerco-{spec.name}/{os.getpid()}",
         tenant_wait_seconds=settings.tenant_concurrency_wait_seconds,
         pool_mode=settings.db_pool_mode,
-        read_dsn=settings.read_database_url,
+        read_dsn=read_dsn,
     )
     db.route_reads(p.method for p in policies if not p.write and not p.internal)
     identity = ServiceIdentity.from_file(
