@@ -17,10 +17,11 @@ database pool names its connections.
 
 A ``redis+cluster://`` URL (:mod:`.redis_url`) makes the command client a Redis Cluster
 client with the same bounds: at most ``REDIS_MAX_CONNECTIONS`` commands in flight (so at
-most that many connections to any one node), the same wait for a free one, the same
-timeouts; a dead connection (or a moved slot, a failed-over master) costs one more try
-after the client has re-read the cluster's slots, a timeout none. Every key a Lua script
-touches carries the tenant's hash tag (``{<tenant_id>}``), so each script runs on one slot.
+most that many connections to any one node, besides the ones it reads the slot map and
+the command table on), the same wait for a free one, the same timeouts; a dead connection
+(or a moved slot, a failed-over master) costs one more try after the client has re-read
+the cluster's slots, a timeout none. Every key a Lua script touches carries the tenant's
+hash tag (``{<tenant_id>}``), so each script runs on one slot.
 
 The subscriber stays a plain connection to one node: a classic ``PUBLISH`` sent to any node
 of a Cluster reaches every node's subscribers over the cluster bus, so any node will do.
