@@ -30,7 +30,7 @@ from deploy.local.dsn import runtime_dsn
 from deploy.local.postgres import start_postgres, stop_postgres
 from deploy.local.stack import Stack, service_spec
 from gateway.config import HEALTH_PATH, GatewaySettings
-from services.runtime.health import HealthState
+from services.runtime.health import DatabaseProbe, HealthState
 from services.runtime.server import migrate_service
 
 from .conftest import OUTPUT
@@ -219,3 +219,28 @@ def test_a_service_name_serves_only_with_its_database_and_no_breach() -> None:
         (SERVING, SERVING),
         (SERVING, NOT_SERVING),
     ]
+
+
+async def test_the_probe_takes_two_failures_in_a_row_to_say_the_database_is_away(sites_runtime_dsn: str) -> None:
+    reports: list[tuple[bool, str]] = []
+    reported = asyncio.Event()
+
+    async def report(reachable: bool, reason: str) -> None:
+        reports.append((reachable, reason))
+        reported.set()
+
+    answering = DatabaseProbe(sites_runtime_dsn, report, application_name="towerco-test/health", interval=0.01)
+    assert await answering.probe() == ""
+    await answering.close()
+
+    closed = f"postgresql://sites_app@127.0.0.1:{free_port()}/towerco"
+    probe = DatabaseProbe(closed, report, application_name="towerco-test/health", interval=0.01)
+    probe.start()
+    try:
+        await asyncio.wait_for(reported.wait(), 10)
+    finally:
+        await probe.close()
+    reachable, reason = reports[0]
+    assert not reachable and "refused" in reason.lower(), reason
+    assert probe.failures >= 2 and probe.probes == probe.failures
+    assert len(reports) == probe.failures - 1  # the first failure alone reported nothing

@@ -10,8 +10,9 @@
 
 :class:`DatabaseProbe` finds out whether the database answers: every second a ``SELECT 1``
 on a connection of its own (not one of the pool's, so a pool busy with calls is not taken
-for a database that is down), given a second to answer. Sent as a simple query, so it
-passes pgbouncer in transaction mode as well.
+for a database that is down), given a second to answer; two failures in a row make the
+names NOT_SERVING, one answer SERVING again. Sent as a simple query, so it passes pgbouncer
+in transaction mode as well.
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ log = logging.getLogger("towerco.health")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-#: How often the database is asked, and how long it has to answer: a service name turns
-#: NOT_SERVING within about two seconds of the database going away.
+#: How often the database is asked, how long it has to answer, and how many probes in a row
+#: must fail: a service name turns NOT_SERVING within about three seconds of the database
+#: going away, while one slow answer (a busy moment) does not take every replica out at once.
 PROBE_INTERVAL_SECONDS = 1.0
 PROBE_TIMEOUT_SECONDS = 1.0
+PROBE_FAILURES_BEFORE_NOT_READY = 2
 #: What a probe may meet when the database cannot serve this role (down, refusing, timing out).
 _PROBE_FAILURES: tuple[type[BaseException], ...] = (asyncpg.PostgresError, TimeoutError, *UNREACHABLE)
 
@@ -102,13 +105,18 @@ class DatabaseProbe:
         application_name: str,
         interval: float = PROBE_INTERVAL_SECONDS,
         timeout: float = PROBE_TIMEOUT_SECONDS,
+        failures_before_not_ready: int = PROBE_FAILURES_BEFORE_NOT_READY,
     ) -> None:
         self._dsn = dsn
         self._report = report
         self._application_name = application_name
         self._interval = interval
         self._timeout = timeout
+        self._failures_before_not_ready = failures_before_not_ready
         self._conn: asyncpg.Connection[Any] | None = None
+        #: Probes made, and how many failed, since start-up.
+        self.probes = 0
+        self.failures = 0
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -117,6 +125,7 @@ class DatabaseProbe:
 
     async def probe(self) -> str:
         """One probe: empty when the database answered, else what went wrong."""
+        self.probes += 1
         try:
             if self._conn is None or self._conn.is_closed():
                 self._conn = await asyncpg.connect(
@@ -127,14 +136,18 @@ class DatabaseProbe:
                 )
             await self._conn.execute("SELECT 1", timeout=self._timeout)
         except _PROBE_FAILURES as exc:
+            self.failures += 1
             await self._drop()
             return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         return ""
 
     async def _run(self) -> None:
+        failed_in_a_row = 0
         while not self._stop.is_set():
             failure = await self.probe()
-            await self._report(not failure, failure)
+            failed_in_a_row = failed_in_a_row + 1 if failure else 0
+            if not failure or failed_in_a_row >= self._failures_before_not_ready:
+                await self._report(not failure, failure)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self._interval)
 
