@@ -149,6 +149,11 @@ def test_the_builder_runs_the_makefiles_protoc_with_its_include_path() -> None:
     assert "-m grpc_tools.protoc -I protos -I $(GOOGLEAPIS_PROTOS)" in makefile
 
 
+def builds() -> str:
+    """Every RUN of the stages before the runtime's, one string."""
+    return " && ".join(step.arguments for step in dockerfile() if step.stage != "runtime" and step.keyword == "RUN")
+
+
 def test_the_runtime_stage_is_the_tests_python_as_a_non_root_user_without_build_tools() -> None:
     stages = [line for line in dockerfile() if line.keyword == "FROM"]
     runtime = stages[-1]
@@ -169,6 +174,9 @@ def test_the_runtime_stage_is_the_tests_python_as_a_non_root_user_without_build_
     assert "pip uninstall --yes pip setuptools" in venv, "the venv the runtime copies keeps no installer"
     users = [step.arguments for step in steps if step.keyword == "USER"]
     assert len(users) == 1 and re.fullmatch(r"[1-9]\d*:[1-9]\d*", users[0]), "a numeric non-root UID:GID"
+    # Every module the runtime imports has bytecode Python will not try to rewrite.
+    compiled = re.findall(r"python -m compileall -q -f --invalidation-mode unchecked-hash ([^&]+)", builds())
+    assert sorted(" ".join(compiled).split()) == ["/opt/venv/lib", "gen", "services"]
     environment = " ".join(step.arguments for step in steps if step.keyword == "ENV")
     assert "PYTHONDONTWRITEBYTECODE=1" in environment
     assert "grpc_tools" not in " ".join(step.arguments for step in steps)
