@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 ENVIRONMENT_MODULE = REPO / "services" / "runtime" / "environment.py"
 SCANNED = ("services", "gateway", "deploy")
 #: Variables the platform sets for programs it starts but never reads itself.
-FOREIGN = {"PYTHONUNBUFFERED"}
+FOREIGN = {"PYTHONUNBUFFERED", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE", "PATH"}
 #: What the test harness reads for itself or hands the README's demo script: not the platform's.
 TEST_HARNESS = {"TEST_CONTAINERS", "CI", "CHROMIUM", "GRPCURL", "TOKEN", "ADMIN"}
 DECLARED = frozenset().union(*(table.names for table in PROCESS_SETTINGS))
