@@ -397,3 +397,17 @@ async def app_conn(sites_runtime_dsn: str) -> AsyncIterator[asyncpg.Connection[A
         yield conn
     finally:
         await conn.close()
+
+
+@pytest.fixture
+async def scratch_outbox(admin: asyncpg.Connection[Any]) -> AsyncIterator[str]:
+    """A schema holding an ``audit_outbox`` like every service's, dropped after the test: no
+    running service's relay takes its rows, so a test's own relay is the only reader."""
+    schema = f"scratch_{uuid.uuid4().hex[:10]}"
+    await admin.execute(f"CREATE SCHEMA {schema}")
+    await admin.execute(
+        f"CREATE TABLE {schema}.audit_outbox (tenant_id text NOT NULL, event_id uuid NOT NULL, event bytea NOT NULL, "
+        "create_time timestamptz NOT NULL DEFAULT clock_timestamp(), PRIMARY KEY (tenant_id, event_id))"
+    )
+    yield schema
+    await admin.execute(f"DROP SCHEMA {schema} CASCADE")

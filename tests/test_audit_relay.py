@@ -12,7 +12,6 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -33,19 +32,6 @@ pytestmark = pytest.mark.stack
 
 OUTAGE_LINE = "audit relay: cannot deliver events"
 RECOVERY_LINE = "audit relay: delivering again"
-
-
-@pytest.fixture
-async def scratch_outbox(admin: asyncpg.Connection[Any]) -> AsyncIterator[str]:
-    """A schema holding an ``audit_outbox`` like every service's, dropped after the test."""
-    schema = f"relay_{uuid.uuid4().hex[:10]}"
-    await admin.execute(f"CREATE SCHEMA {schema}")
-    await admin.execute(
-        f"CREATE TABLE {schema}.audit_outbox (tenant_id text NOT NULL, event_id uuid NOT NULL, event bytea NOT NULL, "
-        "create_time timestamptz NOT NULL DEFAULT clock_timestamp(), PRIMARY KEY (tenant_id, event_id))"
-    )
-    yield schema
-    await admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 async def test_relay_backs_off_while_the_audit_service_is_down_and_then_delivers_every_event(

@@ -12,12 +12,11 @@ from __future__ import annotations
 import http.client
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
 import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
@@ -251,19 +250,6 @@ def in_process_spans() -> Iterator[InMemorySpanExporter]:
     tracing.use(TracerProvider(), SimpleSpanProcessor(exporter))
     yield exporter
     tracing.use(None)
-
-
-@pytest.fixture
-async def scratch_outbox(admin: asyncpg.Connection[Any]) -> AsyncIterator[str]:
-    """A schema holding an ``audit_outbox`` like every service's (so no service's relay takes its rows)."""
-    schema = f"trace_{uuid.uuid4().hex[:10]}"
-    await admin.execute(f"CREATE SCHEMA {schema}")
-    await admin.execute(
-        f"CREATE TABLE {schema}.audit_outbox (tenant_id text NOT NULL, event_id uuid NOT NULL, event bytea NOT NULL, "
-        "create_time timestamptz NOT NULL DEFAULT clock_timestamp(), PRIMARY KEY (tenant_id, event_id))"
-    )
-    yield schema
-    await admin.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 async def test_the_audit_relay_delivers_an_event_in_the_trace_of_the_call_that_recorded_it(
