@@ -456,3 +456,7 @@ def test_internal_methods_refuse_end_user_tokens(features_target, platform_token
             metadata=bearer(platform_token),
         )
     assert (error.code, error.reason) == (grpc.StatusCode.PERMISSION_DENIED, "SERVICE_IDENTITY_REQUIRED")
+
+
+def test_audit_retention_is_90_days_1_year_and_7_years_by_plan(listed_plans):
+    assert [p.limits["audit_retention_days"] for p in listed_plans] == [90, 365, 2555]
