@@ -460,3 +460,11 @@ def test_internal_methods_refuse_end_user_tokens(features_target, platform_token
 
 def test_audit_retention_is_90_days_1_year_and_7_years_by_plan(listed_plans):
     assert [p.limits["audit_retention_days"] for p in listed_plans] == [90, 365, 2555]
+
+
+def test_every_limit_the_plans_know_can_be_overridden(features, new_tenant, platform_token):
+    tenant, md = new_tenant(plan="basic"), bearer(platform_token)
+    for number, resource in enumerate(LIMITS):
+        request = pb.SetLimitOverrideRequest(tenant_id=tenant, resource=resource, limit=number + 1)
+        features.SetLimitOverride(request, metadata=md, timeout=10)
+    assert dict(entitlements(features, md, tenant).limits) == {r: n + 1 for n, r in enumerate(LIMITS)}
