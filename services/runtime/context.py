@@ -273,6 +273,7 @@ DOORS: dict[str, Door] = {
                 "services/features/usage_recording.py",  # the feature gate's own usage counts, flushed
                 "services/runtime/audit.py",  # Auditor.record_alone: a refusal into its target's outbox
                 "services/runtime/canary.py",  # the isolation canaries' sentinels and checks, as each canary
+                "services/runtime/idempotency_purge.py",  # a tenant's expired idempotency records, deleted
             }
         ),
         guard="the tenant id is well formed; any caller, or none (the service's own bookkeeping, not the caller's)",
@@ -284,6 +285,7 @@ DOORS: dict[str, Door] = {
             _DOORS_TESTS + "test_system_scope_binds_only_the_named_tenant_without_any_caller",
             "tests/test_audit_service.py::test_a_refused_cross_tenant_call_is_in_the_targets_log",
             "tests/test_canary.py::test_each_canary_sees_its_own_sentinels_and_none_of_the_other",
+            "tests/test_idempotency_expiry.py::test_the_purge_removes_only_expired_records_of_each_tenant",
         ),
     ),
     "background_context": Door(
@@ -326,18 +328,21 @@ DOORS: dict[str, Door] = {
                 "services/tenant/servicer.py",  # ListTenants, ResolveTenant
                 "services/tenant/offboarding.py",  # finding unfinished deletions at start-up
                 "services/features/usage_reports.py",  # ListTenantUsage, the billing export
+                "services/runtime/idempotency_purge.py",  # which tenants hold expired idempotency records
             }
         ),
         guard="none in code: what it reads decides who may ask (ListTenants and ListTenantUsage: platform "
-        "admins only; which tenant serves a host name is public, ResolveTenant)",
+        "admins only; which tenant serves a host name is public, ResolveTenant; the idempotency purge is the "
+        "service's own task)",
         reach="a READ ONLY transaction, no tenant bound: every tenant's rows in tables with a platform_read "
-        "policy (the registry's tenants and host routes, the feature gate's hourly usage), none in any other "
-        "table; nothing can be written",
+        "policy (the registry's tenants and host routes, the feature gate's hourly usage, the sites service's "
+        "create_requests), none in any other table; nothing can be written",
         proven_by=(
             _DOORS_TESTS + "test_platform_read_cannot_write",
             _DOORS_TESTS + "test_platform_read_shows_every_tenant_only_in_the_directory_tables",
             _DOORS_TESTS + "test_platform_read_shows_every_tenants_usage_and_no_other_feature_gate_rows",
             "tests/test_usage_api.py::test_a_tenant_cannot_list_tenant_usage",
+            "tests/test_idempotency_expiry.py::test_the_purge_removes_only_expired_records_of_each_tenant",
         ),
     ),
     "outbox_transaction": Door(

@@ -142,6 +142,11 @@ ISOLATION_BREACH = Counter(
     "Times the leak canary saw one canary tenant's rows from the other: tenant isolation is broken",
     ("service",),
 )
+RETENTION_PURGED_ROWS = Counter(
+    "towerco_retention_purged_rows_total",
+    "Rows deleted because their retention period ended (by a service's own purge task), by table",
+    ("service", "table"),
+)
 
 #: Every metric, in the README's order.
 ALL: tuple[MetricWrapperBase, ...] = (
@@ -160,6 +165,7 @@ ALL: tuple[MetricWrapperBase, ...] = (
     AUDIT_RELAY_LAG,
     CROSS_TENANT_REFUSALS,
     ISOLATION_BREACH,
+    RETENTION_PURGED_ROWS,
 )
 
 
@@ -248,6 +254,7 @@ class ServiceMetrics:
         self._breaker = self._of(BREAKER_OPEN)
         self._dependency_errors = self._of(DEPENDENCY_ERRORS)
         self._cross_tenant = self._of(CROSS_TENANT_REFUSALS)
+        self._purged = self._of(RETENTION_PURGED_ROWS)
         self._waits = BULKHEAD_WAITS.labels(service)
         self._refusals = BULKHEAD_REFUSALS.labels(service)
         self._outbox_depth = AUDIT_OUTBOX_DEPTH.labels(service)
@@ -299,6 +306,9 @@ class ServiceMetrics:
 
     def isolation_breach(self) -> None:
         self._breaches.inc()
+
+    def retention_purged(self, table: str, rows: int) -> None:
+        self._purged(table).inc(rows)
 
 
 _active = ServiceMetrics(UNCONFIGURED)

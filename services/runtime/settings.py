@@ -137,6 +137,24 @@ CANARY_INTERVAL_SECONDS = number(
     check=lambda seconds: seconds > 0,
     refusal="CANARY_INTERVAL_SECONDS must be a positive number of seconds",
 )
+IDEMPOTENCY_WINDOW_SECONDS = number(
+    "IDEMPOTENCY_WINDOW_SECONDS",
+    86400.0,
+    "how long a create's `request_id` is honoured: a retry within it gets the first answer; after it the record "
+    "is purged and a reuse is a new request (ALREADY_EXISTS where the resource still exists)",
+    kind="number > 0",
+    check=lambda seconds: seconds > 0,
+    refusal="IDEMPOTENCY_WINDOW_SECONDS must be a positive number of seconds",
+)
+IDEMPOTENCY_PURGE_INTERVAL_SECONDS = number(
+    "IDEMPOTENCY_PURGE_INTERVAL_SECONDS",
+    600.0,
+    "how often a service deletes the idempotency records older than `IDEMPOTENCY_WINDOW_SECONDS`, per tenant in "
+    "batches (`towerco_retention_purged_rows_total`)",
+    kind="number > 0",
+    check=lambda seconds: seconds > 0,
+    refusal="IDEMPOTENCY_PURGE_INTERVAL_SECONDS must be a positive number of seconds",
+)
 USAGE_FLUSH_SECONDS = number(
     "USAGE_FLUSH_SECONDS",
     10.0,
@@ -306,6 +324,8 @@ SERVICE_SETTINGS = SettingsTable.of(
     GATEWAY_SECRET,
     AUDIT_REFUSAL_WINDOW_SECONDS,
     CANARY_INTERVAL_SECONDS,
+    IDEMPOTENCY_WINDOW_SECONDS,
+    IDEMPOTENCY_PURGE_INTERVAL_SECONDS,
     USAGE_FLUSH_SECONDS,
     DB_POOL_MAX_SIZE,
     DB_POOL_MIN_SIZE,
@@ -395,6 +415,8 @@ class Settings:
     tenant_concurrency_wait_seconds: float
     audit_refusal_window_seconds: float
     canary_interval_seconds: float
+    idempotency_window_seconds: float
+    idempotency_purge_interval_seconds: float
     usage_flush_seconds: float
     fault_points: str
     #: ``PAGE_TOKEN_SECRET``, else the dev file.
@@ -526,6 +548,8 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Settings:
         tenant_concurrency_wait_seconds=TENANT_CONCURRENCY_WAIT_SECONDS.read(env),
         audit_refusal_window_seconds=AUDIT_REFUSAL_WINDOW_SECONDS.read(env),
         canary_interval_seconds=CANARY_INTERVAL_SECONDS.read(env),
+        idempotency_window_seconds=IDEMPOTENCY_WINDOW_SECONDS.read(env),
+        idempotency_purge_interval_seconds=IDEMPOTENCY_PURGE_INTERVAL_SECONDS.read(env),
         usage_flush_seconds=USAGE_FLUSH_SECONDS.read(env),
         fault_points=FAULT_POINTS.read(env),
         page_token_secret=_page_token_secret(keys, env),

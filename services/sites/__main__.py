@@ -9,6 +9,7 @@ from towerco.internal.v1 import held_resources_pb2, held_resources_pb2_grpc, ten
 from towerco.sites.v1 import sites_service_pb2, sites_service_pb2_grpc
 
 from services.runtime.held_resources import HeldResourcesServicer
+from services.runtime.idempotency_purge import IdempotencyPurge
 from services.runtime.server import Runtime, ServiceSpec, main
 from services.runtime.tenant_data_service import TenantDataServicer
 
@@ -24,6 +25,15 @@ def register(server: aio.Server, runtime: Runtime) -> None:
     held_resources_pb2_grpc.add_HeldResourcesServiceServicer_to_server(
         HeldResourcesServicer(runtime, {"max_sites": queries.COUNT_SITES}), server
     )
+    settings = runtime.settings
+    purge = IdempotencyPurge(
+        runtime.db,
+        "sites.create_requests",
+        settings.idempotency_window_seconds,
+        settings.idempotency_purge_interval_seconds,
+    )
+    runtime.on_start(purge.start)
+    runtime.on_stop(purge.close)
 
 
 SPEC = ServiceSpec(

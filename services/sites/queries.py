@@ -38,8 +38,16 @@ SELECT coalesce(region, '') AS region, count(*) AS sites
 FROM sites.sites WHERE tenant_id = $1 GROUP BY 1
 """
 
+# Records older than the window ($3, seconds) are expired even before the purge removes them.
 GET_CREATE_REQUEST = """
-SELECT request_hash, response FROM sites.create_requests WHERE tenant_id = $1 AND request_id = $2
+SELECT request_hash, response FROM sites.create_requests
+WHERE tenant_id = $1 AND request_id = $2 AND create_time >= now() - make_interval(secs => $3)
+"""
+
+# An expired record of a request_id in use again makes way for the new request's.
+DELETE_EXPIRED_CREATE_REQUEST = """
+DELETE FROM sites.create_requests
+WHERE tenant_id = $1 AND request_id = $2 AND create_time < now() - make_interval(secs => $3)
 """
 
 INSERT_CREATE_REQUEST = """

@@ -39,6 +39,7 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
         self._audit = runtime.audit
         self._entitlements = runtime.entitlements
         self._faults = runtime.faults
+        self._window = runtime.settings.idempotency_window_seconds
 
     async def CreateSite(self, request: pb.CreateSiteRequest, ctx: Ctx) -> pb.Site:
         v = Violations()
@@ -60,7 +61,7 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
         max_sites = found.limit("max_sites") if found is not None else UNLIMITED
         async with self._db.transaction() as conn:
             if request.request_id:
-                replay = await _replay(conn, tenant_id, request.request_id, request_hash)
+                replay = await _replay(conn, tenant_id, request.request_id, request_hash, self._window)
                 if replay is not None:
                     return replay
             held = await _check_quota(conn, tenant_id, max_sites) if max_sites != UNLIMITED else None
@@ -70,7 +71,7 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
             if row is None:
                 # Taken: by an earlier request, or by a concurrent retry of this one.
                 if request.request_id:
-                    replay = await _replay(conn, tenant_id, request.request_id, request_hash)
+                    replay = await _replay(conn, tenant_id, request.request_id, request_hash, self._window)
                     if replay is not None:
                         return replay
                 raise already_exists(ErrorReason.SITE_ALREADY_EXISTS, request.site_id)
@@ -79,6 +80,7 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
             if held is not None:  # under the quota lock: creates are counted one at a time
                 await record_crossings(self._audit, conn, "max_sites", held, held + 1, max_sites)
             if request.request_id:
+                await conn.execute(queries.DELETE_EXPIRED_CREATE_REQUEST, tenant_id, request.request_id, self._window)
                 stored = await conn.fetchval(
                     queries.INSERT_CREATE_REQUEST, tenant_id, request.request_id, request_hash, site.SerializeToString()
                 )
@@ -188,8 +190,9 @@ def _mask_paths(request: pb.UpdateSiteRequest) -> frozenset[str]:
     return frozenset(paths)
 
 
-async def _replay(conn: Any, tenant_id: str, request_id: str, request_hash: str) -> pb.Site | None:
-    prior = await conn.fetchrow(queries.GET_CREATE_REQUEST, tenant_id, request_id)
+async def _replay(conn: Any, tenant_id: str, request_id: str, request_hash: str, window: float) -> pb.Site | None:
+    """The first answer to ``request_id`` if its record is within the idempotency window."""
+    prior = await conn.fetchrow(queries.GET_CREATE_REQUEST, tenant_id, request_id, window)
     if prior is None:
         return None
     idempotency.check_same_request(prior["request_hash"], request_hash, "create request")

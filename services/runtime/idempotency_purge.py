@@ -1,0 +1,101 @@
+"""Idempotency records expire: a background task deletes those older than the window.
+
+A ``request_id`` is honoured for ``IDEMPOTENCY_WINDOW_SECONDS``; the replay look-up
+already ignores an older record (so the window is exact whenever the purge runs), and this
+task removes such records so that the table's size is bounded by the window's traffic.
+
+Each round finds the tenants holding expired records in one READ ONLY platform read
+(tenant ids only; the table's ``platform_read`` policy), then, bound to each tenant in
+turn (``context.system_scope``), deletes its expired records ``batch`` rows per short
+transaction, so no call waits on more than one batch: the only call that touches an
+expired record is a CreateSite reusing its ``request_id``. (No SKIP LOCKED: ``FOR UPDATE``
+would need the UPDATE privilege, which the runtime role does not have on the table.)
+One INFO line per tenant that lost records, and ``towerco_retention_purged_rows_total
+{service,table}`` counts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import asyncpg
+
+from . import context, metrics
+from .db import UNREACHABLE, Database
+
+log = logging.getLogger("towerco.idempotency")
+
+#: Rows deleted per transaction: small, so a row lock is held for one short statement.
+BATCH_ROWS = 500
+
+_TENANTS_SQL = "SELECT DISTINCT tenant_id FROM {table} WHERE create_time < now() - make_interval(secs => $1)"
+_DELETE_SQL = """
+DELETE FROM {table} WHERE ctid IN (
+    SELECT ctid FROM {table}
+    WHERE tenant_id = $1 AND create_time < now() - make_interval(secs => $2)
+    LIMIT $3
+)
+"""
+_FAILURES: tuple[type[BaseException], ...] = (*UNREACHABLE, asyncpg.PostgresError, OSError)
+
+
+class IdempotencyPurge:
+    """Deletes ``table``'s idempotency records older than ``window`` seconds, every ``interval`` seconds."""
+
+    def __init__(self, db: Database, table: str, window: float, interval: float, batch: int = BATCH_ROWS) -> None:
+        self._db = db
+        self._table = table  # a schema-qualified name from the service's code, never from a caller
+        self._window = window
+        self._interval = interval
+        self._batch = batch
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"idempotency-purge-{self._table}")
+
+    async def close(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+
+    async def purge(self) -> dict[str, int]:
+        """One round: the rows removed per tenant (tenants that lost none are left out)."""
+        async with self._db.platform_read("idempotency.purge: tenants with expired records") as conn:
+            rows = await conn.fetch(_TENANTS_SQL.format(table=self._table), self._window)
+        removed: dict[str, int] = {}
+        for row in rows:
+            tenant_id = row["tenant_id"]
+            if tenant_id in context.CANARY_TENANTS:  # the isolation canary's sentinels stay
+                continue
+            count = await self._purge_tenant(tenant_id)
+            if count:
+                removed[tenant_id] = count
+                log.info("idempotency records: removed %d from %s for tenant %s", count, self._table, tenant_id)
+                metrics.active().retention_purged(self._table, count)
+        return removed
+
+    async def _purge_tenant(self, tenant_id: str) -> int:
+        total = 0
+        statement = _DELETE_SQL.format(table=self._table)
+        with context.system_scope(tenant_id, "idempotency.purge"):
+            while not self._stop.is_set():
+                async with self._db.transaction() as conn:
+                    status = await conn.execute(statement, tenant_id, self._window, self._batch)
+                deleted = int(status.split()[-1])
+                total += deleted
+                if deleted < self._batch:
+                    break
+        return total
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await self.purge()
+            except _FAILURES as exc:  # the next round tries again; an outage is logged as one elsewhere
+                if not isinstance(exc, UNREACHABLE):
+                    log.error("idempotency records of %s: purge failed: %s", self._table, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self._interval)
