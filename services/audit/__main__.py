@@ -1,21 +1,41 @@
-"""``python -m services.audit [migrate]``: run the audit log service."""
+"""``python -m services.audit [migrate|retention]``: run the audit log service (or one retention round)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import sys
 from pathlib import Path
 
 from grpc import aio
 from towerco.audit.v1 import audit_log_service_pb2, audit_log_service_pb2_grpc
 
 from services.runtime.server import Runtime, ServiceSpec, main
+from services.runtime.settings import SettingsError
 
 from .canary_sentinels import AUDIT_SENTINELS
 from .retention import ensure_retention_role
+from .retention_command import run_retention_once
+from .retention_job import RetentionJob
 from .servicer import AuditLogServicer
+
+log = logging.getLogger("towerco.audit")
 
 
 def register(server: aio.Server, runtime: Runtime) -> None:
     audit_log_service_pb2_grpc.add_AuditLogServiceServicer_to_server(AuditLogServicer(runtime), server)
+    settings = runtime.settings
+    if settings.audit_retention_database_url:
+        job = RetentionJob(
+            settings.audit_retention_database_url,
+            runtime.entitlements.get,
+            settings.audit_retention_interval_seconds,
+            settings.audit_retention_batch_size,
+        )
+        runtime.on_start(job.start)
+        runtime.on_stop(job.close)
+    else:
+        log.warning("AUDIT_RETENTION_DATABASE_URL is not set: no audit events are purged by this process")
 
 
 SPEC = ServiceSpec(
@@ -34,4 +54,10 @@ SPEC = ServiceSpec(
 
 
 if __name__ == "__main__":
-    main(SPEC)
+    if sys.argv[1:] == ["retention"]:
+        try:
+            asyncio.run(run_retention_once())
+        except SettingsError as exc:
+            sys.exit(f"audit retention refused to start: {exc}")
+    else:
+        main(SPEC)

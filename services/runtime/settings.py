@@ -137,6 +137,28 @@ CANARY_INTERVAL_SECONDS = number(
     check=lambda seconds: seconds > 0,
     refusal="CANARY_INTERVAL_SECONDS must be a positive number of seconds",
 )
+AUDIT_RETENTION_INTERVAL_SECONDS = number(
+    "AUDIT_RETENTION_INTERVAL_SECONDS",
+    3600.0,
+    "how often the audit service's retention job purges each tenant's events older than its plan's "
+    "`audit_retention_days` (only with `AUDIT_RETENTION_DATABASE_URL`)",
+    kind="number > 0",
+    check=lambda seconds: seconds > 0,
+    refusal="AUDIT_RETENTION_INTERVAL_SECONDS must be a positive number of seconds",
+)
+AUDIT_RETENTION_BATCH_SIZE = integer(
+    "AUDIT_RETENTION_BATCH_SIZE",
+    1000,
+    "audit events the retention job deletes per transaction: a call waits on the purge for one batch at most",
+    minimum=1,
+)
+AUDIT_RETENTION_DATABASE_URL = text(
+    "AUDIT_RETENTION_DATABASE_URL",
+    "",
+    "a DSN whose role may `SET ROLE audit_retention` (services/audit/retention.py), read by the audit service's "
+    "retention job and `python -m services.audit retention`; unset, the audit service runs no retention job",
+    shown="none: no retention job (the tests set the session's administrative DSN)",
+)
 IDEMPOTENCY_WINDOW_SECONDS = number(
     "IDEMPOTENCY_WINDOW_SECONDS",
     86400.0,
@@ -324,6 +346,9 @@ SERVICE_SETTINGS = SettingsTable.of(
     GATEWAY_SECRET,
     AUDIT_REFUSAL_WINDOW_SECONDS,
     CANARY_INTERVAL_SECONDS,
+    AUDIT_RETENTION_INTERVAL_SECONDS,
+    AUDIT_RETENTION_BATCH_SIZE,
+    AUDIT_RETENTION_DATABASE_URL,
     IDEMPOTENCY_WINDOW_SECONDS,
     IDEMPOTENCY_PURGE_INTERVAL_SECONDS,
     USAGE_FLUSH_SECONDS,
@@ -414,6 +439,9 @@ class Settings:
     rate_limit_fail_closed: bool
     tenant_concurrency_wait_seconds: float
     audit_refusal_window_seconds: float
+    audit_retention_interval_seconds: float
+    audit_retention_batch_size: int
+    audit_retention_database_url: str = field(repr=False)
     canary_interval_seconds: float
     idempotency_window_seconds: float
     idempotency_purge_interval_seconds: float
@@ -548,6 +576,9 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Settings:
         tenant_concurrency_wait_seconds=TENANT_CONCURRENCY_WAIT_SECONDS.read(env),
         audit_refusal_window_seconds=AUDIT_REFUSAL_WINDOW_SECONDS.read(env),
         canary_interval_seconds=CANARY_INTERVAL_SECONDS.read(env),
+        audit_retention_interval_seconds=AUDIT_RETENTION_INTERVAL_SECONDS.read(env),
+        audit_retention_batch_size=AUDIT_RETENTION_BATCH_SIZE.read(env),
+        audit_retention_database_url=AUDIT_RETENTION_DATABASE_URL.read(env),
         idempotency_window_seconds=IDEMPOTENCY_WINDOW_SECONDS.read(env),
         idempotency_purge_interval_seconds=IDEMPOTENCY_PURGE_INTERVAL_SECONDS.read(env),
         usage_flush_seconds=USAGE_FLUSH_SECONDS.read(env),
