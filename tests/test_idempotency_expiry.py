@@ -15,10 +15,13 @@ import asyncpg
 import grpc
 from towerco.sites.v1 import sites_service_pb2 as pb
 from towerco.sites.v1 import sites_service_pb2_grpc as sites_grpc
+from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
+from towerco.tenant.v1 import tenant_registry_service_pb2_grpc as tenant_grpc
 
 from services.runtime import context, metrics
 from services.runtime.db import Database
-from services.runtime.idempotency_purge import IdempotencyPurge
+from services.runtime.idempotency_purge import IdempotencyPurge, request_table
+from services.tenant import queries as tenant_queries
 
 from .support import bearer, expect_error
 
@@ -100,7 +103,7 @@ async def test_the_purge_removes_only_expired_records_of_each_tenant(sites_runti
     db = await Database.connect(sites_runtime_dsn, min_size=1, max_size=2)
     try:
         # Batches of 2: five expired records per tenant take three transactions each.
-        purge = IdempotencyPurge(db, TABLE, window=60, interval=3600, batch=2)
+        purge = IdempotencyPurge(db, request_table(TABLE), window=60, interval=3600, batch=2)
         with caplog.at_level(logging.INFO, logger="towerco.idempotency"):
             removed = await purge.purge()
         # Bound to each tenant in turn: a purge in one tenant's transaction sees no other's rows.
@@ -116,3 +119,39 @@ async def test_the_purge_removes_only_expired_records_of_each_tenant(sites_runti
         assert f"removed 5 from {TABLE} for tenant {tenant}" in caplog.text
     assert counter._value.get() - before >= 10
     await admin.execute(f"DELETE FROM {TABLE} WHERE tenant_id = ANY($1)", tenants)
+
+
+async def test_a_create_tenant_retry_past_the_window_is_already_exists_and_its_key_is_cleared(
+    extra_service, registry, platform_token, stack, admin, caplog
+):
+    tenant_id = f"idem_{uuid.uuid4().hex[:10]}"
+    request = tenant_pb.CreateTenantRequest(
+        tenant_id=tenant_id,
+        tenant=tenant_pb.Tenant(display_name="Idem", plan="basic", admin_email="noc@idem.example"),
+        request_id=f"new-{tenant_id}",
+    )
+    md = bearer(platform_token)
+    first = registry.CreateTenant(request, metadata=md, timeout=10)
+    assert registry.CreateTenant(request, metadata=md, timeout=10) == first  # replayed inside the window
+
+    await admin.execute(
+        "UPDATE tenant.tenants SET create_time = now() - interval '2 minutes' WHERE tenant_id = $1", tenant_id
+    )
+    # Its purge would run in an hour: the retry meets the expired key still in place.
+    extra = extra_service("tenant", {**WINDOW, "IDEMPOTENCY_PURGE_INTERVAL_SECONDS": "3600"})
+    with grpc.insecure_channel(extra.target) as channel:
+        err = expect_error(tenant_grpc.TenantRegistryServiceStub(channel).CreateTenant, request, metadata=md)
+    assert (err.code, err.reason) == (grpc.StatusCode.ALREADY_EXISTS, "TENANT_ALREADY_EXISTS"), err
+
+    db = await Database.connect(stack.runtime_dsn("tenant"), min_size=1, max_size=1)
+    try:
+        with caplog.at_level(logging.INFO, logger="towerco.idempotency"):
+            removed = await IdempotencyPurge(db, tenant_queries.TENANT_REQUESTS, window=60, interval=3600).purge()
+    finally:
+        await db.close()
+    assert removed.get(tenant_id) == 1
+    assert f"removed 1 from tenant.tenants for tenant {tenant_id}" in caplog.text
+    row = await admin.fetchrow(
+        "SELECT request_id, request_hash, state FROM tenant.tenants WHERE tenant_id = $1", tenant_id
+    )
+    assert (row["request_id"], row["request_hash"], row["state"]) == (None, None, "STATE_ACTIVE")  # the tenant stays

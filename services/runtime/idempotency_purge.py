@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 
 import asyncpg
 
@@ -30,23 +31,44 @@ log = logging.getLogger("towerco.idempotency")
 #: Rows deleted per transaction: small, so a row lock is held for one short statement.
 BATCH_ROWS = 500
 
-_TENANTS_SQL = "SELECT DISTINCT tenant_id FROM {table} WHERE create_time < now() - make_interval(secs => $1)"
-_DELETE_SQL = """
+
+@dataclass(frozen=True)
+class Records:
+    """Where a service keeps idempotency records, and how its expired ones go."""
+
+    #: Schema-qualified, from the service's code (never from a caller); the metric's ``table`` label.
+    table: str
+    #: The tenants holding expired records (``$1``: the window in seconds); run in a platform read.
+    tenants_sql: str
+    #: Removes up to ``$3`` of tenant ``$1``'s records older than ``$2`` seconds; its status ends in the count.
+    purge_sql: str
+
+
+def request_table(table: str) -> Records:
+    """Records kept in a table of their own (``tenant_id``, ``create_time``): expired rows are deleted."""
+    return Records(
+        table=table,
+        tenants_sql=f"SELECT DISTINCT tenant_id FROM {table} WHERE create_time < now() - make_interval(secs => $1)",
+        purge_sql=f"""
 DELETE FROM {table} WHERE ctid IN (
     SELECT ctid FROM {table}
     WHERE tenant_id = $1 AND create_time < now() - make_interval(secs => $2)
     LIMIT $3
 )
-"""
+""",
+    )
+
+
 _FAILURES: tuple[type[BaseException], ...] = (*UNREACHABLE, asyncpg.PostgresError, OSError)
 
 
 class IdempotencyPurge:
-    """Deletes ``table``'s idempotency records older than ``window`` seconds, every ``interval`` seconds."""
+    """Removes ``records`` older than ``window`` seconds, every ``interval`` seconds."""
 
-    def __init__(self, db: Database, table: str, window: float, interval: float, batch: int = BATCH_ROWS) -> None:
+    def __init__(self, db: Database, records: Records, window: float, interval: float, batch: int = BATCH_ROWS) -> None:
         self._db = db
-        self._table = table  # a schema-qualified name from the service's code, never from a caller
+        self._records = records
+        self._table = records.table
         self._window = window
         self._interval = interval
         self._batch = batch
@@ -64,7 +86,7 @@ class IdempotencyPurge:
     async def purge(self) -> dict[str, int]:
         """One round: the rows removed per tenant (tenants that lost none are left out)."""
         async with self._db.platform_read("idempotency.purge: tenants with expired records") as conn:
-            rows = await conn.fetch(_TENANTS_SQL.format(table=self._table), self._window)
+            rows = await conn.fetch(self._records.tenants_sql, self._window)
         removed: dict[str, int] = {}
         for row in rows:
             tenant_id = row["tenant_id"]
@@ -79,7 +101,7 @@ class IdempotencyPurge:
 
     async def _purge_tenant(self, tenant_id: str) -> int:
         total = 0
-        statement = _DELETE_SQL.format(table=self._table)
+        statement = self._records.purge_sql
         with context.system_scope(tenant_id, "idempotency.purge"):
             while not self._stop.is_set():
                 async with self._db.transaction() as conn:
@@ -91,11 +113,16 @@ class IdempotencyPurge:
         return total
 
     async def _run(self) -> None:
-        while not self._stop.is_set():
+        # The first round one interval after the start: replicas restarted together do not purge at once.
+        while not await self._wait():
             try:
                 await self.purge()
             except _FAILURES as exc:  # the next round tries again; an outage is logged as one elsewhere
                 if not isinstance(exc, UNREACHABLE):
                     log.error("idempotency records of %s: purge failed: %s", self._table, exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self._interval)
+
+    async def _wait(self) -> bool:
+        """Waits one interval; whether the task is stopping."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), self._interval)
+        return self._stop.is_set()

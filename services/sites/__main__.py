@@ -9,7 +9,7 @@ from towerco.internal.v1 import held_resources_pb2, held_resources_pb2_grpc, ten
 from towerco.sites.v1 import sites_service_pb2, sites_service_pb2_grpc
 
 from services.runtime.held_resources import HeldResourcesServicer
-from services.runtime.idempotency_purge import IdempotencyPurge
+from services.runtime.idempotency_purge import IdempotencyPurge, request_table
 from services.runtime.server import Runtime, ServiceSpec, main
 from services.runtime.tenant_data_service import TenantDataServicer
 
@@ -28,7 +28,7 @@ def register(server: aio.Server, runtime: Runtime) -> None:
     settings = runtime.settings
     purge = IdempotencyPurge(
         runtime.db,
-        "sites.create_requests",
+        request_table("sites.create_requests"),
         settings.idempotency_window_seconds,
         settings.idempotency_purge_interval_seconds,
     )

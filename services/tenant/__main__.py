@@ -17,6 +17,7 @@ from towerco.tenant.v1 import tenant_registry_service_pb2, tenant_registry_servi
 
 from services.runtime.channels import service_channel
 from services.runtime.held_resources import HeldResourcesServicer
+from services.runtime.idempotency_purge import IdempotencyPurge
 from services.runtime.server import Runtime, ServiceSpec, main
 
 from . import queries
@@ -66,8 +67,15 @@ def register(server: aio.Server, runtime: Runtime) -> None:
     held_resources_pb2_grpc.add_HeldResourcesServiceServicer_to_server(
         HeldResourcesServicer(runtime, {"max_users": queries.COUNT_USERS}), server
     )
-    runtime.on_start(migrations.resume, offboarding.resume)
-    runtime.on_stop(migrations.close, offboarding.close)
+    settings = runtime.settings
+    requests = IdempotencyPurge(
+        runtime.db,
+        queries.TENANT_REQUESTS,
+        settings.idempotency_window_seconds,
+        settings.idempotency_purge_interval_seconds,
+    )
+    runtime.on_start(migrations.resume, offboarding.resume, requests.start)
+    runtime.on_stop(migrations.close, offboarding.close, requests.close)
 
 
 SPEC = ServiceSpec(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from services.runtime.idempotency_purge import Records
+
 TENANT_COLUMNS = (
     "tenant_id, display_name, state, plan, admin_email, suspend_reason, version, request_id, request_hash, "
     "create_time, update_time, "
@@ -10,6 +12,22 @@ TENANT_COLUMNS = (
 
 GET_TENANT = f"SELECT {TENANT_COLUMNS} FROM tenant.tenants t WHERE tenant_id = $1"
 GET_TENANT_FOR_UPDATE = GET_TENANT + " FOR UPDATE"
+
+# Whether a create of $1 (its create_time) is older than the idempotency window ($2, seconds).
+REQUEST_EXPIRED = "SELECT $1::timestamptz < now() - make_interval(secs => $2)"
+
+# CreateTenant's idempotency record is the tenant's own row: expired, its request_id and hash
+# are cleared. Not while PROVISIONING: a retry with its request_id is how provisioning finishes.
+# One row per tenant, so the batch bound ($3) is always met.
+_EXPIRED_REQUEST = (
+    "request_id IS NOT NULL AND state <> 'STATE_PROVISIONING' AND create_time < now() - make_interval(secs => {})"
+)
+TENANT_REQUESTS = Records(
+    table="tenant.tenants",
+    tenants_sql="SELECT tenant_id FROM tenant.tenants WHERE " + _EXPIRED_REQUEST.format("$1"),
+    purge_sql="UPDATE tenant.tenants SET request_id = NULL, request_hash = NULL "
+    "WHERE tenant_id = $1 AND $3::int > 0 AND " + _EXPIRED_REQUEST.format("$2"),
+)
 
 INSERT_TENANT = """
 INSERT INTO tenant.tenants (tenant_id, display_name, state, plan, admin_email, request_id, request_hash)

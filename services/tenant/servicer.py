@@ -57,6 +57,7 @@ ProvisioningStep = Callable[[pb.Tenant], Awaitable[None]]
 class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
     def __init__(self, runtime: Runtime, box: SecretBox, migrations: MigrationRunner, offboarding: Offboarding) -> None:
         self._db = runtime.db
+        self._window = runtime.settings.idempotency_window_seconds
         self._cache = runtime.cache
         self._tenants = runtime.tenants
         self._tokens = runtime.page_tokens
@@ -142,7 +143,10 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
                 async with self._db.transaction() as conn:
                     row = await conn.fetchrow(queries.GET_TENANT_FOR_UPDATE, tenant_id)
                     if row is not None:
-                        return _replayed(row, request, request_hash)
+                        expired = row["state"] != "STATE_PROVISIONING" and await conn.fetchval(
+                            queries.REQUEST_EXPIRED, row["create_time"], self._window
+                        )
+                        return _replayed(row, request, request_hash, expired=expired)
                     await conn.execute(
                         queries.INSERT_TENANT,
                         tenant_id,
@@ -397,8 +401,11 @@ def _host(value: str, field: str) -> str:
     return host
 
 
-def _replayed(row: Mapping[str, Any], request: pb.CreateTenantRequest, request_hash: str) -> Mapping[str, Any]:
-    if not request.request_id or row["request_id"] != request.request_id:
+def _replayed(
+    row: Mapping[str, Any], request: pb.CreateTenantRequest, request_hash: str, *, expired: bool
+) -> Mapping[str, Any]:
+    """The tenant a retry of its create gets; ALREADY_EXISTS for any other create, or past the window."""
+    if not request.request_id or row["request_id"] != request.request_id or expired:
         raise already_exists(ErrorReason.TENANT_ALREADY_EXISTS, request.tenant_id)
     idempotency.check_same_request(row["request_hash"], request_hash, "create request")
     return row
