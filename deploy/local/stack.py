@@ -26,6 +26,7 @@ from gateway.envoy import write_config
 from services.runtime.environment import SettingsTable, integer, process_environment, text
 from services.runtime.server import ServiceSpec, migrate_service
 from services.runtime.settings import (
+    AUDIT_RETENTION_DATABASE_URL,
     DATA_DIR,
     DATABASE_URLS,
     DEFAULT_METRICS_PORTS,
@@ -213,6 +214,9 @@ class Stack:
         )
         # Each service's runtime DSN, named explicitly as a deployment names it.
         env.update({setting.name: self.runtime_dsn(name) for name, setting in DATABASE_URLS.items()})
+        # The audit service's retention job deletes as audit_retention, which the dev stack's
+        # administrator may SET ROLE to; only the audit process reads it.
+        env[AUDIT_RETENTION_DATABASE_URL.name] = self.database_url
         # Not the dev stack's own variables: a service must not lean on them.
         for name in ("DATABASE_URL", "APP_DB_PASSWORD"):
             env.pop(name, None)

@@ -157,7 +157,7 @@ AUDIT_RETENTION_DATABASE_URL = text(
     "",
     "a DSN whose role may `SET ROLE audit_retention` (services/audit/retention.py), read by the audit service's "
     "retention job and `python -m services.audit retention`; unset, the audit service runs no retention job",
-    shown="none: no retention job (the tests set the session's administrative DSN)",
+    shown="none: no retention job (`make run` sets the dev stack's administrative DSN)",
 )
 IDEMPOTENCY_WINDOW_SECONDS = number(
     "IDEMPOTENCY_WINDOW_SECONDS",
