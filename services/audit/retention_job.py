@@ -34,6 +34,7 @@ log = logging.getLogger("towerco.audit.retention")
 TABLE = "audit.events"
 LIMIT = "audit_retention_days"
 
+_AS_RETENTION = f"SET LOCAL ROLE {RETENTION_ROLE}"
 _TENANTS_SQL = "SELECT DISTINCT tenant_id FROM audit.events"
 # What audit.purge_events keeps: everything from the first event inside the period, and
 # at least the newest one.
@@ -73,10 +74,14 @@ class RetentionJob:
 
     async def run_once(self) -> dict[str, int]:
         """One round: the events removed per tenant (tenants that lost none are left out)."""
-        conn: asyncpg.Connection[Any] = await asyncpg.connect(self._dsn)
+        # No statement cache and every statement in a transaction that sets the role locally:
+        # the DSN may lead through pgbouncer in transaction mode (DB_POOL_MODE), where neither
+        # a session's SET nor its prepared statements outlive a transaction.
+        conn: asyncpg.Connection[Any] = await asyncpg.connect(self._dsn, statement_cache_size=0)
         try:
-            await conn.execute(f"SET ROLE {RETENTION_ROLE}")
-            tenants = [r["tenant_id"] for r in await conn.fetch(_TENANTS_SQL)]
+            async with conn.transaction(readonly=True):
+                await conn.execute(_AS_RETENTION)
+                tenants = [r["tenant_id"] for r in await conn.fetch(_TENANTS_SQL)]
             removed: dict[str, int] = {}
             for tenant_id in tenants:
                 if self._stop.is_set():
@@ -104,10 +109,13 @@ class RetentionJob:
         return None if days == UNLIMITED else days
 
     async def _purge_tenant(self, conn: asyncpg.Connection[Any], tenant_id: str, days: int) -> int:
-        keep_from = await conn.fetchval(_KEEP_FROM_SQL, tenant_id, days)
+        async with conn.transaction(readonly=True):
+            await conn.execute(_AS_RETENTION)
+            keep_from = await conn.fetchval(_KEEP_FROM_SQL, tenant_id, days)
         total = 0
         while keep_from is not None and not self._stop.is_set():
             async with conn.transaction():
+                await conn.execute(_AS_RETENTION)
                 status = await conn.execute(_DELETE_SQL, tenant_id, keep_from, self._batch)
             deleted = int(status.split()[-1])
             total += deleted
