@@ -24,6 +24,7 @@ from .registration import TenantEntitlementsServicer
 from .servicer import FeatureGateServicer
 from .tenant_data_spec import FEATURES_TENANT_DATA
 from .usage_recording import TenantUsageServicer, local_sink
+from .usage_retention import start_usage_retention
 
 
 def register(server: aio.Server, runtime: Runtime) -> None:
@@ -35,6 +36,7 @@ def register(server: aio.Server, runtime: Runtime) -> None:
         TenantDataServicer(runtime, FEATURES_TENANT_DATA), server
     )
     usage_pb2_grpc.add_TenantUsageServiceServicer_to_server(TenantUsageServicer(runtime), server)
+    start_usage_retention(runtime)
 
 
 SPEC = ServiceSpec(

@@ -5,9 +5,9 @@ overrides, which are commercial terms, not operational data.
 
 Usage records are not purged with the tenant: billing needs them after offboarding (the
 last month's invoice, disputes). ``usage_hourly`` is kept for the retention period the
-README's Usage metering section states, and removed then by the operator's retention
-statement, like every other tenant's old hours; ``usage_flushes`` only guards retried
-flushes and goes the same way.
+README's Usage metering section states (``USAGE_RETENTION_DAYS``), and removed then by the
+retention task (``usage_retention.py``), like every other tenant's old hours; ``usage_flushes``
+only guards retried flushes and goes the same way after ``USAGE_FLUSH_RECORD_DAYS``.
 """
 
 from __future__ import annotations

@@ -42,20 +42,35 @@ class Records:
     tenants_sql: str
     #: Removes up to ``$3`` of tenant ``$1``'s records older than ``$2`` seconds; its status ends in the count.
     purge_sql: str
+    #: What the rows are, in the log line; and the purpose the tenant is bound for (``system_scope``).
+    what: str = "idempotency records"
+    purpose: str = "idempotency.purge"
 
 
 def request_table(table: str) -> Records:
     """Records kept in a table of their own (``tenant_id``, ``create_time``): expired rows are deleted."""
+    return aged_rows(table, "create_time")
+
+
+def aged_rows(
+    table: str, time_column: str, what: str = "idempotency records", purpose: str = "idempotency.purge"
+) -> Records:
+    """Rows of a per-tenant table (``tenant_id``) deleted once ``time_column`` is older than the period.
+
+    The same purge serves any retention period given in seconds (usage records: days x 86400).
+    """
     return Records(
         table=table,
-        tenants_sql=f"SELECT DISTINCT tenant_id FROM {table} WHERE create_time < now() - make_interval(secs => $1)",
+        tenants_sql=f"SELECT DISTINCT tenant_id FROM {table} WHERE {time_column} < now() - make_interval(secs => $1)",
         purge_sql=f"""
 DELETE FROM {table} WHERE ctid IN (
     SELECT ctid FROM {table}
-    WHERE tenant_id = $1 AND create_time < now() - make_interval(secs => $2)
+    WHERE tenant_id = $1 AND {time_column} < now() - make_interval(secs => $2)
     LIMIT $3
 )
 """,
+        what=what,
+        purpose=purpose,
     )
 
 
@@ -63,7 +78,10 @@ _FAILURES: tuple[type[BaseException], ...] = (*UNREACHABLE, asyncpg.PostgresErro
 
 
 class IdempotencyPurge:
-    """Removes ``records`` older than ``window`` seconds, every ``interval`` seconds."""
+    """Removes ``records`` older than ``window`` seconds, every ``interval`` seconds.
+
+    Named for its first use; any per-tenant retention period runs on it (``aged_rows``).
+    """
 
     def __init__(self, db: Database, records: Records, window: float, interval: float, batch: int = BATCH_ROWS) -> None:
         self._db = db
@@ -85,7 +103,7 @@ class IdempotencyPurge:
 
     async def purge(self) -> dict[str, int]:
         """One round: the rows removed per tenant (tenants that lost none are left out)."""
-        async with self._db.platform_read("idempotency.purge: tenants with expired records") as conn:
+        async with self._db.platform_read(f"{self._records.purpose}: tenants with expired records") as conn:
             rows = await conn.fetch(self._records.tenants_sql, self._window)
         removed: dict[str, int] = {}
         for row in rows:
@@ -95,14 +113,14 @@ class IdempotencyPurge:
             count = await self._purge_tenant(tenant_id)
             if count:
                 removed[tenant_id] = count
-                log.info("idempotency records: removed %d from %s for tenant %s", count, self._table, tenant_id)
+                log.info("%s: removed %d from %s for tenant %s", self._records.what, count, self._table, tenant_id)
                 metrics.active().retention_purged(self._table, count)
         return removed
 
     async def _purge_tenant(self, tenant_id: str) -> int:
         total = 0
         statement = self._records.purge_sql
-        with context.system_scope(tenant_id, "idempotency.purge"):
+        with context.system_scope(tenant_id, self._records.purpose):
             while not self._stop.is_set():
                 async with self._db.transaction() as conn:
                     status = await conn.execute(statement, tenant_id, self._window, self._batch)
@@ -119,7 +137,7 @@ class IdempotencyPurge:
                 await self.purge()
             except _FAILURES as exc:  # the next round tries again; an outage is logged as one elsewhere
                 if not isinstance(exc, UNREACHABLE):
-                    log.error("idempotency records of %s: purge failed: %s", self._table, exc)
+                    log.error("%s of %s: purge failed: %s", self._records.what, self._table, exc)
 
     async def _wait(self) -> bool:
         """Waits one interval; whether the task is stopping."""

@@ -177,6 +177,29 @@ IDEMPOTENCY_PURGE_INTERVAL_SECONDS = number(
     check=lambda seconds: seconds > 0,
     refusal="IDEMPOTENCY_PURGE_INTERVAL_SECONDS must be a positive number of seconds",
 )
+USAGE_RETENTION_DAYS = integer(
+    "USAGE_RETENTION_DAYS",
+    760,
+    "days the feature gate keeps each tenant's hourly usage (`features.usage_hourly`, about 25 months for "
+    "billing); older rows are deleted by its retention task, per tenant in batches",
+    minimum=1,
+)
+USAGE_FLUSH_RECORD_DAYS = integer(
+    "USAGE_FLUSH_RECORD_DAYS",
+    7,
+    "days the feature gate keeps the flush ids of usage batches (`features.usage_flushes`, what makes a retried "
+    "batch count once); a batch is retried only by the live process that made it, for seconds, never for days",
+    minimum=1,
+)
+RETENTION_PURGE_INTERVAL_SECONDS = number(
+    "RETENTION_PURGE_INTERVAL_SECONDS",
+    3600.0,
+    "how often the feature gate deletes usage rows past `USAGE_RETENTION_DAYS` / `USAGE_FLUSH_RECORD_DAYS` "
+    "(`towerco_retention_purged_rows_total`); the first round one interval after the start",
+    kind="number > 0",
+    check=lambda seconds: seconds > 0,
+    refusal="RETENTION_PURGE_INTERVAL_SECONDS must be a positive number of seconds",
+)
 USAGE_FLUSH_SECONDS = number(
     "USAGE_FLUSH_SECONDS",
     10.0,
@@ -351,6 +374,9 @@ SERVICE_SETTINGS = SettingsTable.of(
     AUDIT_RETENTION_DATABASE_URL,
     IDEMPOTENCY_WINDOW_SECONDS,
     IDEMPOTENCY_PURGE_INTERVAL_SECONDS,
+    USAGE_RETENTION_DAYS,
+    USAGE_FLUSH_RECORD_DAYS,
+    RETENTION_PURGE_INTERVAL_SECONDS,
     USAGE_FLUSH_SECONDS,
     DB_POOL_MAX_SIZE,
     DB_POOL_MIN_SIZE,
@@ -445,6 +471,9 @@ class Settings:
     canary_interval_seconds: float
     idempotency_window_seconds: float
     idempotency_purge_interval_seconds: float
+    usage_retention_days: int
+    usage_flush_record_days: int
+    retention_purge_interval_seconds: float
     usage_flush_seconds: float
     fault_points: str
     #: ``PAGE_TOKEN_SECRET``, else the dev file.
@@ -581,6 +610,9 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Settings:
         audit_retention_database_url=AUDIT_RETENTION_DATABASE_URL.read(env),
         idempotency_window_seconds=IDEMPOTENCY_WINDOW_SECONDS.read(env),
         idempotency_purge_interval_seconds=IDEMPOTENCY_PURGE_INTERVAL_SECONDS.read(env),
+        usage_retention_days=USAGE_RETENTION_DAYS.read(env),
+        usage_flush_record_days=USAGE_FLUSH_RECORD_DAYS.read(env),
+        retention_purge_interval_seconds=RETENTION_PURGE_INTERVAL_SECONDS.read(env),
         usage_flush_seconds=USAGE_FLUSH_SECONDS.read(env),
         fault_points=FAULT_POINTS.read(env),
         page_token_secret=_page_token_secret(keys, env),
