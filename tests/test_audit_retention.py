@@ -50,7 +50,7 @@ async def _purged(admin: asyncpg.Connection[Any], tenant: str, within: float = 3
         await asyncio.sleep(0.1)
 
 
-async def test_the_job_purges_only_the_tenants_whose_period_ended_and_skips_a_legal_hold(
+async def test_the_job_purges_only_the_tenants_whose_period_ended_and_keeps_a_keep_forever_one(
     audit, features, service_token, token, platform_token, provision, admin, admin_dsn, extra_service
 ):
     writer = Writer(audit, bearer(service_token(service="sites")))
@@ -58,16 +58,16 @@ async def test_the_job_purges_only_the_tenants_whose_period_ended_and_skips_a_le
     # 60 days old: past a 30-day override, inside every plan's own period (90 days and more).
     shortened = await _old_log(writer, provision, admin, "rs", timedelta(days=60))
     on_plan = await _old_log(writer, provision, admin, "rp", timedelta(days=60))
-    # Older than any plan keeps, but held.
-    held = await _old_log(writer, provision, admin, "rh", timedelta(days=4000))
-    for tenant, days in ((shortened, 30), (held, -1)):
+    # Older than any plan keeps, but kept forever (-1: a period, not the legal hold of test_legal_hold.py).
+    forever = await _old_log(writer, provision, admin, "rh", timedelta(days=4000))
+    for tenant, days in ((shortened, 30), (forever, -1)):
         features.SetLimitOverride(
             features_pb.SetLimitOverrideRequest(tenant_id=tenant, resource="audit_retention_days", limit=days),
             metadata=platform,
             timeout=10,
         )
-    await settle(admin, shortened, held)  # the overrides are audited in the tenants' own logs
-    before = {t: [r["sequence"] for r in await stored(admin, t)] for t in (on_plan, held)}
+    await settle(admin, shortened, forever)  # the overrides are audited in the tenants' own logs
+    before = {t: [r["sequence"] for r in await stored(admin, t)] for t in (on_plan, forever)}
     assert all(sequences[:OLD_EVENTS] == list(range(1, OLD_EVENTS + 1)) for sequences in before.values())
     job: ExtraService = extra_service(
         "audit",
@@ -97,7 +97,7 @@ async def test_the_job_purges_only_the_tenants_whose_period_ended_and_skips_a_le
     # Their logs only grew (a later audited change may have added to them): nothing was purged.
     for tenant, sequences in before.items():
         assert [r["sequence"] for r in await stored(admin, tenant)][: len(sequences)] == sequences, tenant
-    assert f"for tenant {held}" not in job.output() and f"for tenant {on_plan}" not in job.output()
+    assert f"for tenant {forever}" not in job.output() and f"for tenant {on_plan}" not in job.output()
 
 
 async def test_the_cronjobs_command_purges_once_and_exits(

@@ -157,6 +157,8 @@ def test_creates_ignore_the_output_only_and_identifier_fields_of_the_resource() 
         "tenant.tenant_id",
         "tenant.state",
         "tenant.suspend_reason",
+        "tenant.legal_hold",
+        "tenant.legal_hold_reason",
         "tenant.create_time",
         "tenant.update_time",
     }

@@ -16,7 +16,7 @@ from services.runtime.settings import SettingsError
 from .canary_sentinels import AUDIT_SENTINELS
 from .retention import ensure_retention_role
 from .retention_command import run_retention_once
-from .retention_job import RetentionJob
+from .retention_job import RetentionJob, held_in
 from .servicer import AuditLogServicer
 
 log = logging.getLogger("towerco.audit")
@@ -29,6 +29,7 @@ def register(server: aio.Server, runtime: Runtime) -> None:
         job = RetentionJob(
             settings.audit_retention_database_url,
             runtime.entitlements.get,
+            held_in(runtime.tenants.get),  # pushed on change, like suspension
             settings.audit_retention_interval_seconds,
             settings.audit_retention_batch_size,
         )

@@ -1,7 +1,8 @@
 """``python -m services.audit retention``: one round of the retention job, then exit (the cluster's CronJob).
 
-It reads each tenant's period from the feature gate directly (no cache: one look-up per
-tenant, once a run), as the audit service, and deletes from ``AUDIT_RETENTION_DATABASE_URL``.
+It reads each tenant's period from the feature gate and its legal hold from the tenant
+registry directly (no cache: one look-up of each per tenant, once a run), as the audit
+service, and deletes from ``AUDIT_RETENTION_DATABASE_URL``.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from services.runtime.entitlements import Entitlements, FeatureGateSource, Recor
 from services.runtime.identity import ServiceIdentity
 from services.runtime.plans import load_plans
 from services.runtime.settings import SettingsError, load
+from services.runtime.tenants import RegistryStateSource, TenantInfo
 
-from .retention_job import RetentionJob
+from .retention_job import RetentionJob, held_in
 
 log = logging.getLogger("towerco.audit.retention")
 
@@ -33,6 +35,10 @@ async def run_retention_once() -> None:
         kid=settings.service_key_id,
     )
     source = FeatureGateSource(settings.targets["features"], identity, timeout=10.0)
+    registry = RegistryStateSource(settings.targets["tenant"], identity, timeout=10.0)
+
+    async def tenant_state(tenant_id: str) -> TenantInfo | None:
+        return TenantInfo.from_value(tenant_id, await registry(tenant_id))
 
     async def entitlements(tenant_id: str) -> Entitlements | None:
         found = await source(tenant_id)
@@ -41,11 +47,12 @@ async def run_retention_once() -> None:
         return evaluate(plans, tenant_id, Record.from_value(found.value))
 
     job = RetentionJob(
-        settings.audit_retention_database_url, entitlements, settings.audit_retention_interval_seconds,
-        settings.audit_retention_batch_size,
+        settings.audit_retention_database_url, entitlements, held_in(tenant_state),
+        settings.audit_retention_interval_seconds, settings.audit_retention_batch_size,
     )  # fmt: skip
     try:
         removed = await job.run_once()
     finally:
         await source.close()
+        await registry.close()
     log.info("audit retention: removed %d events of %d tenants", sum(removed.values()), len(removed))

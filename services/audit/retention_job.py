@@ -3,8 +3,9 @@
 Runs in the audit service every ``AUDIT_RETENTION_INTERVAL_SECONDS`` (and once per run of
 ``python -m services.audit retention``, the cluster's CronJob). A tenant's period is its
 ``audit_retention_days`` limit (its plan's, or an override set through the feature gate);
--1 keeps everything, which is how a legal hold is set (an override with its reason, audited
-by the feature gate like every override).
+-1 keeps everything ("keep forever", by plan or override). A tenant under legal hold
+(the registry's SetLegalHold, a flag of the tenant state every service caches) keeps
+everything whatever its period, and is purged again by the first round after the hold is lifted.
 
 It deletes as ``audit_retention`` (services/audit/retention.py), from a DSN of its own
 (``AUDIT_RETENTION_DATABASE_URL``): the runtime role ``audit_app`` may never delete an
@@ -22,10 +23,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
+import grpc
 
 from services.runtime import context, metrics
 from services.runtime.entitlements import Entitlements
 from services.runtime.plans import UNLIMITED
+from services.runtime.tenants import TenantInfo
 
 from .retention import RETENTION_ROLE
 
@@ -51,14 +54,31 @@ _FAILURES = (asyncpg.PostgresError, OSError, asyncio.TimeoutError)
 
 #: A tenant's entitlements now (None: a tenant the platform does not know).
 Lookup = Callable[[str], Awaitable[Entitlements | None]]
+#: Whether a tenant is under legal hold now (True also when the registry cannot say).
+Held = Callable[[str], Awaitable[bool]]
+
+
+def held_in(lookup: Callable[[str], Awaitable[TenantInfo | None]]) -> Held:
+    """A tenant's legal hold from its cached state; when the registry cannot answer, held (kept)."""
+
+    async def held(tenant_id: str) -> bool:
+        try:
+            info = await lookup(tenant_id)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("audit retention: tenant %s kept this round, its legal hold is unknown: %s", tenant_id, exc)
+            return True
+        return info is not None and info.legal_hold
+
+    return held
 
 
 class RetentionJob:
     """Purges every tenant's expired audit events, every ``interval`` seconds once started."""
 
-    def __init__(self, dsn: str, entitlements: Lookup, interval: float, batch: int) -> None:
+    def __init__(self, dsn: str, entitlements: Lookup, held: Held, interval: float, batch: int) -> None:
         self._dsn = dsn
         self._entitlements = entitlements
+        self._held = held
         self._interval = interval
         self._batch = batch
         self._stop = asyncio.Event()
@@ -88,6 +108,7 @@ class RetentionJob:
                     break
                 days = await self._period(tenant_id)
                 if days is None:
+                    log.debug("audit events: tenant %s is kept (held, unknown, or kept forever)", tenant_id)
                     continue
                 count = await self._purge_tenant(conn, tenant_id, days)
                 if count:
@@ -101,6 +122,8 @@ class RetentionJob:
     async def _period(self, tenant_id: str) -> int | None:
         """The tenant's period in days; None: keep its events (held, unknown, or a canary)."""
         if tenant_id in context.CANARY_TENANTS or tenant_id == context.PLATFORM_TENANT:
+            return None
+        if await self._held(tenant_id):
             return None
         found = await self._entitlements(tenant_id)
         if found is None:

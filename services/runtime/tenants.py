@@ -1,4 +1,4 @@
-"""What every service knows about the tenants it serves: their state and plan.
+"""What every service knows about the tenants it serves: their state, plan and legal hold.
 
 Read through :class:`~services.runtime.tenant_cache.TenantCache`; on a miss the registry
 answers (its own database in the registry process, its internal
@@ -30,9 +30,21 @@ class TenantInfo:
     state: int
     plan: str
     version: int
+    #: Under legal hold (SetLegalHold): the audit retention job purges none of its events.
+    legal_hold: bool = False
 
-    def as_value(self) -> dict[str, str | int]:
-        return {"state": State.Name(State.ValueType(self.state)), "plan": self.plan}
+    @classmethod
+    def from_value(cls, tenant_id: str, item: Versioned) -> TenantInfo | None:
+        """A cached state as TenantInfo; None for an unknown tenant."""
+        value = item.value
+        if value is None:
+            return None
+        state = State.Value(str(value["state"]))
+        # A value cached before the flag existed has no "legal_hold": not held.
+        return cls(tenant_id, state, str(value["plan"]), item.version, bool(value.get("legal_hold")))
+
+    def as_value(self) -> dict[str, str | int | bool]:
+        return {"state": State.Name(State.ValueType(self.state)), "plan": self.plan, "legal_hold": self.legal_hold}
 
 
 class TenantDirectory:
@@ -44,9 +56,7 @@ class TenantDirectory:
 
     async def get(self, tenant_id: str) -> TenantInfo | None:
         item = await self._cache.get(tenant_id, STATE_KIND, lambda: self._source(tenant_id))
-        if item.value is None:
-            return None
-        return TenantInfo(tenant_id, State.Value(str(item.value["state"])), str(item.value["plan"]), item.version)
+        return TenantInfo.from_value(tenant_id, item)
 
 
 class RegistryStateSource(InternalLookup):
@@ -61,5 +71,5 @@ class RegistryStateSource(InternalLookup):
         reply = await self.ask(self._stub.GetTenantState, request)
         if reply is None:
             return Versioned(0, None)
-        info = TenantInfo(reply.tenant_id, reply.state, reply.plan, reply.version)
+        info = TenantInfo(reply.tenant_id, reply.state, reply.plan, reply.version, reply.legal_hold)
         return Versioned(reply.version, dict(info.as_value()))

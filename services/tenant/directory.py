@@ -25,4 +25,5 @@ class TenantDirectoryServicer(internal_grpc.TenantDirectoryServiceServicer):
             state=State.Value(str(value["state"])),
             plan=str(value["plan"]),
             version=version,
+            legal_hold=bool(value.get("legal_hold")),
         )

@@ -5,7 +5,8 @@ from __future__ import annotations
 from services.runtime.idempotency_purge import Records
 
 TENANT_COLUMNS = (
-    "tenant_id, display_name, state, plan, admin_email, suspend_reason, version, request_id, request_hash, "
+    "tenant_id, display_name, state, plan, admin_email, suspend_reason, legal_hold, legal_hold_reason, version, "
+    "request_id, request_hash, "
     "create_time, update_time, "
     "ARRAY(SELECT h.host FROM tenant.host_routes h WHERE h.tenant_id = t.tenant_id ORDER BY h.host) AS domains"
 )
@@ -55,6 +56,13 @@ COUNT_USERS = "SELECT count(*) FROM tenant.tenant_users WHERE tenant_id = $1"
 SET_STATE = f"""
 WITH updated AS (
     UPDATE tenant.tenants SET state = $2, suspend_reason = $3, version = version + 1, update_time = now()
+    WHERE tenant_id = $1 RETURNING *
+)
+SELECT {TENANT_COLUMNS.replace("t.tenant_id", "updated.tenant_id")} FROM updated
+"""
+SET_LEGAL_HOLD = f"""
+WITH updated AS (
+    UPDATE tenant.tenants SET legal_hold = $2, legal_hold_reason = $3, version = version + 1, update_time = now()
     WHERE tenant_id = $1 RETURNING *
 )
 SELECT {TENANT_COLUMNS.replace("t.tenant_id", "updated.tenant_id")} FROM updated

@@ -29,6 +29,8 @@ def tenant_from_row(row: Mapping[str, Any]) -> pb.Tenant:
         admin_email=row["admin_email"],
         domains=list(row["domains"] or ()),
         suspend_reason=row["suspend_reason"],
+        legal_hold=row["legal_hold"],
+        legal_hold_reason=row["legal_hold_reason"],
     )
     tenant.create_time.CopyFrom(_timestamp(row["create_time"]))
     tenant.update_time.CopyFrom(_timestamp(row["update_time"]))
@@ -51,7 +53,7 @@ def migration_from_row(row: Mapping[str, Any]) -> pb.Migration:
 
 def state_value(row: Mapping[str, Any]) -> dict[str, Any]:
     """The cached state of a tenant, as every service reads it."""
-    return {"state": row["state"], "plan": row["plan"]}
+    return {"state": row["state"], "plan": row["plan"], "legal_hold": row["legal_hold"]}
 
 
 def settings_value(row: Mapping[str, Any], document: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -238,6 +238,33 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
         self._offboarding.start(tenant_id)
         return await self._present(row)
 
+    async def SetLegalHold(self, request: pb.SetLegalHoldRequest, ctx: Ctx) -> pb.Tenant:
+        v = Violations()
+        v.text("reason", request.reason, max_len=500, required=request.hold, multiline=True)
+        tenant_id = self._lifecycle_target(request.tenant_id, v)
+        reason = request.reason.strip()
+        with context.platform_scope(tenant_id, "tenants.set_legal_hold"):
+            async with self._db.transaction() as conn:
+                row = await conn.fetchrow(queries.GET_TENANT_FOR_UPDATE, tenant_id)
+                if row is None:
+                    raise not_found(ErrorReason.TENANT_NOT_FOUND, tenant_id)
+                if row["state"] in GONE:
+                    raise failed_precondition(
+                        f"tenant {tenant_id!r} is {row['state']}: its audit log goes with it, there is nothing to hold",
+                        ErrorReason.TENANT_STATE_CONFLICT,
+                        state=row["state"],
+                    )
+                if row["legal_hold"] == request.hold:  # idempotent: the same state again records nothing
+                    return await self._present(row)
+                updated = await conn.fetchrow(
+                    queries.SET_LEGAL_HOLD, tenant_id, request.hold, reason if request.hold else ""
+                )
+                details = {"legal_hold": request.hold, **({"reason": reason} if reason else {})}
+                await self._audit.record(conn, "tenants.set_legal_hold", f"tenants/{tenant_id}", details)
+            assert updated is not None
+            await records.publish(self._cache, updated)
+        return await self._present(updated)
+
     def _lifecycle_target(self, requested: str, v: Violations) -> str:
         require_platform_admin()
         if not requested:
