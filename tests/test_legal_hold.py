@@ -150,3 +150,12 @@ async def test_the_cronjobs_command_skips_a_held_tenant(
     assert f"removed {OLD_EVENTS} older than 30 days for tenant {control}" in output
     assert f"for tenant {held}" not in output
     assert min(r["sequence"] for r in await stored(admin, held)) == 1
+
+
+def test_a_deleted_tenant_cannot_be_held(registry, platform_token, new_tenant):
+    tenant = new_tenant("lhd")
+    registry.DeleteTenant(pb.DeleteTenantRequest(tenant_id=tenant), metadata=bearer(platform_token), timeout=10)
+    request = pb.SetLegalHoldRequest(tenant_id=tenant, hold=True, reason="too late")
+    error = expect_error(registry.SetLegalHold, request, metadata=bearer(platform_token))
+    assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "TENANT_STATE_CONFLICT"), error
+    assert not get_tenant(registry, platform_token, tenant).legal_hold
