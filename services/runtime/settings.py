@@ -191,11 +191,20 @@ USAGE_FLUSH_RECORD_DAYS = integer(
     "batch count once); a batch is retried only by the live process that made it, for seconds, never for days",
     minimum=1,
 )
+TENANT_TOMBSTONE_DAYS = integer(
+    "TENANT_TOMBSTONE_DAYS",
+    790,
+    "days the registry keeps a deleted tenant's row (its tombstone: the id stays taken, and the usage report "
+    "reads the plan from it) after its last change; longer than `USAGE_RETENTION_DAYS`, so a deleted tenant's "
+    "usage is gone first. Then it is removed and the id may be created again",
+    minimum=1,
+)
 RETENTION_PURGE_INTERVAL_SECONDS = number(
     "RETENTION_PURGE_INTERVAL_SECONDS",
     3600.0,
-    "how often the feature gate deletes usage rows past `USAGE_RETENTION_DAYS` / `USAGE_FLUSH_RECORD_DAYS` "
-    "(`towerco_retention_purged_rows_total`); the first round one interval after the start",
+    "how often the feature gate deletes usage rows past `USAGE_RETENTION_DAYS` / `USAGE_FLUSH_RECORD_DAYS` and "
+    "the registry tombstones past `TENANT_TOMBSTONE_DAYS` (`towerco_retention_purged_rows_total`); the first "
+    "round one interval after the start",
     kind="number > 0",
     check=lambda seconds: seconds > 0,
     refusal="RETENTION_PURGE_INTERVAL_SECONDS must be a positive number of seconds",
@@ -376,6 +385,7 @@ SERVICE_SETTINGS = SettingsTable.of(
     IDEMPOTENCY_PURGE_INTERVAL_SECONDS,
     USAGE_RETENTION_DAYS,
     USAGE_FLUSH_RECORD_DAYS,
+    TENANT_TOMBSTONE_DAYS,
     RETENTION_PURGE_INTERVAL_SECONDS,
     USAGE_FLUSH_SECONDS,
     DB_POOL_MAX_SIZE,
@@ -473,6 +483,7 @@ class Settings:
     idempotency_purge_interval_seconds: float
     usage_retention_days: int
     usage_flush_record_days: int
+    tenant_tombstone_days: int
     retention_purge_interval_seconds: float
     usage_flush_seconds: float
     fault_points: str
@@ -612,6 +623,7 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Settings:
         idempotency_purge_interval_seconds=IDEMPOTENCY_PURGE_INTERVAL_SECONDS.read(env),
         usage_retention_days=USAGE_RETENTION_DAYS.read(env),
         usage_flush_record_days=USAGE_FLUSH_RECORD_DAYS.read(env),
+        tenant_tombstone_days=TENANT_TOMBSTONE_DAYS.read(env),
         retention_purge_interval_seconds=RETENTION_PURGE_INTERVAL_SECONDS.read(env),
         usage_flush_seconds=USAGE_FLUSH_SECONDS.read(env),
         fault_points=FAULT_POINTS.read(env),

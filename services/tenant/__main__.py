@@ -28,6 +28,7 @@ from .records import state_source
 from .secrets import load_secret_box
 from .servicer import TenantRegistryServicer
 from .tenant_data_migration import MigrationRunner, Part, RemotePart, SettingsPart
+from .tombstones import start_tombstone_purge
 
 #: Who owns which data type that a migration can copy, besides the registry's `settings`.
 REMOTE_DATA_TYPES = {"sites": "sites"}
@@ -76,6 +77,7 @@ def register(server: aio.Server, runtime: Runtime) -> None:
     )
     runtime.on_start(migrations.resume, offboarding.resume, requests.start)
     runtime.on_stop(migrations.close, offboarding.close, requests.close)
+    start_tombstone_purge(runtime)
 
 
 SPEC = ServiceSpec(

@@ -2,8 +2,9 @@
 
 Each data-owning service purges through its internal ``PurgeTenantData`` (idempotent),
 then the registry removes its own rows except the tenant record, which stays in
-STATE_DELETED so that its id is never reused. Work left unfinished by a restart is
-picked up again at start-up, and a service that cannot be reached is retried.
+STATE_DELETED, its tombstone: the id stays taken until ``tombstones.py`` removes it. Work
+left unfinished by a restart is picked up again at start-up, and a service that cannot be
+reached is retried.
 """
 
 from __future__ import annotations
