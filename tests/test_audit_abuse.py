@@ -21,7 +21,7 @@ from towerco.sites.v1 import sites_service_pb2_grpc as sites_grpc
 from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 
 from .support import bearer, expect_error
-from .test_rate_limits import set_limit
+from .support.requests import set_limit
 
 pytestmark = pytest.mark.stack
 
