@@ -245,15 +245,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
         reason = request.reason.strip()
         with context.platform_scope(tenant_id, "tenants.set_legal_hold"):
             async with self._db.transaction() as conn:
-                row = await conn.fetchrow(queries.GET_TENANT_FOR_UPDATE, tenant_id)
-                if row is None:
-                    raise not_found(ErrorReason.TENANT_NOT_FOUND, tenant_id)
-                if row["state"] in GONE:
-                    raise failed_precondition(
-                        f"tenant {tenant_id!r} is {row['state']}: its audit log goes with it, there is nothing to hold",
-                        ErrorReason.TENANT_STATE_CONFLICT,
-                        state=row["state"],
-                    )
+                row = await _lock_live_tenant(conn, tenant_id, ": its audit log goes with it, there is nothing to hold")
                 if row["legal_hold"] == request.hold:  # idempotent: the same state again records nothing
                     return await self._present(row)
                 updated = await conn.fetchrow(
@@ -344,16 +336,8 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
         v.raise_if_any()  # what is wrong whatever is stored: refused before touching the database
         with context.platform_scope(tenant_id, "settings.update") if _foreign(tenant_id) else nullcontext():
             async with self._db.transaction() as conn:
-                row = await conn.fetchrow(queries.GET_TENANT_FOR_UPDATE, tenant_id)
-                if row is None:
-                    raise not_found(ErrorReason.TENANT_NOT_FOUND, tenant_id)
-                if row["state"] in GONE:
-                    # Offboarding removes the settings; writing them would bring a row back.
-                    raise failed_precondition(
-                        f"tenant {tenant_id!r} is {row['state']}; its settings can no longer change",
-                        ErrorReason.TENANT_STATE_CONFLICT,
-                        state=row["state"],
-                    )
+                # Offboarding removes the settings; writing them would bring a row back.
+                row = await _lock_live_tenant(conn, tenant_id, "; its settings can no longer change")
                 previous = await conn.fetchval(queries.GET_SETTINGS_FOR_UPDATE, tenant_id)
                 stored = (
                     tenant_settings_store.from_document(previous, tenant_id)
@@ -414,6 +398,22 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
     async def GetMigration(self, request: pb.GetMigrationRequest, ctx: Ctx) -> pb.Migration:
         require_platform_admin()
         return await self._migrations.get(request.migration_id)
+
+
+async def _lock_live_tenant(conn: asyncpg.Connection[Any], tenant_id: str, gone_because: str) -> Any:
+    """The tenant's row, locked for this transaction: NOT_FOUND if there is none, and
+    FAILED_PRECONDITION (TENANT_STATE_CONFLICT) if it is being or has been deleted, the
+    message ending with ``gone_because``."""
+    row = await conn.fetchrow(queries.GET_TENANT_FOR_UPDATE, tenant_id)
+    if row is None:
+        raise not_found(ErrorReason.TENANT_NOT_FOUND, tenant_id)
+    if row["state"] in GONE:
+        raise failed_precondition(
+            f"tenant {tenant_id!r} is {row['state']}{gone_because}",
+            ErrorReason.TENANT_STATE_CONFLICT,
+            state=row["state"],
+        )
+    return row
 
 
 def _foreign(tenant_id: str) -> bool:
