@@ -60,7 +60,7 @@ def call(fn: Any, request: Any, metadata: Any, seen: Counter[str]) -> None:
 
 
 def test_a_tenants_calls_are_counted_by_outcome_on_the_sites_metrics_and_no_other_tenant_appears(
-    stack, sites, features, new_tenant, token, platform_token
+    stack, sites, features, new_tenant, token, platform_token, eventually
 ):
     tenant, other = new_tenant(plan="basic"), new_tenant(plan="basic")
     own = (("authorization", f"Bearer {token(tenant)}"),)
@@ -86,13 +86,19 @@ def test_a_tenants_calls_are_counted_by_outcome_on_the_sites_metrics_and_no_othe
             break
     assert reads["RESOURCE_EXHAUSTED"] == 1, reads
 
-    samples = scrape(stack, SITES)
-    calls = values(samples, "towerco_tenant_calls_total", tenant=tenant, service=SITES)
-    assert calls == {
-        (("outcome", "ok"), ("rate_class", "read")): reads["OK"],
-        (("outcome", "client_error"), ("rate_class", "read")): 1,
-        (("outcome", "refused"), ("rate_class", "read")): 3,
-    }
+    def counted() -> list[Any]:
+        # A call is recorded as its handler ends, which may be a moment after the client has
+        # its answer: scrape until the last one is in (exactly these counts, never more).
+        samples = scrape(stack, SITES)
+        calls = values(samples, "towerco_tenant_calls_total", tenant=tenant, service=SITES)
+        assert calls == {
+            (("outcome", "ok"), ("rate_class", "read")): reads["OK"],
+            (("outcome", "client_error"), ("rate_class", "read")): 1,
+            (("outcome", "refused"), ("rate_class", "read")): 3,
+        }
+        return samples
+
+    samples = eventually(counted, within=5.0, interval=0.1)
     total = reads.total()
     assert values(samples, "towerco_tenant_call_duration_seconds_count", tenant=tenant) == {
         (("service", SITES),): total
