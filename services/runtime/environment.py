@@ -117,6 +117,18 @@ def number(
     return Setting(name, default, doc, _float, kind, None, check, refusal)
 
 
+def seconds(name: str, default: float, doc: str) -> Setting[float]:
+    """A duration in seconds that must be positive (intervals, windows)."""
+    return number(
+        name,
+        default,
+        doc,
+        kind="number > 0",
+        check=lambda value: value > 0,
+        refusal=f"{name} must be a positive number of seconds",
+    )
+
+
 def flag(name: str, default: bool, doc: str) -> Setting[bool]:
     return Setting(name, default, doc, _bool, "bool", None)
 

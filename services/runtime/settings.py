@@ -12,7 +12,17 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from . import logs
-from .environment import Setting, SettingsError, SettingsTable, flag, integer, number, process_environment, text
+from .environment import (
+    Setting,
+    SettingsError,
+    SettingsTable,
+    flag,
+    integer,
+    number,
+    process_environment,
+    seconds,
+    text,
+)
 from .plans import DEFAULT_PLANS_FILE
 from .redis_url import parse_redis_url
 from .tls import GRPC_TLS_SETTINGS, GrpcTls
@@ -120,31 +130,22 @@ GATEWAY_SECRET = text(
     "gateway's, and only its `x-forwarded-for` is believed; unset on a service, none is",
     shown=f"`$DATA_DIR/keys/{GATEWAY_SECRET_FILE}`",
 )
-AUDIT_REFUSAL_WINDOW_SECONDS = number(
+AUDIT_REFUSAL_WINDOW_SECONDS = seconds(
     "AUDIT_REFUSAL_WINDOW_SECONDS",
     60.0,
     "refused cross-tenant attempts are audited once per caller, target and method per window, with their count",
-    kind="number > 0",
-    check=lambda seconds: seconds > 0,
-    refusal="AUDIT_REFUSAL_WINDOW_SECONDS must be a positive number of seconds",
 )
-CANARY_INTERVAL_SECONDS = number(
+CANARY_INTERVAL_SECONDS = seconds(
     "CANARY_INTERVAL_SECONDS",
     30.0,
     "how often the isolation canary checks, as one reserved canary tenant, that the other's rows are invisible "
     "(`towerco_isolation_breach_total`, health NOT_SERVING on a breach)",
-    kind="number > 0",
-    check=lambda seconds: seconds > 0,
-    refusal="CANARY_INTERVAL_SECONDS must be a positive number of seconds",
 )
-AUDIT_RETENTION_INTERVAL_SECONDS = number(
+AUDIT_RETENTION_INTERVAL_SECONDS = seconds(
     "AUDIT_RETENTION_INTERVAL_SECONDS",
     3600.0,
     "how often the audit service's retention job purges each tenant's events older than its plan's "
     "`audit_retention_days` (only with `AUDIT_RETENTION_DATABASE_URL`)",
-    kind="number > 0",
-    check=lambda seconds: seconds > 0,
-    refusal="AUDIT_RETENTION_INTERVAL_SECONDS must be a positive number of seconds",
 )
 AUDIT_RETENTION_BATCH_SIZE = integer(
     "AUDIT_RETENTION_BATCH_SIZE",
@@ -159,23 +160,17 @@ AUDIT_RETENTION_DATABASE_URL = text(
     "retention job and `python -m services.audit retention`; unset, the audit service runs no retention job",
     shown="none: no retention job (`make run` sets the dev stack's administrative DSN)",
 )
-IDEMPOTENCY_WINDOW_SECONDS = number(
+IDEMPOTENCY_WINDOW_SECONDS = seconds(
     "IDEMPOTENCY_WINDOW_SECONDS",
     86400.0,
     "how long a create's `request_id` is honoured: a retry within it gets the first answer; after it the record "
     "is purged and a reuse is a new request (ALREADY_EXISTS where the resource still exists)",
-    kind="number > 0",
-    check=lambda seconds: seconds > 0,
-    refusal="IDEMPOTENCY_WINDOW_SECONDS must be a positive number of seconds",
 )
-IDEMPOTENCY_PURGE_INTERVAL_SECONDS = number(
+IDEMPOTENCY_PURGE_INTERVAL_SECONDS = seconds(
     "IDEMPOTENCY_PURGE_INTERVAL_SECONDS",
     600.0,
     "how often a service deletes the idempotency records older than `IDEMPOTENCY_WINDOW_SECONDS`, per tenant in "
     "batches (`towerco_retention_purged_rows_total`)",
-    kind="number > 0",
-    check=lambda seconds: seconds > 0,
-    refusal="IDEMPOTENCY_PURGE_INTERVAL_SECONDS must be a positive number of seconds",
 )
 USAGE_RETENTION_DAYS = integer(
     "USAGE_RETENTION_DAYS",
@@ -199,24 +194,18 @@ TENANT_TOMBSTONE_DAYS = integer(
     "usage is gone first. Then it is removed and the id may be created again",
     minimum=1,
 )
-RETENTION_PURGE_INTERVAL_SECONDS = number(
+RETENTION_PURGE_INTERVAL_SECONDS = seconds(
     "RETENTION_PURGE_INTERVAL_SECONDS",
     3600.0,
     "how often the feature gate deletes usage rows past `USAGE_RETENTION_DAYS` / `USAGE_FLUSH_RECORD_DAYS` and "
     "the registry tombstones past `TENANT_TOMBSTONE_DAYS` (`towerco_retention_purged_rows_total`); the first "
     "round one interval after the start",
-    kind="number > 0",
-    check=lambda seconds: seconds > 0,
-    refusal="RETENTION_PURGE_INTERVAL_SECONDS must be a positive number of seconds",
 )
-USAGE_FLUSH_SECONDS = number(
+USAGE_FLUSH_SECONDS = seconds(
     "USAGE_FLUSH_SECONDS",
     10.0,
     "how often each process hands the usage it counted (per tenant and hour) to the feature gate, and so the most "
     "usage a crash loses; a graceful stop flushes what is left",
-    kind="number > 0",
-    check=lambda seconds: seconds > 0,
-    refusal="USAGE_FLUSH_SECONDS must be a positive number of seconds",
 )
 _POOL_DOC = (
     "the one database pool per process: its size (the minimum is capped at the maximum), how long a call waits "
