@@ -715,41 +715,37 @@ def _edge_lua(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
     message = f"call the API on your tenant's host: <tenant>.{settings.base_domain}"
     details = _status_details(ErrorReason.TENANT_SUBDOMAIN_REQUIRED, message, base_domain=settings.base_domain)
     public = ", ".join(f"[{_lua_string(path)}] = true" for api in routes for path in api.public_paths)
-    prelude = "\n".join(
-        [
-            "EDGE = {",
-            f"  base_domain = {_lua_string(settings.base_domain)},",
-            f"  api_prefix = {_lua_string(API_PREFIX)},",
-            f"  identity_headers = {{{', '.join(_lua_string(h) for h in IDENTITY_HEADERS)}}},",
-            f"  internal_prefix = {_lua_string(INTERNAL_PREFIX)},",
-            f"  public_paths = {{{public}}},",
-            f"  tenant_id = {_lua_rule(TENANT_ID)},",
-            f"  no_tenant_message = {_lua_string(grpc_message(message))},",
-            f"  no_tenant_details = {_lua_string(details)},",
-            "}",
-            "",
-        ]
-    )
-    return _typed(
-        "envoy.extensions.filters.http.lua.v3.Lua",
-        default_source_code={"inline_string": prelude + EDGE_LUA.read_text()},
+    return _lua_filter(
+        "EDGE",
+        EDGE_LUA,
+        base_domain=_lua_string(settings.base_domain),
+        api_prefix=_lua_string(API_PREFIX),
+        identity_headers=f"{{{', '.join(_lua_string(h) for h in IDENTITY_HEADERS)}}}",
+        internal_prefix=_lua_string(INTERNAL_PREFIX),
+        public_paths=f"{{{public}}}",
+        tenant_id=_lua_rule(TENANT_ID),
+        no_tenant_message=_lua_string(grpc_message(message)),
+        no_tenant_details=_lua_string(details),
     )
 
 
 def _request_id_lua() -> dict[str, Any]:
-    prelude = "\n".join(
-        [
-            "REQUEST_IDS = {",
-            f"  client_header = {_lua_string(CLIENT_REQUEST_ID_HEADER)},",
-            f"  pattern = {_lua_string(lua_pattern(REQUEST_ID))},",
-            f"  max_length = {REQUEST_ID.max_length},",
-            "}",
-            "",
-        ]
+    return _lua_filter(
+        "REQUEST_IDS",
+        REQUEST_ID_LUA,
+        client_header=_lua_string(CLIENT_REQUEST_ID_HEADER),
+        pattern=_lua_string(lua_pattern(REQUEST_ID)),
+        max_length=str(REQUEST_ID.max_length),
     )
+
+
+def _lua_filter(table: str, source: Path, **fields: str) -> dict[str, Any]:
+    """A Lua filter: the file at ``source`` after a global ``table`` of the rendered ``fields``
+    (Lua literals), so the script reads the settings and rules it was rendered with."""
+    lines = [f"{table} = {{", *(f"  {key} = {value}," for key, value in fields.items()), "}", ""]
     return _typed(
         "envoy.extensions.filters.http.lua.v3.Lua",
-        default_source_code={"inline_string": prelude + REQUEST_ID_LUA.read_text()},
+        default_source_code={"inline_string": "\n".join(lines) + source.read_text()},
     )
 
 
@@ -847,19 +843,12 @@ def _grpc_replies_lua(settings: GatewaySettings) -> dict[str, Any]:
     reasons = ",\n".join(
         _lua_reply(reason, message, retry) for reason, (message, retry) in gateway_reasons(settings).items()
     )
-    prelude = "\n".join(
-        [
-            "REPLIES = {",
-            f"  api_prefix = {_lua_string(API_PREFIX)},",
-            f"  local_reply_header = {_lua_string(LOCAL_REPLY_HEADER)},",
-            f"  reasons = {{\n{reasons}\n  }},",
-            "}",
-            "",
-        ]
-    )
-    return _typed(
-        "envoy.extensions.filters.http.lua.v3.Lua",
-        default_source_code={"inline_string": prelude + GRPC_REPLIES_LUA.read_text()},
+    return _lua_filter(
+        "REPLIES",
+        GRPC_REPLIES_LUA,
+        api_prefix=_lua_string(API_PREFIX),
+        local_reply_header=_lua_string(LOCAL_REPLY_HEADER),
+        reasons=f"{{\n{reasons}\n  }}",
     )
 
 
