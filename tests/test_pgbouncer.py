@@ -32,6 +32,9 @@ from towerco.sites.v1 import sites_service_pb2_grpc as pb_grpc
 from deploy.local.postgres import SERVER_USER, postgres_bin_dir
 from deploy.local.procs import ensure_system_user, ensure_traversable, run_command, wait_until
 from deploy.local.stack import Stack
+from services.runtime import context
+from services.runtime.context import RequestContext
+from services.runtime.db import TRANSACTION_POOLING, Database
 
 from .conftest import OUTPUT
 from .support import bearer, free_port
@@ -292,6 +295,77 @@ async def test_a_transaction_local_binding_never_reaches_the_next_client_where_a
     finally:
         await first.close()
         await second.close()
+
+
+async def test_the_one_round_trip_binding_is_transaction_local_and_every_end_frees_the_server_session(
+    pgbouncer: PgBouncer,
+    admin: asyncpg.Connection[Any],
+    sites: pb_grpc.SiteServiceStub,
+    new_tenant: Callable[..., str],
+    token: Callable[..., str],
+) -> None:
+    """Database.transaction through pgbouncer (one server session): BEGIN and the binding in one query,
+    gone for the next client after COMMIT, ROLLBACK or a cancelled statement, never holding the session."""
+    tenant = new_tenant("pgbone")
+    sites.CreateSite(
+        pb.CreateSiteRequest(site_id="ONE-1", site=pb.Site(name="only mine")),
+        metadata=bearer(token(tenant)),
+        timeout=10,
+    )
+    db = await Database.connect(pgbouncer.dsn("solo"), min_size=1, max_size=1, pool_mode=TRANSACTION_POOLING)
+    other = await _connect(pgbouncer)
+    sent: list[str] = []
+
+    async def next_client_sees() -> asyncpg.Record:
+        async with other.transaction():  # waits for the one server session: bounded, it must be free
+            return await asyncio.wait_for(
+                _row(
+                    other,
+                    "SELECT current_setting('app.current_tenant_id', true) AS tenant, pg_backend_pid() AS pid, "
+                    "(SELECT count(*) FROM sites.sites) AS visible",
+                ),
+                10,
+            )
+
+    try:
+        with context.bind(RequestContext(request_id=uuid.uuid4().hex, method="/test/Bound", tenant_id=tenant)):
+            async with db.transaction(readonly=True) as conn:
+                conn.add_query_logger(lambda query: sent.append(query.query))
+                row = await _row(conn, "SELECT count(*) AS visible, pg_backend_pid() AS pid FROM sites.sites")
+            assert row["visible"] == 1
+            assert sent[-1] == "COMMIT"
+            after = await next_client_sees()
+            assert after["pid"] == row["pid"], "the clients did not share the server session: nothing proven"
+            assert (after["tenant"], after["visible"]) in (("", 0), (None, 0))
+
+            sent.clear()
+            with pytest.raises(RuntimeError, match="the call failed"):
+                async with db.transaction() as conn:
+                    assert await conn.fetchval("SELECT count(*) FROM sites.sites") == 1
+                    raise RuntimeError("the call failed")
+            assert sent[0].startswith("BEGIN; SELECT set_config('app.current_tenant_id', ")  # one query, not three
+            assert sent[-1] == "ROLLBACK"
+            assert (await next_client_sees())["visible"] == 0
+
+            async def slow() -> None:
+                async with db.transaction() as conn:
+                    await conn.execute("SELECT pg_sleep(4)")  # under the 5 s statement timeout
+
+            task = asyncio.create_task(slow())
+            for _ in range(100):  # until the statement runs (5 s at most)
+                running = "SELECT pg_sleep(4)"
+                if await admin.fetchval("SELECT count(*) FROM pg_stat_activity WHERE query = $1", running):
+                    break
+                await asyncio.sleep(0.05)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert (await next_client_sees())["visible"] == 0
+            async with db.transaction(readonly=True) as conn:  # and the pool's connection still serves
+                assert await conn.fetchval("SELECT count(*) FROM sites.sites") == 1
+    finally:
+        await other.close()
+        await db.close()
 
 
 def test_a_service_left_in_session_mode_behind_pgbouncer_refuses_to_start_naming_db_pool_mode(

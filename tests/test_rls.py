@@ -7,6 +7,7 @@ transaction-local ``app.current_tenant_id``.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 
 from services.runtime import context
 from services.runtime.context import NoTenantError, RequestContext
-from services.runtime.db import BIND_TENANT, Database
+from services.runtime.db import BIND_TENANT, UNREACHABLE, Database, quote_literal
 
 # The very statement Database.transaction() binds the tenant with.
 BIND = BIND_TENANT
@@ -295,5 +296,116 @@ async def test_database_transaction_refuses_without_tenant(sites_runtime_dsn, se
             async with db.transaction(readonly=True) as conn:
                 seen = await conn.fetch("SELECT DISTINCT tenant_id FROM sites.sites")
         assert [r["tenant_id"] for r in seen] == [tenant_a]
+    finally:
+        await db.close()
+
+
+def _call_of(tenant_id: str) -> RequestContext:
+    return RequestContext(request_id=uuid.uuid4().hex, method="/test/Bound", tenant_id=tenant_id)
+
+
+async def test_database_transaction_begins_and_binds_the_tenant_in_one_round_trip(sites_runtime_dsn, seeded):
+    """BEGIN and the binding go as one simple query; it binds, and only for its transaction."""
+    tenant_a, tenant_b = seeded
+    db = await Database.connect(sites_runtime_dsn, min_size=1, max_size=1)
+    sent: list[str] = []
+    try:
+        with context.bind(_call_of(tenant_a)):
+            async with db.transaction(readonly=True) as conn:
+                conn.add_query_logger(lambda query: sent.append(query.query))
+                first_pid = await conn.fetchval("SELECT pg_backend_pid()")
+        sent.clear()  # the first COMMIT and the pool's reset
+        with context.bind(_call_of(tenant_b)):
+            async with db.transaction() as conn:
+                seen = await conn.fetch("SELECT tenant_id, site_id FROM sites.sites")
+                assert await conn.fetchval("SELECT pg_backend_pid()") == first_pid  # the same connection again
+        assert sent[: sent.index("COMMIT") + 1] == [
+            f"BEGIN; SELECT set_config('app.current_tenant_id', '{tenant_b}', true)",
+            "SELECT tenant_id, site_id FROM sites.sites",
+            "SELECT pg_backend_pid()",
+            "COMMIT",
+        ]
+        assert sorted((r["tenant_id"], r["site_id"]) for r in seen) == [(tenant_b, "B-1"), (tenant_b, "SHARED")]
+        # Transaction-local: the same connection, in the next transaction, carries no tenant.
+        async with db.platform_read("test: the binding is gone") as conn:
+            assert await conn.fetchval("SELECT pg_backend_pid()") == first_pid
+            assert await conn.fetchval("SELECT current_setting('app.current_tenant_id', true)") in (None, "")
+            assert await conn.fetch("SELECT * FROM sites.sites") == []
+    finally:
+        await db.close()
+
+
+async def test_the_quoted_tenant_literal_reads_back_as_written_whatever_the_string_settings(app_conn):
+    """The binding is sent as a literal, not a parameter: quote_literal must give back exactly the value."""
+    hostile = ["ta_1", "o'k", "a\\b", "\\'); SELECT set_config('app.platform_read', 'on', true); --", "''", "é€"]
+    for conforming in ("on", "off"):
+        await app_conn.execute(f"SET standard_conforming_strings = {conforming}")
+        for value in hostile:
+            assert await app_conn.fetchval(f"SELECT {quote_literal(value)}::text") == value, (conforming, value)
+    with pytest.raises(ValueError, match="NUL"):
+        quote_literal("a\x00b")
+
+
+async def _wait_for_query(admin: asyncpg.Connection[Any], pid: int, query: str) -> None:
+    for _ in range(200):  # up to 10 s
+        if await admin.fetchval("SELECT query FROM pg_stat_activity WHERE pid = $1 AND state = 'active'", pid) == query:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"backend {pid} never ran {query!r}")
+
+
+async def test_a_transaction_ended_by_an_error_a_cancellation_or_a_lost_connection_leaves_none_open(
+    sites_runtime_dsn, admin, seeded
+):
+    """Ours, not asyncpg's, the transaction still ends on every path: no connection goes back to the pool in it."""
+    tenant_a, _ = seeded
+    name = f"rls-end-{uuid.uuid4().hex[:8]}"
+    db = await Database.connect(sites_runtime_dsn, min_size=1, max_size=1, application_name=name)
+
+    async def sessions() -> list[str]:
+        rows = await admin.fetch("SELECT state FROM pg_stat_activity WHERE application_name = $1", name)
+        return [r["state"] for r in rows]
+
+    try:
+        with context.bind(_call_of(tenant_a)):
+            # An error in the block: rolled back, and the same connection comes back outside any transaction.
+            with pytest.raises(RuntimeError, match="the call failed"):
+                async with db.transaction() as conn:
+                    pid = await conn.fetchval("SELECT pg_backend_pid()")
+                    await conn.execute("UPDATE sites.sites SET name = 'rolled back' WHERE site_id = 'A-1'")
+                    raise RuntimeError("the call failed")
+            assert await sessions() == ["idle"]
+            async with db.transaction(readonly=True) as conn:
+                assert await conn.fetchval("SELECT pg_backend_pid()") == pid
+                assert await conn.fetchval("SELECT name FROM sites.sites WHERE site_id = 'A-1'") == f"{tenant_a} A-1"
+
+            # Cancelled mid-statement (a client's deadline): the statement is cancelled and the transaction ends.
+            async def slow() -> None:
+                async with db.transaction() as conn:
+                    await conn.execute("UPDATE sites.sites SET name = 'cancelled' WHERE site_id = 'A-1'")
+                    await conn.execute("SELECT pg_sleep(30)")
+
+            task = asyncio.create_task(slow())
+            await _wait_for_query(admin, pid, "SELECT pg_sleep(30)")
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            async with db.transaction(readonly=True) as conn:
+                assert await conn.fetchval("SELECT name FROM sites.sites WHERE site_id = 'A-1'") == f"{tenant_a} A-1"
+                pid = await conn.fetchval("SELECT pg_backend_pid()")
+            assert await sessions() == ["idle"]
+
+            # The connection lost mid-statement: the call fails as unreachable, the pool opens a new one.
+            async def cut() -> None:
+                await _wait_for_query(admin, pid, "SELECT pg_sleep(20)")
+                await admin.execute("SELECT pg_terminate_backend($1)", pid)
+
+            with pytest.raises(UNREACHABLE):
+                async with db.transaction() as conn:
+                    await asyncio.gather(conn.execute("SELECT pg_sleep(20)"), cut())
+            async with db.transaction(readonly=True) as conn:
+                assert await conn.fetchval("SELECT pg_backend_pid()") != pid
+                assert len(await conn.fetch("SELECT * FROM sites.sites")) == 3
+            assert await sessions() == ["idle"]
     finally:
         await db.close()

@@ -34,10 +34,8 @@ log = logging.getLogger("towerco.platform")
 BIND_TENANT = "SELECT set_config('app.current_tenant_id', $1, true)"
 PLATFORM_READ = "SELECT set_config('app.platform_read', 'on', true)"
 OUTBOX_RELAY = "SELECT set_config('app.audit_relay', 'on', true)"
-#: On the replica: the same binding, and how far it has replayed the primary's WAL.
-BIND_TENANT_ON_REPLICA = (
-    "SELECT set_config('app.current_tenant_id', $1, true), pg_last_wal_replay_lsn()::text AS replayed"
-)
+#: On the replica, when the tenant has a write the replica must have replayed: how far it has.
+REPLAYED = "SELECT pg_last_wal_replay_lsn()::text"
 #: Where the primary's WAL is: past the commit record of every transaction committed before.
 WAL_POSITION = "SELECT pg_current_wal_insert_lsn()::text"
 #: Reads of a tenant whose last write's position is unknown go to the primary.
@@ -111,6 +109,75 @@ async def _leave_server_session(conn: asyncpg.Connection[Any]) -> None:
     asyncpg's own reset (``RESET ALL`` and more) would run on whichever server session
     pgbouncer picked; the pool has already ended any open transaction, which is all ours.
     """
+
+
+def quote_literal(value: str) -> str:
+    """``value`` as a PostgreSQL string literal, written as PostgreSQL's own ``quote_literal()`` writes it.
+
+    Quotes doubled; with a backslash, an ``E''`` literal with backslashes doubled, so the
+    result means ``value`` whatever ``standard_conforming_strings`` says.
+    """
+    if "\x00" in value:
+        raise ValueError("a PostgreSQL string cannot hold a NUL character")
+    quoted = "'" + value.replace("'", "''") + "'"
+    return "E" + quoted.replace("\\", "\\\\") if "\\" in value else quoted
+
+
+def bind_tenant(tenant_id: str) -> str:
+    """:data:`BIND_TENANT` with ``tenant_id`` quoted in: a statement to send with ``BEGIN`` in one simple query."""
+    return f"SELECT set_config('app.current_tenant_id', {quote_literal(tenant_id)}, true)"
+
+
+def _begin(readonly: bool, scope: str) -> str:
+    """One simple query: ``BEGIN`` and the statement setting the transaction's scope (one round trip, not two)."""
+    return f"BEGIN READ ONLY; {scope}" if readonly else f"BEGIN; {scope}"
+
+
+@asynccontextmanager
+async def _transaction(conn: Any, begin: str) -> AsyncIterator[None]:
+    """Run ``begin`` (see :func:`_begin`), the block, then ``COMMIT``; ``ROLLBACK`` if the block raised.
+
+    The transaction is ours, not asyncpg's (``Connection.transaction()`` would send
+    ``BEGIN`` alone): a connection whose transaction may still be open (``ROLLBACK``
+    failed, cancelled during ``COMMIT``, the link cut) is terminated, for the pool to
+    replace. Released mid-transaction, the next call would run in it (under transaction
+    pooling the pool's reset sends nothing). Nested blocks: :func:`savepoint`.
+    """
+    ended = False
+    try:
+        try:
+            await conn.execute(begin)
+            yield
+        except BaseException:
+            if not conn.is_closed():
+                with contextlib.suppress(Exception):  # the block's error is the one to report
+                    await conn.execute("ROLLBACK")
+                    ended = True
+            raise
+        try:
+            await conn.execute("COMMIT")
+        except asyncpg.PostgresError:
+            ended = True  # refused at COMMIT (a deferred check, serialization): PostgreSQL rolled it back
+            raise
+        ended = True
+    finally:
+        if not ended or conn.is_in_transaction():
+            conn.terminate()
+
+
+@asynccontextmanager
+async def savepoint(conn: asyncpg.Connection[Any]) -> AsyncIterator[None]:
+    """A savepoint in a :meth:`Database.transaction`: an error in the block undoes the block only.
+
+    (``conn.transaction()`` cannot nest in a transaction asyncpg did not open.)
+    """
+    await conn.execute("SAVEPOINT nested")
+    try:
+        yield
+    except BaseException:
+        await conn.execute("ROLLBACK TO SAVEPOINT nested")
+        raise
+    await conn.execute("RELEASE SAVEPOINT nested")
 
 
 def _lsn(text: str) -> int:
@@ -239,7 +306,7 @@ class Database:
                         yield conn
                         return
             async with self._open(
-                BIND_TENANT, tenant_id, readonly=readonly, written=None if readonly else tenant_id
+                bind_tenant(tenant_id), readonly=readonly, written=None if readonly else tenant_id
             ) as conn:
                 yield conn
         finally:
@@ -266,31 +333,22 @@ class Database:
             self._replica_failed(exc)
             yield None
             return
-        transaction = conn.transaction(readonly=True)
+        served = False
         try:
-            try:
-                await transaction.start()
-                row = await conn.fetchrow(BIND_TENANT_ON_REPLICA + self._local_settings, tenant_id)
+            async with _transaction(conn, _begin(True, bind_tenant(tenant_id) + self._local_settings)):
+                replayed = await conn.fetchval(REPLAYED) if tenant_id in self._written else None
                 self.replica_outage.recovered()
-                served = self._replayed_writes_of(tenant_id, row["replayed"])
-                if not served:
-                    await transaction.rollback()
-            except UNREACHABLE as exc:
-                self._replica_failed(exc)
-                conn.terminate()  # mid-transaction and broken: the pool makes a new one
-                served = False
-            if not served:
-                yield None
-                return
-            try:
-                yield conn
-            except BaseException:
-                with contextlib.suppress(*UNREACHABLE):
-                    await transaction.rollback()
+                served = self._replayed_writes_of(tenant_id, replayed)
+                if served:
+                    yield conn
+        except UNREACHABLE as exc:
+            if served:
                 raise
-            await transaction.commit()
+            self._replica_failed(exc)  # the connection is gone or terminated (see _transaction)
         finally:
             await self._read_pool.release(conn)
+        if not served:
+            yield None
 
     def _replica_failed(self, error: BaseException) -> None:
         self.replica_outage.failed(error)
@@ -370,10 +428,11 @@ class Database:
 
     @asynccontextmanager
     async def _open(
-        self, statement: str, *args: object, readonly: bool = False, written: str | None = None
+        self, scope: str, *, readonly: bool = False, written: str | None = None
     ) -> AsyncIterator[asyncpg.Connection[Any]]:
-        """A pooled connection in a transaction whose first statement sets its scope.
+        """A pooled connection in a transaction whose first statement, ``scope``, sets its scope.
 
+        ``scope`` goes with the ``BEGIN`` in one round trip, so it takes no parameters (see :func:`bind_tenant`).
         ``written``: the tenant whose write this is; with a replica, its WAL position is noted after the commit.
         """
         try:
@@ -387,8 +446,7 @@ class Database:
             metrics.active().dependency_error("postgres")
             raise
         try:
-            async with conn.transaction(readonly=readonly):
-                await conn.execute(statement + self._local_settings, *args)
+            async with _transaction(conn, _begin(readonly, scope + self._local_settings)):
                 self.outage.recovered()
                 yield cast("asyncpg.Connection[Any]", conn)
             if written is not None and self._read_pool is not None:

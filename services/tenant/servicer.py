@@ -17,6 +17,7 @@ from towerco.tenant.v1 import tenant_registry_service_pb2_grpc as pb_grpc
 
 from services.runtime import context, idempotency
 from services.runtime.canary import CANARY_TENANTS
+from services.runtime.db import savepoint
 from services.runtime.errors import (
     ErrorReason,
     FieldViolation,
@@ -158,7 +159,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
                     )
                     for domain in tenant.domains:
                         try:
-                            async with conn.transaction():
+                            async with savepoint(conn):
                                 await conn.execute(queries.INSERT_HOST, tenant_id, domain)
                         except asyncpg.UniqueViolationError:
                             raise already_exists(ErrorReason.DOMAIN_ALREADY_EXISTS, domain) from None
