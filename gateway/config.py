@@ -31,7 +31,7 @@ from services.runtime.audit import GATEWAY_HEADER
 from services.runtime.environment import SettingsTable, integer, process_environment, text
 from services.runtime.error_catalogue import ErrorReason, Reason
 from services.runtime.ids import REQUEST_ID, TENANT_ID, IdRule
-from services.runtime.policy import PolicyTable
+from services.runtime.policy import Policy, PolicyTable
 from services.runtime.settings import (
     BASE_DOMAIN,
     DATA_DIR,
@@ -56,6 +56,7 @@ REPO = HERE.parent
 EDGE_LUA = HERE / "edge.lua"
 GRPC_REPLIES_LUA = HERE / "grpc_replies.lua"
 REQUEST_ID_LUA = HERE / "request_id.lua"
+PENALTY_BOX_LUA = HERE / "penalty_box.lua"
 #: The built browser frontend (``make web``), served by the gateway at ``/``.
 WEB_DIST = HERE / "web" / "dist"
 
@@ -81,6 +82,18 @@ LOCAL_REPLY_HEADER = f"{INTERNAL_PREFIX}local-reply"
 #: no connection made, a stream refused, or a reset before the request left Envoy. Never a
 #: reset after it was sent, a timeout or CANCELLED: the call may have done its work.
 SAFE_RETRY_ON = "unavailable,connect-failure,refused-stream,reset-before-request"
+#: Where jwt_authn puts a verified token's claims (its dynamic metadata), for penalty_box.lua.
+JWT_PAYLOAD_METADATA = "jwt_payload"
+#: The claim naming the caller's tenant (services/runtime/auth.py reads the same).
+TENANT_CLAIM = "tenant_id"
+#: The trailer giving a refusal's wait in milliseconds (services/runtime/interceptors/error_details.py).
+RETRY_AFTER_HEADER = "retry-after-ms"
+#: The longest a tenant stays in the penalty box however long the service said to wait: the
+#: wait is exact, but a plan raised within it takes effect only after it.
+PENALTY_BOX_MAX_WAIT_SECONDS = 60
+#: Tenant and limit pairs one Envoy worker may hold in the penalty box at once; past it,
+#: refusals go on reaching the services (which still refuse them).
+PENALTY_BOX_MAX_ENTRIES = 20000
 #: Every platform API path starts so; the token rule and the tenant rule apply to them.
 API_PREFIX = "/towerco."
 #: What a load balancer asks the gateway (HTTP GET on the listener): 200 while it serves.
@@ -293,6 +306,8 @@ class Api:
     prefixes: tuple[str, ...]
     #: Full paths of its RPCs that need no token.
     public_paths: tuple[str, ...]
+    #: Full path of each RPC a tenant's rate counts, and the limit it counts against.
+    rate_limits: tuple[tuple[str, str], ...] = ()
 
     @property
     def health_service(self) -> str:
@@ -313,9 +328,20 @@ def apis(served: Mapping[str, Iterable[ServiceDescriptor]] | None = None) -> lis
                 cluster=cluster,
                 prefixes=tuple(f"/{s.full_name}/" for s in public),
                 public_paths=tuple(p for p in paths if (policy := table.get(p)) is not None and policy.public),
+                rate_limits=tuple(
+                    (p, rate_limit_name(policy))
+                    for p in paths
+                    if (policy := table.get(p)) is not None and not policy.public
+                ),
             )
         )
     return result
+
+
+def rate_limit_name(policy: Policy) -> str:
+    """The tenant limit a call of ``policy``'s method counts against (as the rate-limit link's
+    ``admit`` names it in RATE_LIMITED's ``limit``)."""
+    return f"rpm_{policy.rate_class}"
 
 
 # The template
@@ -407,6 +433,8 @@ def _listener(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
             {"name": "towerco.grpc_replies", "typed_config": _grpc_replies_lua(settings)},
             {"name": "envoy.filters.http.jwt_authn", "typed_config": _jwt_authn(settings, routes)},
             {"name": "towerco.edge_identity", "typed_config": _edge_lua(settings, routes)},
+            # After the tenant is known: a tenant's own calls while it is over its rate.
+            {"name": "towerco.penalty_box", "typed_config": _penalty_box_lua(routes)},
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router"),
@@ -690,6 +718,8 @@ def _jwt_authn(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
         "jwt_cache_config": {"jwt_cache_size": 10000},
         # Marks the requests jwt_authn refused, for the local reply mapper.
         "failed_status_in_metadata": "jwt_failure",
+        # The verified claims, for the penalty box to know whose call it is.
+        "payload_in_metadata": JWT_PAYLOAD_METADATA,
     }
     if settings.jwt_jwks_url:
         provider["remote_jwks"] = {
@@ -726,6 +756,31 @@ def _edge_lua(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
         tenant_id=_lua_rule(TENANT_ID),
         no_tenant_message=_lua_string(grpc_message(message)),
         no_tenant_details=_lua_string(details),
+    )
+
+
+def _penalty_box_lua(routes: list[Api]) -> dict[str, Any]:
+    limits = ", ".join(
+        f"[{_lua_string(path)}] = {_lua_string(limit)}" for api in routes for path, limit in api.rate_limits
+    )
+    reason = ErrorReason.RATE_LIMITED
+    name = error_catalogue.name(reason)
+    return _lua_filter(
+        "BOX",
+        PENALTY_BOX_LUA,
+        limits=f"{{{limits}}}",
+        reason=_lua_string(name),
+        code=str(error_catalogue.entry(name).code.value[0]),
+        limit_key=_lua_string("limit"),
+        retry_header=_lua_string(RETRY_AFTER_HEADER),
+        error_info_type=_lua_string(f"type.googleapis.com/{error_details_pb2.ErrorInfo.DESCRIPTOR.full_name}"),
+        retry_info_type=_lua_string(f"type.googleapis.com/{error_details_pb2.RetryInfo.DESCRIPTOR.full_name}"),
+        jwt_namespace=_lua_string("envoy.filters.http.jwt_authn"),
+        jwt_payload_key=_lua_string(JWT_PAYLOAD_METADATA),
+        tenant_claim=_lua_string(TENANT_CLAIM),
+        namespace=_lua_string("towerco.penalty_box"),
+        max_wait_ms=str(PENALTY_BOX_MAX_WAIT_SECONDS * 1000),
+        max_entries=str(PENALTY_BOX_MAX_ENTRIES),
     )
 
 

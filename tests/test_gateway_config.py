@@ -120,6 +120,7 @@ def test_filters_run_in_order_and_the_admin_interface_is_loopback_only(tmp_path)
         "grpc_replies",
         "jwt_authn",
         "edge_identity",
+        "penalty_box",
         "router",
     ]
     assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"

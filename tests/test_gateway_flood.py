@@ -1,0 +1,159 @@
+"""Floods at the gateway: a tenant over its rate is turned away by Envoy's penalty box.
+
+The sites service refuses a tenant over its ``rpm_read`` with RATE_LIMITED and the exact wait;
+until that wait is over the gateway answers the tenant's read calls itself, with the same
+reply. Calls go to the session's real Envoy, services, PostgreSQL and Redis; what reached
+the service is read from its own ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import grpc
+import pytest
+from towerco.sites.v1 import sites_service_pb2 as sites_pb
+from towerco.sites.v1 import sites_service_pb2_grpc as sites_grpc
+from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
+from towerco.tenant.v1 import tenant_registry_service_pb2_grpc as tenant_grpc
+
+from deploy.local.stack import Stack
+from gateway.config import GatewaySettings
+
+from .grpcweb import Reply, call
+from .support import RichError, bearer, rich_error
+from .support.requests import set_limit
+from .test_metrics import scrape, values
+
+pytestmark = pytest.mark.stack
+
+LIST_SITES = "/towerco.sites.v1.SiteService/ListSites"
+#: One read every 2 s, a burst of 5 (services/runtime/ratelimit.py): every wait is at most 2 s.
+PER_MINUTE = 30
+FLOOD = 300
+
+
+def handled(stack: Stack, tenant: str) -> float:
+    """Calls of ``tenant`` the sites service itself answered, whatever their outcome."""
+    return sum(values(scrape(stack, "sites"), "towerco_tenant_calls_total", tenant=tenant, service="sites").values())
+
+
+def channel_for(settings: GatewaySettings, tenant: str) -> grpc.Channel:
+    """A native gRPC channel to the gateway, on ``tenant``'s host."""
+    return grpc.insecure_channel(
+        f"127.0.0.1:{settings.port}", options=[("grpc.default_authority", f"{tenant}.localhost")]
+    )
+
+
+def list_sites(stub: Any, token: str) -> RichError | None:
+    """ListSites; its rich error, or None when it succeeded."""
+    try:
+        stub.ListSites(sites_pb.ListSitesRequest(page_size=1), metadata=bearer(token), timeout=10)
+    except grpc.RpcError as error:
+        return rich_error(error)
+    return None
+
+
+def trailers(error: Any) -> dict[str, str]:
+    return dict(error.trailing_metadata() or ())
+
+
+def assert_rate_limited(error: RichError | None, trailers: dict[str, str]) -> int:
+    """The full RATE_LIMITED reply (catalogued by rich_error); its wait in milliseconds."""
+    assert error is not None
+    assert (error.code, error.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED"), error
+    assert error.info is not None and dict(error.info.metadata) == {"limit": "rpm_read", "per_minute": str(PER_MINUTE)}
+    assert error.retry is not None
+    delay = int(error.retry.retry_delay.ToMilliseconds())
+    assert 0 < delay <= 60_000 // PER_MINUTE, error
+    assert 0 < int(trailers["retry-after-ms"]) <= 60_000 // PER_MINUTE
+    assert "retry in" in error.message, error.message
+    return delay
+
+
+def assert_web_rate_limited(reply: Reply) -> None:
+    assert reply.http_status == 200 and reply.status == 8, (reply.status, reply.message)
+    assert reply.info is not None and reply.info.reason == "RATE_LIMITED"
+    assert dict(reply.info.metadata) == {"limit": "rpm_read", "per_minute": str(PER_MINUTE)}
+    assert reply.retry is not None and 0 < reply.retry.retry_delay.ToMilliseconds() <= 60_000 // PER_MINUTE
+    wait = reply.trailers.get("retry-after-ms", reply.headers.get("retry-after-ms", "0"))
+    assert 0 < int(wait) <= 60_000 // PER_MINUTE
+
+
+@pytest.fixture
+def flooder(gateway, new_tenant, features, platform_token) -> str:
+    """A tenant allowed PER_MINUTE reads."""
+    tenant: str = new_tenant("fl", plan="basic")
+    set_limit(features, platform_token, tenant, "rpm_read", PER_MINUTE)
+    return tenant
+
+
+def test_a_flooding_tenant_is_turned_away_at_the_gateway_and_others_are_unaffected(
+    stack, gateway, flooder, new_tenant, token, eventually
+):
+    bystander = new_tenant("by", plan="basic")
+    flooder_token, bystander_token = token(flooder), token(bystander)
+    refusals: list[RichError] = []
+    last_wait = 0
+    with channel_for(gateway, flooder) as flooding, channel_for(gateway, bystander) as quiet:
+        stub, other = sites_grpc.SiteServiceStub(flooding), sites_grpc.SiteServiceStub(quiet)
+        for n in range(FLOOD):
+            try:
+                stub.ListSites(sites_pb.ListSitesRequest(page_size=1), metadata=bearer(flooder_token), timeout=10)
+            except grpc.RpcError as exc:
+                error = rich_error(exc)
+                last_wait = assert_rate_limited(error, trailers(exc))
+                refusals.append(error)
+            if n % 10 == 0:
+                assert list_sites(other, bystander_token) is None, "another tenant's calls all pass"
+        # A public call needs no token and is never held.
+        branding = tenant_grpc.TenantRegistryServiceStub(flooding).GetBranding(
+            tenant_pb.GetBrandingRequest(tenant_id=flooder), timeout=10
+        )
+        assert branding is not None
+
+        admitted = FLOOD - len(refusals)
+        assert refusals and admitted >= 1
+        # The service answered the admitted calls and only a few refusals, not the whole flood.
+        reached = eventually(lambda: _at_least(handled(stack, flooder), admitted), within=5)
+        assert reached < FLOOD / 5, f"{reached:.0f} of {FLOOD} calls reached the sites service"
+
+        # After the wait it was given, the tenant is admitted again.
+        time.sleep(last_wait / 1000 + 0.05)
+        assert list_sites(stub, flooder_token) is None
+
+
+def test_grpc_web_clients_get_the_same_refusal_from_the_gateway(stack, gateway, flooder, token, eventually):
+    flooder_token = token(flooder)
+    host = f"{flooder}.localhost:{gateway.port}"
+    replies = [
+        call(gateway.port, host, LIST_SITES, sites_pb.ListSitesRequest(page_size=1), token=flooder_token)
+        for _ in range(60)
+    ]
+    refused = [reply for reply in replies if reply.status != 0]
+    for reply in refused:
+        assert_web_rate_limited(reply)
+    admitted = len(replies) - len(refused)
+    reached = eventually(lambda: _at_least(handled(stack, flooder), admitted), within=5)
+    # Each refusal the service made is one call it handled; the others were the gateway's.
+    assert reached < len(replies), f"all {len(replies)} calls reached the sites service"
+
+
+def test_another_tenants_token_flooding_a_tenants_host_does_not_hold_that_tenant(gateway, flooder, new_tenant, token):
+    victim = new_tenant("vi", plan="basic")
+    attacker_token, victim_token = token(flooder), token(victim)
+    with channel_for(gateway, victim) as channel:
+        stub = sites_grpc.SiteServiceStub(channel)
+        # Each attempt is refused by the service and counted against the attacker's own rate,
+        # until that is spent: then the refusals are RATE_LIMITED, on the victim's host.
+        reasons = [error.reason if (error := list_sites(stub, attacker_token)) else "OK" for _ in range(40)]
+        assert set(reasons) == {"CROSS_TENANT_DENIED", "RATE_LIMITED"}, reasons
+        assert reasons[-1] == "RATE_LIMITED"
+        for _ in range(5):
+            assert list_sites(stub, victim_token) is None, "the victim is not held for the attacker's refusals"
+
+
+def _at_least(value: float, floor: int) -> float:
+    assert value >= floor, (value, floor)
+    return value
