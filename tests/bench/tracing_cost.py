@@ -64,12 +64,13 @@ async def _per_call_us(behavior: Any) -> float:
     return (time.perf_counter() - start) / CALLS * 1e6
 
 
-async def _measure(sink: IO[str]) -> None:
+async def _measure(sink: IO[str]) -> dict[str, float]:
     policies = PolicyTable.from_services([sites_service_pb2.DESCRIPTOR.services_by_name["SiteService"]])
     policy = policies.get("/towerco.sites.v1.SiteService/GetSite")
     assert policy is not None
     wrapped = TracingInterceptor(policies).wrap(_handler, policy, Metadata([("traceparent", TRACEPARENT)]))
     root = logging.getLogger()
+    costs: dict[str, float] = {}
     saved_handlers, saved_level = root.handlers[:], root.level
     try:
         tracing.use(None)
@@ -84,24 +85,24 @@ async def _measure(sink: IO[str]) -> None:
         for name, provider in modes:
             processors = (BatchSpanProcessor(_Dropping()),) if name.startswith("exported") else ()
             tracing.use(provider, *processors)
-            cost = await _per_call_us(wrapped) - baseline
-            print(f"tracing link    {name:<26} {cost:8.2f} us per call (access line off)")
+            costs[f"{name}, access line off"] = await _per_call_us(wrapped) - baseline
         logs.configure("sites", "INFO", "json")
         root.handlers[0].setStream(sink)  # type: ignore[attr-defined]
         tracing.use(TracerProvider(sampler=ALWAYS_OFF))
-        cost = await _per_call_us(wrapped) - baseline
-        print(f"tracing link    {'sampled out + JSON line':<26} {cost:8.2f} us per call (access line written)")
+        costs["sampled out, access line written as JSON"] = await _per_call_us(wrapped) - baseline
     finally:
         tracing.use(None)
         root.handlers[:] = saved_handlers
         root.setLevel(saved_level)
+    return costs
 
 
-def bench_tracing() -> None:
-    """Per-call cost of the tracing link (span and access line), tracing off, recorded and exported."""
+def bench_tracing() -> dict[str, float]:
+    """Per-call cost of the tracing link (span and access line) in microseconds, by mode."""
     with open(os.devnull, "w") as sink:
-        asyncio.run(_measure(sink))
+        return asyncio.run(_measure(sink))
 
 
 if __name__ == "__main__":
-    bench_tracing()
+    for mode, cost in bench_tracing().items():
+        print(f"tracing link {mode:<42} {cost:8.2f} us per call")

@@ -1,0 +1,72 @@
+"""A tenant's flood, in a process of its own so it does not share the measuring client's loop.
+
+``python -m tests.bench.flood`` reads ``{"target", "authority", "token", "rate", "seconds"}`` as
+one JSON line on stdin, connects, prints ``ready``, then sends ListSites open loop: one call
+every ``1 / rate`` seconds whatever the answers (a late send goes at once, to catch up), for
+``seconds``; then waits for the calls still out (each has a 5 s deadline) and prints one JSON
+line, ``{"sent", "skipped", "send_seconds", "codes": {status name: count}}`` (``UNANSWERED``:
+calls still out after their deadline), and exits. It
+stops by itself; calls beyond ``MAX_IN_FLIGHT`` outstanding are skipped and counted rather
+than queued, so a stalled server cannot make it grow without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from typing import Any
+
+from grpc import aio
+from towerco.sites.v1 import sites_service_pb2 as pb
+from towerco.sites.v1 import sites_service_pb2_grpc as pb_grpc
+
+MAX_IN_FLIGHT = 2000
+CALL_DEADLINE = 5.0
+
+
+async def flood(config: dict[str, Any]) -> dict[str, Any]:
+    options = [("grpc.default_authority", config["authority"])] if config.get("authority") else []
+    metadata = (("authorization", f"Bearer {config['token']}"),)
+    request = pb.ListSitesRequest(page_size=10)
+    codes: dict[str, int] = {}
+    in_flight: set[asyncio.Task[None]] = set()
+    async with aio.insecure_channel(config["target"], options=options) as channel:
+        await asyncio.wait_for(channel.channel_ready(), 10)
+        stub = pb_grpc.SiteServiceStub(channel)
+
+        async def one() -> None:
+            try:
+                await stub.ListSites(request, metadata=metadata, timeout=CALL_DEADLINE)
+                code = "OK"
+            except aio.AioRpcError as error:
+                code = error.code().name
+            codes[code] = codes.get(code, 0) + 1
+
+        print("ready", flush=True)
+        loop = asyncio.get_running_loop()
+        interval = 1 / config["rate"]
+        start = loop.time()
+        skipped = created = 0
+        for i in range(int(config["rate"] * config["seconds"])):
+            delay = start + i * interval - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if len(in_flight) >= MAX_IN_FLIGHT:
+                skipped += 1
+                continue
+            task = asyncio.create_task(one())
+            created += 1
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+        send_seconds = loop.time() - start
+        if in_flight:
+            await asyncio.wait(in_flight, timeout=CALL_DEADLINE + 1)
+    unanswered = created - sum(codes.values())
+    if unanswered:
+        codes["UNANSWERED"] = unanswered
+    return {"sent": created, "skipped": skipped, "send_seconds": round(send_seconds, 3), "codes": codes}
+
+
+if __name__ == "__main__":
+    print(json.dumps(asyncio.run(flood(json.loads(sys.stdin.readline())))), flush=True)

@@ -1,0 +1,121 @@
+"""The noisy neighbour: another tenant's p99 and errors while ``bench_flood`` floods at 10x and 100x its rate.
+
+``bench_flood`` may read 600 calls a minute (10/s); ``flood.py``, a process of its own, sends
+it ListSites open loop at 100 and at 1,000 calls/s. Meanwhile this process calls GetSite as
+``bench_quiet``, one call at a time, as it did just before for as long without the flood. Straight to the
+sites service, then through the gateway (each tenant on its own host). Per flood: the quiet
+tenant's p99 against its quiet p99 (target <= 1.5x), its errors (target 0), the flooder's
+answers by status, and how many of its calls reached the sites service (its
+``towerco_tenant_calls_total``, any outcome): near its rate when the gateway refuses the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.request
+from collections.abc import Callable
+
+from .bench_stack import FLOOD_RPM_READ, BenchStack
+from .latency import GET, site_stub, tenant_host
+from .own_processes import start, stop
+from .results import Figure, Results, at_most, ratio_at_most
+from .timing import for_seconds, ms, percentile, sample
+
+MULTIPLES = (10, 100)
+#: The flood runs this long before the quiet tenant's calls are measured.
+WARMUP = 0.5
+_FLOODER_CALLS = re.compile(r'^towerco_tenant_calls_total\{[^}]*tenant="bench_flood"[^}]*\} (\S+)$', re.M)
+
+
+def _reached_sites(bench: BenchStack) -> float | None:
+    """The flooder's calls the sites service has counted (any outcome), from its /metrics; None if unreadable."""
+    url = f"http://127.0.0.1:{bench.stack.config.metrics_ports['sites']}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return None
+    return sum(float(value) for value in _FLOODER_CALLS.findall(text))
+
+
+def _flood(
+    bench: BenchStack, path: str, rate: float, seconds: float, measure: Callable[[], object]
+) -> tuple[list[float], dict[str, int], dict[str, object]]:
+    """Run the flood; measure the quiet tenant during it; the flooder's report."""
+    config = {
+        "target": bench.gateway if path == "gateway" else bench.sites,
+        "authority": tenant_host("bench_flood") if path == "gateway" else "",
+        "token": bench.tokens["bench_flood"],
+        "rate": rate,
+        "seconds": WARMUP + seconds + 0.2,
+    }
+    flooder = start("flood", config, bench.log("flood"))
+    try:
+        time.sleep(WARMUP)
+        samples, errors = for_seconds(measure, seconds)
+        assert flooder.stdout is not None
+        report: dict[str, object] = json.loads(flooder.stdout.readline() or "{}")
+    finally:
+        stop(flooder, timeout=15)
+    return samples, errors, report
+
+
+def bench_isolation(bench: BenchStack, results: Results, seconds: float) -> None:
+    md = bench.metadata("bench_quiet")
+    for path in ("direct", "gateway"):
+        results.section(
+            f"Isolation, {path}: bench_quiet's sequential GetSite, {seconds:g} s quiet then {seconds:g} s flooded"
+        )
+        target = bench.gateway if path == "gateway" else bench.sites
+        authority = tenant_host("bench_quiet") if path == "gateway" else ""
+        with site_stub(target, authority) as quiet:
+            call = lambda: quiet.GetSite(GET, metadata=md, timeout=5)  # noqa: E731
+            sample(call, 0)
+            for multiple in MULTIPLES:
+                rate = FLOOD_RPM_READ / 60 * multiple
+                name = f"{path}: flood {multiple}x ({rate:g}/s)"
+                # The quiet p99 just before each flood: the machine's load of the same minute.
+                calm, calm_errors = for_seconds(call, seconds)
+                calm_p99 = ms(percentile(calm, 0.99))
+                note = f"n={len(calm)}, errors {sum(calm_errors.values())}"
+                results.add(Figure(f"{name}: other tenant p99 quiet", calm_p99, "ms", note=note))
+                before = _reached_sites(bench)
+                samples, errors, report = _flood(bench, path, rate, seconds, call)
+                after = _reached_sites(bench)
+                _report(results, name, calm_p99, samples, errors, report, before, after)
+
+
+def _report(
+    results: Results,
+    name: str,
+    calm_p99: float,
+    samples: list[float],
+    errors: dict[str, int],
+    report: dict[str, object],
+    before: float | None,
+    after: float | None,
+) -> None:
+    p99 = ms(percentile(samples, 0.99))
+    results.add(
+        Figure(f"{name}: other tenant p99", p99, "ms", calm_p99, "quiet", ratio_at_most(1.5), f"n={len(samples)}")
+    )
+    error_note = ", ".join(f"{k} {v}" for k, v in sorted(errors.items()))
+    results.add(
+        Figure(f"{name}: other tenant errors", sum(errors.values()), "calls", target=at_most(0), note=error_note)
+    )
+    codes = report.get("codes", {})
+    assert isinstance(codes, dict)
+    admitted = int(codes.get("OK", 0))
+    refused = int(codes.get("RESOURCE_EXHAUSTED", 0))
+    other = ", ".join(f"{k} {v}" for k, v in sorted(codes.items()) if k not in ("OK", "RESOURCE_EXHAUSTED"))
+    send_seconds = float(str(report.get("send_seconds", 0))) or 1.0
+    sent = float(str(report.get("sent", 0)))
+    results.add(Figure(f"{name}: flooder admitted", admitted, "calls"))
+    results.add(Figure(f"{name}: flooder refused", refused, "calls", note=other or ""))
+    results.add(
+        Figure(f"{name}: flooder sent", sent / send_seconds, "calls/s", note=f"skipped {report.get('skipped', 0)}")
+    )
+    if before is not None and after is not None:
+        results.add(Figure(f"{name}: flooder calls reaching sites", after - before, "calls"))

@@ -1,0 +1,102 @@
+"""The benchmark's own parts (``tests/bench``), proven without timing anything: figures are judged
+against their floors and written as JSON; the bare floor server answers GetSite as the sites
+service does; the flood generator stops by itself and accounts for every call it sent."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from towerco.sites.v1 import sites_service_pb2 as pb
+from towerco.sites.v1 import sites_service_pb2_grpc as pb_grpc
+
+from deploy.local.stack import Stack
+from tests.bench.own_processes import running, start, stop
+from tests.bench.results import Figure, Results, above_floor_at_most, at_most, ratio_at_least, ratio_at_most
+from tests.support import bearer, free_port
+from tests.support.requests import set_limit
+
+
+def test_bench_figures_are_judged_against_their_floor_and_written_as_json(tmp_path: Path) -> None:
+    results = Results()
+    results.add(Figure("service p50", 1.2, "ms", 1.0, "bare", ratio_at_most(1.15)))
+    results.add(Figure("limited p50", 1.2, "ms", 1.0, "bare", ratio_at_most(1.25)))
+    results.add(Figure("gateway p50", 1.5, "ms", 1.0, "direct", above_floor_at_most(0.3)))
+    results.add(Figure("errors", 0, "calls", target=at_most(0)))
+    results.add(Figure("two workers", 1700, "calls/s", 1000, "one worker", ratio_at_least(1.6)))
+    results.add(Figure("asyncpg alone", 0.5, "ms"))
+    path = tmp_path / "bench-results.json"
+    results.write(path, "quick")
+
+    rows = {row["name"]: row for row in json.loads(path.read_text())["figures"]}
+    assert [rows[n]["verdict"] for n in ("service p50", "limited p50", "gateway p50", "errors", "two workers")] == [
+        "MISS",
+        "PASS",
+        "MISS",
+        "PASS",
+        "PASS",
+    ]
+    assert rows["service p50"] == {
+        "name": "service p50",
+        "value": 1.2,
+        "unit": "ms",
+        "floor": 1.0,
+        "floor_name": "bare",
+        "target": "<= 1.15x floor",
+        "note": "",
+        "ratio": 1.2,
+        "verdict": "MISS",
+    }
+    assert rows["asyncpg alone"]["target"] is None and rows["asyncpg alone"]["verdict"] is None
+    assert results.summary().endswith("3 of 5 targets met")
+
+
+def test_bench_bare_server_answers_get_site_as_the_sites_service_does(
+    stack: Stack, sites: pb_grpc.SiteServiceStub, token: Callable[..., str], tenant_pair: tuple[str, str]
+) -> None:
+    tenant, other = tenant_pair
+    for owner in tenant_pair:
+        create = pb.CreateSiteRequest(site_id=f"S-{owner}", request_id=f"bench-{owner}", site=pb.Site(name="Floor"))
+        create.site.location.region = "nairobi-west"
+        create.site.configuration.update({"equipment": [{"type": "rectifier"}]})
+        sites.CreateSite(create, metadata=bearer(token(owner)), timeout=10)
+    served = sites.GetSite(pb.GetSiteRequest(site_id=f"S-{tenant}"), metadata=bearer(token(tenant)), timeout=10)
+    port = free_port()
+    config = {"port": port, "dsn": stack.runtime_dsn("sites"), "tenant_id": tenant, "pool_min": 1, "pool_max": 2}
+    with running("bare_server", config), grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        bare = pb_grpc.SiteServiceStub(channel)
+        assert bare.GetSite(pb.GetSiteRequest(site_id=f"S-{tenant}"), timeout=10) == served
+        # Bound to its tenant like the service: the other tenant's row is not there (row-level security).
+        with pytest.raises(grpc.RpcError) as refused:
+            bare.GetSite(pb.GetSiteRequest(site_id=f"S-{other}"), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_bench_flood_generator_stops_by_itself_and_counts_every_call(
+    stack: Stack, features: Any, platform_token: str, token: Callable[..., str], new_tenant: Callable[..., str]
+) -> None:
+    flooder = new_tenant("flood")
+    set_limit(features, platform_token, flooder, "rpm_read", 60)  # one a second, a burst admitted
+    config = {
+        "target": f"127.0.0.1:{stack.config.ports['sites']}",
+        "authority": "",
+        "token": token(flooder),
+        "rate": 40,
+        "seconds": 1.0,
+    }
+    process = start("flood", config)
+    try:
+        assert process.stdout is not None
+        report = json.loads(process.stdout.readline())
+        assert process.wait(timeout=15) == 0
+    finally:
+        stop(process)
+    codes: dict[str, int] = report["codes"]
+    assert report["sent"] == 40 and report["skipped"] == 0
+    assert sum(codes.values()) == 40, codes
+    assert set(codes) == {"OK", "RESOURCE_EXHAUSTED"}, codes
+    assert codes["OK"] >= 1 and codes["RESOURCE_EXHAUSTED"] >= 1, codes
