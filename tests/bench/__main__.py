@@ -14,12 +14,13 @@ gateway) and the bare server, then measures through real gRPC with real JWTs:
 Each figure is printed next to its floor and target (PASS/MISS; a MISS does not fail the
 run), and all of them are written as JSON to ``test-output/bench-results.json`` (``--out``).
 ``--quick`` takes fewer samples and shorter phases (for developing the bench, not for figures);
-``--only`` runs some sections.
+``--only`` runs some sections; ``--markdown FILE`` prints a written run as the README's table.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from .bench_stack import OUTPUT, bench_stack
 from .isolation import bench_isolation
 from .latency import bench_latency, bench_list_sites
 from .platform_rows import bench_platform
-from .results import Results
+from .results import Results, markdown
 from .throughput import bench_throughput
 
 SECTIONS = ("latency", "throughput", "isolation", "platform")
@@ -38,7 +39,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer samples, shorter phases")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {', '.join(SECTIONS)}")
     parser.add_argument("--out", type=Path, default=OUTPUT / "bench-results.json", help="where the JSON goes")
+    parser.add_argument("--markdown", type=Path, help="only print this written run as the README's table")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:

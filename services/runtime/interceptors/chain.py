@@ -53,6 +53,6 @@ def server_chain(
         AuthorizationInterceptor(policies),  # with which permission (internal: services only)
         EntitlementsInterceptor(policies, entitlements),  # does the plan include it; DB connections it may hold
         CallConcurrencyInterceptor(policies),  # within its call_concurrency in flight here (or refused at once)
-        RateLimitInterceptor(policies, limiter),  # within rpm_read / rpm_write (refusals remembered, leases)
+        RateLimitInterceptor(policies, limiter),  # within the tenant's rpm_read / rpm_write
         RequestTextInterceptor(policies),  # no NUL in any string field, display names clean
     ]
