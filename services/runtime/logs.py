@@ -3,10 +3,8 @@
 ``text`` (the default, for ``make run``) is one readable line per record; ``json`` (pods) one
 JSON object per line: ``ts``, ``level``, ``logger``, ``service``, ``message``, ``tenant``,
 ``request_id``, ``trace_id``, ``span_id``, any ``extra`` the record was given, and
-``exception``. A worker of a service run as several (``<SERVICE>_WORKERS``) says which it is:
-``sites/1`` in text, ``"worker": 1`` in JSON, since the workers share one output. Whatever
-looks like a JWT is replaced before a line is written, whoever logged it: tokens are never
-written by the code, and this makes sure of it.
+``exception``. Whatever looks like a JWT is replaced before a line is written, whoever
+logged it: tokens are never written by the code, and this makes sure of it.
 
 Outages of a dependency are logged once (:class:`Outage`).
 """
@@ -67,10 +65,9 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
-    def __init__(self, service: str, worker: int | None = None) -> None:
+    def __init__(self, service: str) -> None:
         super().__init__()
         self._service = service
-        self._worker = {} if worker is None else {"worker": worker}
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -83,7 +80,6 @@ class JsonFormatter(logging.Formatter):
             "request_id": getattr(record, "request_id", "-"),
             "trace_id": getattr(record, "trace_id", "-"),
             "span_id": getattr(record, "span_id", "-"),
-            **self._worker,
         }
         for key, value in vars(record).items():
             if key not in _STANDARD and key not in line:
@@ -95,14 +91,11 @@ class JsonFormatter(logging.Formatter):
         return redact(json.dumps(line, default=str, ensure_ascii=False))
 
 
-def configure(service: str, level: str, log_format: str = "text", worker: int | None = None) -> None:
-    """Log to stderr in ``log_format`` (one of :data:`FORMATS`) at ``level``; ``worker``: which worker this is."""
+def configure(service: str, level: str, log_format: str = "text") -> None:
+    """Log to stderr in ``log_format`` (one of :data:`FORMATS`) at ``level``."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_ContextFilter())
-    if log_format == "json":
-        handler.setFormatter(JsonFormatter(service, worker))
-    else:
-        handler.setFormatter(TextFormatter(service if worker is None else f"{service}/{worker}"))
+    handler.setFormatter(JsonFormatter(service) if log_format == "json" else TextFormatter(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -84,18 +84,6 @@ PORTS: dict[str, Setting[int]] = {
     name: integer(f"{name.upper()}_PORT", port, "gRPC ports of the services") for name, port in DEFAULT_PORTS.items()
 }
 GRPC_BIND_HOST = text("GRPC_BIND_HOST", "127.0.0.1", "where the services listen: set `0.0.0.0` in a pod")
-WORKERS: dict[str, Setting[int]] = {
-    name: integer(
-        f"{name.upper()}_WORKERS",
-        1,
-        "worker processes of each service, sharing its gRPC port (SO_REUSEPORT: the kernel spreads connections, not "
-        "calls) and its `/metrics` (summed); above 1 a parent process starts them, forwards SIGTERM and stops them all "
-        "when one dies (README: Processes and limits). Pods keep 1: replicas scale instead",
-        minimum=1,
-        shown="`1`; `make run`: the machine's cores",
-    )
-    for name in DEFAULT_PORTS
-}
 METRICS_PORTS: dict[str, Setting[int]] = {
     name: integer(
         f"{name.upper()}_METRICS_PORT",
@@ -328,6 +316,16 @@ RATE_LIMIT_FAIL_CLOSED = flag(
     False,
     "instead refuse every rate-limited call while Redis is unreachable (UNAVAILABLE `RATE_LIMITER_UNAVAILABLE`)",
 )
+RATE_LIMIT_LEASE_SECONDS = number(
+    "RATE_LIMIT_LEASE_SECONDS",
+    0.02,
+    "one Redis decision leases this many seconds of a tenant's rate (at most 100 calls) to the process, which "
+    "spends them without asking again; a tenant may get up to one lease per process more than its rate over any "
+    "window. Below `120 / this` calls a minute (6,000) a decision is one call; 0 turns leases off",
+    kind="number >= 0",
+    check=lambda lease: lease >= 0,
+    refusal="RATE_LIMIT_LEASE_SECONDS must be 0 (no leases) or a positive number of seconds",
+)
 TENANT_CONCURRENCY_WAIT_SECONDS = number(
     "TENANT_CONCURRENCY_WAIT_SECONDS",
     0.25,
@@ -367,7 +365,6 @@ SERVICE_SETTINGS = SettingsTable.of(
     REDIS_URL,
     PORTS.values(),
     GRPC_BIND_HOST,
-    WORKERS.values(),
     METRICS_PORTS.values(),
     METRICS_TENANT_LABEL_CAP,
     PROMETHEUS_MULTIPROC_DIR,
@@ -414,6 +411,7 @@ SERVICE_SETTINGS = SettingsTable.of(
     RATE_LIMIT_BURST_SECONDS,
     RATE_LIMIT_LOCAL_SHARE,
     RATE_LIMIT_FAIL_CLOSED,
+    RATE_LIMIT_LEASE_SECONDS,
     TENANT_CONCURRENCY_WAIT_SECONDS,
     FAULT_POINTS,
     LOG_LEVEL,
@@ -431,16 +429,14 @@ class Settings:
 
     A field holds the variable declared above under its name in capitals, whose declaration
     says what it means; except ``service`` (load's argument), ``bind_host``
-    (``GRPC_BIND_HOST``), ``port`` (the service's ``<SERVICE>_PORT``), ``workers`` (its
-    ``<SERVICE>_WORKERS``), ``metrics_port`` (its ``<SERVICE>_METRICS_PORT``), ``db_acquire_timeout``
+    (``GRPC_BIND_HOST``), ``port`` (the service's ``<SERVICE>_PORT``),
+    ``metrics_port`` (its ``<SERVICE>_METRICS_PORT``), ``db_acquire_timeout``
     (``DB_ACQUIRE_TIMEOUT_SECONDS``) and the fields that say where they come from.
     """
 
     service: str
     bind_host: str
     port: int
-    #: The service's ``<SERVICE>_WORKERS``.
-    workers: int
     metrics_port: int
     metrics_tenant_label_cap: int
     prometheus_multiproc_dir: str
@@ -477,6 +473,7 @@ class Settings:
     rate_limit_burst_seconds: float
     rate_limit_local_share: float
     rate_limit_fail_closed: bool
+    rate_limit_lease_seconds: float
     tenant_concurrency_wait_seconds: float
     audit_refusal_window_seconds: float
     audit_retention_interval_seconds: float
@@ -586,7 +583,6 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Settings:
         service=service,
         bind_host=GRPC_BIND_HOST.read(env),
         port=ports[service],
-        workers=WORKERS[service].read(env),
         metrics_port=METRICS_PORTS[service].read(env),
         metrics_tenant_label_cap=METRICS_TENANT_LABEL_CAP.read(env),
         prometheus_multiproc_dir=PROMETHEUS_MULTIPROC_DIR.read(env),
@@ -618,6 +614,7 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Settings:
         rate_limit_burst_seconds=RATE_LIMIT_BURST_SECONDS.read(env),
         rate_limit_local_share=RATE_LIMIT_LOCAL_SHARE.read(env),
         rate_limit_fail_closed=RATE_LIMIT_FAIL_CLOSED.read(env),
+        rate_limit_lease_seconds=RATE_LIMIT_LEASE_SECONDS.read(env),
         tenant_concurrency_wait_seconds=TENANT_CONCURRENCY_WAIT_SECONDS.read(env),
         audit_refusal_window_seconds=AUDIT_REFUSAL_WINDOW_SECONDS.read(env),
         canary_interval_seconds=CANARY_INTERVAL_SECONDS.read(env),

@@ -3,7 +3,9 @@
 :class:`RateLimitInterceptor` counts the call against the tenant's ``rpm_read`` or
 ``rpm_write`` (by the method's ``rate_class``), from the entitlements the entitlements link
 bound (``entitlements.py``); :func:`admit` is the count itself, which the cross-tenant link
-also uses for refused attempts.
+also uses for refused attempts. The limiter answers most of them without Redis: a tenant it
+has just refused is refused again until the wait Redis gave is over, and a high-rate
+tenant's calls are spent from leases (``ratelimit.py``); the refusal is the same either way.
 
 Calls of platform admins and platform services, and public calls, pass untouched: the
 limits are a tenant's, and the platform's own work must not be throttled by them.
