@@ -130,8 +130,9 @@ lint: $(GEN_STAMP)
 lock: $(STAMP)
 	$(PY) -m deploy.requirements_lock compile $(if $(UPGRADE),--upgrade)
 
+# BENCH_ARGS: e.g. '--quick --only isolation' while developing the bench (python -m tests.bench --help).
 bench: $(GEN_STAMP)
-	$(PY) -m tests.bench
+	$(PY) -m tests.bench $(BENCH_ARGS)
 
 # The billing export from the running platform's ListTenantUsage (see deploy/local/usage_report.py).
 usage-report: $(GEN_STAMP)

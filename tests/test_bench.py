@@ -1,6 +1,7 @@
 """The benchmark's own parts (``tests/bench``), proven without timing anything: figures are judged
-against their floors and written as JSON; the bare floor server answers GetSite as the sites
-service does; the flood generator stops by itself and accounts for every call it sent."""
+against their floors and written as JSON (and the README's table from it); the bare floor server
+answers GetSite as the sites service does; the flood generator stops by itself and accounts for
+every call it sent."""
 
 from __future__ import annotations
 
@@ -16,7 +17,15 @@ from towerco.sites.v1 import sites_service_pb2_grpc as pb_grpc
 
 from deploy.local.stack import Stack
 from tests.bench.own_processes import running, start, stop
-from tests.bench.results import Figure, Results, above_floor_at_most, at_most, ratio_at_least, ratio_at_most
+from tests.bench.results import (
+    Figure,
+    Results,
+    above_floor_at_most,
+    at_most,
+    markdown,
+    ratio_at_least,
+    ratio_at_most,
+)
 from tests.support import bearer, free_port
 from tests.support.requests import set_limit
 
@@ -53,6 +62,9 @@ def test_bench_figures_are_judged_against_their_floor_and_written_as_json(tmp_pa
     }
     assert rows["asyncpg alone"]["target"] is None and rows["asyncpg alone"]["verdict"] is None
     assert results.summary().endswith("3 of 5 targets met")
+    table = markdown(json.loads(path.read_text())).splitlines()
+    assert "| service p50 | 1.20 ms | 1 ms (bare) | 1.20x | <= 1.15x floor | MISS |" in table
+    assert len(table) == 2 + len(rows)
 
 
 def test_bench_bare_server_answers_get_site_as_the_sites_service_does(

@@ -187,6 +187,7 @@ def test_a_service_settings_field_is_the_declared_variable_of_its_name_or_a_name
         "service",
         "bind_host",
         "port",
+        "workers",
         "metrics_port",
         "db_acquire_timeout",
         "runtime_database_url",

@@ -141,10 +141,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _service_line(stack: Stack, name: str) -> str:
-    """A service's gRPC address and its Prometheus ``/metrics``."""
+    """A service's gRPC address, its workers and its Prometheus ``/metrics``."""
     metrics_port = stack.config.metrics_ports.get(name, 0)
     scraped = f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else "none (port 0)"
-    return f"  {name:<11} 127.0.0.1:{stack.config.ports[name]} (metrics {scraped})"
+    workers = stack.config.workers.get(name, 1)
+    processes = f"{workers} worker{'s' if workers > 1 else ''}"
+    return f"  {name:<11} 127.0.0.1:{stack.config.ports[name]} ({processes}, metrics {scraped})"
 
 
 def _banner(

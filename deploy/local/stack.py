@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import os
 import subprocess
 import sys
 import time
@@ -38,6 +39,7 @@ from services.runtime.settings import (
     PORTS,
     REDIS_URL,
     SERVICE_JWT_ISSUER,
+    WORKERS,
     gateway_secret,
 )
 from services.runtime.tls import GrpcTls
@@ -96,6 +98,7 @@ DEV_STACK_SETTINGS = SettingsTable.of(
     PG_PORT,
     REDIS_PORT,
     PORTS.values(),
+    WORKERS.values(),
     METRICS_PORTS.values(),
     GATEWAY_PORT,
     GATEWAY_ADMIN_PORT,
@@ -128,6 +131,8 @@ class StackConfig:
     fast: bool = False
     #: Extra environment for the service processes.
     env: dict[str, str] = field(default_factory=dict)
+    #: Worker processes of each service named (``<SERVICE>_WORKERS``); the others keep their own default (1).
+    workers: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, data_dir: Path, environ: Mapping[str, str] | None = None) -> StackConfig:
@@ -144,6 +149,10 @@ class StackConfig:
             gateway_port=GATEWAY_PORT.read(env),
             gateway_admin_port=GATEWAY_ADMIN_PORT.read(env),
             prometheus_port=PROMETHEUS_PORT.read(env),
+            # Every core serves: each service as many workers as the machine has, unless told.
+            workers={
+                name: setting.read(env) if setting.is_set(env) else machine_cores() for name, setting in WORKERS.items()
+            },
         )
 
 
@@ -225,6 +234,7 @@ class Stack:
         env.update(
             {"GATEWAY_PORT": str(self.config.gateway_port), "GATEWAY_ADMIN_PORT": str(self.config.gateway_admin_port)}
         )
+        env.update({WORKERS[name].name: str(count) for name, count in self.config.workers.items()})
         env.update(self.config.env)
         env.update(extra or {})
         return env
@@ -236,14 +246,16 @@ class Stack:
         log: IO[bytes] | None = None,
         extra_env: Mapping[str, str] | None = None,
         instance: str | None = None,
+        workers: int | None = None,
     ) -> subprocess.Popen[bytes]:
         """Start ``python -m services.<name>``; ``instance`` names a second copy of a service.
 
         A second copy serves no ``/metrics`` unless ``extra_env`` gives it a port: the first
-        holds the stack's.
+        holds the stack's. ``workers``: its ``<SERVICE>_WORKERS`` (default: the stack's).
         """
         metrics = {METRICS_PORTS[name].name: "0"} if instance not in (None, name) else {}
-        env = self.service_env({**metrics, **(extra_env or {})})
+        count = {} if workers is None else {WORKERS[name].name: str(workers)}
+        env = self.service_env({**metrics, **count, **(extra_env or {})})
         # wait_serving asks it as its callers will: over TLS if it serves TLS.
         self._tls[instance or name] = GrpcTls.from_env(env)
         process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
@@ -392,6 +404,11 @@ class Stack:
             stop_redis(self.config.data_dir / "redis")
         if self._embedded_pg:
             stop_postgres(self.config.data_dir / "pg")
+
+
+def machine_cores() -> int:
+    """The cores this process may run on (its CPU affinity, else the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _server_check(running_pid: Callable[[Path], int | None], data_dir: Path) -> Callable[[], str | None]:

@@ -21,11 +21,12 @@ from typing import Any, TextIO
 from google.protobuf import timestamp_pb2
 from towerco.features.v1 import feature_gate_service_pb2 as pb
 
+from services.runtime import usage
 from services.runtime.context import CANARY_TENANTS, PLATFORM_TENANT
 
 _MONTH = re.compile(r"(\d{4})-(0[1-9]|1[0-2])")
 #: Columns before the features': the month, who, on which plan, then the counters.
-COUNTERS = ("read_calls", "write_calls", "rate_limited", "plan_refused", "db_microseconds")
+COUNTERS = usage.COUNTERS
 #: Rows the report leaves out: not anyone's bill.
 NOT_BILLED = frozenset({PLATFORM_TENANT, *CANARY_TENANTS})
 #: The most a month's page holds (the feature gate caps pages by tenant-hours).

@@ -15,7 +15,7 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 from towerco.features.v1 import feature_gate_service_pb2 as pb
 
-from services.runtime import context
+from services.runtime import context, usage
 from services.runtime.db import Database
 from services.runtime.entitlements import EntitlementDirectory, Entitlements
 from services.runtime.held_resources import OWNERS, HeldResourceCounts
@@ -27,8 +27,8 @@ from . import queries
 from .usage_window import Window
 
 #: The counters of ``usage_hourly`` that are fields of UsageCounts; ``feature:<name>`` go to its map.
-PLAIN_COUNTERS = ("read_calls", "write_calls", "rate_limited", "plan_refused", "db_microseconds")
-FEATURE_PREFIX = "feature:"
+PLAIN_COUNTERS = usage.COUNTERS
+FEATURE_PREFIX = usage.FEATURE_PREFIX
 #: Never listed: the isolation canaries' sentinel rows are not usage.
 UNLISTED = tuple(context.CANARY_TENANTS)
 #: How many tenant-hours one page of ListTenantUsage sums at most: 100 tenants of a 31-day

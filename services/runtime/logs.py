@@ -3,8 +3,10 @@
 ``text`` (the default, for ``make run``) is one readable line per record; ``json`` (pods) one
 JSON object per line: ``ts``, ``level``, ``logger``, ``service``, ``message``, ``tenant``,
 ``request_id``, ``trace_id``, ``span_id``, any ``extra`` the record was given, and
-``exception``. Whatever looks like a JWT is replaced before a line is written, whoever
-logged it: tokens are never written by the code, and this makes sure of it.
+``exception``. A worker of a service run as several (``<SERVICE>_WORKERS``) says which it is:
+``sites/1`` in text, ``"worker": 1`` in JSON, since the workers share one output. Whatever
+looks like a JWT is replaced before a line is written, whoever logged it: tokens are never
+written by the code, and this makes sure of it.
 
 Outages of a dependency are logged once (:class:`Outage`).
 """
@@ -65,9 +67,10 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
-    def __init__(self, service: str) -> None:
+    def __init__(self, service: str, worker: int | None = None) -> None:
         super().__init__()
         self._service = service
+        self._worker = {} if worker is None else {"worker": worker}
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -80,6 +83,7 @@ class JsonFormatter(logging.Formatter):
             "request_id": getattr(record, "request_id", "-"),
             "trace_id": getattr(record, "trace_id", "-"),
             "span_id": getattr(record, "span_id", "-"),
+            **self._worker,
         }
         for key, value in vars(record).items():
             if key not in _STANDARD and key not in line:
@@ -91,11 +95,14 @@ class JsonFormatter(logging.Formatter):
         return redact(json.dumps(line, default=str, ensure_ascii=False))
 
 
-def configure(service: str, level: str, log_format: str = "text") -> None:
-    """Log to stderr in ``log_format`` (one of :data:`FORMATS`) at ``level``."""
+def configure(service: str, level: str, log_format: str = "text", worker: int | None = None) -> None:
+    """Log to stderr in ``log_format`` (one of :data:`FORMATS`) at ``level``; ``worker``: which worker this is."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_ContextFilter())
-    handler.setFormatter(JsonFormatter(service) if log_format == "json" else TextFormatter(service))
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter(service, worker))
+    else:
+        handler.setFormatter(TextFormatter(service if worker is None else f"{service}/{worker}"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -18,7 +18,15 @@ from typing import Any
 DEFAULT_PLANS_FILE = Path(__file__).resolve().parents[1] / "features" / "plans.toml"
 
 #: Every limit a plan and an entitlement carry; -1 means unlimited.
-LIMITS = ("max_sites", "max_users", "rpm_read", "rpm_write", "db_concurrency", "audit_retention_days")
+LIMITS = (
+    "max_sites",
+    "max_users",
+    "rpm_read",
+    "rpm_write",
+    "db_concurrency",
+    "audit_retention_days",
+    "call_concurrency",
+)
 UNLIMITED = -1
 FEATURE_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 PLAN_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")

@@ -5,6 +5,9 @@ the isolation guard, build the interceptor chain from the declared policies, reg
 the servicer, health and reflection, and serve until SIGTERM/SIGINT. Shutdown marks
 health NOT_SERVING, refuses new calls UNAVAILABLE (interceptors/shutdown.py), drains
 in-flight calls within the grace period, stops the server, then closes the pool.
+
+With ``<SERVICE>_WORKERS`` above 1, ``main`` checks the ports and migrates once, then runs
+several such processes on the one port (services/runtime/workers.py).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from .settings import Settings, SettingsError, load, migration_target
 from .tenant_cache import CHANNEL as TENANT_CHANNEL
 from .tenant_cache import TenantCache
 from .tenants import RegistryStateSource, StateSource, TenantDirectory
+from .workers import WorkerRole, run_workers
 
 log = logging.getLogger("towerco.server")
 
@@ -181,8 +185,15 @@ def make_verifier(settings: Settings) -> TokenVerifier:
 
 
 def build_server(
-    spec: ServiceSpec, runtime: Runtime, policies: PolicyTable, limiter: RateLimiter, refusals: RefusalAudit
+    spec: ServiceSpec,
+    runtime: Runtime,
+    policies: PolicyTable,
+    limiter: RateLimiter,
+    refusals: RefusalAudit,
+    *,
+    reuse_port: bool = False,
 ) -> tuple[aio.Server, HealthServicer, ShutdownGate]:
+    """The gRPC server; ``reuse_port``: a worker's, sharing the port with its siblings (SO_REUSEPORT)."""
     settings = runtime.settings
     gate = ShutdownGate(policies)
     chain = server_chain(
@@ -193,7 +204,7 @@ def build_server(
         interceptors=chain,
         options=[
             ("grpc.max_receive_message_length", 4 * 1024 * 1024),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", int(reuse_port)),
             # Room for an oversized token to reach the authentication link and be refused
             # there as UNAUTHENTICATED, rather than by the transport at random.
             ("grpc.max_metadata_size", 32 * 1024),
@@ -278,28 +289,43 @@ async def _check_isolation_at(dsn: str, spec: ServiceSpec, settings: Settings) -
         await conn.close()
 
 
-async def serve(spec: ServiceSpec) -> None:
-    settings = load(spec.name)
-    logs.configure(spec.name, settings.log_level, settings.log_format)
-    tracing.configure(spec.name, settings.otel_exporter_otlp_endpoint, settings.otel_bsp_schedule_delay)
+def check_ports(spec: ServiceSpec, settings: Settings) -> None:
+    """ListenError unless the service's gRPC and metrics ports are free (see :func:`check_port_free`)."""
     check_port_free(settings.bind_host, settings.port, f"{spec.name.upper()}_PORT")
     if settings.metrics_port:
         check_port_free(settings.bind_host, settings.metrics_port, f"{spec.name.upper()}_METRICS_PORT")
+
+
+async def migrate_on_start(spec: ServiceSpec, settings: Settings) -> None:
+    """``MIGRATE_ON_START``: apply the pending migrations (once per service, not per worker)."""
+    if settings.migrate_on_start:
+        applied = await run_migrations(spec, settings)
+        if applied:
+            log.info("migrations applied: %s", applied)
+
+
+async def serve(spec: ServiceSpec, role: WorkerRole | None = None) -> None:
+    """Serve until SIGTERM/SIGINT; ``role``: as one of several workers, whose parent checked and migrated."""
+    settings = load(spec.name)
+    logs.configure(spec.name, settings.log_level, settings.log_format, None if role is None else role.index)
+    tracing.configure(spec.name, settings.otel_exporter_otlp_endpoint, settings.otel_bsp_schedule_delay)
+    if role is None:
+        check_ports(spec, settings)
     metrics.configure(spec.name, settings.metrics_tenant_label_cap)
     channels.configure(settings.grpc_tls)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if role is not None:
+        role.watch_parent(loop, stop)
 
     policies = PolicyTable.from_services(spec.services)  # static: fail before touching anything
     if not settings.gateway_secret:
         log.warning("GATEWAY_SECRET is not set: the audit log records the gateway's address, not its clients'")
     plans = load_plans(settings.plans_file)
-    if settings.migrate_on_start:
-        applied = await run_migrations(spec, settings)
-        if applied:
-            log.info("migrations applied: %s", applied)
+    if role is None:
+        await migrate_on_start(spec, settings)
     read_dsn = await _guard_isolation(spec, settings)
     db = await Database.connect(
         settings.runtime_database_url,
@@ -366,7 +392,7 @@ async def serve(spec: ServiceSpec) -> None:
         await refusals.start()
         if not (await cache.wait_listening(5.0) and await entitlement_cache.wait_listening(1.0)):
             log.warning("not subscribed to tenant changes yet (Redis unreachable?); serving anyway")
-        server, health, gate = build_server(spec, runtime, policies, limiter, refusals)
+        server, health, gate = build_server(spec, runtime, policies, limiter, refusals, reuse_port=role is not None)
         # One writer of the health check: readiness needs the database and no isolation breach.
         state = HealthState(health, spec.name, [s.full_name for s in spec.services])
         canary = IsolationCanary(db, spec.schema, spec.sentinels, settings.canary_interval_seconds, state.isolation)
@@ -388,11 +414,12 @@ async def serve(spec: ServiceSpec) -> None:
         canary.start()
         probe.start()
         log.info(
-            "%s serving on %s:%d%s",
+            "%s serving on %s:%d%s%s",
             spec.name,
             settings.bind_host,
             settings.port,
             " (TLS)" if settings.grpc_tls.serves_tls else "",
+            "" if role is None else f" as worker {role.index}, pid {os.getpid()}",
         )
 
         await stop.wait()
@@ -473,18 +500,38 @@ async def migrate_only(spec: ServiceSpec) -> None:
     log.info("%s migrations applied: %s", spec.name, applied or "none (up to date)")
 
 
+async def serve_or_run_workers(spec: ServiceSpec) -> int:
+    """Serve in this process, or, with ``<SERVICE>_WORKERS`` above 1, as the parent of that many."""
+    settings = load(spec.name)
+    if settings.workers == 1:
+        await serve(spec)
+        return 0
+    logs.configure(spec.name, settings.log_level, settings.log_format)
+    check_ports(spec, settings)
+    await migrate_on_start(spec, settings)
+    return await run_workers(settings)
+
+
 def main(spec: ServiceSpec) -> None:
     """Entry point of ``python -m services.<name> [migrate]``.
 
-    Without arguments: serve. With ``migrate``: apply pending migrations and exit (the
-    release Job of a deployment, run with ``MIGRATION_DATABASE_URL``, the owner's DSN, and
-    the service's ``<SERVICE>_DATABASE_URL``, whose password the runtime role is given).
+    Without arguments: serve (as ``<SERVICE>_WORKERS`` processes). With ``migrate``: apply
+    pending migrations and exit (the release Job of a deployment, run with
+    ``MIGRATION_DATABASE_URL``, the owner's DSN, and the service's ``<SERVICE>_DATABASE_URL``,
+    whose password the runtime role is given). ``worker <index> <fd>`` is how the parent of
+    several workers starts each (services/runtime/workers.py), not for operators.
     """
     args = sys.argv[1:]
-    if args not in ([], ["migrate"]):
+    role = WorkerRole.from_args(args)
+    if args not in ([], ["migrate"]) and role is None:
         sys.exit(f"usage: python -m services.{spec.name} [migrate]")
     try:
-        asyncio.run(migrate_only(spec) if args else serve(spec))
+        if role is not None:
+            asyncio.run(serve(spec, role))
+        elif args:
+            asyncio.run(migrate_only(spec))
+        else:
+            sys.exit(asyncio.run(serve_or_run_workers(spec)))
     except STARTUP_ERRORS as exc:
         # A refusal to start is an operator's message, not a traceback.
         logging.getLogger("towerco.server").critical("%s refused to start: %s", spec.name, exc)

@@ -84,6 +84,18 @@ PORTS: dict[str, Setting[int]] = {
     name: integer(f"{name.upper()}_PORT", port, "gRPC ports of the services") for name, port in DEFAULT_PORTS.items()
 }
 GRPC_BIND_HOST = text("GRPC_BIND_HOST", "127.0.0.1", "where the services listen: set `0.0.0.0` in a pod")
+WORKERS: dict[str, Setting[int]] = {
+    name: integer(
+        f"{name.upper()}_WORKERS",
+        1,
+        "worker processes of each service, sharing its gRPC port (SO_REUSEPORT: the kernel spreads connections, not "
+        "calls) and its `/metrics` (summed); above 1 a parent process starts them, forwards SIGTERM and stops them all "
+        "when one dies (README: Processes and limits). Pods keep 1: replicas scale instead",
+        minimum=1,
+        shown="`1`; `make run`: the machine's cores",
+    )
+    for name in DEFAULT_PORTS
+}
 METRICS_PORTS: dict[str, Setting[int]] = {
     name: integer(
         f"{name.upper()}_METRICS_PORT",
@@ -365,6 +377,7 @@ SERVICE_SETTINGS = SettingsTable.of(
     REDIS_URL,
     PORTS.values(),
     GRPC_BIND_HOST,
+    WORKERS.values(),
     METRICS_PORTS.values(),
     METRICS_TENANT_LABEL_CAP,
     PROMETHEUS_MULTIPROC_DIR,
@@ -429,14 +442,16 @@ class Settings:
 
     A field holds the variable declared above under its name in capitals, whose declaration
     says what it means; except ``service`` (load's argument), ``bind_host``
-    (``GRPC_BIND_HOST``), ``port`` (the service's ``<SERVICE>_PORT``),
-    ``metrics_port`` (its ``<SERVICE>_METRICS_PORT``), ``db_acquire_timeout``
+    (``GRPC_BIND_HOST``), ``port`` (the service's ``<SERVICE>_PORT``), ``workers`` (its
+    ``<SERVICE>_WORKERS``), ``metrics_port`` (its ``<SERVICE>_METRICS_PORT``), ``db_acquire_timeout``
     (``DB_ACQUIRE_TIMEOUT_SECONDS``) and the fields that say where they come from.
     """
 
     service: str
     bind_host: str
     port: int
+    #: The service's ``<SERVICE>_WORKERS``.
+    workers: int
     metrics_port: int
     metrics_tenant_label_cap: int
     prometheus_multiproc_dir: str
@@ -583,6 +598,7 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Settings:
         service=service,
         bind_host=GRPC_BIND_HOST.read(env),
         port=ports[service],
+        workers=WORKERS[service].read(env),
         metrics_port=METRICS_PORTS[service].read(env),
         metrics_tenant_label_cap=METRICS_TENANT_LABEL_CAP.read(env),
         prometheus_multiproc_dir=PROMETHEUS_MULTIPROC_DIR.read(env),

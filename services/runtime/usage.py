@@ -2,7 +2,7 @@
 
 Every service process has one :class:`UsageMeter` (:func:`active`). A call of a tenant's
 user adds to its counters, by tenant, UTC hour and counter (``read_calls``,
-``write_calls``, ``rate_limited``, ``plan_refused``, ``db_microseconds``,
+``write_calls``, ``rate_limited``, ``plan_refused``, ``calls_limited``, ``db_microseconds``,
 ``feature:<name>``): a dict increment, no I/O. Every ``USAGE_FLUSH_SECONDS``, and once
 more on a graceful stop, the counts so far become one batch per tenant with a ``flush_id``
 made once; the batches are handed to the feature gate (``TenantUsageService.RecordUsage``,
@@ -37,17 +37,20 @@ READ_CALLS = "read_calls"
 WRITE_CALLS = "write_calls"
 RATE_LIMITED = "rate_limited"
 PLAN_REFUSED = "plan_refused"
+#: Refused over the tenant's ``call_concurrency`` (too many calls in flight in one process).
+CALLS_LIMITED = "calls_limited"
 DB_MICROSECONDS = "db_microseconds"
 #: ``feature:<name>``: calls of an RPC whose policy names that gated feature.
 FEATURE_PREFIX = "feature:"
 #: The counters every tenant may have, besides one ``feature:<name>`` per gated feature.
-COUNTERS = (READ_CALLS, WRITE_CALLS, RATE_LIMITED, PLAN_REFUSED, DB_MICROSECONDS)
+COUNTERS = (READ_CALLS, WRITE_CALLS, RATE_LIMITED, PLAN_REFUSED, DB_MICROSECONDS, CALLS_LIMITED)
 #: Which refusals are counted, and as what. A call refused so did not use its feature.
 REFUSALS: dict[str, str] = {
     error_catalogue.name(ErrorReason.RATE_LIMITED): RATE_LIMITED,
     error_catalogue.name(ErrorReason.FEATURE_NOT_IN_PLAN): PLAN_REFUSED,
     error_catalogue.name(ErrorReason.FEATURE_WITHHELD_BY_OVERRIDE): PLAN_REFUSED,
     error_catalogue.name(ErrorReason.QUOTA_EXCEEDED): PLAN_REFUSED,
+    error_catalogue.name(ErrorReason.TENANT_CALLS_LIMIT): CALLS_LIMITED,
 }
 #: Tenants whose use no one is billed for.
 NOT_METERED = frozenset({context.PLATFORM_TENANT, *context.CANARY_TENANTS})

@@ -14,6 +14,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -158,3 +159,20 @@ def _commit() -> str:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return ""
+
+
+def markdown(document: dict[str, Any]) -> str:
+    """A written run (``bench-results.json``) as the README's table: each figure beside its floor and target."""
+    lines = [
+        "| measurement | figure | floor (same run) | ratio | target | |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in document["figures"]:
+        floor = f"{_number(row['floor'])} {row['unit']} ({row['floor_name']})" if row["floor"] is not None else ""
+        ratio = f"{row['ratio']:.2f}x" if row["ratio"] is not None else ""
+        note = f" ({row['note']})" if row["note"] else ""
+        figure = f"{_number(row['value'])} {row['unit']}{note}"
+        lines.append(
+            f"| {row['name']} | {figure} | {floor} | {ratio} | {row['target'] or ''} | {row['verdict'] or ''} |"
+        )
+    return "\n".join(lines)

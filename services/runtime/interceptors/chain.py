@@ -14,6 +14,7 @@ from ..tenants import TenantDirectory
 from .authentication import AuthenticationInterceptor
 from .authorization import AuthorizationInterceptor
 from .base import PolicyInterceptor
+from .call_concurrency import CallConcurrencyInterceptor
 from .call_metrics import CallMetricsInterceptor
 from .cross_tenant import CrossTenantInterceptor
 from .entitlements import EntitlementsInterceptor
@@ -51,6 +52,7 @@ def server_chain(
         CrossTenantInterceptor(policies, entitlements, limiter),  # another tenant named: counted, refused, audited
         AuthorizationInterceptor(policies),  # with which permission (internal: services only)
         EntitlementsInterceptor(policies, entitlements),  # does the plan include it; DB connections it may hold
+        CallConcurrencyInterceptor(policies),  # within its call_concurrency in flight here (or refused at once)
         RateLimitInterceptor(policies, limiter),  # within rpm_read / rpm_write (refusals remembered, leases)
         RequestTextInterceptor(policies),  # no NUL in any string field, display names clean
     ]
