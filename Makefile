@@ -11,7 +11,7 @@ GEN_STAMP := $(GEN)/.stamp
 
 export DATA_DIR ?= $(CURDIR)/.data
 
-.PHONY: help install proto keys certs migrate run stop token test test-unit lint bench clean web gateway-config settings-doc usage-report lock
+.PHONY: help install proto keys certs migrate run stop token test test-unit lint bench clean web gateway-config settings-doc usage-report lock tenant-export tenant-import
 
 help:
 	@echo "make run      start PostgreSQL, Redis, every service and the Envoy gateway (Ctrl-C stops all)"
@@ -19,6 +19,8 @@ help:
 	@echo "make test-unit  only the tests that start no server or process (seconds)"
 	@echo "make token    print a dev JWT: TENANT=tenant_a ROLE=admin PERMS=a,b TTL=3600"
 	@echo "make usage-report MONTH=2026-11 [OUT=usage.csv]  a month's usage per tenant as CSV (billing)"
+	@echo "make tenant-export TENANT=x [FILE=x.tenant-export.jsonl]  one tenant's rows of every service, one file"
+	@echo "make tenant-import FILE=... [TENANT=newid]  restore an export into an unused tenant id (all or nothing)"
 	@echo "make lock     requirements*.lock from pyproject.toml, hashes pinned (UPGRADE=1: newest versions)"
 	@echo "make certs    a self-signed CA and server pair in DATA_DIR/tls: make run then serves the gateway over TLS"
 	@echo "make proto | web | gateway-config | settings-doc | migrate | lint | bench | stop | clean"
@@ -137,6 +139,14 @@ bench: $(GEN_STAMP)
 # The billing export from the running platform's ListTenantUsage (see deploy/local/usage_report.py).
 usage-report: $(GEN_STAMP)
 	@$(PY) -m deploy.local usage-report --month "$(MONTH)" --out "$(or $(OUT),-)"
+
+# One tenant to a file and back (deploy/local/tenant_transfer.py): the dev stack's database unless
+# DATABASE_URL names another; an import refuses a damaged file, a broken audit chain, a used tenant id.
+tenant-export: $(GEN_STAMP)
+	@$(PY) -m deploy.local tenant-export --tenant "$(TENANT)" $(if $(FILE),--out "$(FILE)")
+
+tenant-import: $(GEN_STAMP)
+	@$(PY) -m deploy.local tenant-import --file "$(FILE)" $(if $(TENANT),--tenant "$(TENANT)")
 
 clean:
 	rm -rf $(GEN) $(VENV)

@@ -24,6 +24,7 @@ from .prometheus import prometheus_binary
 from .seed import SeedReport, seed_demo
 from .stack import Stack, StackConfig, available_services
 from .supervisor import Supervisor
+from .tenant_commands import add_tenant_commands
 from .tokens import ensure_keys, mint
 from .usage_report import MonthError
 from .usage_report import run as usage_report
@@ -247,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.add_argument("--target", default="", help="the feature gate host:port; default: the dev stack's")
     report.add_argument("--token", default="", help="a platform admin token; default: minted from the dev keys")
     report.set_defaults(func=cmd_usage_report)
+    add_tenant_commands(sub)
     args = parser.parse_args(argv)
     result: int = args.func(args)
     return result

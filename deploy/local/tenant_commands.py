@@ -1,0 +1,151 @@
+"""``python -m deploy.local tenant-export | tenant-import``: the commands behind ``make tenant-export/-import``.
+
+By default they use the dev stack's database and Redis (``DATABASE_URL`` / ``REDIS_URL``,
+else the embedded servers of ``DATA_DIR``) and its settings key; elsewhere pass
+``--database-url`` (the cell's administrative DSN) and ``--redis-url``, with
+``SETTINGS_ENCRYPTION_KEYS`` set as the registry's. See ``tenant_transfer.py`` for what
+each does and refuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from redis.exceptions import RedisError
+
+from services.runtime.environment import SettingsError, process_environment
+from services.runtime.redis_clients import RedisConfig
+from services.runtime.settings import data_dir
+from services.runtime.tenant_cache import TenantCache
+from services.tenant.secrets import SecretBox, load_secret_box
+
+from .stack import DATABASE, StackConfig
+from .tenant_archive import ArchiveError, dump, load
+from .tenant_transfer import TransferError, export_tenant, import_tenant, publish_tenant, record_export
+
+#: How long the import waits for Redis to take the tenant's announcement before it says so.
+PUBLISH_SECONDS = 5.0
+
+
+def _dev_database_url() -> str:
+    config = StackConfig.from_env(data_dir())
+    return config.database_url or f"postgresql://postgres@127.0.0.1:{config.pg_port}/{DATABASE}"
+
+
+def _dev_redis_url() -> str:
+    config = StackConfig.from_env(data_dir())
+    return config.redis_url or f"redis://127.0.0.1:{config.redis_port}/0"
+
+
+async def export_to_file(database_url: str, tenant_id: str, out: Path) -> tuple[int, str]:
+    """Write ``tenant_id``'s export to ``out`` (complete or not at all); (rows, sha256)."""
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(database_url)
+    try:
+        archive = await export_tenant(conn, tenant_id)
+        await asyncio.to_thread(_write_whole, out, dump(archive))
+        await record_export(conn, archive, out.name)
+    finally:
+        await conn.close()
+    return archive.row_count, archive.sha256
+
+
+def _write_whole(out: Path, data: bytes) -> None:
+    partial = out.with_name(f".{out.name}.partial")
+    partial.write_bytes(data)
+    os.replace(partial, out)  # a reader never sees half a file
+
+
+async def import_from_file(
+    database_url: str, redis_url: str, data: bytes, target: str, box: SecretBox
+) -> tuple[dict[str, int], str]:
+    """Import the export ``data`` as tenant ``target`` (the file's own id when empty).
+
+    Returns the rows written per table, and what became of telling the caches ("" when told).
+    """
+    archive = load(data)
+    target = target or archive.tenant_id
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(database_url)
+    try:
+        written = await import_tenant(conn, archive, target, box)
+        untold = await _announce(conn, redis_url, target) if redis_url else "no Redis given"
+    finally:
+        await conn.close()
+    return written, untold
+
+
+async def _announce(conn: asyncpg.Connection[Any], redis_url: str, tenant_id: str) -> str:
+    """Publish the imported tenant to the services' caches; why not, if it could not be."""
+    cache = TenantCache(
+        RedisConfig(redis_url, timeout_seconds=1.0, client_name="towerco-tenant-import"), local_seconds=0
+    )
+    try:
+        await asyncio.wait_for(publish_tenant(conn, cache, tenant_id), PUBLISH_SECONDS)
+    except (TimeoutError, RedisError, OSError) as exc:
+        return f"Redis did not take the announcement ({exc or type(exc).__name__})"
+    finally:
+        await cache.close()
+    return ""
+
+
+def cmd_tenant_export(args: argparse.Namespace) -> int:
+    out = Path(args.out or f"{args.tenant}.tenant-export.jsonl")
+    try:
+        rows, digest = asyncio.run(export_to_file(args.database_url or _dev_database_url(), args.tenant, out))
+    except TransferError as exc:
+        print(f"make tenant-export: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, asyncpg.PostgresError) as exc:
+        print(f"make tenant-export: the database could not be read or the file written: {exc}", file=sys.stderr)
+        return 2
+    print(f"tenant {args.tenant}: {rows} rows -> {out} (sha256 {digest})", file=sys.stderr)
+    return 0
+
+
+def cmd_tenant_import(args: argparse.Namespace) -> int:
+    database_url = args.database_url or _dev_database_url()
+    redis_url = _dev_redis_url() if args.redis_url is None else args.redis_url
+    try:
+        data = Path(args.file).read_bytes()
+    except OSError as exc:
+        print(f"make tenant-import: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
+        return 2
+    try:
+        box = load_secret_box(process_environment())
+        written, untold = asyncio.run(import_from_file(database_url, redis_url, data, args.tenant, box))
+    except (ArchiveError, TransferError, SettingsError) as exc:
+        print(f"make tenant-import: {args.file}: {exc}; nothing was imported", file=sys.stderr)
+        return 1
+    except (OSError, asyncpg.PostgresError) as exc:
+        print(f"make tenant-import: the database could not be reached ({exc}); nothing was imported", file=sys.stderr)
+        return 2
+    total = sum(written.values())
+    tables = ", ".join(f"{table} {count}" for table, count in written.items())
+    print(f"imported {total} rows from {args.file}: {tables}", file=sys.stderr)
+    if untold:
+        print(
+            f"the services' tenant caches were not told: {untold}. A service that looked the id up before the "
+            "import may answer it is unknown until its cached answer expires (TENANT_CACHE_SECONDS; an hour in Redis)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def add_tenant_commands(sub: Any) -> None:
+    """The two subcommands, on ``python -m deploy.local``'s parser."""
+    export = sub.add_parser("tenant-export", help="write one tenant's rows of every service to one file")
+    export.add_argument("--tenant", required=True)
+    export.add_argument("--out", default="", help="the file; default <tenant>.tenant-export.jsonl")
+    export.add_argument("--database-url", default="", help="the cell's administrative DSN; default: the dev stack's")
+    export.set_defaults(func=cmd_tenant_export)
+    restore = sub.add_parser("tenant-import", help="restore a tenant export into an unused tenant id")
+    restore.add_argument("--file", required=True)
+    restore.add_argument("--tenant", default="", help="the tenant id to create; default: the file's own")
+    restore.add_argument("--database-url", default="", help="the cell's administrative DSN; default: the dev stack's")
+    restore.add_argument("--redis-url", default=None, help="where the tenant caches are; '' to skip; default: dev's")
+    restore.set_defaults(func=cmd_tenant_import)
