@@ -1,30 +1,44 @@
-"""Growth: GetSite and ListSites p99 for one tenant with a handful of tenants' sites in the table,
-then with 10,000 more tenants holding 1,000,000 sites between them (target: within 1.3x).
+"""Growth: GetSite and ListSites p99 for one tenant with a handful of tenants in the platform,
+then with 10,000 more tenants holding 1,000,000 sites between them (target: within 1.3x), and
+what those tenants' state costs the sites process in memory.
 
-The rows go in as the database's administrator in one INSERT ... SELECT (no service would
-create a million sites in a bench's minute), then ANALYZE, as autovacuum would after such a
-load. The same calls of ``bench_tenant`` are measured before and after, each as a few
-hundred calls in alternating rounds of GetSite and ListSites.
+The tenants and their sites go in as the database's administrator, each in one INSERT ...
+SELECT (the registry's rows as CreateTenant leaves an ACTIVE tenant on the enterprise plan; no
+service would create them in a bench's minute), then ANALYZE, as autovacuum would after such a
+load. Then each new tenant's user calls ListSites once (32 at a time), so the sites process
+holds what a busy process holds for 10,000 tenants: their states and entitlements, token
+verifications, rate and usage counters, metrics series. Its resident memory (``VmRSS``) before
+and after is the memory figure. The same calls of ``bench_tenant`` are measured before and
+after, each as a few hundred calls in alternating rounds of GetSite and ListSites.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import asyncpg
+from grpc import aio
 from towerco.sites.v1 import sites_service_pb2 as pb
+from towerco.sites.v1 import sites_service_pb2_grpc as pb_grpc
+
+from deploy.local.tokens import mint
 
 from .bench_stack import BenchStack
 from .latency import GET, site_stub
 from .results import Figure, Results, ratio_at_most
 from .timing import interleaved, ms, percentile, sequential
 
-TENANTS = 10_000
 LIST = pb.ListSitesRequest(page_size=50)
 
-_GROW = """
+_TENANTS = """
+INSERT INTO tenant.tenants (tenant_id, display_name, state, plan, admin_email)
+SELECT 'grow_' || lpad(g::text, 5, '0'), 'Grown tenant ' || g, 'STATE_ACTIVE', 'enterprise', 'admin@operator.example'
+FROM generate_series(0, $1 - 1) AS g
+"""
+_SITES = """
 INSERT INTO sites.sites (tenant_id, site_id, name, location, configuration)
 SELECT 'grow_' || lpad((g % $2)::text, 5, '0'), 'S-' || lpad(g::text, 7, '0'), 'Grown site ' || g,
        jsonb_build_object('latitude', -1.28, 'longitude', 36.82, 'address', 'Plot ' || g,
@@ -34,15 +48,52 @@ FROM generate_series(1, $1) AS g
 """
 
 
-async def _grow(admin_dsn: str, sites: int) -> float:
+def grown_tenant(index: int) -> str:
+    return f"grow_{index:05d}"
+
+
+async def _grow(admin_dsn: str, tenants: int, sites: int) -> float:
     conn: asyncpg.Connection[Any] = await asyncpg.connect(admin_dsn)
     try:
         start = time.perf_counter()
-        await conn.execute(_GROW, sites, TENANTS)
-        await conn.execute("ANALYZE sites.sites")
+        await conn.execute(_TENANTS, tenants)
+        await conn.execute(_SITES, sites, tenants)
+        await conn.execute("ANALYZE tenant.tenants; ANALYZE sites.sites")
         return time.perf_counter() - start
     finally:
         await conn.close()
+
+
+async def _call_once_each(target: str, tokens: list[str]) -> int:
+    """Each token's ListSites once, 32 at a time; the count of failed calls."""
+    failed = 0
+    queue = iter(tokens)
+    async with aio.insecure_channel(target) as channel:
+        stub = pb_grpc.SiteServiceStub(channel)
+
+        async def client() -> None:
+            nonlocal failed
+            for token in queue:
+                try:
+                    await stub.ListSites(LIST, metadata=(("authorization", f"Bearer {token}"),), timeout=10)
+                except aio.AioRpcError:
+                    failed += 1
+
+        await asyncio.gather(*(client() for _ in range(32)))
+    return failed
+
+
+def resident_bytes(pid: int) -> int:
+    """``VmRSS`` of ``pid`` and its children (worker processes, if any)."""
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        pids += [int(child) for child in (task / "children").read_text().split()]
+    total = 0
+    for each in pids:
+        for line in Path(f"/proc/{each}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) * 1024
+    return total
 
 
 def _p99s(bench: BenchStack, samples: int) -> dict[str, float]:
@@ -55,13 +106,22 @@ def _p99s(bench: BenchStack, samples: int) -> dict[str, float]:
         return {name: ms(percentile(s, 0.99)) for name, s in interleaved(rounds, samples, 100).items()}
 
 
-def bench_growth(bench: BenchStack, results: Results, samples: int, sites: int) -> None:
-    results.section(f"Growth: {TENANTS:,} more tenants holding {sites:,} sites")
+def bench_growth(bench: BenchStack, results: Results, samples: int, tenants: int, sites: int) -> None:
+    results.section(f"Growth: {tenants:,} more tenants holding {sites:,} sites")
     small = _p99s(bench, samples)
-    took = asyncio.run(_grow(bench.stack.database_url, sites))
-    results.add(Figure(f"growth: {sites:,} sites inserted and analysed", took, "s"))
+    sites_pid = bench.stack.processes["sites"].pid
+    before = resident_bytes(sites_pid)
+    took = asyncio.run(_grow(bench.stack.database_url, tenants, sites))
+    results.add(Figure(f"growth: {tenants:,} tenants and {sites:,} sites inserted, analysed", took, "s"))
+    tokens = [mint(bench.stack.keys_dir, tenant=grown_tenant(i)) for i in range(tenants)]
+    failed = asyncio.run(_call_once_each(bench.sites, tokens))
+    grown_bytes = resident_bytes(sites_pid) - before
+    note = f"{grown_bytes / tenants:.0f} B per tenant; {failed} of {tenants:,} first calls failed"
+    results.add(
+        Figure(f"sites process memory grown by {tenants:,} tenants' first calls", grown_bytes / 2**20, "MiB", note=note)
+    )
     grown = _p99s(bench, samples)
     for name in small:
-        results.add(Figure(f"{name} p99: a few tenants' sites", small[name], "ms"))
-        figure = f"{name} p99: {TENANTS:,} tenants, {sites:,} sites"
+        results.add(Figure(f"{name} p99: a few tenants", small[name], "ms"))
+        figure = f"{name} p99: {tenants:,} more tenants, {sites:,} sites"
         results.add(Figure(figure, grown[name], "ms", small[name], "a few tenants", ratio_at_most(1.3)))
