@@ -79,6 +79,19 @@ local function each_field(bytes, visit)
   return true
 end
 
+-- Fields 1 and 2 of a message: an Any's type and value, a map entry's key and value.
+local function first_two(bytes)
+  local first, second = nil, nil
+  each_field(bytes, function(number, value)
+    if number == 1 then
+      first = value
+    elseif number == 2 then
+      second = value
+    end
+  end)
+  return first, second
+end
+
 local function varint(n)
   local out = {}
   repeat
@@ -108,15 +121,8 @@ local function rate_limited(status)
     if number == 2 then
       message = value
     elseif number == 3 then
-      local type_url, packed = nil, ""
-      each_field(value, function(n, v)
-        if n == 1 then
-          type_url = v
-        elseif n == 2 then
-          packed = v
-        end
-      end)
-      if type_url ~= BOX.error_info_type then
+      local type_url, packed = first_two(value)
+      if type_url ~= BOX.error_info_type or packed == nil then
         return
       end
       local reason, found = nil, nil
@@ -124,14 +130,7 @@ local function rate_limited(status)
         if n == 1 then
           reason = v
         elseif n == 3 then
-          local key, val = nil, nil
-          each_field(v, function(k, x)
-            if k == 1 then
-              key = x
-            elseif k == 2 then
-              val = x
-            end
-          end)
+          local key, val = first_two(v)
           if key == BOX.limit_key then
             found = val
           end
