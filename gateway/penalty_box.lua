@@ -185,8 +185,9 @@ function envoy_on_request(handle)
   end
   local key = tenant .. " " .. limit
   local entry = box[key]
+  local now = handle:timestamp()
   if entry ~= nil then
-    local wait_ms = entry.until_ms - handle:timestamp()
+    local wait_ms = entry.until_ms - now
     if wait_ms > 0 then
       refuse(handle, entry, wait_ms)
       return
@@ -197,6 +198,7 @@ function envoy_on_request(handle)
   local metadata = handle:streamInfo():dynamicMetadata()
   metadata:set(BOX.namespace, "key", key)
   metadata:set(BOX.namespace, "limit", limit)
+  metadata:set(BOX.namespace, "sent_ms", now)
 end
 
 function envoy_on_response(handle)
@@ -215,15 +217,17 @@ function envoy_on_response(handle)
   if message == nil or limit ~= call["limit"] then
     return
   end
-  local now = handle:timestamp()
   if box[call["key"]] == nil then
     if entries >= BOX.max_entries then
-      sweep(now)
+      sweep(handle:timestamp())
       if entries >= BOX.max_entries then
         return
       end
     end
     entries = entries + 1
   end
-  box[call["key"]] = { until_ms = now + math.min(math.floor(wait_ms), BOX.max_wait_ms), message = message, info = info }
+  -- The wait counts from when the call left here, before the service asked Redis: never later
+  -- than the moment Redis admits the next call.
+  local until_ms = call["sent_ms"] + math.min(math.floor(wait_ms), BOX.max_wait_ms)
+  box[call["key"]] = { until_ms = until_ms, message = message, info = info }
 end
