@@ -95,6 +95,8 @@ LEFT_OUT = {
 
 EXPORTABLE_STATES = ("STATE_ACTIVE", "STATE_SUSPENDED")
 _SETTINGS = "tenant.tenant_settings"
+#: The feature gate's row every provisioned tenant has, in the cell holding its rows.
+PLAN_TABLE = "features.tenant_plans"
 #: The registry's schema: in the home cell, whichever cell holds the tenant's other rows.
 REGISTRY_SCHEMA = "tenant"
 NO_FAULTS = Faults("")
@@ -160,6 +162,12 @@ async def export_tenant(
             await _require_versions(cell, archive.schema_versions, "the tenant's cell")
             await _read(cell, archive, _cell_tables())
         archive.tables = {table.name: archive.tables[table.name] for table in EXPORTED}  # the file's order
+    if not archive.tables[PLAN_TABLE]:
+        # Every provisioned tenant has its plan row in its cell: none means the rows are elsewhere.
+        raise TransferError(
+            f"tenant {tenant_id!r}'s rows are not in {'the cell given' if cell is not conn else 'this database'}: "
+            "it is placed in another cell (its tenant record's `cell`); pass that cell's --cell-database-url"
+        )
     check = check_chain(archive.events())
     if not check.valid:
         raise TransferError(
