@@ -159,6 +159,7 @@ def test_creates_ignore_the_output_only_and_identifier_fields_of_the_resource() 
         "tenant.suspend_reason",
         "tenant.legal_hold",
         "tenant.legal_hold_reason",
+        "tenant.cell",
         "tenant.create_time",
         "tenant.update_time",
     }

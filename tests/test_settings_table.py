@@ -192,6 +192,7 @@ def test_a_service_settings_field_is_the_declared_variable_of_its_name_or_a_name
         "db_acquire_timeout",
         "runtime_database_url",
         "read_database_url",
+        "cell_database_urls",
         "targets",
     }
 

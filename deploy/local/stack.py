@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.config import GATEWAY_ADMIN_PORT, GATEWAY_PORT, GatewaySettings
 from gateway.envoy import write_config
+from services.runtime.cells import CELL_DATABASE_URLS, CELLS, Cell
 from services.runtime.environment import SettingsTable, integer, process_environment, text
 from services.runtime.server import ServiceSpec, migrate_service
 from services.runtime.settings import (
@@ -97,6 +98,7 @@ DEV_STACK_SETTINGS = SettingsTable.of(
     REDIS_URL,
     PG_PORT,
     REDIS_PORT,
+    CELLS,
     PORTS.values(),
     WORKERS.values(),
     METRICS_PORTS.values(),
@@ -133,6 +135,13 @@ class StackConfig:
     env: dict[str, str] = field(default_factory=dict)
     #: Worker processes of each service named (``<SERVICE>_WORKERS``); the others keep their own default (1).
     workers: dict[str, int] = field(default_factory=dict)
+    #: The database cells (``CELLS``): each after the first is an embedded PostgreSQL of its own.
+    cells: tuple[Cell, ...] = CELLS.default
+    #: Their ports, by name; a cell not named here listens on ``pg_port`` plus its place in ``cells``.
+    cell_pg_ports: dict[str, int] = field(default_factory=dict)
+
+    def cell_pg_port(self, cell: str) -> int:
+        return self.cell_pg_ports.get(cell) or self.pg_port + [c.name for c in self.cells].index(cell)
 
     @classmethod
     def from_env(cls, data_dir: Path, environ: Mapping[str, str] | None = None) -> StackConfig:
@@ -149,6 +158,7 @@ class StackConfig:
             gateway_port=GATEWAY_PORT.read(env),
             gateway_admin_port=GATEWAY_ADMIN_PORT.read(env),
             prometheus_port=PROMETHEUS_PORT.read(env),
+            cells=CELLS.read(env),
             # Every core serves: each service as many workers as the machine has, unless told.
             workers={
                 name: setting.read(env) if setting.is_set(env) else machine_cores() for name, setting in WORKERS.items()
@@ -167,6 +177,10 @@ class Stack:
         self._tls: dict[str, GrpcTls] = {}
         self._embedded_pg = config.database_url is None
         self._embedded_redis = config.redis_url is None
+        #: Each cell's owner DSN but the home one's (``database_url``).
+        self.cell_urls: dict[str, str] = {}
+        if len(config.cells) > 1 and not self._embedded_pg:
+            raise ValueError("more than one cell (CELLS) needs the embedded PostgreSQL servers: unset DATABASE_URL")
 
     @property
     def keys_dir(self) -> Path:
@@ -176,8 +190,34 @@ class Stack:
         ensure_keys(self.keys_dir)
         if self._embedded_pg:
             self._start_embedded_postgres()
+            for cell in self.other_cells:
+                self.start_cell(cell)
         if self._embedded_redis:
             self._start_embedded_redis()
+
+    @property
+    def other_cells(self) -> list[str]:
+        """The cells but the home one, each an embedded PostgreSQL of its own."""
+        return [cell.name for cell in self.config.cells[1:]]
+
+    def _cell_dir(self, cell: str) -> Path:
+        return self.config.data_dir / f"pg-{cell}"
+
+    def start_cell(self, cell: str) -> str:
+        """Start (or start again) the embedded PostgreSQL of ``cell``, not the home one."""
+        pg = start_postgres(self._cell_dir(cell), self.config.cell_pg_port(cell), fast=self.config.fast)
+        asyncio.run(_ensure_database(pg.superuser_dsn(), DATABASE))
+        self.cell_urls[cell] = pg.superuser_dsn(DATABASE)
+        return f"pid {postgres.running_pid(pg.data_dir)}, {pg.host}:{pg.port}"
+
+    def stop_cell(self, cell: str) -> None:
+        """Stop the embedded PostgreSQL of ``cell`` (its tenants' calls become UNAVAILABLE)."""
+        stop_postgres(self._cell_dir(cell))
+
+    def cell_runtime_dsn(self, cell: str, service: str) -> str:
+        """``service``'s runtime DSN on ``cell`` (the home cell: :meth:`runtime_dsn`)."""
+        url = self.cell_urls.get(cell, self.database_url)
+        return runtime_dsn(url, service, self.app_db_password)
 
     def _start_embedded_postgres(self) -> str:
         pg = start_postgres(self.config.data_dir / "pg", self.config.pg_port, fast=self.config.fast)
@@ -207,6 +247,9 @@ class Stack:
             for name in names or available_services():
                 spec = service_spec(name)
                 done[name] = await migrate_service(spec, self.database_url, self.app_db_password)
+                # Every cell holds every service's schemas, roles and policies (the registry's stays empty).
+                for url in self.cell_urls.values():
+                    await migrate_service(spec, url, self.app_db_password)
             return done
 
         return asyncio.run(run())
@@ -226,6 +269,10 @@ class Stack:
         # The audit service's retention job deletes as audit_retention, which the dev stack's
         # administrator may SET ROLE to; only the audit process reads it.
         env[AUDIT_RETENTION_DATABASE_URL.name] = self.database_url
+        if len(self.config.cells) > 1:
+            env[CELLS.name] = ",".join(f"{c.name}:dedicated" if c.dedicated else c.name for c in self.config.cells)
+            for name, setting in CELL_DATABASE_URLS.items():
+                env[setting.name] = " ".join(f"{cell}={self.cell_runtime_dsn(cell, name)}" for cell in self.other_cells)
         # Not the dev stack's own variables: a service must not lean on them.
         for name in ("DATABASE_URL", "APP_DB_PASSWORD"):
             env.pop(name, None)
@@ -363,6 +410,9 @@ class Stack:
         if self._embedded_pg:
             pg_check = _server_check(postgres.running_pid, self.config.data_dir / "pg")
             watched.append(Supervised("PostgreSQL", pg_check, self._start_embedded_postgres))
+            for cell in self.other_cells:
+                cell_check = _server_check(postgres.running_pid, self._cell_dir(cell))
+                watched.append(Supervised(f"PostgreSQL {cell}", cell_check, self._cell_starter(cell)))
         if self._embedded_redis:
             redis_check = _server_check(redis_server.running_pid, self.config.data_dir / "redis")
             watched.append(Supervised("Redis", redis_check, self._start_embedded_redis))
@@ -393,6 +443,9 @@ class Stack:
 
         return check
 
+    def _cell_starter(self, cell: str) -> Callable[[], str]:
+        return lambda: self.start_cell(cell)
+
     def _restarter(self, name: str) -> Callable[[], str]:
         def restart() -> str:
             return f"pid {self.start_service(name).pid}"
@@ -403,6 +456,8 @@ class Stack:
         if self._embedded_redis:
             stop_redis(self.config.data_dir / "redis")
         if self._embedded_pg:
+            for cell in self.other_cells:
+                self.stop_cell(cell)
             stop_postgres(self.config.data_dir / "pg")
 
 

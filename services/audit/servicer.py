@@ -12,7 +12,7 @@ from grpc import aio
 from towerco.audit.v1 import audit_log_service_pb2 as pb
 from towerco.audit.v1 import audit_log_service_pb2_grpc as pb_grpc
 
-from services.runtime import context
+from services.runtime import cells, context
 from services.runtime.errors import ErrorReason, FieldViolation, ServiceError, invalid_argument, not_found, unavailable
 from services.runtime.pagination import page_size
 from services.runtime.scope import target_tenant
@@ -39,13 +39,20 @@ class AuditLogServicer(pb_grpc.AuditLogServiceServicer):
         by_tenant: dict[str, list[convert.NewEvent]] = defaultdict(list)
         for event in events:
             by_tenant[event.tenant_id].append(event)
+        by_cell: dict[str, list[str]] = defaultdict(list)
+        for tenant_id in sorted(by_tenant):
+            by_cell[await self._db.cell_of(tenant_id)].append(tenant_id)
         written = 0
-        # One transaction for the whole batch: all events are written, or none is. Tenants
-        # are locked in sorted order, so concurrent batches never wait on each other in a cycle.
-        async with self._db.transaction() as conn:
-            for tenant_id in sorted(by_tenant):
-                await self._db.rebind_tenant(conn, tenant_id, "audit.write_events")
-                written += await _append(conn, tenant_id, by_tenant[tenant_id])
+        # One transaction per cell (almost always one: a batch comes from one cell's outbox, except the
+        # registry's): its events are all written, or none is; a failure is retried whole, and events
+        # already written are recognised by their ids. Tenants are locked in sorted order, so concurrent
+        # batches never wait on each other in a cycle.
+        for cell, tenant_ids in by_cell.items():
+            with cells.on_cell(cell):
+                async with self._db.transaction() as conn:
+                    for tenant_id in tenant_ids:
+                        await self._db.rebind_tenant(conn, tenant_id, "audit.write_events")
+                        written += await _append(conn, tenant_id, by_tenant[tenant_id])
         return pb.WriteEventsResponse(written=written)
 
     async def ListEvents(self, request: pb.ListEventsRequest, ctx: Ctx) -> pb.ListEventsResponse:

@@ -41,7 +41,7 @@ from google.protobuf import struct_pb2
 from towerco.audit.v1 import audit_log_service_pb2 as audit_pb
 from towerco.audit.v1 import audit_log_service_pb2_grpc as audit_grpc
 
-from . import context, metrics, tracing
+from . import cells, context, metrics, tracing
 from .channels import service_channel
 from .db import Database
 from .identity import ServiceIdentity
@@ -294,7 +294,24 @@ class AuditRelay:
         self._backoff.reset()
 
     async def deliver_once(self) -> int:
-        """Send one batch and delete it once acknowledged; returns how many were sent."""
+        """Send one batch from each cell's outbox, deleting it once acknowledged; returns how many were sent.
+
+        A cell that cannot be reached holds up only its own events: the others' are sent, and
+        its failure is raised only when nothing was (its outage is logged where it is met).
+        """
+        sent, failure = 0, None
+        for cell in self._db.cells:
+            with cells.on_cell(cell):
+                try:
+                    sent += await self._deliver_from_cell()
+                except Exception as exc:
+                    failure = failure or exc
+        if failure is not None and not sent:
+            raise failure
+        return sent
+
+    async def _deliver_from_cell(self) -> int:
+        """Send one batch of the current cell's outbox and delete it once acknowledged."""
         request_id = f"audit-relay-{uuid.uuid4().hex[:12]}"
         # While deliveries fail, each attempt is a probe: it locks and sends one row, not a batch.
         limit = 1 if self._outage_since is not None else self._batch_size

@@ -37,7 +37,7 @@ from typing import Any
 
 import asyncpg
 
-from . import context, metrics
+from . import cells, context, metrics
 from .db import UNREACHABLE, Database
 
 log = logging.getLogger("towerco.canary")
@@ -110,6 +110,20 @@ class IsolationCanary:
         log.info("isolation canary: %d tables of %s checked every %gs", len(self.tables), self._schema, self._interval)
 
     async def seed(self) -> None:
+        """Write each canary's sentinel into every tenant table of every cell (idempotent).
+
+        A cell other than the home one that cannot be reached now is seeded by the first
+        round that reaches it (its outage is logged where it is met).
+        """
+        for cell in self._db.cells:
+            with cells.on_cell(cell):
+                try:
+                    await self._seed_cell()
+                except UNREACHABLE:
+                    if cell == self._db.home_cell:
+                        raise
+
+    async def _seed_cell(self) -> None:
         """Write each canary's sentinel into every tenant table (idempotent: ON CONFLICT DO NOTHING)."""
         with context.system_scope(CANARY_A, "canary.tables"):
             async with self._db.transaction(readonly=True) as conn:
@@ -128,6 +142,23 @@ class IsolationCanary:
                             await conn.execute(insert.format(schema=self._schema), tenant_id)
 
     async def check(self) -> list[str]:
+        """One round in each cell; returns what it saw that it must not (empty: isolated).
+
+        A cell other than the home one that cannot be reached is left for the next round.
+        """
+        findings: list[str] = []
+        for cell in self._db.cells:
+            with cells.on_cell(cell):
+                try:
+                    found = await self._check_cell()
+                except UNREACHABLE:
+                    if cell == self._db.home_cell:
+                        raise
+                    continue
+            findings.extend(f"cell {cell}: {finding}" if len(self._db.cells) > 1 else finding for finding in found)
+        return findings
+
+    async def _check_cell(self) -> list[str]:
         """One round as each canary in turn; returns what it saw that it must not (empty: isolated).
 
         A canary that no longer sees its own sentinel somewhere (removed by hand, say) gets it
@@ -144,7 +175,7 @@ class IsolationCanary:
                             missing.append(f"{me} in {self._name(table)}")
         if missing:
             log.warning("isolation canary: sentinels missing (%s); writing them again", ", ".join(missing))
-            await self.seed()
+            await self._seed_cell()
         return findings
 
     def _name(self, table: str) -> str:

@@ -41,6 +41,8 @@ class Plan:
     name: str
     features: frozenset[str]
     limits: Mapping[str, int]
+    #: ``dedicated_cell = "may"``: its tenants may be placed in a dedicated database cell; ``"never"`` (default).
+    dedicated_cell: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,11 +89,14 @@ def parse_plans(raw: Mapping[str, Any], source: str = "plans") -> Plans:
         bad = [f for f in features if not FEATURE_PATTERN.fullmatch(f)]
         if bad or len(set(features)) != len(features):
             raise PlansError(f"{where}: features must be unique names matching {FEATURE_PATTERN.pattern}: {bad}")
-        unknown = set(body) - {"features", "limits"}
+        unknown = set(body) - {"features", "limits", "dedicated_cell"}
         if unknown:
             raise PlansError(f"{where}: unknown keys {sorted(unknown)}")
+        dedicated = body.get("dedicated_cell", "never")
+        if dedicated not in ("may", "never"):
+            raise PlansError(f'{where}: dedicated_cell must be "may" or "never", got {dedicated!r}')
         limits = {**defaults, **_limits(body.get("limits", {}), where, partial=True)}
-        plans.append(Plan(name, frozenset(features), MappingProxyType(limits)))
+        plans.append(Plan(name, frozenset(features), MappingProxyType(limits), dedicated == "may"))
     return Plans(tuple(plans), MappingProxyType(defaults))
 
 

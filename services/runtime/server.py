@@ -274,6 +274,23 @@ async def _guard_isolation(spec: ServiceSpec, settings: Settings) -> str:
     return settings.read_database_url
 
 
+async def _guard_cells(spec: ServiceSpec, settings: Settings) -> None:
+    """The isolation guard on every other cell; one unreachable now is warned about, not waited for.
+
+    Its tenants' calls are UNAVAILABLE until it answers; the other cells' tenants are served meanwhile.
+    """
+    for cell, dsn in settings.cell_database_urls.items():
+        try:
+            await _check_isolation_at(dsn, spec, settings)
+        except UNREACHABLE as exc:
+            log.warning(
+                "cell %s unreachable at start-up (%s): its tenants' calls are UNAVAILABLE until it answers; "
+                "its isolation guard did not run",
+                cell,
+                type(exc).__name__,
+            )
+
+
 async def _check_isolation_at(dsn: str, spec: ServiceSpec, settings: Settings) -> None:
     options = connect_options(settings.db_pool_mode, settings.db_statement_timeout_ms, f"towerco-{spec.name}-guard")
     try:
@@ -327,6 +344,7 @@ async def serve(spec: ServiceSpec, role: WorkerRole | None = None) -> None:
     if role is None:
         await migrate_on_start(spec, settings)
     read_dsn = await _guard_isolation(spec, settings)
+    await _guard_cells(spec, settings)
     db = await Database.connect(
         settings.runtime_database_url,
         min_size=settings.db_pool_min_size,
@@ -337,6 +355,8 @@ async def serve(spec: ServiceSpec, role: WorkerRole | None = None) -> None:
         tenant_wait_seconds=settings.tenant_concurrency_wait_seconds,
         pool_mode=settings.db_pool_mode,
         read_dsn=read_dsn,
+        home_cell=settings.cells[0].name,
+        cell_dsns=settings.cell_database_urls,
     )
     db.route_reads(p.method for p in policies if not p.write and not p.internal)
     identity = ServiceIdentity.from_file(
@@ -369,6 +389,7 @@ async def serve(spec: ServiceSpec, role: WorkerRole | None = None) -> None:
         ),
     )
     tenants = TenantDirectory(cache, source)
+    db.route_cells(tenants.cell_of)
     relay = AuditRelay(db, spec.schema, settings.targets["audit"], identity, service=spec.name) if spec.outbox else None
     runtime = Runtime(
         settings=settings,

@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from . import logs
+from .cells import CELL_DATABASE_URLS, CELLS, Cell, check_cell_dsns
 from .environment import (
     Setting,
     SettingsError,
@@ -406,6 +407,8 @@ SERVICE_SETTINGS = SettingsTable.of(
     DB_STATEMENT_TIMEOUT_MS,
     DB_POOL_MODE,
     READ_DATABASE_URLS.values(),
+    CELLS,
+    CELL_DATABASE_URLS.values(),
     MIGRATE_ON_START,
     SHUTDOWN_DELAY_SECONDS,
     SHUTDOWN_GRACE_SECONDS,
@@ -444,7 +447,8 @@ class Settings:
     says what it means; except ``service`` (load's argument), ``bind_host``
     (``GRPC_BIND_HOST``), ``port`` (the service's ``<SERVICE>_PORT``), ``workers`` (its
     ``<SERVICE>_WORKERS``), ``metrics_port`` (its ``<SERVICE>_METRICS_PORT``), ``db_acquire_timeout``
-    (``DB_ACQUIRE_TIMEOUT_SECONDS``) and the fields that say where they come from.
+    (``DB_ACQUIRE_TIMEOUT_SECONDS``), ``cell_database_urls`` (its ``<SERVICE>_CELL_DATABASE_URLS``)
+    and the fields that say where they come from.
     """
 
     service: str
@@ -467,6 +471,10 @@ class Settings:
     db_pool_mode: str
     #: The service's ``<SERVICE>_READ_DATABASE_URL``; empty: no replica.
     read_database_url: str = field(repr=False)
+    #: ``CELLS``: the home cell first.
+    cells: tuple[Cell, ...]
+    #: Every cell but the home one: its DSN as this service's runtime role (``<SERVICE>_CELL_DATABASE_URLS``).
+    cell_database_urls: dict[str, str] = field(repr=False)
     migrate_on_start: bool
     jwt_issuer: str
     jwt_audience: str
@@ -611,6 +619,8 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Settings:
         db_statement_timeout_ms=DB_STATEMENT_TIMEOUT_MS.read(env),
         db_pool_mode=DB_POOL_MODE.read(env),
         read_database_url=READ_DATABASE_URLS[service].read(env),
+        cells=CELLS.read(env),
+        cell_database_urls=_cell_database_urls(service, env),
         migrate_on_start=MIGRATE_ON_START.read(env),
         jwt_issuer=JWT_ISSUER.read(env),
         jwt_audience=JWT_AUDIENCE.read(env),
@@ -670,6 +680,16 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Settings:
                 f"{what} {path} does not exist; run `make keys` (dev) or mount the service keys (deploy)"
             )
     return settings
+
+
+def _cell_database_urls(service: str, env: Mapping[str, str]) -> dict[str, str]:
+    """The service's DSN of each cell but the home one; the registry keeps no tenant rows in other cells."""
+    setting = CELL_DATABASE_URLS.get(service)
+    if setting is None:
+        return {}
+    dsns = dict(setting.read(env))
+    check_cell_dsns(CELLS.read(env), dsns, setting.name)
+    return dsns
 
 
 def service_targets(environ: Mapping[str, str]) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""What every service knows about the tenants it serves: their state, plan and legal hold.
+"""What every service knows about the tenants it serves: their state, plan, legal hold and cell.
 
 Read through :class:`~services.runtime.tenant_cache.TenantCache`; on a miss the registry
 answers (its own database in the registry process, its internal
@@ -13,11 +13,15 @@ from dataclasses import dataclass
 from towerco.internal.v1 import tenant_data_pb2, tenant_data_pb2_grpc
 from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 
+from .context import CANARY_TENANTS, PLATFORM_TENANT
+from .errors import ErrorReason, ServiceError, unavailable
 from .identity import ServiceIdentity
 from .lookups import InternalLookup
 from .tenant_cache import TenantCache, Versioned
 
 STATE_KIND = "state"
+#: Tenant ids the registry never holds.
+RESERVED_TENANTS = frozenset((*CANARY_TENANTS, PLATFORM_TENANT))
 State = tenant_pb.Tenant.State
 
 #: Reads a tenant's state from the source of truth: version 0 and no value if it is unknown.
@@ -32,6 +36,8 @@ class TenantInfo:
     version: int
     #: Under legal hold (SetLegalHold): the audit retention job purges none of its events.
     legal_hold: bool = False
+    #: The database cell holding its rows (``services/runtime/cells.py``); "": the home cell.
+    cell: str = ""
 
     @classmethod
     def from_value(cls, tenant_id: str, item: Versioned) -> TenantInfo | None:
@@ -40,11 +46,17 @@ class TenantInfo:
         if value is None:
             return None
         state = State.Value(str(value["state"]))
-        # A value cached before the flag existed has no "legal_hold": not held.
-        return cls(tenant_id, state, str(value["plan"]), item.version, bool(value.get("legal_hold")))
+        # A value cached before the flag (or the cell) existed has none: not held, in the home cell.
+        held, cell = bool(value.get("legal_hold")), str(value.get("cell") or "")
+        return cls(tenant_id, state, str(value["plan"]), item.version, held, cell)
 
     def as_value(self) -> dict[str, str | int | bool]:
-        return {"state": State.Name(State.ValueType(self.state)), "plan": self.plan, "legal_hold": self.legal_hold}
+        return {
+            "state": State.Name(State.ValueType(self.state)),
+            "plan": self.plan,
+            "legal_hold": self.legal_hold,
+            "cell": self.cell,
+        }
 
 
 class TenantDirectory:
@@ -57,6 +69,29 @@ class TenantDirectory:
     async def get(self, tenant_id: str) -> TenantInfo | None:
         item = await self._cache.get(tenant_id, STATE_KIND, lambda: self._source(tenant_id))
         return TenantInfo.from_value(tenant_id, item)
+
+    async def answer(self, tenant_id: str) -> TenantInfo | None:
+        """:meth:`get` for a call: the registry out of reach is UNAVAILABLE (retry), not an internal error."""
+        try:
+            return await self.get(tenant_id)
+        except ServiceError:
+            raise
+        except Exception:
+            raise unavailable(
+                "the tenant registry cannot be reached to check this tenant; retry shortly",
+                ErrorReason.TENANT_DIRECTORY_UNAVAILABLE,
+            ) from None
+
+    async def cell_of(self, tenant_id: str) -> str:
+        """The cell holding the tenant's rows ("" for the home cell, and for a tenant no one created).
+
+        The platform's reserved tenants (the canaries, ``platform``) are in no registry: the
+        paths acting as them choose their cell (``cells.on_cell``), else it is the home cell.
+        """
+        if tenant_id in RESERVED_TENANTS:
+            return ""
+        info = await self.answer(tenant_id)
+        return info.cell if info is not None else ""
 
 
 class RegistryStateSource(InternalLookup):
@@ -71,5 +106,5 @@ class RegistryStateSource(InternalLookup):
         reply = await self.ask(self._stub.GetTenantState, request)
         if reply is None:
             return Versioned(0, None)
-        info = TenantInfo(reply.tenant_id, reply.state, reply.plan, reply.version, reply.legal_hold)
+        info = TenantInfo(reply.tenant_id, reply.state, reply.plan, reply.version, reply.legal_hold, reply.cell)
         return Versioned(reply.version, dict(info.as_value()))

@@ -26,4 +26,5 @@ class TenantDirectoryServicer(internal_grpc.TenantDirectoryServiceServicer):
             plan=str(value["plan"]),
             version=version,
             legal_hold=bool(value.get("legal_hold")),
+            cell=str(value.get("cell") or ""),
         )

@@ -6,7 +6,7 @@ from services.runtime.idempotency_purge import Records
 
 TENANT_COLUMNS = (
     "tenant_id, display_name, state, plan, admin_email, suspend_reason, legal_hold, legal_hold_reason, version, "
-    "request_id, request_hash, "
+    "request_id, request_hash, cell, "
     "create_time, update_time, "
     "ARRAY(SELECT h.host FROM tenant.host_routes h WHERE h.tenant_id = t.tenant_id ORDER BY h.host) AS domains"
 )
@@ -31,8 +31,12 @@ TENANT_REQUESTS = Records(
 )
 
 INSERT_TENANT = """
-INSERT INTO tenant.tenants (tenant_id, display_name, state, plan, admin_email, request_id, request_hash)
-VALUES ($1, $2, 'STATE_PROVISIONING', $3, $4, $5, $6)
+INSERT INTO tenant.tenants (tenant_id, display_name, state, plan, admin_email, request_id, request_hash, cell)
+VALUES ($1, $2, 'STATE_PROVISIONING', $3, $4, $5, $6, $7)
+"""
+# How many tenants each cell holds (NULL: the home cell, $1), deleted ones aside: where a new one has most room.
+TENANTS_PER_CELL = """
+SELECT coalesce(cell, $1) AS cell, count(*) AS tenants FROM tenant.tenants WHERE state <> 'STATE_DELETED' GROUP BY 1
 """
 
 INSERT_HOST = "INSERT INTO tenant.host_routes (host, tenant_id) VALUES ($2, $1)"

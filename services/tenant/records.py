@@ -53,7 +53,7 @@ def migration_from_row(row: Mapping[str, Any]) -> pb.Migration:
 
 def state_value(row: Mapping[str, Any]) -> dict[str, Any]:
     """The cached state of a tenant, as every service reads it."""
-    return {"state": row["state"], "plan": row["plan"], "legal_hold": row["legal_hold"]}
+    return {"state": row["state"], "plan": row["plan"], "legal_hold": row["legal_hold"], "cell": row["cell"] or ""}
 
 
 def settings_value(row: Mapping[str, Any], document: Mapping[str, Any] | None) -> dict[str, Any]:

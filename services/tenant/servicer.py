@@ -15,7 +15,7 @@ from grpc import aio
 from towerco.tenant.v1 import tenant_registry_service_pb2 as pb
 from towerco.tenant.v1 import tenant_registry_service_pb2_grpc as pb_grpc
 
-from services.runtime import context, idempotency
+from services.runtime import cells, context, idempotency
 from services.runtime.canary import CANARY_TENANTS
 from services.runtime.db import savepoint
 from services.runtime.errors import (
@@ -70,6 +70,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
         self._audit = runtime.audit
         self._plans = runtime.plans
         self._entitlements = runtime.entitlements
+        self._cells = runtime.settings.cells
         self.provisioning_steps: list[ProvisioningStep] = []
 
     # Tenants and provisioning
@@ -102,7 +103,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
                     current = await conn.fetchrow(queries.SET_STATE, tenant_id, "STATE_ACTIVE", "")
             assert current is not None
             await records.publish(self._cache, current)
-            return records.tenant_from_row(current)
+            return self._show_cell(records.tenant_from_row(current), current)
 
     def _check_create(self, request: pb.CreateTenantRequest) -> None:
         v = Violations()
@@ -132,13 +133,50 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
             elif domain in seen:
                 v.add(f"tenant.domains[{i}]", "is listed twice")
             seen.add(domain)
+        self._check_placement(v, request)
         idempotency.check_request_id(v, request.request_id)
         v.raise_if_any()
+
+    def _check_placement(self, v: Violations, request: pb.CreateTenantRequest) -> None:
+        """An explicit cell must be one of ``CELLS``, and a dedicated one only for a plan that may have it."""
+        if not request.cell:
+            return
+        cell = next((c for c in self._cells if c.name == request.cell), None)
+        if cell is None:
+            v.add("cell", f"must be one of the platform's cells: {', '.join(c.name for c in self._cells)}")
+            return
+        plan = self._plans.get(request.tenant.plan)
+        if cell.dedicated and plan is not None and not plan.dedicated_cell:
+            allowed = [p.name for p in self._plans.ordered if p.dedicated_cell]
+            v.add(
+                "cell",
+                f"{cell.name!r} is a dedicated cell; plan {plan.name!r} never has one "
+                f"(plans that may: {', '.join(allowed) or 'none'})",
+            )
+
+    async def _placement(self, request: pb.CreateTenantRequest) -> str:
+        """The cell a new tenant goes to: the one asked for, else the shared cell with the most room."""
+        if request.cell or len(self._cells) == 1:
+            return request.cell or self._cells[0].name
+        async with self._db.platform_read("tenants.placement") as conn:
+            rows = await conn.fetch(queries.TENANTS_PER_CELL, self._cells[0].name)
+        return cells.roomiest(self._cells, {row["cell"]: row["tenants"] for row in rows})
+
+    def _show_cell(self, tenant: pb.Tenant, row: Mapping[str, Any]) -> pb.Tenant:
+        """Platform admins see where the tenant's data lives; its own users do not (the platform's layout).
+
+        A platform of one cell places no one: the record shows no cell there.
+        """
+        caller = context.current_caller()
+        if len(self._cells) > 1 and caller is not None and caller.is_platform_admin:
+            tenant.cell = row["cell"] or self._cells[0].name
+        return tenant
 
     async def _create_or_replay(self, request: pb.CreateTenantRequest) -> Mapping[str, Any]:
         """The first transaction: tenant, hosts, default settings and admin user, or the replay."""
         tenant_id, tenant = request.tenant_id, request.tenant
         request_hash = idempotency.request_hash(request, CREATE_IGNORES)
+        cell = await self._placement(request)
         for _ in range(2):  # a concurrent create of the same id: the second pass sees it
             try:
                 async with self._db.transaction() as conn:
@@ -156,6 +194,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
                         tenant.admin_email,
                         request.request_id or None,
                         request_hash,
+                        cell,
                     )
                     for domain in tenant.domains:
                         try:
@@ -209,7 +248,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
 
     async def _present(self, row: Mapping[str, Any]) -> pb.Tenant:
         """A tenant as the API shows it: its plan is the feature gate's current one."""
-        tenant = records.tenant_from_row(row)
+        tenant = self._show_cell(records.tenant_from_row(row), row)
         if row["state"] not in GONE:
             record = await self._entitlements.record(row["tenant_id"])
             if record is not None:

@@ -12,7 +12,7 @@ from typing import Any
 from grpc import aio
 
 from .. import context
-from ..errors import ErrorReason, Reason, ServiceError, permission_denied, unavailable
+from ..errors import ErrorReason, Reason, permission_denied
 from ..policy import Policy, PolicyTable
 from ..tenants import State, TenantDirectory
 from .base import Behavior, Metadata, PolicyInterceptor
@@ -45,15 +45,7 @@ class TenantStateInterceptor(PolicyInterceptor):
         return behavior
 
     async def check(self, tenant_id: str) -> None:
-        try:
-            info = await self._directory.get(tenant_id)
-        except ServiceError:
-            raise
-        except Exception:
-            raise unavailable(
-                "the tenant registry cannot be reached to check this tenant; retry shortly",
-                ErrorReason.TENANT_DIRECTORY_UNAVAILABLE,
-            ) from None
+        info = await self._directory.answer(tenant_id)
         if info is None:
             raise permission_denied(f"tenant {tenant_id!r} is not known to the platform", ErrorReason.TENANT_UNKNOWN)
         if info.state != State.STATE_ACTIVE:

@@ -1,0 +1,295 @@
+"""Database cells with real PostgreSQL servers: placement, routing by tenant, a cell going away.
+
+A stack of this module's own: the home cell ``cell1``, a shared ``cell2`` and a dedicated
+``cell3``, each an embedded PostgreSQL server of its own (the session stack keeps one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2
+from towerco.audit.v1 import audit_log_service_pb2 as audit_pb
+from towerco.audit.v1 import audit_log_service_pb2_grpc as audit_grpc
+from towerco.features.v1 import feature_gate_service_pb2 as features_pb
+from towerco.features.v1 import feature_gate_service_pb2_grpc as features_grpc
+from towerco.sites.v1 import sites_service_pb2 as sites_pb
+from towerco.sites.v1 import sites_service_pb2_grpc as sites_grpc
+from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
+from towerco.tenant.v1 import tenant_registry_service_pb2_grpc as tenant_grpc
+
+from deploy.local.stack import Stack, StackConfig
+from deploy.local.tokens import mint
+from services.runtime.cells import Cell
+from tests.support.errors import expect_error
+from tests.support.metadata import Metadata, bearer
+from tests.support.ports import free_port
+from tests.support.requests import create_site
+
+from .conftest import OUTPUT
+
+SERVICES = ("tenant", "sites", "features", "audit")
+#: The schemas holding tenant-owned rows in the tenant's cell.
+CELL_SCHEMAS = ("sites", "features", "audit")
+
+
+@dataclass
+class CellsStack:
+    stack: Stack
+    platform: str
+    registry: Any
+    sites: Any
+    features: Any
+    audit: Any
+
+    def token(self, tenant: str) -> Metadata:
+        return bearer(mint(self.stack.keys_dir, tenant=tenant, role="admin", ttl=3600))
+
+    def create_tenant(self, plan: str = "professional", cell: str = "") -> tenant_pb.Tenant:
+        tenant_id = f"c_{uuid.uuid4().hex[:10]}"
+        request = tenant_pb.CreateTenantRequest(
+            tenant_id=tenant_id,
+            tenant=tenant_pb.Tenant(display_name=f"Operator {tenant_id}", plan=plan, admin_email="noc@cells.example"),
+            cell=cell,
+        )
+        created: tenant_pb.Tenant = self.registry.CreateTenant(request, metadata=bearer(self.platform), timeout=20)
+        assert created.state == tenant_pb.Tenant.STATE_ACTIVE, created
+        return created
+
+
+@pytest.fixture(scope="module")
+def cells() -> Iterator[CellsStack]:
+    data_dir = OUTPUT / f".data-cells-{uuid.uuid4().hex[:8]}"
+    config = StackConfig(
+        data_dir=data_dir,
+        pg_port=free_port(),
+        redis_port=free_port(),
+        ports={name: free_port() for name in SERVICES},
+        metrics_ports={name: free_port() for name in SERVICES},
+        fast=True,
+        env={"LOG_LEVEL": "INFO", "USAGE_FLUSH_SECONDS": "0.5"},
+        cells=(Cell("cell1"), Cell("cell2"), Cell("cell3", dedicated=True)),
+        cell_pg_ports={"cell2": free_port(), "cell3": free_port()},
+    )
+    stack = Stack(config)
+    (OUTPUT / "logs").mkdir(parents=True, exist_ok=True)
+    logs = {name: (OUTPUT / "logs" / f"cells-{name}.log").open("ab") for name in SERVICES}
+    channels: list[grpc.Channel] = []
+    try:
+        stack.start_infra()
+        stack.migrate()
+        for name, log in logs.items():
+            stack.start_service(name, log=log)
+        for name in SERVICES:
+            stack.wait_serving(name)
+
+        def channel(name: str) -> grpc.Channel:
+            opened = grpc.insecure_channel(f"127.0.0.1:{config.ports[name]}")
+            channels.append(opened)
+            return opened
+
+        yield CellsStack(
+            stack,
+            mint(stack.keys_dir, role="platform_admin", ttl=3600, subject="cells-admin"),
+            tenant_grpc.TenantRegistryServiceStub(channel("tenant")),
+            sites_grpc.SiteServiceStub(channel("sites")),
+            features_grpc.FeatureGateServiceStub(channel("features")),
+            audit_grpc.AuditLogServiceStub(channel("audit")),
+        )
+    finally:
+        for opened in channels:
+            opened.close()
+        stack.stop_services()
+        stack.stop_infra()
+        for log in logs.values():
+            log.close()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _rows_of(dsn: str, tenant_id: str) -> dict[str, int]:
+    """Every row of ``tenant_id`` in the cell schemas of one server, by table, read as its owner (no RLS)."""
+
+    async def count() -> dict[str, int]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            tables = await conn.fetch(
+                "SELECT table_schema, table_name FROM information_schema.columns "
+                "JOIN information_schema.tables USING (table_schema, table_name) "
+                "WHERE column_name = 'tenant_id' AND table_type = 'BASE TABLE' AND table_schema = ANY($1::text[])",
+                list(CELL_SCHEMAS),
+            )
+            found = {}
+            for t in tables:
+                name = f"{t['table_schema']}.{t['table_name']}"
+                found[name] = await conn.fetchval(f"SELECT count(*) FROM {name} WHERE tenant_id = $1", tenant_id)
+            return found
+        finally:
+            await conn.close()
+
+    return asyncio.run(count())
+
+
+def _tenants_per_cell(stack: Stack) -> dict[str, int]:
+    async def count() -> dict[str, int]:
+        conn = await asyncpg.connect(stack.database_url)
+        try:
+            rows = await conn.fetch(
+                "SELECT coalesce(cell, 'cell1') AS cell, count(*) AS n FROM tenant.tenants "
+                "WHERE state <> 'STATE_DELETED' GROUP BY 1"
+            )
+            return {row["cell"]: row["n"] for row in rows}
+        finally:
+            await conn.close()
+
+    return asyncio.run(count())
+
+
+def _wait_for_event(audit: Any, md: Metadata, action: str) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        events = audit.ListEvents(audit_pb.ListEventsRequest(action=action), metadata=md, timeout=10).events
+        if events:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no {action} event reached the audit log within 20 s")
+
+
+def test_new_tenants_go_to_the_shared_cell_holding_fewest_tenants(cells: CellsStack) -> None:
+    placed = []
+    start = _tenants_per_cell(cells.stack)  # the home cell holds the registry's reserved rows already
+    for _ in range(abs(start.get("cell1", 0) - start.get("cell2", 0)) + 2):
+        before = _tenants_per_cell(cells.stack)
+        fewest = min(("cell1", "cell2"), key=lambda name: (before.get(name, 0), name))
+        created = cells.create_tenant()
+        assert created.cell == fewest, (before, created.cell)
+        placed.append(created.cell)
+    # Never the dedicated cell unasked, and both shared cells took some.
+    assert "cell3" not in placed
+    assert set(placed) == {"cell1", "cell2"}
+
+
+def test_a_tenant_in_cell2_has_every_rpc_working_and_its_rows_only_on_cell2(cells: CellsStack) -> None:
+    tenant = cells.create_tenant(cell="cell2")
+    assert tenant.cell == "cell2"
+    md = cells.token(tenant.tenant_id)
+    # Sites CRUD.
+    create_site(cells.sites, md, "tower-1")
+    create_site(cells.sites, md, "tower-2")
+    got = cells.sites.GetSite(sites_pb.GetSiteRequest(site_id="tower-1"), metadata=md, timeout=10)
+    assert got.site_id == "tower-1"
+    update = sites_pb.UpdateSiteRequest(
+        site=sites_pb.Site(site_id="tower-1", name="Renamed"), update_mask=field_mask_pb2.FieldMask(paths=["name"])
+    )
+    assert cells.sites.UpdateSite(update, metadata=md, timeout=10).name == "Renamed"
+    cells.sites.DeleteSite(sites_pb.DeleteSiteRequest(site_id="tower-2"), metadata=md, timeout=10)
+    listed = cells.sites.ListSites(sites_pb.ListSitesRequest(), metadata=md, timeout=10).sites
+    assert [s.site_id for s in listed] == ["tower-1"]
+    # Features: entitlements, and an override kept in the cell.
+    set_override = features_pb.SetLimitOverrideRequest(tenant_id=tenant.tenant_id, resource="max_sites", limit=7)
+    cells.features.SetLimitOverride(set_override, metadata=bearer(cells.platform), timeout=10)
+    entitlements = cells.features.GetEntitlements(features_pb.GetEntitlementsRequest(), metadata=md, timeout=10)
+    assert entitlements.plan == "professional"
+    assert dict(entitlements.limits)["max_sites"] == 7
+    # Settings (the registry's, in the home cell).
+    settings = cells.registry.GetTenantSettings(tenant_pb.GetTenantSettingsRequest(), metadata=md, timeout=10)
+    settings.branding.primary_color = "#112233"
+    updated = cells.registry.UpdateTenantSettings(
+        tenant_pb.UpdateTenantSettingsRequest(
+            settings=settings, update_mask=field_mask_pb2.FieldMask(paths=["branding.primary_color"])
+        ),
+        metadata=md,
+        timeout=10,
+    )
+    assert updated.branding.primary_color == "#112233"
+    # Audit: the registry's event (from the home cell's outbox) and the sites' ones, on one valid chain.
+    _wait_for_event(cells.audit, md, "tenants.create")
+    _wait_for_event(cells.audit, md, "sites.delete")
+    verified = cells.audit.VerifyChain(audit_pb.VerifyChainRequest(), metadata=md, timeout=10)
+    assert verified.valid, verified
+    # On each server directly: the tenant's rows are all in cell2, none in cell1.
+    on_cell1 = _rows_of(cells.stack.database_url, tenant.tenant_id)
+    on_cell2 = _rows_of(cells.stack.cell_urls["cell2"], tenant.tenant_id)
+    assert sum(on_cell1.values()) == 0, on_cell1
+    assert on_cell2["sites.sites"] == 1
+    assert on_cell2["audit.events"] >= 4
+    assert on_cell2["features.limit_overrides"] == 1
+
+
+def test_only_platform_admins_see_the_cell_on_the_tenant_record(cells: CellsStack) -> None:
+    tenant = cells.create_tenant(cell="cell2")
+    request = tenant_pb.GetTenantRequest(tenant_id=tenant.tenant_id)
+    assert cells.registry.GetTenant(request, metadata=bearer(cells.platform), timeout=10).cell == "cell2"
+    own = cells.registry.GetTenant(tenant_pb.GetTenantRequest(), metadata=cells.token(tenant.tenant_id), timeout=10)
+    assert own.tenant_id == tenant.tenant_id
+    assert own.cell == ""
+
+
+def test_an_enterprise_tenant_may_be_placed_in_a_dedicated_cell(cells: CellsStack) -> None:
+    tenant = cells.create_tenant(plan="enterprise", cell="cell3")
+    assert tenant.cell == "cell3"
+    create_site(cells.sites, cells.token(tenant.tenant_id), "big-1")
+    assert _rows_of(cells.stack.cell_urls["cell3"], tenant.tenant_id)["sites.sites"] == 1
+
+
+@pytest.mark.parametrize(("plan", "cell"), [("basic", "cell3"), ("professional", "cell9")])
+def test_a_placement_the_plan_or_the_platform_does_not_allow_is_invalid_argument_on_cell(
+    cells: CellsStack, plan: str, cell: str
+) -> None:
+    tenant_id = f"c_{uuid.uuid4().hex[:10]}"
+    request = tenant_pb.CreateTenantRequest(
+        tenant_id=tenant_id,
+        tenant=tenant_pb.Tenant(display_name="Refused", plan=plan, admin_email="noc@cells.example"),
+        cell=cell,
+    )
+    error = expect_error(cells.registry.CreateTenant, request, metadata=bearer(cells.platform))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.fields == ["cell"]
+    missing = expect_error(
+        cells.registry.GetTenant,
+        tenant_pb.GetTenantRequest(tenant_id=tenant_id),
+        metadata=bearer(cells.platform),
+    )
+    assert missing.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_cell2_stopped_leaves_cell1_tenants_served_and_cell2_tenants_unavailable_until_it_is_back(
+    cells: CellsStack,
+) -> None:
+    on_cell1 = cells.create_tenant(cell="cell1")
+    on_cell2 = cells.create_tenant(cell="cell2")
+    md1, md2 = cells.token(on_cell1.tenant_id), cells.token(on_cell2.tenant_id)
+    create_site(cells.sites, md2, "before-stop")
+    port = str(cells.stack.config.cell_pg_port("cell2"))
+    cells.stack.stop_cell("cell2")
+    try:
+        create_site(cells.sites, md1, "while-cell2-is-down")
+        assert len(cells.sites.ListSites(sites_pb.ListSitesRequest(), metadata=md1, timeout=10).sites) == 1
+        for _ in range(2):  # the broken pooled connections, then a new one refused
+            error = expect_error(cells.sites.ListSites, sites_pb.ListSitesRequest(), metadata=md2)
+            assert error.code == grpc.StatusCode.UNAVAILABLE, error
+            assert error.reason == "DATABASE_UNAVAILABLE", error
+            assert error.retry is not None
+            for secret in ("cell2", port, "127.0.0.1", "localhost"):
+                assert secret not in error.message, error.message
+    finally:
+        cells.stack.start_cell("cell2")
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            listed = cells.sites.ListSites(sites_pb.ListSitesRequest(), metadata=md2, timeout=10).sites
+            break
+        except grpc.RpcError as exc:
+            if time.monotonic() > deadline or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            time.sleep(0.2)
+    assert [s.site_id for s in listed] == ["before-stop"]
+    create_site(cells.sites, md2, "after-restart")
