@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import grpc
 from google.protobuf import timestamp_pb2
 from prometheus_client.parser import text_string_to_metric_families
@@ -25,10 +25,12 @@ from services.runtime.interceptors.call_concurrency import LIMIT
 from services.runtime.plans import load_plans
 
 from .support import RichError, bearer, expect_error, free_port, rich_error
+from .support.processes import ExtraService
 from .support.requests import set_limit
 
 SITES_DOMAIN = "towerco.sites.v1.SiteService"
 LIST = pb.ListSitesRequest(page_size=1)
+HELD = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND state = 'idle in transaction'"
 
 
 def test_call_concurrency_is_8_16_32_by_plan_and_8_by_default() -> None:
@@ -66,16 +68,37 @@ def scrape(port: int, metric: str, tenant: str) -> float:
     return 0.0
 
 
-async def until(check: Callable[[], bool], what: str) -> None:
-    """Wait, without blocking the event loop, until ``check()`` holds (at most 20 s)."""
+async def holding(admin_dsn: str, extra: ExtraService, count: int) -> None:
+    """Wait until ``count`` of the process's calls are paused in their transaction (at most 20 s):
+    past the call-concurrency link, each holds its slot. The process names its connections
+    ``towerco-sites/<pid>``; nothing else of it is in a transaction during the test."""
+    conn = await asyncpg.connect(admin_dsn)
     try:
         async with asyncio.timeout(20):
             while True:
-                if await asyncio.to_thread(check):
+                found = await conn.fetchval(HELD, f"towerco-sites/{extra.process.pid}")
+                if found == count:
                     return
                 await asyncio.sleep(0.02)
     except TimeoutError:
-        raise AssertionError(f"never saw {what}") from None
+        raise AssertionError(f"never saw {count} calls of the process held in a transaction") from None
+    finally:
+        await conn.close()
+
+
+async def served_again(stub: Any, md: Any) -> None:
+    """Call ListSites until it is served (at most 20 s): the tenant has a free slot again."""
+    try:
+        async with asyncio.timeout(20):
+            while True:
+                try:
+                    await stub.ListSites(LIST, metadata=md, timeout=10)
+                    return
+                except grpc.aio.AioRpcError as error:
+                    assert rich_error(error).reason == "TENANT_CALLS_LIMIT", error
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError("the tenant's slot was never freed") from None
 
 
 async def refused(call: Any) -> RichError:
@@ -87,7 +110,7 @@ async def refused(call: Any) -> RichError:
 
 
 async def test_a_tenant_over_its_calls_in_flight_is_refused_while_another_is_served(
-    extra_sites, features, new_tenant, token, platform_token, eventually
+    extra_sites, admin_dsn, features, new_tenant, token, platform_token, eventually
 ):
     busy, calm = new_tenant(plan="professional"), new_tenant(plan="professional")
     set_limit(features, platform_token, busy, LIMIT, 2)
@@ -98,16 +121,13 @@ async def test_a_tenant_over_its_calls_in_flight_is_refused_while_another_is_ser
     )
     busy_md, calm_md = bearer(token(busy)), bearer(token(calm))
 
-    def in_flight(count: int) -> Callable[[], bool]:
-        return lambda: scrape(metrics_port, "towerco_tenant_calls_in_flight", busy) == count
-
     async with grpc.aio.insecure_channel(extra.target) as channel:
         stub = sites_grpc.SiteServiceStub(channel)
         slow = [
             asyncio.ensure_future(stub.GetSiteAnalytics(pb.GetSiteAnalyticsRequest(), metadata=busy_md, timeout=30))
             for _ in range(2)
         ]
-        await until(in_flight(2), "the busy tenant's two slow calls in flight")
+        await holding(admin_dsn, extra, 2)
 
         # A third call, however cheap, is refused at once.
         assert_calls_limit(await refused(stub.ListSites(LIST, metadata=busy_md, timeout=10)), 2)
@@ -117,9 +137,8 @@ async def test_a_tenant_over_its_calls_in_flight_is_refused_while_another_is_ser
         await stub.CreateSite(pb.CreateSiteRequest(site_id="CALM-1", site=pb.Site(name="c")), metadata=calm_md)
         assert not any(task.done() for task in slow), "the busy tenant's calls ended before the checks"
 
-        # Once its calls end, the busy tenant is served again.
+        # Once its calls end, the busy tenant is served again (a slot is freed before the answer leaves).
         assert [reply.total_sites for reply in await asyncio.gather(*slow)] == [0, 0]
-        await until(in_flight(0), "the busy tenant's slots freed")
         await stub.ListSites(LIST, metadata=busy_md, timeout=10)
 
     assert scrape(metrics_port, "towerco_tenant_calls_limited_total", busy) == 1
@@ -132,30 +151,27 @@ async def test_a_tenant_over_its_calls_in_flight_is_refused_while_another_is_ser
     eventually(counted_in_usage, within=10)
 
 
-async def test_a_slot_is_freed_when_the_client_gives_up(extra_sites, features, new_tenant, token, platform_token):
+async def test_a_slot_is_freed_when_the_client_gives_up(
+    extra_sites, admin_dsn, features, new_tenant, token, platform_token
+):
     tenant = new_tenant(plan="professional")
     set_limit(features, platform_token, tenant, LIMIT, 1)
-    metrics_port = free_port()
     # A minute's pause: within the test, only the client's deadline or cancellation ends a call.
-    extra = extra_sites({"FAULT_POINTS": "sites.analytics@60", "SITES_METRICS_PORT": str(metrics_port)})
+    extra = extra_sites({"FAULT_POINTS": "sites.analytics@60"})
     md = bearer(token(tenant))
-
-    def in_flight(count: int) -> Callable[[], bool]:
-        return lambda: scrape(metrics_port, "towerco_tenant_calls_in_flight", tenant) == count
 
     async with grpc.aio.insecure_channel(extra.target) as channel:
         stub = sites_grpc.SiteServiceStub(channel)
-        expired = stub.GetSiteAnalytics(pb.GetSiteAnalyticsRequest(), metadata=md, timeout=1)
+        expired = stub.GetSiteAnalytics(pb.GetSiteAnalyticsRequest(), metadata=md, timeout=4)
+        await holding(admin_dsn, extra, 1)  # in flight, then past its deadline
         assert (await refused(expired)).code == grpc.StatusCode.DEADLINE_EXCEEDED
-        await until(in_flight(0), "the slot of the call past its deadline freed")
-        await stub.ListSites(LIST, metadata=md, timeout=10)
+        await served_again(stub, md)
 
         cancelled = stub.GetSiteAnalytics(pb.GetSiteAnalyticsRequest(), metadata=md, timeout=120)
-        await until(in_flight(1), "the slow call in flight")
+        await holding(admin_dsn, extra, 1)
         assert_calls_limit(await refused(stub.ListSites(LIST, metadata=md, timeout=10)), 1)
         cancelled.cancel()
-        await until(in_flight(0), "the slot of the cancelled call freed")
-        await stub.ListSites(LIST, metadata=md, timeout=10)
+        await served_again(stub, md)
 
 
 def test_a_slot_is_freed_when_the_call_fails(sites, features, new_tenant, token, platform_token, eventually):
