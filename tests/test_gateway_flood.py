@@ -124,6 +124,24 @@ def test_a_flooding_tenant_is_turned_away_at_the_gateway_and_others_are_unaffect
         assert list_sites(stub, flooder_token) is None
 
 
+def test_a_held_tenant_is_told_the_wait_that_remains(gateway, flooder, token):
+    flooder_token = token(flooder)
+    with channel_for(gateway, flooder) as channel:
+        stub = sites_grpc.SiteServiceStub(channel)
+        first = next(error for _ in range(20) if (error := list_sites(stub, flooder_token)) is not None)
+        assert first.retry is not None and first.retry.retry_delay.ToMilliseconds() > 1000, first
+        held = list_sites(stub, flooder_token)
+        time.sleep(0.5)
+        later = list_sites(stub, flooder_token)
+    waits = []
+    for error in (held, later):
+        assert error is not None and error.reason == "RATE_LIMITED" and error.retry is not None, error
+        waits.append(error.retry.retry_delay.ToMilliseconds())
+        assert f"retry in {waits[-1] / 1000:.3f}s" in error.message, (error.message, waits[-1])
+    # Half a second later, half a second less: the same moment to come back, not the same wait.
+    assert waits[1] <= waits[0] - 500, waits
+
+
 def test_grpc_web_clients_get_the_same_refusal_from_the_gateway(stack, gateway, flooder, token, eventually):
     flooder_token = token(flooder)
     host = f"{flooder}.localhost:{gateway.port}"

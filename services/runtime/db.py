@@ -1,7 +1,8 @@
 """Tenant-bound database access: the only way a service reaches its data.
 
-One asyncpg pool per process, made at start-up. :meth:`Database.transaction` opens a
-transaction and binds the current call's tenant to it with
+One asyncpg pool per process and database cell (``services/runtime/cells.py``), made at
+start-up; a tenant's transactions open on its cell's, as the cached tenant state names it.
+:meth:`Database.transaction` opens a transaction and binds the current call's tenant to it with
 ``set_config('app.current_tenant_id', $1, true)``: transaction-local, so it vanishes at
 COMMIT or ROLLBACK and a pooled connection never carries one tenant into the next
 request. Without a tenant in the request context it refuses to run.
@@ -19,13 +20,14 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, cast
 
 import asyncpg
 
-from . import bulkhead, context, metrics, usage
+from . import bulkhead, cells, context, metrics, usage
 from .errors import ErrorReason, unavailable
 from .logs import Outage
 
@@ -209,8 +211,22 @@ class _RefillFailures(logging.Filter):
         return True
 
 
+#: Which cell a tenant's rows live in ("" or an unknown tenant: the home cell), from the cached tenant state.
+CellOf = Callable[[str], Awaitable[str]]
+
+
+@dataclass(frozen=True)
+class CellPool:
+    """One cell's pool in this process, with the cell's own bulkhead and outage."""
+
+    name: str
+    pool: asyncpg.Pool[Any]
+    bulkhead: bulkhead.Bulkhead | None
+    outage: Outage
+
+
 class Database:
-    """A process's pool, handing out tenant-bound transactions only."""
+    """A process's pools, one per database cell, handing out tenant-bound transactions only."""
 
     def __init__(
         self,
@@ -220,6 +236,8 @@ class Database:
         *,
         read_pool: asyncpg.Pool[Any] | None = None,
         local_settings: str = "",
+        home_cell: str = cells.DEFAULT_CELL,
+        other_cells: Iterable[CellPool] = (),
     ) -> None:
         self._pool = pool
         #: On a streaming replica: the read-only transactions of the methods :meth:`route_reads` names.
@@ -238,6 +256,11 @@ class Database:
         self.replica_outage = Outage("PostgreSQL read replica", log)
         self._refill_failures = _RefillFailures(self.outage)
         logging.getLogger("asyncpg.pool").addFilter(self._refill_failures)
+        #: The home cell (this pool, bulkhead and outage) first, then every other cell's.
+        self.home_cell = home_cell
+        self._cells: dict[str, CellPool] = {home_cell: CellPool(home_cell, pool, heads, self.outage)}
+        self._cells.update((cell.name, cell) for cell in other_cells)
+        self._cell_of: CellOf | None = None
 
     @classmethod
     async def connect(
@@ -252,9 +275,15 @@ class Database:
         tenant_wait_seconds: float | None = None,
         pool_mode: str = SESSION_POOLING,
         read_dsn: str = "",
+        home_cell: str = cells.DEFAULT_CELL,
+        cell_dsns: Mapping[str, str] | None = None,
     ) -> Database:
         """The pool, and one on ``read_dsn`` (a replica) if given; with ``tenant_wait_seconds``,
-        a per-tenant bulkhead over the primary's too."""
+        a per-tenant bulkhead over the primary's too.
+
+        ``dsn`` is the home cell's; ``cell_dsns`` each other cell's, whose pools open their
+        connections when first needed (no minimum), so a cell that is down at start-up does
+        not stop the process: its tenants' calls are UNAVAILABLE until it is back."""
         options: dict[str, Any] = {
             "min_size": min_size,
             "max_size": max_size,
@@ -274,8 +303,60 @@ class Database:
             except BaseException:
                 await pool.close()
                 raise
-        heads = None if tenant_wait_seconds is None else bulkhead.Bulkhead(max_size, tenant_wait_seconds)
-        return cls(pool, acquire_timeout, heads, read_pool=read_pool, local_settings=local_settings)
+
+        def heads() -> bulkhead.Bulkhead | None:
+            return None if tenant_wait_seconds is None else bulkhead.Bulkhead(max_size, tenant_wait_seconds)
+
+        others = [
+            CellPool(
+                name,
+                await asyncpg.create_pool(cell_dsn, **{**options, "min_size": 0}),
+                heads(),
+                Outage(f"PostgreSQL cell {name}", log),
+            )
+            for name, cell_dsn in (cell_dsns or {}).items()
+        ]
+        return cls(
+            pool,
+            acquire_timeout,
+            heads(),
+            read_pool=read_pool,
+            local_settings=local_settings,
+            home_cell=home_cell,
+            other_cells=others,
+        )
+
+    @property
+    def cells(self) -> tuple[str, ...]:
+        """The cells this process reaches, the home cell first: platform paths run once in each."""
+        return tuple(self._cells)
+
+    def route_cells(self, cell_of: CellOf) -> None:
+        """Open each tenant's transactions on the cell ``cell_of`` names (with more than one cell).
+
+        ``cell_of`` reads the tenant state every service caches (memory first, and already
+        read by the tenant-state check of the same call), so choosing the pool adds no round trip.
+        """
+        self._cell_of = cell_of
+
+    async def cell_of(self, tenant_id: str) -> str:
+        """The cell of ``tenant_id``'s rows (the one :func:`cells.on_cell` chose, if any)."""
+        return (await self._tenant_cell(tenant_id)).name
+
+    async def _tenant_cell(self, tenant_id: str) -> CellPool:
+        chosen = cells.chosen_cell()
+        if chosen is None and self._cell_of is not None and len(self._cells) > 1:
+            chosen = await self._cell_of(tenant_id)
+        return self._cell(chosen)
+
+    def _cell(self, name: str | None) -> CellPool:
+        """The pool of cell ``name``; None or "": the home cell's."""
+        cell = self._cells.get(name or self.home_cell)
+        if cell is None:
+            # A placement this process has no DSN for: its configuration lags the registry's.
+            log.error("a tenant is placed in cell %s, which this process has no DSN for (CELLS)", name)
+            raise unavailable("the tenant's data cannot be reached; retry later", ErrorReason.DATABASE_UNAVAILABLE)
+        return cell
 
     def route_reads(self, methods: Iterable[str]) -> None:
         """Serve the read-only tenant transactions of ``methods`` from the replica, if there is one.
@@ -291,26 +372,29 @@ class Database:
     async def transaction(self, *, readonly: bool = False) -> AsyncIterator[asyncpg.Connection[Any]]:
         """A transaction bound to the current call's tenant (commit on success)."""
         tenant_id = context.current_tenant()
+        cell = await self._tenant_cell(tenant_id)
         limit = bulkhead.current_limit()
-        if limit is None or self.bulkhead is None:
-            async with self._tenant_open(tenant_id, readonly) as conn:
+        if limit is None or cell.bulkhead is None:
+            async with self._tenant_open(tenant_id, readonly, cell) as conn:
                 yield conn
             return
-        async with self.bulkhead.slot(tenant_id, limit), self._tenant_open(tenant_id, readonly) as conn:
+        async with cell.bulkhead.slot(tenant_id, limit), self._tenant_open(tenant_id, readonly, cell) as conn:
             yield conn
 
     @asynccontextmanager
-    async def _tenant_open(self, tenant_id: str, readonly: bool) -> AsyncIterator[asyncpg.Connection[Any]]:
+    async def _tenant_open(
+        self, tenant_id: str, readonly: bool, cell: CellPool
+    ) -> AsyncIterator[asyncpg.Connection[Any]]:
         """A transaction bound to ``tenant_id``; the time it holds (or waits for) a connection is the tenant's."""
         started = time.perf_counter()
         try:
-            if readonly and self._routed_to_replica():
+            if readonly and cell.name == self.home_cell and self._routed_to_replica():
                 async with self._replica_transaction(tenant_id) as conn:
                     if conn is not None:
                         yield conn
                         return
             async with self._open(
-                bind_tenant(tenant_id), readonly=readonly, written=None if readonly else tenant_id
+                bind_tenant(tenant_id), readonly=readonly, written=None if readonly else tenant_id, cell=cell
             ) as conn:
                 yield conn
         finally:
@@ -432,39 +516,40 @@ class Database:
 
     @asynccontextmanager
     async def _open(
-        self, scope: str, *, readonly: bool = False, written: str | None = None
+        self, scope: str, *, readonly: bool = False, written: str | None = None, cell: CellPool | None = None
     ) -> AsyncIterator[asyncpg.Connection[Any]]:
         """A pooled connection in a transaction whose first statement, ``scope``, sets its scope.
 
         ``scope`` goes with the ``BEGIN`` in one round trip, so it takes no parameters (see :func:`bind_tenant`).
         ``written``: the tenant whose write this is; with a replica, its WAL position is noted after the commit.
         """
+        cell = cell or self._cell(cells.chosen_cell())  # a platform path: the cell it runs on, else home
         try:
-            conn = await self._pool.acquire(timeout=self._acquire_timeout)
+            conn = await cell.pool.acquire(timeout=self._acquire_timeout)
         except TimeoutError:
             raise unavailable(
                 "all database connections are busy; retry shortly", ErrorReason.DATABASE_BUSY, 0.2
             ) from None
         except UNREACHABLE as exc:
-            self.outage.failed(exc)
+            cell.outage.failed(exc)
             metrics.active().dependency_error("postgres")
             raise
         try:
             async with _transaction(conn, _begin(readonly, scope + self._local_settings)):
-                self.outage.recovered()
+                cell.outage.recovered()
                 yield cast("asyncpg.Connection[Any]", conn)
-            if written is not None and self._read_pool is not None:
+            if written is not None and self._read_pool is not None and cell.name == self.home_cell:
                 await self._note_written(conn, written)
         except UNREACHABLE as exc:
-            self.outage.failed(exc)
+            cell.outage.failed(exc)
             metrics.active().dependency_error("postgres")
             raise
         finally:
-            await self._pool.release(conn)
+            await cell.pool.release(conn)
 
     async def close(self, grace_seconds: float = 10.0) -> None:
         logging.getLogger("asyncpg.pool").removeFilter(self._refill_failures)
-        for pool in (self._pool, self._read_pool):
+        for pool in (*(cell.pool for cell in self._cells.values()), self._read_pool):
             if pool is None:
                 continue
             try:
