@@ -109,12 +109,6 @@ BULKHEAD_REFUSALS = Counter(
     "Calls refused RESOURCE_EXHAUSTED TENANT_CONCURRENCY_LIMIT after waiting for a slot in vain",
     ("service",),
 )
-TENANT_CALLS_IN_FLIGHT = Gauge(
-    "towerco_tenant_calls_in_flight",
-    "Calls of the tenant's users running now in the process, which its call_concurrency bounds",
-    ("tenant", "service"),
-    multiprocess_mode="livesum",
-)
 TENANT_CALLS_LIMITED = Counter(
     "towerco_tenant_calls_limited_total",
     "Calls refused RESOURCE_EXHAUSTED TENANT_CALLS_LIMIT: the tenant already had its call_concurrency in flight",
@@ -170,7 +164,6 @@ ALL: tuple[MetricWrapperBase, ...] = (
     TENANT_CACHE_REQUESTS,
     BULKHEAD_WAITS,
     BULKHEAD_REFUSALS,
-    TENANT_CALLS_IN_FLIGHT,
     TENANT_CALLS_LIMITED,
     BREAKER_OPEN,
     DEPENDENCY_ERRORS,
@@ -268,7 +261,6 @@ class ServiceMetrics:
         self._dependency_errors = self._of(DEPENDENCY_ERRORS)
         self._cross_tenant = self._of(CROSS_TENANT_REFUSALS)
         self._purged = self._of(RETENTION_PURGED_ROWS)
-        self._in_flight = self._of(TENANT_CALLS_IN_FLIGHT)
         self._calls_limited = self._of(TENANT_CALLS_LIMITED)
         self._waits = BULKHEAD_WAITS.labels(service)
         self._refusals = BULKHEAD_REFUSALS.labels(service)
@@ -299,10 +291,6 @@ class ServiceMetrics:
 
     def bulkhead_refusal(self) -> None:
         self._refusals.inc()
-
-    def in_flight(self, tenant_id: str, change: int) -> None:
-        """The tenant's calls in flight went up (1) or down (-1)."""
-        self._in_flight(self.tenant(tenant_id)).inc(change)
 
     def calls_limited(self, tenant_id: str) -> None:
         self._calls_limited(self.tenant(tenant_id)).inc()

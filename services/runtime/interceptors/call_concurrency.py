@@ -16,6 +16,10 @@ a streaming one would hold its slot for the stream's life, as it would run insid
 
 Calls of platform admins and platform services, and public calls, pass untouched: the
 limits are a tenant's, and the platform's own work must not be throttled by them.
+
+An admitted call costs two dictionary updates and no metric: a per-tenant in-flight gauge
+would add two locked updates (3 to 5 µs measured) to every call. Refusals are counted
+(``towerco_tenant_calls_limited_total`` and the tenant's ``calls_limited`` usage).
 """
 
 from __future__ import annotations
@@ -63,7 +67,6 @@ class CallConcurrencyInterceptor(PolicyInterceptor):
                 metrics.active().calls_limited(tenant_id)
                 raise _refused(tenant_id, limit)
             self._in_flight[tenant_id] = held + 1
-            metrics.active().in_flight(tenant_id, 1)
             try:
                 return await inner(request, ctx)
             finally:
@@ -72,7 +75,6 @@ class CallConcurrencyInterceptor(PolicyInterceptor):
                     self._in_flight[tenant_id] = left
                 else:
                     del self._in_flight[tenant_id]
-                metrics.active().in_flight(tenant_id, -1)
 
         return behavior
 
