@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
@@ -45,6 +46,8 @@ TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 _PROPAGATOR = TraceContextTextMapPropagator()
 _provider: TracerProvider | None = None
 _tracer: trace.Tracer = trace.NoOpTracer()
+#: Whether a span may be recorded: not without a provider, nor when its sampler drops every span.
+_recording = False
 
 
 def configure(service: str, endpoint: str = "", schedule_delay_ms: int = 5000) -> TracerProvider:
@@ -65,12 +68,13 @@ def configure(service: str, endpoint: str = "", schedule_delay_ms: int = 5000) -
 
 def use(provider: TracerProvider | None, *processors: SpanProcessor) -> None:
     """Make ``provider`` (with ``processors`` added) the one spans come from; None: record nothing."""
-    global _provider, _tracer
+    global _provider, _tracer, _recording
     for processor in processors:
         assert provider is not None
         provider.add_span_processor(processor)
     _provider = provider
     _tracer = provider.get_tracer("towerco") if provider is not None else trace.NoOpTracer()
+    _recording = provider is not None and provider.sampler is not ALWAYS_OFF
 
 
 def shutdown() -> None:
@@ -94,18 +98,31 @@ _call: ContextVar[CallRecord | None] = ContextVar("towerco_call", default=None)
 
 @contextmanager
 def server_span(method: str, request_id: str, incoming: Mapping[str, str]) -> Iterator[tuple[Span, CallRecord]]:
-    """The span of one incoming call, child of the caller's ``traceparent`` when it sent one."""
-    service, _, rpc = method.lstrip("/").partition("/")
+    """The span of one incoming call, child of the caller's ``traceparent`` when it sent one.
+
+    Sampled out by configuration (no endpoint), the span is started as the SDK starts any
+    (its ids and the caller's trace carry on) and made current directly: no attributes
+    for a span that keeps none, and none of ``start_as_current_span``'s layers.
+    """
     parent = _PROPAGATOR.extract(incoming) if incoming else None
     record = CallRecord(method, request_id)
-    attributes = {
-        "rpc.system": "grpc",
-        "rpc.service": service,
-        "rpc.method": rpc,
-        REQUEST_ID_ATTRIBUTE: request_id,
-    }
     token = _call.set(record)
     try:
+        if not _recording:
+            span = _tracer.start_span(method.lstrip("/"), context=parent, kind=SpanKind.SERVER)
+            current = otel_context.attach(trace.set_span_in_context(span))
+            try:
+                yield span, record
+            finally:
+                otel_context.detach(current)
+            return
+        service, _, rpc = method.lstrip("/").partition("/")
+        attributes = {
+            "rpc.system": "grpc",
+            "rpc.service": service,
+            "rpc.method": rpc,
+            REQUEST_ID_ATTRIBUTE: request_id,
+        }
         with _tracer.start_as_current_span(
             method.lstrip("/"), context=parent, kind=SpanKind.SERVER, attributes=attributes,
             record_exception=False, set_status_on_exception=False,
@@ -120,7 +137,8 @@ def tag_tenant(tenant_id: str) -> None:
     record = _call.get()
     if record is not None:
         record.tenant = tenant_id
-    trace.get_current_span().set_attribute(TENANT_ATTRIBUTE, tenant_id)
+    if _recording:
+        trace.get_current_span().set_attribute(TENANT_ATTRIBUTE, tenant_id)
 
 
 def outgoing() -> list[tuple[str, str]]:

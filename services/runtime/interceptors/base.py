@@ -36,6 +36,20 @@ class Metadata:
             if isinstance(value, str):
                 self._values.setdefault(key.lower(), []).append(value)
 
+    @classmethod
+    def of(cls, pairs: Any) -> Metadata:
+        """``pairs`` read once for all the links of a call: each link is handed the same pairs object.
+
+        The last call's reading is kept with its pairs (alive, so no other call's can have
+        its identity); a different object is read anew. Links only read a Metadata.
+        """
+        global _last_read
+        pairs_read, read = _last_read
+        if pairs is not pairs_read:
+            read = cls(pairs)
+            _last_read = (pairs, read)
+        return read
+
     def first(self, key: str) -> str | None:
         """The first value of ``key`` (for headers that identify nothing), None when absent."""
         values = self._values.get(key)
@@ -53,6 +67,8 @@ class Metadata:
             )
         return values[0]
 
+
+_last_read: tuple[Any, Metadata] = ((), Metadata(()))
 
 #: Platform plumbing served without a token: health checks and server reflection.
 INFRASTRUCTURE_PREFIXES = (
@@ -82,13 +98,14 @@ class PolicyInterceptor(_ServerInterceptor, ABC):
             return None
         if policy is None or handler.unary_unary is None:
             return handler if method.startswith(INFRASTRUCTURE_PREFIXES) else None
-        metadata = Metadata(handler_call_details.invocation_metadata or ())
+        metadata = Metadata.of(handler_call_details.invocation_metadata or ())
         inner = cast(Behavior, handler.unary_unary)
         wrapped = self.wrap(inner, policy, metadata)
+        deserializer = self.deserializer(handler.request_deserializer)
+        if wrapped is inner and deserializer is handler.request_deserializer:
+            return handler  # the link has nothing to add to this method
         return grpc.unary_unary_rpc_method_handler(
-            wrapped,
-            request_deserializer=self.deserializer(handler.request_deserializer),
-            response_serializer=handler.response_serializer,
+            wrapped, request_deserializer=deserializer, response_serializer=handler.response_serializer
         )
 
     def deserializer(self, original: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:

@@ -1,0 +1,103 @@
+"""Per-call work the server chain does not repeat: links share one reading of the metadata,
+and a sampled-out call's span is started without the recording machinery yet carries the trace.
+
+Timings are the benchmarks' (``make bench``); these check that the cheaper paths behave as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from typing import Any
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from towerco.sites.v1 import sites_service_pb2
+
+from services.runtime import tracing
+from services.runtime.interceptors.base import Behavior, Metadata, PolicyInterceptor
+from services.runtime.policy import Policy, PolicyTable
+
+GET_SITE = "/towerco.sites.v1.SiteService/GetSite"
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+class _Reading(PolicyInterceptor):
+    """A link that keeps the Metadata each call hands it."""
+
+    def __init__(self, policies: PolicyTable, seen: list[Metadata]) -> None:
+        super().__init__(policies)
+        self._seen = seen
+
+    def wrap(self, inner: Behavior, policy: Policy, metadata: Metadata) -> Behavior:
+        self._seen.append(metadata)
+
+        async def behavior(request: Any, ctx: Any) -> Any:
+            return await inner(request, ctx)
+
+        return behavior
+
+
+class _Details:
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.method = GET_SITE
+        self.invocation_metadata = metadata
+
+
+async def _servicer(request: Any, ctx: Any) -> Any:
+    return request
+
+
+def test_the_links_of_a_call_share_one_reading_of_its_metadata_and_the_next_call_gets_its_own() -> None:
+    policies = PolicyTable.from_services([sites_service_pb2.DESCRIPTOR.services_by_name["SiteService"]])
+    seen: list[Metadata] = []
+    links = [_Reading(policies, seen) for _ in range(5)]
+    handler = grpc.unary_unary_rpc_method_handler(_servicer)
+
+    async def find(details: _Details) -> Any:
+        async def innermost(_: Any) -> Any:
+            return handler
+
+        continuation: Any = innermost
+        for link in reversed(links):
+            continuation = functools.partial(link.intercept_service, continuation)  # as grpc.aio chains them
+        return await continuation(details)
+
+    async def calls() -> None:
+        for tenant in ("ta", "tb"):
+            found = await find(_Details((("x-tenant-id", tenant), ("X-Request-Id", f"r-{tenant}"))))
+            assert await found.unary_unary("request", None) == "request"
+
+    asyncio.run(calls())
+    first, second = seen[:5], seen[5:]
+    assert all(m is first[0] for m in first) and all(m is second[0] for m in second)
+    assert first[0] is not second[0]
+    assert (first[0].single("x-tenant-id"), first[0].first("x-request-id")) == ("ta", "r-ta")
+    assert (second[0].single("x-tenant-id"), second[0].first("x-request-id")) == ("tb", "r-tb")
+
+
+def test_a_sampled_out_call_continues_the_callers_trace_with_a_span_of_its_own_and_records_nothing() -> None:
+    kept = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    tracing.use(provider, SimpleSpanProcessor(kept))
+    try:
+        with tracing.server_span(GET_SITE, "r-1", {"traceparent": TRACEPARENT}) as (span, record):
+            tracing.tag_tenant("ta")
+            context = trace.get_current_span().get_span_context()
+            assert trace.get_current_span() is span and not span.is_recording()
+            assert format(context.trace_id, "032x") == "0af7651916cd43dd8448eb211c80319c"
+            assert format(context.span_id, "016x") != "b7ad6b7169203331"  # a span of its own
+            assert tracing.outgoing() == [("traceparent", f"00-{context.trace_id:032x}-{context.span_id:016x}-00")]
+            assert record.tenant == "ta"
+        with tracing.server_span(GET_SITE, "r-2", {}) as (span, _):
+            fresh = span.get_span_context()
+            assert fresh.is_valid and fresh.trace_id != context.trace_id
+        assert trace.get_current_span() is trace.INVALID_SPAN  # made current for the call only
+        assert tracing.current_ids() == ("-", "-")
+        assert kept.get_finished_spans() == ()
+    finally:
+        tracing.use(None)
