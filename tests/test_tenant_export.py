@@ -14,7 +14,7 @@ import json
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,8 @@ from towerco.features.v1 import feature_gate_service_pb2 as features_pb
 from towerco.sites.v1 import sites_service_pb2 as sites_pb
 from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 
-from deploy.local.stack import Stack
-from deploy.local.tenant_archive import ArchiveError, TenantArchive, dump, load, rechain
+from deploy.local.stack import Stack, service_spec
+from deploy.local.tenant_archive import ArchiveError, TenantArchive, check_chain, dump, load, rechain
 from deploy.local.tenant_commands import import_from_file
 from deploy.local.tenant_transfer import (
     EXPORTED,
@@ -42,6 +42,8 @@ from deploy.local.tenant_transfer import (
 )
 from deploy.local.tokens import mint
 from services.audit.hash_chain import ChainedEvent
+from services.runtime.faults import Faults, InjectedFaultError
+from services.runtime.server import migrate_service
 from services.tenant.secrets import SecretBox, load_secret_box
 
 from .support.errors import expect_error
@@ -160,14 +162,20 @@ async def _settled(admin: asyncpg.Connection[Any], tenant_id: str) -> int:
     raise AssertionError(f"tenant {tenant_id}'s audit events never reached the log")
 
 
-async def _rows(admin: asyncpg.Connection[Any], tenant_id: str, box: SecretBox) -> dict[str, list[dict[str, Any]]]:
-    """Every exported table's rows of ``tenant_id``, its id written as ``T``; secrets opened, hashes dropped."""
+async def _rows(
+    admin: asyncpg.Connection[Any], tenant_id: str, box: SecretBox, cell: asyncpg.Connection[Any] | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """Every exported table's rows of ``tenant_id``, its id written as ``T``; secrets opened, hashes dropped.
+
+    The registry's tables are read from ``admin``, the others from ``cell`` when given.
+    """
     found: dict[str, list[dict[str, Any]]] = {}
     for table in EXPORTED:
+        conn = cell if cell is not None and not table.name.startswith("tenant.") else admin
         order = ", ".join(table.order)
         rows = [
             {**json.loads(r["row"]), "tenant_id": "T"}
-            for r in await admin.fetch(
+            for r in await conn.fetch(
                 f"SELECT to_jsonb(t)::text AS row FROM {table.name} t WHERE tenant_id = $1 ORDER BY {order}", tenant_id
             )
         ]
@@ -367,3 +375,66 @@ async def test_every_table_with_tenant_rows_is_exported_or_left_out_with_a_reaso
     missing = missing_from_lists(tables)
     assert missing == [], f"{missing}: add them to EXPORTED, or to LEFT_OUT with the reason"
     assert {t.name for t in EXPORTED} | set(LEFT_OUT) == set(tables), "a listed table no longer exists"
+
+
+# --- Two databases: the registry in the home cell, the tenant's rows in another --------
+
+
+@pytest.fixture
+async def other_cell(admin: asyncpg.Connection[Any], admin_dsn: str) -> AsyncIterator[asyncpg.Connection[Any]]:
+    """A second database on the session's server, with every service's schema, as a cell's."""
+    name = f"cell_{uuid.uuid4().hex[:8]}"
+    await admin.execute(f"CREATE DATABASE {name}")
+    dsn = admin_dsn.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        for service in ("tenant", "sites", "features", "audit"):
+            await migrate_service(service_spec(service), dsn, None)
+        conn: asyncpg.Connection[Any] = await asyncpg.connect(dsn)
+        try:
+            yield conn
+        finally:
+            await conn.close()
+    finally:
+        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+async def test_an_import_into_another_cell_writes_the_registry_at_home_and_the_rest_in_the_cell(
+    admin: asyncpg.Connection[Any], other_cell: asyncpg.Connection[Any], busy_tenant: str, box: SecretBox
+) -> None:
+    await _settled(admin, busy_tenant)
+    before = await _rows(admin, busy_tenant, box)
+    archive = load(dump(await export_tenant(admin, busy_tenant)))
+    target = f"ic_{uuid.uuid4().hex[:10]}"
+
+    await import_tenant(admin, archive, target, box, cell_conn=other_cell)
+    at_home, in_cell = await _holdings(admin, target), await _holdings(other_cell, target)
+    assert "tenant.tenants" in at_home and all(t.startswith("tenant.") for t in at_home), at_home
+    assert "sites.sites" in in_cell and all(not t.startswith("tenant.") for t in in_cell), in_cell
+    after = await _rows(admin, target, box, other_cell)
+    assert after["audit.events"].pop()["action"] == "tenants.import"
+    assert after == before
+    assert check_chain([json.loads(r["row"]) for r in await other_cell.fetch(
+        "SELECT to_jsonb(e)::text AS row FROM audit.events e WHERE tenant_id = $1 ORDER BY sequence", target
+    )]).valid  # fmt: skip
+
+    # Out of the home cell alone it would miss the rows: refused, naming the way.
+    with pytest.raises(TransferError, match="rows are not in this database: it is placed in another cell"):
+        await export_tenant(admin, target)
+    # And out again from the two databases: the same rows, the chain verifying in the file.
+    again = load(dump(await export_tenant(admin, target, other_cell)))
+    assert again.tables["sites.sites"] == [{**r, "tenant_id": target} for r in archive.tables["sites.sites"]]
+    assert len(again.events()) == len(archive.events()) + 1
+
+
+async def test_an_import_whose_registry_part_fails_after_the_cells_commit_leaves_nothing_in_either(
+    admin: asyncpg.Connection[Any], other_cell: asyncpg.Connection[Any], busy_tenant: str, box: SecretBox
+) -> None:
+    await _settled(admin, busy_tenant)
+    archive = load(dump(await export_tenant(admin, busy_tenant)))
+    target = f"if_{uuid.uuid4().hex[:10]}"
+    with pytest.raises(InjectedFaultError):
+        await import_tenant(
+            admin, archive, target, box, cell_conn=other_cell, faults=Faults("tenant_import.before_registry_commit")
+        )
+    assert await _holdings(admin, target) == []
+    assert await _holdings(other_cell, target) == []  # its audit events too, removed as audit_retention

@@ -13,8 +13,10 @@ import argparse
 import asyncio
 import os
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
 from redis.exceptions import RedisError
@@ -29,6 +31,7 @@ from .stack import DATABASE, StackConfig
 from .tenant_archive import ArchiveError, dump, load
 from .tenant_transfer import TransferError, export_tenant, import_tenant, publish_tenant, record_export
 
+Connection: TypeAlias = "asyncpg.Connection[Any]"
 #: How long the import waits for Redis to take the tenant's announcement before it says so.
 PUBLISH_SECONDS = 5.0
 
@@ -43,15 +46,29 @@ def _dev_redis_url() -> str:
     return config.redis_url or f"redis://127.0.0.1:{config.redis_port}/0"
 
 
-async def export_to_file(database_url: str, tenant_id: str, out: Path) -> tuple[int, str]:
-    """Write ``tenant_id``'s export to ``out`` (complete or not at all); (rows, sha256)."""
-    conn: asyncpg.Connection[Any] = await asyncpg.connect(database_url)
+@asynccontextmanager
+async def _connections(database_url: str, cell_url: str) -> AsyncIterator[tuple[Connection, Connection | None]]:
+    """The home cell's database, and the tenant's cell's when that is another one."""
+    conn: Connection = await asyncpg.connect(database_url)
     try:
-        archive = await export_tenant(conn, tenant_id)
-        await asyncio.to_thread(_write_whole, out, dump(archive))
-        await record_export(conn, archive, out.name)
+        if not cell_url or cell_url == database_url:
+            yield conn, None
+            return
+        cell: Connection = await asyncpg.connect(cell_url)
+        try:
+            yield conn, cell
+        finally:
+            await cell.close()
     finally:
         await conn.close()
+
+
+async def export_to_file(database_url: str, tenant_id: str, out: Path, cell_url: str = "") -> tuple[int, str]:
+    """Write ``tenant_id``'s export to ``out`` (complete or not at all); (rows, sha256)."""
+    async with _connections(database_url, cell_url) as (conn, cell):
+        archive = await export_tenant(conn, tenant_id, cell)
+        await asyncio.to_thread(_write_whole, out, dump(archive))
+        await record_export(cell or conn, archive, out.name)  # the chain is in the tenant's cell
     return archive.row_count, archive.sha256
 
 
@@ -62,7 +79,7 @@ def _write_whole(out: Path, data: bytes) -> None:
 
 
 async def import_from_file(
-    database_url: str, redis_url: str, data: bytes, target: str, box: SecretBox
+    database_url: str, redis_url: str, data: bytes, target: str, box: SecretBox, cell_url: str = ""
 ) -> tuple[dict[str, int], str]:
     """Import the export ``data`` as tenant ``target`` (the file's own id when empty).
 
@@ -70,16 +87,13 @@ async def import_from_file(
     """
     archive = load(data)
     target = target or archive.tenant_id
-    conn: asyncpg.Connection[Any] = await asyncpg.connect(database_url)
-    try:
-        written = await import_tenant(conn, archive, target, box)
+    async with _connections(database_url, cell_url) as (conn, cell):
+        written = await import_tenant(conn, archive, target, box, cell_conn=cell)
         untold = await _announce(conn, redis_url, target) if redis_url else "no Redis given"
-    finally:
-        await conn.close()
     return written, untold
 
 
-async def _announce(conn: asyncpg.Connection[Any], redis_url: str, tenant_id: str) -> str:
+async def _announce(conn: Connection, redis_url: str, tenant_id: str) -> str:
     """Publish the imported tenant to the services' caches; why not, if it could not be."""
     cache = TenantCache(
         RedisConfig(redis_url, timeout_seconds=1.0, client_name="towerco-tenant-import"), local_seconds=0
@@ -96,7 +110,8 @@ async def _announce(conn: asyncpg.Connection[Any], redis_url: str, tenant_id: st
 def cmd_tenant_export(args: argparse.Namespace) -> int:
     out = Path(args.out or f"{args.tenant}.tenant-export.jsonl")
     try:
-        rows, digest = asyncio.run(export_to_file(args.database_url or _dev_database_url(), args.tenant, out))
+        database_url = args.database_url or _dev_database_url()
+        rows, digest = asyncio.run(export_to_file(database_url, args.tenant, out, args.cell_database_url))
     except TransferError as exc:
         print(f"make tenant-export: {exc}", file=sys.stderr)
         return 1
@@ -117,7 +132,9 @@ def cmd_tenant_import(args: argparse.Namespace) -> int:
         return 2
     try:
         box = load_secret_box(process_environment())
-        written, untold = asyncio.run(import_from_file(database_url, redis_url, data, args.tenant, box))
+        written, untold = asyncio.run(
+            import_from_file(database_url, redis_url, data, args.tenant, box, args.cell_database_url)
+        )
     except (ArchiveError, TransferError, SettingsError) as exc:
         print(f"make tenant-import: {args.file}: {exc}; nothing was imported", file=sys.stderr)
         return 1
@@ -136,16 +153,22 @@ def cmd_tenant_import(args: argparse.Namespace) -> int:
     return 0
 
 
+DATABASE_URL_HELP = "the home cell's administrative DSN (the registry's); default: the dev stack's"
+CELL_URL_HELP = "the administrative DSN of the tenant's cell, when it is not the home cell"
+
+
 def add_tenant_commands(sub: Any) -> None:
     """The two subcommands, on ``python -m deploy.local``'s parser."""
     export = sub.add_parser("tenant-export", help="write one tenant's rows of every service to one file")
     export.add_argument("--tenant", required=True)
     export.add_argument("--out", default="", help="the file; default <tenant>.tenant-export.jsonl")
-    export.add_argument("--database-url", default="", help="the cell's administrative DSN; default: the dev stack's")
+    export.add_argument("--database-url", default="", help=DATABASE_URL_HELP)
+    export.add_argument("--cell-database-url", default="", help=CELL_URL_HELP)
     export.set_defaults(func=cmd_tenant_export)
     restore = sub.add_parser("tenant-import", help="restore a tenant export into an unused tenant id")
     restore.add_argument("--file", required=True)
     restore.add_argument("--tenant", default="", help="the tenant id to create; default: the file's own")
-    restore.add_argument("--database-url", default="", help="the cell's administrative DSN; default: the dev stack's")
+    restore.add_argument("--database-url", default="", help=DATABASE_URL_HELP)
+    restore.add_argument("--cell-database-url", default="", help=CELL_URL_HELP)
     restore.add_argument("--redis-url", default=None, help="where the tenant caches are; '' to skip; default: dev's")
     restore.set_defaults(func=cmd_tenant_import)

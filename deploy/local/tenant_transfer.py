@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import logging
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ import asyncpg
 from services.audit import queries as audit_queries
 from services.audit.hash_chain import ChainedEvent, rfc3339
 from services.runtime.context import is_valid_tenant_id
+from services.runtime.faults import Faults
 from services.runtime.tenant_cache import TenantCache
 from services.tenant import records, tenant_settings_store
 from services.tenant.hosts import RESERVED_TENANT_IDS
@@ -93,6 +95,12 @@ LEFT_OUT = {
 
 EXPORTABLE_STATES = ("STATE_ACTIVE", "STATE_SUSPENDED")
 _SETTINGS = "tenant.tenant_settings"
+#: The feature gate's row every provisioned tenant has, in the cell holding its rows.
+PLAN_TABLE = "features.tenant_plans"
+#: The registry's schema: in the home cell, whichever cell holds the tenant's other rows.
+REGISTRY_SCHEMA = "tenant"
+NO_FAULTS = Faults("")
+log = logging.getLogger("towerco.tenant_transfer")
 
 
 class TransferError(RuntimeError):
@@ -129,9 +137,16 @@ async def tenant_tables(conn: asyncpg.Connection[Any]) -> list[str]:
     return [row["name"] for row in rows]
 
 
-async def export_tenant(conn: asyncpg.Connection[Any], tenant_id: str) -> TenantArchive:
-    """Every exported row of ``tenant_id``, read in one snapshot; TransferError if it cannot be exported."""
-    await conn.execute("SET TIME ZONE 'UTC'")
+async def export_tenant(
+    conn: asyncpg.Connection[Any], tenant_id: str, cell_conn: asyncpg.Connection[Any] | None = None
+) -> TenantArchive:
+    """Every exported row of ``tenant_id``; TransferError if it cannot be exported.
+
+    ``conn`` is the home cell's database (the registry); ``cell_conn`` the tenant's cell's,
+    when that is another database. Each database is read in one snapshot.
+    """
+    cell = cell_conn or conn
+    await _utc(conn, cell)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         state = await conn.fetchval("SELECT state FROM tenant.tenants WHERE tenant_id = $1", tenant_id)
         if state is None:
@@ -141,13 +156,18 @@ async def export_tenant(conn: asyncpg.Connection[Any], tenant_id: str) -> Tenant
         archive = TenantArchive(
             tenant_id=tenant_id, export_time=rfc3339(datetime.now(UTC)), schema_versions=await schema_versions(conn)
         )
-        for table in EXPORTED:
-            order = ", ".join(table.order)
-            rows = await conn.fetch(
-                f"SELECT to_jsonb(t) AS row FROM {table.name} AS t WHERE t.tenant_id = $1 ORDER BY {order}",
-                tenant_id,
-            )
-            archive.tables[table.name] = [_json(row["row"]) for row in rows]
+        await _read(conn, archive, _registry_tables() if cell is not conn else EXPORTED)
+    if cell is not conn:
+        async with cell.transaction(isolation="repeatable_read", readonly=True):
+            await _require_versions(cell, archive.schema_versions, "the tenant's cell")
+            await _read(cell, archive, _cell_tables())
+        archive.tables = {table.name: archive.tables[table.name] for table in EXPORTED}  # the file's order
+    if not archive.tables[PLAN_TABLE]:
+        # Every provisioned tenant has its plan row in its cell: none means the rows are elsewhere.
+        raise TransferError(
+            f"tenant {tenant_id!r}'s rows are not in {'the cell given' if cell is not conn else 'this database'}: "
+            "it is placed in another cell (its tenant record's `cell`); pass that cell's --cell-database-url"
+        )
     check = check_chain(archive.events())
     if not check.valid:
         raise TransferError(
@@ -155,6 +175,30 @@ async def export_tenant(conn: asyncpg.Connection[Any], tenant_id: str) -> Tenant
             "an export would be refused on import; investigate the log first (VerifyChain)"
         )
     return archive
+
+
+async def _read(conn: asyncpg.Connection[Any], archive: TenantArchive, tables: Iterable[Table]) -> None:
+    for table in tables:
+        order = ", ".join(table.order)
+        rows = await conn.fetch(
+            f"SELECT to_jsonb(t) AS row FROM {table.name} AS t WHERE t.tenant_id = $1 ORDER BY {order}",
+            archive.tenant_id,
+        )
+        archive.tables[table.name] = [_json(row["row"]) for row in rows]
+
+
+def _registry_tables() -> list[Table]:
+    """The registry's tables: in the home cell, whichever cell holds the tenant's other rows."""
+    return [t for t in EXPORTED if t.name.startswith(f"{REGISTRY_SCHEMA}.")]
+
+
+def _cell_tables() -> list[Table]:
+    return [t for t in EXPORTED if not t.name.startswith(f"{REGISTRY_SCHEMA}.")]
+
+
+async def _utc(*conns: asyncpg.Connection[Any]) -> None:
+    for conn in set(conns):
+        await conn.execute("SET TIME ZONE 'UTC'")  # to_jsonb writes timestamps in the session's zone
 
 
 async def record_export(conn: asyncpg.Connection[Any], archive: TenantArchive, file: str) -> None:
@@ -169,50 +213,120 @@ async def record_export(conn: asyncpg.Connection[Any], archive: TenantArchive, f
 
 
 async def import_tenant(
-    conn: asyncpg.Connection[Any], archive: TenantArchive, target: str, box: SecretBox
+    conn: asyncpg.Connection[Any],
+    archive: TenantArchive,
+    target: str,
+    box: SecretBox,
+    *,
+    cell_conn: asyncpg.Connection[Any] | None = None,
+    faults: Faults = NO_FAULTS,
 ) -> dict[str, int]:
     """Write ``archive`` (already checked by ``tenant_archive.load``) as tenant ``target``, all or nothing.
+
+    ``conn`` is the home cell's database (the registry); ``cell_conn`` the database of the
+    cell the tenant goes to, when that is another one. In one database everything is one
+    transaction. Across two, the registry's rows are written first and held uncommitted
+    while the cell's transaction writes and commits; the registry's commits last, and if
+    it fails the cell's rows are removed again. Until the registry's commit no service
+    knows the tenant, so no call sees it half-imported.
 
     Returns the rows written per table. TransferError, with nothing written, if the target
     is not empty, the schema versions differ, or a row cannot be written.
     """
     if not is_valid_tenant_id(target) or target in RESERVED_TENANT_IDS:
         raise TransferError(f"{target!r} cannot be a tenant id (reserved, or not of the tenant id pattern)")
-    await conn.execute("SET TIME ZONE 'UTC'")
-    source = archive.tenant_id
+    cell = cell_conn or conn
+    await _utc(conn, cell)
+    rows = {table.name: _for_target(table.name, archive.tables.get(table.name, []), archive.tenant_id, target, box)
+            for table in EXPORTED}  # fmt: skip
     written: dict[str, int] = {}
-    async with conn.transaction():
-        # One import per target id at a time; the audit chain's own lock keeps writers out.
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('tenant-import/' || $1))", target)
-        await conn.execute(audit_queries.LOCK_CHAIN, target)
-        versions = await schema_versions(conn)
-        if versions != archive.schema_versions:
-            raise TransferError(
-                f"the file was written at schema versions {archive.schema_versions}, this database is at {versions}: "
-                "import it into a database at the same versions"
-            )
-        await _require_empty(conn, target)
-        for table in EXPORTED:
-            rows = archive.tables.get(table.name, [])
-            if not rows:
-                continue
-            rows = _for_target(table.name, rows, source, target, box)
-            if table.name == "tenant.host_routes":
-                await _require_free_hosts(conn, [row["host"] for row in rows])
-            columns = ", ".join(await _columns(conn, table.name))
-            try:
-                status = await conn.execute(
-                    f"INSERT INTO {table.name} ({columns}) SELECT {columns}"
-                    f" FROM jsonb_populate_recordset(NULL::{table.name}, $1::jsonb)",
-                    _dumps(rows),
-                )
-            except asyncpg.PostgresError as exc:  # the transaction rolls back: nothing stays
-                raise TransferError(f"the rows of {table.name} could not be written ({exc})") from None
-            written[table.name] = int(status.rsplit(" ", 1)[1])
-        head = archive.events()[-1]["hash"] if archive.events() else ""
-        details = {"source_tenant_id": source, "sha256": archive.sha256, "source_chain_head": head}
-        await _append_event(conn, target, "tenants.import", {**details, "rows": archive.row_count})
+    cell_committed = False
+    try:
+        async with conn.transaction():
+            await _prepare(conn, archive, target, "this database" if cell is conn else "the home cell")
+            await _write(conn, rows, _registry_tables() if cell is not conn else EXPORTED, written)
+            if cell is conn:
+                await _record_import(conn, archive, target)
+                faults.check("tenant_import.before_commit")
+            else:
+                async with cell.transaction():
+                    await _prepare(cell, archive, target, "the tenant's cell")
+                    await _write(cell, rows, _cell_tables(), written)
+                    await _record_import(cell, archive, target)
+                    faults.check("tenant_import.before_cell_commit")
+                cell_committed = True
+                faults.check("tenant_import.before_registry_commit")
+    except BaseException:
+        if cell_committed:
+            await _remove_cell_rows(cell, target)
+        raise
     return written
+
+
+async def _prepare(conn: asyncpg.Connection[Any], archive: TenantArchive, target: str, where: str) -> None:
+    """Lock the target id in this database, then refuse other schema versions and a used id."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('tenant-import/' || $1))", target)
+    await conn.execute(audit_queries.LOCK_CHAIN, target)  # no audit writer appends meanwhile
+    await _require_versions(conn, archive.schema_versions, where)
+    await _require_empty(conn, target)
+
+
+async def _require_versions(conn: asyncpg.Connection[Any], expected: dict[str, int], where: str) -> None:
+    versions = await schema_versions(conn)
+    if versions != expected:
+        raise TransferError(
+            f"the file was written at schema versions {expected}, {where} is at {versions}: "
+            "import it into a database at the same versions"
+        )
+
+
+async def _write(
+    conn: asyncpg.Connection[Any],
+    rows: dict[str, list[dict[str, Any]]],
+    tables: Iterable[Table],
+    written: dict[str, int],
+) -> None:
+    for table in tables:
+        if not rows[table.name]:
+            continue
+        if table.name == "tenant.host_routes":
+            await _require_free_hosts(conn, [row["host"] for row in rows[table.name]])
+        columns = ", ".join(await _columns(conn, table.name))
+        try:
+            status = await conn.execute(
+                f"INSERT INTO {table.name} ({columns}) SELECT {columns}"
+                f" FROM jsonb_populate_recordset(NULL::{table.name}, $1::jsonb)",
+                _dumps(rows[table.name]),
+            )
+        except asyncpg.PostgresError as exc:  # the transaction rolls back: nothing stays
+            raise TransferError(f"the rows of {table.name} could not be written ({exc})") from None
+        written[table.name] = int(status.rsplit(" ", 1)[1])
+
+
+async def _record_import(conn: asyncpg.Connection[Any], archive: TenantArchive, target: str) -> None:
+    """``tenants.import`` closes the new chain, pointing at the file and the chain it came from."""
+    head = archive.events()[-1]["hash"] if archive.events() else ""
+    details = {"source_tenant_id": archive.tenant_id, "sha256": archive.sha256, "source_chain_head": head}
+    await _append_event(conn, target, "tenants.import", {**details, "rows": archive.row_count})
+
+
+async def _remove_cell_rows(conn: asyncpg.Connection[Any], target: str) -> None:
+    """Undo a committed cell part whose registry part failed: the id holds nothing again."""
+    try:
+        async with conn.transaction():
+            # Audit events are append-only but for the retention role (its policy and trigger).
+            await conn.execute("SET LOCAL ROLE audit_retention")
+            await conn.execute("DELETE FROM audit.events WHERE tenant_id = $1", target)
+            await conn.execute("RESET ROLE")
+            for table in reversed(_cell_tables()):
+                if table.name != AUDIT_EVENTS:
+                    await conn.execute(f"DELETE FROM {table.name} WHERE tenant_id = $1", target)
+    except (asyncpg.PostgresError, OSError) as exc:
+        raise TransferError(
+            f"the registry's part failed after the cell's was committed, and removing the cell's rows of {target!r} "
+            f"failed too ({exc}): delete them by hand (as audit_retention for audit.events) before importing again"
+        ) from exc
+    log.warning("import of %s: the registry's part failed; the cell's rows were removed again", target)
 
 
 def _for_target(
