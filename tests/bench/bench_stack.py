@@ -2,7 +2,8 @@
 the bench's tenants with their sites, and the bare server; all stopped by the bench that started them.
 
 Tenants, each with rate overrides so that each row measures what it names:
-- ``bench_tenant``: read and write rates unlimited (the service without the limiter's work);
+- ``bench_tenant``: read and write rates and calls in flight unlimited (the service without
+  the limiter's work);
 - ``bench_limited``: a finite read rate never reached (one rate decision per call);
 - ``bench_quiet``: the other tenant of the isolation rows, a finite rate never reached;
 - ``bench_flood``: ``rpm_read`` 600 (10 calls/s), the flooder.
@@ -43,7 +44,9 @@ SITE_ID = "B-0100"
 NEVER_REACHED = 10**9
 FLOOD_RPM_READ = 600
 RATES: dict[str, dict[str, int]] = {
-    "bench_tenant": {"rpm_read": -1, "rpm_write": -1},
+    # Nor a bound on its calls in flight: 32 clients at a bound of 32 would meet it whenever a
+    # client's next call arrives before the previous call's slot is given back.
+    "bench_tenant": {"rpm_read": -1, "rpm_write": -1, "call_concurrency": -1},
     "bench_limited": {"rpm_read": NEVER_REACHED, "rpm_write": -1},
     "bench_quiet": {"rpm_read": NEVER_REACHED, "rpm_write": -1},
     "bench_flood": {"rpm_read": FLOOD_RPM_READ, "rpm_write": -1},
