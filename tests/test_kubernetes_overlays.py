@@ -23,7 +23,7 @@ import yaml
 from deploy.kubernetes.render import KUBERNETES, KUBERNETES_VERSION, OVERLAYS, SECRETS_EXAMPLE, render
 from gateway.__main__ import OVERLAY_VALUES
 from gateway.config import HEALTH_PATH, apis
-from services.runtime.settings import DEFAULT_METRICS_PORTS, DEFAULT_PORTS
+from services.runtime.settings import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, WORKERS
 
 REPO = Path(__file__).resolve().parents[1]
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
@@ -153,6 +153,16 @@ def test_a_pods_grace_period_covers_prestop_and_the_services_whole_drain(rendere
         if name in SERVICES:
             assert {"configMapRef": {"name": shared["metadata"]["name"]}} in container["envFrom"]
         assert spec["terminationGracePeriodSeconds"] > pre_stop + drain, f"{name} is killed mid-drain"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_service_pod_is_one_worker_process_and_replicas_scale(rendered, overlay):
+    deployments = of_kind(rendered[overlay], "Deployment")
+    for name in SERVICES:
+        (container,) = deployments[name]["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        # Not make run's default (the machine's cores): a pod's CPU limit is not the node's cores.
+        assert env.get(WORKERS[name].name) == "1", f"{name}: {WORKERS[name].name} must be 1 in a pod"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
