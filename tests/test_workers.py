@@ -43,9 +43,9 @@ def _env(metrics_port: int, **extra: str) -> dict[str, str]:
     return {"SITES_WORKERS": str(WORKERS), "LOG_FORMAT": "json", "SITES_METRICS_PORT": str(metrics_port), **extra}
 
 
-def _start(services: ExtraServices, metrics_port: int, **extra: str) -> ExtraService:
-    """A sites service of two workers; returns once both say they serve."""
-    service = services.start("sites", _env(metrics_port, **extra))
+def _start(start: Callable[..., ExtraService], metrics_port: int, **extra: str) -> ExtraService:
+    """A sites service of two workers (``start``: extra_service's); returns once both say they serve."""
+    service = start("sites", _env(metrics_port, **extra))
     deadline = 60
     for _ in range(deadline * 10):
         serving = {line["worker"] for line in _lines(service) if "serving on" in line["message"] and "worker" in line}
@@ -139,7 +139,7 @@ def two_workers(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Itera
     services = ExtraServices(stack, tmp_path_factory.mktemp("workers"))
     metrics_port = free_port()
     try:
-        yield _start(services, metrics_port, TENANT_CACHE_SECONDS="300"), metrics_port
+        yield _start(services.start, metrics_port, TENANT_CACHE_SECONDS="300"), metrics_port
     finally:
         services.stop()
 
@@ -231,91 +231,78 @@ async def _blocked_on_lock(admin_dsn: str, pids: set[int]) -> set[int]:
 
 
 async def test_sigterm_drains_every_worker_then_the_parent_exits_0(
-    stack: Stack,
-    tmp_path: Path,
+    extra_service: Callable[..., ExtraService],
     admin_dsn: str,
     new_tenant: Callable[..., str],
     token: Callable[..., str],
     eventually: Callable[..., Any],
 ) -> None:
-    services = ExtraServices(stack, tmp_path)
+    service = _start(extra_service, free_port(), SHUTDOWN_DELAY_SECONDS="1", SHUTDOWN_GRACE_SECONDS="20")
+    tenant = new_tenant()
+    md = bearer(token(tenant))
+    pinned, _ = _one_connection_per_worker(service, md, eventually)
+    workers = _children(service.process.pid)
+    stubs = {worker: pb_grpc.SiteServiceStub(channel) for worker, channel in pinned.items()}
+    for worker, stub in stubs.items():
+        stub.CreateSite(pb.CreateSiteRequest(site_id=f"DRAIN-{worker}", site=pb.Site(name="before")), metadata=md)
+    # Each worker's UpdateSite waits on a row lock held here: in flight when SIGTERM arrives.
+    admin: asyncpg.Connection[Any] = await asyncpg.connect(admin_dsn)
+    lock = admin.transaction()
+    await lock.start()
+    await admin.execute("SELECT 1 FROM sites.sites WHERE tenant_id = $1 FOR UPDATE", tenant)
+    updates: dict[int, grpc.CallFuture[pb.Site]] = {
+        worker: stub.UpdateSite.future(
+            pb.UpdateSiteRequest(site=pb.Site(site_id=f"DRAIN-{worker}", name="drained")), metadata=md, timeout=60
+        )
+        for worker, stub in stubs.items()
+    }
     try:
-        service = _start(services, free_port(), SHUTDOWN_DELAY_SECONDS="1", SHUTDOWN_GRACE_SECONDS="20")
-        tenant = new_tenant()
-        md = bearer(token(tenant))
-        pinned, _ = _one_connection_per_worker(service, md, eventually)
-        workers = _children(service.process.pid)
-        stubs = {worker: pb_grpc.SiteServiceStub(channel) for worker, channel in pinned.items()}
-        for worker, stub in stubs.items():
-            stub.CreateSite(pb.CreateSiteRequest(site_id=f"DRAIN-{worker}", site=pb.Site(name="before")), metadata=md)
-        # Each worker's UpdateSite waits on a row lock held here: in flight when SIGTERM arrives.
-        admin: asyncpg.Connection[Any] = await asyncpg.connect(admin_dsn)
-        lock = admin.transaction()
-        await lock.start()
-        await admin.execute("SELECT 1 FROM sites.sites WHERE tenant_id = $1 FOR UPDATE", tenant)
-        updates: dict[int, grpc.CallFuture[pb.Site]] = {
-            worker: stub.UpdateSite.future(
-                pb.UpdateSiteRequest(site=pb.Site(site_id=f"DRAIN-{worker}", name="drained")), metadata=md, timeout=60
-            )
-            for worker, stub in stubs.items()
-        }
-        try:
-            for _ in range(200):
-                if await _blocked_on_lock(admin_dsn, workers) == workers:
-                    break
-                await asyncio.sleep(0.05)
-            assert await _blocked_on_lock(admin_dsn, workers) == workers, "not every worker had a call in flight"
+        for _ in range(200):
+            if await _blocked_on_lock(admin_dsn, workers) == workers:
+                break
+            await asyncio.sleep(0.05)
+        assert await _blocked_on_lock(admin_dsn, workers) == workers, "not every worker had a call in flight"
 
-            service.process.send_signal(signal.SIGTERM)
+        service.process.send_signal(signal.SIGTERM)
 
-            def not_serving(channel: grpc.Channel) -> None:
-                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
-                assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        def not_serving(channel: grpc.Channel) -> None:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
 
-            for channel in pinned.values():
-                eventually(lambda c=channel: not_serving(c), within=10.0, interval=0.05)
-            assert service.process.poll() is None
-        finally:
-            await lock.rollback()
-            await admin.close()
-        for worker, update in updates.items():
-            assert update.result(timeout=30).name == "drained", worker
-        assert service.process.wait(30) == 0, service.output()[-4000:]
-        assert not [pid for pid in workers if _alive(pid)], "a worker outlived its parent"
         for channel in pinned.values():
-            channel.close()
+            eventually(lambda c=channel: not_serving(c), within=10.0, interval=0.05)
+        assert service.process.poll() is None
     finally:
-        services.stop()
+        await lock.rollback()
+        await admin.close()
+    for worker, update in updates.items():
+        assert update.result(timeout=30).name == "drained", worker
+    assert service.process.wait(30) == 0, service.output()[-4000:]
+    assert not [pid for pid in workers if _alive(pid)], "a worker outlived its parent"
+    for channel in pinned.values():
+        channel.close()
 
 
 def test_a_worker_killed_stops_the_others_and_the_parent_exits_non_zero(
-    stack: Stack, tmp_path: Path, eventually: Callable[..., Any]
+    extra_service: Callable[..., ExtraService],
 ) -> None:
-    services = ExtraServices(stack, tmp_path)
-    try:
-        service = _start(services, free_port(), SHUTDOWN_DELAY_SECONDS="0.2")
-        workers = sorted(_children(service.process.pid))
-        os.kill(workers[0], signal.SIGKILL)
-        assert service.process.wait(30) == 1, service.output()[-4000:]
-        assert not [pid for pid in workers if _alive(pid)], "a worker outlived its parent"
-        stopped = [line["message"] for line in _lines(service) if "while serving" in line["message"]]
-        assert stopped == [f"sites: worker pid {workers[0]} exited with code -9 while serving: stopping the others"]
-    finally:
-        services.stop()
+    service = _start(extra_service, free_port(), SHUTDOWN_DELAY_SECONDS="0.2")
+    workers = sorted(_children(service.process.pid))
+    os.kill(workers[0], signal.SIGKILL)
+    assert service.process.wait(30) == 1, service.output()[-4000:]
+    assert not [pid for pid in workers if _alive(pid)], "a worker outlived its parent"
+    stopped = [line["message"] for line in _lines(service) if "while serving" in line["message"]]
+    assert stopped == [f"sites: worker pid {workers[0]} exited with code -9 while serving: stopping the others"]
 
 
-def test_workers_stop_when_their_parent_is_killed(stack: Stack, tmp_path: Path) -> None:
-    services = ExtraServices(stack, tmp_path)
-    try:
-        service = _start(services, free_port(), SHUTDOWN_DELAY_SECONDS="0.2")
-        workers = _children(service.process.pid)
-        service.process.kill()
-        service.process.wait(10)
-        for _ in range(300):
-            if not [pid for pid in workers if _alive(pid)]:
-                break
-            time.sleep(0.1)
-        assert not [pid for pid in workers if _alive(pid)], "workers kept running without their parent"
-        assert sum("the parent process is gone" in line["message"] for line in _lines(service)) == WORKERS
-    finally:
-        services.stop()
+def test_workers_stop_when_their_parent_is_killed(extra_service: Callable[..., ExtraService]) -> None:
+    service = _start(extra_service, free_port(), SHUTDOWN_DELAY_SECONDS="0.2")
+    workers = _children(service.process.pid)
+    service.process.kill()
+    service.process.wait(10)
+    for _ in range(300):
+        if not [pid for pid in workers if _alive(pid)]:
+            break
+        time.sleep(0.1)
+    assert not [pid for pid in workers if _alive(pid)], "workers kept running without their parent"
+    assert sum("the parent process is gone" in line["message"] for line in _lines(service)) == WORKERS
