@@ -30,6 +30,8 @@ from towerco.tenant.v1 import tenant_registry_service_pb2_grpc as tenant_grpc
 from deploy.local.stack import Stack, StackConfig
 from deploy.local.tokens import mint
 from services.runtime.cells import Cell
+from services.runtime.db import Database
+from services.runtime.idempotency_purge import IdempotencyPurge, request_table
 from tests.support.errors import expect_error
 from tests.support.metadata import Metadata, bearer
 from tests.support.ports import free_port
@@ -293,3 +295,58 @@ def test_cell2_stopped_leaves_cell1_tenants_served_and_cell2_tenants_unavailable
             time.sleep(0.2)
     assert [s.site_id for s in listed] == ["before-stop"]
     create_site(cells.sites, md2, "after-restart")
+
+
+def test_the_isolation_canary_seeds_its_sentinels_in_every_cell(cells: CellsStack) -> None:
+    for cell in ("cell2", "cell3"):
+        for canary in ("canary_a", "canary_b"):
+            rows = _rows_of(cells.stack.cell_urls[cell], canary)
+            assert rows["sites.sites"] >= 1, (cell, canary, rows)
+
+
+def test_the_idempotency_purge_removes_expired_records_in_every_cell(cells: CellsStack) -> None:
+    placed = {cell: cells.create_tenant(cell=cell).tenant_id for cell in ("cell1", "cell2")}
+    servers = {"cell1": cells.stack.database_url, "cell2": cells.stack.cell_urls["cell2"]}
+    table = "sites.create_requests"
+
+    async def run() -> tuple[dict[str, int], dict[str, set[str]]]:
+        for cell, tenant in placed.items():
+            conn = await asyncpg.connect(servers[cell])
+            try:
+                await conn.executemany(
+                    f"INSERT INTO {table} (tenant_id, request_id, request_hash, response, create_time) "
+                    "VALUES ($1, $2, 'h', '', now() - make_interval(secs => $3))",
+                    [(tenant, f"old-{i}", 120.0) for i in range(3)] + [(tenant, "fresh", 0.0)],
+                )
+            finally:
+                await conn.close()
+        db = await Database.connect(
+            cells.stack.runtime_dsn("sites"),
+            min_size=1,
+            max_size=2,
+            cell_dsns={cell: cells.stack.cell_runtime_dsn(cell, "sites") for cell in ("cell2", "cell3")},
+        )
+        where = {tenant: cell for cell, tenant in placed.items()}
+
+        async def cell_of(tenant_id: str) -> str:
+            return where.get(tenant_id, "")
+
+        db.route_cells(cell_of)
+        try:
+            removed = await IdempotencyPurge(db, request_table(table), window=60, interval=3600, batch=2).purge()
+        finally:
+            await db.close()
+        left = {}
+        for cell, tenant in placed.items():
+            conn = await asyncpg.connect(servers[cell])
+            try:
+                rows = await conn.fetch(f"SELECT request_id FROM {table} WHERE tenant_id = $1", tenant)
+                left[tenant] = {row["request_id"] for row in rows}
+            finally:
+                await conn.close()
+        return removed, left
+
+    removed, left = asyncio.run(run())
+    for tenant in placed.values():
+        assert removed[tenant] == 3, removed
+        assert left[tenant] == {"fresh"}

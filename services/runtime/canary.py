@@ -37,7 +37,7 @@ from typing import Any
 
 import asyncpg
 
-from . import cells, context, metrics
+from . import context, metrics
 from .db import UNREACHABLE, Database
 
 log = logging.getLogger("towerco.canary")
@@ -115,15 +115,9 @@ class IsolationCanary:
         A cell other than the home one that cannot be reached now is seeded by the first
         round that reaches it (its outage is logged where it is met).
         """
-        for cell in self._db.cells:
-            with cells.on_cell(cell):
-                try:
-                    await self._seed_cell()
-                except UNREACHABLE:
-                    if cell == self._db.home_cell:
-                        raise
+        await self._db.in_each_cell(self._seed_cell)
 
-    async def _seed_cell(self) -> None:
+    async def _seed_cell(self, cell: str = "") -> None:
         """Write each canary's sentinel into every tenant table (idempotent: ON CONFLICT DO NOTHING)."""
         with context.system_scope(CANARY_A, "canary.tables"):
             async with self._db.transaction(readonly=True) as conn:
@@ -146,19 +140,10 @@ class IsolationCanary:
 
         A cell other than the home one that cannot be reached is left for the next round.
         """
-        findings: list[str] = []
-        for cell in self._db.cells:
-            with cells.on_cell(cell):
-                try:
-                    found = await self._check_cell()
-                except UNREACHABLE:
-                    if cell == self._db.home_cell:
-                        raise
-                    continue
-            findings.extend(f"cell {cell}: {finding}" if len(self._db.cells) > 1 else finding for finding in found)
-        return findings
+        found = await self._db.in_each_cell(self._check_cell)
+        return [finding for in_cell in found for finding in in_cell]
 
-    async def _check_cell(self) -> list[str]:
+    async def _check_cell(self, cell: str) -> list[str]:
         """One round as each canary in turn; returns what it saw that it must not (empty: isolated).
 
         A canary that no longer sees its own sentinel somewhere (removed by hand, say) gets it
@@ -176,7 +161,7 @@ class IsolationCanary:
         if missing:
             log.warning("isolation canary: sentinels missing (%s); writing them again", ", ".join(missing))
             await self._seed_cell()
-        return findings
+        return [f"cell {cell}: {finding}" for finding in findings] if len(self._db.cells) > 1 else findings
 
     def _name(self, table: str) -> str:
         return f"{self._schema}.{table}"  # both from the catalog, never from a caller

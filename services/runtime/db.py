@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import asyncpg
 
@@ -211,6 +211,8 @@ class _RefillFailures(logging.Filter):
         return True
 
 
+T = TypeVar("T")
+
 #: Which cell a tenant's rows live in ("" or an unknown tenant: the home cell), from the cached tenant state.
 CellOf = Callable[[str], Awaitable[str]]
 
@@ -338,6 +340,22 @@ class Database:
         read by the tenant-state check of the same call), so choosing the pool adds no round trip.
         """
         self._cell_of = cell_of
+
+    async def in_each_cell(self, work: Callable[[str], Awaitable[T]]) -> list[T]:
+        """``work(cell)`` once in each cell (:func:`cells.on_cell`), for platform paths; what each returned.
+
+        A cell other than the home one that cannot be reached is left out (its outage is
+        logged where it was met): its tenants wait for the next round, the others do not.
+        """
+        done: list[T] = []
+        for cell in self._cells:
+            with cells.on_cell(cell):
+                try:
+                    done.append(await work(cell))
+                except UNREACHABLE:
+                    if cell == self.home_cell:
+                        raise
+        return done
 
     async def cell_of(self, tenant_id: str) -> str:
         """The cell of ``tenant_id``'s rows (the one :func:`cells.on_cell` chose, if any)."""

@@ -102,7 +102,16 @@ class IdempotencyPurge:
             await self._task
 
     async def purge(self) -> dict[str, int]:
-        """One round: the rows removed per tenant (tenants that lost none are left out)."""
+        """One round in each database cell: the rows removed per tenant (tenants that lost none are left out).
+
+        A cell other than the home one that cannot be reached is left for the next round.
+        """
+        removed: dict[str, int] = {}
+        for in_cell in await self._db.in_each_cell(self._purge_cell):
+            removed.update(in_cell)
+        return removed
+
+    async def _purge_cell(self, cell: str) -> dict[str, int]:
         async with self._db.platform_read(f"{self._records.purpose}: tenants with expired records") as conn:
             rows = await conn.fetch(self._records.tenants_sql, self._window)
         removed: dict[str, int] = {}
