@@ -7,10 +7,13 @@ Timings are the benchmarks' (``make bench``); these check that the cheaper paths
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
+import logging
 from typing import Any
 
 import grpc
+import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -18,7 +21,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from towerco.sites.v1 import sites_service_pb2
 
-from services.runtime import tracing
+from services.runtime import context, logs, tracing
+from services.runtime.context import Caller, RequestContext
 from services.runtime.interceptors.base import Behavior, Metadata, PolicyInterceptor
 from services.runtime.policy import Policy, PolicyTable
 
@@ -101,3 +105,24 @@ def test_a_sampled_out_call_continues_the_callers_trace_with_a_span_of_its_own_a
         assert kept.get_finished_spans() == ()
     finally:
         tracing.use(None)
+
+
+def test_a_derived_request_context_is_what_dataclasses_replace_makes() -> None:
+    original = RequestContext(request_id="r-1", method=GET_SITE, peer="ipv4:127.0.0.1:5", peer_ip="127.0.0.1")
+    caller = Caller(subject="user-1", tenant_id="ta", role="viewer", permissions=frozenset(), token="t")
+    derived = context.derive(original, caller=caller, tenant_id="ta")
+    assert derived == dataclasses.replace(original, caller=caller, tenant_id="ta")
+    assert hash(derived) == hash(dataclasses.replace(original, caller=caller, tenant_id="ta"))
+    assert (original.caller, original.tenant_id) == (None, None)  # the original is left alone
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        derived.tenant_id = "tb"  # type: ignore[misc]
+    with pytest.raises(TypeError, match="no field tenant"):
+        context.derive(original, tenant="ta")
+
+
+def test_the_text_lines_time_is_written_as_logging_writes_it() -> None:
+    mine, standard = logs.TextFormatter("sites"), logging.Formatter()
+    for created in (1_796_000_000.0, 1_796_000_000.5, 1_796_000_000.999, 1_796_000_001.25, 1_796_000_000.123):
+        record = logging.LogRecord("towerco.access", logging.INFO, "", 0, "line", None, None)
+        record.created, record.msecs = created, int((created - int(created)) * 1000) + 0.0
+        assert mine.formatTime(record) == standard.formatTime(record)

@@ -62,8 +62,19 @@ class TextFormatter(logging.Formatter):
             "trace=%(trace_id)s %(message)s"
         )
 
+    _second = -1
+    _stamp = ""
+
     def format(self, record: logging.LogRecord) -> str:
         return redact(super().format(record))
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """As logging writes it (``2026-11-30 10:14:18,123``), the seconds formatted once per second."""
+        second = int(record.created)
+        if second != self._second:
+            self._stamp = time.strftime(self.default_time_format, self.converter(record.created))
+            self._second = second
+        return "%s,%03d" % (self._stamp, record.msecs)  # noqa: UP031  # logging's default_msec_format
 
 
 class JsonFormatter(logging.Formatter):
@@ -106,6 +117,10 @@ def configure(service: str, level: str, log_format: str = "text", worker: int | 
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # No format here writes a record's thread, process or source line: none is looked up for
+    # each record (the access line is one per call). logging's documented switches.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging._srcfile = None
 
 
 class Outage:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from typing import Any
 
 from grpc import aio
@@ -40,7 +39,7 @@ class AuthenticationInterceptor(PolicyInterceptor):
                 raise unauthenticated(str(exc), ErrorReason.Value(exc.reason)) from None
             current = context.current()
             assert current is not None, "RequestContextInterceptor must run first"
-            with context.bind(dataclasses.replace(current, caller=caller)):
+            with context.bind(context.derive(current, caller=caller)):
                 return await inner(request, ctx)
 
         return behavior

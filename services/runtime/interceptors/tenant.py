@@ -9,7 +9,6 @@ caller's own tenant, with the named one kept as ``foreign_tenant``, and is refus
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from grpc import aio
@@ -35,7 +34,7 @@ class TenantInterceptor(PolicyInterceptor):
             tracing.tag_tenant(tenant_id)
             metrics.note_tenant(tenant_id, by_platform=current.caller is not None and current.caller.is_platform)
             foreign = header if header is not None and header != tenant_id else None
-            with context.bind(dataclasses.replace(current, tenant_id=tenant_id, foreign_tenant=foreign)):
+            with context.bind(context.derive(current, tenant_id=tenant_id, foreign_tenant=foreign)):
                 return await inner(request, ctx)
 
         return behavior
