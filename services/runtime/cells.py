@@ -12,16 +12,14 @@ that may have one (``plans.toml``: ``dedicated_cell``).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
 from .environment import Setting, SettingsError
+from .ids import CELL_NAME
 
-#: What a cell's name looks like (it is stored on the tenant's record and shown to platform admins).
-CELL_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 #: The one cell of a platform that configures none.
 DEFAULT_CELL = "cell1"
 #: The services whose tenant rows live in the tenant's cell (the registry lives in the home cell).
@@ -44,7 +42,7 @@ def parse_cells(name: str, raw: str) -> tuple[Cell, ...]:
     cells: list[Cell] = []
     for item in (part.strip() for part in raw.split(",")):
         cell_name, _, kind = item.partition(":")
-        if not CELL_NAME.fullmatch(cell_name):
+        if not CELL_NAME.matches(cell_name):
             raise SettingsError(f"{name}: cell name {cell_name!r} must match {CELL_NAME.pattern}")
         if kind not in ("", "shared", "dedicated"):
             raise SettingsError(f"{name}: cell {cell_name!r} is `shared` or `dedicated`, not {kind!r}")
@@ -61,7 +59,7 @@ def parse_cell_dsns(name: str, raw: str) -> tuple[tuple[str, str], ...]:
     pairs: list[tuple[str, str]] = []
     for item in raw.split():
         cell_name, sep, dsn = item.partition("=")
-        if not sep or not dsn or not CELL_NAME.fullmatch(cell_name):
+        if not sep or not dsn or not CELL_NAME.matches(cell_name):
             raise SettingsError(f"{name}: each entry is `<cell>=<DSN>`, separated by spaces; got {item[:20]!r}...")
         if any(c == cell_name for c, _ in pairs):
             raise SettingsError(f"{name}: cell {cell_name!r} is given twice")

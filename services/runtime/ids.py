@@ -50,6 +50,9 @@ class IdRule:
 #: token claim, request field, gateway Host).
 TENANT_ID = IdRule(first="a-z", rest="a-z0-9_-", min_length=3, max_length=50)
 
+#: A database cell's name (``CELLS``), stored on each tenant's registry record.
+CELL_NAME = IdRule(first="a-z", rest="a-z0-9_-", min_length=1, max_length=32)
+
 #: A client's request id: ``x-request-id`` (kept when it matches, by the services and the
 #: gateway) and the idempotency key ``request_id`` of creates.
 REQUEST_ID = IdRule(first="A-Za-z0-9._:-", rest="A-Za-z0-9._:-", min_length=1, max_length=64)
