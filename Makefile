@@ -20,7 +20,7 @@ help:
 	@echo "make token    print a dev JWT: TENANT=tenant_a ROLE=admin PERMS=a,b TTL=3600"
 	@echo "make usage-report MONTH=2026-11 [OUT=usage.csv]  a month's usage per tenant as CSV (billing)"
 	@echo "make tenant-export TENANT=x [FILE=x.tenant-export.jsonl]  one tenant's rows of every service, one file"
-	@echo "make tenant-import FILE=... [TENANT=newid]  restore an export into an unused tenant id (all or nothing)"
+	@echo "make tenant-import FILE=... [TENANT=newid] [CELL=cell2]  restore an export into an unused tenant id (all or nothing)"
 	@echo "make lock     requirements*.lock from pyproject.toml, hashes pinned (UPGRADE=1: newest versions)"
 	@echo "make certs    a self-signed CA and server pair in DATA_DIR/tls: make run then serves the gateway over TLS"
 	@echo "make proto | web | gateway-config | settings-doc | migrate | lint | bench | stop | clean"
@@ -146,7 +146,7 @@ tenant-export: $(GEN_STAMP)
 	@$(PY) -m deploy.local tenant-export --tenant "$(TENANT)" $(if $(FILE),--out "$(FILE)")
 
 tenant-import: $(GEN_STAMP)
-	@$(PY) -m deploy.local tenant-import --file "$(FILE)" $(if $(TENANT),--tenant "$(TENANT)")
+	@$(PY) -m deploy.local tenant-import --file "$(FILE)" $(if $(TENANT),--tenant "$(TENANT)") $(if $(CELL),--cell "$(CELL)")
 
 clean:
 	rm -rf $(GEN) $(VENV)

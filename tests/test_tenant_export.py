@@ -9,6 +9,7 @@ on the database and used through the services' APIs.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import subprocess
@@ -30,7 +31,7 @@ from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 
 from deploy.local.stack import Stack, service_spec
 from deploy.local.tenant_archive import ArchiveError, TenantArchive, check_chain, dump, load, rechain
-from deploy.local.tenant_commands import import_from_file
+from deploy.local.tenant_commands import dev_cell_urls, import_from_file
 from deploy.local.tenant_transfer import (
     EXPORTED,
     LEFT_OUT,
@@ -49,6 +50,8 @@ from services.tenant.secrets import SecretBox, load_secret_box
 from .support.errors import expect_error
 from .support.metadata import bearer
 from .support.requests import create_site
+from .test_cells import CellsStack, _rows_of
+from .test_cells import cells as cells
 
 REPO = Path(__file__).resolve().parents[1]
 SITES = 30
@@ -180,6 +183,8 @@ async def _rows(
             )
         ]
         for row in rows:
+            if table.name == "tenant.tenants":  # where the import put it, not where the source is: checked apart
+                row.pop("cell")
             if table.name == "tenant.tenant_settings":  # sealed for its own tenant: compare what they hold
                 secrets = row["document"]["secrets"]
                 row["document"]["secrets"] = {
@@ -290,6 +295,7 @@ async def test_export_then_import_under_a_new_id_reproduces_every_row(
     assert after == before  # every row of every exported table, tenant ids mapped, secrets as they were
     assert imported_event["action"] == "tenants.import"
     assert imported_event["details"]["source_tenant_id"] == source
+    assert await admin.fetchval("SELECT cell FROM tenant.tenants WHERE tenant_id = $1", target) is None  # home
     assert before["tenant.tenant_settings"][0]["document"]["secrets"]["api_keys.pager"] == API_KEY
 
     # The services serve the new tenant at once: its sites, its settings (the secret masked), a chain that verifies.
@@ -406,7 +412,10 @@ async def test_an_import_into_another_cell_writes_the_registry_at_home_and_the_r
     archive = load(dump(await export_tenant(admin, busy_tenant)))
     target = f"ic_{uuid.uuid4().hex[:10]}"
 
-    await import_tenant(admin, archive, target, box, cell_conn=other_cell)
+    with pytest.raises(TransferError, match="needs that cell's name"):
+        await import_tenant(admin, archive, target, box, cell_conn=other_cell)
+    await import_tenant(admin, archive, target, box, cell_conn=other_cell, placement="cell2")
+    assert await admin.fetchval("SELECT cell FROM tenant.tenants WHERE tenant_id = $1", target) == "cell2"
     at_home, in_cell = await _holdings(admin, target), await _holdings(other_cell, target)
     assert "tenant.tenants" in at_home and all(t.startswith("tenant.") for t in at_home), at_home
     assert "sites.sites" in in_cell and all(not t.startswith("tenant.") for t in in_cell), in_cell
@@ -434,7 +443,68 @@ async def test_an_import_whose_registry_part_fails_after_the_cells_commit_leaves
     target = f"if_{uuid.uuid4().hex[:10]}"
     with pytest.raises(InjectedFaultError):
         await import_tenant(
-            admin, archive, target, box, cell_conn=other_cell, faults=Faults("tenant_import.before_registry_commit")
-        )
+            admin, archive, target, box, cell_conn=other_cell, placement="cell2",
+            faults=Faults("tenant_import.before_registry_commit"),
+        )  # fmt: skip
     assert await _holdings(admin, target) == []
     assert await _holdings(other_cell, target) == []  # its audit events too, removed as audit_retention
+
+
+def test_the_dev_stack_names_each_cells_database(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CELLS", "2")
+    monkeypatch.setenv("PG_PORT", "15432")
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    assert dev_cell_urls() == {
+        "cell1": "postgresql://postgres@127.0.0.1:15432/towerco",
+        "cell2": "postgresql://postgres@127.0.0.1:15433/towerco",
+    }
+
+
+# --- A stack of three cells (tests/test_cells.py's): placed, exported, imported, served ---
+
+
+def test_a_cell2_tenant_imported_into_cell1_is_served_from_cell1(cells: CellsStack, tmp_path: Path) -> None:
+    source = cells.create_tenant(cell="cell2").tenant_id
+    md = cells.token(source)
+    for n in range(5):
+        create_site(cells.sites, md, f"CX-{n}")
+    stack, home, cell2 = cells.stack, cells.stack.database_url, cells.stack.cell_urls["cell2"]
+
+    async def settled() -> None:  # the sites' audit events are in the chain on cell2
+        conn: asyncpg.Connection[Any] = await asyncpg.connect(cell2)
+        try:
+            for _ in range(200):
+                if await conn.fetchval("SELECT count(*) FROM sites.audit_outbox WHERE tenant_id = $1", source) == 0:
+                    return
+                await asyncio.sleep(0.05)
+        finally:
+            await conn.close()
+
+    asyncio.run(settled())
+    file = tmp_path / "cell2.jsonl"
+    run = functools.partial(_run, stack.service_env())
+    exported = run("tenant-export", "--tenant", source, "--out", str(file), "--database-url", home)
+    assert exported.returncode == 1 and "placed in another cell" in exported.stderr  # not from the home cell alone
+    exported = run(
+        "tenant-export", "--tenant", source, "--out", str(file), "--database-url", home, "--cell-database-url", cell2
+    )
+    assert exported.returncode == 0, exported.stderr
+
+    target = f"cx_{uuid.uuid4().hex[:10]}"
+    imported = run("tenant-import", "--file", str(file), "--tenant", target, "--cell", "cell1", "--database-url", home,
+                   "--redis-url", stack.redis_url)  # fmt: skip
+    assert imported.returncode == 0, imported.stderr
+    listed = cells.sites.ListSites(sites_pb.ListSitesRequest(page_size=10), metadata=cells.token(target), timeout=10)
+    assert sorted(s.site_id for s in listed.sites) == [f"CX-{n}" for n in range(5)]
+    verified = cells.audit.VerifyChain(
+        audit_pb.VerifyChainRequest(tenant_id=target), metadata=bearer(cells.platform), timeout=10
+    )
+    assert verified.valid and verified.events_checked >= 6
+    assert _rows_of(home, target)["sites.sites"] == 5
+    assert not any(_rows_of(cell2, target).values())
+
+
+def _run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "deploy.local", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=60
+    )

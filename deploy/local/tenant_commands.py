@@ -46,6 +46,25 @@ def _dev_redis_url() -> str:
     return config.redis_url or f"redis://127.0.0.1:{config.redis_port}/0"
 
 
+def dev_cell_urls() -> dict[str, str]:
+    """The dev stack's cells (``CELLS``) and each one's owner DSN, the home cell's included."""
+    config = StackConfig.from_env(data_dir())
+    urls = {config.cells[0].name: _dev_database_url()}
+    for cell in config.cells[1:]:
+        urls[cell.name] = f"postgresql://postgres@127.0.0.1:{config.cell_pg_port(cell.name)}/{DATABASE}"
+    return urls
+
+
+async def cell_of(database_url: str, tenant_id: str) -> str | None:
+    """The cell the registry places ``tenant_id`` in (None: the home cell, or no such tenant)."""
+    conn: Connection = await asyncpg.connect(database_url)
+    try:
+        cell: str | None = await conn.fetchval("SELECT cell FROM tenant.tenants WHERE tenant_id = $1", tenant_id)
+    finally:
+        await conn.close()
+    return cell
+
+
 @asynccontextmanager
 async def _connections(database_url: str, cell_url: str) -> AsyncIterator[tuple[Connection, Connection | None]]:
     """The home cell's database, and the tenant's cell's when that is another one."""
@@ -79,7 +98,13 @@ def _write_whole(out: Path, data: bytes) -> None:
 
 
 async def import_from_file(
-    database_url: str, redis_url: str, data: bytes, target: str, box: SecretBox, cell_url: str = ""
+    database_url: str,
+    redis_url: str,
+    data: bytes,
+    target: str,
+    box: SecretBox,
+    cell_url: str = "",
+    placement: str | None = None,
 ) -> tuple[dict[str, int], str]:
     """Import the export ``data`` as tenant ``target`` (the file's own id when empty).
 
@@ -88,7 +113,7 @@ async def import_from_file(
     archive = load(data)
     target = target or archive.tenant_id
     async with _connections(database_url, cell_url) as (conn, cell):
-        written = await import_tenant(conn, archive, target, box, cell_conn=cell)
+        written = await import_tenant(conn, archive, target, box, cell_conn=cell, placement=placement)
         untold = await _announce(conn, redis_url, target) if redis_url else "no Redis given"
     return written, untold
 
@@ -110,8 +135,13 @@ async def _announce(conn: Connection, redis_url: str, tenant_id: str) -> str:
 def cmd_tenant_export(args: argparse.Namespace) -> int:
     out = Path(args.out or f"{args.tenant}.tenant-export.jsonl")
     try:
-        database_url = args.database_url or _dev_database_url()
-        rows, digest = asyncio.run(export_to_file(database_url, args.tenant, out, args.cell_database_url))
+        database_url, cell_url = args.database_url, args.cell_database_url
+        if not database_url:  # the dev stack: it knows where each of its cells is
+            database_url = _dev_database_url()
+            if not cell_url:
+                cell = asyncio.run(cell_of(database_url, args.tenant))
+                cell_url = dev_cell_urls().get(cell or "", "")
+        rows, digest = asyncio.run(export_to_file(database_url, args.tenant, out, cell_url))
     except TransferError as exc:
         print(f"make tenant-export: {exc}", file=sys.stderr)
         return 1
@@ -123,7 +153,14 @@ def cmd_tenant_export(args: argparse.Namespace) -> int:
 
 
 def cmd_tenant_import(args: argparse.Namespace) -> int:
-    database_url = args.database_url or _dev_database_url()
+    database_url, cell_url = args.database_url, args.cell_database_url
+    if not database_url:  # the dev stack: it knows where each of its cells is
+        database_url = _dev_database_url()
+        if args.cell and not cell_url:
+            cell_url = dev_cell_urls().get(args.cell, "")
+            if not cell_url:
+                print(f"make tenant-import: the dev stack has no cell {args.cell!r} (CELLS)", file=sys.stderr)
+                return 2
     redis_url = _dev_redis_url() if args.redis_url is None else args.redis_url
     try:
         data = Path(args.file).read_bytes()
@@ -133,7 +170,7 @@ def cmd_tenant_import(args: argparse.Namespace) -> int:
     try:
         box = load_secret_box(process_environment())
         written, untold = asyncio.run(
-            import_from_file(database_url, redis_url, data, args.tenant, box, args.cell_database_url)
+            import_from_file(database_url, redis_url, data, args.tenant, box, cell_url, args.cell or None)
         )
     except (ArchiveError, TransferError, SettingsError) as exc:
         print(f"make tenant-import: {args.file}: {exc}; nothing was imported", file=sys.stderr)
@@ -154,7 +191,7 @@ def cmd_tenant_import(args: argparse.Namespace) -> int:
 
 
 DATABASE_URL_HELP = "the home cell's administrative DSN (the registry's); default: the dev stack's"
-CELL_URL_HELP = "the administrative DSN of the tenant's cell, when it is not the home cell"
+CELL_URL_HELP = "the administrative DSN of the tenant's cell, when it is not the home cell; default: the dev stack's"
 
 
 def add_tenant_commands(sub: Any) -> None:
@@ -169,6 +206,9 @@ def add_tenant_commands(sub: Any) -> None:
     restore.add_argument("--file", required=True)
     restore.add_argument("--tenant", default="", help="the tenant id to create; default: the file's own")
     restore.add_argument("--database-url", default="", help=DATABASE_URL_HELP)
+    restore.add_argument(
+        "--cell", default="", help="the cell to place the tenant in (its rows' database); default: home"
+    )
     restore.add_argument("--cell-database-url", default="", help=CELL_URL_HELP)
     restore.add_argument("--redis-url", default=None, help="where the tenant caches are; '' to skip; default: dev's")
     restore.set_defaults(func=cmd_tenant_import)

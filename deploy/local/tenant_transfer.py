@@ -58,12 +58,14 @@ class Table:
     order: tuple[str, ...]
 
 
+#: The tenant's record; ``cell`` on it says which cell holds its other rows (NULL: the home cell).
+REGISTRY_TABLE = "tenant.tenants"
 #: The services whose schemas hold tenant rows; a file records their schema versions.
 SERVICES = ("tenant", "sites", "features", "audit")
 
 #: What an export carries, in the order an import writes it (foreign keys' parents first).
 EXPORTED = (
-    Table("tenant.tenants", ("tenant_id",)),
+    Table(REGISTRY_TABLE, ("tenant_id",)),
     Table("tenant.tenant_settings", ("tenant_id",)),
     Table("tenant.tenant_users", ("user_id",)),
     Table("tenant.host_routes", ("host",)),
@@ -219,12 +221,14 @@ async def import_tenant(
     box: SecretBox,
     *,
     cell_conn: asyncpg.Connection[Any] | None = None,
+    placement: str | None = None,
     faults: Faults = NO_FAULTS,
 ) -> dict[str, int]:
     """Write ``archive`` (already checked by ``tenant_archive.load``) as tenant ``target``, all or nothing.
 
     ``conn`` is the home cell's database (the registry); ``cell_conn`` the database of the
-    cell the tenant goes to, when that is another one. In one database everything is one
+    cell the tenant goes to, when that is another one, and ``placement`` that cell's name,
+    recorded on the tenant (None: the home cell). In one database everything is one
     transaction. Across two, the registry's rows are written first and held uncommitted
     while the cell's transaction writes and commits; the registry's commits last, and if
     it fails the cell's rows are removed again. Until the registry's commit no service
@@ -236,9 +240,13 @@ async def import_tenant(
     if not is_valid_tenant_id(target) or target in RESERVED_TENANT_IDS:
         raise TransferError(f"{target!r} cannot be a tenant id (reserved, or not of the tenant id pattern)")
     cell = cell_conn or conn
+    if cell is not conn and not placement:
+        raise TransferError("an import into another cell's database needs that cell's name (--cell)")
     await _utc(conn, cell)
     rows = {table.name: _for_target(table.name, archive.tables.get(table.name, []), archive.tenant_id, target, box)
             for table in EXPORTED}  # fmt: skip
+    for row in rows[REGISTRY_TABLE]:
+        row["cell"] = placement  # where this import puts its rows, whatever the source's was
     written: dict[str, int] = {}
     cell_committed = False
     try:
