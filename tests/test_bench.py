@@ -1,7 +1,7 @@
 """The benchmark's own parts (``tests/bench``), proven without timing anything: figures are judged
-against their floors and written as JSON (and the README's table from it); the bare floor server
-answers GetSite as the sites service does; the flood generator stops by itself and accounts for
-every call it sent."""
+against their floors and written as JSON (the README's table and a comparison of two runs are
+made from it); the bare floor server answers GetSite as the sites service does; the flood
+generator stops by itself and accounts for every call it sent."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from tests.bench.results import (
     Results,
     above_floor_at_most,
     at_most,
+    compare,
     markdown,
     ratio_at_least,
     ratio_at_most,
@@ -65,6 +66,10 @@ def test_bench_figures_are_judged_against_their_floor_and_written_as_json(tmp_pa
     table = markdown(json.loads(path.read_text())).splitlines()
     assert "| service p50 | 1.20 ms | 1 ms (bare) | 1.20x | <= 1.15x floor | MISS |" in table
     assert len(table) == 2 + len(rows)
+    later = json.loads(path.read_text())
+    later["figures"][0]["value"] = 0.6
+    lines = compare(json.loads(path.read_text()), later).splitlines()
+    assert lines[1].split() == ["service", "p50", "1.20", "0.600", "x0.50", "ms"]
 
 
 def test_bench_bare_server_answers_get_site_as_the_sites_service_does(

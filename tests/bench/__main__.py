@@ -15,7 +15,8 @@ gateway) and the bare server, then measures through real gRPC with real JWTs:
 Each figure is printed next to its floor and target (PASS/MISS; a MISS does not fail the
 run), and all of them are written as JSON to ``test-output/bench-results.json`` (``--out``).
 ``--quick`` takes fewer samples and shorter phases (for developing the bench, not for figures);
-``--only`` runs some sections; ``--markdown FILE`` prints a written run as the README's table.
+``--only`` runs some sections; ``--markdown FILE`` prints a written run as the README's table,
+``--compare BEFORE AFTER`` two written runs side by side.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .growth import bench_growth
 from .isolation import bench_isolation
 from .latency import bench_latency, bench_list_sites
 from .platform_rows import bench_platform
-from .results import Results, markdown
+from .results import Results, compare, markdown
 from .throughput import bench_throughput
 
 SECTIONS = ("latency", "throughput", "isolation", "platform", "growth")
@@ -42,9 +43,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {', '.join(SECTIONS)}")
     parser.add_argument("--out", type=Path, default=OUTPUT / "bench-results.json", help="where the JSON goes")
     parser.add_argument("--markdown", type=Path, help="only print this written run as the README's table")
+    parser.add_argument("--compare", type=Path, nargs=2, metavar=("BEFORE", "AFTER"), help="only compare two runs")
     args = parser.parse_args(argv)
     if args.markdown:
         print(markdown(json.loads(args.markdown.read_text())))
+        return
+    if args.compare:
+        print(compare(*(json.loads(path.read_text()) for path in args.compare)))
         return
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))

@@ -176,3 +176,18 @@ def markdown(document: dict[str, Any]) -> str:
             f"| {row['name']} | {figure} | {floor} | {ratio} | {row['target'] or ''} | {row['verdict'] or ''} |"
         )
     return "\n".join(lines)
+
+
+def compare(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """Two written runs side by side: each figure of either, its value in each and after / before."""
+    old = {row["name"]: row for row in before["figures"]}
+    new = {row["name"]: row for row in after["figures"]}
+    lines = [f"{'figure':<60} {before.get('commit', ''):>10} {after.get('commit', ''):>10}  after/before"]
+    for name in [*old, *(n for n in new if n not in old)]:
+        a, b = old.get(name), new.get(name)
+        unit = (a or b or {}).get("unit", "")
+        change = f"x{b['value'] / a['value']:.2f}" if a and b and a["value"] else ""
+        first = _number(a["value"]) if a else "-"
+        second = _number(b["value"]) if b else "-"
+        lines.append(f"{name:<60} {first:>10} {second:>10}  {change:<7} {unit}")
+    return "\n".join(lines)
