@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -350,3 +351,23 @@ def test_the_idempotency_purge_removes_expired_records_in_every_cell(cells: Cell
     for tenant in placed.values():
         assert removed[tenant] == 3, removed
         assert left[tenant] == {"fresh"}
+
+
+def test_list_tenant_usage_reads_every_cell(cells: CellsStack) -> None:
+    placed = {cell: cells.create_tenant(cell=cell).tenant_id for cell in ("cell1", "cell2")}
+    for tenant in placed.values():
+        create_site(cells.sites, cells.token(tenant), "metered")
+    now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    request = features_pb.ListTenantUsageRequest(page_size=500)
+    request.start_time.FromDatetime(now - timedelta(hours=1))
+    request.end_time.FromDatetime(now + timedelta(hours=1))
+    deadline = time.monotonic() + 20
+    while True:  # each process flushes its usage every USAGE_FLUSH_SECONDS (0.5 s here)
+        listed = cells.features.ListTenantUsage(request, metadata=bearer(cells.platform), timeout=10).tenants
+        found = {t.tenant_id: t.totals.write_calls for t in listed}
+        if all(found.get(tenant) for tenant in placed.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert all(found.get(tenant, 0) >= 1 for tenant in placed.values()), found
+    # One page, ordered by tenant id across the cells.
+    assert [t.tenant_id for t in listed] == sorted(t.tenant_id for t in listed)

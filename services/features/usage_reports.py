@@ -15,7 +15,7 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 from towerco.features.v1 import feature_gate_service_pb2 as pb
 
-from services.runtime import context, usage
+from services.runtime import cells, context, usage
 from services.runtime.db import Database
 from services.runtime.entitlements import EntitlementDirectory, Entitlements
 from services.runtime.held_resources import OWNERS, HeldResourceCounts
@@ -90,10 +90,15 @@ class UsageReports:
         size = page_size(requested_size, default=min(DEFAULT_PAGE_SIZE, cap), maximum=cap)
         position = self._tokens.decode(page_token, caller.tenant_id, window.query())
         after = str(position.get("after", "")) if position else ""
-        async with self._db.platform_read("list tenant usage") as conn:
-            rows = await conn.fetch(
-                queries.USAGE_TOTALS_PAGE, window.start, window.end, after, list(UNLISTED), size + 1
-            )
+        # Each cell's first page after the position: the first tenants of all are among them.
+        # A cell that cannot be reached fails the call (UNAVAILABLE): a report missing tenants would pass for whole.
+        rows = []
+        for cell in self._db.cells:
+            with cells.on_cell(cell):
+                async with self._db.platform_read("list tenant usage") as conn:
+                    rows += await conn.fetch(
+                        queries.USAGE_TOTALS_PAGE, window.start, window.end, after, list(UNLISTED), size + 1
+                    )
         totals: dict[str, pb.UsageCounts] = {}
         for row in rows:
             add_count(totals.setdefault(row["tenant_id"], pb.UsageCounts()), row["counter"], row["value"])
