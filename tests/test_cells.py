@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -30,9 +31,11 @@ from towerco.tenant.v1 import tenant_registry_service_pb2_grpc as tenant_grpc
 
 from deploy.local.stack import Stack, StackConfig
 from deploy.local.tokens import mint
-from services.runtime.cells import Cell
+from services.runtime.cells import CELLS, Cell
 from services.runtime.db import Database
+from services.runtime.environment import SettingsError
 from services.runtime.idempotency_purge import IdempotencyPurge, request_table
+from services.runtime.settings import _cell_database_urls
 from tests.support.errors import expect_error
 from tests.support.metadata import Metadata, bearer
 from tests.support.ports import free_port
@@ -371,3 +374,38 @@ def test_list_tenant_usage_reads_every_cell(cells: CellsStack) -> None:
     assert all(found.get(tenant, 0) >= 1 for tenant in placed.values()), found
     # One page, ordered by tenant id across the cells.
     assert [t.tenant_id for t in listed] == sorted(t.tenant_id for t in listed)
+
+
+def test_cells_setting_takes_a_count_or_names_and_refuses_a_dedicated_home_cell() -> None:
+    assert CELLS.read({"CELLS": "2"}) == (Cell("cell1"), Cell("cell2"))
+    assert CELLS.read({"CELLS": "eu1, eu2:dedicated"}) == (Cell("eu1"), Cell("eu2", dedicated=True))
+    assert CELLS.read({}) == (Cell("cell1"),)
+    for bad in ("big:dedicated,cell2", "cell1,cell1", "Cell1", "cell1:huge", "0"):
+        with pytest.raises(SettingsError):
+            CELLS.read({"CELLS": bad})
+
+
+def test_a_service_refuses_to_start_without_a_dsn_for_each_other_cell() -> None:
+    with pytest.raises(SettingsError, match="SITES_CELL_DATABASE_URLS"):
+        _cell_database_urls("sites", {"CELLS": "2"})
+    with pytest.raises(SettingsError, match="not in CELLS"):
+        _cell_database_urls(
+            "sites", {"CELLS": "2", "SITES_CELL_DATABASE_URLS": "cell2=postgresql://a cell3=postgresql://b"}
+        )
+    assert _cell_database_urls("sites", {"CELLS": "2", "SITES_CELL_DATABASE_URLS": "cell2=postgresql://a"}) == {
+        "cell2": "postgresql://a"
+    }
+    assert _cell_database_urls("tenant", {"CELLS": "2"}) == {}  # the registry lives in the home cell only
+
+
+def test_make_run_with_cells_2_gives_the_second_cell_a_server_of_its_own(tmp_path: Path) -> None:
+    config = StackConfig.from_env(tmp_path, {"CELLS": "2", "PG_PORT": "55500"})
+    assert [c.name for c in config.cells] == ["cell1", "cell2"]
+    assert config.cell_pg_port("cell2") == 55501
+    stack = Stack(config)
+    assert stack.other_cells == ["cell2"]
+    stack.cell_urls["cell2"] = "postgresql://postgres@127.0.0.1:55501/towerco"  # what start_cell records
+    env = stack.service_env()
+    assert env["CELLS"] == "cell1,cell2"
+    assert env["AUDIT_CELL_DATABASE_URLS"].startswith("cell2=postgresql://audit_app:")
+    assert "@127.0.0.1:55501/towerco" in env["AUDIT_CELL_DATABASE_URLS"]
