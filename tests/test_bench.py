@@ -98,22 +98,32 @@ def test_bench_flood_generator_stops_by_itself_and_counts_every_call(
 ) -> None:
     flooder = new_tenant("flood")
     set_limit(features, platform_token, flooder, "rpm_read", 60)  # one a second, a burst admitted
-    config = {
+    config: dict[str, Any] = {
         "target": f"127.0.0.1:{stack.config.ports['sites']}",
         "authority": "",
         "token": token(flooder),
         "rate": 40,
         "seconds": 1.0,
     }
-    process = start("flood", config)
-    try:
-        assert process.stdout is not None
-        report = json.loads(process.stdout.readline())
-        assert process.wait(timeout=15) == 0
-    finally:
-        stop(process)
+    report = _flood_report(config)
     codes: dict[str, int] = report["codes"]
     assert report["sent"] == 40 and report["skipped"] == 0
     assert sum(codes.values()) == 40, codes
     assert set(codes) == {"OK", "RESOURCE_EXHAUSTED"}, codes
     assert codes["OK"] >= 1 and codes["RESOURCE_EXHAUSTED"] >= 1, codes
+    # Closed loop: two callers as fast as answered, every call answered and counted.
+    closed = _flood_report({**config, "rate": 0, "clients": 2, "seconds": 0.5})
+    assert closed["sent"] > 2 and sum(closed["codes"].values()) == closed["sent"], closed
+    assert set(closed["codes"]) <= {"OK", "RESOURCE_EXHAUSTED"}, closed
+
+
+def _flood_report(config: dict[str, Any]) -> dict[str, Any]:
+    """Run the generator to its end; its report."""
+    process = start("flood", config)
+    try:
+        assert process.stdout is not None
+        report: dict[str, Any] = json.loads(process.stdout.readline())
+        assert process.wait(timeout=15) == 0
+    finally:
+        stop(process)
+    return report

@@ -1,13 +1,15 @@
 """A tenant's flood, in a process of its own so it does not share the measuring client's loop.
 
 ``python -m tests.bench.flood`` reads ``{"target", "authority", "token", "rate", "seconds"}`` as
-one JSON line on stdin, connects, prints ``ready``, then sends ListSites open loop: one call
-every ``1 / rate`` seconds whatever the answers (a late send goes at once, to catch up), for
-``seconds``; then waits for the calls still out (each has a 5 s deadline) and prints one JSON
-line, ``{"sent", "skipped", "send_seconds", "codes": {status name: count}}`` (``UNANSWERED``:
-calls still out after their deadline), and exits. It
-stops by itself; calls beyond ``MAX_IN_FLIGHT`` outstanding are skipped and counted rather
-than queued, so a stalled server cannot make it grow without bound.
+one JSON line on stdin, connects, prints ``ready``, then sends ListSites for ``seconds``:
+- open loop (``rate`` > 0): one call every ``1 / rate`` seconds whatever the answers (a late
+  send goes at once, to catch up); calls beyond ``MAX_IN_FLIGHT`` outstanding are skipped and
+  counted rather than queued, so a stalled server cannot make it grow without bound;
+- closed loop (``"clients": n``): n callers, each sending its next call when the last is
+  answered, as fast as the server answers.
+Then it waits for the calls still out (each has a 5 s deadline), prints one JSON line,
+``{"sent", "skipped", "send_seconds", "codes": {status name: count}}`` (``UNANSWERED``: calls
+still out after their deadline), and exits: it stops by itself.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from grpc import aio
@@ -24,13 +27,51 @@ from towerco.sites.v1 import sites_service_pb2_grpc as pb_grpc
 MAX_IN_FLIGHT = 2000
 CALL_DEADLINE = 5.0
 
+Call = Callable[[], Coroutine[Any, Any, None]]
+
+
+async def _open_loop(one: Call, rate: float, seconds: float) -> tuple[int, int]:
+    """Calls sent and skipped."""
+    in_flight: set[asyncio.Task[None]] = set()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    skipped = created = 0
+    for i in range(int(rate * seconds)):
+        delay = start + i / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if len(in_flight) >= MAX_IN_FLIGHT:
+            skipped += 1
+            continue
+        task = asyncio.create_task(one())
+        created += 1
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
+    if in_flight:
+        await asyncio.wait(in_flight, timeout=CALL_DEADLINE + 1)
+    return created, skipped
+
+
+async def _closed_loop(one: Call, clients: int, seconds: float) -> tuple[int, int]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    created = 0
+
+    async def caller() -> None:
+        nonlocal created
+        while loop.time() < deadline:
+            created += 1
+            await one()
+
+    await asyncio.gather(*(caller() for _ in range(clients)))
+    return created, 0
+
 
 async def flood(config: dict[str, Any]) -> dict[str, Any]:
     options = [("grpc.default_authority", config["authority"])] if config.get("authority") else []
     metadata = (("authorization", f"Bearer {config['token']}"),)
     request = pb.ListSitesRequest(page_size=10)
     codes: dict[str, int] = {}
-    in_flight: set[asyncio.Task[None]] = set()
     async with aio.insecure_channel(config["target"], options=options) as channel:
         await asyncio.wait_for(channel.channel_ready(), 10)
         stub = pb_grpc.SiteServiceStub(channel)
@@ -44,24 +85,12 @@ async def flood(config: dict[str, Any]) -> dict[str, Any]:
             codes[code] = codes.get(code, 0) + 1
 
         print("ready", flush=True)
-        loop = asyncio.get_running_loop()
-        interval = 1 / config["rate"]
-        start = loop.time()
-        skipped = created = 0
-        for i in range(int(config["rate"] * config["seconds"])):
-            delay = start + i * interval - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if len(in_flight) >= MAX_IN_FLIGHT:
-                skipped += 1
-                continue
-            task = asyncio.create_task(one())
-            created += 1
-            in_flight.add(task)
-            task.add_done_callback(in_flight.discard)
-        send_seconds = loop.time() - start
-        if in_flight:
-            await asyncio.wait(in_flight, timeout=CALL_DEADLINE + 1)
+        start = asyncio.get_running_loop().time()
+        if config.get("clients"):
+            created, skipped = await _closed_loop(one, config["clients"], config["seconds"])
+        else:
+            created, skipped = await _open_loop(one, config["rate"], config["seconds"])
+        send_seconds = min(asyncio.get_running_loop().time() - start, config["seconds"])
     unanswered = created - sum(codes.values())
     if unanswered:
         codes["UNANSWERED"] = unanswered

@@ -1,7 +1,8 @@
 """The noisy neighbour: another tenant's p99 and errors while ``bench_flood`` floods at 10x and 100x its rate.
 
 ``bench_flood`` may read 600 calls a minute (10/s); ``flood.py``, a process of its own, sends
-it ListSites open loop at 100 and at 1,000 calls/s. Meanwhile this process calls GetSite as
+it ListSites open loop at 100 and at 1,000 calls/s, then from 32 clients as fast as answered
+(closed loop, the issue's harshest row). Meanwhile this process calls GetSite as
 ``bench_quiet``, one call at a time, as it did just before for as long without the flood. Straight to the
 sites service, then through the gateway (each tenant on its own host). Per flood: the quiet
 tenant's p99 against its quiet p99 (target <= 1.5x), its errors (target 0), the flooder's
@@ -23,7 +24,11 @@ from .own_processes import start, stop
 from .results import Figure, Results, at_most, ratio_at_most
 from .timing import for_seconds, ms, percentile, sample
 
-MULTIPLES = (10, 100)
+#: Each flood: its name, and the generator's rate (open loop) or clients (closed loop).
+FLOODS: tuple[tuple[str, dict[str, float]], ...] = (
+    *((f"{m}x ({FLOOD_RPM_READ / 60 * m:g}/s)", {"rate": FLOOD_RPM_READ / 60 * m}) for m in (10, 100)),
+    ("32 clients, closed loop", {"clients": 32}),
+)
 #: The flood runs this long before the quiet tenant's calls are measured.
 WARMUP = 0.5
 _FLOODER_CALLS = re.compile(r'^towerco_tenant_calls_total\{[^}]*tenant="bench_flood"[^}]*\} (\S+)$', re.M)
@@ -41,14 +46,14 @@ def _reached_sites(bench: BenchStack) -> float | None:
 
 
 def _flood(
-    bench: BenchStack, path: str, rate: float, seconds: float, measure: Callable[[], object]
+    bench: BenchStack, path: str, load: dict[str, float], seconds: float, measure: Callable[[], object]
 ) -> tuple[list[float], dict[str, int], dict[str, object]]:
     """Run the flood; measure the quiet tenant during it; the flooder's report."""
     config = {
         "target": bench.gateway if path == "gateway" else bench.sites,
         "authority": tenant_host("bench_flood") if path == "gateway" else "",
         "token": bench.tokens["bench_flood"],
-        "rate": rate,
+        **load,
         "seconds": WARMUP + seconds + 0.2,
     }
     flooder = start("flood", config, bench.log("flood"))
@@ -73,16 +78,15 @@ def bench_isolation(bench: BenchStack, results: Results, seconds: float) -> None
         with site_stub(target, authority) as quiet:
             call = lambda: quiet.GetSite(GET, metadata=md, timeout=5)  # noqa: E731
             sample(call, 0)
-            for multiple in MULTIPLES:
-                rate = FLOOD_RPM_READ / 60 * multiple
-                name = f"{path}: flood {multiple}x ({rate:g}/s)"
+            for flood, load in FLOODS:
+                name = f"{path}: flood {flood}"
                 # The quiet p99 just before each flood: the machine's load of the same minute.
                 calm, calm_errors = for_seconds(call, seconds)
                 calm_p99 = ms(percentile(calm, 0.99))
                 note = f"n={len(calm)}, errors {sum(calm_errors.values())}"
                 results.add(Figure(f"{name}: other tenant p99 quiet", calm_p99, "ms", note=note))
                 before = _reached_sites(bench)
-                samples, errors, report = _flood(bench, path, rate, seconds, call)
+                samples, errors, report = _flood(bench, path, load, seconds, call)
                 after = _reached_sites(bench)
                 _report(results, name, calm_p99, samples, errors, report, before, after)
 
