@@ -36,6 +36,7 @@ from deploy.local.tenant_transfer import (
     EXPORTED,
     LEFT_OUT,
     TransferError,
+    check_placement,
     export_tenant,
     import_tenant,
     missing_from_lists,
@@ -43,7 +44,9 @@ from deploy.local.tenant_transfer import (
 )
 from deploy.local.tokens import mint
 from services.audit.hash_chain import ChainedEvent
+from services.runtime.cells import Cell
 from services.runtime.faults import Faults, InjectedFaultError
+from services.runtime.plans import load_plans
 from services.runtime.server import migrate_service
 from services.tenant.secrets import SecretBox, load_secret_box
 
@@ -460,6 +463,21 @@ def test_the_dev_stack_names_each_cells_database(monkeypatch: pytest.MonkeyPatch
     }
 
 
+def test_an_import_is_placed_by_the_rules_create_tenant_places_by() -> None:
+    plans, platform = load_plans(), (Cell("cell1"), Cell("big", dedicated=True))
+    archive = _archive([])
+    archive.tables["features.tenant_plans"] = [{"tenant_id": "t_file", "plan": "professional"}]
+    check_placement(archive, None, platform, plans)
+    check_placement(archive, "cell1", platform, plans)
+    with pytest.raises(TransferError, match="'big' is a dedicated cell; plan 'professional' never has one"):
+        check_placement(archive, "big", platform, plans)
+    with pytest.raises(TransferError, match="must be one of the platform's cells: cell1, big"):
+        check_placement(archive, "cell9", platform, plans)
+    archive.tables["features.tenant_plans"][0]["plan"] = "gold"
+    with pytest.raises(TransferError, match="plan 'gold', which this platform's plans file does not have"):
+        check_placement(archive, None, platform, plans)
+
+
 # --- A stack of three cells (tests/test_cells.py's): placed, exported, imported, served ---
 
 
@@ -491,6 +509,9 @@ def test_a_cell2_tenant_imported_into_cell1_is_served_from_cell1(cells: CellsSta
     assert exported.returncode == 0, exported.stderr
 
     target = f"cx_{uuid.uuid4().hex[:10]}"
+    dedicated = run("tenant-import", "--file", str(file), "--tenant", target, "--cell", "cell3", "--database-url", home,
+                    "--cell-database-url", stack.cell_urls["cell3"], "--redis-url", "")  # fmt: skip
+    assert dedicated.returncode == 1 and "'cell3' is a dedicated cell" in dedicated.stderr, dedicated.stderr
     imported = run("tenant-import", "--file", str(file), "--tenant", target, "--cell", "cell1", "--database-url", home,
                    "--redis-url", stack.redis_url)  # fmt: skip
     assert imported.returncode == 0, imported.stderr

@@ -13,7 +13,7 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -21,15 +21,17 @@ from typing import Any, TypeAlias
 import asyncpg
 from redis.exceptions import RedisError
 
+from services.runtime.cells import CELLS, Cell
 from services.runtime.environment import SettingsError, process_environment
+from services.runtime.plans import Plans, PlansError, load_plans
 from services.runtime.redis_clients import RedisConfig
-from services.runtime.settings import data_dir
+from services.runtime.settings import PLANS_FILE, data_dir
 from services.runtime.tenant_cache import TenantCache
 from services.tenant.secrets import SecretBox, load_secret_box
 
 from .stack import DATABASE, StackConfig
 from .tenant_archive import ArchiveError, dump, load
-from .tenant_transfer import TransferError, export_tenant, import_tenant, publish_tenant, record_export
+from .tenant_transfer import TransferError, check_placement, export_tenant, import_tenant, publish_tenant, record_export
 
 Connection: TypeAlias = "asyncpg.Connection[Any]"
 #: How long the import waits for Redis to take the tenant's announcement before it says so.
@@ -105,6 +107,7 @@ async def import_from_file(
     box: SecretBox,
     cell_url: str = "",
     placement: str | None = None,
+    rules: tuple[Sequence[Cell], Plans] | None = None,
 ) -> tuple[dict[str, int], str]:
     """Import the export ``data`` as tenant ``target`` (the file's own id when empty).
 
@@ -112,6 +115,8 @@ async def import_from_file(
     """
     archive = load(data)
     target = target or archive.tenant_id
+    if rules is not None:
+        check_placement(archive, placement, *rules)
     async with _connections(database_url, cell_url) as (conn, cell):
         written = await import_tenant(conn, archive, target, box, cell_conn=cell, placement=placement)
         untold = await _announce(conn, redis_url, target) if redis_url else "no Redis given"
@@ -168,11 +173,13 @@ def cmd_tenant_import(args: argparse.Namespace) -> int:
         print(f"make tenant-import: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
         return 2
     try:
-        box = load_secret_box(process_environment())
+        env = process_environment()
+        box = load_secret_box(env)
+        rules = (CELLS.read(env), load_plans(PLANS_FILE.read(env)))  # what CreateTenant places by
         written, untold = asyncio.run(
-            import_from_file(database_url, redis_url, data, args.tenant, box, cell_url, args.cell or None)
+            import_from_file(database_url, redis_url, data, args.tenant, box, cell_url, args.cell or None, rules)
         )
-    except (ArchiveError, TransferError, SettingsError) as exc:
+    except (ArchiveError, TransferError, SettingsError, PlansError) as exc:
         print(f"make tenant-import: {args.file}: {exc}; nothing was imported", file=sys.stderr)
         return 1
     except (OSError, asyncpg.PostgresError) as exc:

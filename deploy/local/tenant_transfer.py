@@ -31,7 +31,7 @@ import getpass
 import json
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -40,8 +40,10 @@ import asyncpg
 
 from services.audit import queries as audit_queries
 from services.audit.hash_chain import ChainedEvent, rfc3339
+from services.runtime.cells import Cell, placement_problem
 from services.runtime.context import is_valid_tenant_id
 from services.runtime.faults import Faults
+from services.runtime.plans import Plans
 from services.runtime.tenant_cache import TenantCache
 from services.tenant import records, tenant_settings_store
 from services.tenant.hosts import RESERVED_TENANT_IDS
@@ -269,6 +271,17 @@ async def import_tenant(
             await _remove_cell_rows(cell, target)
         raise
     return written
+
+
+def check_placement(archive: TenantArchive, placement: str | None, cells: Sequence[Cell], plans: Plans) -> None:
+    """The rules CreateTenant places by: a plan this platform has, and a cell it may go to."""
+    rows = archive.tables.get(PLAN_TABLE) or archive.tables.get(REGISTRY_TABLE) or [{}]
+    plan = str(rows[0].get("plan", ""))  # the feature gate's: the plan the tenant is on now
+    if plans.get(plan) is None:
+        raise TransferError(f"the file's tenant is on plan {plan!r}, which this platform's plans file does not have")
+    problem = placement_problem(cells, placement, plan, plans) if placement else None
+    if problem:
+        raise TransferError(f"cell {placement!r}: {problem}")
 
 
 async def _prepare(conn: asyncpg.Connection[Any], archive: TenantArchive, target: str, where: str) -> None:

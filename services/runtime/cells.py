@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from .environment import Setting, SettingsError
 from .ids import CELL_NAME
+from .plans import Plans
 
 #: The one cell of a platform that configures none.
 DEFAULT_CELL = "cell1"
@@ -107,6 +108,21 @@ def roomiest(cells: Sequence[Cell], tenants_in: Mapping[str, int]) -> str:
     """The shared cell with the most room: the one holding fewest tenants (the earlier on a tie)."""
     shared = [c.name for c in cells if not c.dedicated]
     return min(shared, key=lambda name: (tenants_in.get(name, 0), shared.index(name)))
+
+
+def placement_problem(cells: Sequence[Cell], name: str, plan: str, plans: Plans) -> str | None:
+    """Why a tenant of ``plan`` cannot be placed in cell ``name``, or None: it must be one of
+    ``cells``, and a dedicated one only for a plan that may have one (an unknown plan is
+    left to the plan's own check)."""
+    cell = next((c for c in cells if c.name == name), None)
+    if cell is None:
+        return f"must be one of the platform's cells: {', '.join(c.name for c in cells)}"
+    found = plans.get(plan)
+    if cell.dedicated and found is not None and not found.dedicated_cell:
+        allowed = [p.name for p in plans.ordered if p.dedicated_cell]
+        may = ", ".join(allowed) or "none"
+        return f"{cell.name!r} is a dedicated cell; plan {plan!r} never has one (plans that may: {may})"
+    return None
 
 
 #: The cell a platform path works on (:func:`on_cell`); None: the call's tenant's.

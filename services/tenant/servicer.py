@@ -139,20 +139,10 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
 
     def _check_placement(self, v: Violations, request: pb.CreateTenantRequest) -> None:
         """An explicit cell must be one of ``CELLS``, and a dedicated one only for a plan that may have it."""
-        if not request.cell:
-            return
-        cell = next((c for c in self._cells if c.name == request.cell), None)
-        if cell is None:
-            v.add("cell", f"must be one of the platform's cells: {', '.join(c.name for c in self._cells)}")
-            return
-        plan = self._plans.get(request.tenant.plan)
-        if cell.dedicated and plan is not None and not plan.dedicated_cell:
-            allowed = [p.name for p in self._plans.ordered if p.dedicated_cell]
-            v.add(
-                "cell",
-                f"{cell.name!r} is a dedicated cell; plan {plan.name!r} never has one "
-                f"(plans that may: {', '.join(allowed) or 'none'})",
-            )
+        if request.cell:
+            problem = cells.placement_problem(self._cells, request.cell, request.tenant.plan, self._plans)
+            if problem:
+                v.add("cell", problem)
 
     async def _placement(self, request: pb.CreateTenantRequest) -> str:
         """The cell a new tenant goes to: the one asked for, else the shared cell with the most room."""
