@@ -305,4 +305,6 @@ def test_workers_stop_when_their_parent_is_killed(extra_service: Callable[..., E
             break
         time.sleep(0.1)
     assert not [pid for pid in workers if _alive(pid)], "workers kept running without their parent"
-    assert sum("the parent process is gone" in line["message"] for line in _lines(service)) == WORKERS
+    said = [line["message"] for line in _lines(service)]
+    assert sum("the parent process is gone" in message for message in said) == WORKERS, said
+    assert sum("port closed, draining" in message for message in said) == WORKERS, said

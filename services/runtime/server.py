@@ -444,16 +444,22 @@ async def serve(spec: ServiceSpec, role: WorkerRole | None = None) -> None:
         )
 
         await stop.wait()
-        log.info(
-            "%s shutting down: NOT_SERVING, refusing new calls in %gs, draining for up to %gs",
-            spec.name,
-            settings.shutdown_delay_seconds,
-            settings.shutdown_grace_seconds,
-        )
         await health.enter_graceful_shutdown()
-        # Give load balancers and clients that watch health a moment to stop sending new calls.
-        await asyncio.sleep(settings.shutdown_delay_seconds)
-        await gate.stop(server, settings.shutdown_grace_seconds)
+        if role is not None and role.orphaned:
+            # Whoever restarts the service needs the port: close it now, let the calls in flight finish.
+            log.warning("%s worker %d: port closed, draining for up to %gs", spec.name, role.index,
+                        settings.shutdown_grace_seconds)  # fmt: skip
+            await server.stop(settings.shutdown_grace_seconds)
+        else:
+            log.info(
+                "%s shutting down: NOT_SERVING, refusing new calls in %gs, draining for up to %gs",
+                spec.name,
+                settings.shutdown_delay_seconds,
+                settings.shutdown_grace_seconds,
+            )
+            # Give load balancers and clients that watch health a moment to stop sending new calls.
+            await asyncio.sleep(settings.shutdown_delay_seconds)
+            await gate.stop(server, settings.shutdown_grace_seconds)
     finally:
         for hook in runtime._stoppers:
             await hook()

@@ -17,7 +17,9 @@ once all have. A worker that dies on its own stops the others the same way and t
 exits non-zero (the worker's code, else 1): whoever runs the service (``make run``'s
 supervisor, the kubelet) restarts it whole with its own backoff and crash limit, rather than a
 second restart policy in here that would hide a worker crashing in a loop. If the parent
-itself dies, even by SIGKILL, the workers see their lifeline pipe close and stop.
+itself dies, even by SIGKILL, the workers see their lifeline pipe close and stop at once:
+the port closed first (so the service's restart can have it), then the calls in flight
+finish within the grace period.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ WORKER_COMMAND = "worker"
 EXIT_MARGIN_SECONDS = 10.0
 
 
-@dataclass(frozen=True)
+@dataclass
 class WorkerRole:
     """What a worker process is told by its parent on its command line."""
 
@@ -54,6 +56,8 @@ class WorkerRole:
     index: int
     #: The read end of a pipe whose only write end the parent holds: end of file once it is gone.
     lifeline: int
+    #: Set once the parent is gone: nobody will forward a SIGTERM, and a restart waits for the port.
+    orphaned: bool = False
 
     @classmethod
     def from_args(cls, args: list[str]) -> WorkerRole | None:
@@ -63,13 +67,14 @@ class WorkerRole:
         return None
 
     def watch_parent(self, loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
-        """Set ``stop`` once the parent is gone (its end of the lifeline closed)."""
+        """Set ``stop`` (and :attr:`orphaned`) once the parent is gone (its end of the lifeline closed)."""
 
         def readable() -> None:
             if os.read(self.lifeline, 64):
                 return
             loop.remove_reader(self.lifeline)
             log.warning("the parent process is gone: stopping")
+            self.orphaned = True
             stop.set()
 
         loop.add_reader(self.lifeline, readable)
