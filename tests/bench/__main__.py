@@ -13,7 +13,8 @@ gateway) and the bare server, then measures through real gRPC with real JWTs:
   tenant registry, the feature gate, one decision of the rate limiter;
 - ``growth``: GetSite and ListSites p99 before and after 10,000 more tenants' 1,000,000 sites.
 Each figure is printed next to its floor and target (PASS/MISS; a MISS does not fail the
-run), and all of them are written as JSON to ``test-output/bench-results.json`` (``--out``).
+run; a section that breaks is reported, the others still run, and the exit status says so),
+and all of them are written as JSON to ``test-output/bench-results.json`` (``--out``).
 ``--quick`` takes fewer samples and shorter phases (for developing the bench, not for figures);
 ``--only`` runs some sections; ``--markdown FILE`` prints a written run as the README's table,
 ``--compare BEFORE AFTER`` two written runs side by side.
@@ -23,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+import sys
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .bench_stack import OUTPUT, bench_stack
+from .bench_stack import OUTPUT, BenchStack, bench_stack
 from .growth import bench_growth
 from .isolation import bench_isolation
 from .latency import bench_latency, bench_list_sites
@@ -57,23 +60,36 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"unknown sections {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     samples = 300 if args.quick else 2000
     seconds = 1.5 if args.quick else 4.0
+    grown = (500, 50_000) if args.quick else (10_000, 1_000_000)
+
+    def latency(bench: BenchStack, results: Results) -> None:
+        bench_latency(bench, results, samples)
+        bench_list_sites(bench, results, samples // 2)
+
+    runs: dict[str, Callable[[BenchStack, Results], None]] = {
+        "latency": latency,
+        "throughput": lambda b, r: bench_throughput(b, r, seconds * 2),
+        "isolation": lambda b, r: bench_isolation(b, r, seconds),
+        "platform": lambda b, r: bench_platform(b, r, samples // 2),
+        # Last: it leaves the sites table a million rows larger.
+        "growth": lambda b, r: bench_growth(b, r, samples // 2, *grown),
+    }
     results = Results()
+    failed = []
     with bench_stack() as bench:
-        if "latency" in sections:
-            bench_latency(bench, results, samples)
-            bench_list_sites(bench, results, samples // 2)
-        if "throughput" in sections:
-            bench_throughput(bench, results, seconds * 2)
-        if "isolation" in sections:
-            bench_isolation(bench, results, seconds)
-        if "platform" in sections:
-            bench_platform(bench, results, samples // 2)
-        if "growth" in sections:  # last: it leaves the sites table a million rows larger
-            bench_growth(bench, results, samples // 2, *((500, 50_000) if args.quick else (10_000, 1_000_000)))
+        for name in SECTIONS:
+            if name in sections:
+                try:
+                    runs[name](bench, results)
+                except Exception:  # the other sections' figures are still worth having
+                    traceback.print_exc()
+                    failed.append(name)
     results.section("Targets")
     print(results.summary())
-    results.write(args.out, "quick" if args.quick else "full")
+    results.write(args.out, "quick" if args.quick else "full", failed)
     print(f"\nfigures written to {args.out}")
+    if failed:
+        sys.exit(f"sections that failed: {', '.join(failed)} (see the tracebacks above)")
 
 
 if __name__ == "__main__":

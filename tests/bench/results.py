@@ -135,12 +135,13 @@ class Results:
         lines.append(f"{len(judged) - missed} of {len(judged)} targets met")
         return "\n".join(lines)
 
-    def write(self, path: Path, mode: str) -> None:
+    def write(self, path: Path, mode: str, failed: list[str] | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         document = {
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
             "seconds": round(time.time() - self.started, 1),
             "mode": mode,
+            "failed_sections": failed or [],
             "commit": _commit(),
             "machine": {"cpus": os.cpu_count() or 0, "python": platform.python_version()},
             "figures": [f.row() for f in self.figures],
