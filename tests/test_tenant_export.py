@@ -121,6 +121,15 @@ def test_rechaining_under_the_same_tenant_keeps_every_hash() -> None:
         )
 
 
+def test_a_chain_trimmed_by_retention_travels_and_is_relinked_from_its_trusted_start() -> None:
+    # Retention purged events 1-4: the first left keeps its predecessor's hash as the chain's start.
+    events = _chain("t_file", 8)[4:]
+    assert load(dump(_archive(events))).events() == events
+    moved = rechain(events, "t_other")
+    assert moved[0]["prev_hash"] == events[0]["prev_hash"] != "" and check_chain(moved).valid
+    assert [e["sequence"] for e in moved] == [5, 6, 7, 8]
+
+
 def _edit_event(rows: list[dict[str, Any]]) -> None:
     rows[3]["row"]["action"] = "sites.delete"
 
