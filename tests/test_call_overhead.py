@@ -33,6 +33,8 @@ TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 class _Reading(PolicyInterceptor):
     """A link that keeps the Metadata each call hands it."""
 
+    reads_metadata = True
+
     def __init__(self, policies: PolicyTable, seen: list[Metadata]) -> None:
         super().__init__(policies)
         self._seen = seen
@@ -52,28 +54,46 @@ class _Details:
         self.invocation_metadata = metadata
 
 
+class _Wrapping(_Reading):
+    """A link whose wrapping depends on the method alone."""
+
+    reads_metadata = False
+
+
+class _Peeking(_Wrapping):
+    """A link that reads the metadata without saying so."""
+
+    def wrap(self, inner: Behavior, policy: Policy, metadata: Metadata) -> Behavior:
+        metadata.first("x-tenant-id")
+        return inner
+
+
 async def _servicer(request: Any, ctx: Any) -> Any:
     return request
 
 
+def _policies() -> PolicyTable:
+    return PolicyTable.from_services([sites_service_pb2.DESCRIPTOR.services_by_name["SiteService"]])
+
+
+async def _find(links: list[PolicyInterceptor], handler: Any, details: _Details) -> Any:
+    async def innermost(_: Any) -> Any:
+        return handler
+
+    continuation: Any = innermost
+    for link in reversed(links):
+        continuation = functools.partial(link.intercept_service, continuation)  # as grpc.aio chains them
+    return await continuation(details)
+
+
 def test_the_links_of_a_call_share_one_reading_of_its_metadata_and_the_next_call_gets_its_own() -> None:
-    policies = PolicyTable.from_services([sites_service_pb2.DESCRIPTOR.services_by_name["SiteService"]])
     seen: list[Metadata] = []
-    links = [_Reading(policies, seen) for _ in range(5)]
+    links: list[PolicyInterceptor] = [_Reading(_policies(), seen) for _ in range(5)]
     handler = grpc.unary_unary_rpc_method_handler(_servicer)
-
-    async def find(details: _Details) -> Any:
-        async def innermost(_: Any) -> Any:
-            return handler
-
-        continuation: Any = innermost
-        for link in reversed(links):
-            continuation = functools.partial(link.intercept_service, continuation)  # as grpc.aio chains them
-        return await continuation(details)
 
     async def calls() -> None:
         for tenant in ("ta", "tb"):
-            found = await find(_Details((("x-tenant-id", tenant), ("X-Request-Id", f"r-{tenant}"))))
+            found = await _find(links, handler, _Details((("x-tenant-id", tenant), ("X-Request-Id", f"r-{tenant}"))))
             assert await found.unary_unary("request", None) == "request"
 
     asyncio.run(calls())
@@ -82,6 +102,31 @@ def test_the_links_of_a_call_share_one_reading_of_its_metadata_and_the_next_call
     assert first[0] is not second[0]
     assert (first[0].single("x-tenant-id"), first[0].first("x-request-id")) == ("ta", "r-ta")
     assert (second[0].single("x-tenant-id"), second[0].first("x-request-id")) == ("tb", "r-tb")
+
+
+def test_links_that_do_not_read_the_metadata_wrap_a_method_once_inside_those_that_do() -> None:
+    outer: list[Metadata] = []
+    inner: list[Metadata] = []
+    links: list[PolicyInterceptor] = [_Reading(_policies(), outer), _Wrapping(_policies(), inner)]
+    links.append(_Wrapping(_policies(), inner))
+    handler = grpc.unary_unary_rpc_method_handler(_servicer)
+
+    async def calls() -> list[Any]:
+        found = []
+        for tenant in ("ta", "tb", "tc"):
+            found.append(await _find(links, handler, _Details((("x-tenant-id", tenant),))))
+            assert await found[-1].unary_unary("request", None) == "request"
+        found.append(await _find(links[1:], handler, _Details(())))
+        found.append(await _find(links[1:], handler, _Details(())))
+        return found
+
+    first, second, third, inner_once, inner_again = asyncio.run(calls())
+    assert len(inner) == 2  # the two inner links wrapped GetSite once each, for five calls
+    assert [m.single("x-tenant-id") for m in outer] == ["ta", "tb", "tc"]  # the outer one for each call
+    assert first is not second and second is not third  # the outer link's wrapping is each call's
+    assert inner_once is inner_again and inner_once is not handler  # the inner links': kept
+    with pytest.raises(RuntimeError, match="sets reads_metadata = True"):
+        asyncio.run(_find([_Peeking(_policies(), [])], handler, _Details((("x-tenant-id", "ta"),))))
 
 
 def test_a_sampled_out_call_continues_the_callers_trace_with_a_span_of_its_own_and_records_nothing() -> None:

@@ -17,6 +17,8 @@ from .base import Behavior, Metadata, PolicyInterceptor
 class AuthenticationInterceptor(PolicyInterceptor):
     """UNAUTHENTICATED unless a valid token comes with the call (public RPCs excepted)."""
 
+    reads_metadata = True
+
     def __init__(self, policies: PolicyTable, verifier: TokenVerifier) -> None:
         super().__init__(policies)
         self._verifier = verifier

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, cast
 
 import grpc
 from grpc import aio
@@ -70,6 +70,21 @@ class Metadata:
 
 _last_read: tuple[Any, Metadata] = ((), Metadata(()))
 
+
+class _Unread(Metadata):
+    """What a link that does not read the call's metadata is handed: reading it is a bug."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    def first(self, key: str) -> str | None:
+        raise RuntimeError(f"a link read {key!r}: a link reading the call's metadata sets reads_metadata = True")
+
+    single = first
+
+
+UNREAD: Metadata = _Unread()
+
 #: Platform plumbing served without a token: health checks and server reflection.
 INFRASTRUCTURE_PREFIXES = (
     "/grpc.health.v1.Health/",
@@ -83,10 +98,20 @@ class PolicyInterceptor(_ServerInterceptor, ABC):
 
     Health and reflection pass straight through. Any other method without a policy is
     answered as if it did not exist (UNIMPLEMENTED): fail closed, never open.
+
+    A link whose :meth:`wrap` depends on the method alone, not on the call's metadata
+    (``reads_metadata`` False), wraps each method's handler once: while the handler the
+    links inside it return is the same object (they too wrapped it once), the kept
+    wrapping is returned, and the call's metadata is not read for it.
     """
+
+    #: Whether :meth:`wrap` reads the call's metadata (then it wraps anew for every call).
+    reads_metadata: ClassVar[bool] = False
 
     def __init__(self, policies: PolicyTable) -> None:
         self._policies = policies
+        #: Per method: the handler last wrapped, and its wrapping.
+        self._kept: dict[str, tuple[Handler, Handler]] = {}
 
     async def intercept_service(  # type: ignore[override]  # None is how gRPC says "no such method"
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -98,7 +123,16 @@ class PolicyInterceptor(_ServerInterceptor, ABC):
             return None
         if policy is None or handler.unary_unary is None:
             return handler if method.startswith(INFRASTRUCTURE_PREFIXES) else None
-        metadata = Metadata.of(handler_call_details.invocation_metadata or ())
+        if self.reads_metadata:
+            return self._wrapped(handler, policy, Metadata.of(handler_call_details.invocation_metadata or ()))
+        kept = self._kept.get(method)
+        if kept is not None and kept[0] is handler:
+            return kept[1]
+        wrapped = self._wrapped(handler, policy, UNREAD)
+        self._kept[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrapped(self, handler: Handler, policy: Policy, metadata: Metadata) -> Handler:
         inner = cast(Behavior, handler.unary_unary)
         wrapped = self.wrap(inner, policy, metadata)
         deserializer = self.deserializer(handler.request_deserializer)

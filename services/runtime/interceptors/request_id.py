@@ -26,6 +26,8 @@ class RequestContextInterceptor(PolicyInterceptor):
     (``gateway_secret``; empty: no call is), which decides whose address is recorded.
     """
 
+    reads_metadata = True
+
     def __init__(self, policies: PolicyTable, gateway_secret: bytes = b"") -> None:
         super().__init__(policies)
         self._gateway_secret = gateway_secret

@@ -23,6 +23,8 @@ from .base import Behavior, Metadata, PolicyInterceptor
 class TenantInterceptor(PolicyInterceptor):
     """Binds the call's tenant into the request context."""
 
+    reads_metadata = True
+
     def wrap(self, inner: Behavior, policy: Policy, metadata: Metadata) -> Behavior:
         async def behavior(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
             current = context.current()

@@ -37,6 +37,8 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 class TracingInterceptor(PolicyInterceptor):
     """Opens the call's span from the caller's ``traceparent``; logs one access line at the end."""
 
+    reads_metadata = True
+
     def wrap(self, inner: Behavior, policy: Policy, metadata: Metadata) -> Behavior:
         incoming = {key: value for key in tracing.TRACE_HEADERS if (value := metadata.first(key)) is not None}
 
