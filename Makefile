@@ -140,7 +140,7 @@ bench: $(GEN_STAMP)
 usage-report: $(GEN_STAMP)
 	@$(PY) -m deploy.local usage-report --month "$(MONTH)" --out "$(or $(OUT),-)"
 
-# One tenant to a file and back (deploy/local/tenant_transfer.py): the dev stack's database unless
+# One tenant to a file and back (deploy/local/tenant_transfer.py, tenant_import.py): the dev stack's database unless
 # DATABASE_URL names another; an import refuses a damaged file, a broken audit chain, a used tenant id.
 tenant-export: $(GEN_STAMP)
 	@$(PY) -m deploy.local tenant-export --tenant "$(TENANT)" $(if $(FILE),--out "$(FILE)")

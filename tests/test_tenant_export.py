@@ -1,4 +1,4 @@
-"""Per-tenant export and import (``make tenant-export`` / ``make tenant-import``, deploy/local/tenant_transfer.py).
+"""Per-tenant export and import: ``make tenant-export`` / ``make tenant-import`` (deploy/local/tenant_*.py).
 
 The file's own checks run without a server on a chain made here; the round trip runs
 against the session's stack: a tenant with sites, settings holding a secret, overrides and
@@ -32,13 +32,12 @@ from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 from deploy.local.stack import Stack, service_spec
 from deploy.local.tenant_archive import ArchiveError, TenantArchive, check_chain, dump, load, rechain
 from deploy.local.tenant_commands import dev_cell_urls, import_from_file
+from deploy.local.tenant_import import check_placement, import_tenant
 from deploy.local.tenant_transfer import (
     EXPORTED,
     LEFT_OUT,
     TransferError,
-    check_placement,
     export_tenant,
-    import_tenant,
     missing_from_lists,
     tenant_tables,
 )

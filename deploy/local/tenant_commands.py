@@ -2,9 +2,10 @@
 
 By default they use the dev stack's database and Redis (``DATABASE_URL`` / ``REDIS_URL``,
 else the embedded servers of ``DATA_DIR``) and its settings key; elsewhere pass
-``--database-url`` (the cell's administrative DSN) and ``--redis-url``, with
-``SETTINGS_ENCRYPTION_KEYS`` set as the registry's. See ``tenant_transfer.py`` for what
-each does and refuses.
+``--database-url`` (the home cell's administrative DSN), ``--cell-database-url`` (the
+tenant's cell's, when another) and ``--redis-url``, with ``SETTINGS_ENCRYPTION_KEYS``, ``CELLS``
+and ``PLANS_FILE`` set as the services have them. See ``tenant_transfer.py`` (export) and
+``tenant_import.py`` for what each does and refuses.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from services.tenant.secrets import SecretBox, load_secret_box
 
 from .stack import DATABASE, StackConfig
 from .tenant_archive import ArchiveError, dump, load
-from .tenant_transfer import TransferError, check_placement, export_tenant, import_tenant, publish_tenant, record_export
+from .tenant_import import check_placement, import_tenant, publish_tenant
+from .tenant_transfer import TransferError, export_tenant, record_export
 
 Connection: TypeAlias = "asyncpg.Connection[Any]"
 #: How long the import waits for Redis to take the tenant's announcement before it says so.
