@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"unknown sections {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     samples = 300 if args.quick else 2000
     seconds = 1.5 if args.quick else 4.0
-    grown = (500, 50_000) if args.quick else (10_000, 1_000_000)
+    grown = (500, 50_000, 100) if args.quick else (10_000, 1_000_000, 2_000)
 
     def latency(bench: BenchStack, results: Results) -> None:
         bench_latency(bench, results, samples)
