@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,7 +31,7 @@ from towerco.sites.v1 import sites_service_pb2_grpc as sites_grpc
 from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 from towerco.tenant.v1 import tenant_registry_service_pb2_grpc as tenant_grpc
 
-from deploy.local.stack import Stack, StackConfig
+from deploy.local.stack import REPO, Stack, StackConfig
 from deploy.local.tokens import mint
 from services.runtime.cells import CELLS, Cell
 from services.runtime.db import Database
@@ -409,3 +411,36 @@ def test_make_run_with_cells_2_gives_the_second_cell_a_server_of_its_own(tmp_pat
     assert env["CELLS"] == "cell1,cell2"
     assert env["AUDIT_CELL_DATABASE_URLS"].startswith("cell2=postgresql://audit_app:")
     assert "@127.0.0.1:55501/towerco" in env["AUDIT_CELL_DATABASE_URLS"]
+
+
+def test_the_audit_retention_command_purges_old_events_in_every_cell(cells: CellsStack) -> None:
+    tenant = cells.create_tenant(cell="cell2").tenant_id  # professional: audit events kept 365 days
+    md = cells.token(tenant)
+    _wait_for_event(cells.audit, md, "tenants.create")
+    create_site(cells.sites, md, "kept")  # the newest event is always kept: a second one
+    _wait_for_event(cells.audit, md, "sites.create")
+
+    async def on_cell2(statement: str) -> Any:
+        conn = await asyncpg.connect(cells.stack.cell_urls["cell2"])
+        try:
+            async with conn.transaction():  # past the log's append-only trigger, for this statement only
+                await conn.execute("ALTER TABLE audit.events DISABLE TRIGGER events_append_only")
+                found = await conn.fetchval(statement, tenant)
+                await conn.execute("ALTER TABLE audit.events ENABLE ALWAYS TRIGGER events_append_only")
+            return found
+        finally:
+            await conn.close()
+
+    first = "(SELECT min(sequence) FROM audit.events WHERE tenant_id = $1)"
+    asyncio.run(
+        on_cell2(
+            "UPDATE audit.events SET create_time = now() - interval '400 days' "
+            f"WHERE tenant_id = $1 AND sequence = {first} RETURNING sequence"
+        )
+    )
+    command = [sys.executable, "-m", "services.audit", "retention"]
+    done = subprocess.run(command, cwd=REPO, env=cells.stack.service_env(), capture_output=True, timeout=60)
+    output = done.stdout.decode() + done.stderr.decode()
+    assert done.returncode == 0, output
+    assert f"removed 1 older than 365 days for tenant {tenant}" in output
+    assert asyncio.run(on_cell2(f"SELECT {first}")) == 2

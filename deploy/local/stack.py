@@ -28,6 +28,7 @@ from services.runtime.cells import CELL_DATABASE_URLS, CELLS, Cell
 from services.runtime.environment import SettingsTable, integer, process_environment, text
 from services.runtime.server import ServiceSpec, migrate_service
 from services.runtime.settings import (
+    AUDIT_RETENTION_CELL_DATABASE_URLS,
     AUDIT_RETENTION_DATABASE_URL,
     DATA_DIR,
     DATABASE_URLS,
@@ -273,6 +274,7 @@ class Stack:
             env[CELLS.name] = ",".join(f"{c.name}:dedicated" if c.dedicated else c.name for c in self.config.cells)
             for name, setting in CELL_DATABASE_URLS.items():
                 env[setting.name] = " ".join(f"{cell}={self.cell_runtime_dsn(cell, name)}" for cell in self.other_cells)
+            env[AUDIT_RETENTION_CELL_DATABASE_URLS.name] = " ".join(f"{c}={url}" for c, url in self.cell_urls.items())
         # Not the dev stack's own variables: a service must not lean on them.
         for name in ("DATABASE_URL", "APP_DB_PASSWORD"):
             env.pop(name, None)

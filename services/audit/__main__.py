@@ -32,6 +32,7 @@ def register(server: aio.Server, runtime: Runtime) -> None:
             held_in(runtime.tenants.get),  # pushed on change, like suspension
             settings.audit_retention_interval_seconds,
             settings.audit_retention_batch_size,
+            list(settings.audit_retention_cell_database_urls.values()),
         )
         runtime.on_start(job.start)
         runtime.on_stop(job.close)

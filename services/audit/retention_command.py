@@ -49,6 +49,7 @@ async def run_retention_once() -> None:
     job = RetentionJob(
         settings.audit_retention_database_url, entitlements, held_in(tenant_state),
         settings.audit_retention_interval_seconds, settings.audit_retention_batch_size,
+        list(settings.audit_retention_cell_database_urls.values()),
     )  # fmt: skip
     try:
         removed = await job.run_once()

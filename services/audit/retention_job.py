@@ -19,13 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import asyncpg
 import grpc
 
 from services.runtime import context, metrics
+from services.runtime.db import UNREACHABLE
 from services.runtime.entitlements import Entitlements
 from services.runtime.plans import UNLIMITED
 from services.runtime.tenants import TenantInfo
@@ -75,8 +76,12 @@ def held_in(lookup: Callable[[str], Awaitable[TenantInfo | None]]) -> Held:
 class RetentionJob:
     """Purges every tenant's expired audit events, every ``interval`` seconds once started."""
 
-    def __init__(self, dsn: str, entitlements: Lookup, held: Held, interval: float, batch: int) -> None:
+    def __init__(
+        self, dsn: str, entitlements: Lookup, held: Held, interval: float, batch: int, cell_dsns: Sequence[str] = ()
+    ) -> None:
         self._dsn = dsn
+        #: The other database cells': their tenants' events are purged in the same round.
+        self._cell_dsns = tuple(cell_dsns)
         self._entitlements = entitlements
         self._held = held
         self._interval = interval
@@ -93,11 +98,24 @@ class RetentionJob:
             await self._task
 
     async def run_once(self) -> dict[str, int]:
-        """One round: the events removed per tenant (tenants that lost none are left out)."""
+        """One round in each cell: the events removed per tenant (tenants that lost none are left out).
+
+        A cell other than the home one that cannot be reached is left for the next round.
+        """
+        removed = await self._run_in(self._dsn)
+        for dsn in self._cell_dsns:
+            try:
+                removed.update(await self._run_in(dsn))
+            except UNREACHABLE as exc:
+                log.warning("audit retention: a cell is unreachable (%s); its tenants wait for the next round", exc)
+        return removed
+
+    async def _run_in(self, dsn: str) -> dict[str, int]:
+        """One round in the database of ``dsn``."""
         # No statement cache and every statement in a transaction that sets the role locally:
         # the DSN may lead through pgbouncer in transaction mode (DB_POOL_MODE), where neither
         # a session's SET nor its prepared statements outlive a transaction.
-        conn: asyncpg.Connection[Any] = await asyncpg.connect(self._dsn, statement_cache_size=0)
+        conn: asyncpg.Connection[Any] = await asyncpg.connect(dsn, statement_cache_size=0)
         try:
             async with conn.transaction(readonly=True):
                 await conn.execute(_AS_RETENTION)

@@ -79,15 +79,18 @@ CELLS: Setting[tuple[Cell, ...]] = Setting(
     "`name[:dedicated],...`",
     shown=f"`{DEFAULT_CELL}`: one cell, `<SERVICE>_DATABASE_URL`'s",
 )
-CELL_DATABASE_URLS: dict[str, Setting[tuple[tuple[str, str], ...]]] = {
-    service: Setting(
+
+
+def cell_dsns(name: str, doc: str) -> Setting[tuple[tuple[str, str], ...]]:
+    """A variable giving a DSN for each cell but the home one (``cell=DSN ...``)."""
+    return Setting(name, (), doc, parse_cell_dsns, "`cell=DSN ...`", shown="none (`make run` with `CELLS=2` sets it)")
+
+
+CELL_DATABASE_URLS = {
+    service: cell_dsns(
         f"{service.upper()}_CELL_DATABASE_URLS",
-        (),
         "every cell but the home one: `cell=DSN` pairs separated by spaces, each the cell's database as the "
         "service's runtime role (the home cell's is `<SERVICE>_DATABASE_URL`)",
-        parse_cell_dsns,
-        "`cell=DSN ...`",
-        shown="none (`make run` with `CELLS=2` sets them)",
     )
     for service in CELL_SERVICES
 }

@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from . import logs
-from .cells import CELL_DATABASE_URLS, CELLS, Cell, check_cell_dsns
+from .cells import CELL_DATABASE_URLS, CELLS, Cell, cell_dsns, check_cell_dsns
 from .environment import (
     Setting,
     SettingsError,
@@ -172,6 +172,11 @@ AUDIT_RETENTION_DATABASE_URL = text(
     "a DSN whose role may `SET ROLE audit_retention` (services/audit/retention.py), read by the audit service's "
     "retention job and `python -m services.audit retention`; unset, the audit service runs no retention job",
     shown="none: no retention job (`make run` sets the dev stack's administrative DSN)",
+)
+AUDIT_RETENTION_CELL_DATABASE_URLS = cell_dsns(
+    "AUDIT_RETENTION_CELL_DATABASE_URLS",
+    "with `AUDIT_RETENTION_DATABASE_URL` and more than one cell: the same kind of DSN for every other cell, as "
+    "`cell=DSN` pairs separated by spaces; the retention job purges each cell's tenants",
 )
 IDEMPOTENCY_WINDOW_SECONDS = seconds(
     "IDEMPOTENCY_WINDOW_SECONDS",
@@ -394,6 +399,7 @@ SERVICE_SETTINGS = SettingsTable.of(
     AUDIT_RETENTION_INTERVAL_SECONDS,
     AUDIT_RETENTION_BATCH_SIZE,
     AUDIT_RETENTION_DATABASE_URL,
+    AUDIT_RETENTION_CELL_DATABASE_URLS,
     IDEMPOTENCY_WINDOW_SECONDS,
     IDEMPOTENCY_PURGE_INTERVAL_SECONDS,
     USAGE_RETENTION_DAYS,
@@ -502,6 +508,8 @@ class Settings:
     audit_retention_interval_seconds: float
     audit_retention_batch_size: int
     audit_retention_database_url: str = field(repr=False)
+    #: ``AUDIT_RETENTION_CELL_DATABASE_URLS``, by cell (the audit service's only).
+    audit_retention_cell_database_urls: dict[str, str] = field(repr=False)
     canary_interval_seconds: float
     idempotency_window_seconds: float
     idempotency_purge_interval_seconds: float
@@ -647,6 +655,7 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Settings:
         audit_retention_interval_seconds=AUDIT_RETENTION_INTERVAL_SECONDS.read(env),
         audit_retention_batch_size=AUDIT_RETENTION_BATCH_SIZE.read(env),
         audit_retention_database_url=AUDIT_RETENTION_DATABASE_URL.read(env),
+        audit_retention_cell_database_urls=_audit_retention_cell_urls(service, env),
         idempotency_window_seconds=IDEMPOTENCY_WINDOW_SECONDS.read(env),
         idempotency_purge_interval_seconds=IDEMPOTENCY_PURGE_INTERVAL_SECONDS.read(env),
         usage_retention_days=USAGE_RETENTION_DAYS.read(env),
@@ -689,6 +698,15 @@ def _cell_database_urls(service: str, env: Mapping[str, str]) -> dict[str, str]:
         return {}
     dsns = dict(setting.read(env))
     check_cell_dsns(CELLS.read(env), dsns, setting.name)
+    return dsns
+
+
+def _audit_retention_cell_urls(service: str, env: Mapping[str, str]) -> dict[str, str]:
+    """The retention job's DSN of each cell but the home one: one for every cell when it runs at all."""
+    if service != "audit" or not AUDIT_RETENTION_DATABASE_URL.read(env):
+        return {}
+    dsns = dict(AUDIT_RETENTION_CELL_DATABASE_URLS.read(env))
+    check_cell_dsns(CELLS.read(env), dsns, AUDIT_RETENTION_CELL_DATABASE_URLS.name)
     return dsns
 
 
