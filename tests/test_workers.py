@@ -26,13 +26,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
+from towerco.features.v1 import feature_gate_service_pb2 as features_pb
 from towerco.sites.v1 import sites_service_pb2 as pb
 from towerco.sites.v1 import sites_service_pb2_grpc as pb_grpc
 from towerco.tenant.v1 import tenant_registry_service_pb2 as registry_pb
 
 from deploy.local.stack import REPO, Stack
 
-from .support import bearer, free_port
+from .support import bearer, free_port, rich_error
 from .support.processes import ExtraService, ExtraServices
 
 WORKERS = 2
@@ -134,7 +135,8 @@ def _scraped(port: int, name: str, **labels: str) -> float:
 def two_workers(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ExtraService, int]]:
     """One sites service of two workers for the tests that do not stop it, and its metrics port.
 
-    TENANT_CACHE_SECONDS is long: a worker learns of a tenant's change only by being told.
+    TENANT_CACHE_SECONDS is long: a worker learns of a tenant's change (its state, its
+    entitlements) only by being told.
     """
     services = ExtraServices(stack, tmp_path_factory.mktemp("workers"))
     metrics_port = free_port()
@@ -195,6 +197,37 @@ def test_a_suspension_reaches_every_worker(
             assert error.code() == grpc.StatusCode.PERMISSION_DENIED, error
             return
         raise AssertionError(f"worker {worker} still serves the suspended tenant")
+
+    for worker in sorted(pinned):
+        eventually(lambda w=worker: refused_by(w), within=10.0, interval=0.1)
+        pinned[worker].close()
+
+
+def test_an_entitlement_change_reaches_every_worker(
+    two_workers: tuple[ExtraService, int],
+    new_tenant: Callable[..., str],
+    token: Callable[..., str],
+    features: Any,
+    platform_token: str,
+    eventually: Callable[..., Any],
+) -> None:
+    service, _ = two_workers
+    tenant = new_tenant()
+    md = bearer(token(tenant))
+    pinned, _ = _one_connection_per_worker(service, md, eventually)  # each worker now holds its entitlements
+    features.SetLimitOverride(  # no call of the tenant may run
+        features_pb.SetLimitOverrideRequest(tenant_id=tenant, resource="call_concurrency", limit=0),
+        metadata=bearer(platform_token),
+        timeout=10,
+    )
+
+    def refused_by(worker: int) -> None:
+        try:
+            pb_grpc.SiteServiceStub(pinned[worker]).ListSites(pb.ListSitesRequest(page_size=1), metadata=md, timeout=10)
+        except grpc.RpcError as error:
+            assert rich_error(error).reason == "TENANT_CALLS_LIMIT", error
+            return
+        raise AssertionError(f"worker {worker} still runs the tenant's calls")
 
     for worker in sorted(pinned):
         eventually(lambda w=worker: refused_by(w), within=10.0, interval=0.1)
