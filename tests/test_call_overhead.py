@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from towerco.sites.v1 import sites_service_pb2
 
-from services.runtime import context, logs, tracing
+from services.runtime import context, logs, metrics, tracing
 from services.runtime.context import Caller, RequestContext
 from services.runtime.interceptors.base import Behavior, Metadata, PolicyInterceptor
 from services.runtime.policy import Policy, PolicyTable
@@ -171,3 +171,21 @@ def test_the_text_lines_time_is_written_as_logging_writes_it() -> None:
         record = logging.LogRecord("towerco.access", logging.INFO, "", 0, "line", None, None)
         record.created, record.msecs = created, int((created - int(created)) * 1000) + 0.0
         assert mine.formatTime(record) == standard.formatTime(record)
+
+
+def test_a_bound_request_context_and_metrics_record_last_for_their_block_even_when_it_raises() -> None:
+    outer = RequestContext(request_id="r-outer", method=GET_SITE)
+    inner = context.derive(outer, request_id="r-inner")
+    with context.Bound(context._current, outer) as bound:
+        assert bound is outer and context.current() is outer
+        with pytest.raises(RuntimeError), context.bind(inner) as again:
+            assert again is inner and context.current() is inner
+            raise RuntimeError("the call failed")
+        assert context.current() is outer
+    assert context.current() is None
+    with metrics.recording() as first:
+        metrics.note_tenant("ta", by_platform=False)
+        with metrics.recording() as second:
+            metrics.note_tenant("tb", by_platform=True)
+        metrics.note_tenant("tc", by_platform=False)
+    assert (first.tenant_id, second.tenant_id) == ("tc", metrics.PLATFORM_CALLER)

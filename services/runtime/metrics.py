@@ -19,14 +19,15 @@ library keeps the values in files there and ``/metrics`` serves their sum over t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.metrics import MetricWrapperBase
+
+from .context import Bound
 
 # No ``*_created`` series: they would double the series per tenant and nothing reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -353,12 +354,6 @@ def note_tenant(tenant_id: str, *, by_platform: bool) -> None:
         record.tenant_id = PLATFORM_CALLER if by_platform else tenant_id
 
 
-@contextmanager
-def recording() -> Iterator[CallRecord]:
+def recording() -> Bound[CallRecord]:
     """A fresh :class:`CallRecord` for the enclosed call, which :func:`note_tenant` fills."""
-    record = CallRecord()
-    token = _call.set(record)
-    try:
-        yield record
-    finally:
-        _call.reset(token)
+    return Bound(_call, CallRecord())
