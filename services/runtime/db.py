@@ -3,7 +3,8 @@
 One asyncpg pool per process and database cell (``services/runtime/cells.py``), made at
 start-up; a tenant's transactions open on its cell's, as the cached tenant state names it.
 :meth:`Database.transaction` opens a transaction and binds the current call's tenant to it with
-``set_config('app.current_tenant_id', $1, true)``: transaction-local, so it vanishes at
+``set_config('app.current_tenant_id', '<tenant>', true)``, sent with the ``BEGIN`` as one
+simple query (:func:`bind_tenant`, one round trip): transaction-local, so it vanishes at
 COMMIT or ROLLBACK and a pooled connection never carries one tenant into the next
 request. Without a tenant in the request context it refuses to run.
 
