@@ -8,8 +8,8 @@ one JSON line on stdin, connects, prints ``ready``, then sends ListSites for ``s
 - closed loop (``"clients": n``): n callers, each sending its next call when the last is
   answered, as fast as the server answers.
 Then it waits for the calls still out (each has a 5 s deadline), prints one JSON line,
-``{"sent", "skipped", "send_seconds", "codes": {status name: count}}`` (``UNANSWERED``: calls
-still out after their deadline), and exits: it stops by itself.
+``{"sent", "skipped", "send_seconds", "codes": {"<status> [<ErrorInfo reason>]": count}}``
+(``UNANSWERED``: calls still out after their deadline), and exits: it stops by itself.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 from towerco.sites.v1 import sites_service_pb2 as pb
 from towerco.sites.v1 import sites_service_pb2_grpc as pb_grpc
@@ -67,6 +68,19 @@ async def _closed_loop(one: Call, clients: int, seconds: float) -> tuple[int, in
     return created, 0
 
 
+def _reason(error: aio.AioRpcError) -> str:
+    """The ErrorInfo reason of a refusal (RATE_LIMITED, or another bound's), if it has one."""
+    trailers: Any = error.trailing_metadata() or ()
+    for key, value in trailers:
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            for detail in status_pb2.Status.FromString(value).details:
+                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                    info = error_details_pb2.ErrorInfo()
+                    detail.Unpack(info)
+                    return str(info.reason)
+    return ""
+
+
 async def flood(config: dict[str, Any]) -> dict[str, Any]:
     options = [("grpc.default_authority", config["authority"])] if config.get("authority") else []
     metadata = (("authorization", f"Bearer {config['token']}"),)
@@ -81,7 +95,7 @@ async def flood(config: dict[str, Any]) -> dict[str, Any]:
                 await stub.ListSites(request, metadata=metadata, timeout=CALL_DEADLINE)
                 code = "OK"
             except aio.AioRpcError as error:
-                code = error.code().name
+                code = " ".join(filter(None, (error.code().name, _reason(error))))
             codes[code] = codes.get(code, 0) + 1
 
         print("ready", flush=True)

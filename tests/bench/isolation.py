@@ -112,8 +112,9 @@ def _report(
     codes = report.get("codes", {})
     assert isinstance(codes, dict)
     admitted = int(codes.get("OK", 0))
-    refused = int(codes.get("RESOURCE_EXHAUSTED", 0))
-    other = ", ".join(f"{k} {v}" for k, v in sorted(codes.items()) if k not in ("OK", "RESOURCE_EXHAUSTED"))
+    refused = sum(int(v) for k, v in codes.items() if k.startswith("RESOURCE_EXHAUSTED"))
+    # Which refusals (by reason) and any other failure.
+    other = "; ".join(f"{k} {v}" for k, v in sorted(codes.items()) if k != "OK")
     send_seconds = float(str(report.get("send_seconds", 0))) or 1.0
     sent = float(str(report.get("sent", 0)))
     results.add(Figure(f"{name}: flooder admitted", admitted, "calls"))
