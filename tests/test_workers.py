@@ -290,7 +290,7 @@ async def test_sigterm_drains_every_worker_then_the_parent_exits_0(
         for worker, stub in stubs.items()
     }
     try:
-        for _ in range(200):
+        for _ in range(600):  # 30 s at most
             if await _blocked_on_lock(admin_dsn, workers) == workers:
                 break
             await asyncio.sleep(0.05)
