@@ -433,6 +433,15 @@ def test_cell2_stopped_leaves_cell1_tenants_served_and_cell2_tenants_unavailable
             assert error.retry is not None
             for secret in ("cell2", port, "127.0.0.1", "localhost"):
                 assert secret not in error.message, error.message
+        # A sites process started while cell2 is down starts, serves cell1, and refuses cell2's tenant.
+        log_path = OUTPUT / "logs" / "cells-sites-restarted.log"
+        with log_path.open("wb") as log:
+            cells.stack.stop("sites")
+            cells.stack.start_service("sites", log=log)
+            cells.stack.wait_serving("sites")
+        create_site(cells.sites, md1, "after-sites-restart")
+        error = expect_error(cells.sites.ListSites, sites_pb.ListSitesRequest(), metadata=md2)
+        assert error.code == grpc.StatusCode.UNAVAILABLE, error
     finally:
         cells.stack.start_cell("cell2")
     deadline = time.monotonic() + 20
@@ -446,3 +455,5 @@ def test_cell2_stopped_leaves_cell1_tenants_served_and_cell2_tenants_unavailable
             time.sleep(0.2)
     assert [s.site_id for s in listed] == ["before-stop"]
     create_site(cells.sites, md2, "after-restart")
+    # Served only once the isolation guard it could not run at start-up has passed there.
+    assert "cell cell2 answers and passed the isolation guard" in log_path.read_text()

@@ -264,6 +264,8 @@ class Database:
         self._cells: dict[str, CellPool] = {home_cell: CellPool(home_cell, pool, heads, self.outage)}
         self._cells.update((cell.name, cell) for cell in other_cells)
         self._cell_of: CellOf | None = None
+        #: Cells whose isolation guard has not run yet (down at start-up): refused until it passes.
+        self._unguarded: set[str] = set()
 
     @classmethod
     async def connect(
@@ -334,6 +336,13 @@ class Database:
         """The cells this process reaches, the home cell first: platform paths run once in each."""
         return tuple(self._cells)
 
+    def hold_until_guarded(self, names: Iterable[str]) -> None:
+        """Refuse cells ``names`` (as unreachable) until :meth:`guarded` names each (services/runtime/cell_guard.py)."""
+        self._unguarded.update(names)
+
+    def guarded(self, name: str) -> None:
+        self._unguarded.discard(name)
+
     def route_cells(self, cell_of: CellOf) -> None:
         """Open each tenant's transactions on the cell ``cell_of`` names (with more than one cell).
 
@@ -350,6 +359,8 @@ class Database:
         """
         done: list[T] = []
         for cell in self._cells:
+            if cell in self._unguarded:
+                continue
             with cells.on_cell(cell):
                 try:
                     done.append(await work(cell))
@@ -371,9 +382,9 @@ class Database:
     def _cell(self, name: str | None) -> CellPool:
         """The pool of cell ``name``; None or "": the home cell's."""
         cell = self._cells.get(name or self.home_cell)
-        if cell is None:
-            # A placement this process has no DSN for: its configuration lags the registry's.
-            log.error("a tenant is placed in cell %s, which this process has no DSN for (CELLS)", name)
+        if cell is None or cell.name in self._unguarded:
+            if cell is None:  # a placement this process has no DSN for: its configuration lags the registry's
+                log.error("a tenant is placed in cell %s, which this process has no DSN for (CELLS)", name)
             raise unavailable("the tenant's data cannot be reached; retry later", ErrorReason.DATABASE_UNAVAILABLE)
         return cell
 

@@ -36,6 +36,7 @@ from . import channels, logs, metrics, migrations, tracing, usage
 from .audit import Auditor, AuditRelay
 from .auth import TokenVerifier, VerifierConfig
 from .canary import CanaryError, IsolationCanary
+from .cell_guard import LateCellGuard
 from .db import UNREACHABLE, Database, connect_options
 from .entitlements import CHANNEL as ENTITLEMENTS_CHANNEL
 from .entitlements import EntitlementDirectory, FeatureGateSource, RecordSource
@@ -274,21 +275,25 @@ async def _guard_isolation(spec: ServiceSpec, settings: Settings) -> str:
     return settings.read_database_url
 
 
-async def _guard_cells(spec: ServiceSpec, settings: Settings) -> None:
-    """The isolation guard on every other cell; one unreachable now is warned about, not waited for.
+async def _guard_cells(spec: ServiceSpec, settings: Settings) -> dict[str, str]:
+    """The isolation guard on every other cell; those unreachable now (name -> DSN), not waited for.
 
-    Its tenants' calls are UNAVAILABLE until it answers; the other cells' tenants are served meanwhile.
+    Their tenants' calls are UNAVAILABLE until they answer and pass it (LateCellGuard); the
+    other cells' tenants are served meanwhile.
     """
+    unguarded = {}
     for cell, dsn in settings.cell_database_urls.items():
         try:
             await _check_isolation_at(dsn, spec, settings)
         except UNREACHABLE as exc:
             log.warning(
-                "cell %s unreachable at start-up (%s): its tenants' calls are UNAVAILABLE until it answers; "
-                "its isolation guard did not run",
+                "cell %s unreachable at start-up (%s): its tenants' calls are UNAVAILABLE until it answers and "
+                "passes the isolation guard",
                 cell,
                 type(exc).__name__,
             )
+            unguarded[cell] = dsn
+    return unguarded
 
 
 async def _check_isolation_at(dsn: str, spec: ServiceSpec, settings: Settings) -> None:
@@ -344,7 +349,7 @@ async def serve(spec: ServiceSpec, role: WorkerRole | None = None) -> None:
     if role is None:
         await migrate_on_start(spec, settings)
     read_dsn = await _guard_isolation(spec, settings)
-    await _guard_cells(spec, settings)
+    unguarded = await _guard_cells(spec, settings)
     db = await Database.connect(
         settings.runtime_database_url,
         min_size=settings.db_pool_min_size,
@@ -390,6 +395,7 @@ async def serve(spec: ServiceSpec, role: WorkerRole | None = None) -> None:
     )
     tenants = TenantDirectory(cache, source)
     db.route_cells(tenants.cell_of)
+    late_guard = LateCellGuard(db, lambda dsn: _check_isolation_at(dsn, spec, settings), unguarded)
     relay = AuditRelay(db, spec.schema, settings.targets["audit"], identity, service=spec.name) if spec.outbox else None
     runtime = Runtime(
         settings=settings,
@@ -411,6 +417,8 @@ async def serve(spec: ServiceSpec, role: WorkerRole | None = None) -> None:
         if relay is not None:
             await relay.start()
         await refusals.start()
+        await late_guard.start()
+        runtime.on_stop(late_guard.close)
         if not (await cache.wait_listening(5.0) and await entitlement_cache.wait_listening(1.0)):
             log.warning("not subscribed to tenant changes yet (Redis unreachable?); serving anyway")
         server, health, gate = build_server(spec, runtime, policies, limiter, refusals, reuse_port=role is not None)
