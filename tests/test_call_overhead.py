@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from towerco.sites.v1 import sites_service_pb2
 
-from services.runtime import context, logs, metrics, tracing
+from services.runtime import bulkhead, context, logs, metrics, tracing
 from services.runtime.context import Caller, RequestContext
 from services.runtime.interceptors.base import Behavior, Metadata, PolicyInterceptor
 from services.runtime.policy import Policy, PolicyTable
@@ -189,3 +189,7 @@ def test_a_bound_request_context_and_metrics_record_last_for_their_block_even_wh
             metrics.note_tenant("tb", by_platform=True)
         metrics.note_tenant("tc", by_platform=False)
     assert (first.tenant_id, second.tenant_id) == ("tc", metrics.PLATFORM_CALLER)
+    with bulkhead.limited(3), pytest.raises(RuntimeError), bulkhead.limited(-1):
+        assert bulkhead.current_limit() == -1
+        raise RuntimeError("the call failed")
+    assert bulkhead.current_limit() is None

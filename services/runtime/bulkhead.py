@@ -16,25 +16,21 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from . import metrics
+from .context import Bound
 from .errors import ErrorReason, resource_exhausted
 
 _limit: ContextVar[int | None] = ContextVar("towerco_tenant_db_concurrency", default=None)
 
 
-@contextmanager
-def limited(limit: int) -> Iterator[None]:
+def limited(limit: int) -> Bound[int]:
     """Within the block, the current tenant may hold at most ``limit`` connections (-1: no plan cap)."""
-    token = _limit.set(limit)
-    try:
-        yield
-    finally:
-        _limit.reset(token)
+    return Bound(_limit, limit)
 
 
 def current_limit() -> int | None:

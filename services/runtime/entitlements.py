@@ -18,8 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -28,6 +27,7 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 from towerco.internal.v1 import entitlements_pb2, entitlements_pb2_grpc
 
+from .context import Bound
 from .identity import ServiceIdentity
 from .lookups import InternalLookup
 from .plans import LIMITS, Plan, Plans
@@ -152,13 +152,9 @@ def current() -> Entitlements | None:
     return _current.get()
 
 
-@contextmanager
-def bound(entitlements: Entitlements) -> Iterator[None]:
-    token = _current.set(entitlements)
-    try:
-        yield
-    finally:
-        _current.reset(token)
+def bound(entitlements: Entitlements) -> Bound[Entitlements]:
+    """The calling tenant's entitlements for the enclosed block (the entitlements link, each call)."""
+    return Bound(_current, entitlements)
 
 
 #: Reads a tenant's record from the feature gate: version 0 and no value if it has none.
