@@ -102,6 +102,24 @@ def _one_connection_per_worker(
     return pinned, calls
 
 
+def _until_every_worker_refuses(
+    pinned: dict[int, grpc.Channel], md: Metadata, refusal: Callable[[Any], bool], eventually: Callable[..., Any]
+) -> None:
+    """Each worker refuses the tenant's ListSites (``refusal`` says the error is the one expected) within 10 s."""
+
+    def refused_by(worker: int) -> None:
+        try:
+            pb_grpc.SiteServiceStub(pinned[worker]).ListSites(pb.ListSitesRequest(page_size=1), metadata=md, timeout=10)
+        except grpc.RpcError as error:
+            assert refusal(error), error
+            return
+        raise AssertionError(f"worker {worker} still serves the tenant")
+
+    for worker in sorted(pinned):
+        eventually(lambda w=worker: refused_by(w), within=10.0, interval=0.1)
+        pinned[worker].close()
+
+
 def _children(parent: int) -> set[int]:
     """The live processes whose parent is ``parent`` (from /proc)."""
     found = set()
@@ -190,17 +208,7 @@ def test_a_suspension_reaches_every_worker(
         timeout=10,
     )
 
-    def refused_by(worker: int) -> None:
-        try:
-            pb_grpc.SiteServiceStub(pinned[worker]).ListSites(pb.ListSitesRequest(page_size=1), metadata=md, timeout=10)
-        except grpc.RpcError as error:
-            assert error.code() == grpc.StatusCode.PERMISSION_DENIED, error
-            return
-        raise AssertionError(f"worker {worker} still serves the suspended tenant")
-
-    for worker in sorted(pinned):
-        eventually(lambda w=worker: refused_by(w), within=10.0, interval=0.1)
-        pinned[worker].close()
+    _until_every_worker_refuses(pinned, md, lambda error: error.code() == grpc.StatusCode.PERMISSION_DENIED, eventually)
 
 
 def test_an_entitlement_change_reaches_every_worker(
@@ -221,17 +229,7 @@ def test_an_entitlement_change_reaches_every_worker(
         timeout=10,
     )
 
-    def refused_by(worker: int) -> None:
-        try:
-            pb_grpc.SiteServiceStub(pinned[worker]).ListSites(pb.ListSitesRequest(page_size=1), metadata=md, timeout=10)
-        except grpc.RpcError as error:
-            assert rich_error(error).reason == "TENANT_CALLS_LIMIT", error
-            return
-        raise AssertionError(f"worker {worker} still runs the tenant's calls")
-
-    for worker in sorted(pinned):
-        eventually(lambda w=worker: refused_by(w), within=10.0, interval=0.1)
-        pinned[worker].close()
+    _until_every_worker_refuses(pinned, md, lambda error: rich_error(error).reason == "TENANT_CALLS_LIMIT", eventually)
 
 
 def test_a_second_copy_on_the_taken_port_is_refused_in_one_line(
