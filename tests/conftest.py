@@ -116,12 +116,7 @@ def stack() -> Iterator[Stack]:
     logs = {name: (OUTPUT / "logs" / f"{name}.log").open("ab") for name in ("tenant", "sites", "features", "audit")}
     try:
         # Inside the try: a failure here (a broken migration) must still stop the servers.
-        stack.start_infra()
-        stack.migrate()
-        for name, log in logs.items():
-            stack.start_service(name, log=log)
-        for name in logs:
-            stack.wait_serving(name)
+        stack.start_platform(logs)
         yield stack
     finally:
         stack.stop_services()

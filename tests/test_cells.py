@@ -93,12 +93,7 @@ def cells() -> Iterator[CellsStack]:
     logs = {name: (OUTPUT / "logs" / f"cells-{name}.log").open("ab") for name in SERVICES}
     channels: list[grpc.Channel] = []
     try:
-        stack.start_infra()
-        stack.migrate()
-        for name, log in logs.items():
-            stack.start_service(name, log=log)
-        for name in SERVICES:
-            stack.wait_serving(name)
+        stack.start_platform(logs)
 
         def channel(name: str) -> grpc.Channel:
             opened = grpc.insecure_channel(f"127.0.0.1:{config.ports[name]}")

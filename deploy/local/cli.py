@@ -114,13 +114,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if certs.exists() and not GATEWAY_TLS_CERT_FILE.is_set(process_environment()):
         stack.config.env.update(certs.gateway_env())  # `make certs` was run: the gateway serves TLS
     try:
-        stack.start_infra()
-        stack.migrate()
         names = available_services()
-        for name in names:
-            stack.start_service(name)
-        for name in names:
-            stack.wait_serving(name)
+        stack.start_platform(dict.fromkeys(names))
         ports = {n: stack.config.ports[n] for n in names}
         tls = GrpcTls.from_env(stack.service_env())
         seeded = seed_demo(stack.keys_dir, ports, tls=tls) if "tenant" in names else None

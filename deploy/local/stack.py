@@ -255,6 +255,16 @@ class Stack:
 
         return asyncio.run(run())
 
+    def start_platform(self, logs: Mapping[str, IO[bytes] | None]) -> None:
+        """Servers, migrations, then each service ``logs`` names (its output there; None: this process's),
+        until every one is SERVING: what ``make run`` and the test stacks start with."""
+        self.start_infra()
+        self.migrate()
+        for name, log in logs.items():
+            self.start_service(name, log=log)
+        for name in logs:
+            self.wait_serving(name)
+
     def service_env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         # The services inherit this process's environment, overridden by the stack's own.
         env = dict(process_environment())
