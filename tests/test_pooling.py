@@ -24,6 +24,7 @@ from services.runtime.context import RequestContext
 from services.runtime.db import Database
 
 from .support import bearer
+from .support.requests import set_limit
 
 SITES_PER_TENANT = 4
 
@@ -167,10 +168,14 @@ def small_pool_sites(extra_sites) -> Any:
     return extra.target, extra.process
 
 
-async def test_service_with_small_pool_keeps_tenants_apart(small_pool_sites, three_tenants, token):
+async def test_service_with_small_pool_keeps_tenants_apart(
+    small_pool_sites, three_tenants, token, features, platform_token
+):
     target, process = small_pool_sites
     rng = random.Random(4321)
     tokens = {tenant: token(tenant) for tenant in three_tenants}
+    for tenant in three_tenants:  # calls queue here rather than meet fair share's bound on calls in flight
+        set_limit(features, platform_token, tenant, "call_concurrency", -1)
 
     async with grpc.aio.insecure_channel(target) as channel:
         stub = sites_service_pb2_grpc.SiteServiceStub(channel)
