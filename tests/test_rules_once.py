@@ -15,7 +15,7 @@ import pytest
 
 from gateway.__main__ import deploy_settings, overlay_values
 from gateway.config import lua_pattern, origin_matchers, render
-from services.runtime.ids import REQUEST_ID, TENANT_ID, IdRule
+from services.runtime.ids import REQUEST_ID, ROLE_ID, TENANT_ID, IdRule
 from services.runtime.plans import FEATURE_PATTERN, PLAN_PATTERN
 from services.sites.convert import SITE_ID
 from services.tenant.tenant_settings_rules import COLOR
@@ -29,6 +29,7 @@ RULE_OF = {
     "site_id": SITE_ID.pattern,
     "feature": FEATURE_PATTERN.pattern,
     "plan": PLAN_PATTERN.pattern,
+    "role_id": ROLE_ID.pattern,
 }
 #: Every pattern the documentation may quote: one of the rules above, or another rule
 #: defined in code. A pattern quoted that is none of these is a copy that drifted.

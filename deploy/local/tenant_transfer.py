@@ -53,6 +53,7 @@ SERVICES = ("tenant", "sites", "features", "audit")
 EXPORTED = (
     Table(REGISTRY_TABLE, ("tenant_id",)),
     Table("tenant.tenant_settings", ("tenant_id",)),
+    Table("tenant.tenant_roles", ("role_id",)),
     Table("tenant.tenant_users", ("user_id",)),
     Table("tenant.host_routes", ("host",)),
     Table("features.tenant_plans", ("tenant_id",)),

@@ -56,3 +56,6 @@ CELL_NAME = IdRule(first="a-z", rest="a-z0-9_-", min_length=1, max_length=32)
 #: A client's request id: ``x-request-id`` (kept when it matches, by the services and the
 #: gateway) and the idempotency key ``request_id`` of creates.
 REQUEST_ID = IdRule(first="A-Za-z0-9._:-", rest="A-Za-z0-9._:-", min_length=1, max_length=64)
+
+#: A tenant's custom role (UserService.CreateRole), never a built-in role's name.
+ROLE_ID = IdRule(first="a-z", rest="a-z0-9_-", min_length=3, max_length=32)

@@ -58,6 +58,7 @@ from .settings import Settings, SettingsError, load, migration_target
 from .tenant_cache import CHANNEL as TENANT_CHANNEL
 from .tenant_cache import TenantCache
 from .tenants import RegistryStateSource, StateSource, TenantDirectory
+from .user_access import RegistryUserSource, UserSource
 from .workers import WorkerRole, run_workers
 
 log = logging.getLogger("towerco.server")
@@ -130,6 +131,8 @@ class ServiceSpec:
     register: Callable[[aio.Server, Runtime], None]
     #: Where this service reads tenant state on a cache miss; default: ask the registry.
     state_source: Callable[[Database], StateSource] | None = None
+    #: Where it reads a registry user's state and role on a cache miss; default: ask the registry.
+    user_source: Callable[[Database], UserSource] | None = None
     #: Where it reads entitlement records on a cache miss; default: ask the feature gate.
     entitlement_source: Callable[[Database], RecordSource] | None = None
     #: Whether the service has an ``audit_outbox`` table and relays it to the audit service.
@@ -393,7 +396,8 @@ async def serve(spec: ServiceSpec, role: WorkerRole | None = None) -> None:
             lease_seconds=settings.rate_limit_lease_seconds,
         ),
     )
-    tenants = TenantDirectory(cache, source)
+    users = spec.user_source(db) if spec.user_source else _ask(RegistryUserSource, "tenant", settings, identity, remote)
+    tenants = TenantDirectory(cache, source, users)
     db.route_cells(tenants.cell_of)
     late_guard = LateCellGuard(db, lambda dsn: _check_isolation_at(dsn, spec, settings), unguarded)
     relay = AuditRelay(db, spec.schema, settings.targets["audit"], identity, service=spec.name) if spec.outbox else None

@@ -18,6 +18,7 @@ from .errors import ErrorReason, ServiceError, unavailable
 from .identity import ServiceIdentity
 from .lookups import InternalLookup
 from .tenant_cache import TenantCache, Versioned
+from .user_access import UserDirectory, UserSource
 
 STATE_KIND = "state"
 #: Tenant ids the registry never holds.
@@ -62,9 +63,11 @@ class TenantInfo:
 class TenantDirectory:
     """Tenant state and plan, from memory whenever possible."""
 
-    def __init__(self, cache: TenantCache, source: StateSource) -> None:
+    def __init__(self, cache: TenantCache, source: StateSource, users: UserSource | None = None) -> None:
         self._cache = cache
         self._source = source
+        #: Registry users' state and role, through the same cache and change notices.
+        self.users = UserDirectory(cache, users) if users is not None else None
 
     async def get(self, tenant_id: str) -> TenantInfo | None:
         item = await self._cache.get(tenant_id, STATE_KIND, lambda: self._source(tenant_id))

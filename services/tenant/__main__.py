@@ -13,7 +13,12 @@ from towerco.internal.v1 import (
     tenant_data_pb2,
     tenant_data_pb2_grpc,
 )
-from towerco.tenant.v1 import tenant_registry_service_pb2, tenant_registry_service_pb2_grpc
+from towerco.tenant.v1 import (
+    tenant_registry_service_pb2,
+    tenant_registry_service_pb2_grpc,
+    user_service_pb2,
+    user_service_pb2_grpc,
+)
 
 from services.runtime.channels import service_channel
 from services.runtime.held_resources import HeldResourcesServicer
@@ -24,11 +29,12 @@ from . import queries
 from .canary_sentinels import TENANT_SENTINELS
 from .directory import TenantDirectoryServicer
 from .offboarding import Offboarding
-from .records import state_source
+from .records import state_source, user_source
 from .secrets import load_secret_box
 from .servicer import TenantRegistryServicer
 from .tenant_data_migration import MigrationRunner, Part, RemotePart, SettingsPart
 from .tombstones import start_tombstone_purge
+from .users import UserServicer
 
 #: Who owns which data type that a migration can copy, besides the registry's `settings`.
 REMOTE_DATA_TYPES = {"sites": "sites"}
@@ -62,9 +68,10 @@ def register(server: aio.Server, runtime: Runtime) -> None:
     servicer.provisioning_steps.append(register_plan)
     tenant_registry_service_pb2_grpc.add_TenantRegistryServiceServicer_to_server(servicer, server)
     tenant_data_pb2_grpc.add_TenantDirectoryServiceServicer_to_server(
-        TenantDirectoryServicer(state_source(runtime.db)), server
+        TenantDirectoryServicer(state_source(runtime.db), user_source(runtime.db)), server
     )
-    # max_users: the users the registry knows (each tenant's administrator until users are managed).
+    user_service_pb2_grpc.add_UserServiceServicer_to_server(UserServicer(runtime), server)
+    # max_users: the users the registry knows (UserService's, each tenant's administrator among them).
     held_resources_pb2_grpc.add_HeldResourcesServiceServicer_to_server(
         HeldResourcesServicer(runtime, {"max_users": queries.COUNT_USERS}), server
     )
@@ -85,6 +92,7 @@ SPEC = ServiceSpec(
     schema="tenant",
     services=(
         tenant_registry_service_pb2.DESCRIPTOR.services_by_name["TenantRegistryService"],
+        user_service_pb2.DESCRIPTOR.services_by_name["UserService"],
         tenant_data_pb2.DESCRIPTOR.services_by_name["TenantDirectoryService"],
         held_resources_pb2.DESCRIPTOR.services_by_name["HeldResourcesService"],
     ),
@@ -92,6 +100,7 @@ SPEC = ServiceSpec(
     register=register,
     sentinels=TENANT_SENTINELS,
     state_source=state_source,
+    user_source=user_source,
 )
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ TENANT_SENTINELS = {
     "VALUES ($1, '{{}}'::jsonb) ON CONFLICT DO NOTHING",
     "tenant_users": "INSERT INTO {schema}.tenant_users (tenant_id, user_id, email, role) "
     "VALUES ($1, 'isolation-canary', 'isolation-canary@towerco.invalid', 'viewer') ON CONFLICT DO NOTHING",
+    "tenant_roles": "INSERT INTO {schema}.tenant_roles (tenant_id, role_id, permissions) "
+    "VALUES ($1, 'isolation-canary', '{{sites.read}}') ON CONFLICT DO NOTHING",
     "migrations": "INSERT INTO {schema}.migrations "
     "(tenant_id, migration_id, source_tenant_id, target_tenant_id, data_types, state) "
     "VALUES ($1, '00000000-0000-4000-8000-00000000ca11', $1, $1, '{{}}', 'STATE_SUCCEEDED') ON CONFLICT DO NOTHING",

@@ -8,13 +8,17 @@ from grpc import aio
 from towerco.internal.v1 import tenant_data_pb2 as internal_pb
 from towerco.internal.v1 import tenant_data_pb2_grpc as internal_grpc
 
-from services.runtime import lookups
+from services.runtime import context, lookups
+from services.runtime.errors import ErrorReason, FieldViolation, invalid_argument, not_found
+from services.runtime.ids import TENANT_ID
 from services.runtime.tenants import State, StateSource
+from services.runtime.user_access import UserAccess, UserSource
 
 
 class TenantDirectoryServicer(internal_grpc.TenantDirectoryServiceServicer):
-    def __init__(self, source: StateSource) -> None:
+    def __init__(self, source: StateSource, users: UserSource) -> None:
         self._source = source
+        self._users = users
 
     async def GetTenantState(
         self, request: internal_pb.GetTenantStateRequest, ctx: aio.ServicerContext[Any, Any]
@@ -27,4 +31,25 @@ class TenantDirectoryServicer(internal_grpc.TenantDirectoryServiceServicer):
             version=version,
             legal_hold=bool(value.get("legal_hold")),
             cell=str(value.get("cell") or ""),
+        )
+
+    async def GetUserAccess(
+        self, request: internal_pb.GetUserAccessRequest, ctx: aio.ServicerContext[Any, Any]
+    ) -> internal_pb.UserAccess:
+        if not context.is_valid_tenant_id(request.tenant_id):
+            raise invalid_argument([FieldViolation("tenant_id", TENANT_ID.problem)])
+        if not request.user_id:
+            raise invalid_argument([FieldViolation("user_id", "is required")])
+        item = await self._users(request.tenant_id, request.user_id)
+        if item.version == 0:
+            raise not_found(ErrorReason.TENANT_NOT_FOUND, request.tenant_id)
+        access = UserAccess.from_value(item.value)
+        if access is None:
+            return internal_pb.UserAccess(version=item.version, known=False)
+        return internal_pb.UserAccess(
+            version=item.version,
+            known=True,
+            active=access.active,
+            role=access.role,
+            permissions=sorted(access.permissions),
         )

@@ -80,6 +80,7 @@ class Offboarding:
                         queries.DELETE_SETTINGS_BACKUPS,
                         queries.DELETE_SETTINGS,
                         queries.DELETE_USERS,
+                        queries.DELETE_ROLES,
                         queries.DELETE_HOSTS,
                     ):
                         await conn.execute(statement, tenant_id)

@@ -120,3 +120,66 @@ ON CONFLICT (tenant_id, migration_id) DO NOTHING
 GET_SETTINGS_BACKUP = "SELECT document FROM tenant.migration_settings_backup WHERE tenant_id = $1 AND migration_id = $2"
 DELETE_SETTINGS_BACKUP = "DELETE FROM tenant.migration_settings_backup WHERE tenant_id = $1 AND migration_id = $2"
 DELETE_SETTINGS_BACKUPS = "DELETE FROM tenant.migration_settings_backup WHERE tenant_id = $1"
+
+# ---- Users and custom roles (UserService, services/tenant/users.py) ----------------------
+
+USER_COLUMNS = "user_id, email, role, state, create_time, update_time"
+#: Every change of a tenant's users or roles bumps its version, which is what the caches
+#: order users' access by; the row lock also makes a tenant's user changes one at a time
+#: (max_users counted exactly under concurrent creates).
+BUMP_VERSION_FOR_USERS = f"""
+WITH updated AS (
+    UPDATE tenant.tenants SET version = version + 1 WHERE tenant_id = $1 RETURNING *
+)
+SELECT {TENANT_COLUMNS.replace("t.tenant_id", "updated.tenant_id")} FROM updated
+"""
+TENANT_VERSION = "SELECT version FROM tenant.tenants WHERE tenant_id = $1"
+INSERT_NEW_USER = f"""
+INSERT INTO tenant.tenant_users (tenant_id, user_id, email, role, request_id, request_hash)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (tenant_id, email) DO NOTHING
+RETURNING {USER_COLUMNS}
+"""
+GET_USER = f"SELECT {USER_COLUMNS} FROM tenant.tenant_users WHERE tenant_id = $1 AND user_id = $2"
+GET_USER_BY_EMAIL = f"SELECT {USER_COLUMNS} FROM tenant.tenant_users WHERE tenant_id = $1 AND email = $2"
+GET_USER_BY_REQUEST = f"""
+SELECT {USER_COLUMNS}, request_hash FROM tenant.tenant_users WHERE tenant_id = $1 AND request_id = $2
+"""
+LIST_USERS = f"""
+SELECT {USER_COLUMNS} FROM tenant.tenant_users WHERE tenant_id = $1 AND user_id > $2 ORDER BY user_id LIMIT $3
+"""
+SET_USER_ROLE = f"""
+UPDATE tenant.tenant_users SET role = $3, update_time = now() WHERE tenant_id = $1 AND user_id = $2
+RETURNING {USER_COLUMNS}
+"""
+SET_USER_STATE = f"""
+UPDATE tenant.tenant_users SET state = $3, update_time = CASE WHEN state = $3 THEN update_time ELSE now() END
+WHERE tenant_id = $1 AND user_id = $2
+RETURNING {USER_COLUMNS}
+"""
+DELETE_USER = "DELETE FROM tenant.tenant_users WHERE tenant_id = $1 AND user_id = $2"
+#: A user's access: its state, role, and the permissions of its role if that is a custom one.
+GET_USER_ACCESS = """
+SELECT u.state, u.role, r.permissions AS custom
+FROM tenant.tenant_users u
+LEFT JOIN tenant.tenant_roles r ON r.tenant_id = u.tenant_id AND r.role_id = u.role
+WHERE u.tenant_id = $1 AND u.user_id = $2
+"""
+
+ROLE_COLUMNS = "role_id, permissions"
+GET_ROLE = f"SELECT {ROLE_COLUMNS} FROM tenant.tenant_roles WHERE tenant_id = $1 AND role_id = $2"
+INSERT_ROLE = f"""
+INSERT INTO tenant.tenant_roles (tenant_id, role_id, permissions) VALUES ($1, $2, $3)
+ON CONFLICT (tenant_id, role_id) DO NOTHING
+RETURNING {ROLE_COLUMNS}
+"""
+SET_ROLE_PERMISSIONS = f"""
+UPDATE tenant.tenant_roles SET permissions = $3, update_time = now() WHERE tenant_id = $1 AND role_id = $2
+RETURNING {ROLE_COLUMNS}
+"""
+LIST_ROLES = f"""
+SELECT {ROLE_COLUMNS} FROM tenant.tenant_roles WHERE tenant_id = $1 AND role_id > $2 ORDER BY role_id LIMIT $3
+"""
+DELETE_ROLE = "DELETE FROM tenant.tenant_roles WHERE tenant_id = $1 AND role_id = $2"
+COUNT_ROLE_USERS = "SELECT count(*) FROM tenant.tenant_users WHERE tenant_id = $1 AND role = $2"
+DELETE_ROLES = "DELETE FROM tenant.tenant_roles WHERE tenant_id = $1"

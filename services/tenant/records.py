@@ -12,8 +12,9 @@ from services.runtime import context
 from services.runtime.db import Database
 from services.runtime.tenant_cache import TenantCache, Versioned
 from services.runtime.tenants import STATE_KIND, StateSource
+from services.runtime.user_access import UserSource
 
-from . import queries, tenant_settings_rules, tenant_settings_store
+from . import queries, tenant_settings_rules, tenant_settings_store, user_records
 
 SETTINGS_KIND = "settings"
 State = pb.Tenant.State
@@ -85,6 +86,22 @@ def state_source(db: Database) -> StateSource:
             async with db.transaction(readonly=True) as conn:
                 row = await conn.fetchrow(queries.GET_TENANT, tenant_id)
         return Versioned(0, None) if row is None else Versioned(row["version"], state_value(row))
+
+    return load
+
+
+def user_source(db: Database) -> UserSource:
+    """The registry reads a user's access from its own tables, at the tenant's version."""
+
+    async def load(tenant_id: str, user_id: str) -> Versioned:
+        with context.system_scope(tenant_id, "user-access"):
+            async with db.transaction(readonly=True) as conn:
+                # The version first: a change committing in between is labelled older, never newer.
+                version = await conn.fetchval(queries.TENANT_VERSION, tenant_id)
+                row = await conn.fetchrow(queries.GET_USER_ACCESS, tenant_id, user_id) if version else None
+        if not version:
+            return Versioned(0, None)
+        return Versioned(version, None if row is None else user_records.access_of(row).as_value())
 
     return load
 

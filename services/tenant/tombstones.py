@@ -27,7 +27,7 @@ DAY_SECONDS = 86400.0
 # A tombstone under legal hold stays (the hold is lifted first).
 _EXPIRED = "state = 'STATE_DELETED' AND NOT legal_hold AND update_time < now() - make_interval(secs => {})"
 
-_CHILDREN = ("migration_settings_backup", "host_routes", "tenant_settings", "tenant_users")
+_CHILDREN = ("migration_settings_backup", "host_routes", "tenant_settings", "tenant_users", "tenant_roles")
 
 # One row per tenant, so the batch bound ($3) is always met. The children go first in the
 # same statement (a NO ACTION foreign key is checked at its end).

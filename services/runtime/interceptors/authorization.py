@@ -2,6 +2,10 @@
 
 Internal RPCs (``internal: true``) additionally need a platform service identity: a
 token from the service issuer. No end-user token passes, a platform admin's included.
+
+A token of a tenant's registry user (``sub`` = ``user-...``) holds the permissions of the
+role the user holds now, and none while the user is deactivated or deleted
+(``services/runtime/user_access.py``): one cached lookup per call, a dictionary hit.
 """
 
 from __future__ import annotations
@@ -12,16 +16,22 @@ from grpc import aio
 
 from .. import context
 from ..errors import ErrorReason, permission_denied
-from ..policy import Policy
+from ..policy import Policy, PolicyTable
+from ..tenants import TenantDirectory
 from .base import Behavior, Metadata, PolicyInterceptor
 
 
 class AuthorizationInterceptor(PolicyInterceptor):
-    """PERMISSION_DENIED unless the token's ``permissions`` claim has the declared one."""
+    """PERMISSION_DENIED unless the caller's permissions have the declared one."""
+
+    def __init__(self, policies: PolicyTable, tenants: TenantDirectory | None = None) -> None:
+        super().__init__(policies)
+        self._tenants = tenants
 
     def wrap(self, inner: Behavior, policy: Policy, metadata: Metadata) -> Behavior:
         if policy.public:
             return inner
+        users = self._tenants.users if self._tenants is not None else None
 
         async def behavior(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
             caller = context.current_caller()
@@ -30,7 +40,11 @@ class AuthorizationInterceptor(PolicyInterceptor):
                     "this method is internal to the platform: only its services may call it",
                     ErrorReason.SERVICE_IDENTITY_REQUIRED,
                 )
-            if caller is None or policy.permission not in caller.permissions:
+            permissions = caller.permissions if caller is not None else frozenset()
+            tenant_id = context.tenant_user_call()
+            if caller is not None and tenant_id is not None and users is not None:
+                permissions = await users.permissions(caller, tenant_id)
+            if caller is None or policy.permission not in permissions:
                 raise permission_denied(
                     f"this call needs the {policy.permission!r} permission",
                     ErrorReason.PERMISSION_MISSING,

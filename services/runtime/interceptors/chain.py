@@ -50,7 +50,7 @@ def server_chain(
         TenantStateInterceptor(policies, tenants),  # is that tenant active
         UsageInterceptor(policies),  # its users' calls counted for billing, refusals below included (in memory)
         CrossTenantInterceptor(policies, entitlements, limiter),  # another tenant named: counted, refused, audited
-        AuthorizationInterceptor(policies),  # with which permission (internal: services only)
+        AuthorizationInterceptor(policies, tenants),  # with which permission (internal: services only)
         EntitlementsInterceptor(policies, entitlements),  # does the plan include it; DB connections it may hold
         CallConcurrencyInterceptor(policies),  # within its call_concurrency in flight here (or refused at once)
         RateLimitInterceptor(policies, limiter),  # within rpm_read / rpm_write (refusals remembered, leases)
