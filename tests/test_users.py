@@ -302,3 +302,16 @@ async def test_every_change_yields_one_audit_event_without_secrets(
     assert [(r["action"], r["resource"]) for r in rows] == expected
     for row in rows:
         assert secret_token not in row["details"] and "token" not in row["details"].lower()
+
+
+def test_the_provisioned_administrator_is_a_user_with_a_normalised_email(
+    users: Any, token: Callable[..., str], new_tenant: Any
+):
+    tenant = new_tenant("un", admin_email="NOC@Mixed-Case.Example")
+    md = bearer(token(tenant))
+    listed = users.ListUsers(pb.ListUsersRequest(), metadata=md, timeout=10).users
+    assert [(u.email, u.role) for u in listed] == [("noc@mixed-case.example", "admin")]
+    err = expect_error(
+        users.CreateUser, pb.CreateUserRequest(user=pb.User(email="noc@mixed-case.example", role="viewer")), metadata=md
+    )
+    assert err.reason == "USER_ALREADY_EXISTS", err

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import nullcontext
 from typing import Any
@@ -35,7 +33,7 @@ from services.runtime.scope import require_platform_admin, target_tenant
 from services.runtime.server import Runtime
 from services.runtime.validation import Violations
 
-from . import hosts, queries, records, tenant_settings_rules, tenant_settings_store
+from . import hosts, queries, records, tenant_settings_rules, tenant_settings_store, user_records
 from .offboarding import Offboarding
 from .secrets import SecretBox
 from .tenant_data_migration import MigrationRunner
@@ -43,7 +41,6 @@ from .tenant_data_migration import MigrationRunner
 State = pb.Tenant.State
 Ctx = aio.ServicerContext[Any, Any]
 
-EMAIL = re.compile(r"^[^@\s]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+$")
 ADMIN_ROLE = "admin"
 #: Fields CreateTenant ignores (OUTPUT_ONLY, IDENTIFIER): they must not make a retry look like a different request.
 CREATE_IGNORES = ignored_on_create(pb.CreateTenantRequest.DESCRIPTOR, "tenant")
@@ -121,7 +118,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
             v.add("tenant.plan", f"must be one of {', '.join(self._plans.names)}")
         if not tenant.admin_email:
             v.add("tenant.admin_email", "is required")
-        elif len(tenant.admin_email) > 254 or not EMAIL.fullmatch(tenant.admin_email):
+        elif len(tenant.admin_email) > user_records.MAX_EMAIL or not user_records.EMAIL.fullmatch(tenant.admin_email):
             v.add("tenant.admin_email", "must be an e-mail address of at most 254 characters")
         if len(tenant.domains) > hosts.MAX_DOMAINS:
             v.add("tenant.domains", f"must have at most {hosts.MAX_DOMAINS} entries")
@@ -195,9 +192,10 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
                     defaults = tenant_settings_rules.default_settings(tenant_id, tenant.display_name.strip())
                     document = tenant_settings_store.to_document(defaults, self._box, tenant_id, None)
                     await conn.execute(queries.INSERT_SETTINGS, tenant_id, document)
-                    await conn.execute(
-                        queries.INSERT_USER, tenant_id, f"user-{uuid.uuid4().hex}", tenant.admin_email, ADMIN_ROLE
-                    )
+                    # Its administrator is its first user, by UserService's rules (a seat of max_users).
+                    admin_email = user_records.normalise_email(tenant.admin_email)
+                    admin_id = user_records.new_user_id()
+                    await conn.execute(queries.INSERT_USER, tenant_id, admin_id, admin_email, ADMIN_ROLE)
                     await self._audit.record(
                         conn,
                         "tenants.create",
