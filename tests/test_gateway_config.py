@@ -65,6 +65,7 @@ def test_every_public_service_is_routed_and_no_internal_one():
     routed = {prefix: api.cluster for api in apis() for prefix in api.prefixes}
     assert routed == {
         "/towerco.tenant.v1.TenantRegistryService/": "tenant",
+        "/towerco.tenant.v1.SsoConfigService/": "tenant",
         "/towerco.tenant.v1.UserService/": "tenant",
         "/towerco.sites.v1.SiteService/": "sites",
         "/towerco.features.v1.FeatureGateService/": "features",

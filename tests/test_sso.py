@@ -7,17 +7,26 @@ a tenant's provider over HTTPS.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
+from collections.abc import Iterator
+from typing import Any
 
+import grpc
 import pytest
+from towerco.features.v1 import feature_gate_service_pb2 as features_pb
+from towerco.sites.v1 import sites_service_pb2 as sites_pb
+from towerco.tenant.v1 import sso_config_service_pb2 as sso_pb
+from towerco.tenant.v1 import sso_config_service_pb2_grpc as sso_grpc
 
 from services.runtime.auth import TenantIssuer, TokenError, TokenVerifier, VerifierConfig
 from services.runtime.oidc import ProviderDirectory, ProviderError, ProviderKeys, ProviderLimits, check_url
 from services.runtime.roles import ROLE_PERMISSIONS
 from services.runtime.settings import DEFAULT_JWT_AUDIENCE, DEFAULT_JWT_ISSUER
 
+from .support import bearer, expect_error
 from .support.oidc_provider import TestIdentityProvider, serve_identity_provider
 
 AUDIENCE = "towerco-sso-test"
@@ -44,6 +53,9 @@ class Issuers:
 
     def __call__(self, issuer: str) -> TenantIssuer | None:
         return self.by_issuer.get(issuer)
+
+    async def prepare(self, token: str) -> None:
+        """Nothing to fetch: the test changes ``by_issuer`` itself."""
 
 
 def verifier_with(issuers: Issuers, limits: ProviderLimits | None = None) -> TokenVerifier:
@@ -194,3 +206,160 @@ def test_oversized_jwks_is_refused(idp):
 
     with pytest.raises(ProviderError, match="more than 1000 bytes"):
         keys.key_for(idp.kid)
+
+
+# --- against the stack: the registry's configuration, every service honouring it ---------------
+
+
+@pytest.fixture
+def sso_stub(tenant_target: str) -> Iterator[sso_grpc.SsoConfigServiceStub]:
+    with grpc.insecure_channel(tenant_target) as channel:
+        yield sso_grpc.SsoConfigServiceStub(channel)
+
+
+def sso_config(provider: TestIdentityProvider, **overrides: Any) -> sso_pb.SsoConfig:
+    fields: dict[str, Any] = {
+        "issuer": provider.issuer,
+        "audience": AUDIENCE,
+        "group_roles": [sso_pb.GroupRole(group=group, role=role) for group, role in GROUPS],
+        **overrides,
+    }
+    return sso_pb.SsoConfig(**fields)
+
+
+def configure(stub: sso_grpc.SsoConfigServiceStub, admin: str, config: sso_pb.SsoConfig) -> sso_pb.SsoConfig:
+    request = sso_pb.UpdateSsoConfigRequest(sso_config=config)
+    reply: sso_pb.SsoConfig = stub.UpdateSsoConfig(request, metadata=bearer(admin), timeout=10)
+    return reply
+
+
+def list_sites(sites: Any, jwt_: str, tenant: str | None = None) -> None:
+    sites.ListSites(sites_pb.ListSitesRequest(), metadata=bearer(jwt_, tenant), timeout=10)
+
+
+def test_configuration_is_refused_without_sso_in_the_plan(sso_stub, new_tenant, token, idp):
+    tenant = new_tenant("sp", plan="professional")
+
+    error = expect_error(
+        sso_stub.UpdateSsoConfig, sso_pb.UpdateSsoConfigRequest(sso_config=sso_config(idp)),
+        metadata=bearer(token(tenant)),
+    )  # fmt: skip
+
+    assert error.code == grpc.StatusCode.PERMISSION_DENIED
+    assert error.reason == "FEATURE_NOT_IN_PLAN"
+    assert error.info is not None and error.info.metadata["feature"] == "sso"
+
+
+def test_a_bad_configuration_names_each_bad_field(sso_stub, new_tenant, token, idp):
+    tenant = new_tenant("sb", plan="enterprise")
+    config = sso_config(idp, issuer="http://login.example.com/realms/noc",
+                        group_roles=[sso_pb.GroupRole(group="noc", role="platform_admin")])  # fmt: skip
+
+    error = expect_error(
+        sso_stub.UpdateSsoConfig, sso_pb.UpdateSsoConfigRequest(sso_config=config), metadata=bearer(token(tenant))
+    )
+
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.bad_request is not None
+    fields = {v.field for v in error.bad_request.field_violations}
+    assert fields == {"sso_config.issuer", "sso_config.group_roles[0].role"}
+
+
+def test_tenant_tokens_work_for_their_tenant_only(sso_stub, sites, new_tenant, token, idp, eventually):
+    x, y = new_tenant("sx", plan="enterprise"), new_tenant("sy", plan="enterprise")
+    stored = configure(sso_stub, token(x), sso_config(idp))
+    assert stored.tenant_id == x and stored.email_claim == "email" and stored.groups_claim == "groups"
+    signed_in = idp.token(AUDIENCE, email="ana@x.example", groups=["noc"], tenant_id=y)
+
+    list_sites(sites, signed_in)  # its tenant is x: the issuer's, not the claim's
+    list_sites(sites, signed_in, x)
+
+    across = expect_error(sites.ListSites, sites_pb.ListSitesRequest(), metadata=bearer(signed_in, y))
+    assert across.code == grpc.StatusCode.PERMISSION_DENIED
+    with serve_identity_provider("/nobody") as stranger:
+        unknown = expect_error(
+            sites.ListSites, sites_pb.ListSitesRequest(),
+            metadata=bearer(stranger.token(AUDIENCE, email="eve@x.example", groups=["noc"], tenant_id=x)),
+        )  # fmt: skip
+    assert unknown.code == grpc.StatusCode.UNAUTHENTICATED and unknown.reason == "TOKEN_INVALID"
+    wrong_audience = expect_error(
+        sites.ListSites, sites_pb.ListSitesRequest(),
+        metadata=bearer(idp.token("other-app", email="ana@x.example", groups=["noc"])),
+    )  # fmt: skip
+    assert wrong_audience.code == grpc.StatusCode.UNAUTHENTICATED
+    # The registry serves x's users too: a viewer reads the configuration, cannot change it.
+    viewer = idp.token(AUDIENCE, email="vi@x.example", groups=["everyone"])
+    assert sso_stub.GetSsoConfig(sso_pb.GetSsoConfigRequest(), metadata=bearer(viewer), timeout=10).issuer == idp.issuer
+    denied = expect_error(sso_stub.DeleteSsoConfig, sso_pb.DeleteSsoConfigRequest(), metadata=bearer(viewer))
+    assert denied.code == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_one_issuer_belongs_to_one_tenant(sso_stub, new_tenant, token, idp):
+    x, y = new_tenant("so", plan="enterprise"), new_tenant("so", plan="enterprise")
+    configure(sso_stub, token(x), sso_config(idp))
+
+    error = expect_error(
+        sso_stub.UpdateSsoConfig, sso_pb.UpdateSsoConfigRequest(sso_config=sso_config(idp)), metadata=bearer(token(y))
+    )
+
+    assert error.code == grpc.StatusCode.ALREADY_EXISTS and error.reason == "SSO_ISSUER_ALREADY_EXISTS"
+
+
+def test_removing_the_configuration_stops_its_tokens_within_a_second(
+    sso_stub, sites, new_tenant, token, idp, eventually
+):
+    x = new_tenant("sr", plan="enterprise")
+    configure(sso_stub, token(x), sso_config(idp))
+    signed_in = idp.token(AUDIENCE, email="bo@x.example", groups=["noc-admins"])
+    list_sites(sites, signed_in)  # verified and cached in the sites process
+
+    sso_stub.DeleteSsoConfig(sso_pb.DeleteSsoConfigRequest(), metadata=bearer(token(x)), timeout=10)
+
+    def refused() -> None:
+        error = expect_error(sites.ListSites, sites_pb.ListSitesRequest(), metadata=bearer(signed_in))
+        assert error.code == grpc.StatusCode.UNAUTHENTICATED, error
+
+    eventually(refused, within=1.0)
+    gone = expect_error(sso_stub.GetSsoConfig, sso_pb.GetSsoConfigRequest(), metadata=bearer(token(x)))
+    assert gone.code == grpc.StatusCode.NOT_FOUND and gone.reason == "SSO_CONFIG_NOT_FOUND"
+
+
+def test_a_downgraded_tenants_configuration_is_not_honoured(
+    sso_stub, sites, features, new_tenant, token, platform_token, idp, eventually
+):
+    x = new_tenant("sd", plan="enterprise")
+    configure(sso_stub, token(x), sso_config(idp))
+    signed_in = idp.token(AUDIENCE, email="cy@x.example", groups=["noc"])
+    list_sites(sites, signed_in)
+
+    features.SetTenantPlan(
+        features_pb.SetTenantPlanRequest(tenant_id=x, plan="professional"), metadata=bearer(platform_token),
+        timeout=10,
+    )  # fmt: skip
+
+    def refused() -> None:
+        error = expect_error(sites.ListSites, sites_pb.ListSitesRequest(), metadata=bearer(signed_in))
+        assert error.code == grpc.StatusCode.UNAUTHENTICATED, error
+
+    eventually(refused, within=2.0)
+
+
+async def test_every_change_is_audited_without_secrets(sso_stub, new_tenant, token, idp, admin):
+    x = new_tenant("sa", plan="enterprise")
+    configure(sso_stub, token(x), sso_config(idp))
+    sso_stub.DeleteSsoConfig(sso_pb.DeleteSsoConfigRequest(), metadata=bearer(token(x)), timeout=10)
+
+    deadline = time.monotonic() + 15
+    while True:
+        rows = await admin.fetch(
+            "SELECT action, details FROM audit.events WHERE tenant_id = $1 AND action LIKE 'sso.%' ORDER BY sequence",
+            x,
+        )
+        if len(rows) >= 2 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+
+    assert [row["action"] for row in rows] == ["sso.update", "sso.delete"]
+    update = json.loads(rows[0]["details"]) if isinstance(rows[0]["details"], str) else rows[0]["details"]
+    assert update["issuer"] == idp.issuer and update["audience"] == AUDIENCE
+    assert "key" not in json.dumps(update).lower() and "secret" not in json.dumps(update).lower()

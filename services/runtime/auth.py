@@ -19,11 +19,11 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import replace as dataclass_replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jwt
 from jwt import PyJWK, PyJWKClient
@@ -83,8 +83,14 @@ class TenantIssuer:
         return next((role for group, role in self.group_roles if group in held), None)
 
 
-#: The tenant issuer a token's ``iss`` names, if a tenant with SSO configured it (else None).
-TenantIssuers = Callable[[str], "TenantIssuer | None"]
+class TenantIssuers(Protocol):
+    """The tenants' own issuers, as the verifier sees them (services/runtime/sso_issuers.py)."""
+
+    def __call__(self, issuer: str) -> TenantIssuer | None:
+        """The tenant issuer a token's ``iss`` names, if a tenant with SSO configured it (else None)."""
+
+    async def prepare(self, token: str) -> None:
+        """Bring what the token's issuer stands for now into memory, before it is verified."""
 
 
 class KeySet:
@@ -140,6 +146,18 @@ class TokenVerifier:
             self._issuers[service.issuer] = (dataclass_replace(service, service=True), KeySet(service))
         #: token -> (caller, expiry, the tenant issuer that vouched for it if any)
         self._cache: OrderedDict[str, tuple[Caller, float, TenantIssuer | None]] = OrderedDict()
+
+    async def prepare(self, token: str) -> None:
+        """Before :meth:`verify`: the tenant issuers' current view of the token's issuer.
+
+        A platform token verified before needs nothing (one dictionary lookup).
+        """
+        if self._tenant_issuers is None:
+            return
+        hit = self._cache.get(token)
+        if hit is not None and hit[2] is None:
+            return
+        await self._tenant_issuers.prepare(token)
 
     def verify_cached(self, token: str) -> Caller:
         """The caller of a token verified before and not yet expired; KeyError otherwise.

@@ -305,6 +305,7 @@ DOORS: dict[str, Door] = {
         users=frozenset(
             {
                 "services/tenant/records.py",  # tenant state and settings behind every call (and cache repairs)
+                "services/tenant/sso_config.py",  # a tenant's single sign-on configuration, for the services' caches
                 "services/features/records.py",  # entitlements behind every call
                 "services/features/usage_recording.py",  # the feature gate's own usage counts, flushed
                 "services/runtime/audit.py",  # Auditor.record_alone: a refusal into its target's outbox
@@ -362,6 +363,7 @@ DOORS: dict[str, Door] = {
         users=frozenset(
             {
                 "services/tenant/servicer.py",  # ListTenants, ResolveTenant
+                "services/tenant/sso_config.py",  # LookupSsoIssuer: which tenant configured a token's issuer
                 "services/tenant/offboarding.py",  # finding unfinished deletions at start-up
                 "services/features/usage_reports.py",  # ListTenantUsage, the billing export
                 "services/runtime/idempotency_purge.py",  # which tenants hold expired idempotency records

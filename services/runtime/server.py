@@ -34,7 +34,7 @@ from grpc_reflection.v1alpha import reflection
 
 from . import channels, logs, metrics, migrations, tracing, usage
 from .audit import Auditor, AuditRelay
-from .auth import TokenVerifier, VerifierConfig
+from .auth import TenantIssuers, TokenVerifier, VerifierConfig
 from .canary import CanaryError, IsolationCanary
 from .cell_guard import LateCellGuard
 from .db import UNREACHABLE, Database, connect_options
@@ -55,6 +55,7 @@ from .ratelimit import LimiterConfig, RateLimiter
 from .redis_clients import RedisConfig
 from .refusal_audit import RefusalAudit
 from .settings import Settings, SettingsError, load, migration_target
+from .sso_issuers import RegistrySsoSource, SsoIssuers
 from .tenant_cache import CHANNEL as TENANT_CHANNEL
 from .tenant_cache import TenantCache
 from .tenants import RegistryStateSource, StateSource, TenantDirectory
@@ -170,7 +171,7 @@ async def migrate_service(spec: ServiceSpec, admin_dsn: str, app_password: str |
     return applied
 
 
-def make_verifier(settings: Settings) -> TokenVerifier:
+def make_verifier(settings: Settings, tenant_issuers: TenantIssuers | None = None) -> TokenVerifier:
     return TokenVerifier(
         VerifierConfig(
             issuer=settings.jwt_issuer,
@@ -185,7 +186,17 @@ def make_verifier(settings: Settings) -> TokenVerifier:
             leeway_seconds=settings.jwt_leeway_seconds,
             jwks_file=settings.service_jwks_file,
         ),
+        tenant_issuers=tenant_issuers,
     )
+
+
+def tenant_issuers(runtime: Runtime) -> SsoIssuers:
+    """The tenants' own issuers (single sign-on), asked of the registry and kept current by its notices."""
+    settings = runtime.settings
+    registry = RegistrySsoSource(settings.targets["tenant"], runtime.identity)
+    runtime.on_stop(registry.close)
+    platform = frozenset({settings.jwt_issuer, settings.service_jwt_issuer})
+    return SsoIssuers(platform, runtime.cache, registry.by_issuer, registry.of_tenant, runtime.entitlements)
 
 
 def build_server(
@@ -200,8 +211,9 @@ def build_server(
     """The gRPC server; ``reuse_port``: a worker's, sharing the port with its siblings (SO_REUSEPORT)."""
     settings = runtime.settings
     gate = ShutdownGate(policies)
+    verifier = make_verifier(settings, tenant_issuers(runtime))
     chain = server_chain(
-        policies, make_verifier(settings), runtime.tenants, runtime.entitlements, limiter, refusals, gate,
+        policies, verifier, runtime.tenants, runtime.entitlements, limiter, refusals, gate,
         gateway_secret=settings.gateway_secret,
     )  # fmt: skip
     server = aio.server(

@@ -25,7 +25,7 @@ from services.runtime.held_resources import HeldResourcesServicer
 from services.runtime.idempotency_purge import IdempotencyPurge
 from services.runtime.server import Runtime, ServiceSpec, main
 
-from . import queries
+from . import queries, sso_config
 from .canary_sentinels import TENANT_SENTINELS
 from .directory import TenantDirectoryServicer
 from .offboarding import Offboarding
@@ -85,6 +85,7 @@ def register(server: aio.Server, runtime: Runtime) -> None:
     runtime.on_start(migrations.resume, offboarding.resume, requests.start)
     runtime.on_stop(migrations.close, offboarding.close, requests.close)
     start_tombstone_purge(runtime)
+    sso_config.register(server, runtime)
 
 
 SPEC = ServiceSpec(
@@ -95,6 +96,7 @@ SPEC = ServiceSpec(
         user_service_pb2.DESCRIPTOR.services_by_name["UserService"],
         tenant_data_pb2.DESCRIPTOR.services_by_name["TenantDirectoryService"],
         held_resources_pb2.DESCRIPTOR.services_by_name["HeldResourcesService"],
+        *sso_config.SERVICES,
     ),
     migrations_dir=Path(__file__).parent / "migrations",
     register=register,

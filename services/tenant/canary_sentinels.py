@@ -24,4 +24,8 @@ TENANT_SENTINELS = {
     "VALUES ($1, '00000000-0000-4000-8000-00000000ca11', $1, $1, '{{}}', 'STATE_SUCCEEDED') ON CONFLICT DO NOTHING",
     "migration_settings_backup": "INSERT INTO {schema}.migration_settings_backup (tenant_id, migration_id, document) "
     "VALUES ($1, '00000000-0000-4000-8000-00000000ca11', '{{}}'::jsonb) ON CONFLICT DO NOTHING",
+    "tenant_sso": "INSERT INTO {schema}.tenant_sso "
+    "(tenant_id, issuer, audience, email_claim, groups_claim, group_roles) "
+    "VALUES ($1, 'https://' || replace($1, '_', '-') || '.isolation-canary.invalid', 'isolation-canary', 'email', "
+    "'groups', '[]'::jsonb) ON CONFLICT DO NOTHING",
 }

@@ -22,7 +22,7 @@ from services.runtime.tasks import KeyedTasks
 from services.runtime.tenant_cache import TenantCache
 from services.runtime.tenants import STATE_KIND
 
-from . import queries, records
+from . import queries, records, sso_config
 
 log = logging.getLogger("towerco.tenant.offboarding")
 
@@ -82,6 +82,7 @@ class Offboarding:
                         queries.DELETE_USERS,
                         queries.DELETE_ROLES,
                         queries.DELETE_HOSTS,
+                        sso_config.DELETE,  # its issuer is no longer taken
                     ):
                         await conn.execute(statement, tenant_id)
                     done = await conn.fetchrow(queries.SET_STATE, tenant_id, "STATE_DELETED", "")

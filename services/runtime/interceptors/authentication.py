@@ -49,7 +49,9 @@ class AuthenticationInterceptor(PolicyInterceptor):
 
 async def _verify(verifier: TokenVerifier, token: str) -> context.Caller:
     # A cached token is a dictionary hit; only a first sighting pays for the signature check,
-    # and a JWKS URL fetch must never block the event loop.
+    # and a JWKS URL fetch must never block the event loop. A tenant issuer's token is first
+    # looked up (which tenant, whether it is still configured and entitled: in memory mostly).
+    await verifier.prepare(token)
     try:
         return verifier.verify_cached(token)
     except KeyError:
