@@ -18,6 +18,7 @@ from .. import context
 from ..errors import ErrorReason, permission_denied
 from ..policy import Policy, PolicyTable
 from ..tenants import TenantDirectory
+from ..user_access import is_registry_user
 from .base import Behavior, Metadata, PolicyInterceptor
 
 
@@ -40,10 +41,12 @@ class AuthorizationInterceptor(PolicyInterceptor):
                     "this method is internal to the platform: only its services may call it",
                     ErrorReason.SERVICE_IDENTITY_REQUIRED,
                 )
-            permissions = caller.permissions if caller is not None else frozenset()
-            tenant_id = context.tenant_user_call()
-            if caller is not None and tenant_id is not None and users is not None:
+            if caller is None:
+                permissions: frozenset[str] = frozenset()
+            elif users is not None and is_registry_user(caller.subject) and (tenant_id := context.tenant_user_call()):
                 permissions = await users.permissions(caller, tenant_id)
+            else:
+                permissions = caller.permissions  # any other token: its claim (one string test per call)
             if caller is None or policy.permission not in permissions:
                 raise permission_denied(
                     f"this call needs the {policy.permission!r} permission",
