@@ -19,6 +19,7 @@ from google.protobuf import field_mask_pb2
 from towerco.audit.v1 import audit_log_service_pb2 as audit_pb
 from towerco.features.v1 import feature_gate_service_pb2 as features_pb
 from towerco.sites.v1 import sites_service_pb2 as sites_pb
+from towerco.sites.v1 import sites_service_pb2_grpc as sites_grpc
 from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 from towerco.tenant.v1 import user_service_pb2 as pb
 from towerco.tenant.v1 import user_service_pb2_grpc as pb_grpc
@@ -315,3 +316,24 @@ def test_the_provisioned_administrator_is_a_user_with_a_normalised_email(
         users.CreateUser, pb.CreateUserRequest(user=pb.User(email="noc@mixed-case.example", role="viewer")), metadata=md
     )
     assert err.reason == "USER_ALREADY_EXISTS", err
+
+
+def test_through_the_gateway_users_are_managed_and_a_deactivated_users_token_refused(
+    gateway: Any, token: Callable[..., str], tenant_pair, eventually
+):
+    tenant, _ = tenant_pair
+    admin = token(tenant)
+    options = [("grpc.default_authority", f"{tenant}.localhost")]
+    with grpc.insecure_channel(f"127.0.0.1:{gateway.port}", options=options) as channel:
+        edge_users, edge_sites = pb_grpc.UserServiceStub(channel), sites_grpc.SiteServiceStub(channel)
+        user = _create(edge_users, admin, "edge@example.com", "viewer")
+        md = bearer(token(tenant, sub=user.user_id))
+
+        def list_sites(metadata: Any) -> Any:
+            return edge_sites.ListSites(sites_pb.ListSitesRequest(), metadata=metadata, timeout=5)
+
+        list_sites(md)
+        edge_users.DeactivateUser(pb.DeactivateUserRequest(user_id=user.user_id), metadata=bearer(admin), timeout=10)
+        eventually(_refused(list_sites, md, "USER_DEACTIVATED"), within=WITHIN)
+        edge_users.ReactivateUser(pb.ReactivateUserRequest(user_id=user.user_id), metadata=bearer(admin), timeout=10)
+        eventually(lambda: list_sites(md), within=WITHIN)
