@@ -8,6 +8,7 @@ to a token already issued, on every service, as soon as the change notice arrive
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -337,3 +338,22 @@ def test_through_the_gateway_users_are_managed_and_a_deactivated_users_token_ref
         eventually(_refused(list_sites, md, "USER_DEACTIVATED"), within=WITHIN)
         edge_users.ReactivateUser(pb.ReactivateUserRequest(user_id=user.user_id), metadata=bearer(admin), timeout=10)
         eventually(lambda: list_sites(md), within=WITHIN)
+
+
+async def test_the_last_seat_taken_is_told_as_usage_thresholds_of_max_users(
+    users: Any, features: Any, token: Callable[..., str], platform_token: str, new_tenant: Any, admin: Any
+):
+    tenant = new_tenant("ut")  # its administrator holds 1 of 2 seats
+    set_limit(features, platform_token, tenant, "max_users", 2)
+    _create(users, token(tenant), "second@example.com")
+    query = "SELECT details FROM audit.events WHERE tenant_id = $1 AND action = 'usage.threshold_reached'"
+    rows: list[Any] = []
+    for _ in range(150):  # the relay delivers within a few seconds
+        rows = await admin.fetch(query, tenant)
+        if len(rows) >= 2:
+            break
+        await asyncio.sleep(0.1)
+    details = sorted((json.loads(r["details"]) for r in rows), key=lambda d: d["threshold_percent"])
+    assert [(d["resource"], d["threshold_percent"], d["usage"]) for d in details] == [
+        ("max_users", 80, 2), ("max_users", 100, 2)
+    ]  # fmt: skip

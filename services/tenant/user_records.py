@@ -21,6 +21,7 @@ from services.runtime.audit import Auditor
 from services.runtime.errors import ErrorReason, already_exists, resource_exhausted
 from services.runtime.plans import UNLIMITED
 from services.runtime.roles import ROLE_PERMISSIONS, TENANT_ROLES
+from services.runtime.usage_thresholds import record_crossings
 from services.runtime.user_access import USER_ID_PREFIX, UserAccess
 from services.runtime.validation import Violations
 
@@ -98,8 +99,9 @@ async def create_user(
     transaction must be rolled back by the caller's ``async with`` (nothing half-created).
     """
     tenant = await lock_users(conn, tenant_id)
+    count = 0
     if max_users != UNLIMITED:
-        count: int = await conn.fetchval(queries.COUNT_USERS, tenant_id)
+        count = await conn.fetchval(queries.COUNT_USERS, tenant_id)
         if count >= max_users:
             raise resource_exhausted(
                 f"tenant {tenant_id!r} has {count} users, the most its plan allows ({max_users}); "
@@ -115,6 +117,8 @@ async def create_user(
     if row is None:
         raise already_exists(ErrorReason.USER_ALREADY_EXISTS, email)
     await audit.record(conn, "users.create", f"users/{row['user_id']}", {"email": email, "role": role})
+    # Under the tenant's lock: creates are counted one at a time, so each crossing is told once.
+    await record_crossings(audit, conn, "max_users", count, count + 1, max_users)
     return row, tenant
 
 
