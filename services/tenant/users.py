@@ -93,17 +93,8 @@ class UserServicer(pb_grpc.UserServiceServicer):
         return user_from_row(row)
 
     async def ListUsers(self, request: pb.ListUsersRequest, ctx: Ctx) -> pb.ListUsersResponse:
-        size = page_size(request.page_size)
-        tenant_id = context.current_tenant()
-        position = self._tokens.decode(request.page_token, tenant_id, {"list": "users"})
-        after = str(position.get("after", "")) if position else ""
-        async with self._db.transaction(readonly=True) as conn:
-            rows = await conn.fetch(queries.LIST_USERS, tenant_id, after, size + 1)
-        response = pb.ListUsersResponse(users=[user_from_row(r) for r in rows[:size]])
-        if len(rows) > size:
-            position = {"after": rows[size - 1]["user_id"]}
-            response.next_page_token = self._tokens.encode(tenant_id, {"list": "users"}, position)
-        return response
+        rows, following, _ = await self._page(request.page_size, request.page_token, queries.LIST_USERS, "user_id")
+        return pb.ListUsersResponse(users=[user_from_row(r) for r in rows], next_page_token=following)
 
     async def UpdateUser(self, request: pb.UpdateUserRequest, ctx: Ctx) -> pb.User:
         _check_mask(request.update_mask.paths, "role")
@@ -157,22 +148,10 @@ class UserServicer(pb_grpc.UserServiceServicer):
         return await self._write_role(request.role, queries.INSERT_ROLE, "roles.create", create=True)
 
     async def ListRoles(self, request: pb.ListRolesRequest, ctx: Ctx) -> pb.ListRolesResponse:
-        size = page_size(request.page_size)
-        tenant_id = context.current_tenant()
-        position = self._tokens.decode(request.page_token, tenant_id, {"list": "roles"})
-        response = pb.ListRolesResponse()
-        if position is None:  # the built-in roles lead the first page
-            response.roles.extend(
-                pb.Role(role_id=r, permissions=ROLE_PERMISSIONS[r], built_in=True) for r in TENANT_ROLES
-            )
-        after = str(position.get("after", "")) if position else ""
-        async with self._db.transaction(readonly=True) as conn:
-            rows = await conn.fetch(queries.LIST_ROLES, tenant_id, after, size + 1)
-        response.roles.extend(_role(r) for r in rows[:size])
-        if len(rows) > size:
-            position = {"after": rows[size - 1]["role_id"]}
-            response.next_page_token = self._tokens.encode(tenant_id, {"list": "roles"}, position)
-        return response
+        rows, following, first = await self._page(request.page_size, request.page_token, queries.LIST_ROLES, "role_id")
+        # The built-in roles lead the first page.
+        built_in = [pb.Role(role_id=r, permissions=ROLE_PERMISSIONS[r], built_in=True) for r in TENANT_ROLES if first]
+        return pb.ListRolesResponse(roles=[*built_in, *(_role(r) for r in rows)], next_page_token=following)
 
     async def UpdateRole(self, request: pb.UpdateRoleRequest, ctx: Ctx) -> pb.Role:
         _check_mask(request.update_mask.paths, "permissions")
@@ -218,6 +197,18 @@ class UserServicer(pb_grpc.UserServiceServicer):
             await self._audit.record(conn, action, f"roles/{role_id}", {"permissions": permissions})
         await records.publish(self._cache, tenant)
         return _role(row)
+
+    async def _page(self, size: int, page_token: str, query: str, key: str) -> tuple[list[Row], str, bool]:
+        """One page of the tenant's rows of ``query``, in ``key`` order: (rows, next page's token, first page?)."""
+        size = page_size(size)
+        tenant_id = context.current_tenant()
+        listed = {"list": key}
+        position = self._tokens.decode(page_token, tenant_id, listed)
+        after = str(position.get("after", "")) if position else ""
+        async with self._db.transaction(readonly=True) as conn:
+            rows = await conn.fetch(query, tenant_id, after, size + 1)
+        following = self._tokens.encode(tenant_id, listed, {"after": rows[size - 1][key]}) if len(rows) > size else ""
+        return rows[:size], following, position is None
 
     async def _check_permissions(self, v: Violations, tenant_id: str, permissions: list[str]) -> None:
         """INVALID_ARGUMENT for what no tenant may hold, then FEATURE_NOT_IN_PLAN for what its plan lacks."""
