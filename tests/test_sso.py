@@ -12,6 +12,7 @@ import base64
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -20,14 +21,18 @@ from towerco.features.v1 import feature_gate_service_pb2 as features_pb
 from towerco.sites.v1 import sites_service_pb2 as sites_pb
 from towerco.tenant.v1 import sso_config_service_pb2 as sso_pb
 from towerco.tenant.v1 import sso_config_service_pb2_grpc as sso_grpc
+from towerco.tenant.v1 import user_service_pb2 as users_pb
+from towerco.tenant.v1 import user_service_pb2_grpc as users_grpc
 
 from services.runtime.auth import TenantIssuer, TokenError, TokenVerifier, VerifierConfig
+from services.runtime.context import Caller
 from services.runtime.oidc import ProviderDirectory, ProviderError, ProviderKeys, ProviderLimits, check_url
 from services.runtime.roles import ROLE_PERMISSIONS
 from services.runtime.settings import DEFAULT_JWT_AUDIENCE, DEFAULT_JWT_ISSUER
 
-from .support import bearer, expect_error
+from .support import bearer, expect_error, rich_error
 from .support.oidc_provider import TestIdentityProvider, serve_identity_provider
+from .support.requests import set_limit
 
 AUDIENCE = "towerco-sso-test"
 GROUPS = (("noc-admins", "admin"), ("noc", "operator"), ("everyone", "viewer"))
@@ -56,6 +61,9 @@ class Issuers:
 
     async def prepare(self, token: str) -> None:
         """Nothing to fetch: the test changes ``by_issuer`` itself."""
+
+    async def sign_in(self, caller: Caller, issuer: TenantIssuer) -> Caller:
+        return caller
 
 
 def verifier_with(issuers: Issuers, limits: ProviderLimits | None = None) -> TokenVerifier:
@@ -363,3 +371,77 @@ async def test_every_change_is_audited_without_secrets(sso_stub, new_tenant, tok
     update = json.loads(rows[0]["details"]) if isinstance(rows[0]["details"], str) else rows[0]["details"]
     assert update["issuer"] == idp.issuer and update["audience"] == AUDIENCE
     assert "key" not in json.dumps(update).lower() and "secret" not in json.dumps(update).lower()
+
+
+# --- just-in-time users -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def users(tenant_target: str) -> Iterator[users_grpc.UserServiceStub]:
+    with grpc.insecure_channel(tenant_target) as channel:
+        yield users_grpc.UserServiceStub(channel)
+
+
+def users_of(users: Any, admin: str) -> dict[str, users_pb.User]:
+    listed = users.ListUsers(users_pb.ListUsersRequest(page_size=100), metadata=bearer(admin), timeout=10).users
+    return {user.email: user for user in listed}
+
+
+def test_first_sign_in_creates_the_user_and_groups_give_its_role_each_time(
+    sso_stub, sites, users, new_tenant, token, idp
+):
+    x = new_tenant("sj", plan="enterprise")
+    admin = token(x)
+    configure(sso_stub, admin, sso_config(idp))
+    assert "dana@x.example" not in users_of(users, admin)
+
+    list_sites(sites, idp.token(AUDIENCE, email="Dana@X.example", groups=["everyone"]))
+    first = users_of(users, admin)["dana@x.example"]
+    assert first.role == "viewer" and first.user_id.startswith("user-")
+
+    list_sites(sites, idp.token(AUDIENCE, email="dana@x.example", groups=["noc"]))  # the next sign-in
+    again = users_of(users, admin)["dana@x.example"]
+    assert (again.user_id, again.role) == (first.user_id, "operator")
+
+
+def test_a_deactivated_sso_user_is_refused_though_its_token_is_valid(sso_stub, sites, users, new_tenant, token, idp):
+    x = new_tenant("sv", plan="enterprise")
+    admin = token(x)
+    configure(sso_stub, admin, sso_config(idp))
+    signed_in = idp.token(AUDIENCE, email="eli@x.example", groups=["noc"])
+    list_sites(sites, signed_in)
+    user_id = users_of(users, admin)["eli@x.example"].user_id
+
+    users.DeactivateUser(users_pb.DeactivateUserRequest(user_id=user_id), metadata=bearer(admin), timeout=10)
+
+    refused = expect_error(sites.ListSites, sites_pb.ListSitesRequest(), metadata=bearer(signed_in))
+    assert refused.code == grpc.StatusCode.PERMISSION_DENIED and refused.reason == "USER_DEACTIVATED"
+
+
+def test_at_max_users_a_new_sso_user_is_refused_and_nothing_is_created(
+    sso_stub, sites, users, features, new_tenant, token, platform_token, idp
+):
+    x = new_tenant("sq", plan="enterprise")  # holds its administrator
+    admin = token(x)
+    configure(sso_stub, admin, sso_config(idp))
+    set_limit(features, platform_token, x, "max_users", 2)
+    tokens = [idp.token(AUDIENCE, email=f"seat{n}@x.example", groups=["noc"]) for n in range(10)]
+
+    def sign_in(jwt_: str) -> str:
+        try:
+            list_sites(sites, jwt_)
+            return "OK"
+        except grpc.RpcError as exc:
+            return rich_error(exc).reason
+
+    with ThreadPoolExecutor(10) as pool:
+        outcomes = list(pool.map(sign_in, tokens))
+
+    assert sorted(outcomes) == ["OK"] + ["QUOTA_EXCEEDED"] * 9, outcomes
+    assert len(users_of(users, admin)) == 2  # the administrator and the one signed in
+    late = expect_error(
+        sites.ListSites, sites_pb.ListSitesRequest(),
+        metadata=bearer(idp.token(AUDIENCE, email="late@x.example", groups=["noc"])),
+    )  # fmt: skip
+    assert late.code == grpc.StatusCode.RESOURCE_EXHAUSTED and late.reason == "QUOTA_EXCEEDED"
+    assert late.info is not None and late.info.metadata["resource"] == "max_users"

@@ -16,6 +16,7 @@ costs a dictionary lookup, not an RSA verification.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections import OrderedDict
@@ -91,6 +92,9 @@ class TenantIssuers(Protocol):
 
     async def prepare(self, token: str) -> None:
         """Bring what the token's issuer stands for now into memory, before it is verified."""
+
+    async def sign_in(self, caller: Caller, issuer: TenantIssuer) -> Caller:
+        """The caller as the tenant's user (created on its first sign-in, its role from the groups)."""
 
 
 class KeySet:
@@ -180,10 +184,22 @@ class TokenVerifier:
         except KeyError:
             pass
         caller, expires, sso = self._verify_uncached(token)
+        self._remember(token, caller, expires, sso)
+        return caller
+
+    async def verify_signed_in(self, token: str) -> Caller:
+        """:meth:`verify` for a call: the signature checked off the event loop, and a tenant
+        issuer's user signed in (just in time) before its token is remembered."""
+        caller, expires, sso = await asyncio.to_thread(self._verify_uncached, token)
+        if sso is not None and self._tenant_issuers is not None:
+            caller = await self._tenant_issuers.sign_in(caller, sso)
+        self._remember(token, caller, expires, sso)
+        return caller
+
+    def _remember(self, token: str, caller: Caller, expires: float, sso: TenantIssuer | None) -> None:
         self._cache[token] = (caller, expires, sso)
         if len(self._cache) > self._config.cache_size:
             self._cache.popitem(last=False)
-        return caller
 
     def _verify_uncached(self, token: str) -> tuple[Caller, float, TenantIssuer | None]:
         if len(token) > MAX_TOKEN_BYTES:

@@ -287,6 +287,7 @@ DOORS: dict[str, Door] = {
                 "services/features/usage_recording.py",  # RecordUsage: a service's batch of one tenant's usage
                 "services/features/usage_reports.py",  # GetUsage of another tenant, by platform admins
                 "services/runtime/held_resources.py",  # counting a tenant's sites or users for the feature gate
+                "services/tenant/sso_config.py",  # SignInSsoUser: a service signs a tenant's SSO user in
             }
         ),
         guard="the verified caller is a platform admin or a platform service (a background_context is one); "

@@ -196,7 +196,9 @@ def tenant_issuers(runtime: Runtime) -> SsoIssuers:
     registry = RegistrySsoSource(settings.targets["tenant"], runtime.identity)
     runtime.on_stop(registry.close)
     platform = frozenset({settings.jwt_issuer, settings.service_jwt_issuer})
-    return SsoIssuers(platform, runtime.cache, registry.by_issuer, registry.of_tenant, runtime.entitlements)
+    return SsoIssuers(
+        platform, runtime.cache, registry.by_issuer, registry.of_tenant, registry.sign_in, runtime.entitlements
+    )
 
 
 def build_server(

@@ -16,16 +16,23 @@ makes sure its answer is current:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import grpc
 import jwt
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from towerco.internal.v1 import sso_issuers_pb2, sso_issuers_pb2_grpc
 
+from . import error_catalogue
 from .auth import TenantIssuer
+from .context import Caller
 from .entitlements import EntitlementDirectory
+from .errors import ErrorReason, ServiceError, failed_precondition, resource_exhausted, unavailable
 from .identity import ServiceIdentity
 from .lookups import InternalLookup
 from .tenant_cache import TenantCache, Versioned
@@ -77,6 +84,26 @@ def issuer_from_reply(reply: sso_issuers_pb2.SsoIssuer) -> TenantIssuer | None:
 IssuerLookup = Callable[[str], Awaitable[TenantIssuer | None]]
 #: A tenant's configuration at its version (for the tenant cache).
 TenantSsoSource = Callable[[str], Awaitable[Versioned]]
+#: (tenant, issuer, email, role) -> the registry user id a sign-in stands for.
+SignIn = Callable[[str, str, str, str], Awaitable[str]]
+
+
+def relayed(exc: grpc.aio.AioRpcError) -> ServiceError:
+    """The registry's refusal of a sign-in, passed on to the caller as it was made (code, reason,
+    metadata); a registry out of reach is UNAVAILABLE, never an internal error."""
+    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if not detail.Unpack(info) or info.reason not in error_catalogue.CATALOGUE:
+            continue
+        reason, metadata = ErrorReason.Value(info.reason), dict(info.metadata)
+        if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # QUOTA_EXCEEDED: max_users reached
+            return resource_exhausted(exc.details() or "", reason, **metadata)
+        if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:  # SSO_ISSUER_CHANGED
+            return failed_precondition(exc.details() or "", reason, **metadata)
+    return unavailable(
+        "the tenant registry cannot sign this user in now; retry shortly", ErrorReason.TENANT_DIRECTORY_UNAVAILABLE
+    )
 
 
 class RegistrySsoSource(InternalLookup):
@@ -89,6 +116,15 @@ class RegistrySsoSource(InternalLookup):
     async def by_issuer(self, issuer: str) -> TenantIssuer | None:
         reply = await self.ask(self._stub.LookupSsoIssuer, sso_issuers_pb2.LookupSsoIssuerRequest(issuer=issuer))
         return None if reply is None else issuer_from_reply(reply)
+
+    async def sign_in(self, tenant_id: str, issuer: str, email: str, role: str) -> str:
+        """The user id of the tenant's user with this email (made on its first sign-in)."""
+        request = sso_issuers_pb2.SignInSsoUserRequest(tenant_id=tenant_id, issuer=issuer, email=email, role=role)
+        try:
+            reply = await self._stub.SignInSsoUser(request, timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise relayed(exc) from None
+        return reply.user_id
 
     async def of_tenant(self, tenant_id: str) -> Versioned:
         request = sso_issuers_pb2.GetTenantSsoRequest(tenant_id=tenant_id)
@@ -107,6 +143,7 @@ class SsoIssuers:
         cache: TenantCache,
         by_issuer: IssuerLookup,
         of_tenant: TenantSsoSource,
+        sign_in: SignIn,
         entitlements: EntitlementDirectory,
         *,
         unknown_seconds: float = 1.0,
@@ -116,6 +153,7 @@ class SsoIssuers:
         self._cache = cache
         self._by_issuer = by_issuer
         self._of_tenant = of_tenant
+        self._sign_in = sign_in
         self._entitlements = entitlements
         self._unknown_seconds = unknown_seconds
         self._size = size
@@ -126,6 +164,11 @@ class SsoIssuers:
 
     def __call__(self, issuer: str) -> TenantIssuer | None:
         return self._ready.get(issuer)
+
+    async def sign_in(self, caller: Caller, issuer: TenantIssuer) -> Caller:
+        """The caller as the tenant's registry user: its deactivation and role then reach the token."""
+        user_id = await self._sign_in(issuer.tenant_id, issuer.issuer, caller.subject, caller.role)
+        return dataclasses.replace(caller, subject=user_id)
 
     async def prepare(self, token: str) -> None:
         """Bring what the token's issuer stands for now into memory, for the verification that follows."""

@@ -23,9 +23,19 @@ from services.runtime import context
 from services.runtime.audit import Auditor
 from services.runtime.auth import TenantIssuer
 from services.runtime.db import Database
-from services.runtime.errors import ErrorReason, FieldViolation, already_exists, invalid_argument, not_found
+from services.runtime.entitlements import EntitlementDirectory
+from services.runtime.errors import (
+    ErrorReason,
+    FieldViolation,
+    ServiceError,
+    already_exists,
+    failed_precondition,
+    invalid_argument,
+    not_found,
+)
 from services.runtime.ids import TENANT_ID
 from services.runtime.oidc import ProviderError, check_url
+from services.runtime.plans import UNLIMITED
 from services.runtime.roles import ROLE_PERMISSIONS, TENANT_ROLES
 from services.runtime.server import Runtime
 from services.runtime.sso_issuers import SSO_KIND, sso_value
@@ -33,7 +43,7 @@ from services.runtime.tenant_cache import TenantCache, Versioned
 from services.runtime.tenants import STATE_KIND
 from services.runtime.validation import Violations
 
-from . import queries
+from . import queries, records, user_records
 from .records import state_value
 
 Ctx = aio.ServicerContext[Any, Any]
@@ -63,7 +73,8 @@ SERVICES = (
 
 def register(server: aio.Server, runtime: Runtime) -> None:
     pb_grpc.add_SsoConfigServiceServicer_to_server(SsoConfigServicer(runtime.db, runtime.cache, runtime.audit), server)
-    internal_grpc.add_SsoIssuerDirectoryServiceServicer_to_server(SsoIssuerDirectoryServicer(runtime.db), server)
+    directory = SsoIssuerDirectoryServicer(runtime.db, runtime.cache, runtime.audit, runtime.entitlements)
+    internal_grpc.add_SsoIssuerDirectoryServiceServicer_to_server(directory, server)
 
 
 def issuer_from_row(row: Any) -> TenantIssuer:
@@ -190,8 +201,57 @@ class SsoConfigServicer(pb_grpc.SsoConfigServiceServicer):
 
 
 class SsoIssuerDirectoryServicer(internal_grpc.SsoIssuerDirectoryServiceServicer):
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, cache: TenantCache, audit: Auditor, entitlements: EntitlementDirectory) -> None:
         self._db = db
+        self._cache = cache
+        self._audit = audit
+        self._entitlements = entitlements
+
+    async def SignInSsoUser(self, request: internal_pb.SignInSsoUserRequest, ctx: Ctx) -> internal_pb.SsoUser:
+        tenant_id, email, role = request.tenant_id, user_records.normalise_email(request.email), request.role
+        v = Violations()
+        if not context.is_valid_tenant_id(tenant_id):
+            v.add("tenant_id", TENANT_ID.problem)
+        user_records.check_email(v, "email", email)
+        if role not in TENANT_ROLES:
+            v.add("role", f"must be one of the tenant roles: {', '.join(TENANT_ROLES)}")
+        v.raise_if_any()
+        with context.platform_scope(tenant_id, "sso.sign-in"):
+            found = await self._entitlements.get(tenant_id)
+            max_users = found.limit("max_users") if found is not None else UNLIMITED
+            row = tenant = None
+            for attempt in range(2):
+                try:
+                    row, tenant = await self._sign_in(tenant_id, request.issuer, email, role, max_users)
+                    break
+                except ServiceError as exc:
+                    # Two first sign-ins of one email at once: the second finds the first's user.
+                    if exc.reason != "USER_ALREADY_EXISTS" or attempt:
+                        raise
+            if tenant is not None:
+                await records.publish(self._cache, tenant)
+        assert row is not None
+        return internal_pb.SsoUser(user_id=row["user_id"], role=row["role"])
+
+    async def _sign_in(self, tenant_id: str, issuer: str, email: str, role: str, max_users: int) -> tuple[Any, Any]:
+        """(the user's row, the tenant's row to publish if the users changed, else None)."""
+        async with self._db.transaction() as conn:
+            config = await conn.fetchrow(GET, tenant_id)
+            if config is None or config["issuer"] != issuer:
+                raise failed_precondition(
+                    f"tenant {tenant_id!r} no longer signs in with issuer {issuer!r}; sign in again",
+                    ErrorReason.SSO_ISSUER_CHANGED,
+                )
+            row = await user_records.user_by_email(conn, tenant_id, email)
+            if row is None:  # the first sign-in: a seat within max_users, or nothing at all
+                return await user_records.create_user(conn, self._audit, tenant_id, email, role, max_users)
+            if row["role"] == role:
+                return row, None
+            user_id = row["user_id"]  # the groups changed: the role follows them
+            tenant = await user_records.lock_users(conn, tenant_id)
+            changed = await conn.fetchrow(queries.SET_USER_ROLE, tenant_id, user_id, role)
+            await self._audit.record(conn, "users.update", f"users/{user_id}", {"role": role, "by": "sso"})
+            return changed, tenant
 
     async def LookupSsoIssuer(self, request: internal_pb.LookupSsoIssuerRequest, ctx: Ctx) -> internal_pb.SsoIssuer:
         if not request.issuer or len(request.issuer) > 512:

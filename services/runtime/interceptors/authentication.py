@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from grpc import aio
@@ -55,4 +54,4 @@ async def _verify(verifier: TokenVerifier, token: str) -> context.Caller:
     try:
         return verifier.verify_cached(token)
     except KeyError:
-        return await asyncio.to_thread(verifier.verify, token)
+        return await verifier.verify_signed_in(token)
