@@ -270,6 +270,7 @@ async def test_every_change_yields_one_audit_event_without_secrets(
     user_id = user.user_id
     users.UpdateUser(pb.UpdateUserRequest(user=pb.User(user_id=user_id, role="operator")), metadata=md, timeout=10)
     users.DeactivateUser(pb.DeactivateUserRequest(user_id=user_id), metadata=md, timeout=10)
+    users.DeactivateUser(pb.DeactivateUserRequest(user_id=user_id), metadata=md, timeout=10)  # no change: no event
     users.ReactivateUser(pb.ReactivateUserRequest(user_id=user_id), metadata=md, timeout=10)
     users.DeleteUser(pb.DeleteUserRequest(user_id=user_id), metadata=md, timeout=10)
     users.CreateRole(

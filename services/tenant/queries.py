@@ -153,8 +153,7 @@ UPDATE tenant.tenant_users SET role = $3, update_time = now() WHERE tenant_id = 
 RETURNING {USER_COLUMNS}
 """
 SET_USER_STATE = f"""
-UPDATE tenant.tenant_users SET state = $3, update_time = CASE WHEN state = $3 THEN update_time ELSE now() END
-WHERE tenant_id = $1 AND user_id = $2
+UPDATE tenant.tenant_users SET state = $3, update_time = now() WHERE tenant_id = $1 AND user_id = $2
 RETURNING {USER_COLUMNS}
 """
 DELETE_USER = "DELETE FROM tenant.tenant_users WHERE tenant_id = $1 AND user_id = $2"

@@ -135,10 +135,13 @@ class UserServicer(pb_grpc.UserServiceServicer):
         tenant_id = context.current_tenant()
         async with self._db.transaction() as conn:
             tenant = await user_records.lock_users(conn, tenant_id)
-            row = await conn.fetchrow(queries.SET_USER_STATE, tenant_id, user_id, User.State.Name(state))
+            row: Row | None = await conn.fetchrow(queries.GET_USER, tenant_id, user_id)
             if row is None:
                 raise not_found(ErrorReason.USER_NOT_FOUND, user_id)
-            await self._audit.record(conn, action, f"users/{user_id}")
+            if row["state"] != User.State.Name(state):  # the same state again is no change, and not audited
+                row = await conn.fetchrow(queries.SET_USER_STATE, tenant_id, user_id, User.State.Name(state))
+                assert row is not None, "the tenant's lock is held: the user read above is still there"
+                await self._audit.record(conn, action, f"users/{user_id}")
         await records.publish(self._cache, tenant)
         return user_from_row(row)
 
