@@ -28,6 +28,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from services.runtime import error_catalogue
 from services.runtime.audit import GATEWAY_HEADER
+from services.runtime.auth import MAX_TOKEN_BYTES
 from services.runtime.environment import SettingsTable, integer, process_environment, text
 from services.runtime.error_catalogue import ErrorReason, Reason
 from services.runtime.ids import REQUEST_ID, TENANT_ID, IdRule
@@ -57,6 +58,7 @@ EDGE_LUA = HERE / "edge.lua"
 GRPC_REPLIES_LUA = HERE / "grpc_replies.lua"
 REQUEST_ID_LUA = HERE / "request_id.lua"
 PENALTY_BOX_LUA = HERE / "penalty_box.lua"
+TENANT_ISSUER_LUA = HERE / "tenant_issuer.lua"
 #: The built browser frontend (``make web``), served by the gateway at ``/``.
 WEB_DIST = HERE / "web" / "dist"
 
@@ -86,6 +88,9 @@ SAFE_RETRY_ON = "unavailable,connect-failure,refused-stream,reset-before-request
 JWT_PAYLOAD_METADATA = "jwt_payload"
 #: The claim naming the caller's tenant (services/runtime/auth.py reads the same).
 TENANT_CLAIM = "tenant_id"
+#: Set by tenant_issuer.lua on a call whose bearer token names a tenant's own issuer (single
+#: sign-on): jwt_authn lets it through to the services, which verify it. Never the client's.
+TENANT_ISSUER_HEADER = f"{INTERNAL_PREFIX}tenant-issuer"
 #: The trailer giving a refusal's wait in milliseconds (services/runtime/interceptors/error_details.py).
 RETRY_AFTER_HEADER = "retry-after-ms"
 #: The longest a tenant stays in the penalty box however long the service said to wait: the
@@ -431,6 +436,8 @@ def _listener(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
             {"name": "envoy.filters.http.cors", "typed_config": _typed("envoy.extensions.filters.http.cors.v3.Cors")},
             # Before jwt_authn, so its refusals pass through on their way out.
             {"name": "towerco.grpc_replies", "typed_config": _grpc_replies_lua(settings)},
+            # Tokens of tenants' own issuers are marked for jwt_authn to leave to the services.
+            {"name": "towerco.tenant_issuer", "typed_config": _tenant_issuer_lua(settings)},
             {"name": "envoy.filters.http.jwt_authn", "typed_config": _jwt_authn(settings, routes)},
             {"name": "towerco.edge_identity", "typed_config": _edge_lua(settings, routes)},
             # After the tenant is known: a tenant's own calls while it is over its rate.
@@ -736,7 +743,13 @@ def _jwt_authn(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
     return _typed(
         "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
         providers={JWT_PROVIDER: provider},
-        rules=[*public, {"match": {"prefix": API_PREFIX}, "requires": {"provider_name": JWT_PROVIDER}}],
+        rules=[
+            *public,
+            # A tenant issuer's token (tenant_issuer.lua): verified by the services, which know
+            # every tenant's provider; the gateway's providers are static.
+            {"match": {"prefix": API_PREFIX, "headers": [{"name": TENANT_ISSUER_HEADER, "present_match": True}]}},
+            {"match": {"prefix": API_PREFIX}, "requires": {"provider_name": JWT_PROVIDER}},
+        ],
         bypass_cors_preflight=True,
     )
 
@@ -781,6 +794,16 @@ def _penalty_box_lua(routes: list[Api]) -> dict[str, Any]:
         namespace=_lua_string("towerco.penalty_box"),
         max_wait_ms=str(PENALTY_BOX_MAX_WAIT_SECONDS * 1000),
         max_entries=str(PENALTY_BOX_MAX_ENTRIES),
+    )
+
+
+def _tenant_issuer_lua(settings: GatewaySettings) -> dict[str, Any]:
+    return _lua_filter(
+        "ISSUERS",
+        TENANT_ISSUER_LUA,
+        platform_issuer=_lua_string(settings.jwt_issuer),
+        header=_lua_string(TENANT_ISSUER_HEADER),
+        max_token_bytes=str(MAX_TOKEN_BYTES + len("Bearer ")),
     )
 
 

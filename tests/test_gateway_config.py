@@ -14,7 +14,16 @@ import pytest
 
 from deploy.local.tokens import ensure_keys
 from gateway.__main__ import OVERLAYS, deploy_settings, overlay_values, overlays
-from gateway.config import API_PREFIX, GatewaySettings, apis, origin_matchers, render, render_json, served_services
+from gateway.config import (
+    API_PREFIX,
+    TENANT_ISSUER_HEADER,
+    GatewaySettings,
+    apis,
+    origin_matchers,
+    render,
+    render_json,
+    served_services,
+)
 from gateway.envoy import validate
 from services.runtime.settings import SettingsError
 
@@ -120,6 +129,7 @@ def test_filters_run_in_order_and_the_admin_interface_is_loopback_only(tmp_path)
         "grpc_web",
         "cors",
         "grpc_replies",
+        "tenant_issuer",
         "jwt_authn",
         "edge_identity",
         "penalty_box",
@@ -135,8 +145,11 @@ def test_the_token_rule_pins_issuer_and_audience_and_spares_only_public_rpcs(tmp
     assert provider["issuer"] == "towerco-dev-issuer" and provider["audiences"] == ["towerco-aiops"]
     assert provider["forward"] is True
     assert "local_jwks" in provider
-    unguarded = [rule["match"]["path"] for rule in jwt["rules"] if "requires" not in rule]
-    assert sorted(unguarded) == sorted(p for api in apis() for p in api.public_paths)
+    unguarded = [rule["match"].get("path") for rule in jwt["rules"] if "requires" not in rule]
+    # Public RPCs, and calls tenant_issuer.lua marked as a tenant issuer's (the services verify those).
+    assert sorted(unguarded[:-1]) == sorted(p for api in apis() for p in api.public_paths)
+    tenant_tokens = {"prefix": API_PREFIX, "headers": [{"name": TENANT_ISSUER_HEADER, "present_match": True}]}
+    assert jwt["rules"][-2] == {"match": tenant_tokens}
     assert jwt["rules"][-1] == {"match": {"prefix": API_PREFIX}, "requires": {"provider_name": "towerco"}}
     remote = render(prod_settings())
     deployed = _http_filter(remote, "envoy.filters.http.jwt_authn")["providers"]["towerco"]

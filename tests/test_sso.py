@@ -19,6 +19,7 @@ import grpc
 import pytest
 from towerco.features.v1 import feature_gate_service_pb2 as features_pb
 from towerco.sites.v1 import sites_service_pb2 as sites_pb
+from towerco.sites.v1 import sites_service_pb2_grpc as sites_grpc
 from towerco.tenant.v1 import sso_config_service_pb2 as sso_pb
 from towerco.tenant.v1 import sso_config_service_pb2_grpc as sso_grpc
 from towerco.tenant.v1 import user_service_pb2 as users_pb
@@ -445,3 +446,37 @@ def test_at_max_users_a_new_sso_user_is_refused_and_nothing_is_created(
     )  # fmt: skip
     assert late.code == grpc.StatusCode.RESOURCE_EXHAUSTED and late.reason == "QUOTA_EXCEEDED"
     assert late.info is not None and late.info.metadata["resource"] == "max_users"
+
+
+# --- through the gateway ---------------------------------------------------------------------
+
+
+def test_tenant_tokens_work_through_the_gateway_for_their_tenant_only(gateway, sso_stub, new_tenant, token, idp):
+    x, y = new_tenant("sg", plan="enterprise"), new_tenant("sg", plan="enterprise")
+    configure(sso_stub, token(x), sso_config(idp))
+    signed_in = idp.token(AUDIENCE, email="gil@x.example", groups=["noc"], tenant_id=y)
+
+    def edge(tenant: str) -> Any:
+        options = [("grpc.default_authority", f"{tenant}.localhost")]
+        return grpc.insecure_channel(f"127.0.0.1:{gateway.port}", options=options)
+
+    with edge(x) as on_x, edge(y) as on_y:
+        sites_grpc.SiteServiceStub(on_x).ListSites(sites_pb.ListSitesRequest(), metadata=bearer(signed_in), timeout=10)
+        across = expect_error(
+            sites_grpc.SiteServiceStub(on_y).ListSites, sites_pb.ListSitesRequest(), metadata=bearer(signed_in)
+        )
+        with serve_identity_provider("/nobody") as stranger:
+            unknown = expect_error(
+                sites_grpc.SiteServiceStub(on_x).ListSites, sites_pb.ListSitesRequest(),
+                metadata=bearer(stranger.token(AUDIENCE, email="eve@x.example", groups=["noc"])),
+            )  # fmt: skip
+        # A client cannot mark a platform-issuer token as a tenant's to get it past jwt_authn.
+        forged = expect_error(
+            sites_grpc.SiteServiceStub(on_x).ListSites, sites_pb.ListSitesRequest(),
+            metadata=(*bearer(token(x, ttl=-120)), ("x-towerco-tenant-issuer", "1")),
+        )  # fmt: skip
+
+    assert across.code == grpc.StatusCode.PERMISSION_DENIED, across
+    assert unknown.code == grpc.StatusCode.UNAUTHENTICATED and "not accepted" in unknown.message, unknown
+    # Refused by the gateway's jwt_authn (its message), not let through to the service.
+    assert forged.code == grpc.StatusCode.UNAUTHENTICATED and "sign in again" in forged.message, forged
