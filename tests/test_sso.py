@@ -448,6 +448,30 @@ def test_at_max_users_a_new_sso_user_is_refused_and_nothing_is_created(
     assert late.info is not None and late.info.metadata["resource"] == "max_users"
 
 
+def test_a_group_may_give_a_custom_role_and_only_its_permissions(sso_stub, sites, users, new_tenant, token, idp):
+    x = new_tenant("sc", plan="enterprise")
+    admin = token(x)
+    mapping = [sso_pb.GroupRole(group="readers", role="noc-reader")]
+    unknown = expect_error(
+        sso_stub.UpdateSsoConfig, sso_pb.UpdateSsoConfigRequest(sso_config=sso_config(idp, group_roles=mapping)),
+        metadata=bearer(admin),
+    )  # fmt: skip
+    assert unknown.code == grpc.StatusCode.INVALID_ARGUMENT, unknown  # the custom role does not exist yet
+    role = users_pb.Role(role_id="noc-reader", permissions=["sites.read"])
+    users.CreateRole(users_pb.CreateRoleRequest(role=role), metadata=bearer(admin), timeout=10)
+    configure(sso_stub, admin, sso_config(idp, group_roles=mapping))
+    reader = idp.token(AUDIENCE, email="rea@x.example", groups=["readers"])
+
+    list_sites(sites, reader)
+    write = expect_error(
+        sites.CreateSite, sites_pb.CreateSiteRequest(site_id="s-1", site=sites_pb.Site(name="Mast 1")),
+        metadata=bearer(reader),
+    )  # fmt: skip
+
+    assert write.code == grpc.StatusCode.PERMISSION_DENIED, write
+    assert users_of(users, admin)["rea@x.example"].role == "noc-reader"
+
+
 # --- through the gateway ---------------------------------------------------------------------
 
 

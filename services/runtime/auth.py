@@ -297,13 +297,14 @@ def _caller_from_tenant_claims(claims: Mapping[str, Any], token: str, sso: Tenan
     role = sso.role_for(claims.get(sso.groups_claim))
     if role is None:
         raise TokenError(f"none of the token's {sso.groups_claim!r} maps to a role of tenant {sso.tenant_id}")
-    if role == PLATFORM_ADMIN_ROLE or role not in ROLE_PERMISSIONS:
+    if role == PLATFORM_ADMIN_ROLE:
         raise TokenError(f"role {role!r} cannot be given by a tenant's identity provider")
     return Caller(
         subject=email.strip().lower(),
         tenant_id=sso.tenant_id,
         role=role,
-        permissions=frozenset(ROLE_PERMISSIONS[role]),
+        # A custom role's permissions are the registry user's, read on every call once signed in.
+        permissions=frozenset(ROLE_PERMISSIONS.get(role, ())),
         token=token,
     )
 

@@ -33,7 +33,7 @@ from services.runtime.errors import (
     invalid_argument,
     not_found,
 )
-from services.runtime.ids import TENANT_ID
+from services.runtime.ids import ROLE_ID, TENANT_ID
 from services.runtime.oidc import ProviderError, check_url
 from services.runtime.plans import UNLIMITED
 from services.runtime.roles import ROLE_PERMISSIONS, TENANT_ROLES
@@ -49,6 +49,23 @@ from .records import state_value
 Ctx = aio.ServicerContext[Any, Any]
 
 MAX_GROUPS = 50
+ROLE_RULE = f"must be a built-in tenant role ({', '.join(TENANT_ROLES)}) or one of the tenant's custom roles"
+
+
+def _role_like(role: str) -> bool:
+    """A built-in tenant role, or a name a custom role may have (never platform_admin)."""
+    return role in TENANT_ROLES or (ROLE_ID.matches(role) and role not in ROLE_PERMISSIONS)
+
+
+async def _check_custom_roles(conn: asyncpg.Connection[Any], wanted: TenantIssuer) -> None:
+    """INVALID_ARGUMENT naming each mapped role the tenant does not have (a custom role not created)."""
+    v = Violations()
+    for index, (_, role) in enumerate(wanted.group_roles):
+        if not await user_records.role_exists(conn, wanted.tenant_id, role):
+            v.add(f"sso_config.group_roles[{index}].role", f"{role!r}: {ROLE_RULE}")
+    v.raise_if_any()
+
+
 _CLAIM = re.compile(r"^[A-Za-z0-9_:./-]{1,64}$")
 
 COLUMNS = "tenant_id, issuer, audience, email_claim, groups_claim, group_roles, update_time"
@@ -129,8 +146,8 @@ def validated(config: pb.SsoConfig) -> TenantIssuer:
         if pair.group in seen:
             v.add(f"{field}.group", f"group {pair.group!r} is mapped twice")
         seen.add(pair.group)
-        if pair.role not in TENANT_ROLES or pair.role not in ROLE_PERMISSIONS:
-            v.add(f"{field}.role", f"must be one of the tenant roles: {', '.join(TENANT_ROLES)}")
+        if not _role_like(pair.role):
+            v.add(f"{field}.role", ROLE_RULE)
     v.raise_if_any()
     return TenantIssuer(
         tenant_id=context.current_tenant(),
@@ -163,6 +180,7 @@ class SsoConfigServicer(pb_grpc.SsoConfigServiceServicer):
             tenant = await conn.fetchrow(queries.GET_TENANT_FOR_UPDATE, tenant_id)
             if tenant is None:
                 raise not_found(ErrorReason.TENANT_NOT_FOUND, tenant_id)
+            await _check_custom_roles(conn, wanted)
             try:  # the issuer's uniqueness is platform-wide: only the index sees other tenants' rows
                 row = await conn.fetchrow(
                     UPSERT, tenant_id, wanted.issuer, wanted.audience, wanted.email_claim, wanted.groups_claim,
@@ -213,8 +231,8 @@ class SsoIssuerDirectoryServicer(internal_grpc.SsoIssuerDirectoryServiceServicer
         if not context.is_valid_tenant_id(tenant_id):
             v.add("tenant_id", TENANT_ID.problem)
         user_records.check_email(v, "email", email)
-        if role not in TENANT_ROLES:
-            v.add("role", f"must be one of the tenant roles: {', '.join(TENANT_ROLES)}")
+        if not _role_like(role):
+            v.add("role", ROLE_RULE)
         v.raise_if_any()
         with context.platform_scope(tenant_id, "sso.sign-in"):
             found = await self._entitlements.get(tenant_id)
@@ -242,6 +260,8 @@ class SsoIssuerDirectoryServicer(internal_grpc.SsoIssuerDirectoryServiceServicer
                     f"tenant {tenant_id!r} no longer signs in with issuer {issuer!r}; sign in again",
                     ErrorReason.SSO_ISSUER_CHANGED,
                 )
+            if not await user_records.role_exists(conn, tenant_id, role):  # a custom role deleted since
+                raise not_found(ErrorReason.ROLE_NOT_FOUND, role)
             row = await user_records.user_by_email(conn, tenant_id, email)
             if row is None:  # the first sign-in: a seat within max_users, or nothing at all
                 return await user_records.create_user(conn, self._audit, tenant_id, email, role, max_users)
