@@ -35,6 +35,10 @@ from .support import bearer, expect_error, rich_error
 from .support.oidc_provider import TestIdentityProvider, serve_identity_provider
 from .support.requests import set_limit
 
+# Every test here talks to a server: the test identity provider (HTTP on loopback, in this
+# process), and most to the stack too.
+pytestmark = pytest.mark.stack
+
 AUDIENCE = "towerco-sso-test"
 GROUPS = (("noc-admins", "admin"), ("noc", "operator"), ("everyone", "viewer"))
 
@@ -72,6 +76,13 @@ def verifier_with(issuers: Issuers, limits: ProviderLimits | None = None) -> Tok
     return TokenVerifier(platform, tenant_issuers=issuers, providers=ProviderDirectory(limits))
 
 
+def configured_for_x(idp: TestIdentityProvider, **overrides: object) -> tuple[Issuers, TokenVerifier]:
+    """A verifier to which ``idp`` is tenant-x's issuer, and the configurations it sees."""
+    issuers = Issuers()
+    issuers.configure("tenant-x", idp, **overrides)
+    return issuers, verifier_with(issuers)
+
+
 def refused(verifier: TokenVerifier, token: str) -> TokenError:
     with pytest.raises(TokenError) as caught:
         verifier.verify(token)
@@ -79,9 +90,7 @@ def refused(verifier: TokenVerifier, token: str) -> TokenError:
 
 
 def test_tenant_issuer_token_is_its_tenants_whatever_the_claims_say(idp):
-    issuers = Issuers()
-    issuers.configure("tenant-x", idp)
-    verifier = verifier_with(issuers)
+    _, verifier = configured_for_x(idp)
 
     caller = verifier.verify(
         idp.token(AUDIENCE, email="Ana@Example.COM", groups=["noc"], tenant_id="tenant-y", role="platform_admin")
@@ -95,9 +104,7 @@ def test_tenant_issuer_token_is_its_tenants_whatever_the_claims_say(idp):
 
 
 def test_role_comes_from_the_groups_on_every_sign_in(idp):
-    issuers = Issuers()
-    issuers.configure("tenant-x", idp)
-    verifier = verifier_with(issuers)
+    _, verifier = configured_for_x(idp)
 
     first = verifier.verify(idp.token(AUDIENCE, email="bo@example.com", groups=["everyone"]))
     promoted = verifier.verify(idp.token(AUDIENCE, email="bo@example.com", groups=["everyone", "noc-admins"]))
@@ -120,9 +127,7 @@ def test_issuer_configured_for_nobody_is_refused(idp):
 
 
 def test_tenant_tokens_meet_the_platforms_rejection_catalogue(idp):
-    issuers = Issuers()
-    issuers.configure("tenant-x", idp)
-    verifier = verifier_with(issuers)
+    _, verifier = configured_for_x(idp)
     claims = {"email": "cy@example.com", "groups": ["noc"]}
 
     assert refused(verifier, idp.token(AUDIENCE, ttl=-60, **claims)).reason == "TOKEN_EXPIRED"
@@ -136,9 +141,7 @@ def test_tenant_tokens_meet_the_platforms_rejection_catalogue(idp):
 
 
 def test_a_provider_cannot_make_platform_admins(idp):
-    issuers = Issuers()
-    issuers.configure("tenant-x", idp, group_roles=(("root", "platform_admin"),))
-    verifier = verifier_with(issuers)
+    _, verifier = configured_for_x(idp, group_roles=(("root", "platform_admin"),))
 
     error = refused(verifier, idp.token(AUDIENCE, email="mallory@example.com", groups=["root"]))
 
@@ -146,9 +149,7 @@ def test_a_provider_cannot_make_platform_admins(idp):
 
 
 def test_removing_the_configuration_stops_a_verified_token(idp):
-    issuers = Issuers()
-    issuers.configure("tenant-x", idp)
-    verifier = verifier_with(issuers)
+    issuers, verifier = configured_for_x(idp)
     token = idp.token(AUDIENCE, email="dee@example.com", groups=["noc"])
     assert verifier.verify(token).tenant_id == "tenant-x"
 
@@ -160,9 +161,7 @@ def test_removing_the_configuration_stops_a_verified_token(idp):
 
 
 def test_moving_the_issuer_to_another_tenant_moves_its_cached_tokens(idp):
-    issuers = Issuers()
-    issuers.configure("tenant-x", idp)
-    verifier = verifier_with(issuers)
+    issuers, verifier = configured_for_x(idp)
     token = idp.token(AUDIENCE, email="dee@example.com", groups=["noc"])
     assert verifier.verify(token).tenant_id == "tenant-x"
 
