@@ -17,11 +17,13 @@ from typing import Any
 
 import grpc
 import pytest
+from towerco.audit.v1 import audit_log_service_pb2 as audit_pb
 from towerco.features.v1 import feature_gate_service_pb2 as features_pb
 from towerco.sites.v1 import sites_service_pb2 as sites_pb
 from towerco.sites.v1 import sites_service_pb2_grpc as sites_grpc
 from towerco.tenant.v1 import sso_config_service_pb2 as sso_pb
 from towerco.tenant.v1 import sso_config_service_pb2_grpc as sso_grpc
+from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 from towerco.tenant.v1 import user_service_pb2 as users_pb
 from towerco.tenant.v1 import user_service_pb2_grpc as users_grpc
 
@@ -64,7 +66,7 @@ class Issuers:
     def __call__(self, issuer: str) -> TenantIssuer | None:
         return self.by_issuer.get(issuer)
 
-    async def prepare(self, token: str) -> None:
+    async def prepare(self, token: str, issuer: str | None = None) -> None:
         """Nothing to fetch: the test changes ``by_issuer`` itself."""
 
     async def sign_in(self, caller: Caller, issuer: TenantIssuer) -> Caller:
@@ -300,6 +302,17 @@ def test_tenant_tokens_work_for_their_tenant_only(sso_stub, sites, new_tenant, t
     assert sso_stub.GetSsoConfig(sso_pb.GetSsoConfigRequest(), metadata=bearer(viewer), timeout=10).issuer == idp.issuer
     denied = expect_error(sso_stub.DeleteSsoConfig, sso_pb.DeleteSsoConfigRequest(), metadata=bearer(viewer))
     assert denied.code == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_every_service_serves_a_tenant_token(sso_stub, sites, features, audit, registry, new_tenant, token, idp):
+    x = new_tenant("se", plan="enterprise")
+    configure(sso_stub, token(x), sso_config(idp))
+    md = bearer(idp.token(AUDIENCE, email="fay@x.example", groups=["noc-admins"]))
+
+    sites.ListSites(sites_pb.ListSitesRequest(), metadata=md, timeout=10)
+    assert features.GetEntitlements(features_pb.GetEntitlementsRequest(), metadata=md, timeout=10).tenant_id == x
+    audit.ListEvents(audit_pb.ListEventsRequest(page_size=1), metadata=md, timeout=10)
+    assert registry.GetTenant(tenant_pb.GetTenantRequest(), metadata=md, timeout=10).tenant_id == x
 
 
 def test_one_issuer_belongs_to_one_tenant(sso_stub, new_tenant, token, idp):

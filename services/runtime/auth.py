@@ -90,8 +90,9 @@ class TenantIssuers(Protocol):
     def __call__(self, issuer: str) -> TenantIssuer | None:
         """The tenant issuer a token's ``iss`` names, if a tenant with SSO configured it (else None)."""
 
-    async def prepare(self, token: str) -> None:
-        """Bring what the token's issuer stands for now into memory, before it is verified."""
+    async def prepare(self, token: str, issuer: str | None = None) -> None:
+        """Bring what the token's issuer (``issuer`` if known, else read from it) stands for now
+        into memory, before it is verified."""
 
     async def sign_in(self, caller: Caller, issuer: TenantIssuer) -> Caller:
         """The caller as the tenant's user (created on its first sign-in, its role from the groups)."""
@@ -159,9 +160,10 @@ class TokenVerifier:
         if self._tenant_issuers is None:
             return
         hit = self._cache.get(token)
-        if hit is not None and hit[2] is None:
-            return
-        await self._tenant_issuers.prepare(token)
+        if hit is None:
+            await self._tenant_issuers.prepare(token)
+        elif hit[2] is not None:  # verified before: its issuer is known without decoding it again
+            await self._tenant_issuers.prepare(token, hit[2].issuer)
 
     def verify_cached(self, token: str) -> Caller:
         """The caller of a token verified before and not yet expired; KeyError otherwise.

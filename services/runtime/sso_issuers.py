@@ -170,12 +170,14 @@ class SsoIssuers:
         user_id = await self._sign_in(issuer.tenant_id, issuer.issuer, caller.subject, caller.role)
         return dataclasses.replace(caller, subject=user_id)
 
-    async def prepare(self, token: str) -> None:
-        """Bring what the token's issuer stands for now into memory, for the verification that follows."""
-        try:
-            issuer = jwt.decode(token, options={"verify_signature": False}).get("iss")
-        except jwt.PyJWTError:
-            return  # the verifier refuses it as malformed
+    async def prepare(self, token: str, issuer: str | None = None) -> None:
+        """Bring what the token's issuer stands for now into memory, for the verification that
+        follows; ``issuer``: the one a token verified before named (not decoded again: ~30 us)."""
+        if issuer is None:
+            try:
+                issuer = jwt.decode(token, options={"verify_signature": False}).get("iss")
+            except jwt.PyJWTError:
+                return  # the verifier refuses it as malformed
         if not isinstance(issuer, str) or issuer in self._platform or len(issuer) > 512:
             return
         self._ready[issuer] = await self._current(issuer)
