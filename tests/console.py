@@ -26,6 +26,9 @@ class Console:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # A terminal's job takes Ctrl-C; a suite started in the background (``make test &``,
+            # nohup) ignores SIGINT, and the ignoring would be inherited down to ``make run``.
+            preexec_fn=_default_sigint,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -70,3 +73,7 @@ class Console:
                 self.process.wait()
         self._reader.join(timeout)
         return self.text
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
