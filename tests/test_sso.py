@@ -27,7 +27,7 @@ from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 from towerco.tenant.v1 import user_service_pb2 as users_pb
 from towerco.tenant.v1 import user_service_pb2_grpc as users_grpc
 
-from services.runtime.auth import TenantIssuer, TokenError, TokenVerifier, VerifierConfig
+from services.runtime.auth import ProviderUnavailableError, TenantIssuer, TokenError, TokenVerifier, VerifierConfig
 from services.runtime.context import Caller
 from services.runtime.oidc import ProviderDirectory, ProviderError, ProviderKeys, ProviderLimits, check_url
 from services.runtime.roles import ROLE_PERMISSIONS
@@ -191,6 +191,36 @@ def test_unknown_key_id_refreshes_the_keys_at_most_once_per_floor(idp):
     time.sleep(1.6)
     assert verifier.verify(token).tenant_id == "tenant-x"  # once the floor has passed, it is
     assert idp.requests.count("/idp/jwks") == 3
+
+
+def test_a_provider_out_of_reach_is_unavailable_but_held_keys_still_verify():
+    issuers = Issuers()
+    verifier = verifier_with(issuers, ProviderLimits(refresh_floor_seconds=0))
+    with serve_identity_provider() as provider:
+        issuers.configure("tenant-x", provider)
+        claims: dict[str, Any] = {"email": "gus@example.com", "groups": ["noc"]}
+        assert verifier.verify(provider.token(AUDIENCE, **claims)).tenant_id == "tenant-x"  # keys now held
+    rotated = provider.rotate()  # published where nobody can read it any more
+
+    with pytest.raises(ProviderUnavailableError, match="cannot be read just now"):
+        verifier.verify(provider.token(AUDIENCE, kid=rotated, **claims))
+    held = provider.token(AUDIENCE, kid=next(iter(provider.keys)), **claims)
+    assert verifier.verify(held).tenant_id == "tenant-x"
+
+
+def test_a_tenant_token_is_unavailable_while_its_provider_is_out_of_reach(sso_stub, sites, new_tenant, token):
+    x = new_tenant("su", plan="enterprise")
+    with serve_identity_provider("/gone") as provider:
+        configure(sso_stub, token(x), sso_config(provider))
+    # Never read by the sites service, and now out of reach.
+
+    error = expect_error(
+        sites.ListSites, sites_pb.ListSitesRequest(),
+        metadata=bearer(provider.token(AUDIENCE, email="hal@x.example", groups=["noc"])),
+    )  # fmt: skip
+
+    assert error.code == grpc.StatusCode.UNAVAILABLE and error.reason == "IDENTITY_PROVIDER_UNAVAILABLE", error
+    assert error.retry is not None
 
 
 def test_keys_are_fetched_over_https_or_from_loopback_only():

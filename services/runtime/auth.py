@@ -52,6 +52,10 @@ class TokenError(Exception):
         self.reason = error_catalogue.name(reason)
 
 
+class ProviderUnavailableError(Exception):
+    """A tenant's identity provider cannot be read and the token needs a key not held: retry later."""
+
+
 @dataclass(frozen=True)
 class VerifierConfig:
     issuer: str
@@ -240,7 +244,8 @@ class TokenVerifier:
         try:
             key = self.providers.keys_of(sso.issuer).key_for(kid)
         except ProviderError as exc:
-            raise TokenError(f"the keys of issuer {sso.issuer!r} cannot be read: {exc}") from exc
+            message = f"the identity provider {sso.issuer!r} cannot be read just now ({exc})"
+            raise ProviderUnavailableError(message) from exc
         if key is None:
             raise TokenError(f"unknown signing key {kid!r}")
         claims = _decode(token, key, kid, alg, sso.audience, sso.issuer, self._config.leeway_seconds)

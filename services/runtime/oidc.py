@@ -123,6 +123,8 @@ class ProviderKeys:
         self._keys: dict[str, PyJWK] = {}
         self._fetched_at = 0.0
         self._last_attempt = float("-inf")
+        #: Why the last fetch failed (None: it did not), told again until the next attempt.
+        self._failure: str | None = None
         self._lock = threading.Lock()
         #: How many times the provider was read (discovery and JWKS count as one).
         self.fetches = 0
@@ -141,9 +143,18 @@ class ProviderKeys:
                 return key
             if now - self._last_attempt < self._limits.refresh_floor_seconds:
                 # Too soon to ask again: keep answering from the keys held (even aged ones).
+                if key is None and self._failure is not None:
+                    raise ProviderError(self._failure)
                 return key
             self._last_attempt = now
-            self._refresh()
+            try:
+                self._refresh()
+            except ProviderError as exc:
+                self._failure = str(exc)
+                if key is not None:
+                    return key  # an aged key still verifies while the provider is down
+                raise
+            self._failure = None
             return self._keys.get(kid)
 
     def _refresh(self) -> None:

@@ -7,8 +7,8 @@ from typing import Any
 from grpc import aio
 
 from .. import context
-from ..auth import TokenError, TokenVerifier
-from ..errors import ErrorReason, unauthenticated
+from ..auth import ProviderUnavailableError, TokenError, TokenVerifier
+from ..errors import ErrorReason, unauthenticated, unavailable
 from ..policy import Policy, PolicyTable
 from .base import Behavior, Metadata, PolicyInterceptor
 
@@ -38,6 +38,8 @@ class AuthenticationInterceptor(PolicyInterceptor):
                 caller = await _verify(self._verifier, token.strip())
             except TokenError as exc:
                 raise unauthenticated(str(exc), ErrorReason.Value(exc.reason)) from None
+            except ProviderUnavailableError as exc:
+                raise unavailable(f"{exc}; retry shortly", ErrorReason.IDENTITY_PROVIDER_UNAVAILABLE) from None
             current = context.current()
             assert current is not None, "RequestContextInterceptor must run first"
             with context.bind(context.derive(current, caller=caller)):
