@@ -232,6 +232,38 @@ def test_an_entitlement_change_reaches_every_worker(
     _until_every_worker_refuses(pinned, md, lambda error: rich_error(error).reason == "TENANT_CALLS_LIMIT", eventually)
 
 
+def test_two_workers_share_a_tenants_rate_through_redis(
+    two_workers: tuple[ExtraService, int],
+    new_tenant: Callable[..., str],
+    token: Callable[..., str],
+    features: Any,
+    platform_token: str,
+    eventually: Callable[..., Any],
+) -> None:
+    service, _ = two_workers
+    pinned, _ = _one_connection_per_worker(service, bearer(token(new_tenant())), eventually)
+    tenant = new_tenant()
+    md = bearer(token(tenant))
+    features.SetLimitOverride(  # one read a minute and no burst: a second admission means two budgets
+        features_pb.SetLimitOverrideRequest(tenant_id=tenant, resource="rpm_read", limit=1),
+        metadata=bearer(platform_token),
+        timeout=10,
+    )
+    answers: dict[int, list[str]] = {worker: [] for worker in pinned}
+    for _ in range(3):
+        for worker, channel in sorted(pinned.items()):
+            try:
+                pb_grpc.SiteServiceStub(channel).ListSites(pb.ListSitesRequest(page_size=1), metadata=md, timeout=10)
+            except grpc.RpcError as error:
+                answers[worker].append(rich_error(error).reason)
+            else:
+                answers[worker].append("ADMITTED")
+    every = [answer for worker_answers in answers.values() for answer in worker_answers]
+    assert every.count("ADMITTED") == 1, answers  # one budget for the tenant, held in Redis, not one per worker
+    assert every.count("RATE_LIMITED") == len(every) - 1, answers
+    assert all("RATE_LIMITED" in worker_answers for worker_answers in answers.values()), answers
+
+
 def test_a_second_copy_on_the_taken_port_is_refused_in_one_line(
     two_workers: tuple[ExtraService, int], stack: Stack
 ) -> None:
