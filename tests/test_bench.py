@@ -66,6 +66,8 @@ def test_bench_figures_are_judged_against_their_floor_and_written_as_json(tmp_pa
     table = markdown(json.loads(path.read_text())).splitlines()
     assert "| service p50 | 1.20 ms | 1 ms (bare) | 1.20x | <= 1.15x floor | MISS |" in table
     assert len(table) == 2 + len(rows)
+    judged = markdown(json.loads(path.read_text()), judged_only=True).splitlines()
+    assert len(judged) == 2 + 5 and not any("asyncpg alone" in line for line in judged)
     later = json.loads(path.read_text())
     later["figures"][0]["value"] = 0.6
     lines = compare(json.loads(path.read_text()), later).splitlines()

@@ -45,11 +45,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer samples, shorter phases")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {', '.join(SECTIONS)}")
     parser.add_argument("--out", type=Path, default=OUTPUT / "bench-results.json", help="where the JSON goes")
-    parser.add_argument("--markdown", type=Path, help="only print this written run as the README's table")
+    parser.add_argument("--markdown", type=Path, help="only print a written run as the README's tables (targets, all)")
     parser.add_argument("--compare", type=Path, nargs=2, metavar=("BEFORE", "AFTER"), help="only compare two runs")
     args = parser.parse_args(argv)
     if args.markdown:
-        print(markdown(json.loads(args.markdown.read_text())))
+        document = json.loads(args.markdown.read_text())
+        print(f"{markdown(document, judged_only=True)}\n\n{markdown(document)}")
         return
     if args.compare:
         print(compare(*(json.loads(path.read_text()) for path in args.compare)))

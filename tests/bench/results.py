@@ -119,6 +119,8 @@ class Results:
     def __init__(self) -> None:
         self.figures: list[Figure] = []
         self.started = time.time()
+        #: The checkout measured: its HEAD as the run starts.
+        self.commit = _commit()
 
     def add(self, figure: Figure) -> Figure:
         self.figures.append(figure)
@@ -142,7 +144,7 @@ class Results:
             "seconds": round(time.time() - self.started, 1),
             "mode": mode,
             "failed_sections": failed or [],
-            "commit": _commit(),
+            "commit": self.commit,
             "machine": {"cpus": os.cpu_count() or 0, "python": platform.python_version()},
             "figures": [f.row() for f in self.figures],
         }
@@ -162,13 +164,16 @@ def _commit() -> str:
         return ""
 
 
-def markdown(document: dict[str, Any]) -> str:
-    """A written run (``bench-results.json``) as the README's table: each figure beside its floor and target."""
+def markdown(document: dict[str, Any], judged_only: bool = False) -> str:
+    """A written run (``bench-results.json``) as the README's table: each figure beside its floor and
+    target; ``judged_only``: only the figures with a target."""
     lines = [
         "| measurement | figure | floor (same run) | ratio | target | |",
         "|---|---|---|---|---|---|",
     ]
     for row in document["figures"]:
+        if judged_only and row["target"] is None:
+            continue
         floor = f"{_number(row['floor'])} {row['unit']} ({row['floor_name']})" if row["floor"] is not None else ""
         ratio = f"{row['ratio']:.2f}x" if row["ratio"] is not None else ""
         note = f" ({row['note']})" if row["note"] else ""
