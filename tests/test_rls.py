@@ -232,7 +232,9 @@ async def test_runtime_role_owns_nothing_in_schema(admin):
 SERVICE_SCHEMAS = ["sites", "tenant", "audit"]
 #: The registry's routing directory: a host belongs to one tenant platform-wide, so its key
 #: is the host (a reference table under Citus). Its tenant_id index leads with tenant_id.
-GLOBAL_KEYS = {"tenant.host_routes_pkey"}
+#: Likewise a single sign-on issuer belongs to one tenant platform-wide (tenant_sso's key is
+#: its tenant_id; the issuer's uniqueness is the one global index).
+GLOBAL_KEYS = {"tenant.host_routes_pkey", "tenant.tenant_sso_issuer_key"}
 
 
 async def test_every_table_enables_and_forces_rls(admin):
