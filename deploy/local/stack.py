@@ -395,13 +395,7 @@ class Stack:
 
     def stop(self, instance: str, timeout: float = 15.0) -> None:
         """Stop one process this stack started (a service instance or the gateway)."""
-        process = self.processes.pop(instance)
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(self.processes.pop(instance), timeout)
 
     def stop_services(self, timeout: float = 15.0) -> None:
         for process in self.processes.values():
@@ -476,6 +470,17 @@ class Stack:
 def machine_cores() -> int:
     """The cores this process may run on (its CPU affinity, else the machine's count)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def stop_process(process: subprocess.Popen[Any], timeout: float = 15.0) -> None:
+    """SIGTERM ``process`` if it still runs and wait up to ``timeout`` for it to drain, then SIGKILL it."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _server_check(running_pid: Callable[[Path], int | None], data_dir: Path) -> Callable[[], str | None]:

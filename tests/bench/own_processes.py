@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from deploy.local.stack import stop_process
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -37,13 +39,7 @@ def start(module: str, config: Mapping[str, Any], log: IO[bytes] | None = None) 
 
 
 def stop(process: subprocess.Popen[str], timeout: float = 10.0) -> None:
-    if process.poll() is None:
-        process.terminate()
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    stop_process(process, timeout)
 
 
 @contextmanager

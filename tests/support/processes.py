@@ -6,7 +6,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deploy.local.stack import Stack
+from deploy.local.stack import Stack, stop_process
 
 from .ports import free_port
 
@@ -50,10 +50,4 @@ class ExtraServices:
 
     def stop(self) -> None:
         for process in self.started:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            stop_process(process)
