@@ -29,11 +29,19 @@ from towerco.tenant.v1 import user_service_pb2_grpc as users_grpc
 
 from services.runtime.auth import ProviderUnavailableError, TenantIssuer, TokenError, TokenVerifier, VerifierConfig
 from services.runtime.context import Caller
+from services.runtime.errors import ServiceError
+from services.runtime.identity import ServiceIdentity
 from services.runtime.oidc import ProviderDirectory, ProviderError, ProviderKeys, ProviderLimits, check_url
 from services.runtime.roles import ROLE_PERMISSIONS
-from services.runtime.settings import DEFAULT_JWT_AUDIENCE, DEFAULT_JWT_ISSUER
+from services.runtime.settings import (
+    DEFAULT_JWT_AUDIENCE,
+    DEFAULT_JWT_ISSUER,
+    DEFAULT_SERVICE_JWT_ISSUER,
+    DEV_SERVICE_KEY_ID,
+)
+from services.runtime.sso_issuers import RegistrySsoSource, SsoIssuers
 
-from .support import bearer, expect_error, rich_error
+from .support import bearer, expect_error, free_port, rich_error
 from .support.oidc_provider import TestIdentityProvider, serve_identity_provider
 from .support.requests import set_limit
 
@@ -221,6 +229,27 @@ def test_a_tenant_token_is_unavailable_while_its_provider_is_out_of_reach(sso_st
 
     assert error.code == grpc.StatusCode.UNAVAILABLE and error.reason == "IDENTITY_PROVIDER_UNAVAILABLE", error
     assert error.retry is not None
+
+
+async def test_a_registry_out_of_reach_is_unavailable_not_internal(stack):
+    identity = ServiceIdentity.from_file(
+        "sites", issuer=DEFAULT_SERVICE_JWT_ISSUER, audience=DEFAULT_JWT_AUDIENCE,
+        key_file=str(stack.keys_dir / "service-signing-key.pem"), kid=DEV_SERVICE_KEY_ID,
+    )  # fmt: skip
+    registry = RegistrySsoSource(f"127.0.0.1:{free_port()}", identity, timeout=1.0)  # nobody listens
+    issuers = SsoIssuers(
+        frozenset({DEFAULT_JWT_ISSUER}), None, registry.by_issuer, registry.of_tenant, registry.sign_in, None,  # type: ignore[arg-type]
+    )  # fmt: skip
+    try:
+        with serve_identity_provider() as provider:
+            token = provider.token(AUDIENCE, email="ida@example.com", groups=["noc"])
+        with pytest.raises(ServiceError) as refused:
+            await issuers.prepare(token)
+    finally:
+        await registry.close()
+
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+    assert refused.value.reason == "TENANT_DIRECTORY_UNAVAILABLE"
 
 
 def test_keys_are_fetched_over_https_or_from_loopback_only():

@@ -180,7 +180,16 @@ class SsoIssuers:
                 return  # the verifier refuses it as malformed
         if not isinstance(issuer, str) or issuer in self._platform or len(issuer) > 512:
             return
-        self._ready[issuer] = await self._current(issuer)
+        try:
+            self._ready[issuer] = await self._current(issuer)
+        except ServiceError:
+            raise
+        except Exception:
+            # The registry (or its cache) out of reach: the token may be good, so retry, never INTERNAL.
+            raise unavailable(
+                "the tenant registry cannot be reached to look this token's issuer up; retry shortly",
+                ErrorReason.TENANT_DIRECTORY_UNAVAILABLE,
+            ) from None
         if len(self._ready) > self._size:
             self._ready.pop(next(iter(self._ready)))
 
