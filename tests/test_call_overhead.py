@@ -23,7 +23,7 @@ from towerco.sites.v1 import sites_service_pb2
 
 from services.runtime import bulkhead, context, logs, metrics, tracing
 from services.runtime.context import Caller, RequestContext
-from services.runtime.interceptors.base import Behavior, Metadata, PolicyInterceptor
+from services.runtime.interceptors.base import Behavior, Linked, Metadata, PolicyInterceptor
 from services.runtime.policy import Policy, PolicyTable
 
 GET_SITE = "/towerco.sites.v1.SiteService/GetSite"
@@ -193,3 +193,68 @@ def test_a_bound_request_context_and_metrics_record_last_for_their_block_even_wh
         assert bulkhead.current_limit() == -1
         raise RuntimeError("the call failed")
     assert bulkhead.current_limit() is None
+
+
+class _Tracing(_Reading):
+    """A link that notes, in call order, that its behaviour ran."""
+
+    def __init__(self, policies: PolicyTable, name: str, ran: list[str], reads: bool) -> None:
+        super().__init__(policies, [])
+        self._name, self._ran = name, ran
+        self.reads_metadata = reads  # type: ignore[misc]
+
+    def wrap(self, inner: Behavior, policy: Policy, metadata: Metadata) -> Behavior:
+        self._seen.append(metadata)
+
+        async def behavior(request: Any, ctx: Any) -> Any:
+            self._ran.append(self._name)
+            return await inner(request, ctx)
+
+        return behavior
+
+    def deserializer(self, original: Any) -> Any:
+        return lambda data: (self._name, original(data))
+
+
+def test_linked_links_run_as_one_interceptor_in_the_chains_order_with_the_same_sharing() -> None:
+    policies, ran = _policies(), list[str]()
+    links: list[PolicyInterceptor] = [
+        _Tracing(policies, name, ran, reads) for name, reads in (("a", True), ("b", False), ("c", True), ("d", False))
+    ]
+    linked: Any = Linked(links)  # handed _Details, as _find hands the links
+    handler = grpc.unary_unary_rpc_method_handler(_servicer, request_deserializer=bytes.decode)
+    continued: list[str] = []
+
+    async def continuation(details: Any) -> Any:
+        continued.append(details.method)
+        return handler if details.method == GET_SITE else None
+
+    async def calls() -> list[Any]:
+        found = []
+        for tenant in ("ta", "tb"):
+            found.append(await linked.intercept_service(continuation, _Details((("x-tenant-id", tenant),))))
+            assert await found[-1].unary_unary("request", None) == "request"
+        return found
+
+    first, second = asyncio.run(calls())
+    assert ran == ["a", "b", "c", "d"] * 2  # outermost first, as separate interceptors run them
+    assert continued == [GET_SITE, GET_SITE]  # the servicer's handler found once per call
+    seen = [link._seen for link in links]  # type: ignore[attr-defined]
+    assert [len(s) for s in seen] == [2, 2, 2, 1]  # the innermost link, reading nothing, wrapped once
+    assert seen[0][0] is seen[2][0] and seen[0][1] is seen[2][1] and seen[0][0] is not seen[0][1]
+    assert first.request_deserializer is second.request_deserializer  # composed once per method
+    assert first.request_deserializer(b"x") == ("a", ("b", ("c", ("d", "x"))))  # the outermost link's decodes first
+    assert first.response_serializer is handler.response_serializer
+
+    unknown, health = _Details(()), _Details(())
+    unknown.method, health.method = "/towerco.sites.v1.SiteService/Nope", "/grpc.health.v1.Health/Check"
+
+    async def others() -> tuple[Any, Any]:
+        async def anything(details: Any) -> Any:
+            return handler
+
+        return await linked.intercept_service(anything, unknown), await linked.intercept_service(anything, health)
+
+    assert asyncio.run(others()) == (None, handler)  # fail closed; plumbing passes
+    with pytest.raises(ValueError, match="share one policy table"):
+        Linked([_Reading(_policies(), []), _Reading(_policies(), [])])

@@ -44,6 +44,7 @@ from .faults import Faults
 from .guard import IsolationError, check_isolation
 from .health import DatabaseProbe, HealthState, probe_name
 from .identity import ServiceIdentity
+from .interceptors.base import Linked
 from .interceptors.chain import server_chain
 from .interceptors.shutdown import ShutdownGate
 from .lookups import InternalLookup
@@ -219,7 +220,7 @@ def build_server(
         gateway_secret=settings.gateway_secret,
     )  # fmt: skip
     server = aio.server(
-        interceptors=chain,
+        interceptors=[Linked(chain)],  # the links as one interceptor: one await per call, not one per link
         options=[
             ("grpc.max_receive_message_length", 4 * 1024 * 1024),
             ("grpc.so_reuseport", int(reuse_port)),

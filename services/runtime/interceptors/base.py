@@ -8,7 +8,7 @@ seen by everything inside it and are reset when the call ends.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, cast
 
 import grpc
@@ -112,6 +112,8 @@ class PolicyInterceptor(_ServerInterceptor, ABC):
         self._policies = policies
         #: Per method: the handler last wrapped, and its wrapping.
         self._kept: dict[str, tuple[Handler, Handler]] = {}
+        #: Per method: the behaviour last wrapped, and its wrapping (when run by :class:`Linked`).
+        self._kept_behaviors: dict[str, tuple[Behavior, Behavior]] = {}
 
     async def intercept_service(  # type: ignore[override]  # None is how gRPC says "no such method"
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -132,6 +134,20 @@ class PolicyInterceptor(_ServerInterceptor, ABC):
         self._kept[method] = (handler, wrapped)
         return wrapped
 
+    def behavior(self, inner: Behavior, policy: Policy, details: grpc.HandlerCallDetails) -> Behavior:
+        """This link's behaviour around ``inner`` for a call, as :meth:`intercept_service` wraps it (:class:`Linked`).
+
+        Kept per method, like the handler, when the link does not read the call's metadata.
+        """
+        if self.reads_metadata:
+            return self.wrap(inner, policy, Metadata.of(details.invocation_metadata or ()))
+        kept = self._kept_behaviors.get(policy.method)
+        if kept is not None and kept[0] is inner:
+            return kept[1]
+        wrapped = self.wrap(inner, policy, UNREAD)
+        self._kept_behaviors[policy.method] = (inner, wrapped)
+        return wrapped
+
     def _wrapped(self, handler: Handler, policy: Policy, metadata: Metadata) -> Handler:
         inner = cast(Behavior, handler.unary_unary)
         wrapped = self.wrap(inner, policy, metadata)
@@ -149,3 +165,55 @@ class PolicyInterceptor(_ServerInterceptor, ABC):
     @abstractmethod
     def wrap(self, inner: Behavior, policy: Policy, metadata: Metadata) -> Behavior:
         """Return the behaviour that runs this link's check around ``inner``."""
+
+
+class Linked(_ServerInterceptor):
+    """The links of a chain as one grpc.aio interceptor, each link's wrapping a plain call.
+
+    grpc.aio awaits each interceptor's ``intercept_service`` in turn, one coroutine (and one
+    of its own) per link and call, and each link makes a handler of its own. Here the method
+    is looked up once, the links wrap its behaviour innermost first (:meth:`PolicyInterceptor.behavior`,
+    the same wrappings, kept per method as each link keeps them), the request deserializers are
+    composed once per method, and one handler is made for the call. What runs in the call, and
+    in which order, is what the links as separate interceptors run. All links share one policy table.
+    """
+
+    def __init__(self, links: Sequence[PolicyInterceptor]) -> None:
+        if not links or any(link._policies is not links[0]._policies for link in links):
+            raise ValueError("the links of one chain share one policy table")
+        self.links = tuple(links)
+        self._inner_first = tuple(reversed(self.links))
+        self._policies = links[0]._policies
+        #: Per method: the deserializer the links were given, and theirs.
+        self._deserializers: dict[str, tuple[Callable[[bytes], Any] | None, Callable[[bytes], Any] | None]] = {}
+
+    async def intercept_service(  # type: ignore[override]  # None is how gRPC says "no such method"
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        policy = self._policies.get(method)
+        if policy is None or handler.unary_unary is None:
+            return handler if method.startswith(INFRASTRUCTURE_PREFIXES) else None
+        servicer = cast(Behavior, handler.unary_unary)
+        behavior = servicer
+        for link in self._inner_first:
+            behavior = link.behavior(behavior, policy, handler_call_details)
+        deserializer = self._deserializer(method, handler.request_deserializer)
+        if behavior is servicer and deserializer is handler.request_deserializer:
+            return handler
+        return grpc.unary_unary_rpc_method_handler(
+            behavior, request_deserializer=deserializer, response_serializer=handler.response_serializer
+        )
+
+    def _deserializer(self, method: str, original: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+        kept = self._deserializers.get(method)
+        if kept is not None and kept[0] is original:
+            return kept[1]
+        composed = original
+        for link in self._inner_first:
+            composed = link.deserializer(composed)
+        self._deserializers[method] = (original, composed)
+        return composed
