@@ -96,6 +96,11 @@ RETRY_AFTER_HEADER = "retry-after-ms"
 #: The longest a tenant stays in the penalty box however long the service said to wait: the
 #: wait is exact, but a plan raised within it takes effect only after it.
 PENALTY_BOX_MAX_WAIT_SECONDS = 60
+#: How long past the end of a refusal's wait the box goes on letting the tenant's calls through
+#: one per interval of its rate (the interval from the refusal's per_minute), answering the
+#: rest itself; then it forgets the tenant until the service refuses it again. A plan raised
+#: meanwhile takes effect at most this long after the wait.
+PENALTY_BOX_PACE_SECONDS = 5
 #: Tenant and limit pairs one Envoy worker may hold in the penalty box at once; past it,
 #: refusals go on reaching the services (which still refuse them).
 PENALTY_BOX_MAX_ENTRIES = 20000
@@ -785,6 +790,7 @@ def _penalty_box_lua(routes: list[Api]) -> dict[str, Any]:
         reason=_lua_string(name),
         code=str(error_catalogue.entry(name).code.value[0]),
         limit_key=_lua_string("limit"),
+        per_minute_key=_lua_string("per_minute"),
         retry_header=_lua_string(RETRY_AFTER_HEADER),
         error_info_type=_lua_string(f"type.googleapis.com/{error_details_pb2.ErrorInfo.DESCRIPTOR.full_name}"),
         retry_info_type=_lua_string(f"type.googleapis.com/{error_details_pb2.RetryInfo.DESCRIPTOR.full_name}"),
@@ -793,6 +799,7 @@ def _penalty_box_lua(routes: list[Api]) -> dict[str, Any]:
         tenant_claim=_lua_string(TENANT_CLAIM),
         namespace=_lua_string("towerco.penalty_box"),
         max_wait_ms=str(PENALTY_BOX_MAX_WAIT_SECONDS * 1000),
+        pace_ms=str(PENALTY_BOX_PACE_SECONDS * 1000),
         max_entries=str(PENALTY_BOX_MAX_ENTRIES),
     )
 

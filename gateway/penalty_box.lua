@@ -4,8 +4,18 @@
 -- with RESOURCE_EXHAUSTED, ErrorInfo RATE_LIMITED (`limit` rpm_read or rpm_write) and the
 -- exact wait until the next call would be admitted (RetryInfo, retry-after-ms). No call of
 -- that tenant and class can be admitted before then, so until then this filter answers
--- them itself, with the service's ErrorInfo and the wait that REMAINS: under a flood the
--- service sees about one call per wait (per Envoy worker) instead of every call.
+-- them itself, with the service's ErrorInfo and the wait that REMAINS.
+--
+-- After the wait it goes on pacing the tenant, for BOX.pace_ms: GCRA admits one call per
+-- interval (60 s / per_minute, from the refusal's ErrorInfo) after the first, so each call let
+-- through from the end of the wait on takes the next slot, and a call that comes before its
+-- slot is answered here with the wait until that slot. Counting the calls let through, not
+-- their answers, is what holds under load: when the service takes longer than an interval to
+-- answer, a box that only learned from refusals would have expired before each one came back,
+-- and the whole flood would reach the service. A call let through is refused only if it
+-- reached Redis before its slot or something else (another worker, another gateway) took the
+-- slot; its refusal gives the slot back (the next call goes), or pushes the box later.
+-- Under a flood the service sees, per worker, about one call per interval.
 --
 -- 1. Only a tenant's own users fill the box or are held by it: the call's verified token
 --    (jwt_authn's payload) names the tenant of the host (x-tenant-id, set by edge.lua). A
@@ -19,12 +29,13 @@
 -- BOX is defined above this text by gateway/config.py.
 
 local REFUSED = tostring(BOX.code)
-local box = {} -- "<tenant> <limit>" -> {until_ms, message, info}
+local box = {} -- "<tenant> <limit>" -> {from_ms, interval_ms, sent, generation, expires_ms, message, info}
 local entries = 0
+local generations = 0
 
 local function sweep(now)
   for key, entry in pairs(box) do
-    if entry.until_ms <= now then
+    if entry.expires_ms <= now then
       box[key] = nil
       entries = entries - 1
     end
@@ -113,10 +124,10 @@ local function varint_field(number, n)
   return varint(number * 8) .. varint(n)
 end
 
--- The service's RATE_LIMITED details: Status.message, the ErrorInfo (as its Any) and its
--- limit; nil for any other status.
+-- The service's RATE_LIMITED details: Status.message, the ErrorInfo (as its Any), its limit
+-- and per_minute; nil for any other status.
 local function rate_limited(status)
-  local message, info, limit = "", nil, nil
+  local message, info, limit, per_minute = "", nil, nil, nil
   local parsed = each_field(status, function(number, value)
     if number == 2 then
       message = value
@@ -125,7 +136,7 @@ local function rate_limited(status)
       if type_url ~= BOX.error_info_type or packed == nil then
         return
       end
-      local reason, found = nil, nil
+      local reason, found, rate = nil, nil, nil
       each_field(packed, function(n, v)
         if n == 1 then
           reason = v
@@ -133,18 +144,20 @@ local function rate_limited(status)
           local key, val = first_two(v)
           if key == BOX.limit_key then
             found = val
+          elseif key == BOX.per_minute_key then
+            rate = val
           end
         end
       end)
       if reason == BOX.reason then
-        info, limit = value, found
+        info, limit, per_minute = value, found, rate
       end
     end
   end)
   if not parsed or info == nil then
     return nil
   end
-  return message, info, limit
+  return message, info, limit, per_minute
 end
 
 local function grpc_message(text)
@@ -186,16 +199,22 @@ function envoy_on_request(handle)
   local key = tenant .. " " .. limit
   local entry = box[key]
   local now = handle:timestamp()
-  if entry ~= nil then
-    local wait_ms = entry.until_ms - now
-    if wait_ms > 0 then
-      refuse(handle, entry, wait_ms)
-      return
-    end
-    box[key] = nil
-    entries = entries - 1
-  end
   local metadata = handle:streamInfo():dynamicMetadata()
+  if entry ~= nil then
+    if now >= entry.expires_ms then
+      box[key] = nil
+      entries = entries - 1
+    else
+      -- The slot this call would take: one interval after each call already let through.
+      local due = entry.from_ms + entry.sent * entry.interval_ms
+      if now < due then
+        refuse(handle, entry, due - now)
+        return
+      end
+      entry.sent = entry.sent + 1
+      metadata:set(BOX.namespace, "generation", entry.generation)
+    end
+  end
   metadata:set(BOX.namespace, "key", key)
   metadata:set(BOX.namespace, "limit", limit)
   metadata:set(BOX.namespace, "sent_ms", now)
@@ -213,11 +232,30 @@ function envoy_on_response(handle)
   if call == nil or wait_ms == nil or wait_ms < 1 or details == nil then
     return
   end
-  local message, info, limit = rate_limited(handle:base64Decode(details))
-  if message == nil or limit ~= call["limit"] then
+  local message, info, limit, per_minute = rate_limited(handle:base64Decode(details))
+  per_minute = tonumber(per_minute or "")
+  if message == nil or limit ~= call["limit"] or per_minute == nil or per_minute < 1 then
     return
   end
-  if box[call["key"]] == nil then
+  local key = call["key"]
+  local entry = box[key]
+  if entry ~= nil and handle:timestamp() >= entry.expires_ms then
+    box[key] = nil
+    entries = entries - 1
+    entry = nil
+  end
+  if entry ~= nil and call["generation"] == entry.generation and entry.sent > 0 then
+    -- A call let through for a slot was refused after all (it reached Redis a little before
+    -- the slot, or another gateway took it): the slot is still there, for the next call.
+    entry.sent = entry.sent - 1
+  end
+  -- The wait counts from when the call left here, before the service asked Redis: never later
+  -- than the moment Redis admits the next call.
+  local from_ms = call["sent_ms"] + math.min(math.floor(wait_ms), BOX.max_wait_ms)
+  if entry ~= nil and from_ms <= entry.from_ms + entry.sent * entry.interval_ms then
+    return -- it holds the tenant at least as long already
+  end
+  if entry == nil then
     if entries >= BOX.max_entries then
       sweep(handle:timestamp())
       if entries >= BOX.max_entries then
@@ -226,8 +264,16 @@ function envoy_on_response(handle)
     end
     entries = entries + 1
   end
-  -- The wait counts from when the call left here, before the service asked Redis: never later
-  -- than the moment Redis admits the next call.
-  local until_ms = call["sent_ms"] + math.min(math.floor(wait_ms), BOX.max_wait_ms)
-  box[call["key"]] = { until_ms = until_ms, message = message, info = info }
+  generations = generations + 1
+  box[key] = {
+    from_ms = from_ms,
+    -- GCRA admits one call per interval after the first: each call let through from from_ms on
+    -- takes the next slot, and a call that comes before its slot is answered here.
+    interval_ms = 60000 / per_minute,
+    sent = 0,
+    generation = generations,
+    expires_ms = from_ms + BOX.pace_ms,
+    message = message,
+    info = info,
+  }
 end

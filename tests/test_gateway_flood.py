@@ -8,7 +8,9 @@ the service is read from its own ``/metrics``.
 
 from __future__ import annotations
 
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -175,3 +177,64 @@ def test_another_tenants_token_flooding_a_tenants_host_does_not_hold_that_tenant
 def _at_least(value: float, floor: int) -> float:
     assert value >= floor, (value, floor)
     return value
+
+
+#: The concurrent flood: callers at once, each sending its next call as soon as the last is answered.
+CALLERS = 32
+#: One read a second and a burst of 10: the flood spans a few intervals, all within the box's pacing.
+PACED_PER_MINUTE = 60
+PACED_FLOOD_SECONDS = 3.5
+
+
+def test_a_concurrent_flood_reaches_the_service_about_once_per_interval(
+    stack, gateway, new_tenant, features, platform_token, token, eventually
+):
+    """CALLERS callers at once: every one is let through when the box's wait ends, unless the
+    box counts the calls it lets through (one per interval of the rate) rather than waiting
+    for refusals to come back. The service sees the admitted calls, the calls already in
+    flight when its first refusal came back (at most one per caller), and about one per
+    interval; the gateway answers the rest, and the other tenant's calls all succeed."""
+    flooder = new_tenant("fc", plan="basic")
+    set_limit(features, platform_token, flooder, "rpm_read", PACED_PER_MINUTE)
+    bystander = new_tenant("bc", plan="basic")
+    flooder_token, bystander_token = token(flooder), token(bystander)
+    codes: dict[str, int] = {}
+    lock = threading.Lock()
+    deadline = time.monotonic() + PACED_FLOOD_SECONDS
+
+    def caller(stub: Any) -> None:
+        while time.monotonic() < deadline:
+            error = list_sites(stub, flooder_token)
+            outcome = "OK" if error is None else f"{error.code.name} {error.reason}"
+            with lock:
+                codes[outcome] = codes.get(outcome, 0) + 1
+
+    bystander_errors: list[RichError] = []
+    bystander_calls = 0
+    with channel_for(gateway, flooder) as flooding, channel_for(gateway, bystander) as quiet:
+        stub, other = sites_grpc.SiteServiceStub(flooding), sites_grpc.SiteServiceStub(quiet)
+        with ThreadPoolExecutor(CALLERS) as pool:
+            callers = [pool.submit(caller, stub) for _ in range(CALLERS)]
+            while not all(f.done() for f in callers):
+                bystander_calls += 1
+                if (error := list_sites(other, bystander_token)) is not None:
+                    bystander_errors.append(error)
+                time.sleep(0.05)  # well within the basic plan's own rate (1,200 a minute, a burst of 200)
+            for f in callers:
+                f.result()
+    assert bystander_calls > 0 and not bystander_errors, bystander_errors
+    admitted = codes.pop("OK", 0)
+    refused = codes.pop("RESOURCE_EXHAUSTED RATE_LIMITED", 0)
+    # The service's bound on a tenant's calls in flight may refuse a few callers of the burst.
+    busy = codes.pop("RESOURCE_EXHAUSTED TENANT_CALLS_LIMIT", 0)
+    assert not codes, f"only admissions and RESOURCE_EXHAUSTED: {codes}"
+    assert admitted >= 1 and refused > 10 * CALLERS, (admitted, refused, busy)
+    reached = eventually(lambda: _at_least(handled(stack, flooder), admitted), within=5)
+    # Refused RATE_LIMITED by the service itself: the calls in flight when its first refusal
+    # came back, and a few let through that reached Redis just before their slot. Without the
+    # pacing, every caller's call reaches the service again at the end of each wait, CALLERS
+    # per interval.
+    by_service = reached - admitted - busy
+    assert by_service <= 2 * CALLERS, f"{reached:.0f} reached the service: {admitted} admitted, {busy} busy"
+    sent = admitted + refused + busy
+    assert reached < sent / 10, f"{reached:.0f} of {sent} calls reached the service"
