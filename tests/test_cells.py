@@ -7,13 +7,11 @@ A stack of this module's own: the home cell ``cell1``, a shared ``cell2`` and a 
 from __future__ import annotations
 
 import asyncio
-import shutil
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,99 +21,32 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 from towerco.audit.v1 import audit_log_service_pb2 as audit_pb
-from towerco.audit.v1 import audit_log_service_pb2_grpc as audit_grpc
 from towerco.features.v1 import feature_gate_service_pb2 as features_pb
-from towerco.features.v1 import feature_gate_service_pb2_grpc as features_grpc
 from towerco.sites.v1 import sites_service_pb2 as sites_pb
-from towerco.sites.v1 import sites_service_pb2_grpc as sites_grpc
 from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
-from towerco.tenant.v1 import tenant_registry_service_pb2_grpc as tenant_grpc
 
 from deploy.local.stack import REPO, Stack, StackConfig
-from deploy.local.tokens import mint
 from services.runtime.cells import CELLS, Cell
 from services.runtime.db import Database
 from services.runtime.environment import SettingsError
 from services.runtime.idempotency_purge import IdempotencyPurge, request_table
 from services.runtime.settings import _cell_database_urls
+from tests.support.cells_stack import CellsStack, cells_stack
 from tests.support.errors import expect_error
 from tests.support.metadata import Metadata, bearer
-from tests.support.ports import free_port
 from tests.support.requests import create_site
 
 from .conftest import OUTPUT
 
-SERVICES = ("tenant", "sites", "features", "audit")
 #: The schemas holding tenant-owned rows in the tenant's cell.
 CELL_SCHEMAS = ("sites", "features", "audit")
 
 
-@dataclass
-class CellsStack:
-    stack: Stack
-    platform: str
-    registry: Any
-    sites: Any
-    features: Any
-    audit: Any
-
-    def token(self, tenant: str) -> Metadata:
-        return bearer(mint(self.stack.keys_dir, tenant=tenant, role="admin", ttl=3600))
-
-    def create_tenant(self, plan: str = "professional", cell: str = "") -> tenant_pb.Tenant:
-        tenant_id = f"c_{uuid.uuid4().hex[:10]}"
-        request = tenant_pb.CreateTenantRequest(
-            tenant_id=tenant_id,
-            tenant=tenant_pb.Tenant(display_name=f"Operator {tenant_id}", plan=plan, admin_email="noc@cells.example"),
-            cell=cell,
-        )
-        created: tenant_pb.Tenant = self.registry.CreateTenant(request, metadata=bearer(self.platform), timeout=20)
-        assert created.state == tenant_pb.Tenant.STATE_ACTIVE, created
-        return created
-
-
 @pytest.fixture(scope="module")
 def cells() -> Iterator[CellsStack]:
-    data_dir = OUTPUT / f".data-cells-{uuid.uuid4().hex[:8]}"
-    config = StackConfig(
-        data_dir=data_dir,
-        pg_port=free_port(),
-        redis_port=free_port(),
-        ports={name: free_port() for name in SERVICES},
-        metrics_ports={name: free_port() for name in SERVICES},
-        fast=True,
-        env={"LOG_LEVEL": "INFO", "USAGE_FLUSH_SECONDS": "0.5"},
-        cells=(Cell("cell1"), Cell("cell2"), Cell("cell3", dedicated=True)),
-        cell_pg_ports={"cell2": free_port(), "cell3": free_port()},
-    )
-    stack = Stack(config)
-    (OUTPUT / "logs").mkdir(parents=True, exist_ok=True)
-    logs = {name: (OUTPUT / "logs" / f"cells-{name}.log").open("ab") for name in SERVICES}
-    channels: list[grpc.Channel] = []
-    try:
-        stack.start_platform(logs)
-
-        def channel(name: str) -> grpc.Channel:
-            opened = grpc.insecure_channel(f"127.0.0.1:{config.ports[name]}")
-            channels.append(opened)
-            return opened
-
-        yield CellsStack(
-            stack,
-            mint(stack.keys_dir, role="platform_admin", ttl=3600, subject="cells-admin"),
-            tenant_grpc.TenantRegistryServiceStub(channel("tenant")),
-            sites_grpc.SiteServiceStub(channel("sites")),
-            features_grpc.FeatureGateServiceStub(channel("features")),
-            audit_grpc.AuditLogServiceStub(channel("audit")),
-        )
-    finally:
-        for opened in channels:
-            opened.close()
-        stack.stop_services()
-        stack.stop_infra()
-        for log in logs.values():
-            log.close()
-        shutil.rmtree(data_dir, ignore_errors=True)
+    env = {"LOG_LEVEL": "INFO", "USAGE_FLUSH_SECONDS": "0.5"}
+    with cells_stack(OUTPUT, "cells", (Cell("cell1"), Cell("cell2"), Cell("cell3", dedicated=True)), env) as stack:
+        yield stack
 
 
 def _rows_of(dsn: str, tenant_id: str) -> dict[str, int]:

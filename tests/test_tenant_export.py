@@ -49,10 +49,11 @@ from services.runtime.plans import load_plans
 from services.runtime.server import migrate_service
 from services.tenant.secrets import SecretBox, load_secret_box
 
+from .support.cells_stack import CellsStack
 from .support.errors import expect_error
 from .support.metadata import bearer
 from .support.requests import create_site
-from .test_cells import CellsStack, _rows_of
+from .test_cells import _rows_of
 from .test_cells import cells as cells
 
 REPO = Path(__file__).resolve().parents[1]

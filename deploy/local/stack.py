@@ -41,6 +41,7 @@ from services.runtime.settings import (
     PORTS,
     REDIS_URL,
     SERVICE_JWT_ISSUER,
+    TENANT_MOVER_DATABASE_URLS,
     WORKERS,
     gateway_secret,
 )
@@ -285,6 +286,9 @@ class Stack:
             for name, setting in CELL_DATABASE_URLS.items():
                 env[setting.name] = " ".join(f"{cell}={self.cell_runtime_dsn(cell, name)}" for cell in self.other_cells)
             env[AUDIT_RETENTION_CELL_DATABASE_URLS.name] = " ".join(f"{c}={url}" for c, url in self.cell_urls.items())
+            # MoveTenant's copies, as the dev stack's administrator of each cell, the home cell's too.
+            movers = {self.config.cells[0].name: self.database_url, **self.cell_urls}
+            env[TENANT_MOVER_DATABASE_URLS.name] = " ".join(f"{c}={url}" for c, url in movers.items())
         # Not the dev stack's own variables: a service must not lean on them.
         for name in ("DATABASE_URL", "APP_DB_PASSWORD"):
             env.pop(name, None)

@@ -31,6 +31,7 @@ from services.runtime.tenant_cache import TenantCache
 from services.tenant import records, tenant_settings_store
 from services.tenant.hosts import RESERVED_TENANT_IDS
 from services.tenant.secrets import SecretBox
+from services.tenant.tenant_move import columns as table_columns
 
 from .tenant_archive import AUDIT_EVENTS, TenantArchive, rechain
 from .tenant_transfer import (
@@ -52,15 +53,6 @@ from .tenant_transfer import (
 NO_FAULTS = Faults("")
 _SETTINGS = "tenant.tenant_settings"
 log = logging.getLogger("towerco.tenant_import")
-
-
-async def _columns(conn: asyncpg.Connection[Any], table: str) -> list[str]:
-    rows = await conn.fetch(
-        "SELECT attname FROM pg_attribute WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped"
-        " AND attgenerated = '' ORDER BY attnum",
-        table,
-    )
-    return [row["attname"] for row in rows]
 
 
 async def import_tenant(
@@ -150,7 +142,7 @@ async def _write(
             continue
         if table.name == "tenant.host_routes":
             await _require_free_hosts(conn, [row["host"] for row in rows[table.name]])
-        columns = ", ".join(await _columns(conn, table.name))
+        columns = ", ".join(await table_columns(conn, table.name))
         try:
             status = await conn.execute(
                 f"INSERT INTO {table.name} ({columns}) SELECT {columns}"

@@ -74,6 +74,7 @@ LEFT_OUT = {
         for schema in ("sites", "features")
         for table in ("tenant_migrations", "tenant_migration_rows")
     },
+    "tenant.tenant_moves": "the platform's record of the tenant's moves between cells (MoveTenant), not its data",
     "tenant.tenant_sso": "its issuer is unique platform-wide: a copy would take it from the source; set it again",
     "features.usage_hourly": "the platform's billing record of the source tenant id, kept after offboarding",
     "features.usage_flushes": "retry guard of usage flushes, kept for days",

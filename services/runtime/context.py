@@ -267,6 +267,7 @@ DOORS: dict[str, Door] = {
                 "services/runtime/audit.py",  # the relay, as a background_context
                 "services/tenant/offboarding.py",  # as a background_context
                 "services/tenant/tenant_data_migration.py",  # as a background_context
+                "services/tenant/tenant_move.py",  # as a background_context
             }
         ),
         guard="none: it binds whatever context it is given, so only the chain's links and background work bind",
@@ -288,6 +289,7 @@ DOORS: dict[str, Door] = {
                 "services/features/usage_reports.py",  # GetUsage of another tenant, by platform admins
                 "services/runtime/held_resources.py",  # counting a tenant's sites or users for the feature gate
                 "services/tenant/sso_config.py",  # SignInSsoUser: a service signs a tenant's SSO user in
+                "services/tenant/tenant_move.py",  # a moved tenant's audit events (MoveTenant)
             }
         ),
         guard="the verified caller is a platform admin or a platform service (a background_context is one); "
@@ -333,6 +335,7 @@ DOORS: dict[str, Door] = {
                 "services/runtime/audit.py",  # the audit relay
                 "services/tenant/offboarding.py",  # deletions resumed at start-up
                 "services/tenant/tenant_data_migration.py",  # migrations resumed at start-up
+                "services/tenant/tenant_move.py",  # moves between cells, run and resumed in the background
             }
         ),
         guard="none: a service's own work, with no caller to check",

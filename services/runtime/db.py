@@ -29,12 +29,13 @@ from typing import Any, TypeVar, cast
 import asyncpg
 
 from . import bulkhead, cells, context, metrics, usage
-from .errors import ErrorReason, unavailable
+from .errors import ErrorReason, ServiceError, unavailable
 from .logs import Outage
 
 log = logging.getLogger("towerco.platform")
 
 BIND_TENANT = "SELECT set_config('app.current_tenant_id', $1, true)"
+BIND_TENANT_WRITABLE = "SELECT set_config('app.current_tenant_id', $1, true), platform_meta.require_writable($1)"
 PLATFORM_READ = "SELECT set_config('app.platform_read', 'on', true)"
 OUTBOX_RELAY = "SELECT set_config('app.audit_relay', 'on', true)"
 #: On the replica, when the tenant has a write the replica must have replayed: how far it has.
@@ -65,7 +66,7 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
 _REPLICA_DOWN: tuple[type[BaseException], ...] = (TimeoutError, *UNREACHABLE)
 
 
-async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
+async def init_connection(conn: asyncpg.Connection[Any]) -> None:
     # JSON columns arrive as Python values, not text.
     for name in ("json", "jsonb"):
         await conn.set_type_codec(name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
@@ -133,6 +134,25 @@ def quote_literal(value: str) -> str:
 def bind_tenant(tenant_id: str) -> str:
     """:data:`BIND_TENANT` with ``tenant_id`` quoted in: a statement to send with ``BEGIN`` in one simple query."""
     return f"SELECT set_config('app.current_tenant_id', {quote_literal(tenant_id)}, true)"
+
+
+def require_writable(tenant_id: str) -> str:
+    """More columns for a write transaction's first statement: refused (SQLSTATE :data:`TENANT_AWAY`)
+    while ``tenant_id`` is moving out of this cell or has moved (services/runtime/migrations.py)."""
+    return f", platform_meta.require_writable({quote_literal(tenant_id)})"
+
+
+#: SQLSTATE of a write refused because its tenant is moving out of the cell, or has moved.
+TENANT_AWAY = "TM001"
+
+
+def tenant_moving() -> ServiceError:
+    """What a write refused by the barrier of a tenant moving between cells is answered."""
+    return unavailable(
+        "the tenant is moving to another database cell and takes no writes for a few seconds; retry shortly",
+        ErrorReason.TENANT_MOVING,
+        1.0,
+    )
 
 
 def _begin(readonly: bool, scope: str) -> str:
@@ -241,8 +261,12 @@ class Database:
         local_settings: str = "",
         home_cell: str = cells.DEFAULT_CELL,
         other_cells: Iterable[CellPool] = (),
+        write_barrier: bool = False,
     ) -> None:
         self._pool = pool
+        #: Whether write transactions pass the barrier of a tenant moving out of its cell (the
+        #: services keeping rows in the tenant's cell; not the registry, whose rows stay home).
+        self._write_barrier = write_barrier
         #: On a streaming replica: the read-only transactions of the methods :meth:`route_reads` names.
         self._read_pool = read_pool
         self._replica_methods: frozenset[str] = frozenset()
@@ -282,6 +306,7 @@ class Database:
         read_dsn: str = "",
         home_cell: str = cells.DEFAULT_CELL,
         cell_dsns: Mapping[str, str] | None = None,
+        write_barrier: bool = False,
     ) -> Database:
         """The pool, and one on ``read_dsn`` (a replica) if given; with ``tenant_wait_seconds``,
         a per-tenant bulkhead over the primary's too.
@@ -293,7 +318,7 @@ class Database:
             "min_size": min_size,
             "max_size": max_size,
             "command_timeout": max(1.0, statement_timeout_ms / 1000 + 1),
-            "init": _init_connection,
+            "init": init_connection,
             "reset": _leave_server_session,
             **connect_options(pool_mode, statement_timeout_ms, application_name),
         }
@@ -329,6 +354,7 @@ class Database:
             local_settings=local_settings,
             home_cell=home_cell,
             other_cells=others,
+            write_barrier=write_barrier,
         )
 
     @property
@@ -423,9 +449,10 @@ class Database:
                     if conn is not None:
                         yield conn
                         return
-            async with self._open(
-                bind_tenant(tenant_id), readonly=readonly, written=None if readonly else tenant_id, cell=cell
-            ) as conn:
+            scope = bind_tenant(tenant_id)
+            if not readonly and self._write_barrier:
+                scope += require_writable(tenant_id)
+            async with self._open(scope, readonly=readonly, written=None if readonly else tenant_id, cell=cell) as conn:
                 yield conn
         finally:
             if tenant_id not in context.CANARY_TENANTS:  # the canary's rounds are the platform's cost, no tenant's
@@ -517,7 +544,15 @@ class Database:
             tenant_id,
             ctx.request_id if ctx else "-",
         )
-        await conn.execute(BIND_TENANT, tenant_id)
+        if self._write_barrier:
+            try:
+                await conn.execute(BIND_TENANT_WRITABLE, tenant_id)
+            except asyncpg.PostgresError as exc:
+                if exc.sqlstate == TENANT_AWAY:
+                    raise tenant_moving() from None
+                raise
+        else:
+            await conn.execute(BIND_TENANT, tenant_id)
 
     @asynccontextmanager
     async def platform_read(self, purpose: str) -> AsyncIterator[asyncpg.Connection[Any]]:
@@ -565,9 +600,14 @@ class Database:
             metrics.active().dependency_error("postgres")
             raise
         try:
-            async with _transaction(conn, _begin(readonly, scope + self._local_settings)):
-                cell.outage.recovered()
-                yield cast("asyncpg.Connection[Any]", conn)
+            try:
+                async with _transaction(conn, _begin(readonly, scope + self._local_settings)):
+                    cell.outage.recovered()
+                    yield cast("asyncpg.Connection[Any]", conn)
+            except asyncpg.PostgresError as exc:
+                if exc.sqlstate == TENANT_AWAY:  # the BEGIN's barrier, or a statement of the block's
+                    raise tenant_moving() from None
+                raise
             if written is not None and self._read_pool is not None and cell.name == self.home_cell:
                 await self._note_written(conn, written)
         except UNREACHABLE as exc:

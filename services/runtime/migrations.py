@@ -47,6 +47,34 @@ END
 $fn$;
 REVOKE ALL ON FUNCTION platform_meta.isolate_by_tenant(regclass) FROM PUBLIC;
 """
+#: The write barrier of a tenant moving out of a cell (services/tenant/tenant_move.py): every
+#: write transaction of a tenant's rows calls ``require_writable(tenant)`` with its BEGIN
+#: (services/runtime/db.py). It takes a shared per-tenant advisory lock without waiting, so
+#: the mover, taking it exclusively, waits for the writes in flight while a new writer is
+#: refused at once rather than queued behind it; then, in a statement of its own (a snapshot
+#: taken after the lock), it refuses a tenant listed in ``tenants_away``: the row the mover
+#: commits on the source before the barrier, kept after the move (a process whose cache still
+#: names the source cell has its writes refused, to retry, never written there). SQLSTATE
+#: TM001: the service answers UNAVAILABLE TENANT_MOVING. The runtime roles may run the
+#: function but not read or change the table.
+TENANT_MOVE_LOCK = 0x544D4F56  # b"TMOV": (this, hashtext(tenant))
+TENANTS_AWAY = f"""
+CREATE TABLE IF NOT EXISTS platform_meta.tenants_away (
+    tenant_id text PRIMARY KEY,
+    since timestamptz NOT NULL DEFAULT now());
+CREATE OR REPLACE FUNCTION platform_meta.require_writable(tenant text) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog AS $fn$
+BEGIN
+    IF NOT pg_try_advisory_xact_lock_shared({TENANT_MOVE_LOCK}, hashtext(tenant)) THEN
+        RAISE EXCEPTION 'tenant % is moving to another cell', tenant USING ERRCODE = 'TM001';
+    END IF;
+    IF EXISTS (SELECT 1 FROM platform_meta.tenants_away WHERE tenant_id = tenant) THEN
+        RAISE EXCEPTION 'tenant % is moving or has moved to another cell', tenant USING ERRCODE = 'TM001';
+    END IF;
+END
+$fn$;
+REVOKE ALL ON FUNCTION platform_meta.require_writable(text) FROM PUBLIC;
+"""
 #: Shared components: ``services/runtime/sql/<component>/NNNN_name.sql``.
 SHARED = Path(__file__).parent / "sql"
 _LOCK_KEY = 0x7077E2C0  # one advisory lock for all migrations of the platform
@@ -132,6 +160,7 @@ async def _ensure_roles_and_schema(
                    PRIMARY KEY (service, version))"""
         )
         await conn.execute(ISOLATE_BY_TENANT)
+        await conn.execute(TENANTS_AWAY)
         if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", owner):
             await conn.execute(f"CREATE ROLE {owner} NOLOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE")
         if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", app):
@@ -150,6 +179,8 @@ async def _ensure_roles_and_schema(
         await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION {owner}")
         await conn.execute(f"REVOKE ALL ON SCHEMA {schema} FROM PUBLIC")
         await conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO {app}")
+        await conn.execute(f"GRANT USAGE ON SCHEMA platform_meta TO {app}")
+        await conn.execute(f"GRANT EXECUTE ON FUNCTION platform_meta.require_writable(text) TO {app}")
         database = await conn.fetchval("SELECT current_database()")
         await conn.execute(f'GRANT CONNECT ON DATABASE "{database}" TO {app}')
 

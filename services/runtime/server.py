@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from . import channels, logs, metrics, migrations, tracing, usage
+from . import cells, channels, logs, metrics, migrations, tracing, usage
 from .audit import Auditor, AuditRelay
 from .auth import TenantIssuers, TokenVerifier, VerifierConfig
 from .canary import CanaryError, IsolationCanary
@@ -380,6 +380,7 @@ async def serve(spec: ServiceSpec, role: WorkerRole | None = None) -> None:
         read_dsn=read_dsn,
         home_cell=settings.cells[0].name,
         cell_dsns=settings.cell_database_urls,
+        write_barrier=spec.name in cells.CELL_SERVICES,  # services/tenant/tenant_move.py
     )
     db.route_reads(p.method for p in policies if not p.write and not p.internal)
     identity = ServiceIdentity.from_file(

@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from . import logs
-from .cells import CELL_DATABASE_URLS, CELLS, Cell, cell_dsns, check_cell_dsns
+from .cells import CELL_DATABASE_URLS, CELLS, Cell, cell_dsns, check_cell_dsns, parse_cell_dsns
 from .environment import (
     Setting,
     SettingsError,
@@ -177,6 +177,16 @@ AUDIT_RETENTION_CELL_DATABASE_URLS = cell_dsns(
     "AUDIT_RETENTION_CELL_DATABASE_URLS",
     "with `AUDIT_RETENTION_DATABASE_URL` and more than one cell: the same kind of DSN for every other cell, as "
     "`cell=DSN` pairs separated by spaces; the retention job purges each cell's tenants",
+)
+TENANT_MOVER_DATABASE_URLS: Setting[tuple[tuple[str, str], ...]] = Setting(
+    "TENANT_MOVER_DATABASE_URLS",
+    (),
+    "the registry's DSN of EVERY cell, the home cell's too, as `cell=DSN` pairs separated by spaces, for "
+    "MoveTenant (README: Moving a tenant): a role that reads and writes every service's tenant rows (bypassing "
+    "RLS), may `SET ROLE audit_retention` and write `platform_meta.tenants_away`; unset, MoveTenant is refused",
+    parse_cell_dsns,
+    "`cell=DSN ...`",
+    shown="none: no moves (`make run` with `CELLS=2` sets the dev stack's administrative DSNs)",
 )
 IDEMPOTENCY_WINDOW_SECONDS = seconds(
     "IDEMPOTENCY_WINDOW_SECONDS",
@@ -400,6 +410,7 @@ SERVICE_SETTINGS = SettingsTable.of(
     AUDIT_RETENTION_BATCH_SIZE,
     AUDIT_RETENTION_DATABASE_URL,
     AUDIT_RETENTION_CELL_DATABASE_URLS,
+    TENANT_MOVER_DATABASE_URLS,
     IDEMPOTENCY_WINDOW_SECONDS,
     IDEMPOTENCY_PURGE_INTERVAL_SECONDS,
     USAGE_RETENTION_DAYS,
@@ -510,6 +521,8 @@ class Settings:
     audit_retention_database_url: str = field(repr=False)
     #: ``AUDIT_RETENTION_CELL_DATABASE_URLS``, by cell (the audit service's only).
     audit_retention_cell_database_urls: dict[str, str] = field(repr=False)
+    #: ``TENANT_MOVER_DATABASE_URLS``, by cell, the home cell's too (the registry's only).
+    tenant_mover_database_urls: dict[str, str] = field(repr=False)
     canary_interval_seconds: float
     idempotency_window_seconds: float
     idempotency_purge_interval_seconds: float
@@ -656,6 +669,7 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Settings:
         audit_retention_batch_size=AUDIT_RETENTION_BATCH_SIZE.read(env),
         audit_retention_database_url=AUDIT_RETENTION_DATABASE_URL.read(env),
         audit_retention_cell_database_urls=_audit_retention_cell_urls(service, env),
+        tenant_mover_database_urls=_tenant_mover_urls(service, env),
         idempotency_window_seconds=IDEMPOTENCY_WINDOW_SECONDS.read(env),
         idempotency_purge_interval_seconds=IDEMPOTENCY_PURGE_INTERVAL_SECONDS.read(env),
         usage_retention_days=USAGE_RETENTION_DAYS.read(env),
@@ -698,6 +712,20 @@ def _cell_database_urls(service: str, env: Mapping[str, str]) -> dict[str, str]:
         return {}
     dsns = dict(setting.read(env))
     check_cell_dsns(CELLS.read(env), dsns, setting.name)
+    return dsns
+
+
+def _tenant_mover_urls(service: str, env: Mapping[str, str]) -> dict[str, str]:
+    """The mover's DSN of every cell, the home one's too (the registry's only; none: no moves)."""
+    dsns = dict(TENANT_MOVER_DATABASE_URLS.read(env))
+    if service != "tenant" or not dsns:
+        return {}
+    names = [c.name for c in CELLS.read(env)]
+    if sorted(dsns) != sorted(names):
+        raise SettingsError(
+            f"{TENANT_MOVER_DATABASE_URLS.name} must name every cell of CELLS ({', '.join(names)}), "
+            f"the home cell's too; it names {', '.join(sorted(dsns))}"
+        )
     return dsns
 
 

@@ -33,6 +33,7 @@ from .records import state_source, user_source
 from .secrets import load_secret_box
 from .servicer import TenantRegistryServicer
 from .tenant_data_migration import MigrationRunner, Part, RemotePart, SettingsPart
+from .tenant_move import TenantMover
 from .tombstones import start_tombstone_purge
 from .users import UserServicer
 
@@ -55,7 +56,16 @@ def register(server: aio.Server, runtime: Runtime) -> None:
     }
     migrations = MigrationRunner(runtime.db, runtime.faults, parts, runtime.audit)
     offboarding = Offboarding(runtime.db, runtime.cache, {name: stubs[name] for name in DATA_OWNERS})
-    servicer = TenantRegistryServicer(runtime, box, migrations, offboarding)
+    mover = TenantMover(
+        runtime.db,
+        runtime.cache,
+        runtime.faults,
+        runtime.audit,
+        cell_list=runtime.settings.cells,
+        plans=runtime.plans,
+        dsns=runtime.settings.tenant_mover_database_urls,
+    )
+    servicer = TenantRegistryServicer(runtime, box, migrations, offboarding, mover)
     gate = entitlements_pb2_grpc.TenantEntitlementsServiceStub(
         service_channel(targets["features"], identity=runtime.identity)
     )
@@ -82,8 +92,8 @@ def register(server: aio.Server, runtime: Runtime) -> None:
         settings.idempotency_window_seconds,
         settings.idempotency_purge_interval_seconds,
     )
-    runtime.on_start(migrations.resume, offboarding.resume, requests.start)
-    runtime.on_stop(migrations.close, offboarding.close, requests.close)
+    runtime.on_start(migrations.resume, offboarding.resume, requests.start, mover.resume)
+    runtime.on_stop(migrations.close, offboarding.close, requests.close, mover.close)
     start_tombstone_purge(runtime)
     sso_config.register(server, runtime)
 

@@ -28,4 +28,8 @@ TENANT_SENTINELS = {
     "(tenant_id, issuer, audience, email_claim, groups_claim, group_roles) "
     "VALUES ($1, 'https://' || replace($1, '_', '-') || '.isolation-canary.invalid', 'isolation-canary', 'email', "
     "'groups', '[]'::jsonb) ON CONFLICT DO NOTHING",
+    "tenant_moves": "INSERT INTO {schema}.tenant_moves "
+    "(tenant_id, move_id, request_id, source_cell, target_cell, stage) "
+    "VALUES ($1, '00000000-0000-4000-8000-00000000ca11', 'isolation-canary', 'cell1', 'cell1', 'DONE') "
+    "ON CONFLICT DO NOTHING",
 }

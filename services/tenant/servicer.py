@@ -37,6 +37,7 @@ from . import hosts, queries, records, tenant_settings_rules, tenant_settings_st
 from .offboarding import Offboarding
 from .secrets import SecretBox
 from .tenant_data_migration import MigrationRunner
+from .tenant_move import TenantMover
 
 State = pb.Tenant.State
 Ctx = aio.ServicerContext[Any, Any]
@@ -53,7 +54,14 @@ ProvisioningStep = Callable[[pb.Tenant], Awaitable[None]]
 
 
 class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
-    def __init__(self, runtime: Runtime, box: SecretBox, migrations: MigrationRunner, offboarding: Offboarding) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        box: SecretBox,
+        migrations: MigrationRunner,
+        offboarding: Offboarding,
+        mover: TenantMover,
+    ) -> None:
         self._db = runtime.db
         self._window = runtime.settings.idempotency_window_seconds
         self._cache = runtime.cache
@@ -64,6 +72,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
         self._box = box
         self._migrations = migrations
         self._offboarding = offboarding
+        self._mover = mover
         self._audit = runtime.audit
         self._plans = runtime.plans
         self._entitlements = runtime.entitlements
@@ -426,6 +435,16 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
     async def GetMigration(self, request: pb.GetMigrationRequest, ctx: Ctx) -> pb.Migration:
         require_platform_admin()
         return await self._migrations.get(request.migration_id)
+
+    # Moves between cells
+
+    async def MoveTenant(self, request: pb.MoveTenantRequest, ctx: Ctx) -> pb.TenantMove:
+        require_platform_admin()
+        return await self._mover.submit(request)
+
+    async def GetMove(self, request: pb.GetMoveRequest, ctx: Ctx) -> pb.TenantMove:
+        require_platform_admin()
+        return await self._mover.get(request.move_id)
 
 
 async def _lock_live_tenant(conn: asyncpg.Connection[Any], tenant_id: str, gone_because: str) -> Any:
