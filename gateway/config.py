@@ -32,6 +32,7 @@ from services.runtime.auth import MAX_TOKEN_BYTES
 from services.runtime.environment import SettingsTable, integer, process_environment, text
 from services.runtime.error_catalogue import ErrorReason, Reason
 from services.runtime.ids import REQUEST_ID, TENANT_ID, IdRule
+from services.runtime.interceptors.rate_limit import RATE_SLOT_HEADER
 from services.runtime.policy import Policy, PolicyTable
 from services.runtime.settings import (
     BASE_DOMAIN,
@@ -791,6 +792,7 @@ def _penalty_box_lua(routes: list[Api]) -> dict[str, Any]:
         code=str(error_catalogue.entry(name).code.value[0]),
         limit_key=_lua_string("limit"),
         per_minute_key=_lua_string("per_minute"),
+        slot_header=_lua_string(RATE_SLOT_HEADER),
         retry_header=_lua_string(RETRY_AFTER_HEADER),
         error_info_type=_lua_string(f"type.googleapis.com/{error_details_pb2.ErrorInfo.DESCRIPTOR.full_name}"),
         retry_info_type=_lua_string(f"type.googleapis.com/{error_details_pb2.RetryInfo.DESCRIPTOR.full_name}"),

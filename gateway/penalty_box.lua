@@ -13,8 +13,10 @@
 -- their answers, is what holds under load: when the service takes longer than an interval to
 -- answer, a box that only learned from refusals would have expired before each one came back,
 -- and the whole flood would reach the service. A call let through is refused only if it
--- reached Redis before its slot or something else (another worker, another gateway) took the
--- slot; its refusal gives the slot back (the next call goes), or pushes the box later.
+-- reached Redis more than a moment before its slot (it carries BOX.slot_header, and the
+-- service waits a short refusal out: services/runtime/interceptors/rate_limit.py) or something
+-- else (another worker, another gateway) took the slot; its refusal gives the slot back (the
+-- next call goes), or pushes the box later.
 -- Under a flood the service sees, per worker, about one call per interval.
 --
 -- 1. Only a tenant's own users fill the box or are held by it: the call's verified token
@@ -213,6 +215,8 @@ function envoy_on_request(handle)
       end
       entry.sent = entry.sent + 1
       metadata:set(BOX.namespace, "generation", entry.generation)
+      -- A service that finds this call a little early for its slot waits for it (a few ms).
+      headers:replace(BOX.slot_header, "1")
     end
   end
   metadata:set(BOX.namespace, "key", key)

@@ -22,6 +22,9 @@ from towerco.tenant.v1 import tenant_registry_service_pb2_grpc as tenant_grpc
 
 from deploy.local.stack import Stack
 from gateway.config import GatewaySettings
+from services.runtime.audit import GATEWAY_HEADER
+from services.runtime.interceptors.rate_limit import RATE_SLOT_HEADER, SLOT_WAIT_MOST_SECONDS
+from services.runtime.settings import gateway_secret
 
 from .grpcweb import Reply, call
 from .support import RichError, bearer, rich_error
@@ -50,8 +53,13 @@ def channel_for(settings: GatewaySettings, tenant: str) -> grpc.Channel:
 
 def list_sites(stub: Any, token: str) -> RichError | None:
     """ListSites; its rich error, or None when it succeeded."""
+    return answer(stub, bearer(token))
+
+
+def answer(stub: Any, metadata: Any) -> RichError | None:
+    """ListSites with ``metadata``; its rich error, or None when it succeeded."""
     try:
-        stub.ListSites(sites_pb.ListSitesRequest(page_size=1), metadata=bearer(token), timeout=10)
+        stub.ListSites(sites_pb.ListSitesRequest(page_size=1), metadata=metadata, timeout=10)
     except grpc.RpcError as error:
         return rich_error(error)
     return None
@@ -238,3 +246,29 @@ def test_a_concurrent_flood_reaches_the_service_about_once_per_interval(
     assert by_service <= 2 * CALLERS, f"{reached:.0f} reached the service: {admitted} admitted, {busy} busy"
     sent = admitted + refused + busy
     assert reached < sent / 10, f"{reached:.0f} of {sent} calls reached the service"
+
+
+def test_a_call_let_through_for_its_slot_waits_for_it_at_the_service(
+    stack, sites, new_tenant, features, platform_token, token
+):
+    """The box lets a call through when its slot is due by its own clock, which starts a little
+    early; the service waits such a call's short refusal out (only with the gateway's secret)."""
+    tenant = new_tenant("sl", plan="basic")
+    set_limit(features, platform_token, tenant, "rpm_read", PACED_PER_MINUTE)
+    unproved = bearer(token(tenant), **{RATE_SLOT_HEADER: "1"})
+    proved = (*unproved, (GATEWAY_HEADER, gateway_secret(stack.keys_dir).decode()))
+    # The burst, then refusals: the next slot is up to an interval away.
+    waits = []
+    for _ in range(200):
+        # Without the gateway's secret the header is not believed: refused like any call.
+        error = answer(sites, unproved)
+        if error is None:
+            continue  # a slot (of the burst, or one that came before this call): the next one
+        assert error.reason == "RATE_LIMITED" and error.retry is not None, error
+        waits.append(error.retry.retry_delay.ToMilliseconds() / 1000)
+        if waits[-1] <= SLOT_WAIT_MOST_SECONDS / 2:
+            # A moment before the slot, the gateway's call for it waits for it and is admitted.
+            assert answer(sites, proved) is None
+            return
+        time.sleep(waits[-1] - SLOT_WAIT_MOST_SECONDS / 4)
+    raise AssertionError(f"no slot was caught a moment before it came: {waits}")
