@@ -210,7 +210,7 @@ function envoy_on_request(handle)
       -- The slot this call would take: one interval after each call already let through.
       local due = entry.from_ms + entry.sent * entry.interval_ms
       if now < due then
-        refuse(handle, entry, due - now)
+        refuse(handle, entry, math.ceil(due - now)) -- whole ms, as the service's (the interval need not be)
         return
       end
       entry.sent = entry.sent + 1

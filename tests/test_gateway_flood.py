@@ -189,8 +189,9 @@ def _at_least(value: float, floor: int) -> float:
 
 #: The concurrent flood: callers at once, each sending its next call as soon as the last is answered.
 CALLERS = 32
-#: One read a second and a burst of 10: the flood spans a few intervals, all within the box's pacing.
-PACED_PER_MINUTE = 60
+#: A read every 857.14 ms (a slot need not fall on a whole millisecond) and a burst of 11: the
+#: flood spans a few intervals, all within the box's pacing.
+PACED_PER_MINUTE = 70
 PACED_FLOOD_SECONDS = 3.5
 
 
@@ -219,6 +220,8 @@ def test_a_concurrent_flood_reaches_the_service_about_once_per_interval(
 
     bystander_errors: list[RichError] = []
     bystander_calls = 0
+    held: RichError | None = None
+    held_trailers: dict[str, str] = {}
     with channel_for(gateway, flooder) as flooding, channel_for(gateway, bystander) as quiet:
         stub, other = sites_grpc.SiteServiceStub(flooding), sites_grpc.SiteServiceStub(quiet)
         with ThreadPoolExecutor(CALLERS) as pool:
@@ -230,6 +233,17 @@ def test_a_concurrent_flood_reaches_the_service_about_once_per_interval(
                 time.sleep(0.05)  # well within the basic plan's own rate (1,200 a minute, a burst of 200)
             for f in callers:
                 f.result()
+        # The box's refusal while pacing: the full reply, the wait in whole milliseconds.
+        for _ in range(5):
+            try:
+                stub.ListSites(sites_pb.ListSitesRequest(page_size=1), metadata=bearer(flooder_token), timeout=10)
+            except grpc.RpcError as exc:
+                held, held_trailers = rich_error(exc), trailers(exc)
+                break
+        assert held is not None and held.reason == "RATE_LIMITED" and held.retry is not None, held
+        wait = int(held_trailers["retry-after-ms"])
+        assert 0 < wait <= -(-60_000 // PACED_PER_MINUTE), wait
+        assert held.retry.retry_delay.ToMilliseconds() == wait and f"retry in {wait / 1000:.3f}s" in held.message
     assert bystander_calls > 0 and not bystander_errors, bystander_errors
     admitted = codes.pop("OK", 0)
     refused = codes.pop("RESOURCE_EXHAUSTED RATE_LIMITED", 0)
