@@ -27,6 +27,7 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 from towerco.internal.v1 import entitlements_pb2, entitlements_pb2_grpc
 
+from . import context
 from .context import Bound
 from .identity import ServiceIdentity
 from .lookups import InternalLookup
@@ -150,6 +151,16 @@ _current: ContextVar[Entitlements | None] = ContextVar("towerco_entitlements", d
 def current() -> Entitlements | None:
     """The calling tenant's entitlements, as the interceptor chain found them for this call."""
     return _current.get()
+
+
+def of_tenant_user_call() -> tuple[str, Entitlements] | None:
+    """The calling tenant and its entitlements when the call is one of its own users' with its plan
+    bound; None for platform admins', platform services' and public calls, which no plan limits."""
+    found = _current.get()
+    tenant_id = context.tenant_user_call()
+    if found is None or tenant_id is None:
+        return None
+    return tenant_id, found
 
 
 def bound(entitlements: Entitlements) -> Bound[Entitlements]:

@@ -162,6 +162,22 @@ def resource_exhausted(
     )
 
 
+def quota_exceeded(tenant_id: str, resource: str, noun: str, count: int, limit: int, remedy: str) -> ServiceError:
+    """RESOURCE_EXHAUSTED QUOTA_EXCEEDED: the tenant holds ``count`` ``noun``, its plan's ``resource`` limit.
+
+    One wording for every quota (sites' ``max_sites``, users' ``max_users``): what is held, the
+    limit, and ``remedy`` (what the tenant can do).
+    """
+    return resource_exhausted(
+        f"tenant {tenant_id!r} has {count} {noun}, the most its plan allows ({limit}); "
+        f"{remedy} or move to a larger plan",
+        error_catalogue.ErrorReason.QUOTA_EXCEEDED,
+        resource=resource,
+        limit=str(limit),
+        usage=str(count),
+    )
+
+
 def internal(message: str, reason: Reason, **metadata: str) -> ServiceError:
     """A defect; the services never answer INTERNAL on purpose."""
     return ServiceError(grpc.StatusCode.INTERNAL, message, error_catalogue.name(reason), metadata=dict(metadata))

@@ -16,7 +16,7 @@ from services.runtime.errors import (
     already_exists,
     invalid_argument,
     not_found,
-    resource_exhausted,
+    quota_exceeded,
 )
 from services.runtime.field_behavior import ignored_on_create
 from services.runtime.pagination import page_size
@@ -205,12 +205,5 @@ async def _check_quota(conn: Any, tenant_id: str, max_sites: int) -> int:
     await conn.execute(queries.LOCK_SITE_QUOTA, tenant_id)  # held until this transaction ends
     count: int = await conn.fetchval(queries.COUNT_SITES, tenant_id)
     if count >= max_sites:
-        raise resource_exhausted(
-            f"tenant {tenant_id!r} has {count} sites, the most its plan allows ({max_sites}); "
-            "delete a site or move to a larger plan",
-            ErrorReason.QUOTA_EXCEEDED,
-            resource="max_sites",
-            limit=str(max_sites),
-            usage=str(count),
-        )
+        raise quota_exceeded(tenant_id, "max_sites", "sites", count, max_sites, "delete a site")
     return count

@@ -18,7 +18,7 @@ from google.protobuf import timestamp_pb2
 from towerco.tenant.v1 import user_service_pb2 as pb
 
 from services.runtime.audit import Auditor
-from services.runtime.errors import ErrorReason, already_exists, resource_exhausted
+from services.runtime.errors import ErrorReason, already_exists, quota_exceeded
 from services.runtime.plans import UNLIMITED
 from services.runtime.roles import ROLE_PERMISSIONS, TENANT_ROLES
 from services.runtime.usage_thresholds import record_crossings
@@ -103,14 +103,7 @@ async def create_user(
     if max_users != UNLIMITED:
         count = await conn.fetchval(queries.COUNT_USERS, tenant_id)
         if count >= max_users:
-            raise resource_exhausted(
-                f"tenant {tenant_id!r} has {count} users, the most its plan allows ({max_users}); "
-                "delete a user or move to a larger plan",
-                ErrorReason.QUOTA_EXCEEDED,
-                resource="max_users",
-                limit=str(max_users),
-                usage=str(count),
-            )
+            raise quota_exceeded(tenant_id, "max_users", "users", count, max_users, "delete a user")
     row = await conn.fetchrow(
         queries.INSERT_NEW_USER, tenant_id, new_user_id(), email, role, request_id or None, request_hash or None
     )

@@ -28,7 +28,7 @@ from typing import Any
 
 from grpc import aio
 
-from .. import context, entitlements, metrics
+from .. import entitlements, metrics
 from ..errors import ErrorReason, ServiceError, resource_exhausted
 from ..plans import UNLIMITED
 from ..policy import Policy, PolicyTable
@@ -57,10 +57,10 @@ class CallConcurrencyInterceptor(PolicyInterceptor):
             return inner
 
         async def behavior(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
-            found = entitlements.current()
-            tenant_id = context.tenant_user_call()
-            if found is None or tenant_id is None:
+            limited = entitlements.of_tenant_user_call()
+            if limited is None:
                 return await inner(request, ctx)
+            tenant_id, found = limited
             limit = found.limit(LIMIT)
             held = self._in_flight.get(tenant_id, 0)
             if limit != UNLIMITED and held >= limit:

@@ -51,10 +51,10 @@ class RateLimitInterceptor(PolicyInterceptor):
             return inner
 
         async def behavior(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
-            found = entitlements.current()
-            tenant_id = context.tenant_user_call()
-            if found is None or tenant_id is None:
+            limited = entitlements.of_tenant_user_call()
+            if limited is None:
                 return await inner(request, ctx)
+            tenant_id, found = limited
             await admit(self._limiter, tenant_id, policy.rate_class, found, lambda: _for_a_slot(ctx))
             return await inner(request, ctx)
 
