@@ -6,6 +6,7 @@ generator stops by itself and accounts for every call it sent."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -106,8 +107,12 @@ def test_bench_flood_generator_stops_by_itself_and_counts_every_call(
         "token": token(flooder),
         "rate": 40,
         "seconds": 1.0,
+        "nice": 5,
     }
     report = _flood_report(config)
+    # It ran at the lower priority asked for (the flooder's CPU is not the platform's) and says what it used.
+    assert report["niceness"] == min(os.nice(0) + 5, 19), report
+    assert report["rate"] == 40 and 0 < report["cpu_seconds"] < 30, report
     codes: dict[str, int] = report["codes"]
     assert report["sent"] == 40 and report["skipped"] == 0
     assert sum(codes.values()) == 40, codes

@@ -8,15 +8,25 @@ one JSON line on stdin, connects, prints ``ready``, then sends ListSites for ``s
 - closed loop (``"clients": n``): n callers, each sending its next call when the last is
   answered, as fast as the server answers.
 Then it waits for the calls still out (each has a 5 s deadline), prints one JSON line,
-``{"sent", "skipped", "send_seconds", "codes": {"<status> [<ErrorInfo reason>]": count}}``
-(``UNANSWERED``: calls still out after their deadline), and exits: it stops by itself.
+``{"sent", "skipped", "send_seconds", "codes": {"<status> [<ErrorInfo reason>]": count},
+"cpu_seconds", "niceness"}`` (``UNANSWERED``: calls still out after their deadline), and exits:
+it stops by itself.
+
+``"nice": n`` lowers the generator's CPU priority by n first. The flooder is a tenant's client:
+in a deployment it runs on the tenant's machines, not on the platform's cores. On one shared
+machine its own CPU (several times what the platform spends refusing it) would otherwise be
+measured as the platform's; at a low priority it still sends at its rate whenever the machine
+has a core to spare, and what the platform does for each of its calls runs at normal priority.
+The report says what it sent and what CPU it used, so a generator that fell behind shows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -82,6 +92,8 @@ def _reason(error: aio.AioRpcError) -> str:
 
 
 async def flood(config: dict[str, Any]) -> dict[str, Any]:
+    if config.get("nice"):
+        os.nice(int(config["nice"]))
     options = [("grpc.default_authority", config["authority"])] if config.get("authority") else []
     metadata = (("authorization", f"Bearer {config['token']}"),)
     request = pb.ListSitesRequest(page_size=10)
@@ -108,7 +120,15 @@ async def flood(config: dict[str, Any]) -> dict[str, Any]:
     unanswered = created - sum(codes.values())
     if unanswered:
         codes["UNANSWERED"] = unanswered
-    return {"sent": created, "skipped": skipped, "send_seconds": round(send_seconds, 3), "codes": codes}
+    return {
+        "sent": created,
+        "skipped": skipped,
+        "send_seconds": round(send_seconds, 3),
+        "codes": codes,
+        "rate": config.get("rate") or 0,
+        "cpu_seconds": round(time.process_time(), 3),
+        "niceness": os.nice(0),
+    }
 
 
 if __name__ == "__main__":
