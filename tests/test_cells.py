@@ -135,15 +135,15 @@ def test_a_tenant_in_cell2_has_every_rpc_working_and_its_rows_only_on_cell2(cell
     assert dict(entitlements.limits)["max_sites"] == 7
     # Settings (the registry's, in the home cell).
     settings = cells.registry.GetTenantSettings(tenant_pb.GetTenantSettingsRequest(), metadata=md, timeout=10)
-    settings.branding.primary_color = "#112233"
+    settings.localization.currency = "KES"  # any plan's (its colours would need custom_branding)
     updated = cells.registry.UpdateTenantSettings(
         tenant_pb.UpdateTenantSettingsRequest(
-            settings=settings, update_mask=field_mask_pb2.FieldMask(paths=["branding.primary_color"])
+            settings=settings, update_mask=field_mask_pb2.FieldMask(paths=["localization.currency"])
         ),
         metadata=md,
         timeout=10,
     )
-    assert updated.branding.primary_color == "#112233"
+    assert updated.localization.currency == "KES"
     # Audit: the registry's event (from the home cell's outbox) and the sites' ones, on one valid chain.
     _wait_for_event(cells.audit, md, "tenants.create")
     _wait_for_event(cells.audit, md, "sites.delete")

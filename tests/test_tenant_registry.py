@@ -373,7 +373,7 @@ def test_resolve_malformed_host_is_invalid_argument(registry, host):
 
 def test_get_branding_by_host_without_a_token(registry, platform_token, new_tenant):
     domain = fresh_domain("aiops")
-    tenant_id = new_tenant("brand", display_name="Acme Towers", domains=[domain])
+    tenant_id = new_tenant("brand", display_name="Acme Towers", domains=[domain], plan="enterprise")  # its colours
     update = pb.UpdateTenantSettingsRequest(
         settings=pb.TenantSettings(
             tenant_id=tenant_id,

@@ -29,6 +29,7 @@ from towerco.internal.v1 import entitlements_pb2, entitlements_pb2_grpc
 
 from . import context
 from .context import Bound
+from .errors import ErrorReason, ServiceError, permission_denied
 from .identity import ServiceIdentity
 from .lookups import InternalLookup
 from .plans import LIMITS, Plan, Plans
@@ -122,6 +123,24 @@ class Entitlements:
 
     def limit(self, name: str) -> int:
         return self.limits[name]
+
+    def refused(self, feature: str) -> ServiceError:
+        """PERMISSION_DENIED for using ``feature`` without it, saying who can lift it: a larger
+        plan (FEATURE_NOT_IN_PLAN), or only the platform's operator (FEATURE_WITHHELD_BY_OVERRIDE)."""
+        why = self.feature(feature)[1]
+        if why == OVERRIDE_WITHHELD:
+            message = (
+                f"{feature!r} is withheld from tenant {self.tenant_id!r} by an override a platform admin set, "
+                f"whatever its plan ({self.plan!r}); ask the platform operator to clear it"
+            )
+            reason = ErrorReason.FEATURE_WITHHELD_BY_OVERRIDE
+        else:
+            message = (
+                f"tenant {self.tenant_id!r} is on plan {self.plan!r}, which does not include {feature!r}; "
+                "upgrade the plan or ask the platform operator"
+            )
+            reason = ErrorReason.FEATURE_NOT_IN_PLAN
+        return permission_denied(message, reason, feature=feature, plan=self.plan, decided_by=why)
 
 
 def evaluate(plans: Plans, tenant_id: str, record: Record, now: float | None = None) -> Entitlements:

@@ -33,7 +33,7 @@ from services.runtime.scope import require_platform_admin, target_tenant
 from services.runtime.server import Runtime
 from services.runtime.validation import Violations
 
-from . import hosts, queries, records, tenant_settings_rules, tenant_settings_store, user_records
+from . import branding, hosts, queries, records, tenant_settings_rules, tenant_settings_store, user_records
 from .offboarding import Offboarding
 from .secrets import SecretBox
 from .tenant_data_migration import MigrationRunner
@@ -371,6 +371,8 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
         v = Violations()
         tenant_settings_rules.validate(request.settings, paths, v)
         v.raise_if_any()  # what is wrong whatever is stored: refused before touching the database
+        themed = branding.touched(paths)
+        plan = await branding.entitled(self._entitlements, tenant_id) if themed else None
         with context.platform_scope(tenant_id, "settings.update") if _foreign(tenant_id) else nullcontext():
             async with self._db.transaction() as conn:
                 # Offboarding removes the settings; writing them would bring a row back.
@@ -385,6 +387,8 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
                 tenant_settings_rules.validate(request.settings, paths, v, stored=stored)
                 v.raise_if_any()
                 merged = tenant_settings_rules.merge(stored, request.settings, paths)
+                if themed:  # a theme the plan lacks is refused before anything is written
+                    branding.check_update(tenant_id, plan, stored.branding, merged.branding)
                 document = tenant_settings_store.to_document(merged, self._box, tenant_id, previous)
                 await conn.execute(queries.UPSERT_SETTINGS, tenant_id, document)
                 await conn.execute(queries.BUMP_VERSION, tenant_id)
@@ -419,12 +423,19 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
                 raise invalid_argument([FieldViolation("tenant_id", TENANT_ID.problem)])
             if not await self._serves(tenant_id):
                 raise not_found(ErrorReason.TENANT_NOT_FOUND, tenant_id)
+        return await self._served_branding(tenant_id)
+
+    async def _served_branding(self, tenant_id: str) -> pb.Branding:
+        """The branding a serving tenant's pages show: the platform's theme unless its plan has its own."""
         item = await records.read_settings(self._db, self._cache, tenant_id)
         if item.value is None:
             raise not_found(ErrorReason.TENANT_NOT_FOUND, tenant_id)
-        branding = records.settings_from_value(item.value).branding
-        branding.display_name = str(item.value["display_name"])
-        return branding
+        shown = records.settings_from_value(item.value).branding
+        if not branding.shows_theme(await branding.entitled(self._entitlements, tenant_id)):
+            # Kept, but not served until the plan has it again.
+            shown = branding.platform_theme(shown)
+        shown.display_name = str(item.value["display_name"])
+        return shown
 
     # Migrations
 

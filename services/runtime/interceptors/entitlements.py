@@ -40,9 +40,8 @@ class EntitlementsInterceptor(PolicyInterceptor):
                 return await inner(request, ctx)
             found = await tenant_entitlements(self._directory, tenant_id)
             if policy.feature:
-                enabled, why = found.feature(policy.feature)
-                if not enabled:
-                    raise _feature_refused(tenant_id, found.plan, policy.feature, why)
+                if policy.feature not in found.features:
+                    raise found.refused(policy.feature)
             with entitlements.bound(found), bulkhead.limited(found.limit("db_concurrency")):
                 return await inner(request, ctx)
 
@@ -63,19 +62,3 @@ async def tenant_entitlements(directory: EntitlementDirectory, tenant_id: str) -
         raise permission_denied(f"tenant {tenant_id!r} is not known to the platform", ErrorReason.TENANT_UNKNOWN)
     return found
 
-
-def _feature_refused(tenant_id: str, plan: str, feature: str, why: str) -> ServiceError:
-    """The refusal says who can lift it: a larger plan, or only the platform's operator."""
-    if why == entitlements.OVERRIDE_WITHHELD:
-        message = (
-            f"{feature!r} is withheld from tenant {tenant_id!r} by an override a platform admin set, "
-            f"whatever its plan ({plan!r}); ask the platform operator to clear it"
-        )
-        reason = ErrorReason.FEATURE_WITHHELD_BY_OVERRIDE
-    else:
-        message = (
-            f"tenant {tenant_id!r} is on plan {plan!r}, which does not include {feature!r}; "
-            "upgrade the plan or ask the platform operator"
-        )
-        reason = ErrorReason.FEATURE_NOT_IN_PLAN
-    return permission_denied(message, reason, feature=feature, plan=plan, decided_by=why)
