@@ -290,6 +290,7 @@ DOORS: dict[str, Door] = {
                 "services/runtime/held_resources.py",  # counting a tenant's sites or users for the feature gate
                 "services/tenant/sso_config.py",  # SignInSsoUser: a service signs a tenant's SSO user in
                 "services/tenant/tenant_move.py",  # a moved tenant's audit events (MoveTenant)
+                "services/tenant/custom_domains.py",  # Add/RemoveCustomDomain, by platform admins
             }
         ),
         guard="the verified caller is a platform admin or a platform service (a background_context is one); "
@@ -371,11 +372,12 @@ DOORS: dict[str, Door] = {
                 "services/tenant/offboarding.py",  # finding unfinished deletions at start-up
                 "services/features/usage_reports.py",  # ListTenantUsage, the billing export
                 "services/runtime/idempotency_purge.py",  # which tenants hold expired idempotency records
+                "services/tenant/custom_domains.py",  # ListCustomDomains: the gateway's host map, to services
             }
         ),
         guard="none in code: what it reads decides who may ask (ListTenants and ListTenantUsage: platform "
-        "admins only; which tenant serves a host name is public, ResolveTenant; the idempotency purge is the "
-        "service's own task)",
+        "admins only; which tenant serves a host name is public, ResolveTenant, and ListCustomDomains is for "
+        "platform services; the idempotency purge is the service's own task)",
         reach="a READ ONLY transaction, no tenant bound: every tenant's rows in tables with a platform_read "
         "policy (the registry's tenants and host routes, the feature gate's hourly usage, the sites service's "
         "create_requests), none in any other table; nothing can be written",

@@ -27,6 +27,7 @@ from services.runtime.server import Runtime, ServiceSpec, main
 
 from . import queries, sso_config
 from .canary_sentinels import TENANT_SENTINELS
+from .custom_domains import CustomDomains
 from .directory import TenantDirectoryServicer
 from .offboarding import Offboarding
 from .records import state_source, user_source
@@ -65,7 +66,8 @@ def register(server: aio.Server, runtime: Runtime) -> None:
         plans=runtime.plans,
         dsns=runtime.settings.tenant_mover_database_urls,
     )
-    servicer = TenantRegistryServicer(runtime, box, migrations, offboarding, mover)
+    domains = CustomDomains(runtime.db, runtime.cache, runtime.audit, runtime.page_tokens, runtime.settings.base_domain)
+    servicer = TenantRegistryServicer(runtime, box, migrations, offboarding, mover, domains)
     gate = entitlements_pb2_grpc.TenantEntitlementsServiceStub(
         service_channel(targets["features"], identity=runtime.identity)
     )
@@ -78,7 +80,7 @@ def register(server: aio.Server, runtime: Runtime) -> None:
     servicer.provisioning_steps.append(register_plan)
     tenant_registry_service_pb2_grpc.add_TenantRegistryServiceServicer_to_server(servicer, server)
     tenant_data_pb2_grpc.add_TenantDirectoryServiceServicer_to_server(
-        TenantDirectoryServicer(state_source(runtime.db), user_source(runtime.db)), server
+        TenantDirectoryServicer(state_source(runtime.db), user_source(runtime.db), domains), server
     )
     user_service_pb2_grpc.add_UserServiceServicer_to_server(UserServicer(runtime), server)
     # max_users: the users the registry knows (UserService's, each tenant's administrator among them).

@@ -14,11 +14,14 @@ from services.runtime.ids import TENANT_ID
 from services.runtime.tenants import State, StateSource
 from services.runtime.user_access import UserAccess, UserSource
 
+from .custom_domains import CustomDomains
+
 
 class TenantDirectoryServicer(internal_grpc.TenantDirectoryServiceServicer):
-    def __init__(self, source: StateSource, users: UserSource) -> None:
+    def __init__(self, source: StateSource, users: UserSource, domains: CustomDomains) -> None:
         self._source = source
         self._users = users
+        self._domains = domains
 
     async def GetTenantState(
         self, request: internal_pb.GetTenantStateRequest, ctx: aio.ServicerContext[Any, Any]
@@ -53,3 +56,8 @@ class TenantDirectoryServicer(internal_grpc.TenantDirectoryServiceServicer):
             role=access.role,
             permissions=sorted(access.permissions),
         )
+
+    async def ListCustomDomains(
+        self, request: internal_pb.ListCustomDomainsRequest, ctx: aio.ServicerContext[Any, Any]
+    ) -> internal_pb.ListCustomDomainsResponse:
+        return await self._domains.list(request)

@@ -41,6 +41,9 @@ SELECT coalesce(cell, $1) AS cell, count(*) AS tenants FROM tenant.tenants WHERE
 
 INSERT_HOST = "INSERT INTO tenant.host_routes (host, tenant_id) VALUES ($2, $1)"
 DELETE_HOSTS = "DELETE FROM tenant.host_routes WHERE tenant_id = $1"
+DELETE_HOST = "DELETE FROM tenant.host_routes WHERE tenant_id = $1 AND host = $2"
+#: Every custom domain after $1, by host (the gateway's map; a platform read).
+LIST_HOSTS = "SELECT host, tenant_id FROM tenant.host_routes WHERE host > $1 ORDER BY host LIMIT $2"
 
 INSERT_SETTINGS = "INSERT INTO tenant.tenant_settings (tenant_id, document) VALUES ($1, $2)"
 GET_SETTINGS = "SELECT document FROM tenant.tenant_settings WHERE tenant_id = $1"
@@ -68,6 +71,13 @@ SET_LEGAL_HOLD = f"""
 WITH updated AS (
     UPDATE tenant.tenants SET legal_hold = $2, legal_hold_reason = $3, version = version + 1, update_time = now()
     WHERE tenant_id = $1 RETURNING *
+)
+SELECT {TENANT_COLUMNS.replace("t.tenant_id", "updated.tenant_id")} FROM updated
+"""
+#: A change of the tenant's record outside its own columns (its domains): a new version and update_time.
+TOUCH_TENANT = f"""
+WITH updated AS (
+    UPDATE tenant.tenants SET version = version + 1, update_time = now() WHERE tenant_id = $1 RETURNING *
 )
 SELECT {TENANT_COLUMNS.replace("t.tenant_id", "updated.tenant_id")} FROM updated
 """

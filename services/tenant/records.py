@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import asyncpg
 from google.protobuf import json_format, timestamp_pb2
 from towerco.tenant.v1 import tenant_registry_service_pb2 as pb
 
 from services.runtime import context
 from services.runtime.db import Database
+from services.runtime.errors import ErrorReason, failed_precondition, not_found
 from services.runtime.tenant_cache import TenantCache, Versioned
 from services.runtime.tenants import STATE_KIND, StateSource
 from services.runtime.user_access import UserSource
@@ -19,6 +21,8 @@ from . import queries, tenant_settings_rules, tenant_settings_store, user_record
 SETTINGS_KIND = "settings"
 State = pb.Tenant.State
 Migration = pb.Migration
+#: States in which a tenant's data is being or has been removed.
+GONE = ("STATE_DELETING", "STATE_DELETED")
 
 
 def tenant_from_row(row: Mapping[str, Any]) -> pb.Tenant:
@@ -129,3 +133,19 @@ async def publish(cache: TenantCache, row: Mapping[str, Any], document: Mapping[
     if document is not None:
         values[SETTINGS_KIND] = settings_value(row, document)
     await cache.publish(row["tenant_id"], row["version"], values)
+
+
+async def lock_live_tenant(conn: asyncpg.Connection[Any], tenant_id: str, gone_because: str) -> Any:
+    """The tenant's row, locked for this transaction: NOT_FOUND if there is none, and
+    FAILED_PRECONDITION (TENANT_STATE_CONFLICT) if it is being or has been deleted, the
+    message ending with ``gone_because``."""
+    row = await conn.fetchrow(queries.GET_TENANT_FOR_UPDATE, tenant_id)
+    if row is None:
+        raise not_found(ErrorReason.TENANT_NOT_FOUND, tenant_id)
+    if row["state"] in GONE:
+        raise failed_precondition(
+            f"tenant {tenant_id!r} is {row['state']}{gone_because}",
+            ErrorReason.TENANT_STATE_CONFLICT,
+            state=row["state"],
+        )
+    return row

@@ -34,6 +34,7 @@ from services.runtime.server import Runtime
 from services.runtime.validation import Violations
 
 from . import branding, hosts, queries, records, tenant_settings_rules, tenant_settings_store, user_records
+from .custom_domains import CustomDomains
 from .offboarding import Offboarding
 from .secrets import SecretBox
 from .tenant_data_migration import MigrationRunner
@@ -45,8 +46,7 @@ Ctx = aio.ServicerContext[Any, Any]
 ADMIN_ROLE = "admin"
 #: Fields CreateTenant ignores (OUTPUT_ONLY, IDENTIFIER): they must not make a retry look like a different request.
 CREATE_IGNORES = ignored_on_create(pb.CreateTenantRequest.DESCRIPTOR, "tenant")
-#: States in which a tenant's data is being or has been removed.
-GONE = ("STATE_DELETING", "STATE_DELETED")
+GONE = records.GONE
 
 #: Steps after the first transaction of provisioning, each idempotent, run in order with
 #: the caller's context; the tenant becomes ACTIVE only once all of them have succeeded.
@@ -61,6 +61,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
         migrations: MigrationRunner,
         offboarding: Offboarding,
         mover: TenantMover,
+        domains: CustomDomains,
     ) -> None:
         self._db = runtime.db
         self._window = runtime.settings.idempotency_window_seconds
@@ -73,6 +74,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
         self._migrations = migrations
         self._offboarding = offboarding
         self._mover = mover
+        self._domains = domains
         self._audit = runtime.audit
         self._plans = runtime.plans
         self._entitlements = runtime.entitlements
@@ -282,7 +284,9 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
         reason = request.reason.strip()
         with context.platform_scope(tenant_id, "tenants.set_legal_hold"):
             async with self._db.transaction() as conn:
-                row = await _lock_live_tenant(conn, tenant_id, ": its audit log goes with it, there is nothing to hold")
+                row = await records.lock_live_tenant(
+                    conn, tenant_id, ": its audit log goes with it, there is nothing to hold"
+                )
                 if row["legal_hold"] == request.hold:  # idempotent: the same state again records nothing
                     return await self._present(row)
                 updated = await conn.fetchrow(
@@ -338,6 +342,12 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
             raise not_found(ErrorReason.HOST_NOT_FOUND, host)
         return pb.ResolveTenantResponse(tenant_id=tenant_id)
 
+    async def AddCustomDomain(self, request: pb.AddCustomDomainRequest, ctx: Ctx) -> pb.Tenant:
+        return await self._present(await self._domains.add(request.tenant_id, request.domain))
+
+    async def RemoveCustomDomain(self, request: pb.RemoveCustomDomainRequest, ctx: Ctx) -> pb.Tenant:
+        return await self._present(await self._domains.remove(request.tenant_id, request.domain))
+
     async def _resolve(self, host: str) -> str | None:
         """The serving tenant of ``host`` if it is active or suspended."""
         tenant_id = hosts.subdomain_tenant(host, self._base_domain)
@@ -376,7 +386,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
         with context.platform_scope(tenant_id, "settings.update") if _foreign(tenant_id) else nullcontext():
             async with self._db.transaction() as conn:
                 # Offboarding removes the settings; writing them would bring a row back.
-                row = await _lock_live_tenant(conn, tenant_id, "; its settings can no longer change")
+                row = await records.lock_live_tenant(conn, tenant_id, "; its settings can no longer change")
                 previous = await conn.fetchval(queries.GET_SETTINGS_FOR_UPDATE, tenant_id)
                 stored = (
                     tenant_settings_store.from_document(previous, tenant_id)
@@ -456,22 +466,6 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
     async def GetMove(self, request: pb.GetMoveRequest, ctx: Ctx) -> pb.TenantMove:
         require_platform_admin()
         return await self._mover.get(request.move_id)
-
-
-async def _lock_live_tenant(conn: asyncpg.Connection[Any], tenant_id: str, gone_because: str) -> Any:
-    """The tenant's row, locked for this transaction: NOT_FOUND if there is none, and
-    FAILED_PRECONDITION (TENANT_STATE_CONFLICT) if it is being or has been deleted, the
-    message ending with ``gone_because``."""
-    row = await conn.fetchrow(queries.GET_TENANT_FOR_UPDATE, tenant_id)
-    if row is None:
-        raise not_found(ErrorReason.TENANT_NOT_FOUND, tenant_id)
-    if row["state"] in GONE:
-        raise failed_precondition(
-            f"tenant {tenant_id!r} is {row['state']}{gone_because}",
-            ErrorReason.TENANT_STATE_CONFLICT,
-            state=row["state"],
-        )
-    return row
 
 
 def _foreign(tenant_id: str) -> bool:
