@@ -62,7 +62,7 @@ proto: $(GEN_STAMP)
 # then serves the API only.
 WEB := gateway/web
 WEB_STAMP := $(WEB)/dist/.stamp
-WEB_SOURCES := $(WEB)/package.json $(WEB)/package-lock.json $(WEB)/.npmrc $(WEB)/buf.gen.yaml $(WEB)/tsconfig.json $(WEB)/index.html \
+WEB_SOURCES := $(WEB)/package.json $(WEB)/package-lock.json $(WEB)/.npmrc $(WEB)/buf.gen.yaml $(WEB)/tsconfig.json $(WEB)/index.html $(WEB)/app.css \
 	$(shell find $(WEB)/src $(WEB)/e2e -type f -not -path '*/gen/*' 2>/dev/null)
 
 $(WEB_STAMP): $(WEB_SOURCES) $(GEN_STAMP)

@@ -23,8 +23,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from google.protobuf.descriptor import ServiceDescriptor
+from google.api import annotations_pb2
+from google.protobuf import descriptor_pb2
+from google.protobuf.descriptor import FileDescriptor, MethodDescriptor, ServiceDescriptor
 from google.rpc import error_details_pb2, status_pb2
+from towerco.tenant.v1 import tenant_registry_service_pb2
 
 from services.runtime import error_catalogue
 from services.runtime.audit import GATEWAY_HEADER
@@ -109,17 +112,28 @@ PENALTY_BOX_MAX_ENTRIES = 20000
 API_PREFIX = "/towerco."
 #: What a load balancer asks the gateway (HTTP GET on the listener): 200 while it serves.
 HEALTH_PATH = "/healthz"
-#: The web page may load only itself; its API calls go to its own origin.
+#: The web page may load only itself; its API calls go to its own origin. Its styles are
+#: stylesheets of its own origin only (app.css, and the tenant's /branding.css): no inline
+#: style element or attribute applies, so neither can a tenant's CSS but as that sheet.
 PAGE_SECURITY_HEADERS = {
     "content-security-policy": (
-        "default-src 'self'; img-src 'self' https: data:; style-src 'self' 'unsafe-inline'; "
+        "default-src 'self'; img-src 'self' https: data:; style-src 'self'; "
         "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
     ),
     "x-content-type-options": "nosniff",
     "referrer-policy": "no-referrer",
     "cache-control": "no-cache",
 }
-WEB_FILES = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript")}
+WEB_FILES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/app.js": ("app.js", "text/javascript"),
+    "/app.css": ("app.css", "text/css; charset=utf-8"),
+}
+#: The RPC that answers the page's GET of the host tenant's stylesheet (its custom CSS) at the
+#: path its google.api.http rule names (/branding.css), transcoded by Envoy on that route only.
+_REGISTRY: ServiceDescriptor = tenant_registry_service_pb2.DESCRIPTOR.services_by_name["TenantRegistryService"]
+BRANDING_STYLESHEET: MethodDescriptor = _REGISTRY.methods_by_name["GetBrandingStylesheet"]
+TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
 
 
 # The variables the gateway reads (its own, and those it shares with the services).
@@ -448,6 +462,9 @@ def _listener(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
             {"name": "towerco.edge_identity", "typed_config": _edge_lua(settings, routes)},
             # After the tenant is known: a tenant's own calls while it is over its rate.
             {"name": "towerco.penalty_box", "typed_config": _penalty_box_lua(routes)},
+            # The page's stylesheet only (GET /branding.css -> GetBrandingStylesheet): off by
+            # default and turned on by that route, so an API call never enters it.
+            *([_stylesheet_transcoder()] if settings.web_dir is not None else []),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router"),
@@ -608,25 +625,10 @@ def _route_config(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any
         for api in routes
         for prefix in api.prefixes
     ]
-    page_routes = []
-    largest = 4096
-    if settings.web_dir is not None:
-        for path, (name, content_type) in WEB_FILES.items():
-            file = settings.web_dir / name
-            largest = max(largest, file.stat().st_size if file.exists() else 0)
-            page_routes.append(
-                {
-                    "match": {"path": path, "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
-                    "direct_response": {"status": 200, "body": {"filename": str(file)}},
-                    "response_headers_to_add": [
-                        {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
-                        for key, value in {"content-type": content_type, **PAGE_SECURITY_HEADERS}.items()
-                    ],
-                }
-            )
+    page_routes = _page_routes(settings, routes)
     return {
         "name": "gateway",
-        "max_direct_response_body_size_bytes": largest * 2,
+        "max_direct_response_body_size_bytes": _largest_page_file(settings) * 2,
         "virtual_hosts": [
             {
                 "name": "api",
@@ -637,6 +639,115 @@ def _route_config(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any
             }
         ],
     }
+
+
+def _page_routes(settings: GatewaySettings, routes: list[Api]) -> list[dict[str, Any]]:
+    """The web page's files and the host tenant's stylesheet; none when no page is built."""
+    if settings.web_dir is None:
+        return []
+    page_routes = [
+        {
+            "match": {"path": path, "headers": [_GET]},
+            "direct_response": {"status": 200, "body": {"filename": str(settings.web_dir / name)}},
+            "response_headers_to_add": _overwrite({"content-type": content_type, **PAGE_SECURITY_HEADERS}),
+        }
+        for path, (name, content_type) in WEB_FILES.items()
+    ]
+    stylesheet = _stylesheet_route(settings, routes)
+    return [*page_routes, stylesheet] if stylesheet is not None else page_routes
+
+
+def _largest_page_file(settings: GatewaySettings) -> int:
+    files = [settings.web_dir / name for name, _ in WEB_FILES.values()] if settings.web_dir else []
+    return max([4096, *(file.stat().st_size for file in files if file.exists())])
+
+
+_GET = {"name": ":method", "string_match": {"exact": "GET"}}
+
+
+def _overwrite(headers: Mapping[str, str]) -> list[dict[str, Any]]:
+    return [
+        {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+        for key, value in headers.items()
+    ]
+
+
+def stylesheet_path() -> str:
+    """Where the page loads its tenant's stylesheet: the path of GetBrandingStylesheet's http rule."""
+    rule: Any = BRANDING_STYLESHEET.GetOptions().Extensions[annotations_pb2.http]
+    return str(rule.get)
+
+
+def _stylesheet_route(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any] | None:
+    """GET /branding.css on a tenant's host: GetBrandingStylesheet of that tenant (edge.lua set
+    x-tenant-id from the host), its google.api.HttpBody answered as the text/css it holds. The
+    gRPC-JSON transcoder is enabled here only; the route keeps the registry's cluster."""
+    prefix = f"/{BRANDING_STYLESHEET.containing_service.full_name}/"
+    cluster = next((api.cluster for api in routes if prefix in api.prefixes), None)
+    if cluster is None:
+        return None
+    return {
+        "match": {"path": stylesheet_path(), "headers": [_GET]},
+        "route": {
+            "cluster": cluster,
+            "timeout": _seconds(settings.route_timeout_seconds),
+            "retry_policy": _retry_policy(),
+        },
+        "typed_per_filter_config": {TRANSCODER: _stylesheet_transcoding()},
+        "response_headers_to_add": _overwrite(
+            {"x-content-type-options": "nosniff", "cache-control": "no-cache", "referrer-policy": "no-referrer"}
+        ),
+    }
+
+
+def _stylesheet_transcoder() -> dict[str, Any]:
+    """Envoy's gRPC-JSON transcoder in the filter chain: disabled, with nothing to transcode,
+    unless a route turns it on with its own configuration (:func:`_stylesheet_transcoding`)."""
+    return {
+        "name": TRANSCODER,
+        "disabled": True,
+        "typed_config": _typed(
+            "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+            proto_descriptor_bin="",
+            services=[],
+        ),
+    }
+
+
+def _stylesheet_transcoding() -> dict[str, Any]:
+    """The stylesheet route's transcoder: GetBrandingStylesheet's service, from its descriptors."""
+    service = BRANDING_STYLESHEET.containing_service
+    return _typed(
+        "envoy.config.route.v3.FilterConfig",
+        config=_typed(
+            "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+            proto_descriptor_bin=base64.b64encode(_descriptor_set(service.file)).decode(),
+            services=[service.full_name],
+            # The stylesheet's route (and its cluster) stays the call's route.
+            match_incoming_request_route=True,
+            # A refusal (no tenant on this host, no such tenant) is an HTTP status, not a 200.
+            convert_grpc_status=True,
+            request_validation_options={"reject_unknown_method": True, "reject_unknown_query_parameters": True},
+        ),
+    )
+
+
+def _descriptor_set(file: FileDescriptor) -> bytes:
+    """``file`` and every file it imports, as a serialized FileDescriptorSet (without comments)."""
+    ordered: list[FileDescriptor] = []
+
+    def visit(current: FileDescriptor) -> None:
+        if current in ordered:
+            return
+        for dependency in current.dependencies:
+            visit(dependency)
+        ordered.append(current)
+
+    visit(file)
+    result = descriptor_pb2.FileDescriptorSet()
+    for current in ordered:
+        current.CopyToProto(result.file.add())
+    return result.SerializeToString(deterministic=True)
 
 
 def _gateway_proof() -> dict[str, Any]:

@@ -6,23 +6,28 @@ What the configuration does to requests is tested through the running Envoy in
 
 from __future__ import annotations
 
+import base64
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
+from google.protobuf import descriptor_pb2
 
 from deploy.local.tokens import ensure_keys
 from gateway.__main__ import OVERLAYS, deploy_settings, overlay_values, overlays
 from gateway.config import (
     API_PREFIX,
     TENANT_ISSUER_HEADER,
+    TRANSCODER,
+    WEB_FILES,
     GatewaySettings,
     apis,
     origin_matchers,
     render,
     render_json,
     served_services,
+    stylesheet_path,
 )
 from gateway.envoy import validate
 from services.runtime.settings import SettingsError
@@ -83,6 +88,7 @@ def test_every_public_service_is_routed_and_no_internal_one():
     public = {path for api in apis() for path in api.public_paths}
     assert public == {
         "/towerco.tenant.v1.TenantRegistryService/GetBranding",
+        "/towerco.tenant.v1.TenantRegistryService/GetBrandingStylesheet",
         "/towerco.tenant.v1.TenantRegistryService/ResolveTenant",
     }
 
@@ -136,6 +142,37 @@ def test_filters_run_in_order_and_the_admin_interface_is_loopback_only(tmp_path)
         "router",
     ]
     assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+
+
+def test_the_transcoder_runs_on_the_pages_stylesheet_route_only(tmp_path):
+    web = tmp_path / "web"
+    web.mkdir()
+    for name, _ in WEB_FILES.values():
+        (web / name).write_text(name)
+    ensure_keys(tmp_path / "keys")
+    settings = GatewaySettings.from_env({"DATA_DIR": str(tmp_path), "GATEWAY_WEB_DIR": str(web)})
+    config = render(settings)
+    (transcoder,) = [f for f in _listener_manager(config)["http_filters"] if f["name"] == TRANSCODER]
+    assert transcoder["disabled"] is True and transcoder["typed_config"]["services"] == []  # nothing by default
+    (host,) = _listener_manager(config)["route_config"]["virtual_hosts"]
+    enabled = [route for route in host["routes"] if TRANSCODER in route.get("typed_per_filter_config", {})]
+    (route,) = enabled
+    assert stylesheet_path() == "/branding.css"
+    assert route["match"] == {
+        "path": "/branding.css",
+        "headers": [{"name": ":method", "string_match": {"exact": "GET"}}],
+    }
+    assert route["route"]["cluster"] == "tenant"
+    on = route["typed_per_filter_config"][TRANSCODER]["config"]
+    assert on["services"] == ["towerco.tenant.v1.TenantRegistryService"] and on["match_incoming_request_route"]
+    files = descriptor_pb2.FileDescriptorSet.FromString(base64.b64decode(on["proto_descriptor_bin"]))
+    names = [file.name for file in files.file]
+    assert names[-1] == "towerco/tenant/v1/tenant_registry_service.proto" and "google/api/httpbody.proto" in names
+    path = tmp_path / "web.json"
+    path.write_text(render_json(settings))
+    assert f"configuration '{path}' OK" in validate(path)  # Envoy takes it, deprecation-free
+    # Without a page there is no stylesheet route, and no transcoder at all.
+    assert TRANSCODER not in {f["name"] for f in _listener_manager(render(dev_settings(tmp_path)))["http_filters"]}
 
 
 def test_the_token_rule_pins_issuer_and_audience_and_spares_only_public_rpcs(tmp_path):

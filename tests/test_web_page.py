@@ -2,8 +2,10 @@
 
 The page is built with a real gRPC-web client from npm (``make web``). A headless Chromium
 (Debian's ``chromium``, driven by ``playwright-core``) opens it on a tenant's subdomain,
-signs in with a dev token, and must show the tenant's branding and only its sites. A
-screenshot is kept in ``test-output/screenshots/``.
+signs in with a dev token, and must show the tenant's branding and only its sites. Its
+styles are stylesheets of its own origin only (the gateway's CSP has no 'unsafe-inline'):
+app.css, then the tenant's custom CSS as /branding.css (GetBrandingStylesheet, transcoded
+by Envoy on that route). A screenshot is kept in ``test-output/screenshots/``.
 
 Without a browser or Node.js on the machine the browser test says so and is skipped; in
 CI (``CI`` set) it fails instead, since CI installs both.
@@ -24,7 +26,7 @@ import pytest
 from towerco.sites.v1 import sites_service_pb2 as sites_pb
 from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 
-from gateway.config import GatewaySettings
+from gateway.config import GatewaySettings, stylesheet_path
 
 from .support import bearer
 
@@ -63,15 +65,21 @@ def browser() -> Path:
     return CHROMIUM
 
 
+#: The branded tenant's custom CSS: the company name's colour and the page's background.
+CUSTOM_CSS = "h1 { color: #7B2D8E; }\nmain { background-color: #FEF3C7; }\n"
+CSS_NAME_COLOR = "rgb(123, 45, 142)"
+CSS_MAIN_BACKGROUND = "rgb(254, 243, 199)"
+
+
 @pytest.fixture
 def branded(new_tenant, registry, sites, token: Callable[..., str]) -> str:
-    """A tenant with its own colours and company name, and three sites."""
+    """A tenant with its own colours, custom CSS and company name, and three sites."""
     tenant: str = new_tenant("web", display_name="Kilimanjaro Towers Ltd", plan="enterprise")  # custom_branding
     settings = tenant_pb.TenantSettings(
-        branding=tenant_pb.Branding(company_name="Kilimanjaro Towers", primary_color="#0A7E3D")
+        branding=tenant_pb.Branding(company_name="Kilimanjaro Towers", primary_color="#0A7E3D", custom_css=CUSTOM_CSS)
     )
     request = tenant_pb.UpdateTenantSettingsRequest(settings=settings)
-    request.update_mask.paths.extend(["branding.company_name", "branding.primary_color"])
+    request.update_mask.paths.extend(["branding.company_name", "branding.primary_color", "branding.custom_css"])
     registry.UpdateTenantSettings(request, metadata=bearer(token(tenant)), timeout=10)
     for n in (1, 2, 3):
         sites.CreateSite(
@@ -82,7 +90,9 @@ def branded(new_tenant, registry, sites, token: Callable[..., str]) -> str:
     return tenant
 
 
-def browse(browser: Path, url: str, token: str, screenshot: Path) -> dict[str, Any]:
+def browse(browser: Path, url: str, token: str, screenshot: Path, *resolver_rules: str) -> dict[str, Any]:
+    """The page at ``url`` as headless Chromium shows it (e2e/browse.mjs's report);
+    ``resolver_rules`` are Chromium's --host-resolver-rules, e.g. ``MAP a.example 127.0.0.1``."""
     command = [
         "node",
         "e2e/browse.mjs",
@@ -94,6 +104,7 @@ def browse(browser: Path, url: str, token: str, screenshot: Path) -> dict[str, A
         str(screenshot),
         "--chromium",
         str(browser),
+        *(["--host-resolver-rules", ", ".join(resolver_rules)] if resolver_rules else []),
     ]
     result = subprocess.run(command, cwd=WEB, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, f"browser run failed ({result.returncode}):\n{result.stderr}\n{result.stdout}"
@@ -112,6 +123,7 @@ def test_the_page_signs_in_themes_itself_and_lists_the_tenants_sites(gateway, br
     assert report["primaryColor"] == "rgb(10, 126, 61)"  # #0A7E3D from GetBranding
     assert sorted(report["siteIds"]) == ["KT-001", "KT-002", "KT-003"]
     assert report["consoleErrors"] == [], report
+    _shows_the_tenants_css(report)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Another tenant's token on this tenant's page: the gateway's tenant wins, the call is refused.
@@ -143,8 +155,45 @@ def test_the_gateway_serves_the_page_with_a_strict_content_policy(gateway):
     assert page.getheader("content-type") == "text/html; charset=utf-8"
     policy = page.getheader("content-security-policy") or ""
     assert "default-src 'self'" in policy and "connect-src 'self'" in policy
+    # Styles are stylesheets of the page's origin only: no inline style element or attribute.
+    assert "style-src 'self';" in policy and "unsafe-inline" not in policy, policy
+    page_text = page.body.decode()  # type: ignore[attr-defined]
+    assert "<style" not in page_text and " style=" not in page_text
+    assert f'<link rel="stylesheet" href="{stylesheet_path()}">' in page_text
+    sheet = _get(gateway, "/app.css", f"tenant_a.localhost:{gateway.port}")
+    assert sheet.status == 200 and sheet.getheader("content-type") == "text/css; charset=utf-8"
     assert b"app.js" in page.body  # type: ignore[attr-defined]
     script = _get(gateway, "/app.js", f"tenant_a.localhost:{gateway.port}")
     assert script.status == 200
     assert script.getheader("content-type") == "text/javascript"
     assert script.getheader("x-content-type-options") == "nosniff"
+
+
+def _shows_the_tenants_css(report: dict[str, Any]) -> None:
+    """The tenant's custom CSS applied as /branding.css, under a CSP that applies nothing inline."""
+    assert report["stylesheets"] == ["/app.css", stylesheet_path()], report
+    assert report["companyNameColor"] == CSS_NAME_COLOR, report
+    assert report["mainBackground"] == CSS_MAIN_BACKGROUND, report
+    assert report["cspViolations"] == [], report
+    assert report["inlineStyleApplied"] is False, report
+
+
+def test_the_gateway_serves_each_hosts_tenant_its_own_stylesheet(gateway, branded, registry, tenant_pair):
+    if gateway.web_dir is None:
+        _lacking("the web page is not built: `make web` needs npm (Node.js)")
+    port = gateway.port
+    sheet = _get(gateway, stylesheet_path(), f"{branded}.localhost:{port}")
+    assert sheet.status == 200, sheet.body  # type: ignore[attr-defined]
+    assert sheet.getheader("content-type") == "text/css; charset=utf-8"
+    assert sheet.getheader("x-content-type-options") == "nosniff"
+    served = registry.GetBranding(tenant_pb.GetBrandingRequest(tenant_id=branded), timeout=10).custom_css
+    assert served and sheet.body == served.encode()  # type: ignore[attr-defined]
+    assert b"7b2d8e" in sheet.body.lower()  # type: ignore[attr-defined]
+
+    # Another tenant's host: its own sheet (it has none), never the branded tenant's.
+    other = _get(gateway, stylesheet_path(), f"{tenant_pair[0]}.localhost:{port}")
+    assert (other.status, other.getheader("content-type"), other.body) == (200, "text/css; charset=utf-8", b"")  # type: ignore[attr-defined]
+
+    # A host that names no tenant, and a tenant that does not exist: refusals, not a sheet.
+    assert _get(gateway, stylesheet_path(), f"localhost:{port}").status == 401
+    assert _get(gateway, stylesheet_path(), f"no_such_tenant.localhost:{port}").status == 404

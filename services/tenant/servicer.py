@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 import grpc
+from google.api import httpbody_pb2
 from grpc import aio
 from towerco.tenant.v1 import tenant_registry_service_pb2 as pb
 from towerco.tenant.v1 import tenant_registry_service_pb2_grpc as pb_grpc
@@ -23,6 +24,7 @@ from services.runtime.errors import (
     failed_precondition,
     invalid_argument,
     not_found,
+    unauthenticated,
     unavailable,
 )
 from services.runtime.faults import InjectedFaultError
@@ -44,6 +46,8 @@ State = pb.Tenant.State
 Ctx = aio.ServicerContext[Any, Any]
 
 ADMIN_ROLE = "admin"
+#: What GetBrandingStylesheet answers, and the gateway serves as /branding.css.
+STYLESHEET_TYPE = "text/css; charset=utf-8"
 #: Fields CreateTenant ignores (OUTPUT_ONLY, IDENTIFIER): they must not make a retry look like a different request.
 CREATE_IGNORES = ignored_on_create(pb.CreateTenantRequest.DESCRIPTOR, "tenant")
 GONE = records.GONE
@@ -446,6 +450,17 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
             shown = branding.platform_theme(shown)
         shown.display_name = str(item.value["display_name"])
         return shown
+
+    async def GetBrandingStylesheet(self, request: pb.GetBrandingStylesheetRequest, ctx: Ctx) -> httpbody_pb2.HttpBody:
+        """GetBranding's ``custom_css`` of the host's tenant as ``text/css`` (GET /branding.css
+        at the gateway), so the page applies it as a stylesheet of its own origin."""
+        current = context.current()
+        if current is None or current.tenant_id is None:
+            raise unauthenticated(
+                "no tenant: ask for the stylesheet on the tenant's host", ErrorReason.TENANT_NOT_IDENTIFIED
+            )
+        shown = await self.GetBranding(pb.GetBrandingRequest(tenant_id=current.tenant_id), ctx)
+        return httpbody_pb2.HttpBody(content_type=STYLESHEET_TYPE, data=shown.custom_css.encode())
 
     # Migrations
 
