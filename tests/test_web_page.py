@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from towerco.features.v1 import feature_gate_service_pb2 as features_pb
 from towerco.sites.v1 import sites_service_pb2 as sites_pb
 from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 
@@ -69,6 +70,11 @@ def browser() -> Path:
 CUSTOM_CSS = "h1 { color: #7B2D8E; }\nmain { background-color: #FEF3C7; }\n"
 CSS_NAME_COLOR = "rgb(123, 45, 142)"
 CSS_MAIN_BACKGROUND = "rgb(254, 243, 199)"
+#: What the page shows without the tenant's CSS: app.css's white heading, no background.
+DEFAULT_NAME_COLOR = "rgb(255, 255, 255)"
+TRANSPARENT = "rgba(0, 0, 0, 0)"
+#: The platform's primary colour (#3B82F6), GetBranding's for a tenant without custom_branding.
+PLATFORM_PRIMARY = "rgb(59, 130, 246)"
 
 
 @pytest.fixture
@@ -176,6 +182,39 @@ def _shows_the_tenants_css(report: dict[str, Any]) -> None:
     assert report["mainBackground"] == CSS_MAIN_BACKGROUND, report
     assert report["cspViolations"] == [], report
     assert report["inlineStyleApplied"] is False, report
+
+
+def _set_plan(features, platform_token: str, tenant: str, plan: str) -> None:
+    features.SetTenantPlan(
+        features_pb.SetTenantPlanRequest(tenant_id=tenant, plan=plan), metadata=bearer(platform_token), timeout=10
+    )
+
+
+def test_a_tenant_without_custom_branding_sees_the_platform_theme_and_back_after_an_upgrade(
+    gateway, browser, branded, registry, features, platform_token, eventually
+):
+    url = f"http://{branded}.localhost:{gateway.port}/"
+
+    def served_primary(expected: str) -> None:
+        shown = registry.GetBranding(tenant_pb.GetBrandingRequest(tenant_id=branded), timeout=10)
+        assert shown.primary_color.upper() == expected
+
+    _set_plan(features, platform_token, branded, "professional")  # no custom_branding
+    eventually(lambda: served_primary("#3B82F6"), within=5)
+    plain = browse(browser, url, "", SCREENSHOTS / "web-page-platform-theme.png")
+    assert plain["companyName"] == "Kilimanjaro Towers"  # the name is the tenant's on every plan
+    assert plain["primaryColor"] == PLATFORM_PRIMARY
+    assert plain["companyNameColor"] == DEFAULT_NAME_COLOR  # its stored CSS is not served
+    assert plain["mainBackground"] == TRANSPARENT
+    assert plain["stylesheets"] == ["/app.css", stylesheet_path()], plain
+    assert plain["cspViolations"] == [] and plain["consoleErrors"] == [], plain
+
+    _set_plan(features, platform_token, branded, "enterprise")
+    eventually(lambda: served_primary("#0A7E3D"), within=5)
+    themed = browse(browser, url, "", SCREENSHOTS / "web-page-tenant-theme.png")
+    assert themed["primaryColor"] == "rgb(10, 126, 61)"
+    _shows_the_tenants_css(themed)
+    assert themed["consoleErrors"] == [], themed
 
 
 def test_the_gateway_serves_each_hosts_tenant_its_own_stylesheet(gateway, branded, registry, tenant_pair):
