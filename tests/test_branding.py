@@ -17,6 +17,8 @@ from towerco.features.v1 import feature_gate_service_pb2 as features_pb
 from towerco.tenant.v1 import tenant_registry_service_pb2 as pb
 
 from .support import bearer, expect_error
+from .support.requests import create_tenant
+from .test_custom_css import meaning
 
 THEME = pb.Branding(
     logo_url="https://cdn.acme-towers.example/logo.svg",
@@ -169,3 +171,94 @@ def test_a_downgraded_tenant_may_clear_its_stored_theme(registry, features, new_
         "",
     )
     assert cleared.branding.secondary_color == THEME.secondary_color  # not named: kept
+
+
+# --- safe custom CSS ---------------------------------------------------------------------
+
+LOGO = "https://cdn.acme-towers.example/brand/logo.svg"
+SHEET = "header h1 { color: #FFEE00 }"
+#: (id, sheet, where the refusal must point, a word it must name)
+HOSTILE: list[tuple[str, str, str, str]] = [
+    ("import", "h1 { color: red }\n@import 'https://evil.example/x.css';", "line 2, column 1", "@import"),
+    ("import_spelled_by_escapes", "h1 { color: red }\n\n@\\69 mport 'x.css';", "line 3, column 1", "@import"),
+    (
+        "font_face",
+        "@font-face { font-family: x; src: url(https://evil.example/f.woff) }",
+        "line 1, column 1",
+        "@font-face",
+    ),
+    ("remote_url", "h1 {\n  background: url(https://evil.example/x.png)\n}", "line 2, column 15", "evil.example"),
+    (
+        "url_spelled_by_escapes",
+        "h1 {\n  background: \\75 rl(https://evil.example/x)\n}",
+        "line 2, column 15",
+        "evil.example",
+    ),
+    ("expression", "h1 { color: expression(alert(1)) }", "line 1, column 13", "expression"),
+    ("expression_spelled_by_escapes", "h1 { color: \\65xpression(alert(1)) }", "line 1, column 13", "expression"),
+    ("javascript_url", "h1 { background: url('javascript:alert(1)') }", "line 1, column 18", "javascript:"),
+    ("end_style", "h1 { color: red }\n</style><script>alert(1)</script>", "line 2, column 1", "'<'"),
+    ("oversized", "h1 { color: red }\n" + "/* padding */\n" * 1300, "line 1", "16 KiB"),
+]
+
+
+@pytest.fixture(scope="module")
+def css_tenant(registry, platform_token, token) -> tuple[str, Any]:
+    """An enterprise tenant whose logo is on cdn.acme-towers.example, with SHEET stored."""
+    tenant = create_tenant(registry, platform_token, "css", plan="enterprise")
+    md = bearer(token(tenant))
+    update(registry, md, pb.Branding(logo_url=LOGO, custom_css=SHEET), "branding.logo_url", "branding.custom_css")
+    return tenant, md
+
+
+@pytest.mark.parametrize(("css", "where", "word"), [c[1:] for c in HOSTILE], ids=[c[0] for c in HOSTILE])
+def test_a_hostile_sheet_is_refused_naming_its_line_and_nothing_is_stored(registry, css_tenant, css, where, word):
+    tenant, md = css_tenant
+    error = refused(registry, md, pb.Branding(custom_css=css), "branding.custom_css")
+    assert (error.code, error.fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["settings.branding.custom_css"]), error
+    assert error.bad_request is not None
+    description = error.bad_request.field_violations[0].description
+    assert description.startswith(where) and word in description, description
+    settings = registry.GetTenantSettings(pb.GetTenantSettingsRequest(), metadata=md, timeout=10)
+    assert settings.branding.custom_css == SHEET
+    assert get_branding(registry, tenant).custom_css == SHEET
+
+
+@pytest.mark.parametrize(
+    "css",
+    [
+        ":root { --brand: #7B2D8E; } /* the brand colour */\nheader h1 { color: var(--brand) !important; }",
+        ".logo { background: url('https://cdn.acme-towers.example/brand/bg.png') no-repeat center / cover; }",
+        'ul > li + li, a:hover:not(.muted), [data-testid="site-count"] { color: rgb(10 20 30 / 50%) }',
+        "body { font: italic bold 14px/1.4 'Segoe UI', Roboto, sans-serif; margin: 0 auto; padding: 1rem }",
+    ],
+)
+def test_a_benign_sheet_is_stored_as_written_and_served_with_the_same_meaning(registry, css_tenant, css):
+    tenant, md = css_tenant
+    assert update(registry, md, pb.Branding(custom_css=css), "branding.custom_css").branding.custom_css == css
+    settings = registry.GetTenantSettings(pb.GetTenantSettingsRequest(), metadata=md, timeout=10)
+    assert settings.branding.custom_css == css
+    served = get_branding(registry, tenant).custom_css
+    assert served and meaning(served) == meaning(css), served
+    assert "/*" not in served  # comments are not served
+
+
+async def test_a_sheet_stored_before_the_rules_is_served_sanitized(registry, new_tenant, admin):
+    tenant = new_tenant("cso", plan="enterprise")
+    hostile = (
+        "h1 { color: red; background: url(https://evil.example/x.png) }\n"
+        "@import 'https://evil.example/x.css';\n"
+        "p { border: 1px solid #ccc; behavior: url(x.htc) }\n"
+        "</style><script>alert(1)</script>"
+    )
+    # As an older registry wrote it, before anything read the tenant's settings (nothing cached).
+    await admin.execute(
+        "UPDATE tenant.tenant_settings SET document = jsonb_set(jsonb_set(document, '{settings,branding,customCss}',"
+        " to_jsonb($2::text)), '{settings,branding,logoUrl}', to_jsonb($3::text)) WHERE tenant_id = $1",
+        tenant,
+        hostile,
+        LOGO,
+    )
+    served = get_branding(registry, tenant)
+    assert served.logo_url == LOGO  # the row was read, not a cached default
+    assert meaning(served.custom_css) == meaning("h1 { color: red }\np { border: 1px solid #ccc }"), served

@@ -37,7 +37,7 @@ def box(active: str = "k1") -> SecretBox:
 def valid() -> pb.TenantSettings:
     settings = rules.default_settings("tenant_a", "Operator A")
     settings.branding.logo_url = "https://cdn.operator.example/logo.svg"
-    settings.branding.custom_css = ".header { background: url(/static/bg.png); } /* brand */"
+    settings.branding.custom_css = ".header { background: url(https://cdn.operator.example/bg.png); } /* brand */"
     settings.localization.timezone = "Africa/Nairobi"
     settings.localization.currency = "KES"
     settings.localization.language = "fr-CI"
@@ -245,16 +245,30 @@ def test_custom_css_refuses_what_can_load_or_run_code(css: str) -> None:
     assert fields(settings) == ["settings.branding.custom_css"]
 
 
-def test_custom_css_allows_relative_urls_and_plain_rules() -> None:
-    settings = valid()
+def test_custom_css_allows_plain_rules_and_urls_on_the_logo_host() -> None:
+    settings = valid()  # its logo is on cdn.operator.example
     settings.branding.custom_css = (
         ":root { --brand: #ff0000; } /* colors */\n"
-        ".logo { background: url('/static/logo.png') no-repeat; }\n"
-        ".hero { background-image: image-set('hero.png' 1x, 'hero@2x.png' 2x); }\n"
-        ".note::before { content: 'Note: outages are listed below'; }\n"
-        "ul > li { margin: 0 }"
+        ".logo { background: url('https://cdn.operator.example/bg.png') no-repeat; }\n"
+        "ul > li { margin: 0; color: var(--brand) }"
     )
     assert fields(settings) == []
+
+
+def test_custom_css_urls_are_judged_against_the_stored_logo_when_the_update_does_not_set_one() -> None:
+    stored = valid()  # logo on cdn.operator.example
+    update = pb.TenantSettings(
+        branding=pb.Branding(custom_css="h1 { background: url(https://cdn.operator.example/a.png) }")
+    )
+    other = pb.TenantSettings(branding=pb.Branding(custom_css="h1 { background: url(https://cdn.evil.example/a.png) }"))
+    paths = frozenset({"branding.custom_css"})
+    # Before the stored settings are read, any https:// url() waits for the check with them.
+    assert fields(update, paths) == fields(other, paths) == []
+    assert fields(update, paths, stored=stored) == []
+    assert fields(other, paths, stored=stored) == ["settings.branding.custom_css"]
+    # An update that sets the logo too is judged against its own logo at once.
+    both = frozenset({"branding.custom_css", "branding.logo_url"})
+    assert fields(update, both) == ["settings.branding.custom_css"]  # the update clears the logo: no url() at all
 
 
 @pytest.mark.parametrize(

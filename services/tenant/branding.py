@@ -17,6 +17,7 @@ from services.runtime import entitlements
 from services.runtime.entitlements import EntitlementDirectory, Entitlements
 from services.runtime.errors import ErrorReason, not_found
 
+from . import custom_css
 from .tenant_settings_rules import DEFAULT_PRIMARY, DEFAULT_SECONDARY
 
 #: The feature (services/features/plans.toml) a tenant's own theme needs.
@@ -67,6 +68,17 @@ def theme_changes(stored: pb.Branding, merged: pb.Branding) -> list[str]:
         for name, default in PLATFORM_THEME.items()
         if (getattr(merged, name) or default) not in (getattr(stored, name) or default, default)
     ]
+
+
+def served(stored: pb.Branding, found: Entitlements | None) -> pb.Branding:
+    """What GetBranding shows of ``stored``: the platform's theme without the feature, and
+    only the sanitized custom CSS with it (rows stored under older rules included)."""
+    if not shows_theme(found):
+        return platform_theme(stored)
+    shown = pb.Branding()
+    shown.CopyFrom(stored)
+    shown.custom_css = custom_css.sanitized(stored.custom_css, stored.logo_url)
+    return shown
 
 
 def platform_theme(branding: pb.Branding) -> pb.Branding:

@@ -444,10 +444,9 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
         item = await records.read_settings(self._db, self._cache, tenant_id)
         if item.value is None:
             raise not_found(ErrorReason.TENANT_NOT_FOUND, tenant_id)
-        shown = records.settings_from_value(item.value).branding
-        if not branding.shows_theme(await branding.entitled(self._entitlements, tenant_id)):
-            # Kept, but not served until the plan has it again.
-            shown = branding.platform_theme(shown)
+        stored = records.settings_from_value(item.value).branding
+        # A theme the plan lacks is kept, but not served until the plan has it again.
+        shown = branding.served(stored, await branding.entitled(self._entitlements, tenant_id))
         shown.display_name = str(item.value["display_name"])
         return shown
 

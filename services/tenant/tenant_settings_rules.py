@@ -16,7 +16,7 @@ import itertools
 import math
 import re
 import zoneinfo
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import cache
 
 from google.protobuf import field_mask_pb2
@@ -27,6 +27,7 @@ from services.runtime.errors import ErrorReason, FieldViolation, invalid_argumen
 from services.runtime.field_behavior import MaskPaths
 from services.runtime.validation import Violations, path_key
 
+from . import custom_css
 from .egress import host_problem, url_problem
 from .secrets import MASK
 
@@ -66,7 +67,7 @@ LANGUAGE = re.compile(
 COLOR = re.compile(r"^#[0-9A-Fa-f]{6}$")
 METRIC_KEY = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 RECIPIENT = re.compile(r"^[A-Za-z0-9._@+-]{1,254}$")
-MAX_COMPANY_NAME, MAX_LANGUAGE, MAX_CSS_BYTES = 100, 35, 16 * 1024
+MAX_COMPANY_NAME, MAX_LANGUAGE = 100, 35
 MAX_MAP_ENTRIES, MAX_RULES, MAX_RECIPIENTS, MAX_WEBHOOKS, MAX_API_KEYS = 100, 20, 20, 20, 20
 MAX_SMTP_USERNAME, MAX_SMTP_PASSWORD, MAX_API_KEY = 254, 1024, 4096
 SLA_RANGE, THRESHOLD_RANGE = (0.0, 1e6), (-1e9, 1e9)
@@ -74,22 +75,6 @@ MAX_AFTER_MINUTES = 7 * 24 * 60
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _NOT_ZONES = frozenset({"localtime", "Factory", "posixrules"})
-_CSS_COMMENT = re.compile(r"/\*.*?(\*/|$)", re.DOTALL)
-# Functions that load what they name; image-set("https://...") loads like url().
-_CSS_URL_FUNCTIONS = ("url", "image-set", "cross-fade", "src")
-_CSS_TOKEN = re.compile(r"[\"'()]")
-_CSS_UNQUOTED_URL = re.compile(r"[^\"')][^)]*")
-_CSS_FORBIDDEN = (
-    ("@import", "must not use @import"),
-    ("expression(", "must not use expression()"),
-    ("javascript:", "must not contain javascript: URLs"),
-    ("</style", "must not contain </style"),
-    ("<", "must not contain '<'"),
-    ("behavior:", "must not use behavior:"),
-    ("-moz-binding", "must not use -moz-binding"),
-)
-_OTHER_ORIGIN = re.compile(r"^(//|[a-z][a-z0-9+.-]*:)")
-_URL_TRIM = "".join(map(chr, range(0x21)))  # C0 controls and space
 NO_PASSWORD_TO_KEEP = f"is {MASK} (keep the stored password) but none is stored; send the password or leave it empty"
 NO_KEY_TO_KEEP = f"is {MASK} (keep the stored key) but no key is stored under this name; send the key"
 
@@ -155,7 +140,10 @@ def validate(
     def covered(path: str) -> bool:
         return _covered(paths, path)
 
-    _branding(v, subject.branding, covered)
+    # url() in custom CSS may name only the logo's host: unknown until the stored logo is read,
+    # unless this update sets the logo too.
+    logo = subject.branding.logo_url if stored is not None or covered("branding.logo_url") else None
+    _branding(v, subject.branding, covered, logo)
     _localization(v, subject.localization, covered)
     rules, at = subject.business_rules, "settings.business_rules"
     if covered("business_rules.sla_targets"):
@@ -173,7 +161,7 @@ def validate(
         _api_keys(v, subject.integrations.api_keys, stored)
 
 
-def _branding(v: Violations, b: pb.Branding, covered: Callable[[str], bool]) -> None:
+def _branding(v: Violations, b: pb.Branding, covered: Callable[[str], bool], logo: str | None) -> None:
     at = "settings.branding"
     if covered("branding.company_name"):
         v.text(f"{at}.company_name", b.company_name, max_len=MAX_COMPANY_NAME)
@@ -181,12 +169,13 @@ def _branding(v: Violations, b: pb.Branding, covered: Callable[[str], bool]) -> 
         problem = url_problem(b.logo_url, public=False)
         if problem:
             v.add(f"{at}.logo_url", problem)
+            logo = None  # a bad logo is its own violation; url() in the CSS is judged once it is fixed
     for name in ("primary_color", "secondary_color"):
         value, default = getattr(b, name), DEFAULTS[f"branding.{name}"]
         if covered(f"branding.{name}") and value and not COLOR.fullmatch(value):
             v.add(f"{at}.{name}", f"must be a color as #RRGGBB such as {default} (empty means {default})")
     if covered("branding.custom_css") and b.custom_css:
-        problem = css_problem(b.custom_css)
+        problem = custom_css.problem(b.custom_css, logo)
         if problem:
             v.add(f"{at}.custom_css", problem)
 
@@ -210,51 +199,6 @@ def _zones() -> frozenset[str]:
     if not zones:
         raise RuntimeError("no IANA time zone database found; install the tzdata package")
     return zones
-
-
-def css_problem(css: str) -> str | None:
-    """Why ``css`` may not be added to the tenant's pages, or None."""
-    size = len(css.encode())
-    if size > MAX_CSS_BYTES:
-        return f"must be at most {MAX_CSS_BYTES // 1024} KiB as UTF-8 (got {size} bytes)"
-    if "\\" in css:
-        return "must not contain backslash escapes (they can spell any forbidden word)"
-    text = _CSS_COMMENT.sub("", css).lower()
-    compact = re.sub(r"\s+", "", text)
-    for needle, why in _CSS_FORBIDDEN:
-        if needle in text or needle in compact:
-            return why
-    for target in _css_urls(compact):
-        # As URL parsers do: tabs and line breaks dropped (gone from compact), spaces and controls trimmed.
-        if _OTHER_ORIGIN.match(target.strip(_URL_TRIM)):
-            return "url() and image-set() may only name paths on the platform's own origin, not another origin"
-    return None
-
-
-def _css_urls(css: str) -> Iterator[str]:
-    """What url(), image-set(), cross-fade() and src() name in ``css``, in one linear pass."""
-    frames: list[bool] = []  # per open parenthesis: does it belong to one of those functions?
-    inside = 0
-    token = _CSS_TOKEN.search(css)
-    while token is not None:
-        at, char, resume = token.start(), token.group(), token.end()
-        if char in "\"'":
-            end = css.find(char, at + 1)
-            end = len(css) if end < 0 else end
-            if inside:
-                yield css[at + 1 : end]
-            resume = end + 1
-        elif char == "(":
-            unquoted = _CSS_UNQUOTED_URL.match(css, at + 1) if css.endswith("url", 0, at) else None
-            if unquoted is not None:
-                yield unquoted.group()
-                resume = unquoted.end() + 1
-            else:
-                frames.append(css.endswith(_CSS_URL_FUNCTIONS, 0, at))
-                inside += frames[-1]
-        elif frames:
-            inside -= frames.pop()
-        token = _CSS_TOKEN.search(css, resume)
 
 
 def _numbers(v: Violations, field: str, values: Mapping[str, float], bounds: tuple[float, float]) -> None:
