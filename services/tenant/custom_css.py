@@ -35,90 +35,24 @@ from urllib.parse import urlsplit
 import tinycss2
 from tinycss2 import ast
 
+from .css_allow_list import (
+    ATTRIBUTE_MATCHES,
+    FONT_KEYWORDS,
+    FUNCTIONS,
+    PROPERTIES,
+    PSEUDO_CLASSES,
+    PSEUDO_FUNCTIONS,
+    SAFE_FONTS,
+    SECRET_ATTRIBUTES,
+    SELECTOR_LITERALS,
+    VALUE_LITERALS,
+)
+
 MAX_BYTES = 16 * 1024
 MAX_RULES = 200
 #: Deepest nesting of functions and brackets in a selector or value (calc(min(...))).
 MAX_DEPTH = 8
 
-#: Properties a tenant may set (lower case). Nothing that positions, hides, overlays or
-#: adds content: the page's layout and its security notices stay the platform's.
-PROPERTIES = frozenset(
-    """color accent-color caret-color
-    background background-color background-image background-position background-position-x
-    background-position-y background-size background-repeat background-origin background-clip
-    border border-color border-style border-width border-top border-right border-bottom border-left
-    border-top-color border-right-color border-bottom-color border-left-color border-top-style
-    border-right-style border-bottom-style border-left-style border-top-width border-right-width
-    border-bottom-width border-left-width border-collapse border-spacing
-    border-radius border-top-left-radius border-top-right-radius border-bottom-left-radius
-    border-bottom-right-radius outline outline-color outline-style outline-width outline-offset
-    margin margin-top margin-right margin-bottom margin-left margin-block margin-inline
-    padding padding-top padding-right padding-bottom padding-left padding-block padding-inline gap row-gap
-    column-gap font font-family font-size font-weight font-style font-variant font-stretch line-height
-    letter-spacing word-spacing text-align text-decoration text-decoration-color text-decoration-line
-    text-decoration-style text-decoration-thickness text-underline-offset text-transform text-shadow
-    white-space box-shadow""".split()
-)
-#: Font families a sheet may name (lower case): the generic families and fonts that
-#: operating systems ship, so naming one never makes the browser fetch anything.
-SAFE_FONTS = frozenset(
-    {
-        *"serif sans-serif monospace cursive fantasy system-ui ui-serif ui-sans-serif ui-monospace".split(),
-        *"ui-rounded math emoji -apple-system blinkmacsystemfont".split(),
-        "arial",
-        "helvetica",
-        "helvetica neue",
-        "segoe ui",
-        "roboto",
-        "noto sans",
-        "open sans",
-        "ubuntu",
-        "cantarell",
-        "verdana",
-        "tahoma",
-        "trebuchet ms",
-        "georgia",
-        "times",
-        "times new roman",
-        "garamond",
-        "courier",
-        "courier new",
-        "consolas",
-        "menlo",
-        "monaco",
-        "sfmono-regular",
-        "liberation sans",
-        "liberation serif",
-        "liberation mono",
-        "dejavu sans",
-        "dejavu serif",
-        "dejavu sans mono",
-    }
-)
-#: Idents of the ``font`` shorthand that are not family names.
-FONT_KEYWORDS = frozenset(
-    """normal italic oblique bold bolder lighter small-caps condensed expanded semi-condensed
-    semi-expanded extra-condensed extra-expanded ultra-condensed ultra-expanded xx-small x-small
-    small medium large x-large xx-large xxx-large smaller larger caption icon menu message-box
-    small-caption status-bar inherit initial unset revert""".split()
-)
-#: Functions a value may use (lower case); ``url`` is judged apart.
-FUNCTIONS = frozenset(
-    """rgb rgba hsl hsla hwb lab lch oklab oklch color color-mix var calc min max clamp
-    linear-gradient radial-gradient conic-gradient repeating-linear-gradient
-    repeating-radial-gradient repeating-conic-gradient""".split()
-)
-PSEUDO_CLASSES = frozenset(
-    """hover focus focus-visible focus-within active link any-link disabled enabled checked
-    first-child last-child only-child first-of-type last-of-type only-of-type empty root
-    placeholder-shown before after placeholder selection first-line first-letter marker""".split()
-)
-PSEUDO_FUNCTIONS = frozenset("not is where nth-child nth-last-child nth-of-type nth-last-of-type".split())
-SELECTOR_LITERALS = frozenset({".", ",", ">", "+", "~", "*", ":"})
-ATTRIBUTE_MATCHES = frozenset({"=", "~=", "|="})
-#: Attributes whose values a selector may not test: what a user typed.
-SECRET_ATTRIBUTES = frozenset({"value", "defaultvalue"})
-VALUE_LITERALS = frozenset({",", "/", "+", "-", "*"})
 NAME = re.compile(r"-{0,2}[A-Za-z_][A-Za-z0-9_-]*")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
 _HEX_COLOR = re.compile(r"[0-9A-Fa-f]{3,4}|[0-9A-Fa-f]{6}|[0-9A-Fa-f]{8}")
@@ -193,6 +127,15 @@ def _raw_problems(css: str) -> Iterator[Problem]:
             yield Problem(*_position(css, match.start()), what)
 
 
+def _served_rule(rule: ast.QualifiedRule, body: list[str]) -> str:
+    """A rule as served; never with a '<' (an escape decoded into a string would be written raw)."""
+    text = f"{tinycss2.serialize(rule.prelude).strip()} {{ {'; '.join(body)} }}"
+    for pattern, what in _RAW_RULES:
+        if pattern.search(text):
+            raise _NotAllowedError(rule, what)
+    return text
+
+
 def _position(css: str, index: int) -> tuple[int, int]:
     line = css.count("\n", 0, index) + 1
     return line, index - (css.rfind("\n", 0, index) + 1) + 1
@@ -217,7 +160,7 @@ class _Sheet:
                     self._selector(node.prelude)
                     body = self._declarations(node)
                     if body:
-                        kept.append(f"{tinycss2.serialize(node.prelude).strip()} {{ {'; '.join(body)} }}")
+                        kept.append(_served_rule(node, body))
                 else:
                     raise _NotAllowedError(node, _not_a_rule(node))
             except _NotAllowedError as refused:
@@ -297,6 +240,7 @@ class _Sheet:
 
     def _url(self, token: Any, address: str) -> None:
         bare = address.strip()
+        _plain_text(token, bare)
         if self.logo == "":
             raise _NotAllowedError(token, f"{_URL_HINT}, and no logo_url is set")
         if "javascript:" in bare.lower().replace(" ", ""):
@@ -400,6 +344,8 @@ class _Sheet:
             raise _NotAllowedError(rest[1], "only the flags i and s may follow an attribute value")
         if rest[0].type == "ident":
             _name(rest[0], rest[0].value, "attribute value")
+        else:
+            _plain_text(rest[0], rest[0].value)
 
 
 class _Nowhere:
@@ -465,6 +411,13 @@ def _name(token: Any, value: str, what: str) -> None:
     """A name as it decodes: letters, digits, ``-`` and ``_`` only (escapes spell nothing else)."""
     if not NAME.fullmatch(value):
         raise _NotAllowedError(token, f"{_shown(value)} is not allowed as a {what}{_danger(value)}")
+
+
+def _plain_text(token: Any, value: str) -> None:
+    """A decoded string or address: no '<' and no control character, however it was escaped."""
+    for pattern, what in _RAW_RULES:
+        if pattern.search(value):
+            raise _NotAllowedError(token, f"{what}, also when escaped")
 
 
 def _danger(word: str) -> str:
