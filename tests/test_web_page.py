@@ -144,9 +144,9 @@ def test_the_page_signs_in_themes_itself_and_lists_the_tenants_sites(gateway, br
     assert expired["consoleErrors"] == [] and expired["failedRequests"] == [], expired
 
 
-def _get(settings: GatewaySettings, path: str, host: str) -> http.client.HTTPResponse:
+def _get(settings: GatewaySettings, path: str, host: str, **headers: str) -> http.client.HTTPResponse:
     connection = http.client.HTTPConnection("127.0.0.1", settings.port, timeout=10)
-    connection.request("GET", path, headers={"Host": host})
+    connection.request("GET", path, headers={"Host": host, **headers})
     response = connection.getresponse()
     response.body = response.read()  # type: ignore[attr-defined]
     connection.close()
@@ -233,6 +233,12 @@ def test_the_gateway_serves_each_hosts_tenant_its_own_stylesheet(gateway, brande
     other = _get(gateway, stylesheet_path(), f"{tenant_pair[0]}.localhost:{port}")
     assert (other.status, other.getheader("content-type"), other.body) == (200, "text/css; charset=utf-8", b"")  # type: ignore[attr-defined]
 
+    # A tenant header of the client's own is removed at the edge: the host's tenant it is.
+    spoofed = _get(gateway, stylesheet_path(), f"{tenant_pair[0]}.localhost:{port}", **{"x-tenant-id": branded})
+    assert (spoofed.status, spoofed.body) == (200, b"")  # type: ignore[attr-defined]
+
     # A host that names no tenant, and a tenant that does not exist: refusals, not a sheet.
     assert _get(gateway, stylesheet_path(), f"localhost:{port}").status == 401
+    assert _get(gateway, stylesheet_path(), f"localhost:{port}", **{"x-tenant-id": branded}).status == 401
     assert _get(gateway, stylesheet_path(), f"no_such_tenant.localhost:{port}").status == 404
+
