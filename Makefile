@@ -78,7 +78,8 @@ web: $(WEB_STAMP)
 # with the overlay's platform.env (its towerco-gateway ConfigMap is generated from it).
 OVERLAYS := dev prod
 gateway-config: $(GEN_STAMP)
-	$(foreach o,$(OVERLAYS),$(PY) -m gateway render --overlay $(o) --out deploy/kubernetes/overlays/$(o)/gateway-envoy.json &&) true
+	$(foreach o,$(OVERLAYS),$(PY) -m gateway render --overlay $(o) --out deploy/kubernetes/overlays/$(o)/gateway-envoy.json \
+		--template-out deploy/kubernetes/overlays/$(o)/gateway-routes-template.json &&) true
 
 # README.md's configuration table, from the environment variables each process declares.
 settings-doc: $(GEN_STAMP)

@@ -5,14 +5,18 @@
 every interface, and the environment's values (base domain, CORS origins, JWT issuer,
 audience and JWKS URL) from the overlay's ``platform.env``, the file its ``towerco-platform``
 ConfigMap is generated from, so the gateway and the services read the same values.
-``make gateway-config`` writes each overlay's ``gateway-envoy.json`` so (a test checks they
-are current). ``validate`` runs ``envoy --mode validate`` on the dev configuration and every
-overlay's, and fails on any error or deprecation warning.
+``make gateway-config`` writes each overlay's ``gateway-envoy.json`` and, since a cluster's
+gateway reads its routes from a file, ``gateway-routes-template.json`` (a test checks they
+are current). ``domains`` keeps that routes file in step with the tenants' custom domains
+(gateway/domains.py). ``validate`` runs ``envoy --mode validate`` on the dev configuration
+and every overlay's, their routes with a custom domain, and fails on any error or
+deprecation warning.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -20,7 +24,8 @@ from pathlib import Path
 
 from services.runtime.settings import DEFAULT_PORTS, SettingsError
 
-from .config import GatewaySettings, render_json
+from . import domains
+from .config import GatewaySettings, render, render_json, routes_template
 from .envoy import EnvoyError, validate
 
 #: Where the kustomize overlays are, each with its ``platform.env``.
@@ -30,11 +35,15 @@ DEPLOY_ENV = {
     "GATEWAY_BIND_HOST": "0.0.0.0",  # noqa: S104 - the pod's listener
     # The demo page is a dev aid; production frontends are their own apps, allowed by CORS.
     "GATEWAY_WEB_DIR": "/nonexistent",
+    # An emptyDir the pod's `domains` container writes the routes file into (base/gateway.yaml).
+    "GATEWAY_ROUTES_DIR": "/var/run/towerco-gateway/routes",
     # Headless Services: STRICT_DNS sees every ready pod and balances calls over them.
     **{f"{name.upper()}_TARGET": f"{name}:{port}" for name, port in DEFAULT_PORTS.items()},
 }
 #: What an overlay must set in its platform.env for the gateway.
 OVERLAY_VALUES = ("BASE_DOMAIN", "GATEWAY_CORS_ORIGINS", "JWT_ISSUER", "JWT_AUDIENCE", "JWT_JWKS_URL")
+#: The custom domain ``validate`` routes, so that a domain's virtual host is checked too.
+SAMPLE_DOMAIN = {"aiops.operator.example": "tenant_a"}
 
 
 def overlays() -> list[str]:
@@ -70,6 +79,9 @@ def _render(args: argparse.Namespace) -> int:
     else:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
+    if args.template_out is not None:
+        args.template_out.parent.mkdir(parents=True, exist_ok=True)
+        args.template_out.write_text(routes_template(settings).to_json())
     return 0
 
 
@@ -78,9 +90,13 @@ def _validate(args: argparse.Namespace) -> int:
         renderings = [("dev", GatewaySettings.from_env())]
         renderings += [(f"overlay {name}", deploy_settings(overlay_values(name))) for name in overlays()]
         for name, settings in renderings:
-            path = Path(folder) / f"envoy-{name.replace(' ', '-')}.json"
-            path.write_text(render_json(settings))
-            validate(path)
+            stem = Path(folder) / f"envoy-{name.replace(' ', '-')}"
+            # Envoy's validate mode reads no routes file: the routes, with a custom domain, inline.
+            stem.with_suffix(".json").write_text(json.dumps(render(settings, domains=SAMPLE_DOMAIN)))
+            validate(stem.with_suffix(".json"))
+            if settings.routes_dir:  # and the bootstrap that reads them from the routes file
+                stem.with_suffix(".rds.json").write_text(render_json(settings))
+                validate(stem.with_suffix(".rds.json"))
             print(f"gateway: envoy --mode validate: {name} configuration OK")
     return 0
 
@@ -92,9 +108,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     render.add_argument("--overlay", help="a cluster's (deploy/kubernetes/overlays/<name>) instead of this machine's")
     render.add_argument("--out", type=Path, help="write here instead of printing")
     render.set_defaults(func=_render)
+    render.add_argument("--template-out", type=Path, help="also write the routes template `domains` reads")
     sub.add_parser("validate", help="envoy --mode validate on the dev and every overlay's rendering").set_defaults(
         func=_validate
     )
+    sub.add_parser("domains", help="keep the routes file in step with the custom domains (see gateway/domains.py)")
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["domains"]:
+        return domains.main(argv[1:])
     args = parser.parse_args(argv)
     try:
         result: int = args.func(args)

@@ -48,12 +48,17 @@ from services.runtime.settings import (
     JWT_JWKS_URL,
     JWT_LEEWAY_SECONDS,
     PORTS,
+    SERVICE_JWT_ISSUER,
+    SERVICE_KEY_FILE,
+    SERVICE_KEY_ID,
     TARGETS,
     SettingsError,
     data_dir,
     service_targets,
 )
 
+from .domains import EDGE_FILTER, ROUTES_FILE, TENANT_KEY, RoutesTemplate
+from .domains import route_config as with_domains
 from .overload import overload_manager
 
 HERE = Path(__file__).resolve().parent
@@ -110,6 +115,8 @@ PENALTY_BOX_PACE_SECONDS = 5
 PENALTY_BOX_MAX_ENTRIES = 20000
 #: Every platform API path starts so; the token rule and the tenant rule apply to them.
 API_PREFIX = "/towerco."
+#: The listener's route configuration, inline or from the routes file (RDS).
+ROUTE_CONFIG_NAME = "gateway"
 #: What a load balancer asks the gateway (HTTP GET on the listener): 200 while it serves.
 HEALTH_PATH = "/healthz"
 #: The web page may load only itself; its API calls go to its own origin. Its styles are
@@ -194,6 +201,14 @@ GATEWAY_WEB_DIR = text(
     shown="`gateway/web/dist`",
 )
 
+GATEWAY_ROUTES_DIR = text(
+    "GATEWAY_ROUTES_DIR",
+    "",
+    "the folder of the gateway's routes file: Envoy reloads it when `python -m gateway domains` renames a new one "
+    "in, with the tenants' custom domains (see Gateway). Unset: routes in the configuration, no custom domains",
+    shown="`$DATA_DIR/gateway/routes` under `make run`",
+)
+
 GATEWAY_SETTINGS = SettingsTable.of(
     "gateway",
     GATEWAY_BIND_HOST,
@@ -209,6 +224,7 @@ GATEWAY_SETTINGS = SettingsTable.of(
     GATEWAY_TLS_KEY_FILE,
     GATEWAY_UPSTREAM_TLS_CA_FILE,
     GATEWAY_WEB_DIR,
+    GATEWAY_ROUTES_DIR,
     BASE_DOMAIN,
     JWT_ISSUER,
     JWT_AUDIENCE,
@@ -219,6 +235,10 @@ GATEWAY_SETTINGS = SettingsTable.of(
     TARGETS.values(),
     # Read by Envoy itself (``%ENVIRONMENT(GATEWAY_SECRET)%``), never by the renderer.
     GATEWAY_SECRET,
+    # The domain sync's identity towards the registry (gateway/domains.py).
+    SERVICE_JWT_ISSUER,
+    SERVICE_KEY_FILE,
+    SERVICE_KEY_ID,
     DATA_DIR,
 )
 
@@ -266,6 +286,9 @@ class GatewaySettings:
     tls_key_file: str = ""
     #: The CA the services' certificates chain to, or empty to call them in plaintext.
     upstream_tls_ca_file: str = ""
+    #: The folder Envoy reads its routes file from (RDS), rewritten with the custom domains;
+    #: empty: the routes are in the configuration itself, without custom domains.
+    routes_dir: str = ""
 
     @property
     def serves_tls(self) -> bool:
@@ -311,6 +334,7 @@ class GatewaySettings:
             tls_cert_file=cert_file,
             tls_key_file=key_file,
             upstream_tls_ca_file=GATEWAY_UPSTREAM_TLS_CA_FILE.read(env),
+            routes_dir=GATEWAY_ROUTES_DIR.read(env),
         )
 
 
@@ -372,8 +396,11 @@ def rate_limit_name(policy: Policy) -> str:
 # The template
 
 
-def render(settings: GatewaySettings, routes: list[Api] | None = None) -> dict[str, Any]:
-    """The Envoy bootstrap for ``settings``."""
+def render(
+    settings: GatewaySettings, routes: list[Api] | None = None, domains: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The Envoy bootstrap for ``settings``: its routes read from ``routes_dir`` if set, else in
+    it, with ``domains`` (custom domain -> tenant) if given (what ``validate`` checks)."""
     if bool(settings.jwt_jwks_file) == bool(settings.jwt_jwks_url):
         raise SettingsError("set exactly one of JWT_JWKS_FILE and JWT_JWKS_URL")
     routes = apis() if routes is None else routes
@@ -387,7 +414,7 @@ def render(settings: GatewaySettings, routes: list[Api] | None = None) -> dict[s
         "node": {"id": "towerco-gateway", "cluster": "towerco-gateway"},
         "admin": {"address": _address("127.0.0.1", settings.admin_port)},
         "static_resources": {
-            "listeners": [_listener(settings, routes)],
+            "listeners": [_listener(settings, routes, domains)],
             "clusters": clusters,
         },
         "overload_manager": overload_manager(settings.max_connections, settings.max_heap_mb * 2**20),
@@ -396,6 +423,40 @@ def render(settings: GatewaySettings, routes: list[Api] | None = None) -> dict[s
 
 def render_json(settings: GatewaySettings, routes: list[Api] | None = None) -> str:
     return json.dumps(render(settings, routes), indent=2) + "\n"
+
+
+def routes_template(settings: GatewaySettings, routes: list[Api] | None = None) -> RoutesTemplate:
+    """What ``python -m gateway domains`` adds the custom domains to: the rendered routes, the
+    Host values of a domain (bare, and with the listener's port), and the origins its CORS
+    policy admits: ``https://<domain>``, and each ``scheme://*.<BASE_DOMAIN>[:port]`` of
+    ``GATEWAY_CORS_ORIGINS`` with the domain in place of the subdomains."""
+    subdomains = f"*.{settings.base_domain}"
+    origins = ["https://{domain}"]
+    for origin in settings.cors_origins:
+        parts = urlsplit(origin)
+        if parts.hostname == subdomains:
+            form = origin.replace(subdomains, "{domain}", 1)
+            origins += [] if form in origins else [form]
+    return RoutesTemplate(
+        _route_config(settings, apis() if routes is None else routes),
+        ("{domain}", f"{{domain}}:{settings.port}"),
+        tuple(origins),
+    )
+
+
+def _route_source(settings: GatewaySettings, routes: list[Api], domains: Mapping[str, str] | None) -> dict[str, Any]:
+    """The connection manager's routes: RDS from ``routes_dir`` (reloaded when a new file is
+    renamed into it), or inline."""
+    if domains is not None or not settings.routes_dir:
+        return {"route_config": with_domains(routes_template(settings, routes), domains or {})}
+    folder = Path(settings.routes_dir)
+    source = {"path": str(folder / ROUTES_FILE), "watched_directory": {"path": str(folder)}}
+    return {
+        "rds": {
+            "route_config_name": ROUTE_CONFIG_NAME,
+            "config_source": {"resource_api_version": "V3", "path_config_source": source},
+        }
+    }
 
 
 def _address(host: str, port: int) -> dict[str, Any]:
@@ -410,7 +471,7 @@ def _seconds(value: float) -> str:
     return f"{value:g}s"
 
 
-def _listener(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
+def _listener(settings: GatewaySettings, routes: list[Api], domains: Mapping[str, str] | None) -> dict[str, Any]:
     manager = _typed(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="gateway",
@@ -459,7 +520,7 @@ def _listener(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
             # Tokens of tenants' own issuers are marked for jwt_authn to leave to the services.
             {"name": "towerco.tenant_issuer", "typed_config": _tenant_issuer_lua(settings)},
             {"name": "envoy.filters.http.jwt_authn", "typed_config": _jwt_authn(settings, routes)},
-            {"name": "towerco.edge_identity", "typed_config": _edge_lua(settings, routes)},
+            {"name": EDGE_FILTER, "typed_config": _edge_lua(settings, routes)},
             # After the tenant is known: a tenant's own calls while it is over its rate.
             {"name": "towerco.penalty_box", "typed_config": _penalty_box_lua(routes)},
             # The page's stylesheet only (GET /branding.css -> GetBrandingStylesheet): off by
@@ -470,7 +531,7 @@ def _listener(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
                 "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router"),
             },
         ],
-        route_config=_route_config(settings, routes),
+        **_route_source(settings, routes, domains),
     )
     return {
         "name": "gateway",
@@ -627,7 +688,7 @@ def _route_config(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any
     ]
     page_routes = _page_routes(settings, routes)
     return {
-        "name": "gateway",
+        "name": ROUTE_CONFIG_NAME,
         "max_direct_response_body_size_bytes": _largest_page_file(settings) * 2,
         "virtual_hosts": [
             {
@@ -884,6 +945,7 @@ def _edge_lua(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
         internal_prefix=_lua_string(INTERNAL_PREFIX),
         public_paths=f"{{{public}}}",
         tenant_id=_lua_rule(TENANT_ID),
+        tenant_key=_lua_string(TENANT_KEY),
         no_tenant_message=_lua_string(grpc_message(message)),
         no_tenant_details=_lua_string(details),
     )

@@ -3,7 +3,9 @@
 -- 1. Identity headers are the gateway's to set, never the client's: every header in
 --    EDGE.identity_headers and every header starting with EDGE.internal_prefix is removed.
 -- 2. The tenant comes from the Host: "<tenant>.<base domain>" (strict: the tenant id rule
---    of the services, EDGE.tenant_id) sets x-tenant-id. Any other host names no tenant.
+--    of the services, EDGE.tenant_id) sets x-tenant-id; so does a tenant's custom domain,
+--    whose routes name the tenant in their metadata (EDGE.tenant_key, gateway/domains.py).
+--    Any other host names no tenant.
 -- 3. Without a tenant only public RPCs, the web page and CORS preflights pass; any other
 --    API call is refused with PERMISSION_DENIED and ErrorInfo TENANT_SUBDOMAIN_REQUIRED.
 --
@@ -46,7 +48,8 @@ end
 function envoy_on_request(handle)
   local headers = handle:headers()
   strip_identity(headers)
-  local tenant = tenant_from_host(headers:get(":authority"))
+  -- A custom domain's tenant only when the host is no subdomain: subdomain calls read no metadata.
+  local tenant = tenant_from_host(headers:get(":authority")) or handle:metadata():get(EDGE.tenant_key)
   if tenant ~= nil then
     headers:add("x-tenant-id", tenant)
     return

@@ -41,9 +41,9 @@ def validate(config: Path) -> str:
 
     Envoy reads the TLS files it names. A cluster's (a Secret mounted in the pod) are not on
     this machine: those absent here are checked as a stand-in self-signed pair, and the
-    output says so."""
+    output says so; so is a cluster's routes file (an emptyDir the pod's domain sync fills)."""
     with tempfile.TemporaryDirectory(prefix="towerco-envoy-") as folder:
-        checked, stood_in = _with_stand_in_tls_files(config, Path(folder))
+        checked, stood_in, routes = _with_stand_ins(config, Path(folder))
         result = subprocess.run(  # noqa: S603 - our own binary and file
             [str(envoy_binary()), "--mode", "validate", "-c", str(checked), "--disable-hot-restart", "-l", "warning"],
             capture_output=True,
@@ -54,6 +54,8 @@ def validate(config: Path) -> str:
     output = (result.stdout + result.stderr).replace(str(checked), str(config))
     if stood_in:
         output += f"TLS files absent here, checked with a stand-in pair: {', '.join(sorted(stood_in))}\n"
+    if routes:
+        output += f"routes file absent here, checked with an empty stand-in: {', '.join(sorted(routes))}\n"
     if result.returncode != 0 or "OK" not in output:
         raise EnvoyError(f"envoy refused {config}:\n{output}")
     if "deprecated" in output.lower():
@@ -65,8 +67,9 @@ def validate(config: Path) -> str:
 _TLS_FILE_FIELDS = {"certificate_chain": "cert", "private_key": "key", "trusted_ca": "cert"}
 
 
-def _with_stand_in_tls_files(config: Path, folder: Path) -> tuple[Path, set[str]]:
-    """``config``, or a copy in ``folder`` whose TLS files absent here are a stand-in pair."""
+def _with_stand_ins(config: Path, folder: Path) -> tuple[Path, set[str], set[str]]:
+    """``config``, or a copy in ``folder`` whose TLS files absent here are a stand-in pair and
+    whose routes file absent here an empty one; the TLS files and the routes file stood in for."""
     document = json.loads(config.read_text())
     absent: set[str] = set()
 
@@ -84,12 +87,33 @@ def _with_stand_in_tls_files(config: Path, folder: Path) -> tuple[Path, set[str]
                 walk(item)
 
     walk(document)
-    if not absent:
-        return config, absent
-    _write_stand_in_pair(folder / "stand-in.cert", folder / "stand-in.key")
+    routes = _stand_in_routes(document, folder)
+    if not absent and not routes:
+        return config, absent, routes
+    if absent:
+        _write_stand_in_pair(folder / "stand-in.cert", folder / "stand-in.key")
     copy = folder / config.name
     copy.write_text(json.dumps(document))
-    return copy, absent
+    return copy, absent, routes
+
+
+def _stand_in_routes(document: dict[str, Any], folder: Path) -> set[str]:
+    """A routes file (RDS) absent here, the cluster's, as an empty one in ``folder``: validate
+    mode needs the file to exist and does not read it (``python -m gateway validate`` checks
+    the routes themselves inline)."""
+    stood_in: set[str] = set()
+    for listener in document.get("static_resources", {}).get("listeners", []):
+        for chain in listener.get("filter_chains", []):
+            for network_filter in chain.get("filters", []):
+                source = network_filter.get("typed_config", {}).get("rds", {}).get("config_source", {})
+                files = source.get("path_config_source")
+                if files is not None and not Path(files["path"]).exists():
+                    stood_in.add(files["path"])
+                    (folder / "routes").mkdir(exist_ok=True)
+                    (folder / "routes" / "routes.json").write_text('{"resources": []}')
+                    files["path"] = str(folder / "routes" / "routes.json")
+                    files["watched_directory"] = {"path": str(folder / "routes")}
+    return stood_in
 
 
 def _write_stand_in_pair(cert_file: Path, key_file: Path) -> None:

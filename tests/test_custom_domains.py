@@ -19,6 +19,7 @@ from towerco.internal.v1 import tenant_data_pb2 as internal_pb
 from towerco.internal.v1 import tenant_data_pb2_grpc as internal_grpc
 from towerco.tenant.v1 import tenant_registry_service_pb2 as pb
 
+from services.runtime.canary import CANARY_TENANTS
 from services.tenant.hosts import MAX_DOMAINS
 
 from .support import bearer, expect_error
@@ -223,6 +224,7 @@ def test_list_custom_domains_gives_the_whole_map_to_a_service_page_by_page(
     whole = listed(directory, service_token("gateway"))
     assert (whole[first], whole[second]) == (tenant_a, tenant_b)
     assert listed(directory, service_token("gateway"), page_size=1) == whole
+    assert not set(whole.values()) & set(CANARY_TENANTS), "the canary's sentinel hosts are never routed"
     remove(registry, platform_token, tenant_b, second)
     assert second not in listed(directory, service_token("gateway"))
     # An end user's token, even a platform admin's, never reads the directory.

@@ -169,14 +169,19 @@ def test_the_runtime_stage_is_the_tests_python_as_a_non_root_user_without_build_
     removed = " ".join(step.arguments for step in steps if step.keyword == "RUN")
     assert "python -m pip uninstall --yes --no-input pip setuptools wheel" in removed, "the base image's pip stays"
     copied = {tuple(shlex.split(step.arguments)[:2]) for step in steps if step.keyword == "COPY"}
-    assert copied == {("--from=venv", "/opt/venv"), ("--from=builder", "/src/gen"), ("--from=builder", "/src/services")}
+    assert copied == {
+        ("--from=venv", "/opt/venv"),
+        ("--from=builder", "/src/gen"),
+        ("--from=builder", "/src/services"),
+        ("--from=builder", "/src/gateway"),  # the gateway pod's domain sync (python -m gateway domains)
+    }
     venv = " ".join(step.arguments for step in dockerfile() if step.stage == "venv" and step.keyword == "RUN")
     assert "pip uninstall --yes pip setuptools" in venv, "the venv the runtime copies keeps no installer"
     users = [step.arguments for step in steps if step.keyword == "USER"]
     assert len(users) == 1 and re.fullmatch(r"[1-9]\d*:[1-9]\d*", users[0]), "a numeric non-root UID:GID"
     # Every module the runtime imports has bytecode Python will not try to rewrite.
     compiled = re.findall(r"python -m compileall -q -f --invalidation-mode unchecked-hash ([^&]+)", builds())
-    assert sorted(" ".join(compiled).split()) == ["/opt/venv/lib", "gen", "services"]
+    assert sorted(" ".join(compiled).split()) == ["/opt/venv/lib", "gateway", "gen", "services"]
     environment = " ".join(step.arguments for step in steps if step.keyword == "ENV")
     assert "PYTHONDONTWRITEBYTECODE=1" in environment
     assert "grpc_tools" not in " ".join(step.arguments for step in steps)

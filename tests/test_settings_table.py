@@ -151,7 +151,7 @@ def test_every_variable_a_kubernetes_overlay_sets_is_declared_for_that_process(o
             assert names, where
             assert names <= table.names, f"{where} sets undeclared {sorted(names - table.names)}"
             checked += 1
-    assert checked == 9, "five Deployments and the Job's four migrations"
+    assert checked == 10, "five Deployments, the gateway's domain sync and the Job's four migrations"
 
 
 def test_the_deploy_gateway_environment_names_only_gateway_variables() -> None:

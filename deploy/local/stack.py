@@ -22,7 +22,8 @@ import asyncpg
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.config import GATEWAY_ADMIN_PORT, GATEWAY_PORT, GatewaySettings
+from gateway import domains
+from gateway.config import GATEWAY_ADMIN_PORT, GATEWAY_PORT, GATEWAY_ROUTES_DIR, GatewaySettings, routes_template
 from gateway.envoy import write_config
 from services.runtime.cells import CELL_DATABASE_URLS, CELLS, Cell
 from services.runtime.environment import SettingsTable, integer, process_environment, text
@@ -364,16 +365,50 @@ class Stack:
         instance: str = "gateway",
         wait: bool = True,
     ) -> GatewaySettings:
-        """Render the gateway's configuration for this stack, start Envoy on it and (if ``wait``) wait until ready."""
+        """Render the gateway's configuration for this stack, start Envoy on it and (if ``wait``) wait until ready.
+
+        Its routes are a file in ``<instance>/routes`` (unless ``extra_env`` says otherwise)
+        that ``python -m gateway domains`` (``<instance>-domains``, started first) keeps in
+        step with the tenants' custom domains."""
+        extra_env = self._gateway_env(instance, extra_env)
         settings = self.gateway_settings(extra_env)
         config = write_config(settings, self.config.data_dir / instance / "envoy.json")
         env = self.service_env(extra_env)
+        if settings.routes_dir:
+            self.start_domain_sync(settings, env, log, instance)
         env["GATEWAY_SECRET"] = gateway_secret(self.keys_dir, env).decode()
         process = start_envoy(config, log, env=env)
         self.processes[instance] = process
         if wait:
             wait_ready(process, settings)
         return settings
+
+    def _gateway_env(self, instance: str, extra_env: Mapping[str, str] | None = None) -> dict[str, str]:
+        return {GATEWAY_ROUTES_DIR.name: str(self.config.data_dir / instance / "routes"), **(extra_env or {})}
+
+    def start_domain_sync(
+        self, settings: GatewaySettings, env: Mapping[str, str], log: IO[bytes] | None, instance: str = "gateway"
+    ) -> subprocess.Popen[bytes]:
+        """``python -m gateway domains`` for the gateway ``instance`` (``<instance>-domains``),
+        replacing one still running; the routes file exists (without custom domains) before it returns."""
+        name = f"{instance}-domains"
+        if name in self.processes:
+            self.stop(name)
+        template = self.config.data_dir / instance / "routes-template.json"
+        template.write_text(routes_template(settings).to_json())
+        routes = Path(settings.routes_dir)
+        if not (routes / domains.ROUTES_FILE).is_file():
+            domains.write_routes(routes, domains.RoutesTemplate.read(template), {})
+        command = ["--template", str(template), "--routes-dir", str(routes)]
+        process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-m", "gateway", "domains", *command],
+            cwd=REPO,
+            env=dict(env),
+            stdout=log,
+            stderr=subprocess.STDOUT if log is not None else None,
+        )
+        self.processes[name] = process
+        return process
 
     def start_prometheus(
         self, *, port: int | None = None, scrape_interval: str = "5s", instance: str = "prometheus", wait: bool = True
@@ -398,8 +433,10 @@ class Stack:
         return f"http://127.0.0.1:{port}"
 
     def stop(self, instance: str, timeout: float = 15.0) -> None:
-        """Stop one process this stack started (a service instance or the gateway)."""
+        """Stop one process this stack started (a service instance, or the gateway and its domain sync)."""
         stop_process(self.processes.pop(instance), timeout)
+        if f"{instance}-domains" in self.processes:
+            stop_process(self.processes.pop(f"{instance}-domains"), timeout)
 
     def stop_services(self, timeout: float = 15.0) -> None:
         for process in self.processes.values():
@@ -433,10 +470,18 @@ class Stack:
                 self.start_gateway(log=log, wait=False)
             return f"pid {self.processes['gateway'].pid}"
 
+        def restart_domain_sync() -> str:
+            env = self._gateway_env("gateway")
+            with gateway_log.open("ab") as log:
+                process = self.start_domain_sync(self.gateway_settings(env), self.service_env(env), log)
+            return f"pid {process.pid}"
+
         servers = tuple(server.name for server in watched)
         for name in services:
             watched.append(Supervised(name, self._exit_check(name), self._restarter(name), needs=servers))
         watched.append(Supervised("gateway", self._exit_check("gateway"), restart_gateway))
+        if "gateway-domains" in self.processes:
+            watched.append(Supervised("gateway domains", self._exit_check("gateway-domains"), restart_domain_sync))
         if "prometheus" in self.processes:  # started only when the binary is there
 
             def restart_prometheus() -> str:

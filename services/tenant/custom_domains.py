@@ -105,7 +105,8 @@ class CustomDomains:
         position = self._tokens.decode(request.page_token, own, {})
         after = str(position.get("after", "")) if position else ""
         async with self._db.platform_read("hosts.list") as conn:
-            rows = await conn.fetch(queries.LIST_HOSTS, after, size + 1)
+            # The isolation canary's sentinel hosts are the platform's instruments, never routed.
+            rows = await conn.fetch(queries.LIST_HOSTS, after, size + 1, CANARY_TENANTS)
         response = internal_pb.ListCustomDomainsResponse(
             domains=[internal_pb.CustomDomain(domain=r["host"], tenant_id=r["tenant_id"]) for r in rows[:size]]
         )

@@ -42,8 +42,10 @@ SELECT coalesce(cell, $1) AS cell, count(*) AS tenants FROM tenant.tenants WHERE
 INSERT_HOST = "INSERT INTO tenant.host_routes (host, tenant_id) VALUES ($2, $1)"
 DELETE_HOSTS = "DELETE FROM tenant.host_routes WHERE tenant_id = $1"
 DELETE_HOST = "DELETE FROM tenant.host_routes WHERE tenant_id = $1 AND host = $2"
-#: Every custom domain after $1, by host (the gateway's map; a platform read).
-LIST_HOSTS = "SELECT host, tenant_id FROM tenant.host_routes WHERE host > $1 ORDER BY host LIMIT $2"
+#: Every custom domain after $1, by host, but those of the tenants $3 (the gateway's map; a platform read).
+LIST_HOSTS = """
+SELECT host, tenant_id FROM tenant.host_routes WHERE host > $1 AND tenant_id <> ALL($3::text[]) ORDER BY host LIMIT $2
+"""
 
 INSERT_SETTINGS = "INSERT INTO tenant.tenant_settings (tenant_id, document) VALUES ($1, $2)"
 GET_SETTINGS = "SELECT document FROM tenant.tenant_settings WHERE tenant_id = $1"
