@@ -13,8 +13,11 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import json_format
 from towerco.features.v1 import feature_gate_service_pb2 as features_pb
 from towerco.tenant.v1 import tenant_registry_service_pb2 as pb
+
+from services.tenant import branding, records, tenant_settings_rules
 
 from .support import bearer, expect_error
 from .support.requests import create_tenant
@@ -171,6 +174,14 @@ def test_a_downgraded_tenant_may_clear_its_stored_theme(registry, features, new_
         "",
     )
     assert cleared.branding.secondary_color == THEME.secondary_color  # not named: kept
+
+
+def test_get_branding_reads_the_cached_branding_as_json_format_does() -> None:
+    settings = tenant_settings_rules.default_settings("t_x", "Operator X")
+    settings.branding.MergeFrom(THEME)
+    settings.branding.company_name = "X \u00e9 \U0001f600"
+    value = {"display_name": "Operator X", "settings": json_format.MessageToDict(settings)}  # as records caches it
+    assert branding.from_cached(value) == records.settings_from_value(value).branding == settings.branding
 
 
 # --- safe custom CSS ---------------------------------------------------------------------

@@ -9,8 +9,10 @@ plan: it is the name its users know it by, not a look. A downgrade keeps the sto
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
+from google.protobuf.descriptor import FieldDescriptor
 from towerco.tenant.v1 import tenant_registry_service_pb2 as pb
 
 from services.runtime import entitlements
@@ -29,6 +31,22 @@ PLATFORM_THEME: dict[str, str] = {
     "secondary_color": DEFAULT_SECONDARY,
     "custom_css": "",
 }
+
+
+#: Branding's fields by their JSON name, as the settings cache holds them (all strings).
+_FIELDS = {field.json_name: field.name for field in pb.Branding.DESCRIPTOR.fields}
+if any(field.type != FieldDescriptor.TYPE_STRING for field in pb.Branding.DESCRIPTOR.fields):
+    raise TypeError("from_cached reads Branding's fields as strings; read the others as json_format does")
+
+
+def from_cached(value: Mapping[str, Any]) -> pb.Branding:
+    """The stored branding in a cached settings value (``records.settings_value``).
+
+    Read directly rather than with json_format, whose string conversion costs about 0.4 ms
+    of CPU for a 16 KiB sheet: on every GetBranding, a public call.
+    """
+    found = value["settings"].get("branding", {})
+    return pb.Branding(**{name: str(found[key]) for key, name in _FIELDS.items() if key in found})
 
 
 def touched(paths: Iterable[str]) -> bool:

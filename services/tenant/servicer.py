@@ -444,7 +444,7 @@ class TenantRegistryServicer(pb_grpc.TenantRegistryServiceServicer):
         item = await records.read_settings(self._db, self._cache, tenant_id)
         if item.value is None:
             raise not_found(ErrorReason.TENANT_NOT_FOUND, tenant_id)
-        stored = records.settings_from_value(item.value).branding
+        stored = branding.from_cached(item.value)
         # A theme the plan lacks is kept, but not served until the plan has it again.
         shown = branding.served(stored, await branding.entitled(self._entitlements, tenant_id))
         shown.display_name = str(item.value["display_name"])
