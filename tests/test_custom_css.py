@@ -5,6 +5,7 @@ The stack tests (tests/test_branding.py) send the same kinds of sheets through t
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any
 
@@ -144,7 +145,7 @@ def test_a_benign_sheet_passes_and_is_served_with_the_same_meaning(css: str) -> 
     assert "/*" not in served or "*/" in served
 
 
-def test_a_stored_sheet_is_served_without_what_the_rules_refuse() -> None:
+def test_a_stored_sheet_is_served_without_what_the_rules_refuse(caplog: pytest.LogCaptureFixture) -> None:
     # A row written before these rules (or under another logo): only what passes is served.
     stored = (
         "h1 { color: red; background: url(https://evil.example/x.png); font-weight: bold }\n"
@@ -153,9 +154,14 @@ def test_a_stored_sheet_is_served_without_what_the_rules_refuse() -> None:
         "p { border: 1px solid #ccc; behavior: url(x.htc) }\n"
         "</style><script>alert(1)</script>"
     )
-    served = custom_css.sanitized(stored, LOGO)
+    with caplog.at_level(logging.WARNING, "towerco.custom_css"):
+        served = custom_css.sanitized(stored, LOGO)
+        assert custom_css.sanitized(stored, LOGO) == served
     assert meaning(served) == meaning("h1 { color: red; font-weight: bold }\np { border: 1px solid #ccc }")
     assert "<" not in served and "evil" not in served and "@" not in served
+    # The operator learns it once per process: the first problem and how many.
+    [record] = [r for r in caplog.records if r.name == "towerco.custom_css"]
+    assert "line 1, column 23" in record.getMessage() and "(5 in all)" in record.getMessage(), record.getMessage()
 
 
 def test_url_follows_the_logo_host() -> None:

@@ -25,6 +25,7 @@ by tinycss2 (comments dropped), so rows stored under older rules are safe too.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ from .css_allow_list import (
     SELECTOR_LITERALS,
     VALUE_LITERALS,
 )
+
+log = logging.getLogger("towerco.custom_css")
 
 MAX_BYTES = 16 * 1024
 MAX_RULES = 200
@@ -105,12 +108,20 @@ def problem(css: str, logo_url: str | None) -> str | None:
 def sanitized(css: str, logo_url: str) -> str:
     """What of a stored sheet may be served: the rules and declarations that pass, serialized.
 
-    Cached per sheet and logo: GetBranding answers often and the stored sheets are few.
+    Cached per sheet and logo: GetBranding answers often and the stored sheets are few. A
+    sheet stored under older rules (or a logo moved to another host) is logged once per
+    process, so an operator learns that part of a tenant's theme is not shown.
     """
-    if not css or len(css.encode()) > MAX_BYTES:
+    if not css:
         return ""
     sheet = _Sheet(logo_url)
-    return "\n".join(sheet.walk(css))
+    kept = "\n".join(sheet.walk(css)) if len(css.encode()) <= MAX_BYTES else ""
+    found = sheet.problems or list(_raw_problems(css))
+    if found:
+        log.warning(
+            "a stored custom CSS sheet breaks the rules; served without it: %s (%d in all)", found[0], len(found)
+        )
+    return kept
 
 
 def _raw_problems(css: str) -> Iterator[Problem]:

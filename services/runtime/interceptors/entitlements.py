@@ -61,4 +61,3 @@ async def tenant_entitlements(directory: EntitlementDirectory, tenant_id: str) -
     if found is None:
         raise permission_denied(f"tenant {tenant_id!r} is not known to the platform", ErrorReason.TENANT_UNKNOWN)
     return found
-
