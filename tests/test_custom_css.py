@@ -161,7 +161,7 @@ def test_a_stored_sheet_is_served_without_what_the_rules_refuse(caplog: pytest.L
     assert "<" not in served and "evil" not in served and "@" not in served
     # The operator learns it once per process: the first problem and how many.
     [record] = [r for r in caplog.records if r.name == "towerco.custom_css"]
-    assert "line 1, column 23" in record.getMessage() and "(5 in all)" in record.getMessage(), record.getMessage()
+    assert "line 1, column 30" in record.getMessage() and "(5 in all)" in record.getMessage(), record.getMessage()
 
 
 def test_url_follows_the_logo_host() -> None:
