@@ -100,6 +100,7 @@ BENIGN = [
     "button:focus-visible { outline: 2px dashed color-mix(in srgb, red 50%, blue); border-radius: 4px }",
     "th, td { border-bottom: 1px solid hsl(220deg 13% 91%); box-shadow: 0 1px 2px #0003; letter-spacing: .02em }",
     "h1::before { color: oklch(70% 0.1 200) }\n\ntable { border-collapse: collapse; }",
+    "td { font-family: inherit } th { font: inherit; font-family: Helvetica Neue, Arial, sans-serif }",
     "a { color: red",  # unclosed at the end, as browsers close it
 ]
 

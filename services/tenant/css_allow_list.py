@@ -37,12 +37,14 @@ SAFE_FONTS = frozenset(
     courier new, consolas, menlo, monaco, sfmono-regular, liberation sans, liberation serif,
     liberation mono, dejavu sans, dejavu serif, dejavu sans mono""".split(",")
 )
+#: Values every property takes, ``font-family`` included.
+CSS_WIDE_KEYWORDS = frozenset("inherit initial unset revert revert-layer".split())
 #: Idents of the ``font`` shorthand that are not family names.
-FONT_KEYWORDS = frozenset(
+FONT_KEYWORDS = CSS_WIDE_KEYWORDS | frozenset(
     """normal italic oblique bold bolder lighter small-caps condensed expanded semi-condensed
     semi-expanded extra-condensed extra-expanded ultra-condensed ultra-expanded xx-small x-small
     small medium large x-large xx-large xxx-large smaller larger caption icon menu message-box
-    small-caption status-bar inherit initial unset revert""".split()
+    small-caption status-bar""".split()
 )
 #: Functions a value may use (lower case); ``url`` is judged apart.
 FUNCTIONS = frozenset(

@@ -38,6 +38,7 @@ from tinycss2 import ast
 
 from .css_allow_list import (
     ATTRIBUTE_MATCHES,
+    CSS_WIDE_KEYWORDS,
     FONT_KEYWORDS,
     FUNCTIONS,
     PROPERTIES,
@@ -394,7 +395,12 @@ def _families(tokens: Sequence[Any], shorthand: bool) -> Iterator[tuple[str, Any
     words: list[str] = []
     start = None
     for token in [*tokens, None]:
-        is_word = token is not None and token.type == "ident" and not (shorthand and token.lower_value in FONT_KEYWORDS)
+        keyword = (
+            token is not None
+            and token.type == "ident"
+            and token.lower_value in (FONT_KEYWORDS if shorthand else CSS_WIDE_KEYWORDS)
+        )
+        is_word = token is not None and token.type == "ident" and not keyword
         if is_word:
             words.append(token.value)
             start = start or token
