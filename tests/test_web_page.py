@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -242,3 +243,28 @@ def test_the_gateway_serves_each_hosts_tenant_its_own_stylesheet(gateway, brande
     assert _get(gateway, stylesheet_path(), f"localhost:{port}", **{"x-tenant-id": branded}).status == 401
     assert _get(gateway, stylesheet_path(), f"no_such_tenant.localhost:{port}").status == 404
 
+
+def test_the_page_on_a_custom_domain_shows_the_tenants_theme_and_sites(
+    gateway, browser, branded, registry, platform_token, token
+):
+    """Issue 19's acceptance in Chromium: a domain added through the registry serves the page,
+    themed with the tenant's colours and CSS, with no CSP violation (Chromium reaches the
+    domain through --host-resolver-rules, no DNS)."""
+    domain = f"aiops.{branded.replace('_', '-')}.example"
+    registry.AddCustomDomain(
+        tenant_pb.AddCustomDomainRequest(tenant_id=branded, domain=domain), metadata=bearer(platform_token), timeout=10
+    )
+    host = f"{domain}:{gateway.port}"
+    deadline = time.monotonic() + 5  # the gateway routes a new domain within 5 s
+    while (sheet := _get(gateway, stylesheet_path(), host)).status != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sheet.status == 200 and b"7b2d8e" in sheet.body.lower(), sheet.body  # type: ignore[attr-defined]
+
+    shot = SCREENSHOTS / "web-page-custom-domain.png"
+    report = browse(browser, f"http://{host}/", token(branded), shot, f"MAP {domain} 127.0.0.1")
+    assert report["error"] in (None, ""), report
+    assert report["companyName"] == "Kilimanjaro Towers"
+    assert report["primaryColor"] == "rgb(10, 126, 61)"
+    assert sorted(report["siteIds"]) == ["KT-001", "KT-002", "KT-003"]
+    _shows_the_tenants_css(report)
+    assert report["consoleErrors"] == [] and report["failedRequests"] == [], report
