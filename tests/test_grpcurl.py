@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -302,3 +303,26 @@ def test_readme_feature_gate_example_runs_as_pasted(readme: Readme, eventually: 
             assert '"feature":"advanced_analytics"' in output, output
         elif method == "GetSiteAnalytics":
             assert json.loads(output) == {}  # no sites yet: every count is zero
+
+
+def test_readme_custom_domain_example_runs_as_pasted(readme: Readme, eventually: Callable[..., Any]) -> None:
+    commands = readme_commands("A tenant's own domains")
+    domain = f"noc-{uuid.uuid4().hex[:8]}.acme-towers.example"  # the README's, unique to this run
+    add, list_sites, remove = (command.replace("noc.acme-towers.example", domain) for command in commands)
+    assert [c.rsplit("/", 1)[-1] for c in (add, list_sites, remove)] == [
+        "AddCustomDomain",
+        "ListSites",
+        "RemoveCustomDomain",
+    ]
+    assert f"-authority {domain}" in list_sites
+
+    def run(command: str, exit_code: int) -> str:
+        result = readme.run(command)
+        assert result.returncode == exit_code, (command, result.returncode, result.stderr)
+        return result.stderr.replace(" ", "") if exit_code else result.stdout
+
+    assert domain in json.loads(run(add, 0))["domains"]
+    assert "sites" not in json.loads(eventually(lambda: run(list_sites, 0), within=5) or "{}")
+    run(remove, 0)
+    refused = eventually(lambda: run(list_sites, PERMISSION_DENIED_EXIT), within=5)
+    assert '"reason":"TENANT_SUBDOMAIN_REQUIRED"' in refused, refused
