@@ -782,7 +782,10 @@ def _stylesheet_transcoding() -> dict[str, Any]:
         "envoy.config.route.v3.FilterConfig",
         config=_typed(
             "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
-            proto_descriptor_bin=base64.b64encode(_descriptor_set(service.file)).decode(),
+            # With google.rpc's, so a refusal's details become its JSON body (convert_grpc_status).
+            proto_descriptor_bin=base64.b64encode(
+                _descriptor_set(service.file, status_pb2.DESCRIPTOR, error_details_pb2.DESCRIPTOR)
+            ).decode(),
             services=[service.full_name],
             # The stylesheet's route (and its cluster) stays the call's route.
             match_incoming_request_route=True,
@@ -793,8 +796,8 @@ def _stylesheet_transcoding() -> dict[str, Any]:
     )
 
 
-def _descriptor_set(file: FileDescriptor) -> bytes:
-    """``file`` and every file it imports, as a serialized FileDescriptorSet (without comments)."""
+def _descriptor_set(*files: FileDescriptor) -> bytes:
+    """``files`` and every file they import, as a serialized FileDescriptorSet (without comments)."""
     ordered: list[FileDescriptor] = []
 
     def visit(current: FileDescriptor) -> None:
@@ -804,7 +807,8 @@ def _descriptor_set(file: FileDescriptor) -> bytes:
             visit(dependency)
         ordered.append(current)
 
-    visit(file)
+    for file in files:
+        visit(file)
     result = descriptor_pb2.FileDescriptorSet()
     for current in ordered:
         current.CopyToProto(result.file.add())

@@ -167,7 +167,15 @@ def test_the_transcoder_runs_on_the_pages_stylesheet_route_only(tmp_path):
     assert on["services"] == ["towerco.tenant.v1.TenantRegistryService"] and on["match_incoming_request_route"]
     files = descriptor_pb2.FileDescriptorSet.FromString(base64.b64decode(on["proto_descriptor_bin"]))
     names = [file.name for file in files.file]
-    assert names[-1] == "towerco/tenant/v1/tenant_registry_service.proto" and "google/api/httpbody.proto" in names
+    registry_file = "towerco/tenant/v1/tenant_registry_service.proto"
+    assert {
+        registry_file,
+        "google/api/httpbody.proto",
+        "google/rpc/status.proto",
+        "google/rpc/error_details.proto",
+    } <= set(names)
+    assert len(names) == len(set(names))  # each file once, imports before their importers
+    assert names.index("google/api/httpbody.proto") < names.index(registry_file)
     path = tmp_path / "web.json"
     path.write_text(render_json(settings))
     assert f"configuration '{path}' OK" in validate(path)  # Envoy takes it, deprecation-free

@@ -238,10 +238,17 @@ def test_the_gateway_serves_each_hosts_tenant_its_own_stylesheet(gateway, brande
     spoofed = _get(gateway, stylesheet_path(), f"{tenant_pair[0]}.localhost:{port}", **{"x-tenant-id": branded})
     assert (spoofed.status, spoofed.body) == (200, b"")  # type: ignore[attr-defined]
 
-    # A host that names no tenant, and a tenant that does not exist: refusals, not a sheet.
-    assert _get(gateway, stylesheet_path(), f"localhost:{port}").status == 401
+    # A host that names no tenant, and a tenant that does not exist: refusals, not a sheet,
+    # with the service's google.rpc.Status as JSON (the transcoder's convert_grpc_status).
     assert _get(gateway, stylesheet_path(), f"localhost:{port}", **{"x-tenant-id": branded}).status == 401
-    assert _get(gateway, stylesheet_path(), f"no_such_tenant.localhost:{port}").status == 404
+    for host, status, reason in (
+        (f"localhost:{port}", 401, "TENANT_NOT_IDENTIFIED"),
+        (f"no_such_tenant.localhost:{port}", 404, "TENANT_NOT_FOUND"),
+    ):
+        refused = _get(gateway, stylesheet_path(), host)
+        assert (refused.status, refused.getheader("content-type")) == (status, "application/json"), host
+        (info,) = json.loads(refused.body)["details"]  # type: ignore[attr-defined]
+        assert info["reason"] == reason, info
 
 
 def test_the_page_on_a_custom_domain_shows_the_tenants_theme_and_sites(
