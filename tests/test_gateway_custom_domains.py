@@ -24,7 +24,7 @@ from towerco.tenant.v1 import tenant_registry_service_pb2 as pb
 from deploy.local.stack import Stack
 from gateway import domains
 from gateway.__main__ import OVERLAYS, deploy_settings, overlay_values, overlays
-from gateway.config import GatewaySettings, render, routes_template
+from gateway.config import GatewaySettings, render, routes_template, stylesheet_path
 
 from .grpcweb import Reply, call
 from .support import bearer
@@ -83,11 +83,16 @@ def preflight(settings: GatewaySettings, host: str, origin: str) -> http.client.
     return response
 
 
-def page(settings: GatewaySettings, host: str) -> tuple[int, str | None, bytes]:
+def page(settings: GatewaySettings, host: str, path: str = "/") -> tuple[int, str | None, str | None, bytes]:
     connection = http.client.HTTPConnection("127.0.0.1", settings.port, timeout=10)
-    connection.request("GET", "/", headers={"Host": host})
+    connection.request("GET", path, headers={"Host": host})
     response = connection.getresponse()
-    shown = (response.status, response.getheader("content-security-policy"), response.read())
+    shown = (
+        response.status,
+        response.getheader("content-type"),
+        response.getheader("content-security-policy"),
+        response.read(),
+    )
     connection.close()
     return shown
 
@@ -182,14 +187,18 @@ def test_a_custom_domain_is_routed_to_its_tenant_within_seconds_and_refused_once
         assert preflight(gateway, host, origin).getheader("access-control-allow-origin") == origin
     assert preflight(gateway, host, "https://evil.example").getheader("access-control-allow-origin") is None
     assert preflight(gateway, host, f"https://{tenant_b}.localhost").getheader("access-control-allow-origin") is None
-    # The page is served there as on the tenant's subdomain.
-    assert page(gateway, host) == page(gateway, f"{tenant_a}.localhost:{gateway.port}")
+    # The page, and the tenant's stylesheet, are served there as on the tenant's subdomain.
+    subdomain = f"{tenant_a}.localhost:{gateway.port}"
+    for path in ("/", stylesheet_path()):
+        shown = page(gateway, host, path)
+        assert shown[0] == 200 and shown == page(gateway, subdomain, path), (path, shown[:3])
 
     registry.RemoveCustomDomain(
         pb.RemoveCustomDomainRequest(tenant_id=tenant_a, domain=domain), metadata=bearer(platform_token), timeout=10
     )
     until(lambda: refused_for_no_tenant(list_sites(gateway, host, token(tenant_a))), "the removed domain is refused")
     assert preflight(gateway, host, f"https://{domain}").getheader("access-control-allow-origin") is None
+    assert page(gateway, host, stylesheet_path())[0] != 200, "no tenant's stylesheet on a host naming none"
     # The subdomain never stopped, and neither did Envoy.
     assert site_ids(list_sites(gateway, f"{tenant_a}.localhost:{gateway.port}", token(tenant_a))) == ["CD-A-1"]
     assert stack.processes["gateway"].pid == pid and envoy.poll() is None, "the same Envoy process throughout"
