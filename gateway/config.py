@@ -93,13 +93,16 @@ LOCAL_REPLY_HEADER = f"{INTERNAL_PREFIX}local-reply"
 #: no connection made, a stream refused, or a reset before the request left Envoy. Never a
 #: reset after it was sent, a timeout or CANCELLED: the call may have done its work.
 SAFE_RETRY_ON = "unavailable,connect-failure,refused-stream,reset-before-request"
-#: Where jwt_authn puts a verified token's claims (its dynamic metadata), for penalty_box.lua.
-JWT_PAYLOAD_METADATA = "jwt_payload"
 #: The claim naming the caller's tenant (services/runtime/auth.py reads the same).
 TENANT_CLAIM = "tenant_id"
+#: Where jwt_authn puts a verified token's tenant claim, for penalty_box.lua (which takes it off).
+TOKEN_TENANT_HEADER = f"{INTERNAL_PREFIX}token-tenant"
 #: Set by tenant_issuer.lua on a call whose bearer token names a tenant's own issuer (single
 #: sign-on): jwt_authn lets it through to the services, which verify it. Never the client's.
 TENANT_ISSUER_HEADER = f"{INTERNAL_PREFIX}tenant-issuer"
+#: Tokens whose issuer decision one Envoy worker keeps (tenant_issuer.lua), and hosts whose tenant.
+TOKENS_CACHED = 2048
+HOSTS_CACHED = 1024
 #: The trailer giving a refusal's wait in milliseconds (services/runtime/interceptors/error_details.py).
 RETRY_AFTER_HEADER = "retry-after-ms"
 #: The longest a tenant stays in the penalty box however long the service said to wait: the
@@ -113,6 +116,9 @@ PENALTY_BOX_PACE_SECONDS = 5
 #: Tenant and limit pairs one Envoy worker may hold in the penalty box at once; past it,
 #: refusals go on reaching the services (which still refuse them).
 PENALTY_BOX_MAX_ENTRIES = 20000
+#: The Lua filter before jwt_authn (request ids, gRPC replies, tenant issuers); the one after it
+#: is domains.EDGE_FILTER (edge identity and the penalty box), whose routes' metadata it reads.
+INTAKE_FILTER = "towerco.intake"
 #: Every platform API path starts so; the token rule and the tenant rule apply to them.
 API_PREFIX = "/towerco."
 #: The listener's route configuration, inline or from the routes file (RDS).
@@ -502,27 +508,31 @@ def _listener(settings: GatewaySettings, routes: list[Api], domains: Mapping[str
         request_headers_timeout="5s",
         # The client's well-formed x-request-id is kept (request_id.lua, by the services' rule),
         # else Envoy's own; either way the client reads it back, on errors too.
-        early_header_mutation_extensions=[_client_request_id_mutation()],
+        early_header_mutation_extensions=[_identity_headers_mutation(), _client_request_id_mutation()],
         always_set_request_id_in_response=True,
         access_log=_access_logs(),
         http_filters=[
             # The load balancer's probe, answered by Envoy itself (503 once it is draining).
             {"name": "envoy.filters.http.health_check", "typed_config": _health_path()},
-            # Then, so that every other reply, the gateway's own refusals too, carries the id.
-            {"name": "towerco.request_id", "typed_config": _request_id_lua()},
             {
                 "name": "envoy.filters.http.grpc_web",
                 "typed_config": _typed("envoy.extensions.filters.http.grpc_web.v3.GrpcWeb"),
             },
             {"name": "envoy.filters.http.cors", "typed_config": _typed("envoy.extensions.filters.http.cors.v3.Cors")},
-            # Before jwt_authn, so its refusals pass through on their way out.
-            {"name": "towerco.grpc_replies", "typed_config": _grpc_replies_lua(settings)},
-            # Tokens of tenants' own issuers are marked for jwt_authn to leave to the services.
-            {"name": "towerco.tenant_issuer", "typed_config": _tenant_issuer_lua(settings)},
+            # One Lua filter per run of Lua steps (each filter costs Envoy a coroutine per call and
+            # direction). Before jwt_authn: the request id (so that every reply from here on, the
+            # gateway's own refusals too, carries the client's), gRPC replies (so that jwt_authn's
+            # refusals pass through it on their way out, before grpc_web encodes them) and the
+            # tenant issuers' tokens, marked for jwt_authn to leave to the services.
+            {
+                "name": INTAKE_FILTER,
+                "typed_config": _lua_filter(
+                    _request_id_lua(), _grpc_replies_lua(settings), _tenant_issuer_lua(settings)
+                ),
+            },
             {"name": "envoy.filters.http.jwt_authn", "typed_config": _jwt_authn(settings, routes)},
-            {"name": EDGE_FILTER, "typed_config": _edge_lua(settings, routes)},
-            # After the tenant is known: a tenant's own calls while it is over its rate.
-            {"name": "towerco.penalty_box", "typed_config": _penalty_box_lua(routes)},
+            # After it: the tenant, then a tenant's own calls while it is over its rate.
+            {"name": EDGE_FILTER, "typed_config": _lua_filter(_edge_lua(settings, routes), _penalty_box_lua(routes))},
             # The page's stylesheet only (GET /branding.css -> GetBrandingStylesheet): off by
             # default and turned on by that route, so an API call never enters it.
             *([_stylesheet_transcoder()] if settings.web_dir is not None else []),
@@ -598,8 +608,24 @@ def _health_path() -> dict[str, Any]:
     )
 
 
+def _identity_headers_mutation() -> dict[str, Any]:
+    """Identity headers are the gateway's to set, never the client's: a client's copy of each of
+    IDENTITY_HEADERS and of every header under INTERNAL_PREFIX is removed before any filter reads
+    the request. Natively, where a Lua filter walking every header cost each call tens of µs."""
+    return {
+        "name": "towerco.identity_headers",
+        "typed_config": _typed(
+            "envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
+            mutations=[
+                *({"remove": name} for name in IDENTITY_HEADERS),
+                {"remove_on_match": {"key_matcher": {"prefix": INTERNAL_PREFIX}}},
+            ],
+        ),
+    }
+
+
 def _client_request_id_mutation() -> dict[str, Any]:
-    """Before Envoy replaces x-request-id with its own, the client's moves aside for edge.lua."""
+    """Before Envoy replaces x-request-id with its own, the client's moves aside for request_id.lua."""
     return {
         "name": "towerco.client_request_id",
         "typed_config": _typed(
@@ -907,8 +933,9 @@ def _jwt_authn(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
         "jwt_cache_config": {"jwt_cache_size": 10000},
         # Marks the requests jwt_authn refused, for the local reply mapper.
         "failed_status_in_metadata": "jwt_failure",
-        # The verified claims, for the penalty box to know whose call it is.
-        "payload_in_metadata": JWT_PAYLOAD_METADATA,
+        # The verified token's tenant, for the penalty box to know whose call it is (a header
+        # is cheaper for Lua to read than the claims as metadata; the box takes it off).
+        "claim_to_headers": [{"header_name": TOKEN_TENANT_HEADER, "claim_name": TENANT_CLAIM}],
     }
     if settings.jwt_jwks_url:
         provider["remote_jwks"] = {
@@ -936,17 +963,18 @@ def _jwt_authn(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
     )
 
 
-def _edge_lua(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
+def _edge_lua(settings: GatewaySettings, routes: list[Api]) -> LuaStep:
     message = f"call the API on your tenant's host: <tenant>.{settings.base_domain}"
     details = _status_details(ErrorReason.TENANT_SUBDOMAIN_REQUIRED, message, base_domain=settings.base_domain)
     public = ", ".join(f"[{_lua_string(path)}] = true" for api in routes for path in api.public_paths)
-    return _lua_filter(
+    return LuaStep(
         "EDGE",
         EDGE_LUA,
         base_domain=_lua_string(settings.base_domain),
         api_prefix=_lua_string(API_PREFIX),
-        identity_headers=f"{{{', '.join(_lua_string(h) for h in IDENTITY_HEADERS)}}}",
-        internal_prefix=_lua_string(INTERNAL_PREFIX),
+        # Set by the intake filter for jwt_authn; never passed on.
+        gateway_marks=f"{{{_lua_string(TENANT_ISSUER_HEADER)}}}",
+        hosts_cached=str(HOSTS_CACHED),
         public_paths=f"{{{public}}}",
         tenant_id=_lua_rule(TENANT_ID),
         tenant_key=_lua_string(TENANT_KEY),
@@ -955,13 +983,13 @@ def _edge_lua(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any]:
     )
 
 
-def _penalty_box_lua(routes: list[Api]) -> dict[str, Any]:
+def _penalty_box_lua(routes: list[Api]) -> LuaStep:
     limits = ", ".join(
         f"[{_lua_string(path)}] = {_lua_string(limit)}" for api in routes for path, limit in api.rate_limits
     )
     reason = ErrorReason.RATE_LIMITED
     name = error_catalogue.name(reason)
-    return _lua_filter(
+    return LuaStep(
         "BOX",
         PENALTY_BOX_LUA,
         limits=f"{{{limits}}}",
@@ -973,9 +1001,7 @@ def _penalty_box_lua(routes: list[Api]) -> dict[str, Any]:
         retry_header=_lua_string(RETRY_AFTER_HEADER),
         error_info_type=_lua_string(f"type.googleapis.com/{error_details_pb2.ErrorInfo.DESCRIPTOR.full_name}"),
         retry_info_type=_lua_string(f"type.googleapis.com/{error_details_pb2.RetryInfo.DESCRIPTOR.full_name}"),
-        jwt_namespace=_lua_string("envoy.filters.http.jwt_authn"),
-        jwt_payload_key=_lua_string(JWT_PAYLOAD_METADATA),
-        tenant_claim=_lua_string(TENANT_CLAIM),
+        token_tenant_header=_lua_string(TOKEN_TENANT_HEADER),
         namespace=_lua_string("towerco.penalty_box"),
         max_wait_ms=str(PENALTY_BOX_MAX_WAIT_SECONDS * 1000),
         pace_ms=str(PENALTY_BOX_PACE_SECONDS * 1000),
@@ -983,18 +1009,19 @@ def _penalty_box_lua(routes: list[Api]) -> dict[str, Any]:
     )
 
 
-def _tenant_issuer_lua(settings: GatewaySettings) -> dict[str, Any]:
-    return _lua_filter(
+def _tenant_issuer_lua(settings: GatewaySettings) -> LuaStep:
+    return LuaStep(
         "ISSUERS",
         TENANT_ISSUER_LUA,
         platform_issuer=_lua_string(settings.jwt_issuer),
         header=_lua_string(TENANT_ISSUER_HEADER),
         max_token_bytes=str(MAX_TOKEN_BYTES + len("Bearer ")),
+        cache_size=str(TOKENS_CACHED),
     )
 
 
-def _request_id_lua() -> dict[str, Any]:
-    return _lua_filter(
+def _request_id_lua() -> LuaStep:
+    return LuaStep(
         "REQUEST_IDS",
         REQUEST_ID_LUA,
         client_header=_lua_string(CLIENT_REQUEST_ID_HEADER),
@@ -1003,14 +1030,52 @@ def _request_id_lua() -> dict[str, Any]:
     )
 
 
-def _lua_filter(table: str, source: Path, **fields: str) -> dict[str, Any]:
-    """A Lua filter: the file at ``source`` after a global ``table`` of the rendered ``fields``
-    (Lua literals), so the script reads the settings and rules it was rendered with."""
-    lines = [f"{table} = {{", *(f"  {key} = {value}," for key, value in fields.items()), "}", ""]
-    return _typed(
-        "envoy.extensions.filters.http.lua.v3.Lua",
-        default_source_code={"inline_string": "\n".join(lines) + source.read_text()},
-    )
+class LuaStep:
+    """One script of a Lua filter: the file at ``source``, after a global ``table`` of the
+    rendered ``fields`` (Lua literals), so that it reads the settings and rules it was rendered
+    with. The file returns its ``on_request(handle, headers)`` (true when it answered the call)
+    and ``on_response(handle)``, either optional."""
+
+    def __init__(self, table: str, source: Path, **fields: str) -> None:
+        self.table, self.source, self.fields = table, source, fields
+
+    def lua(self, index: int) -> str:
+        lines = [f"{self.table} = {{", *(f"  {key} = {value}," for key, value in self.fields.items()), "}"]
+        return "\n".join([*lines, f"STEPS[{index}] = (function()", self.source.read_text().rstrip(), "end)()", ""])
+
+
+#: What runs a Lua filter's steps: on the request in order, until one answers; on the response
+#: in reverse, as separate filters would.
+_LUA_STEPS_RUNNER = """
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  for i = 1, #STEPS do
+    local on_request = STEPS[i].on_request
+    if on_request ~= nil and on_request(handle, headers) then
+      return
+    end
+  end
+end
+
+local responses = {}
+for i = #STEPS, 1, -1 do
+  responses[#responses + 1] = STEPS[i].on_response
+end
+if #responses > 0 then
+  function envoy_on_response(handle)
+    for i = 1, #responses do
+      responses[i](handle)
+    end
+  end
+end
+"""
+
+
+def _lua_filter(*steps: LuaStep) -> dict[str, Any]:
+    """One Lua filter running ``steps``: Envoy pays per Lua filter and call (a coroutine, a trip
+    into Lua, per direction), so the steps that sit next to each other in the chain share one."""
+    source = "\n".join(["local STEPS = {}", *(step.lua(i) for i, step in enumerate(steps, 1)), _LUA_STEPS_RUNNER])
+    return _typed("envoy.extensions.filters.http.lua.v3.Lua", default_source_code={"inline_string": source})
 
 
 def lua_pattern(rule: IdRule) -> str:
@@ -1103,11 +1168,11 @@ def _access_logs() -> list[dict[str, Any]]:
     return [stdout("%GRPC_STATUS_NUMBER%", grpc_web=False), stdout("%RESP(GRPC-STATUS)%", grpc_web=True)]
 
 
-def _grpc_replies_lua(settings: GatewaySettings) -> dict[str, Any]:
+def _grpc_replies_lua(settings: GatewaySettings) -> LuaStep:
     reasons = ",\n".join(
         _lua_reply(reason, message, retry) for reason, (message, retry) in gateway_reasons(settings).items()
     )
-    return _lua_filter(
+    return LuaStep(
         "REPLIES",
         GRPC_REPLIES_LUA,
         api_prefix=_lua_string(API_PREFIX),

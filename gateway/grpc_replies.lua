@@ -1,4 +1,5 @@
--- gRPC answers for the errors Envoy makes itself, on every API call.
+-- gRPC answers for the errors Envoy makes itself, on every API call: a step of the intake
+-- filter (gateway/config.py), whose response side runs before grpc_web encodes the answer.
 --
 -- Envoy's own refusals (jwt_authn, a route timeout, a service that cannot be reached)
 -- leave as plain HTTP errors with a text body. A gRPC or gRPC-web client reads a status
@@ -40,8 +41,7 @@ local function reason_for(http_status, text)
   return "SERVICE_UNAVAILABLE"
 end
 
-function envoy_on_request(handle)
-  local headers = handle:headers()
+local function on_request(handle, headers)
   local path = headers:get(":path") or ""
   -- API calls only: not the page, not CORS preflights (answered by the cors filter).
   if headers:get(":method") == "POST" and path:sub(1, #REPLIES.api_prefix) == REPLIES.api_prefix then
@@ -49,9 +49,16 @@ function envoy_on_request(handle)
   end
 end
 
-function envoy_on_response(handle)
+local function on_response(handle)
   local headers = handle:headers()
   local local_reply = headers:get(REPLIES.local_reply_header)
+  local content_type = headers:get("content-type") or ""
+  local grpc_answer = content_type:sub(1, 16) == "application/grpc" or headers:get("grpc-status") ~= nil
+  if local_reply == nil and grpc_answer and headers:get(":status") == "200" then
+    -- The usual answer (a service's, or one the gateway wrote with its details): nothing to
+    -- change, whatever the call was; it does not read the call's metadata.
+    return
+  end
   if local_reply ~= nil then
     headers:remove(REPLIES.local_reply_header)
   end
@@ -59,8 +66,6 @@ function envoy_on_response(handle)
   if metadata == nil or not metadata["api"] then
     return
   end
-  local content_type = headers:get("content-type") or ""
-  local grpc_answer = headers:get("grpc-status") ~= nil or content_type:sub(1, 16) == "application/grpc"
   if local_reply == nil and grpc_answer then
     -- A service's answer, or one the gateway wrote itself with its details.
     if headers:get(":status") ~= "200" then
@@ -86,3 +91,5 @@ function envoy_on_response(handle)
   headers:replace("grpc-message", reply.message)
   headers:replace("grpc-status-details-bin", reply.details)
 end
+
+return { on_request = on_request, on_response = on_response }

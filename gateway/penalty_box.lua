@@ -1,4 +1,5 @@
--- The penalty box: a tenant far over its rate is turned away here, not by the services.
+-- The penalty box: a tenant far over its rate is turned away here, not by the services. The
+-- second step of the edge filter (gateway/config.py), after edge identity.
 --
 -- The services count every call of a tenant in Redis (GCRA) and refuse one over the rate
 -- with RESOURCE_EXHAUSTED, ErrorInfo RATE_LIMITED (`limit` rpm_read or rpm_write) and the
@@ -20,7 +21,8 @@
 -- Under a flood the service sees, per worker, about one call per interval.
 --
 -- 1. Only a tenant's own users fill the box or are held by it: the call's verified token
---    (jwt_authn's payload) names the tenant of the host (x-tenant-id, set by edge.lua). A
+--    (its tenant claim, which jwt_authn puts in BOX.token_tenant_header; the box takes the
+--    header off) names the tenant of the host (x-tenant-id, set by edge.lua). A
 --    token of tenant b on tenant a's host is refused by the services and counted against b;
 --    it never boxes a. Public calls carry no token and pass untouched.
 -- 2. Only RATE_LIMITED fills it, for the limit its method counts (BOX.limits, from the
@@ -184,24 +186,23 @@ local function refuse(handle, entry, wait_ms)
   }, "")
 end
 
--- The tenant this call's verified token belongs to, or nil.
-local function token_tenant(handle)
-  local jwt = handle:streamInfo():dynamicMetadata():get(BOX.jwt_namespace)
-  local payload = jwt and jwt[BOX.jwt_payload_key]
-  return payload and payload[BOX.tenant_claim]
-end
-
-function envoy_on_request(handle)
-  local headers = handle:headers()
+local function on_request(handle, headers)
+  -- The tenant of the call's verified token (none without one, or for a tenant issuer's).
+  local token_tenant = headers:get(BOX.token_tenant_header)
+  if token_tenant == nil then
+    return
+  end
+  headers:remove(BOX.token_tenant_header)
   local tenant = headers:get("x-tenant-id")
   local limit = BOX.limits[headers:get(":path") or ""]
-  if tenant == nil or limit == nil or token_tenant(handle) ~= tenant then
+  if tenant == nil or limit == nil or token_tenant ~= tenant then
     return
   end
   local key = tenant .. " " .. limit
   local entry = box[key]
   local now = handle:timestamp()
   local metadata = handle:streamInfo():dynamicMetadata()
+  local generation = nil
   if entry ~= nil then
     if now >= entry.expires_ms then
       box[key] = nil
@@ -214,23 +215,23 @@ function envoy_on_request(handle)
         return
       end
       entry.sent = entry.sent + 1
-      metadata:set(BOX.namespace, "generation", entry.generation)
+      generation = entry.generation
       -- A service that finds this call a little early for its slot waits for it (a few ms).
       headers:replace(BOX.slot_header, "1")
     end
   end
-  metadata:set(BOX.namespace, "key", key)
-  metadata:set(BOX.namespace, "limit", limit)
-  metadata:set(BOX.namespace, "sent_ms", now)
+  -- One entry for what the response side needs (each set is a metadata merge in Envoy).
+  metadata:set(BOX.namespace, "call", { key = key, limit = limit, sent_ms = now, generation = generation })
 end
 
-function envoy_on_response(handle)
+local function on_response(handle)
   local headers = handle:headers()
   -- A refusal is a Trailers-Only reply: its status is in the headers.
   if headers:get("grpc-status") ~= REFUSED then
     return
   end
-  local call = handle:streamInfo():dynamicMetadata():get(BOX.namespace)
+  local box_metadata = handle:streamInfo():dynamicMetadata():get(BOX.namespace)
+  local call = box_metadata and box_metadata["call"]
   local wait_ms = tonumber(headers:get(BOX.retry_header) or "")
   local details = headers:get("grpc-status-details-bin")
   if call == nil or wait_ms == nil or wait_ms < 1 or details == nil then
@@ -281,3 +282,5 @@ function envoy_on_response(handle)
     info = info,
   }
 end
+
+return { on_request = on_request, on_response = on_response }

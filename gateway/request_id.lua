@@ -1,4 +1,4 @@
--- Request ids, run by Envoy first on every request.
+-- Request ids: the first step of the intake filter (gateway/config.py), on every request.
 --
 -- Envoy gives every request its own x-request-id; the client's was set aside before that
 -- (as REQUEST_IDS.client_header, by the early header mutation in gateway/config.py). It
@@ -8,8 +8,7 @@
 --
 -- REQUEST_IDS is defined above this text by gateway/config.py, from the services' rule.
 
-function envoy_on_request(handle)
-  local headers = handle:headers()
+local function on_request(_, headers)
   local supplied = headers:get(REQUEST_IDS.client_header)
   if supplied == nil then
     return
@@ -19,3 +18,5 @@ function envoy_on_request(handle)
     headers:replace("x-request-id", supplied)
   end
 end
+
+return { on_request = on_request }

@@ -1,4 +1,5 @@
--- Tenant issuers (single sign-on), run by Envoy before jwt_authn on every request.
+-- Tenant issuers (single sign-on): a step of the intake filter (gateway/config.py), before
+-- jwt_authn, on every request.
 --
 -- jwt_authn knows the platform's issuer only (its providers are static). A tenant that
 -- signs in with its own identity provider (SsoConfigService) has tokens of another `iss`,
@@ -6,8 +7,14 @@
 -- token's `iss` WITHOUT verifying anything and, when it is not the platform's, sets
 -- ISSUERS.header; jwt_authn's rule for requests carrying that header requires no token,
 -- and the services verify the token fully (the tenant's keys, its audience, its tenant
--- from the issuer, never a claim). A client's own copy of the header is always removed
--- first, and edge.lua removes it again before the call goes on.
+-- from the issuer, never a claim). A client's own copy of the header never gets this far
+-- (the early header mutation removes every x-towerco-* header a client sends), and edge.lua
+-- removes the gateway's before the call goes on.
+--
+-- The answer depends on the token alone, so each Envoy worker keeps it per authorization
+-- header: a client's every call after its first costs one table lookup, not a base64
+-- decode in Lua. At most ISSUERS.cache_size tokens are kept; when full, the cache starts
+-- over (a token is at most ISSUERS.max_token_bytes, so the cache stays bounded).
 --
 -- ISSUERS is defined above this text by gateway/config.py (the platform issuer, the header).
 
@@ -53,12 +60,33 @@ local function unverified_issuer(authorization)
   return payload:match('"iss"%s*:%s*"([^"\\]*)"')
 end
 
-function envoy_on_request(handle)
-  local headers = handle:headers()
-  headers:remove(ISSUERS.header)
-  local issuer = unverified_issuer(headers:get("authorization"))
-  -- A tenant's issuer is a URL (OIDC): the platform's service issuer, a plain name, never passes.
-  if issuer ~= nil and issuer ~= ISSUERS.platform_issuer and issuer:match("^https?://") then
+-- Whether a token names a tenant's issuer: a URL (OIDC); the platform's service issuer, a
+-- plain name, never passes.
+local function tenant_issuer(authorization)
+  local issuer = unverified_issuer(authorization)
+  return issuer ~= nil and issuer ~= ISSUERS.platform_issuer and issuer:match("^https?://") ~= nil
+end
+
+local decided = {} -- authorization header -> tenant_issuer(it)
+local cached = 0
+
+local function on_request(_, headers)
+  local authorization = headers:get("authorization")
+  if authorization == nil then
+    return
+  end
+  local marked = decided[authorization]
+  if marked == nil then
+    marked = tenant_issuer(authorization)
+    if cached >= ISSUERS.cache_size then
+      decided, cached = {}, 0
+    end
+    decided[authorization] = marked
+    cached = cached + 1
+  end
+  if marked then
     headers:add(ISSUERS.header, "1")
   end
 end
+
+return { on_request = on_request }

@@ -131,14 +131,11 @@ def test_filters_run_in_order_and_the_admin_interface_is_loopback_only(tmp_path)
     filters = [f["name"].rsplit(".", 1)[-1] for f in _listener_manager(config)["http_filters"]]
     assert filters == [
         "health_check",
-        "request_id",
         "grpc_web",
         "cors",
-        "grpc_replies",
-        "tenant_issuer",
+        "intake",  # request ids, gRPC replies, tenant issuers: one Lua filter
         "jwt_authn",
-        "edge_identity",
-        "penalty_box",
+        "edge_identity",  # edge identity and the penalty box: one Lua filter
         "router",
     ]
     assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
