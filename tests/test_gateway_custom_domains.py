@@ -9,6 +9,7 @@ the domain reaches no tenant. The Envoy process is the same one throughout.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import time
@@ -27,7 +28,7 @@ from gateway.__main__ import OVERLAYS, deploy_settings, overlay_values, overlays
 from gateway.config import GatewaySettings, render, routes_template, stylesheet_path
 
 from .grpcweb import Reply, call
-from .support import bearer
+from .support import bearer, free_port
 
 LIST_SITES = "/towerco.sites.v1.SiteService/ListSites"
 PERMISSION_DENIED = 7
@@ -202,3 +203,43 @@ def test_a_custom_domain_is_routed_to_its_tenant_within_seconds_and_refused_once
     # The subdomain never stopped, and neither did Envoy.
     assert site_ids(list_sites(gateway, f"{tenant_a}.localhost:{gateway.port}", token(tenant_a))) == ["CD-A-1"]
     assert stack.processes["gateway"].pid == pid and envoy.poll() is None, "the same Envoy process throughout"
+
+
+async def test_a_registry_out_of_reach_leaves_the_routes_as_they_are(stack: Stack, tmp_path: Path):
+    # A port nothing listens on: every poll fails, and no domain may be dropped for it.
+    template = routes_template(deploy_settings(overlay_values("dev")))
+    held = {"aiops.operator.example": "tenant_a"}
+    domains.write_routes(tmp_path, template, held)
+    before = (tmp_path / domains.ROUTES_FILE).read_text()
+    settings = domains.SyncSettings.from_env({**stack.service_env(), "TENANT_TARGET": f"127.0.0.1:{free_port()}"})
+    stop = asyncio.Event()
+    syncing = asyncio.create_task(domains.sync(template, tmp_path, settings, 0.1, stop))
+    await asyncio.sleep(1.0)
+    stop.set()
+    await asyncio.wait_for(syncing, 10)
+    assert (tmp_path / domains.ROUTES_FILE).read_text() == before
+
+
+@pytest.mark.stack
+def test_two_gateways_each_follow_the_registry_on_their_own(
+    gateway, stack: Stack, registry, platform_token, tenant_pair, token
+):
+    tenant_a, _ = tenant_pair
+    ports = {"GATEWAY_PORT": str(free_port()), "GATEWAY_ADMIN_PORT": str(free_port())}
+    second = stack.start_gateway(extra_env=ports, instance="gateway-replica")
+    try:
+        domain = fresh_domain()
+        replicas = (gateway, second)
+
+        def answers(replica: GatewaySettings) -> Reply:
+            return list_sites(replica, f"{domain}:{replica.port}", token(tenant_a))
+
+        request = pb.AddCustomDomainRequest(tenant_id=tenant_a, domain=domain)
+        registry.AddCustomDomain(request, metadata=bearer(platform_token), timeout=10)
+        until(lambda: all(answers(r).status == 0 for r in replicas), "both gateways serve the domain")
+        removal = pb.RemoveCustomDomainRequest(tenant_id=tenant_a, domain=domain)
+        registry.RemoveCustomDomain(removal, metadata=bearer(platform_token), timeout=10)
+        until(lambda: all(refused_for_no_tenant(answers(r)) for r in replicas), "both gateways refuse it")
+    finally:
+        stack.stop("gateway-replica")
+    assert "gateway-replica-domains" not in stack.processes, "the replica's sync stops with it"
