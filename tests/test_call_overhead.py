@@ -10,6 +10,8 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import operator
+import uuid
 from typing import Any
 
 import grpc
@@ -23,7 +25,8 @@ from towerco.sites.v1 import sites_service_pb2
 
 from services.runtime import bulkhead, context, logs, metrics, tracing
 from services.runtime.context import Caller, RequestContext
-from services.runtime.interceptors.base import Behavior, Linked, Metadata, PolicyInterceptor
+from services.runtime.interceptors.base import CALL_METADATA, UNREAD, Behavior, Chain, Metadata, PolicyInterceptor
+from services.runtime.interceptors.request_id import new_request_id
 from services.runtime.policy import Policy, PolicyTable
 
 GET_SITE = "/towerco.sites.v1.SiteService/GetSite"
@@ -196,7 +199,7 @@ def test_a_bound_request_context_and_metrics_record_last_for_their_block_even_wh
 
 
 class _Tracing(_Reading):
-    """A link that notes, in call order, that its behaviour ran."""
+    """A link that notes, in call order, that its behaviour ran, and the tenant header it read then."""
 
     def __init__(self, policies: PolicyTable, name: str, ran: list[str], reads: bool) -> None:
         super().__init__(policies, [])
@@ -207,7 +210,7 @@ class _Tracing(_Reading):
         self._seen.append(metadata)
 
         async def behavior(request: Any, ctx: Any) -> Any:
-            self._ran.append(self._name)
+            self._ran.append(f"{self._name}:{metadata.single('x-tenant-id')}" if self.reads_metadata else self._name)
             return await inner(request, ctx)
 
         return behavior
@@ -216,45 +219,115 @@ class _Tracing(_Reading):
         return lambda data: (self._name, original(data))
 
 
-def test_linked_links_run_as_one_interceptor_in_the_chains_order_with_the_same_sharing() -> None:
+class _Context:
+    """What a behaviour is handed as the call's context: its invocation metadata."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+
+class _Server:
+    """Keeps what a servicer registers on it."""
+
+    def __init__(self) -> None:
+        self.generic: list[Any] = []
+        self.registered: dict[str, dict[str, Any]] = {}
+        self.port = 5
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self.generic.extend(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.registered[service] = handlers
+
+
+def test_chained_links_are_wrapped_once_per_method_and_run_in_the_chains_order_reading_each_calls_metadata() -> None:
     policies, ran = _policies(), list[str]()
     links: list[PolicyInterceptor] = [
         _Tracing(policies, name, ran, reads) for name, reads in (("a", True), ("b", False), ("c", True), ("d", False))
     ]
-    linked: Any = Linked(links)  # handed _Details, as _find hands the links
+    chain = Chain(links)
     handler = grpc.unary_unary_rpc_method_handler(_servicer, request_deserializer=bytes.decode)
-    continued: list[str] = []
-
-    async def continuation(details: Any) -> Any:
-        continued.append(details.method)
-        return handler if details.method == GET_SITE else None
+    chained: Any = chain.handler(GET_SITE, handler)
+    assert chained is not None
 
     async def calls() -> list[Any]:
-        found = []
-        for tenant in ("ta", "tb"):
-            found.append(await linked.intercept_service(continuation, _Details((("x-tenant-id", tenant),))))
-            assert await found[-1].unary_unary("request", None) == "request"
-        return found
+        return [await chained.unary_unary("request", _Context((("x-tenant-id", t),))) for t in ("ta", "tb")]
 
-    first, second = asyncio.run(calls())
-    assert ran == ["a", "b", "c", "d"] * 2  # outermost first, as separate interceptors run them
-    assert continued == [GET_SITE, GET_SITE]  # the servicer's handler found once per call
+    assert asyncio.run(calls()) == ["request", "request"]
+    # outermost first, as separate interceptors run them; each reading link saw its own call's metadata
+    assert ran == ["a:ta", "b", "c:ta", "d", "a:tb", "b", "c:tb", "d"]
     seen = [link._seen for link in links]  # type: ignore[attr-defined]
-    assert [len(s) for s in seen] == [2, 2, 2, 1]  # the innermost link, reading nothing, wrapped once
-    assert seen[0][0] is seen[2][0] and seen[0][1] is seen[2][1] and seen[0][0] is not seen[0][1]
-    assert first.request_deserializer is second.request_deserializer  # composed once per method
-    assert first.request_deserializer(b"x") == ("a", ("b", ("c", ("d", "x"))))  # the outermost link's decodes first
-    assert first.response_serializer is handler.response_serializer
+    assert [len(s) for s in seen] == [1, 1, 1, 1]  # every link wrapped GetSite once, for both calls
+    assert seen[0][0] is CALL_METADATA and seen[1][0] is UNREAD  # the running call's metadata, or none
+    with pytest.raises(RuntimeError, match="outside its behaviour"):
+        CALL_METADATA.first("x-tenant-id")  # no call is running
+    assert chained.request_deserializer(b"x") == ("a", ("b", ("c", ("d", "x"))))  # the outermost link's decodes first
+    assert chained.response_serializer is handler.response_serializer
 
-    unknown, health = _Details(()), _Details(())
-    unknown.method, health.method = "/towerco.sites.v1.SiteService/Nope", "/grpc.health.v1.Health/Check"
+    health = grpc.unary_unary_rpc_method_handler(_servicer)
+    assert chain.handler("/towerco.sites.v1.SiteService/Nope", handler) is None  # fail closed
+    assert chain.handler("/grpc.health.v1.Health/Check", health) is health  # plumbing passes
 
-    async def others() -> tuple[Any, Any]:
-        async def anything(details: Any) -> Any:
-            return handler
-
-        return await linked.intercept_service(anything, unknown), await linked.intercept_service(anything, health)
-
-    assert asyncio.run(others()) == (None, handler)  # fail closed; plumbing passes
+    # Registered as a servicer registers: by name (the server finds these first) and generically.
+    server = _Server()
+    registering: Any = chain.registering(server)  # type: ignore[arg-type]
+    registering.add_registered_method_handlers("towerco.sites.v1.SiteService", {"GetSite": handler, "Nope": handler})
+    service = grpc.method_handlers_generic_handler("towerco.sites.v1.SiteService", {"GetSite": handler})
+    registering.add_generic_rpc_handlers([service])
+    assert registering.port == 5  # anything else is the server's
+    assert list(server.registered["towerco.sites.v1.SiteService"]) == ["GetSite"]  # no policy: not served
+    by_name = server.registered["towerco.sites.v1.SiteService"]["GetSite"]
+    details, unknown = _Details(()), _Details(())
+    unknown.method = "/towerco.sites.v1.SiteService/Nope"
+    found: Any = server.generic[0].service(details)
+    assert found is server.generic[0].service(details) and found is not handler  # chained once, kept
+    assert server.generic[0].service(unknown) is None
+    ran.clear()
+    assert asyncio.run(by_name.unary_unary("request", _Context((("x-tenant-id", "tc"),)))) == "request"
+    assert asyncio.run(found.unary_unary("request", _Context((("x-tenant-id", "td"),)))) == "request"
+    assert ran == ["a:tc", "b", "c:tc", "d", "a:td", "b", "c:td", "d"]
     with pytest.raises(ValueError, match="share one policy table"):
-        Linked([_Reading(_policies(), []), _Reading(_policies(), [])])
+        Chain([_Reading(_policies(), []), _Reading(_policies(), [])])
+
+
+def test_a_dropped_span_has_the_span_context_the_sdk_gives_a_span_its_sampler_drops() -> None:
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    tracing.use(provider)
+    try:
+        sdk = provider.get_tracer("sdk")
+        for carrier in (
+            {"traceparent": TRACEPARENT, "tracestate": "vendor=1,other=2"},
+            {"traceparent": TRACEPARENT.replace("-01", "-00")},
+            {"traceparent": TRACEPARENT.replace("-01", "-03")},  # the caller's random-trace-id flag
+            {},
+        ):
+            parent = tracing._PROPAGATOR.extract(carrier) if carrier else None
+            mine = tracing.dropped_span(parent).get_span_context()
+            theirs = sdk.start_span("GetSite", context=parent, kind=trace.SpanKind.SERVER).get_span_context()
+            assert not tracing.dropped_span(parent).is_recording()
+            assert (mine.is_remote, mine.trace_flags, mine.trace_state) == (
+                theirs.is_remote,
+                theirs.trace_flags,
+                theirs.trace_state,
+            )
+            assert mine.is_valid and mine.span_id != theirs.span_id
+            assert (mine.trace_id == theirs.trace_id) == bool(carrier)  # the caller's trace, else a new one
+    finally:
+        tracing.use(None)
+
+
+def test_a_new_request_id_is_what_uuid4_hex_makes() -> None:
+    made = {new_request_id() for _ in range(2000)}
+    assert len(made) == 2000  # random
+    for value in made:
+        parsed = uuid.UUID(hex=value)
+        assert (parsed.hex, parsed.version, parsed.variant) == (value, 4, uuid.RFC_4122)
+    # every bit uuid4 leaves random is set in some id and clear in another
+    ones = functools.reduce(operator.or_, (int(v, 16) for v in made))
+    zeros = functools.reduce(operator.and_, (int(v, 16) for v in made))
+    assert ones == int(uuid.UUID(int=(1 << 128) - 1, version=4).hex, 16)
+    assert zeros == int(uuid.UUID(int=0, version=4).hex, 16)

@@ -44,7 +44,7 @@ from .faults import Faults
 from .guard import IsolationError, check_isolation
 from .health import DatabaseProbe, HealthState, probe_name
 from .identity import ServiceIdentity
-from .interceptors.base import Linked
+from .interceptors.base import Chain
 from .interceptors.chain import server_chain
 from .interceptors.shutdown import ShutdownGate
 from .lookups import InternalLookup
@@ -220,7 +220,7 @@ def build_server(
         gateway_secret=settings.gateway_secret,
     )  # fmt: skip
     server = aio.server(
-        interceptors=[Linked(chain)],  # the links as one interceptor: one await per call, not one per link
+        # No interceptor: each servicer method is registered inside the links, once (Chain).
         options=[
             ("grpc.max_receive_message_length", 4 * 1024 * 1024),
             ("grpc.so_reuseport", int(reuse_port)),
@@ -230,7 +230,7 @@ def build_server(
             ("grpc.absolute_max_metadata_size", 32 * 1024),
         ],
     )
-    spec.register(server, runtime)
+    spec.register(Chain(chain).registering(server), runtime)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     names = [s.full_name for s in spec.services]

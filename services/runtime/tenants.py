@@ -66,12 +66,19 @@ class TenantDirectory:
     def __init__(self, cache: TenantCache, source: StateSource, users: UserSource | None = None) -> None:
         self._cache = cache
         self._source = source
+        #: Per tenant: the cached value last read, and what it says (made again only when it changes).
+        self._read: dict[str, tuple[Versioned, TenantInfo | None]] = {}
         #: Registry users' state and role, through the same cache and change notices.
         self.users = UserDirectory(cache, users) if users is not None else None
 
     async def get(self, tenant_id: str) -> TenantInfo | None:
         item = await self._cache.get(tenant_id, STATE_KIND, lambda: self._source(tenant_id))
-        return TenantInfo.from_value(tenant_id, item)
+        read = self._read.get(tenant_id)
+        if read is not None and read[0] is item:
+            return read[1]
+        info = TenantInfo.from_value(tenant_id, item)
+        self._read[tenant_id] = (item, info)
+        return info
 
     async def answer(self, tenant_id: str) -> TenantInfo | None:
         """:meth:`get` for a call: the registry out of reach is UNAVAILABLE (retry), not an internal error."""

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
-from contextvars import ContextVar
+from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
+from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -32,6 +33,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
 from opentelemetry.trace import Link, Span, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -48,6 +50,8 @@ _provider: TracerProvider | None = None
 _tracer: trace.Tracer = trace.NoOpTracer()
 #: Whether a span may be recorded: not without a provider, nor when its sampler drops every span.
 _recording = False
+#: The provider's id generator when its sampler drops every span (see :func:`dropped_span`).
+_dropped_ids: IdGenerator | None = None
 
 
 def configure(service: str, endpoint: str = "", schedule_delay_ms: int = 5000) -> TracerProvider:
@@ -68,13 +72,40 @@ def configure(service: str, endpoint: str = "", schedule_delay_ms: int = 5000) -
 
 def use(provider: TracerProvider | None, *processors: SpanProcessor) -> None:
     """Make ``provider`` (with ``processors`` added) the one spans come from; None: record nothing."""
-    global _provider, _tracer, _recording
+    global _provider, _tracer, _recording, _dropped_ids
     for processor in processors:
         assert provider is not None
         provider.add_span_processor(processor)
     _provider = provider
     _tracer = provider.get_tracer("towerco") if provider is not None else trace.NoOpTracer()
     _recording = provider is not None and provider.sampler is not ALWAYS_OFF
+    _dropped_ids = provider.id_generator if provider is not None and provider.sampler is ALWAYS_OFF else None
+
+
+def dropped_span(parent: Context | None) -> Span:
+    """The span the SDK's ``start_span`` makes when its sampler drops every span (ALWAYS_OFF), made directly.
+
+    The same span context: the parent's trace (else a new trace id), a new span id, the
+    parent's trace state, not sampled, the random-trace-id flag as the SDK sets it. Without
+    the SDK's layers (sampler call, sampling result, its span metrics) it costs a third.
+    """
+    assert _dropped_ids is not None
+    parent_context = trace.get_current_span(parent).get_span_context()
+    if parent_context.is_valid:
+        trace_id, random_id, state = (
+            parent_context.trace_id,
+            parent_context.trace_flags.random_trace_id,
+            parent_context.trace_state,
+        )
+    else:
+        trace_id, random_id, state = _dropped_ids.generate_trace_id(), _dropped_ids.is_trace_id_random(), None
+    flags = _RANDOM_UNSAMPLED if random_id else _UNSAMPLED
+    span_id = _dropped_ids.generate_span_id()
+    return trace.NonRecordingSpan(trace.SpanContext(trace_id, span_id, False, flags, state))
+
+
+_UNSAMPLED = trace.TraceFlags(trace.TraceFlags.DEFAULT)
+_RANDOM_UNSAMPLED = trace.TraceFlags(trace.TraceFlags.DEFAULT | trace.TraceFlags.RANDOM_TRACE_ID)
 
 
 def shutdown() -> None:
@@ -96,40 +127,67 @@ class CallRecord:
 _call: ContextVar[CallRecord | None] = ContextVar("towerco_call", default=None)
 
 
-@contextmanager
-def server_span(method: str, request_id: str, incoming: Mapping[str, str]) -> Iterator[tuple[Span, CallRecord]]:
+def server_span(method: str, request_id: str, incoming: Mapping[str, str]) -> ServerSpan:
+    """The span of one incoming call, child of the caller's ``traceparent`` when it sent one (:class:`ServerSpan`)."""
+    return ServerSpan(method, request_id, incoming)
+
+
+class ServerSpan:
     """The span of one incoming call, child of the caller's ``traceparent`` when it sent one.
 
-    Sampled out by configuration (no endpoint), the span is started as the SDK starts any
-    (its ids and the caller's trace carry on) and made current directly: no attributes
-    for a span that keeps none, and none of ``start_as_current_span``'s layers.
+    ``with server_span(method, request_id, incoming) as (span, record):`` the span is current
+    and ``record`` is the call's :class:`CallRecord`. Sampled out by configuration (no
+    endpoint), the span is started as the SDK starts any (its ids and the caller's trace
+    carry on) and made current directly: no attributes for a span that keeps none, and none
+    of ``start_as_current_span``'s layers. A class, not a generator: it runs on every call.
     """
-    parent = _PROPAGATOR.extract(incoming) if incoming else None
-    record = CallRecord(method, request_id)
-    token = _call.set(record)
-    try:
+
+    __slots__ = ("_attached", "_call_token", "_incoming", "_method", "_recorded", "_request_id")
+
+    def __init__(self, method: str, request_id: str, incoming: Mapping[str, str]) -> None:
+        self._method = method
+        self._request_id = request_id
+        self._incoming = incoming
+        self._attached: Token[Context] | None = None
+        self._recorded: AbstractContextManager[Span] | None = None
+
+    def __enter__(self) -> tuple[Span, CallRecord]:
+        method = self._method
+        parent = _PROPAGATOR.extract(self._incoming) if self._incoming else None
+        record = CallRecord(method, self._request_id)
+        self._call_token = _call.set(record)
         if not _recording:
-            span = _tracer.start_span(method.lstrip("/"), context=parent, kind=SpanKind.SERVER)
-            current = otel_context.attach(trace.set_span_in_context(span))
-            try:
-                yield span, record
-            finally:
-                otel_context.detach(current)
-            return
+            if _dropped_ids is not None:
+                span = dropped_span(parent)
+            else:
+                span = _tracer.start_span(method.lstrip("/"), context=parent, kind=SpanKind.SERVER)
+            self._attached = otel_context.attach(trace.set_span_in_context(span))
+            return span, record
         service, _, rpc = method.lstrip("/").partition("/")
         attributes = {
             "rpc.system": "grpc",
             "rpc.service": service,
             "rpc.method": rpc,
-            REQUEST_ID_ATTRIBUTE: request_id,
+            REQUEST_ID_ATTRIBUTE: self._request_id,
         }
-        with _tracer.start_as_current_span(
+        self._recorded = _tracer.start_as_current_span(
             method.lstrip("/"), context=parent, kind=SpanKind.SERVER, attributes=attributes,
             record_exception=False, set_status_on_exception=False,
-        ) as span:  # fmt: skip
-            yield span, record
-    finally:
-        _call.reset(token)
+        )  # fmt: skip
+        try:
+            return self._recorded.__enter__(), record
+        except BaseException:
+            _call.reset(self._call_token)
+            raise
+
+    def __exit__(self, *exc_info: Any) -> None:
+        try:
+            if self._recorded is not None:
+                self._recorded.__exit__(*exc_info)
+            elif self._attached is not None:
+                otel_context.detach(self._attached)
+        finally:
+            _call.reset(self._call_token)
 
 
 def tag_tenant(tenant_id: str) -> None:

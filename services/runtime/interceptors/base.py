@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, cast
 
 import grpc
@@ -23,8 +24,10 @@ Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler
 
 if TYPE_CHECKING:
     _ServerInterceptor = aio.ServerInterceptor[Any, Any]
+    _GenericHandler = grpc.GenericRpcHandler[Any, Any]
 else:
     _ServerInterceptor = aio.ServerInterceptor
+    _GenericHandler = grpc.GenericRpcHandler
 
 
 class Metadata:
@@ -112,8 +115,6 @@ class PolicyInterceptor(_ServerInterceptor, ABC):
         self._policies = policies
         #: Per method: the handler last wrapped, and its wrapping.
         self._kept: dict[str, tuple[Handler, Handler]] = {}
-        #: Per method: the behaviour last wrapped, and its wrapping (when run by :class:`Linked`).
-        self._kept_behaviors: dict[str, tuple[Behavior, Behavior]] = {}
 
     async def intercept_service(  # type: ignore[override]  # None is how gRPC says "no such method"
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -132,20 +133,6 @@ class PolicyInterceptor(_ServerInterceptor, ABC):
             return kept[1]
         wrapped = self._wrapped(handler, policy, UNREAD)
         self._kept[method] = (handler, wrapped)
-        return wrapped
-
-    def behavior(self, inner: Behavior, policy: Policy, details: grpc.HandlerCallDetails) -> Behavior:
-        """This link's behaviour around ``inner`` for a call, as :meth:`intercept_service` wraps it (:class:`Linked`).
-
-        Kept per method, like the handler, when the link does not read the call's metadata.
-        """
-        if self.reads_metadata:
-            return self.wrap(inner, policy, Metadata.of(details.invocation_metadata or ()))
-        kept = self._kept_behaviors.get(policy.method)
-        if kept is not None and kept[0] is inner:
-            return kept[1]
-        wrapped = self.wrap(inner, policy, UNREAD)
-        self._kept_behaviors[policy.method] = (inner, wrapped)
         return wrapped
 
     def _wrapped(self, handler: Handler, policy: Policy, metadata: Metadata) -> Handler:
@@ -167,15 +154,21 @@ class PolicyInterceptor(_ServerInterceptor, ABC):
         """Return the behaviour that runs this link's check around ``inner``."""
 
 
-class Linked(_ServerInterceptor):
-    """The links of a chain as one grpc.aio interceptor, each link's wrapping a plain call.
+class Chain:
+    """The links of a chain around each servicer method, made once when the method is registered.
 
-    grpc.aio awaits each interceptor's ``intercept_service`` in turn, one coroutine (and one
-    of its own) per link and call, and each link makes a handler of its own. Here the method
-    is looked up once, the links wrap its behaviour innermost first (:meth:`PolicyInterceptor.behavior`,
-    the same wrappings, kept per method as each link keeps them), the request deserializers are
-    composed once per method, and one handler is made for the call. What runs in the call, and
-    in which order, is what the links as separate interceptors run. All links share one policy table.
+    No grpc.aio interceptor runs: grpc.aio would await an interceptor for every call (its
+    own coroutines, and a new handler each time a link wraps per call). Here each method's
+    handler is wrapped when the servicer registers it (:meth:`registering`): the links wrap
+    its behaviour innermost first, the request deserializers are composed, and the handler
+    gRPC finds for a call is that one, every time. What runs in the call, and in which
+    order, is what the links as separate interceptors run.
+
+    A link that reads the call's metadata (``reads_metadata``) is handed :data:`CALL_METADATA`,
+    which reads the running call's: the outermost layer reads ``ctx.invocation_metadata()``
+    once per call, for all of them. Methods without a policy are not registered (gRPC answers
+    UNIMPLEMENTED: fail closed), except health and reflection, which pass untouched. All
+    links share one policy table.
     """
 
     def __init__(self, links: Sequence[PolicyInterceptor]) -> None:
@@ -184,36 +177,107 @@ class Linked(_ServerInterceptor):
         self.links = tuple(links)
         self._inner_first = tuple(reversed(self.links))
         self._policies = links[0]._policies
-        #: Per method: the deserializer the links were given, and theirs.
-        self._deserializers: dict[str, tuple[Callable[[bytes], Any] | None, Callable[[bytes], Any] | None]] = {}
+        self._reads = any(link.reads_metadata for link in self.links)
 
-    async def intercept_service(  # type: ignore[override]  # None is how gRPC says "no such method"
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
+    def handler(self, method: str, handler: Handler | None) -> Handler | None:
+        """What to serve ``method`` with: ``handler`` inside every link; None: not served."""
         if handler is None:
             return None
-        method = handler_call_details.method
         policy = self._policies.get(method)
         if policy is None or handler.unary_unary is None:
             return handler if method.startswith(INFRASTRUCTURE_PREFIXES) else None
         servicer = cast(Behavior, handler.unary_unary)
         behavior = servicer
+        deserializer = handler.request_deserializer
         for link in self._inner_first:
-            behavior = link.behavior(behavior, policy, handler_call_details)
-        deserializer = self._deserializer(method, handler.request_deserializer)
-        if behavior is servicer and deserializer is handler.request_deserializer:
-            return handler
+            behavior = link.wrap(behavior, policy, CALL_METADATA if link.reads_metadata else UNREAD)
+            deserializer = link.deserializer(deserializer)
+        if self._reads:
+            behavior = _reading_metadata(behavior)
         return grpc.unary_unary_rpc_method_handler(
             behavior, request_deserializer=deserializer, response_serializer=handler.response_serializer
         )
 
-    def _deserializer(self, method: str, original: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-        kept = self._deserializers.get(method)
-        if kept is not None and kept[0] is original:
+    def registering(self, server: aio.Server) -> aio.Server:
+        """``server`` as a servicer's ``add_..._to_server`` is handed it: what it registers is chained."""
+        return cast(aio.Server, _Registering(server, self))
+
+
+class _CallMetadata(Metadata):
+    """The running call's metadata, read when a link's behaviour asks (see :class:`Chain`)."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    def first(self, key: str) -> str | None:
+        return _running().first(key)
+
+    def single(self, key: str) -> str | None:
+        return _running().single(key)
+
+
+#: What a link reading the call's metadata is handed by :class:`Chain`.
+CALL_METADATA: Metadata = _CallMetadata()
+_call_metadata: ContextVar[Metadata | None] = ContextVar("towerco_call_metadata", default=None)
+
+
+def _running() -> Metadata:
+    read = _call_metadata.get()
+    if read is None:
+        raise RuntimeError("a link read the call's metadata outside its behaviour (a link wraps once per method)")
+    return read
+
+
+def _reading_metadata(inner: Behavior) -> Behavior:
+    """``inner`` with the call's metadata read once, for every link, for the call's length."""
+
+    async def behavior(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
+        token = _call_metadata.set(Metadata(ctx.invocation_metadata() or ()))
+        try:
+            return await inner(request, ctx)
+        finally:
+            _call_metadata.reset(token)
+
+    return behavior
+
+
+class _Chained(_GenericHandler):
+    """A generic handler's methods, chained: each method's handler is wrapped once and kept."""
+
+    def __init__(self, inner: _GenericHandler, chain: Chain) -> None:
+        self._inner = inner
+        self._chain = chain
+        #: Per method: the handler the inner one last gave, and its chained handler.
+        self._kept: dict[str, tuple[Handler | None, Handler | None]] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
+        handler = self._inner.service(handler_call_details)
+        method = handler_call_details.method
+        kept = self._kept.get(method)
+        if kept is not None and kept[0] is handler:
             return kept[1]
-        composed = original
-        for link in self._inner_first:
-            composed = link.deserializer(composed)
-        self._deserializers[method] = (original, composed)
-        return composed
+        chained = self._chain.handler(method, handler)
+        self._kept[method] = (handler, chained)
+        return chained
+
+
+class _Registering:
+    """A server whose servicers' methods are registered chained; anything else is the server's."""
+
+    def __init__(self, server: aio.Server, chain: Chain) -> None:
+        self._server = server
+        self._chain = chain
+
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[_GenericHandler]) -> None:
+        self._server.add_generic_rpc_handlers([_Chained(handler, self._chain) for handler in generic_rpc_handlers])
+
+    def add_registered_method_handlers(self, service_name: str, method_handlers: dict[str, Handler]) -> None:
+        chained = {}
+        for name, handler in method_handlers.items():
+            found = self._chain.handler(f"/{service_name}/{name}", handler)
+            if found is not None:
+                chained[name] = found
+        self._server.add_registered_method_handlers(service_name, chained)  # type: ignore[attr-defined]  # not in the stubs
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)

@@ -7,7 +7,7 @@ request id bound (and logged).
 from __future__ import annotations
 
 import hmac
-import uuid
+import os
 from typing import Any
 
 from grpc import aio
@@ -17,6 +17,17 @@ from ..audit import GATEWAY_HEADER, forwarded_address, peer_address
 from ..ids import REQUEST_ID
 from ..policy import Policy, PolicyTable
 from .base import Behavior, Metadata, PolicyInterceptor
+
+
+def new_request_id() -> str:
+    """``uuid.uuid4().hex``, the same 32 hex digits (version 4, RFC 4122 variant), for a third of its cost."""
+    value = int.from_bytes(os.urandom(16))
+    return f"{value & _CLEARED | _VERSION_4:032x}"
+
+
+#: The bits uuid4 sets: the variant (10) and the version (4); cleared first.
+_CLEARED = ~((0xC000 << 48) | (0xF000 << 64))
+_VERSION_4 = (0x8000 << 48) | (4 << 76)
 
 
 class RequestContextInterceptor(PolicyInterceptor):
@@ -34,9 +45,9 @@ class RequestContextInterceptor(PolicyInterceptor):
 
     def wrap(self, inner: Behavior, policy: Policy, metadata: Metadata) -> Behavior:
         async def behavior(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
-            supplied = metadata.first("x-request-id") or ""
+            supplied = metadata.first("x-request-id")
             # The gateway renders the same rule into its configuration (gateway/config.py).
-            request_id = supplied if REQUEST_ID.matches(supplied) else uuid.uuid4().hex
+            request_id = supplied if supplied and REQUEST_ID.matches(supplied) else new_request_id()
             ctx.set_trailing_metadata((("x-request-id", request_id),))
             peer = ctx.peer()
             bound = context.RequestContext(

@@ -23,6 +23,8 @@ _REFUSALS: dict[int, tuple[Reason, str]] = {
     State.STATE_DELETING: (ErrorReason.TENANT_DELETED, "has been deleted"),
     State.STATE_DELETED: (ErrorReason.TENANT_DELETED, "has been deleted"),
 }
+#: Read once: a protobuf enum's attribute is a lookup through its wrapper on every access.
+_ACTIVE = State.STATE_ACTIVE
 
 
 class TenantStateInterceptor(PolicyInterceptor):
@@ -48,6 +50,6 @@ class TenantStateInterceptor(PolicyInterceptor):
         info = await self._directory.answer(tenant_id)
         if info is None:
             raise permission_denied(f"tenant {tenant_id!r} is not known to the platform", ErrorReason.TENANT_UNKNOWN)
-        if info.state != State.STATE_ACTIVE:
+        if info.state != _ACTIVE:
             reason, why = _REFUSALS.get(info.state, (ErrorReason.TENANT_UNAVAILABLE, "cannot be served"))
             raise permission_denied(f"tenant {tenant_id!r} {why}", reason, tenant_id=tenant_id)
