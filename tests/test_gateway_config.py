@@ -18,7 +18,11 @@ from deploy.local.tokens import ensure_keys
 from gateway.__main__ import OVERLAYS, deploy_settings, overlay_values, overlays
 from gateway.config import (
     API_PREFIX,
+    CLIENT_REQUEST_ID_HEADER,
+    IDENTITY_HEADERS,
+    INTERNAL_PREFIX,
     TENANT_ISSUER_HEADER,
+    TOKEN_TENANT_HEADER,
     TRANSCODER,
     WEB_FILES,
     GatewaySettings,
@@ -139,6 +143,23 @@ def test_filters_run_in_order_and_the_admin_interface_is_loopback_only(tmp_path)
         "router",
     ]
     assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+
+
+def test_a_clients_identity_and_internal_headers_are_removed_before_any_filter_reads_them(tmp_path):
+    manager = _listener_manager(render(dev_settings(tmp_path)))
+    identity, request_id = (m["typed_config"]["mutations"] for m in manager["early_header_mutation_extensions"])
+    assert identity == [
+        *({"remove": name} for name in IDENTITY_HEADERS),
+        {"remove_on_match": {"key_matcher": {"prefix": INTERNAL_PREFIX}}},
+    ]
+    # Then the client's request id is set aside under the prefix, for request_id.lua, not removed with it.
+    assert request_id[1]["append"]["header"]["key"] == CLIENT_REQUEST_ID_HEADER
+    # The marks the gateway's filters read are under the prefix, so a client cannot send its own:
+    # the token's tenant the penalty box trusts, and the tenant issuer mark jwt_authn lets pass.
+    assert TOKEN_TENANT_HEADER.startswith(INTERNAL_PREFIX) and TENANT_ISSUER_HEADER.startswith(INTERNAL_PREFIX)
+    provider = _http_filter(render(dev_settings(tmp_path)), "envoy.filters.http.jwt_authn")["providers"]["towerco"]
+    assert provider["claim_to_headers"] == [{"header_name": TOKEN_TENANT_HEADER, "claim_name": "tenant_id"}]
+    assert "payload_in_metadata" not in provider  # the claims as metadata cost every call; the box needs one
 
 
 def test_the_transcoder_runs_on_the_pages_stylesheet_route_only(tmp_path):
