@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -68,20 +66,25 @@ class Bulkhead:
         slots = self._tenants.get(tenant_id)
         return slots.in_use if slots else 0
 
-    @asynccontextmanager
-    async def slot(self, tenant_id: str, limit: int) -> AsyncIterator[None]:
+    def slot(self, tenant_id: str, limit: int) -> Slot:
+        """``async with bulkhead.slot(tenant_id, limit):`` one of the tenant's connections for the block."""
+        return Slot(self, tenant_id, limit)
+
+    async def _take(self, tenant_id: str, limit: int) -> _Slots:
         capacity = self.capacity(limit)
-        slots = self._tenants.setdefault(tenant_id, _Slots())
+        slots = self._tenants.get(tenant_id)
+        if slots is None:
+            slots = self._tenants[tenant_id] = _Slots()
         if slots.in_use >= capacity:
             await self._wait_for_slot(tenant_id, slots, capacity)
         slots.in_use += 1
-        try:
-            yield
-        finally:
-            slots.in_use -= 1
-            slots.wake_one()
-            if slots.in_use == 0 and slots.waiters == 0 and self._tenants.get(tenant_id) is slots:
-                del self._tenants[tenant_id]
+        return slots
+
+    def _give_back(self, tenant_id: str, slots: _Slots) -> None:
+        slots.in_use -= 1
+        slots.wake_one()
+        if slots.in_use == 0 and slots.waiters == 0 and self._tenants.get(tenant_id) is slots:
+            del self._tenants[tenant_id]
 
     async def _wait_for_slot(self, tenant_id: str, slots: _Slots, capacity: int) -> None:
         loop = asyncio.get_running_loop()
@@ -105,3 +108,21 @@ class Bulkhead:
             ) from None
         finally:
             slots.waiters -= 1
+
+
+class Slot:
+    """A tenant's slot for one block (:meth:`Bulkhead.slot`). A class, not an async generator:
+    every tenant transaction of a call with a limit enters one."""
+
+    __slots__ = ("_bulkhead", "_limit", "_slots", "_tenant_id")
+
+    def __init__(self, bulkhead: Bulkhead, tenant_id: str, limit: int) -> None:
+        self._bulkhead = bulkhead
+        self._tenant_id = tenant_id
+        self._limit = limit
+
+    async def __aenter__(self) -> None:
+        self._slots = await self._bulkhead._take(self._tenant_id, self._limit)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._bulkhead._give_back(self._tenant_id, self._slots)

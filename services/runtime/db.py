@@ -160,36 +160,56 @@ def _begin(readonly: bool, scope: str) -> str:
     return f"BEGIN READ ONLY; {scope}" if readonly else f"BEGIN; {scope}"
 
 
-@asynccontextmanager
-async def _transaction(conn: Any, begin: str) -> AsyncIterator[None]:
-    """Run ``begin`` (see :func:`_begin`), the block, then ``COMMIT``; ``ROLLBACK`` if the block raised.
+class _Transaction:
+    """``async with _Transaction(conn, begin):`` run ``begin`` (see :func:`_begin`), the block, then
+    ``COMMIT``; ``ROLLBACK`` if the block (or ``begin``) raised.
 
     The transaction is ours, not asyncpg's (``Connection.transaction()`` would send
     ``BEGIN`` alone): a connection whose transaction may still be open (``ROLLBACK``
     failed, cancelled during ``COMMIT``, the link cut) is terminated, for the pool to
     replace. Released mid-transaction, the next call would run in it (under transaction
-    pooling the pool's reset sends nothing). Nested blocks: :func:`savepoint`.
+    pooling the pool's reset sends nothing). Nested blocks: :func:`savepoint`. A class, not
+    an async generator: every tenant transaction enters one.
     """
-    ended = False
-    try:
+
+    __slots__ = ("_begin", "_conn")
+
+    def __init__(self, conn: Any, begin: str) -> None:
+        self._conn = conn
+        self._begin = begin
+
+    async def __aenter__(self) -> None:
         try:
-            await conn.execute(begin)
-            yield
+            await self._conn.execute(self._begin)
         except BaseException:
+            await self._roll_back()
+            raise
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
+        if kind is not None:
+            await self._roll_back()
+            return  # the block's error goes on
+        conn, ended = self._conn, False
+        try:
+            await conn.execute("COMMIT")
+            ended = True
+        except asyncpg.PostgresError:
+            ended = True  # refused at COMMIT (a deferred check, serialization): PostgreSQL rolled it back
+            raise
+        finally:
+            if not ended or conn.is_in_transaction():
+                conn.terminate()
+
+    async def _roll_back(self) -> None:
+        conn, ended = self._conn, False
+        try:
             if not conn.is_closed():
                 with contextlib.suppress(Exception):  # the block's error is the one to report
                     await conn.execute("ROLLBACK")
                     ended = True
-            raise
-        try:
-            await conn.execute("COMMIT")
-        except asyncpg.PostgresError:
-            ended = True  # refused at COMMIT (a deferred check, serialization): PostgreSQL rolled it back
-            raise
-        ended = True
-    finally:
-        if not ended or conn.is_in_transaction():
-            conn.terminate()
+        finally:
+            if not ended or conn.is_in_transaction():
+                conn.terminate()
 
 
 @asynccontextmanager
@@ -424,18 +444,10 @@ class Database:
         """
         self._replica_methods = frozenset(methods)
 
-    @asynccontextmanager
-    async def transaction(self, *, readonly: bool = False) -> AsyncIterator[asyncpg.Connection[Any]]:
-        """A transaction bound to the current call's tenant (commit on success)."""
-        tenant_id = context.current_tenant()
-        cell = await self._tenant_cell(tenant_id)
-        limit = bulkhead.current_limit()
-        if limit is None or cell.bulkhead is None:
-            async with self._tenant_open(tenant_id, readonly, cell) as conn:
-                yield conn
-            return
-        async with cell.bulkhead.slot(tenant_id, limit), self._tenant_open(tenant_id, readonly, cell) as conn:
-            yield conn
+    def transaction(self, *, readonly: bool = False) -> TenantTransaction:
+        """``async with db.transaction() as conn:`` a transaction bound to the current call's tenant
+        (commit on success), within the tenant's database slots when the call has a limit."""
+        return TenantTransaction(self, readonly)
 
     @asynccontextmanager
     async def _tenant_open(
@@ -480,7 +492,7 @@ class Database:
             return
         served = False
         try:
-            async with _transaction(conn, _begin(True, bind_tenant(tenant_id) + self._local_settings)):
+            async with _Transaction(conn, _begin(True, bind_tenant(tenant_id) + self._local_settings)):
                 replayed = await conn.fetchval(REPLAYED) if tenant_id in self._written else None
                 self.replica_outage.recovered()
                 served = self._replayed_writes_of(tenant_id, replayed)
@@ -489,7 +501,7 @@ class Database:
         except UNREACHABLE as exc:
             if served:
                 raise
-            self._replica_failed(exc)  # the connection is gone or terminated (see _transaction)
+            self._replica_failed(exc)  # the connection is gone or terminated (see _Transaction)
         finally:
             await self._read_pool.release(conn)
         if not served:
@@ -590,7 +602,9 @@ class Database:
         """
         cell = cell or self._cell(cells.chosen_cell())  # a platform path: the cell it runs on, else home
         try:
-            conn = await cell.pool.acquire(timeout=self._acquire_timeout)
+            # Not acquire(timeout=...): asyncpg then waits in a task of its own (asyncio.wait_for), made per call.
+            async with asyncio.timeout(self._acquire_timeout):
+                conn = await cell.pool.acquire()
         except TimeoutError:
             raise unavailable(
                 "all database connections are busy; retry shortly", ErrorReason.DATABASE_BUSY, 0.2
@@ -601,7 +615,7 @@ class Database:
             raise
         try:
             try:
-                async with _transaction(conn, _begin(readonly, scope + self._local_settings)):
+                async with _Transaction(conn, _begin(readonly, scope + self._local_settings)):
                     cell.outage.recovered()
                     yield cast("asyncpg.Connection[Any]", conn)
             except asyncpg.PostgresError as exc:
@@ -626,3 +640,41 @@ class Database:
                 await asyncio.wait_for(pool.close(), grace_seconds)
             except TimeoutError:
                 pool.terminate()
+
+
+class TenantTransaction:
+    """:meth:`Database.transaction`: the tenant's slot (if the call has a limit), then its transaction.
+
+    A class, not an async generator around the two: every call's transactions enter one.
+    """
+
+    __slots__ = ("_db", "_opened", "_readonly", "_slot")
+
+    def __init__(self, db: Database, readonly: bool) -> None:
+        self._db = db
+        self._readonly = readonly
+
+    async def __aenter__(self) -> asyncpg.Connection[Any]:
+        db = self._db
+        tenant_id = context.current_tenant()
+        cell = await db._tenant_cell(tenant_id)
+        limit = bulkhead.current_limit()
+        slot = None if limit is None or cell.bulkhead is None else cell.bulkhead.slot(tenant_id, limit)
+        if slot is not None:
+            await slot.__aenter__()
+        opened = db._tenant_open(tenant_id, self._readonly, cell)
+        try:
+            conn = await opened.__aenter__()
+        except BaseException:
+            if slot is not None:
+                await slot.__aexit__(None, None, None)
+            raise
+        self._slot, self._opened = slot, opened
+        return conn
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> bool | None:
+        try:
+            return await self._opened.__aexit__(kind, error, tb)
+        finally:
+            if self._slot is not None:
+                await self._slot.__aexit__(kind, error, tb)
