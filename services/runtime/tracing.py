@@ -190,6 +190,11 @@ class ServerSpan:
             _call.reset(self._call_token)
 
 
+def recording() -> bool:
+    """Whether spans may be recorded (an endpoint is set): else every span is dropped and keeps nothing."""
+    return _recording
+
+
 def tag_tenant(tenant_id: str) -> None:
     """The call acts on ``tenant_id``: say so on its span and its access line."""
     record = _call.get()

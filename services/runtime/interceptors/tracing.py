@@ -57,9 +57,10 @@ class TracingInterceptor(PolicyInterceptor):
                     code = grpc.StatusCode.CANCELLED
                     raise
                 finally:
-                    span.set_attribute(tracing.STATUS_ATTRIBUTE, code.value[0])
-                    if code in SERVER_ERRORS:
-                        span.set_status(Status(StatusCode.ERROR, code.name))
+                    if tracing.recording():  # a dropped span keeps nothing: no status to work out for it
+                        span.set_attribute(tracing.STATUS_ATTRIBUTE, code.value[0])
+                        if code in SERVER_ERRORS:
+                            span.set_status(Status(StatusCode.ERROR, code.name))
                     if access_log.isEnabledFor(logging.INFO):  # its arguments are not made for nothing
                         elapsed_ms = round((time.perf_counter() - record.started) * 1000, 1)
                         access_log.info(
