@@ -17,6 +17,9 @@ from towerco.sites.v1 import sites_service_pb2 as pb
 from towerco.sites.v1 import sites_service_pb2_grpc as pb_grpc
 
 from deploy.local.stack import Stack
+from gateway.config import GatewaySettings
+from gateway.envoy import validate
+from tests.bench.envoy_cost import VARIANTS
 from tests.bench.own_processes import running, start, stop
 from tests.bench.results import (
     Figure,
@@ -135,3 +138,22 @@ def _flood_report(config: dict[str, Any]) -> dict[str, Any]:
     finally:
         stop(process)
     return report
+
+
+def test_bench_envoy_cost_variants_are_configurations_envoy_accepts(tmp_path: Path) -> None:
+    settings = GatewaySettings.from_env()
+    for name, variant in VARIANTS.items():
+        path = tmp_path / f"{name}.json"
+        document = variant(settings, "127.0.0.1:50052")
+        path.write_text(json.dumps(document))
+        assert "OK" in validate(path), name
+    routers = {name: _http_filters(variant(settings, "127.0.0.1:50052")) for name, variant in VARIANTS.items()}
+    # What sets the three apart: the router alone, then grpc_web too, then the whole chain.
+    assert routers["minimal"] == ["envoy.filters.http.router"]
+    assert routers["floor"] == ["envoy.filters.http.grpc_web", "envoy.filters.http.router"]
+    assert len(routers["gateway"]) > 2 and routers["gateway"][-1] == "envoy.filters.http.router"
+
+
+def _http_filters(document: dict[str, Any]) -> list[str]:
+    manager = document["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    return [f["name"] for f in manager["http_filters"]]
