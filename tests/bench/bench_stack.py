@@ -12,6 +12,7 @@ Tenants, each with rate overrides so that each row measures what it names:
 from __future__ import annotations
 
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -104,8 +105,9 @@ def pool_sizes() -> tuple[int, int]:
 
 @contextmanager
 def bench_stack() -> Iterator[BenchStack]:
-    data = OUTPUT / "bench-data"
-    shutil.rmtree(data, ignore_errors=True)
+    # A folder of this run's own: two benches at once (or a bench beside a test run) never share one.
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    data = Path(tempfile.mkdtemp(prefix="bench-data-", dir=OUTPUT))
     ports = {name: free_port() for name in SERVICES}
     config = StackConfig(
         data_dir=data,
