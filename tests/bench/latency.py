@@ -4,7 +4,11 @@
 - the bare server (``bare_server.py``): that transaction behind grpc.aio with no interceptors;
 - the sites service, for a tenant whose rate is unlimited and for one with a finite rate
   (one rate decision per call);
-- the gateway, gRPC (HTTP/2) and gRPC-web (HTTP/1.1 keep-alive, as a browser calls).
+- the gateway, gRPC (HTTP/2) and gRPC-web (HTTP/1.1 keep-alive, as a browser calls);
+- a minimal Envoy written by hand (``envoy_cost.minimal``: the router alone, one HTTP/2
+  cluster to the same sites service, the dev stack's command line): what Envoy's proxying
+  alone adds on this machine, in the same rounds, so the gateway's row can be read against it.
+  It is not a target's floor: the gateway's target stays "direct + 0.3 ms".
 """
 
 from __future__ import annotations
@@ -100,12 +104,18 @@ def bench_latency(bench: BenchStack, results: Results, samples: int) -> None:
         bare = stack.enter_context(site_stub(bench.bare))
         sites = stack.enter_context(site_stub(bench.sites))
         gateway = stack.enter_context(site_stub(bench.gateway, tenant_host("bench_tenant")))
+        # Imported here: envoy_cost imports this module for its stubs.
+        from .envoy_cost import envoy
+
+        _, minimal_port = stack.enter_context(envoy(bench, "minimal"))
+        minimal = stack.enter_context(site_stub(f"127.0.0.1:{minimal_port}", tenant_host("bench_tenant")))
         rounds: dict[str, Round] = {
             "asyncpg": stack.enter_context(asyncpg_alone(bench.sites_dsn, "bench_tenant")),
             "bare": sequential(lambda: bare.GetSite(GET, metadata=md)),
             "unlimited": sequential(lambda: sites.GetSite(GET, metadata=md)),
             "limited": sequential(lambda: sites.GetSite(GET, metadata=limited_md)),
             "gateway": sequential(lambda: gateway.GetSite(GET, metadata=md)),
+            "minimal envoy": sequential(lambda: minimal.GetSite(GET, metadata=md)),
             "grpc-web": sequential(
                 stack.enter_context(grpc_web(bench.gateway_port, "bench_tenant", bench.tokens["bench_tenant"]))
             ),
@@ -113,7 +123,7 @@ def bench_latency(bench: BenchStack, results: Results, samples: int) -> None:
         taken = interleaved(rounds, samples, 100)
     p50 = {name: ms(percentile(s, 0.5)) for name, s in taken.items()}
     for name, s in taken.items():
-        print(f"  {name:<10} {summary(s)}")
+        print(f"  {name:<13} {summary(s)}")
     labels = {
         "asyncpg": "asyncpg alone (floor 1)",
         "bare": "bare grpc.aio server (floor 2)",
@@ -121,6 +131,7 @@ def bench_latency(bench: BenchStack, results: Results, samples: int) -> None:
         "limited": "sites, finite rate",
         "gateway": "through the gateway, gRPC",
         "grpc-web": "through the gateway, gRPC-web",
+        "minimal envoy": "through a minimal Envoy (router only), gRPC",
     }
     asyncpg_floor, bare_floor = p50["asyncpg"], p50["bare"]
     targets = {
@@ -129,6 +140,7 @@ def bench_latency(bench: BenchStack, results: Results, samples: int) -> None:
         "limited": (bare_floor, "bare", ratio_at_most(1.25)),
         "gateway": (p50["unlimited"], "direct", above_floor_at_most(0.3)),
         "grpc-web": (p50["unlimited"], "direct", above_floor_at_most(0.3)),
+        "minimal envoy": (p50["unlimited"], "direct", None),
     }
     for name, label in labels.items():
         floor, floor_name, target = targets.get(name, (None, "", None))
