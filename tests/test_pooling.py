@@ -201,3 +201,32 @@ async def test_service_with_small_pool_keeps_tenants_apart(
             assert sites == [(tenant, kind, f"{tenant} site {n}")]
     assert {tenant for tenant, _, _ in results} == set(three_tenants)
     assert process.poll() is None
+
+
+async def test_commit_behind_leaves_before_its_commit_and_holds_the_connection_until_it_ends(
+    sites_runtime_dsn, three_tenants
+):
+    db = await Database.connect(sites_runtime_dsn, min_size=1, max_size=1, acquire_timeout=5)
+    tenant = three_tenants[0]
+    try:
+        with context.bind(RequestContext(request_id="req-behind", method="/test/Pool", tenant_id=tenant)):
+            async with db.transaction(readonly=True, commit_behind=True) as conn:
+                names = [r["name"] for r in await conn.fetch("SELECT name FROM sites.sites ORDER BY site_id")]
+            # Out of the block before the COMMIT's round trip: still in the transaction, the connection held.
+            assert conn.is_in_transaction()
+            await db.committed()
+            # The pool's one connection came back with its transaction ended: the next one runs on it.
+            async with db.transaction(readonly=True) as again:
+                assert await again.fetchval("SELECT current_setting('app.current_tenant_id', true)") == tenant
+                assert await again.fetchval("SELECT count(*) FROM sites.sites") == SITES_PER_TENANT
+            # A block that raises rolls back before it leaves, as any transaction does: nothing ends behind it.
+            with pytest.raises(_AbortError):
+                async with db.transaction(readonly=True, commit_behind=True) as failed:
+                    await failed.fetchval("SELECT 1")
+                    raise _AbortError(0)
+            assert not db._committing
+        assert names == [f"{tenant} site {i}" for i in range(SITES_PER_TENANT)]
+        with pytest.raises(ValueError, match="read-only"):
+            db.transaction(commit_behind=True)
+    finally:
+        await db.close()

@@ -310,6 +310,8 @@ class Database:
         self._cell_of: CellOf | None = None
         #: Cells whose isolation guard has not run yet (down at start-up): refused until it passes.
         self._unguarded: set[str] = set()
+        #: Read-only transactions whose COMMIT is still on its way (``commit_behind``): kept until it ends.
+        self._committing: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def connect(
@@ -444,10 +446,31 @@ class Database:
         """
         self._replica_methods = frozenset(methods)
 
-    def transaction(self, *, readonly: bool = False) -> TenantTransaction:
+    def transaction(self, *, readonly: bool = False, commit_behind: bool = False) -> TenantTransaction:
         """``async with db.transaction() as conn:`` a transaction bound to the current call's tenant
-        (commit on success), within the tenant's database slots when the call has a limit."""
-        return TenantTransaction(self, readonly)
+        (commit on success), within the tenant's database slots when the call has a limit.
+
+        ``commit_behind`` (read-only only): a block that ends without an error leaves at once
+        and its ``COMMIT`` runs on behind it, so a read's answer goes out during that round trip
+        instead of after it. What the block read stands either way (a read-only transaction
+        changes nothing, and its snapshot was taken before); the connection, the tenant's slot
+        and its database time are held until the ``COMMIT`` has ended, as without it. For a
+        call's one read whose result is all it answers; not where the next statement must
+        follow the read (the tenant's slots would make it wait for the ``COMMIT`` anyway).
+        """
+        if commit_behind and not readonly:
+            raise ValueError("commit_behind is for read-only transactions: a write's COMMIT is its outcome")
+        return TenantTransaction(self, readonly, commit_behind)
+
+    def _commit_behind(self, finishing: Awaitable[object]) -> None:
+        task = asyncio.get_running_loop().create_task(_finish_behind(finishing))
+        self._committing.add(task)
+        task.add_done_callback(self._committing.discard)
+
+    async def committed(self) -> None:
+        """Wait for the ``COMMIT`` of every read-only transaction still ending behind its block."""
+        while self._committing:
+            await asyncio.gather(*self._committing, return_exceptions=True)
 
     @asynccontextmanager
     async def _tenant_open(
@@ -633,6 +656,7 @@ class Database:
 
     async def close(self, grace_seconds: float = 10.0) -> None:
         logging.getLogger("asyncpg.pool").removeFilter(self._refill_failures)
+        await self.committed()
         for pool in (*(cell.pool for cell in self._cells.values()), self._read_pool):
             if pool is None:
                 continue
@@ -648,11 +672,12 @@ class TenantTransaction:
     A class, not an async generator around the two: every call's transactions enter one.
     """
 
-    __slots__ = ("_db", "_opened", "_readonly", "_slot")
+    __slots__ = ("_behind", "_db", "_opened", "_readonly", "_slot")
 
-    def __init__(self, db: Database, readonly: bool) -> None:
+    def __init__(self, db: Database, readonly: bool, behind: bool = False) -> None:
         self._db = db
         self._readonly = readonly
+        self._behind = behind
 
     async def __aenter__(self) -> asyncpg.Connection[Any]:
         db = self._db
@@ -673,8 +698,23 @@ class TenantTransaction:
         return conn
 
     async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> bool | None:
+        if self._behind and kind is None:
+            self._db._commit_behind(self._end(None, None, None))
+            return None
+        return await self._end(kind, error, tb)
+
+    async def _end(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> bool | None:
         try:
             return await self._opened.__aexit__(kind, error, tb)
         finally:
             if self._slot is not None:
                 await self._slot.__aexit__(kind, error, tb)
+
+
+async def _finish_behind(finishing: Awaitable[object]) -> None:
+    """A ``commit_behind`` transaction's end; its answer has gone, so a failure is only logged
+    (the connection is terminated or its outage noted by the transaction, as for any other)."""
+    try:
+        await finishing
+    except Exception:
+        log.warning("a read-only transaction's COMMIT failed after its answer was sent", exc_info=True)

@@ -91,7 +91,7 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
     async def GetSite(self, request: pb.GetSiteRequest, ctx: Ctx) -> pb.Site:
         _check_site_id(request.site_id)
         tenant_id = context.current_tenant()
-        async with self._db.transaction(readonly=True) as conn:
+        async with self._db.transaction(readonly=True, commit_behind=True) as conn:
             row = await conn.fetchrow(queries.GET_SITE, tenant_id, request.site_id)
         if row is None:
             raise not_found(ErrorReason.SITE_NOT_FOUND, request.site_id)
@@ -106,7 +106,7 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
         query = {"region": request.region}
         position = self._tokens.decode(request.page_token, tenant_id, query)
         after = str(position.get("after", "")) if position else ""
-        async with self._db.transaction(readonly=True) as conn:
+        async with self._db.transaction(readonly=True, commit_behind=True) as conn:
             rows = await conn.fetch(queries.LIST_SITES, tenant_id, after, request.region or None, size + 1)
         response = pb.ListSitesResponse(sites=[convert.site_from_row(tenant_id, r) for r in rows[:size]])
         if len(rows) > size:
