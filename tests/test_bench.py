@@ -17,6 +17,7 @@ from towerco.sites.v1 import sites_service_pb2 as pb
 from towerco.sites.v1 import sites_service_pb2_grpc as pb_grpc
 
 from deploy.local.stack import Stack
+from deploy.local.tokens import ensure_keys
 from gateway.config import GatewaySettings
 from gateway.envoy import validate
 from tests.bench.envoy_cost import VARIANTS
@@ -141,7 +142,9 @@ def _flood_report(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_bench_envoy_cost_variants_are_configurations_envoy_accepts(tmp_path: Path) -> None:
-    settings = GatewaySettings.from_env()
+    # Keys of its own: a fresh clone has no .data/keys until a stack has run.
+    ensure_keys(tmp_path / "keys")
+    settings = GatewaySettings.from_env({"DATA_DIR": str(tmp_path), "GATEWAY_WEB_DIR": "/none"})
     for name, variant in VARIANTS.items():
         path = tmp_path / f"{name}.json"
         document = variant(settings, "127.0.0.1:50052")
