@@ -158,13 +158,18 @@ def _provision(bench: BenchStack) -> None:
             for resource, limit in rates.items():
                 request = features_pb.SetLimitOverrideRequest(tenant_id=tenant, resource=resource, limit=limit)
                 gate.SetLimitOverride(request, metadata=admin_md)
-    with grpc.insecure_channel(bench.sites) as channel:
+    for tenant in RATES:
+        create_sites(bench, bench.sites, tenant)
+
+
+def create_sites(bench: BenchStack, target: str, tenant: str) -> None:
+    """The tenant's bench sites, created through the sites service at ``target``."""
+    count = SITES if tenant == "bench_tenant" else 20
+    first = 0 if tenant == "bench_tenant" else 90
+    with grpc.insecure_channel(target) as channel:
         sites = pb_grpc.SiteServiceStub(channel)
-        for tenant in RATES:
-            count = SITES if tenant == "bench_tenant" else 20
-            first = 0 if tenant == "bench_tenant" else 90
-            for i in range(first, first + count):
-                create = pb.CreateSiteRequest(
-                    site_id=f"B-{i:04d}", request_id=f"bench-{tenant}-{i}", site=pb.Site(name=f"Bench {i}")
-                )
-                sites.CreateSite(create, metadata=bench.metadata(tenant))
+        for i in range(first, first + count):
+            create = pb.CreateSiteRequest(
+                site_id=f"B-{i:04d}", request_id=f"bench-{tenant}-{i}", site=pb.Site(name=f"Bench {i}")
+            )
+            sites.CreateSite(create, metadata=bench.metadata(tenant))
