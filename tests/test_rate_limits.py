@@ -43,7 +43,10 @@ def test_two_processes_together_admit_the_configured_rate_and_other_tenants_are_
     # Two processes of their own whose Redis calls may take a second: on a loaded machine a
     # Redis answer slower than the 50 ms default sends a decision to the local fallback
     # (tested apart below), and this test is about the shared GCRA, not Redis's latency.
-    patient = {"REDIS_TIMEOUT_SECONDS": "1"}
+    # Refusals answered at once: two callers whose refusals were held (test_refusal_hold.py)
+    # come back at each slot only as promptly as a loaded machine wakes them, and the count
+    # would measure that.
+    patient = {"REDIS_TIMEOUT_SECONDS": "1", "REFUSAL_HOLD_MAX_MS": "0"}
     first, second = extra_sites(patient), extra_sites(patient)
     with grpc.insecure_channel(first.target) as one, grpc.insecure_channel(second.target) as two:
         stubs = [sites_grpc.SiteServiceStub(one), sites_grpc.SiteServiceStub(two)]
@@ -117,7 +120,9 @@ def test_a_stopped_redis_falls_back_to_a_local_share_of_the_limit(
     tenant = new_tenant(plan="basic")
     set_limit(features, platform_token, tenant, "rpm_read", 600)
     md = bearer(token(tenant))
-    extra = extra_sites({"REDIS_URL": private_redis.url, "RATE_LIMIT_LOCAL_SHARE": "0.25"})
+    # Refusals answered at once, so the 60 calls take well under a second and the count is
+    # the burst's (held, they would take long enough for the share to admit more).
+    extra = extra_sites({"REDIS_URL": private_redis.url, "RATE_LIMIT_LOCAL_SHARE": "0.25", "REFUSAL_HOLD_MAX_MS": "0"})
     with grpc.insecure_channel(extra.target) as channel:
         stub = sites_grpc.SiteServiceStub(channel)
         list_sites(stub, md)

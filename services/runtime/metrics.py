@@ -115,6 +115,12 @@ TENANT_CALLS_LIMITED = Counter(
     "Calls refused RESOURCE_EXHAUSTED TENANT_CALLS_LIMIT: the tenant already had its call_concurrency in flight",
     ("tenant", "service"),
 )
+REFUSALS_HELD = Counter(
+    "towerco_refusals_held_total",
+    "RESOURCE_EXHAUSTED refusals with a retry-after held before being answered (held), or answered at once "
+    "because REFUSAL_HOLD_MAX_HELD were held already (over_cap)",
+    ("service", "result"),
+)
 BREAKER_OPEN = Gauge(
     "towerco_breaker_open",
     "1 while the service has stopped asking a dependency after failures (its circuit breaker is open), else 0",
@@ -166,6 +172,7 @@ ALL: tuple[MetricWrapperBase, ...] = (
     BULKHEAD_WAITS,
     BULKHEAD_REFUSALS,
     TENANT_CALLS_LIMITED,
+    REFUSALS_HELD,
     BREAKER_OPEN,
     DEPENDENCY_ERRORS,
     AUDIT_OUTBOX_DEPTH,
@@ -265,6 +272,8 @@ class ServiceMetrics:
         self._calls_limited = self._of(TENANT_CALLS_LIMITED)
         self._waits = BULKHEAD_WAITS.labels(service)
         self._refusals = BULKHEAD_REFUSALS.labels(service)
+        self._held = REFUSALS_HELD.labels(service, "held")
+        self._over_cap = REFUSALS_HELD.labels(service, "over_cap")
         self._outbox_depth = AUDIT_OUTBOX_DEPTH.labels(service)
         self._relay_lag = AUDIT_RELAY_LAG.labels(service)
         self._breaches = ISOLATION_BREACH.labels(service)
@@ -295,6 +304,9 @@ class ServiceMetrics:
 
     def calls_limited(self, tenant_id: str) -> None:
         self._calls_limited(self.tenant(tenant_id)).inc()
+
+    def refusal_held(self, *, over_cap: bool) -> None:
+        (self._over_cap if over_cap else self._held).inc()
 
     def breaker(self, dependency: str, breaker: str, *, is_open: bool) -> None:
         """One of the process's breakers in front of ``dependency`` opened or closed: 1 while any is open."""

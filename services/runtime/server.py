@@ -55,6 +55,7 @@ from .policy import PolicyError, PolicyTable
 from .ratelimit import LimiterConfig, RateLimiter
 from .redis_clients import RedisConfig
 from .refusal_audit import RefusalAudit
+from .refusal_hold import RefusalHold
 from .settings import Settings, SettingsError, load, migration_target
 from .sso_issuers import RegistrySsoSource, SsoIssuers
 from .tenant_cache import CHANNEL as TENANT_CHANNEL
@@ -215,9 +216,10 @@ def build_server(
     settings = runtime.settings
     gate = ShutdownGate(policies)
     verifier = make_verifier(settings, tenant_issuers(runtime))
+    hold = RefusalHold(settings.refusal_hold_max_ms / 1000, settings.refusal_hold_max_held)
     chain = server_chain(
         policies, verifier, runtime.tenants, runtime.entitlements, limiter, refusals, gate,
-        gateway_secret=settings.gateway_secret,
+        gateway_secret=settings.gateway_secret, hold=hold,
     )  # fmt: skip
     server = aio.server(
         # No interceptor: each servicer method is registered inside the links, once (Chain).

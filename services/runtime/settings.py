@@ -359,6 +359,21 @@ TENANT_CONCURRENCY_WAIT_SECONDS = number(
     0.25,
     "how long a call waits for one of its tenant's database slots before RESOURCE_EXHAUSTED `TENANT_CONCURRENCY_LIMIT`",
 )
+REFUSAL_HOLD_MAX_MS = integer(
+    "REFUSAL_HOLD_MAX_MS",
+    200,
+    "a RESOURCE_EXHAUSTED refusal with a retry-after (`RATE_LIMITED`, `TENANT_CALLS_LIMIT`, "
+    "`TENANT_CONCURRENCY_LIMIT`) is held this long at most before it is answered (never past its retry-after, "
+    "and answered before the call's deadline), its RetryInfo then the wait that remains: a client calling again "
+    "at once is paced, not served thousands of refusals a second; 0 answers at once",
+    minimum=0,
+)
+REFUSAL_HOLD_MAX_HELD = integer(
+    "REFUSAL_HOLD_MAX_HELD",
+    1000,
+    "most refusals held at once by a process; past them a refusal is answered at once",
+    minimum=0,
+)
 FAULT_POINTS = text(
     "FAULT_POINTS", "", "tests only: `point[:times],...` makes a named step fail (e.g. `provision.after_commit:1`)"
 )
@@ -446,6 +461,8 @@ SERVICE_SETTINGS = SettingsTable.of(
     RATE_LIMIT_FAIL_CLOSED,
     RATE_LIMIT_LEASE_SECONDS,
     TENANT_CONCURRENCY_WAIT_SECONDS,
+    REFUSAL_HOLD_MAX_MS,
+    REFUSAL_HOLD_MAX_HELD,
     FAULT_POINTS,
     LOG_LEVEL,
     LOG_FORMAT,
@@ -515,6 +532,8 @@ class Settings:
     rate_limit_fail_closed: bool
     rate_limit_lease_seconds: float
     tenant_concurrency_wait_seconds: float
+    refusal_hold_max_ms: int
+    refusal_hold_max_held: int
     audit_refusal_window_seconds: float
     audit_retention_interval_seconds: float
     audit_retention_batch_size: int
@@ -663,6 +682,8 @@ def load(service: str, environ: Mapping[str, str] | None = None) -> Settings:
         rate_limit_fail_closed=RATE_LIMIT_FAIL_CLOSED.read(env),
         rate_limit_lease_seconds=RATE_LIMIT_LEASE_SECONDS.read(env),
         tenant_concurrency_wait_seconds=TENANT_CONCURRENCY_WAIT_SECONDS.read(env),
+        refusal_hold_max_ms=REFUSAL_HOLD_MAX_MS.read(env),
+        refusal_hold_max_held=REFUSAL_HOLD_MAX_HELD.read(env),
         audit_refusal_window_seconds=AUDIT_REFUSAL_WINDOW_SECONDS.read(env),
         canary_interval_seconds=CANARY_INTERVAL_SECONDS.read(env),
         audit_retention_interval_seconds=AUDIT_RETENTION_INTERVAL_SECONDS.read(env),

@@ -10,6 +10,7 @@ from ..entitlements import EntitlementDirectory
 from ..policy import PolicyTable
 from ..ratelimit import RateLimiter
 from ..refusal_audit import RefusalAudit
+from ..refusal_hold import RefusalHold
 from ..tenants import TenantDirectory
 from .authentication import AuthenticationInterceptor
 from .authorization import AuthorizationInterceptor
@@ -38,13 +39,17 @@ def server_chain(
     refusals: RefusalAudit | None = None,
     gate: ShutdownGate | None = None,
     gateway_secret: bytes = b"",
+    hold: RefusalHold | None = None,
 ) -> list[PolicyInterceptor]:
+    gate = gate or ShutdownGate(policies)
+    hold = hold or RefusalHold()
+    gate.when_stopping(hold.release)
     return [
         RequestContextInterceptor(policies, gateway_secret),  # request id, method, peer, client address (never fails)
         TracingInterceptor(policies),  # the call's span (the caller's traceparent its parent); one access line
         CallMetricsInterceptor(policies),  # counted by tenant and method, once the status is known
-        ErrorDetailsInterceptor(policies, refusals),  # every failure below becomes a rich status (refusals audited)
-        gate or ShutdownGate(policies),  # once stopping: UNAVAILABLE, so clients retry elsewhere
+        ErrorDetailsInterceptor(policies, refusals, hold),  # failures below: rich statuses (refusals audited, held)
+        gate,  # once stopping: UNAVAILABLE, so clients retry elsewhere
         AuthenticationInterceptor(policies, verifier),  # who is calling (JWT or service identity)
         TenantInterceptor(policies),  # for which tenant (naming another one: the caller's own, until refused)
         TenantStateInterceptor(policies, tenants),  # is that tenant active

@@ -16,6 +16,7 @@ from ..db import UNREACHABLE
 from ..errors import ErrorReason, FieldViolation, ServiceError, aborted, internal, invalid_argument, unavailable
 from ..policy import Policy, PolicyTable
 from ..refusal_audit import RefusalAudit
+from ..refusal_hold import RefusalHold
 from ..validation import UNSTORABLE_TEXT, unstorable_text
 from .base import Behavior, Metadata, PolicyInterceptor
 
@@ -34,12 +35,17 @@ class ErrorDetailsInterceptor(PolicyInterceptor):
 
     A refusal that carries an audit event (a cross-tenant attempt) is handed to the
     refusal audit here, once the call is known to have failed: it tallies repeats and
-    writes them once per window.
+    writes them once per window. A RESOURCE_EXHAUSTED refusal with a retry-after is held
+    here (``hold``, ``refusal_hold.py``), outside every link that holds a slot for the call,
+    so a held refusal occupies none of them.
     """
 
-    def __init__(self, policies: PolicyTable, refusals: RefusalAudit | None = None) -> None:
+    def __init__(
+        self, policies: PolicyTable, refusals: RefusalAudit | None = None, hold: RefusalHold | None = None
+    ) -> None:
         super().__init__(policies)
         self._refusals = refusals
+        self._hold = hold
 
     def deserializer(self, original: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
         # gRPC would answer undecodable bytes with INTERNAL; they are the client's error.
@@ -66,6 +72,8 @@ class ErrorDetailsInterceptor(PolicyInterceptor):
             except ServiceError as exc:
                 if isinstance(exc.audit_event, AuditEvent) and self._refusals is not None:
                     self._refusals.note(exc.audit_event)
+                if exc.retry_after_seconds is not None and self._hold is not None:
+                    exc = await self._hold.hold(exc, ctx)
                 await _abort(ctx, exc, policy)
             except aio.AbortError:
                 raise

@@ -24,6 +24,7 @@ import contextlib
 import enum
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from grpc import aio
@@ -70,6 +71,11 @@ class ShutdownGate(PolicyInterceptor):
         self._last_arrival = 0.0
         #: Calls answered SHUTTING_DOWN, reported when the server has stopped.
         self.refused = 0
+        self._on_stopping: list[Callable[[], None]] = []
+
+    def when_stopping(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` as soon as :meth:`stop` begins (held refusals are answered then)."""
+        self._on_stopping.append(callback)
 
     def wrap(self, inner: Behavior, policy: Policy, metadata: Metadata) -> Behavior:
         async def behavior(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
@@ -101,6 +107,8 @@ class ShutdownGate(PolicyInterceptor):
         """Refuse new calls, let those in flight finish within the grace period, then stop ``server``."""
         deadline = time.monotonic() + grace_seconds
         self._phase = _Phase.REFUSING
+        for callback in self._on_stopping:
+            callback()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._drained.wait(), grace_seconds)
         self._phase = _Phase.HOLDING

@@ -1,0 +1,105 @@
+"""Held refusals: a refusal that says "retry in X" is answered no sooner than it must be.
+
+A RESOURCE_EXHAUSTED refusal with a retry-after (``RATE_LIMITED``, ``TENANT_CALLS_LIMIT``,
+``TENANT_CONCURRENCY_LIMIT``) costs this process little in our code, but each refused call
+still costs grpc.aio's own per-call work, and a client that calls again the instant it is
+answered (a closed loop, a retry storm) sends more the faster it is refused: refused in
+microseconds, 32 such callers send thousands of calls a second and fill the cores the other
+tenants need. So the error link holds such a refusal before sending it, for the shortest of
+its retry-after, ``REFUSAL_HOLD_MAX_MS``, and the call's remaining deadline less
+:data:`DEADLINE_MARGIN_SECONDS`; its RetryInfo, ``retry-after-ms`` and message then give the
+wait that remains (1 ms at least). A well-behaved client loses nothing (no call of it could
+have succeeded sooner); a closed loop of N callers is paced to N calls per hold.
+
+The hold starts once every link inside the error link has let go of what it held (the
+tenant's in-flight slot, its database slot, the shutdown gate's count of calls in flight):
+a held refusal holds nothing but its own call. At most ``REFUSAL_HOLD_MAX_HELD`` are held at
+once per process; past that a refusal is answered at once. Once the process is stopping
+(:meth:`RefusalHold.release`, called by the shutdown gate) held refusals are answered at
+once and no more are held. Never held: UNAVAILABLE (shutdown, the rate limiter unreachable),
+or any refusal without a retry-after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from . import metrics
+from .errors import ServiceError
+from .settings import REFUSAL_HOLD_MAX_HELD, REFUSAL_HOLD_MAX_MS
+
+#: What a call's deadline keeps after the hold, for its refusal to reach the caller in time.
+DEADLINE_MARGIN_SECONDS = 0.05
+#: A hold shorter than this is not worth a timer: the refusal is answered at once.
+SHORTEST_SECONDS = 0.001
+#: The wait as the refusals' messages state it (the gateway's penalty box rewrites it alike).
+_RETRY_IN = re.compile(r"retry in [0-9.]+s")
+
+
+class RefusalHold:
+    """Holds retryable RESOURCE_EXHAUSTED refusals of this process, at most ``most_held`` at once."""
+
+    def __init__(
+        self, max_seconds: float = REFUSAL_HOLD_MAX_MS.default / 1000, most_held: int = REFUSAL_HOLD_MAX_HELD.default
+    ) -> None:
+        self._max = max_seconds
+        self._most = most_held
+        self._waiting: set[asyncio.Future[None]] = set()
+        self._released = False
+
+    @property
+    def held(self) -> int:
+        """Refusals held now."""
+        return len(self._waiting)
+
+    def release(self) -> None:
+        """Answer every held refusal now, and hold none from now on (the process is stopping)."""
+        self._released = True
+        for waiter in self._waiting:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def hold(self, error: ServiceError, ctx: aio.ServicerContext[Any, Any]) -> ServiceError:
+        """``error``, once held as long as it should be, with the wait that remains; at once if not to hold."""
+        retry = error.retry_after_seconds
+        if retry is None or error.code is not grpc.StatusCode.RESOURCE_EXHAUSTED or self._released:
+            return error
+        seconds = min(retry, self._max)
+        remaining = ctx.time_remaining()
+        if remaining is not None:
+            seconds = min(seconds, remaining - DEADLINE_MARGIN_SECONDS)
+        if seconds < SHORTEST_SECONDS:
+            return error
+        if len(self._waiting) >= self._most:
+            metrics.active().refusal_held(over_cap=True)
+            return error
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        timer = loop.call_later(seconds, _wake, waiter)
+        self._waiting.add(waiter)
+        started = loop.time()
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiting.discard(waiter)
+        metrics.active().refusal_held(over_cap=False)
+        return _after(error, loop.time() - started)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _after(error: ServiceError, waited: float) -> ServiceError:
+    """``error`` as sent after ``waited`` seconds: the retry-after (and the message's) what remains."""
+    left = max(SHORTEST_SECONDS, (error.retry_after_seconds or 0.0) - waited)
+    message = _RETRY_IN.sub(f"retry in {left:.3f}s", error.message, count=1)
+    return dataclasses.replace(error, message=message, retry_after_seconds=left)
