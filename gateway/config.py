@@ -554,6 +554,10 @@ def _listener(settings: GatewaySettings, routes: list[Api], domains: Mapping[str
         "continue_on_listener_filters_timeout": False,
         # What one connection may have buffered (Envoy's default is 1 MiB).
         "per_connection_buffer_limit_bytes": 32768,
+        # Each new connection goes to the Envoy worker holding the fewest, not where the kernel
+        # hashes its addresses (SO_REUSEPORT): a worker serves every call of its connections,
+        # so a few busy clients on one worker would queue others' calls while another idles.
+        "connection_balance_config": {"exact_balance": {}},
         "filter_chains": [
             {
                 "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}],

@@ -166,6 +166,24 @@ def test_each_service_pod_is_one_worker_process_and_replicas_scale(rendered, ove
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_gateway_runs_one_envoy_worker_per_core_of_its_cpu_limit_balanced_exactly(rendered, overlay):
+    import json
+
+    objects = rendered[overlay]
+    (container,) = of_kind(objects, "Deployment")["gateway"]["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    # Without --concurrency Envoy starts a worker per core of the node, whatever the pod's limit.
+    assert "--concurrency" in args, "the gateway's Envoy would start one worker per core of the node"
+    workers = int(args[args.index("--concurrency") + 1])
+    limit = str(container["resources"]["limits"]["cpu"])
+    cores = int(limit[:-1]) / 1000 if limit.endswith("m") else float(limit)
+    assert workers == max(1, int(cores)), (workers, limit)
+    config = json.loads(generated(objects, "ConfigMap", "towerco-gateway")["data"]["envoy.json"])
+    (listener,) = config["static_resources"]["listeners"]
+    assert listener["connection_balance_config"] == {"exact_balance": {}}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_secret_and_configmap_a_pod_reads_is_generated_with_that_key(rendered, overlay):
     objects = rendered[overlay]
     data = {

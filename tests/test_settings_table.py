@@ -16,7 +16,7 @@ import yaml
 
 from deploy.kubernetes.render import OVERLAYS, render
 from deploy.local.settings_doc import PROCESS_SETTINGS, README, current_readme
-from deploy.local.stack import DEV_STACK_SETTINGS, StackConfig
+from deploy.local.stack import DEV_STACK_SETTINGS, StackConfig, machine_cores
 from gateway.config import GATEWAY_SETTINGS, GatewaySettings
 from services.runtime import settings as service_settings
 from services.runtime.environment import SettingsError
@@ -310,3 +310,11 @@ def test_the_dev_stack_starts_embedded_servers_unless_given_urls(tmp_path: Path)
     assert (embedded.pg_port, embedded.redis_port, embedded.gateway_port) == (55432, 56379, 8080)
     given = StackConfig.from_env(tmp_path, {"REDIS_URL": "redis://127.0.0.1:7000/0", "PG_PORT": "6000"})
     assert (given.redis_url, given.pg_port) == ("redis://127.0.0.1:7000/0", 6000)
+
+
+def test_make_runs_gateway_has_an_envoy_worker_per_core_unless_told(tmp_path: Path) -> None:
+    assert StackConfig.from_env(tmp_path, {}).gateway_workers == machine_cores()
+    assert StackConfig(data_dir=tmp_path).gateway_workers == machine_cores()
+    assert StackConfig.from_env(tmp_path, {"GATEWAY_WORKERS": "3"}).gateway_workers == 3
+    with pytest.raises(SettingsError, match="GATEWAY_WORKERS must be at least 1"):
+        StackConfig.from_env(tmp_path, {"GATEWAY_WORKERS": "0"})

@@ -17,6 +17,7 @@ from typing import IO
 
 from gateway.config import GatewaySettings
 from gateway.envoy import envoy_binary
+from services.runtime.environment import integer
 
 from .procs import LocalServerError
 
@@ -25,10 +26,25 @@ class GatewayError(LocalServerError):
     """Envoy could not be started."""
 
 
+#: Read by the dev stack, which starts Envoy: a pod's Envoy is given ``--concurrency`` in its
+#: Deployment (deploy/kubernetes/base/gateway.yaml), sized to the container's CPU limit.
+GATEWAY_WORKERS = integer(
+    "GATEWAY_WORKERS",
+    1,
+    "Envoy's worker threads (`--concurrency`) under `make run`, the test stacks and the bench; the listener hands "
+    "each new connection to the worker with the fewest (`exact_balance`), and every call of a connection stays on "
+    "its worker. The penalty box and the Lua caches are per worker (README: The gateway's workers). A pod: the "
+    "Deployment's `--concurrency` (2, its CPU limit)",
+    minimum=1,
+    shown="the machine's cores",
+)
+
+
 def start_envoy(
     config: Path, log: IO[bytes] | None = None, concurrency: int = 1, env: Mapping[str, str] | None = None
 ) -> subprocess.Popen[bytes]:
-    """Envoy on ``config``; ``env`` must hold ``GATEWAY_SECRET``, which the configuration reads from it."""
+    """Envoy on ``config`` with ``concurrency`` worker threads; ``env`` must hold ``GATEWAY_SECRET``, which the
+    configuration reads from it."""
     return subprocess.Popen(  # noqa: S603 - our own binary and file
         [
             str(envoy_binary()),

@@ -50,7 +50,7 @@ from services.runtime.tls import GrpcTls
 
 from . import postgres, redis_server
 from .dsn import DEV_APP_DB_PASSWORD, runtime_dsn
-from .gateway import start_envoy, wait_ready
+from .gateway import GATEWAY_WORKERS, start_envoy, wait_ready
 from .postgres import start_postgres, stop_postgres
 from .prometheus import PROMETHEUS_PORT, render_config, start_prometheus
 from .prometheus import wait_ready as wait_prometheus_ready
@@ -107,6 +107,7 @@ DEV_STACK_SETTINGS = SettingsTable.of(
     METRICS_PORTS.values(),
     GATEWAY_PORT,
     GATEWAY_ADMIN_PORT,
+    GATEWAY_WORKERS,
     PROMETHEUS_PORT,
     APP_DB_PASSWORD,
     GATEWAY_SECRET,
@@ -130,6 +131,9 @@ class StackConfig:
     #: The gateway's listener and its (loopback) admin interface.
     gateway_port: int = GATEWAY_PORT.default
     gateway_admin_port: int = GATEWAY_ADMIN_PORT.default
+    #: Envoy's worker threads (``GATEWAY_WORKERS``): every core, here and in the test stacks, so
+    #: that the gateway the tests and the bench meet is the one ``make run`` starts.
+    gateway_workers: int = field(default_factory=lambda: machine_cores())
     #: Where Prometheus listens, when it is started (``make run``: if the binary is there).
     prometheus_port: int = PROMETHEUS_PORT.default
     #: Trade durability for speed (tests only): fsync off.
@@ -160,6 +164,7 @@ class StackConfig:
             metrics_ports={name: setting.read(env) for name, setting in METRICS_PORTS.items()},
             gateway_port=GATEWAY_PORT.read(env),
             gateway_admin_port=GATEWAY_ADMIN_PORT.read(env),
+            gateway_workers=GATEWAY_WORKERS.read(env) if GATEWAY_WORKERS.is_set(env) else machine_cores(),
             prometheus_port=PROMETHEUS_PORT.read(env),
             cells=CELLS.read(env),
             # Every core serves: each service as many workers as the machine has, unless told.
@@ -364,8 +369,11 @@ class Stack:
         extra_env: Mapping[str, str] | None = None,
         instance: str = "gateway",
         wait: bool = True,
+        workers: int | None = None,
     ) -> GatewaySettings:
         """Render the gateway's configuration for this stack, start Envoy on it and (if ``wait``) wait until ready.
+
+        ``workers``: Envoy's worker threads (default: the stack's ``gateway_workers``).
 
         Its routes are a file in ``<instance>/routes`` (unless ``extra_env`` says otherwise)
         that ``python -m gateway domains`` (``<instance>-domains``, started first) keeps in
@@ -377,7 +385,7 @@ class Stack:
         if settings.routes_dir:
             self.start_domain_sync(settings, env, log, instance)
         env["GATEWAY_SECRET"] = gateway_secret(self.keys_dir, env).decode()
-        process = start_envoy(config, log, env=env)
+        process = start_envoy(config, log, workers or self.config.gateway_workers, env=env)
         self.processes[instance] = process
         if wait:
             wait_ready(process, settings)

@@ -7,8 +7,9 @@ GetSite and its p50 over direct, for three Envoys side by side on one bench stac
   local replies, no early header mutations;
 - ``gateway``: the gateway as ``python -m gateway render`` gives it (routes inline).
 
-Each runs as the dev stack runs Envoy (``deploy.local.gateway.start_envoy``: one worker, the
-same command line). CPU is the on-CPU time of all the Envoy process's threads
+Each runs as the dev stack runs Envoy (``deploy.local.gateway.start_envoy``: the stack's
+``gateway_workers``, the same command line); sequential calls on one connection meet one
+worker. CPU is the on-CPU time of all the Envoy process's threads
 (``/proc/<pid>/task/*/schedstat``, first field) over a round of calls; "runs" is how often its
 threads were scheduled in (third field). Rounds alternate between the Envoys and the service
 called directly, so that each sees the same minutes of a shared machine.
@@ -150,7 +151,7 @@ def envoy(bench: BenchStack, name: str) -> Iterator[tuple[int, int]]:
     config.write_text(json.dumps(VARIANTS[name](settings, bench.sites)))
     env = stack.service_env(extra)
     env["GATEWAY_SECRET"] = gateway_secret(stack.keys_dir, env).decode()
-    process = start_envoy(config, bench.log(f"envoy-cost-{name}"), env=env)
+    process = start_envoy(config, bench.log(f"envoy-cost-{name}"), stack.config.gateway_workers, env=env)
     try:
         wait_ready(process, settings)
         yield process.pid, settings.port
