@@ -25,10 +25,24 @@ RETURNING site_id, name, location, configuration, create_time, update_time
 DELETE_SITE = "DELETE FROM sites.sites WHERE tenant_id = $1 AND site_id = $2"
 
 # Keyset pagination in site_id order: stable, no gaps or duplicates under concurrent writes.
+# Two statements, one per index, not one with "($3 IS NULL OR region = $3)": the connection's
+# prepared statement goes generic after five calls, and a generic plan of that form cannot
+# know which index fits, so with a million rows it walked the primary key filtering on
+# region (a region's page of a large tenant read 50 regions' rows) or read all of a tenant's
+# rows and sorted them. Each of these reads only its page's rows, in index order, whatever
+# the tenant's size (tests/test_list_sites_plans.py).
 LIST_SITES = """
 SELECT site_id, name, location, configuration, create_time, update_time
 FROM sites.sites
-WHERE tenant_id = $1 AND site_id > $2 AND ($3::text IS NULL OR region = $3)
+WHERE tenant_id = $1 AND site_id > $2
+ORDER BY site_id
+LIMIT $3
+"""
+
+LIST_SITES_IN_REGION = """
+SELECT site_id, name, location, configuration, create_time, update_time
+FROM sites.sites
+WHERE tenant_id = $1 AND region = $3 AND site_id > $2
 ORDER BY site_id
 LIMIT $4
 """

@@ -107,7 +107,10 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
         position = self._tokens.decode(request.page_token, tenant_id, query)
         after = str(position.get("after", "")) if position else ""
         async with self._db.transaction(readonly=True, commit_behind=True) as conn:
-            rows = await conn.fetch(queries.LIST_SITES, tenant_id, after, request.region or None, size + 1)
+            if request.region:
+                rows = await conn.fetch(queries.LIST_SITES_IN_REGION, tenant_id, after, request.region, size + 1)
+            else:
+                rows = await conn.fetch(queries.LIST_SITES, tenant_id, after, size + 1)
         response = pb.ListSitesResponse(sites=[convert.site_from_row(tenant_id, r) for r in rows[:size]])
         if len(rows) > size:
             response.next_page_token = self._tokens.encode(tenant_id, query, {"after": rows[size - 1]["site_id"]})
@@ -170,6 +173,8 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
 
 
 def _check_site_id(site_id: str) -> None:
+    if site_id and convert.SITE_ID.regex.fullmatch(site_id):
+        return  # valid, the usual case: no violations to gather
     v = Violations()
     convert.check_site_id(v, "site_id", site_id)
     v.raise_if_any()
