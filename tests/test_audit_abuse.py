@@ -58,13 +58,15 @@ async def test_refusals_count_against_the_callers_read_rate_and_unknown_targets_
     targets = [unknown_tenant() for _ in range(60)]
     outcomes: dict[str, list[str]] = {"CROSS_TENANT_DENIED": [], "RATE_LIMITED": []}
     limited = None
+    started = time.monotonic()
     for target in targets:
         error = expect_error(sites.ListSites, sites_pb.ListSitesRequest(), metadata=bearer(viewer, target))
         outcomes[error.reason].append(target)
         if error.reason == "RATE_LIMITED":
             limited = error
     denied = outcomes["CROSS_TENANT_DENIED"]
-    assert 1 <= len(denied) <= 15, {k: len(v) for k, v in outcomes.items()}
+    # The burst, and one a second while the calls last (each refusal is held a moment).
+    assert 1 <= len(denied) <= 15 + (time.monotonic() - started), {k: len(v) for k, v in outcomes.items()}
     assert limited is not None and limited.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert limited.retry is not None and limited.retry.retry_delay.ToMilliseconds() > 0
     assert limited.info is not None and limited.info.metadata["limit"] == "rpm_read"
