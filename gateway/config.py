@@ -48,6 +48,8 @@ from services.runtime.settings import (
     JWT_JWKS_URL,
     JWT_LEEWAY_SECONDS,
     PORTS,
+    REFUSAL_HOLD_MAX_HELD,
+    REFUSAL_HOLD_MAX_MS,
     SERVICE_JWT_ISSUER,
     SERVICE_KEY_FILE,
     SERVICE_KEY_ID,
@@ -116,6 +118,23 @@ PENALTY_BOX_PACE_SECONDS = 5
 #: Tenant and limit pairs one Envoy worker may hold in the penalty box at once; past it,
 #: refusals go on reaching the services (which still refuse them).
 PENALTY_BOX_MAX_ENTRIES = 20000
+#: A refusal the penalty box holds (the services' rule, REFUSAL_HOLD_MAX_MS and
+#: REFUSAL_HOLD_MAX_HELD, read by the gateway too) ends this long before the call's own
+#: deadline (grpc-timeout), so the client gets the refusal, not DEADLINE_EXCEEDED.
+REFUSAL_HOLD_MARGIN_MS = 20
+#: Where the penalty box puts a refusal it holds, for the hold route to answer with (request
+#: headers under INTERNAL_PREFIX: a client's copies are removed on arrival).
+HELD_REFUSAL_HEADERS = {
+    "message": f"{INTERNAL_PREFIX}held-grpc-message",
+    "details": f"{INTERNAL_PREFIX}held-grpc-details",
+    "retry": f"{INTERNAL_PREFIX}held-retry-after-ms",
+}
+#: Envoy's fault filter, in the chain for the holds alone: it delays a call by the milliseconds
+#: in FAULT_DELAY_HEADER, only when the held refusal's headers are there.
+FAULT_FILTER = "envoy.filters.http.fault"
+FAULT_DELAY_HEADER = "x-envoy-fault-delay-request"
+#: Headers that steer Envoy's fault filter; a client's copies are removed on arrival.
+FAULT_HEADER_PREFIX = "x-envoy-fault-"
 #: The Lua filter before jwt_authn (request ids, gRPC replies, tenant issuers); the one after it
 #: is domains.EDGE_FILTER (edge identity and the penalty box), whose routes' metadata it reads.
 INTAKE_FILTER = "towerco.intake"
@@ -237,6 +256,9 @@ GATEWAY_SETTINGS = SettingsTable.of(
     JWT_JWKS_FILE,
     JWT_JWKS_URL,
     JWT_LEEWAY_SECONDS,
+    # The penalty box holds its refusals by the services' rule (gateway/penalty_box.lua).
+    REFUSAL_HOLD_MAX_MS,
+    REFUSAL_HOLD_MAX_HELD,
     PORTS.values(),
     TARGETS.values(),
     # Read by Envoy itself (``%ENVIRONMENT(GATEWAY_SECRET)%``), never by the renderer.
@@ -295,6 +317,14 @@ class GatewaySettings:
     #: The folder Envoy reads its routes file from (RDS), rewritten with the custom domains;
     #: empty: the routes are in the configuration itself, without custom domains.
     routes_dir: str = ""
+    #: The longest the penalty box holds one of its refusals before answering it: up to the wait
+    #: it gives, so that a client that calls again the moment it is answered (a closed loop, a
+    #: retry storm) is paced to its concurrency per hold instead of taking thousands of refusals a
+    #: second from Envoy's workers. A client that waits as told loses nothing. 0: answered at once.
+    refusal_hold_max_ms: int = REFUSAL_HOLD_MAX_MS.default
+    #: Refusals one Envoy holds at once (the fault filter's max_active_faults, over all its
+    #: workers): past them a refusal is answered at once, still by the gateway.
+    refusal_hold_max_held: int = REFUSAL_HOLD_MAX_HELD.default
 
     @property
     def serves_tls(self) -> bool:
@@ -341,6 +371,8 @@ class GatewaySettings:
             tls_key_file=key_file,
             upstream_tls_ca_file=GATEWAY_UPSTREAM_TLS_CA_FILE.read(env),
             routes_dir=GATEWAY_ROUTES_DIR.read(env),
+            refusal_hold_max_ms=REFUSAL_HOLD_MAX_MS.read(env),
+            refusal_hold_max_held=REFUSAL_HOLD_MAX_HELD.read(env),
         )
 
 
@@ -532,7 +564,12 @@ def _listener(settings: GatewaySettings, routes: list[Api], domains: Mapping[str
             },
             {"name": "envoy.filters.http.jwt_authn", "typed_config": _jwt_authn(settings, routes)},
             # After it: the tenant, then a tenant's own calls while it is over its rate.
-            {"name": EDGE_FILTER, "typed_config": _lua_filter(_edge_lua(settings, routes), _penalty_box_lua(routes))},
+            {
+                "name": EDGE_FILTER,
+                "typed_config": _lua_filter(_edge_lua(settings, routes), _penalty_box_lua(settings, routes)),
+            },
+            # The penalty box's held refusals (the hold route) wait here before the router answers them.
+            _refusal_hold_filter(settings),
             # The page's stylesheet only (GET /branding.css -> GetBrandingStylesheet): off by
             # default and turned on by that route, so an API call never enters it.
             *([_stylesheet_transcoder()] if settings.web_dir is not None else []),
@@ -623,6 +660,8 @@ def _identity_headers_mutation() -> dict[str, Any]:
             mutations=[
                 *({"remove": name} for name in IDENTITY_HEADERS),
                 {"remove_on_match": {"key_matcher": {"prefix": INTERNAL_PREFIX}}},
+                # Only the penalty box asks for a delay (for its held refusals), never a client.
+                {"remove_on_match": {"key_matcher": {"prefix": FAULT_HEADER_PREFIX}}},
             ],
         ),
     }
@@ -724,7 +763,7 @@ def _route_config(settings: GatewaySettings, routes: list[Api]) -> dict[str, Any
             {
                 "name": "api",
                 "domains": ["*"],
-                "routes": [*api_routes, *page_routes, _unknown_api_route()],
+                "routes": [_held_refusal_route(), *api_routes, *page_routes, _unknown_api_route()],
                 "typed_per_filter_config": {"envoy.filters.http.cors": _cors_policy(settings)},
                 "request_headers_to_add": [_gateway_proof()],
             }
@@ -872,6 +911,42 @@ def _retry_policy() -> dict[str, Any]:
     }
 
 
+def _held_refusal_route() -> dict[str, Any]:
+    """A refusal the penalty box holds: matched first (in every virtual host, custom domains' too)
+    on the header the box set, which no client can send; by then the fault filter has held the
+    call for its delay. Answered by Envoy as the box's own refusal is (HTTP 200, Trailers-Only),
+    with the status, message, details and wait the box put in the request's headers."""
+    held = HELD_REFUSAL_HEADERS
+    return {
+        "match": {"prefix": "/", "headers": [{"name": held["details"], "present_match": True}]},
+        "direct_response": {"status": 200},
+        "response_headers_to_add": _overwrite(
+            {
+                "content-type": "application/grpc",
+                "grpc-status": str(error_catalogue.entry(error_catalogue.name(ErrorReason.RATE_LIMITED)).code.value[0]),
+                "grpc-message": f"%REQ({held['message']})%",
+                "grpc-status-details-bin": f"%REQ({held['details']})%",
+                RETRY_AFTER_HEADER: f"%REQ({held['retry']})%",
+            }
+        ),
+    }
+
+
+def _refusal_hold_filter(settings: GatewaySettings) -> dict[str, Any]:
+    """Envoy's fault filter, delaying only a call that carries a held refusal's headers (set by
+    the penalty box) by the milliseconds in FAULT_DELAY_HEADER; at most ``refusal_hold_max_held``
+    at once, past which the call goes on at once (to the hold route's answer)."""
+    return {
+        "name": FAULT_FILTER,
+        "typed_config": _typed(
+            "envoy.extensions.filters.http.fault.v3.HTTPFault",
+            delay={"header_delay": {}, "percentage": {"numerator": 100, "denominator": "HUNDRED"}},
+            headers=[{"name": HELD_REFUSAL_HEADERS["details"], "present_match": True}],
+            max_active_faults=settings.refusal_hold_max_held,
+        ),
+    }
+
+
 def _unknown_api_route() -> dict[str, Any]:
     """Any other API path (an internal service, a typo) is UNIMPLEMENTED, as a gRPC server says."""
     return {
@@ -987,7 +1062,7 @@ def _edge_lua(settings: GatewaySettings, routes: list[Api]) -> LuaStep:
     )
 
 
-def _penalty_box_lua(routes: list[Api]) -> LuaStep:
+def _penalty_box_lua(settings: GatewaySettings, routes: list[Api]) -> LuaStep:
     limits = ", ".join(
         f"[{_lua_string(path)}] = {_lua_string(limit)}" for api in routes for path, limit in api.rate_limits
     )
@@ -1010,6 +1085,12 @@ def _penalty_box_lua(routes: list[Api]) -> LuaStep:
         max_wait_ms=str(PENALTY_BOX_MAX_WAIT_SECONDS * 1000),
         pace_ms=str(PENALTY_BOX_PACE_SECONDS * 1000),
         max_entries=str(PENALTY_BOX_MAX_ENTRIES),
+        hold_most_ms=str(settings.refusal_hold_max_ms),
+        hold_margin_ms=str(REFUSAL_HOLD_MARGIN_MS),
+        hold_headers="{"
+        + ", ".join(f"{key} = {_lua_string(name)}" for key, name in HELD_REFUSAL_HEADERS.items())
+        + "}",
+        delay_header=_lua_string(FAULT_DELAY_HEADER),
     )
 
 

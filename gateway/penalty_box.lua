@@ -29,6 +29,15 @@
 --    services' proto policies), and for at most BOX.max_wait_ms: the wait is exact, so the
 --    only slack is a plan raised within it.
 -- 3. The box is per Envoy worker (Lua state), bounded to BOX.max_entries live entries.
+-- 4. A refusal is held until a retry could succeed, up to BOX.hold_most_ms (and never past the
+--    call's own grpc-timeout): a client that calls again the moment it is answered (a closed
+--    loop, a retry storm) is paced to its concurrency per hold, instead of costing Envoy
+--    thousands of refusals a second. Lua has no timer, so the refusal goes to Envoy's C++ path:
+--    its values in request headers (BOX.hold_headers), the hold in BOX.delay_header, and the
+--    route cache cleared, so that the hold route (gateway/config.py: first in every virtual
+--    host, matched on those headers, which no client can send) answers it after the fault
+--    filter's delay, with the wait that remains then. Past the fault filter's cap on calls
+--    held at once, the same route answers at once.
 --
 -- BOX is defined above this text by gateway/config.py.
 
@@ -170,20 +179,49 @@ local function grpc_message(text)
   end))
 end
 
-local function refuse(handle, entry, wait_ms)
+-- The whole milliseconds a refusal of wait_ms is held: up to the wait (less the 1 ms a refusal
+-- always leaves), to BOX.hold_most_ms, and to BOX.hold_margin_ms before the call's own deadline.
+local TIMEOUT_UNIT_MS = { H = 3600000, M = 60000, S = 1000, m = 1, u = 0.001, n = 0.000001 }
+
+local function hold_for(headers, wait_ms)
+  local hold = math.min(wait_ms - 1, BOX.hold_most_ms)
+  local timeout = headers:get("grpc-timeout")
+  if timeout ~= nil then
+    local amount, unit = timeout:match("^(%d+)([HMSmun])$")
+    if amount == nil then
+      return 0
+    end
+    hold = math.min(hold, math.floor(tonumber(amount) * TIMEOUT_UNIT_MS[unit]) - BOX.hold_margin_ms)
+  end
+  return math.max(hold, 0)
+end
+
+local function refuse(handle, headers, entry, wait_ms)
+  local hold = hold_for(headers, wait_ms)
+  wait_ms = wait_ms - hold -- what remains when the refusal is answered
   local seconds = math.floor(wait_ms / 1000)
   local duration = varint_field(1, seconds) .. varint_field(2, (wait_ms - seconds * 1000) * 1000000)
   local retry = bytes_field(1, BOX.retry_info_type) .. bytes_field(2, bytes_field(1, duration))
   local message = entry.message:gsub("retry in [%d.]+s", string.format("retry in %.3fs", wait_ms / 1000))
   local status = varint_field(1, BOX.code) .. bytes_field(2, message) .. bytes_field(3, entry.info) .. bytes_field(3, retry)
-  handle:respond({
-    [":status"] = "200",
-    ["content-type"] = "application/grpc",
-    ["grpc-status"] = REFUSED,
-    ["grpc-message"] = grpc_message(message),
-    ["grpc-status-details-bin"] = (handle:base64Escape(status):gsub("=+$", "")),
-    [BOX.retry_header] = tostring(wait_ms),
-  }, "")
+  local details = (handle:base64Escape(status):gsub("=+$", ""))
+  if hold < 1 then
+    handle:respond({
+      [":status"] = "200",
+      ["content-type"] = "application/grpc",
+      ["grpc-status"] = REFUSED,
+      ["grpc-message"] = grpc_message(message),
+      ["grpc-status-details-bin"] = details,
+      [BOX.retry_header] = tostring(wait_ms),
+    }, "")
+    return
+  end
+  -- Held by Envoy (the hold route), then answered with these values.
+  headers:replace(BOX.hold_headers.message, grpc_message(message))
+  headers:replace(BOX.hold_headers.retry, tostring(wait_ms))
+  headers:replace(BOX.hold_headers.details, details)
+  headers:replace(BOX.delay_header, tostring(hold))
+  handle:clearRouteCache()
 end
 
 local function on_request(handle, headers)
@@ -211,7 +249,7 @@ local function on_request(handle, headers)
       -- The slot this call would take: one interval after each call already let through.
       local due = entry.from_ms + entry.sent * entry.interval_ms
       if now < due then
-        refuse(handle, entry, math.ceil(due - now)) -- whole ms, as the service's (the interval need not be)
+        refuse(handle, headers, entry, math.ceil(due - now)) -- whole ms, as the service's (the interval need not be)
         return
       end
       entry.sent = entry.sent + 1

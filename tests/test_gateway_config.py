@@ -19,6 +19,9 @@ from gateway.__main__ import OVERLAYS, deploy_settings, overlay_values, overlays
 from gateway.config import (
     API_PREFIX,
     CLIENT_REQUEST_ID_HEADER,
+    FAULT_DELAY_HEADER,
+    FAULT_HEADER_PREFIX,
+    HELD_REFUSAL_HEADERS,
     IDENTITY_HEADERS,
     INTERNAL_PREFIX,
     TENANT_ISSUER_HEADER,
@@ -30,9 +33,11 @@ from gateway.config import (
     origin_matchers,
     render,
     render_json,
+    routes_template,
     served_services,
     stylesheet_path,
 )
+from gateway.domains import route_config
 from gateway.envoy import validate
 from services.runtime.settings import SettingsError
 
@@ -140,6 +145,7 @@ def test_filters_run_in_order_and_the_admin_interface_is_loopback_only(tmp_path)
         "intake",  # request ids, gRPC replies, tenant issuers: one Lua filter
         "jwt_authn",
         "edge_identity",  # edge identity and the penalty box: one Lua filter
+        "fault",  # holds the penalty box's refusals, and nothing else
         "router",
     ]
     assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
@@ -151,6 +157,7 @@ def test_a_clients_identity_and_internal_headers_are_removed_before_any_filter_r
     assert identity == [
         *({"remove": name} for name in IDENTITY_HEADERS),
         {"remove_on_match": {"key_matcher": {"prefix": INTERNAL_PREFIX}}},
+        {"remove_on_match": {"key_matcher": {"prefix": FAULT_HEADER_PREFIX}}},
     ]
     # Then the client's request id is set aside under the prefix, for request_id.lua, not removed with it.
     assert request_id[1]["append"]["header"]["key"] == CLIENT_REQUEST_ID_HEADER
@@ -160,6 +167,27 @@ def test_a_clients_identity_and_internal_headers_are_removed_before_any_filter_r
     provider = _http_filter(render(dev_settings(tmp_path)), "envoy.filters.http.jwt_authn")["providers"]["towerco"]
     assert provider["claim_to_headers"] == [{"header_name": TOKEN_TENANT_HEADER, "claim_name": "tenant_id"}]
     assert "payload_in_metadata" not in provider  # the claims as metadata cost every call; the box needs one
+
+
+def test_the_penalty_box_s_held_refusals_are_answered_first_on_every_host_after_the_fault_filter(tmp_path):
+    """The hold route comes first in every virtual host, custom domains' too, matched on a header
+    no client can send (under the internal prefix); the fault filter delays only such calls, by
+    the header the box sets (a client's fault headers are removed on arrival)."""
+    settings = dev_settings(tmp_path)
+    config = route_config(routes_template(settings), {"status.example.com": "tenant_a"})
+    assert len(config["virtual_hosts"]) == 2
+    details = HELD_REFUSAL_HEADERS["details"]
+    assert all(name.startswith(INTERNAL_PREFIX) for name in HELD_REFUSAL_HEADERS.values())
+    for host in config["virtual_hosts"]:
+        first = host["routes"][0]
+        assert first["match"]["headers"] == [{"name": details, "present_match": True}], host["name"]
+        assert "route" not in first and first["direct_response"] == {"status": 200}
+        added = {h["header"]["key"]: h["header"]["value"] for h in first["response_headers_to_add"]}
+        assert added["grpc-status"] == "8" and added["grpc-status-details-bin"] == f"%REQ({details})%"
+    fault = _http_filter(render(settings), "envoy.filters.http.fault")
+    assert fault["headers"] == [{"name": details, "present_match": True}]
+    assert "header_delay" in fault["delay"] and "abort" not in fault and "response_rate_limit" not in fault
+    assert FAULT_DELAY_HEADER.startswith(FAULT_HEADER_PREFIX)
 
 
 def test_the_transcoder_runs_on_the_pages_stylesheet_route_only(tmp_path):
