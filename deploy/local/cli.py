@@ -140,9 +140,12 @@ def _service_line(stack: Stack, name: str) -> str:
     """A service's gRPC address, its workers and its Prometheus ``/metrics``."""
     metrics_port = stack.config.metrics_ports.get(name, 0)
     scraped = f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else "none (port 0)"
-    workers = stack.config.workers.get(name, 1)
-    processes = f"{workers} worker{'s' if workers > 1 else ''}"
+    processes = _workers(stack.config.workers.get(name, 1))
     return f"  {name:<11} 127.0.0.1:{stack.config.ports[name]} ({processes}, metrics {scraped})"
+
+
+def _workers(count: int) -> str:
+    return f"{count} worker{'s' if count > 1 else ''}"
 
 
 def _banner(
@@ -178,7 +181,7 @@ def _banner(
         f"  Redis       {stack.redis_url}",
         *(_service_line(stack, name) for name in names),
         f"  gateway     {gateway.scheme}://{edge} (gRPC and gRPC-web{', TLS' if gateway.serves_tls else ''}; "
-        f"admin 127.0.0.1:{gateway.admin_port}; log {gateway_log})",
+        f"{_workers(stack.config.gateway_workers)}; admin 127.0.0.1:{gateway.admin_port}; log {gateway_log})",
         f"  web page    {page}" if gateway.web_dir else "  web page    not built (needs npm: make web)",
         f"  Prometheus  {prometheus} (rules and alerts of deploy/prometheus; dashboards in deploy/grafana)"
         if prometheus
