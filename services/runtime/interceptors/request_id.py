@@ -7,7 +7,7 @@ request id bound (and logged).
 from __future__ import annotations
 
 import hmac
-import os
+import random
 from typing import Any
 
 from grpc import aio
@@ -20,9 +20,13 @@ from .base import Behavior, Metadata, PolicyInterceptor
 
 
 def new_request_id() -> str:
-    """``uuid.uuid4().hex``, the same 32 hex digits (version 4, RFC 4122 variant), for a third of its cost."""
-    value = int.from_bytes(os.urandom(16))
-    return f"{value & _CLEARED | _VERSION_4:032x}"
+    """``uuid.uuid4().hex``'s form, 32 hex digits (version 4, RFC 4122 variant), for a tenth of its cost.
+
+    From the process's pseudo-random generator, not ``os.urandom`` (a system call per call, six
+    times the cost): a request id names a call in logs and errors, grants nothing and need not be
+    unguessable, as the trace ids the OpenTelemetry SDK draws the same way beside it.
+    """
+    return f"{random.getrandbits(128) & _CLEARED | _VERSION_4:032x}"
 
 
 #: The bits uuid4 sets: the variant (10) and the version (4); cleared first.
