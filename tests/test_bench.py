@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from tests.bench.results import (
     ratio_at_least,
     ratio_at_most,
 )
+from tests.bench.timing import percentile, ratio_interval
 from tests.support import bearer, free_port
 from tests.support.requests import set_limit
 
@@ -77,6 +79,20 @@ def test_bench_figures_are_judged_against_their_floor_and_written_as_json(tmp_pa
     later["figures"][0]["value"] = 0.6
     lines = compare(json.loads(path.read_text()), later).splitlines()
     assert lines[1].split() == ["service", "p50", "1.20", "0.600", "x0.50", "ms"]
+
+
+def test_bench_p99_ratio_interval_holds_the_ratio_and_excludes_one_only_when_the_tails_differ() -> None:
+    draw = random.Random(7)
+    floor = [draw.expovariate(1) for _ in range(2000)]
+    same = [draw.expovariate(1) for _ in range(2000)]
+    slower = [2 * draw.expovariate(1) for _ in range(2000)]
+
+    low, high = ratio_interval(same, floor, 0.99)
+    assert low < percentile(same, 0.99) / percentile(floor, 0.99) < high
+    assert low < 1.0 < high
+    low, high = ratio_interval(slower, floor, 0.99)
+    assert 1.3 < low < 2.0 < high < 3.0
+    assert ratio_interval(slower, floor, 0.99) == (low, high)  # seeded: the same samples, the same interval
 
 
 def test_bench_bare_server_answers_get_site_as_the_sites_service_does(
