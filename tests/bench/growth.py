@@ -7,16 +7,17 @@ process: the bench's own sites process and database (a handful of tenants, a few
 and a second sites process ("grown") on a database of its own in the same server, where
 ``bench_tenant``'s sites are created through it as on the first, then the million sites of
 the new tenants go in. Their calls alternate one by one, so every second's load on the
-shared machine falls on both sides alike. Measured one after the other (a few tenants, then
-the load, then the grown platform a minute later), three full runs gave p99 ratios of 0.83x to
-1.68x with the same code: the minutes differed, not the platforms; in one such run with every
-full garbage collection of the sites process logged, none fell in the later rounds while their
-p99 was twice the earlier one's.
+shared machine falls on both sides alike, and each ratio's note gives its bootstrap interval:
+a p99 of 2,000 calls is the 20th slowest, partly luck on a loaded machine. Measured one after
+the other (a few tenants, then the load, then the grown platform a minute later), three full
+runs gave p99 ratios of 0.83x to 1.68x with the same code: the minutes differed, not the
+platforms; in one such run with every full garbage collection of the sites process logged,
+none fell in the later rounds while their p99 was twice the earlier one's.
 
 The new tenants (the registry's rows as CreateTenant leaves an ACTIVE tenant on the
 enterprise plan; no service would create them in a bench's minute) and their sites go in as
-the database's administrator, each in one INSERT ... SELECT, then VACUUM (ANALYZE) and a
-CHECKPOINT: what autovacuum and the checkpointer would do after such a load anyway, done
+the database's administrator, each in one INSERT ... SELECT, then VACUUM (ANALYZE) (of both
+sides' tables) and a CHECKPOINT: what autovacuum and the checkpointer would do after such a load anyway, done
 before the measuring rather than during it (their work during the rounds would be the bulk
 load's aftermath, not the cost of the platform's size). Then the users of 2,000 of the new
 tenants call ListSites once each on the grown process (32 at a time), so that it holds what a
