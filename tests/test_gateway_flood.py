@@ -296,6 +296,10 @@ HOLD_MS = GatewaySettings().refusal_hold_max_ms
 #: Held refusals: a hold in seconds, and callers of the closed loop (the basic plan's bound on a
 #: tenant's calls in flight is 8 per process: the service refuses none of them for that).
 HOLD = HOLD_MS / 1000
+#: Envoy's timers run on its event loop's clock, read once per loop turn: a hold may end a
+#: millisecond or so before the client's clock says it should. An answer without a hold comes in
+#: a few milliseconds.
+HELD_AT_LEAST = HOLD - 0.01
 HELD_CALLERS = 8
 HELD_FLOOD_SECONDS = 2.0
 
@@ -358,7 +362,7 @@ def test_a_held_refusal_comes_no_sooner_than_its_hold_to_grpc_and_grpc_web(gatew
         first = boxed(stub, flooder_token)
         assert first.retry is not None
         given = first.retry.retry_delay.ToMilliseconds()
-        assert given > 2 * HOLD_MS, first  # every box refusal below is held a whole hold
+        assert given > 4 * HOLD_MS, first  # every box refusal below is held a whole hold
         started = time.monotonic()
         try:
             stub.ListSites(sites_pb.ListSitesRequest(page_size=1), metadata=bearer(flooder_token), timeout=10)
@@ -368,7 +372,7 @@ def test_a_held_refusal_comes_no_sooner_than_its_hold_to_grpc_and_grpc_web(gatew
             raise AssertionError("a held tenant's call was admitted")
         took = time.monotonic() - started
         wait = assert_rate_limited(held, held_trailers)
-        assert took >= HOLD, f"answered after {took * 1000:.0f} ms"
+        assert took >= HELD_AT_LEAST, f"answered after {took * 1000:.0f} ms"
         # The wait that remains after the hold, in RetryInfo, retry-after-ms and the message.
         assert wait <= given - HOLD_MS and int(held_trailers["retry-after-ms"]) == wait
         assert f"retry in {wait / 1000:.3f}s" in held.message, (held.message, wait)
@@ -396,7 +400,7 @@ def test_a_held_refusal_comes_no_sooner_than_its_hold_to_grpc_and_grpc_web(gatew
     )
     took = time.monotonic() - started
     assert_web_rate_limited(reply)
-    assert took >= HOLD, f"answered after {took * 1000:.0f} ms"
+    assert took >= HELD_AT_LEAST, f"answered after {took * 1000:.0f} ms"
     assert reply.headers.get("access-control-allow-origin") == origin, reply.headers
     assert "retry-after-ms" in reply.headers.get("access-control-expose-headers", ""), reply.headers
 
