@@ -129,12 +129,16 @@ def test_a_stopped_redis_falls_back_to_a_local_share_of_the_limit(
         private_redis.stop()
 
         outcomes: list[str] = []
+        waits: list[int] = []
         for _ in range(60):
             try:
                 list_sites(stub, md)
                 outcomes.append("OK")
             except grpc.RpcError as exc:
-                outcomes.append(rich_error(exc).reason)
+                error = rich_error(exc)
+                outcomes.append(error.reason)
+                assert error.retry is not None, error
+                waits.append(error.retry.retry_delay.ToMilliseconds())
         # Writes and other calls are still served.
         stub.CreateSite(pb.CreateSiteRequest(site_id="NR-1", site=pb.Site(name="n")), metadata=md, timeout=10)
 
@@ -142,6 +146,8 @@ def test_a_stopped_redis_falls_back_to_a_local_share_of_the_limit(
     admitted = outcomes.count("OK")
     assert 20 <= admitted <= 30, outcomes
     assert set(outcomes) == {"OK", "RATE_LIMITED"}, outcomes
+    # The local share's own interval is 400 ms; the wait told is at most the tenant's 100 ms.
+    assert waits and max(waits) <= 100, waits
     assert "rate limiter: Redis unavailable" in extra.output()
 
 

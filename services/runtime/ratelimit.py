@@ -194,6 +194,11 @@ class RateLimiter:
         else:
             share = max(1, math.floor(per_minute * self._config.local_share))
             decision = self._local.decide(key, share, self._config.burst_seconds)
+            if not decision.allowed and decision.retry_after_seconds > 60 / per_minute:
+                # The share is this process's stopgap, not the tenant's rate: the wait told is
+                # never longer than one interval of that rate, since Redis may answer again by
+                # then (and a gateway's penalty box holds the tenant for what it is told).
+                decision = Decision(False, 60 / per_minute, local=True)
         self.local_decisions["admitted" if decision.allowed else "refused"] += 1
         self._local_since_log += 1
         return decision
