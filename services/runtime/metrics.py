@@ -75,7 +75,7 @@ TENANT_CALLS = Counter(
 )
 TENANT_CALL_DURATION = Histogram(
     "towerco_tenant_call_duration_seconds",
-    "Time the service took to answer a tenant's call, refusals included",
+    "Time the service took to answer a tenant's call, refusals included (a refusal's deliberate hold not)",
     ("tenant", "service"),
     buckets=LATENCY_BUCKETS,
 )
@@ -351,9 +351,10 @@ def active() -> ServiceMetrics:
 
 @dataclass
 class CallRecord:
-    """What the metrics link learns of a call from links further in (its tenant)."""
+    """What the metrics link learns of a call from links further in (its tenant, a refusal's hold)."""
 
     tenant_id: str | None = None
+    held_seconds: float = 0.0
 
 
 _call: ContextVar[CallRecord | None] = ContextVar("towerco_metrics_call", default=None)
@@ -364,6 +365,13 @@ def note_tenant(tenant_id: str, *, by_platform: bool) -> None:
     record = _call.get()
     if record is not None:
         record.tenant_id = PLATFORM_CALLER if by_platform else tenant_id
+
+
+def note_held(seconds: float) -> None:
+    """Tell the metrics link the call's refusal was held ``seconds`` on purpose (not the service's time)."""
+    record = _call.get()
+    if record is not None:
+        record.held_seconds += seconds
 
 
 def recording() -> Bound[CallRecord]:

@@ -89,8 +89,10 @@ class RefusalHold:
         finally:
             timer.cancel()
             self._waiting.discard(waiter)
+        waited = loop.time() - started
         metrics.active().refusal_held(over_cap=False)
-        return _after(error, loop.time() - started)
+        metrics.note_held(waited)
+        return _after(error, waited)
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:

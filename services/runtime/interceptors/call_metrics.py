@@ -44,7 +44,7 @@ class CallMetricsInterceptor(PolicyInterceptor):
                     code = "UNKNOWN"  # the error link lets nothing else out: a bug
                     raise
                 finally:
-                    seconds = time.perf_counter() - started
+                    seconds = time.perf_counter() - started - record.held_seconds
                     metrics.active().call(record.tenant_id, rate_class, method, code, seconds)
 
         return behavior
