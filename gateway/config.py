@@ -49,7 +49,6 @@ from services.runtime.settings import (
     JWT_LEEWAY_SECONDS,
     PORTS,
     REFUSAL_HOLD_MAX_HELD,
-    REFUSAL_HOLD_MAX_MS,
     SERVICE_JWT_ISSUER,
     SERVICE_KEY_FILE,
     SERVICE_KEY_ID,
@@ -118,8 +117,8 @@ PENALTY_BOX_PACE_SECONDS = 5
 #: Tenant and limit pairs one Envoy worker may hold in the penalty box at once; past it,
 #: refusals go on reaching the services (which still refuse them).
 PENALTY_BOX_MAX_ENTRIES = 20000
-#: A refusal the penalty box holds (the services' rule, REFUSAL_HOLD_MAX_MS and
-#: REFUSAL_HOLD_MAX_HELD, read by the gateway too) ends this long before the call's own
+#: A refusal the penalty box holds (GATEWAY_REFUSAL_HOLD_MAX_MS at most, REFUSAL_HOLD_MAX_HELD
+#: at once) ends this long before the call's own
 #: deadline (grpc-timeout), so the client gets the refusal, not DEADLINE_EXCEEDED.
 REFUSAL_HOLD_MARGIN_MS = 20
 #: Where the penalty box puts a refusal it holds, for the hold route to answer with (request
@@ -211,6 +210,14 @@ _TLS_DOC = (
     "the gateway serves TLS with this PEM certificate chain and key (both or neither), ALPN `h2,http/1.1` for "
     "gRPC and gRPC-web; unset: plaintext. `make run` uses `make certs`' pair when it is there"
 )
+GATEWAY_REFUSAL_HOLD_MAX_MS = integer(
+    "GATEWAY_REFUSAL_HOLD_MAX_MS",
+    200,
+    "the longest the gateway's penalty box holds one of its refusals before answering it (never past the "
+    "wait it gives, nor the call's deadline): a client calling again the moment it is answered is paced to "
+    "its concurrency per hold; 0 answers at once",
+    minimum=0,
+)
 GATEWAY_TLS_CERT_FILE = text("GATEWAY_TLS_CERT_FILE", "", _TLS_DOC)
 GATEWAY_TLS_KEY_FILE = text("GATEWAY_TLS_KEY_FILE", "", _TLS_DOC)
 GATEWAY_UPSTREAM_TLS_CA_FILE = text(
@@ -256,8 +263,8 @@ GATEWAY_SETTINGS = SettingsTable.of(
     JWT_JWKS_FILE,
     JWT_JWKS_URL,
     JWT_LEEWAY_SECONDS,
-    # The penalty box holds its refusals by the services' rule (gateway/penalty_box.lua).
-    REFUSAL_HOLD_MAX_MS,
+    # The penalty box's held refusals (gateway/penalty_box.lua); the cap is the services' too.
+    GATEWAY_REFUSAL_HOLD_MAX_MS,
     REFUSAL_HOLD_MAX_HELD,
     PORTS.values(),
     TARGETS.values(),
@@ -321,7 +328,7 @@ class GatewaySettings:
     #: it gives, so that a client that calls again the moment it is answered (a closed loop, a
     #: retry storm) is paced to its concurrency per hold instead of taking thousands of refusals a
     #: second from Envoy's workers. A client that waits as told loses nothing. 0: answered at once.
-    refusal_hold_max_ms: int = REFUSAL_HOLD_MAX_MS.default
+    refusal_hold_max_ms: int = GATEWAY_REFUSAL_HOLD_MAX_MS.default
     #: Refusals one Envoy holds at once (the fault filter's max_active_faults, over all its
     #: workers): past them a refusal is answered at once, still by the gateway.
     refusal_hold_max_held: int = REFUSAL_HOLD_MAX_HELD.default
@@ -371,7 +378,7 @@ class GatewaySettings:
             tls_key_file=key_file,
             upstream_tls_ca_file=GATEWAY_UPSTREAM_TLS_CA_FILE.read(env),
             routes_dir=GATEWAY_ROUTES_DIR.read(env),
-            refusal_hold_max_ms=REFUSAL_HOLD_MAX_MS.read(env),
+            refusal_hold_max_ms=GATEWAY_REFUSAL_HOLD_MAX_MS.read(env),
             refusal_hold_max_held=REFUSAL_HOLD_MAX_HELD.read(env),
         )
 

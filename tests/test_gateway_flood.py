@@ -388,19 +388,26 @@ def test_a_held_refusal_comes_no_sooner_than_its_hold_to_grpc_and_grpc_web(gatew
         assert (short.code, short.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED"), short
 
     # gRPC-web, from a browser on the tenant's origin: held alike, the same reply, readable by the page.
+    # Each such call is a connection of its own, and the box is per Envoy worker: one landing on a
+    # worker that has not boxed the tenant yet is refused by the service at once (services answer
+    # their refusals at once by default) and teaches that worker, so the next one there is held.
     origin = f"http://{host}"
-    started = time.monotonic()
-    reply = call(
-        gateway.port,
-        host,
-        LIST_SITES,
-        sites_pb.ListSitesRequest(page_size=1),
-        token=flooder_token,
-        headers={"Origin": origin},
-    )
-    took = time.monotonic() - started
-    assert_web_rate_limited(reply)
-    assert took >= HELD_AT_LEAST, f"answered after {took * 1000:.0f} ms"
+    timings = []
+    for _ in range(3):
+        started = time.monotonic()
+        reply = call(
+            gateway.port,
+            host,
+            LIST_SITES,
+            sites_pb.ListSitesRequest(page_size=1),
+            token=flooder_token,
+            headers={"Origin": origin},
+        )
+        timings.append(time.monotonic() - started)
+        assert_web_rate_limited(reply)
+        if timings[-1] >= HELD_AT_LEAST:
+            break
+    assert timings[-1] >= HELD_AT_LEAST, f"answered after {[round(t * 1000) for t in timings]} ms"
     assert reply.headers.get("access-control-allow-origin") == origin, reply.headers
     assert "retry-after-ms" in reply.headers.get("access-control-expose-headers", ""), reply.headers
 

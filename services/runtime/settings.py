@@ -361,11 +361,12 @@ TENANT_CONCURRENCY_WAIT_SECONDS = number(
 )
 REFUSAL_HOLD_MAX_MS = integer(
     "REFUSAL_HOLD_MAX_MS",
-    200,
-    "a RESOURCE_EXHAUSTED refusal with a retry-after (`RATE_LIMITED`, `TENANT_CALLS_LIMIT`, "
+    0,
+    "a service's RESOURCE_EXHAUSTED refusal with a retry-after (`RATE_LIMITED`, `TENANT_CALLS_LIMIT`, "
     "`TENANT_CONCURRENCY_LIMIT`) is held this long at most before it is answered (never past its retry-after, "
-    "and answered before the call's deadline), its RetryInfo then the wait that remains: a client calling again "
-    "at once is paced, not served thousands of refusals a second; 0 answers at once",
+    "and answered before the call's deadline), its RetryInfo then the wait that remains; 0 (the default) answers "
+    "at once: held in Python, each refused call's objects outlive the young GC generation and trigger full "
+    "collections (README, *Held refusals*); the gateway holds its own (`GATEWAY_REFUSAL_HOLD_MAX_MS`)",
     minimum=0,
 )
 REFUSAL_HOLD_MAX_HELD = integer(
