@@ -10,6 +10,11 @@ PROTOS := $(shell find protos -name '*.proto')
 GEN_STAMP := $(GEN)/.stamp
 
 export DATA_DIR ?= $(CURDIR)/.data
+# grpcio (1.81 and later, grpc/grpc#43055) restarts its poller in a forked child before exec;
+# when subprocess closes the child's descriptors that poller aborts the child (initdb exited
+# with SIGABRT in one CI run). Nothing here forks to keep using gRPC (workers are spawned), so
+# the fork handlers are off for every process make starts: 0 of 400 forks failed, against 24.
+export GRPC_ENABLE_FORK_SUPPORT ?= false
 
 .PHONY: help install proto keys certs migrate run stop token test test-unit lint bench clean web gateway-config settings-doc usage-report lock tenant-export tenant-import
 
