@@ -8,10 +8,6 @@ testcontainers provides them instead.
 from __future__ import annotations
 
 import os
-
-# Before grpc is imported: its fork handlers can abort a child forked to run initdb or
-# pg_ctl (grpc/grpc#43055); the Makefile sets this too, for tests run without it.
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 import shutil
 import signal
 import time
