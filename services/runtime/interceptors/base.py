@@ -30,6 +30,21 @@ else:
     _GenericHandler = grpc.GenericRpcHandler
 
 
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def call_status(ctx: aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+    """The status a call ends with once its behaviour returned or aborted: the one set on
+    its context (the error link sets a failure's there and returns, ``error_details.py``),
+    else OK."""
+    code: Any = ctx.code()
+    if code is None:
+        return grpc.StatusCode.OK
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return _CODES.get(code, grpc.StatusCode.UNKNOWN)
+
+
 class Metadata:
     """A call's text metadata. Identity headers must appear at most once."""
 

@@ -12,12 +12,11 @@ import asyncio
 import time
 from typing import Any
 
-import grpc
 from grpc import aio
 
 from .. import metrics
 from ..policy import Policy
-from .base import Behavior, Metadata, PolicyInterceptor
+from .base import Behavior, Metadata, PolicyInterceptor, call_status
 
 
 class CallMetricsInterceptor(PolicyInterceptor):
@@ -32,9 +31,11 @@ class CallMetricsInterceptor(PolicyInterceptor):
             code = "OK"
             with metrics.recording() as record:
                 try:
-                    return await inner(request, ctx)
+                    response = await inner(request, ctx)
+                    code = call_status(ctx).name
+                    return response
                 except aio.AbortError:
-                    code = _status_name(ctx.code())
+                    code = call_status(ctx).name
                     raise
                 except asyncio.CancelledError:
                     # The caller hung up, or its deadline passed.
@@ -48,7 +49,3 @@ class CallMetricsInterceptor(PolicyInterceptor):
                     metrics.active().call(record.tenant_id, rate_class, method, code, seconds)
 
         return behavior
-
-
-def _status_name(code: Any) -> str:
-    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"

@@ -1,4 +1,11 @@
-"""Error-details link: every failure leaves as a status with google.rpc details."""
+"""Error-details link: every failure leaves as a status with google.rpc details.
+
+The status is set on the call's context and the behaviour returns (gRPC sends no message
+with a non-OK status), rather than raised with ``ctx.abort``: grpc.aio keeps the raised
+``AbortError`` on the call's state, whose traceback holds every frame of the chain, so each
+aborted call left about 90 objects in reference cycles that only the garbage collector
+frees. A refusal answered this way is freed as soon as it is sent (README, *Floods*).
+"""
 
 from __future__ import annotations
 
@@ -74,22 +81,22 @@ class ErrorDetailsInterceptor(PolicyInterceptor):
                     self._refusals.note(exc.audit_event)
                 if exc.retry_after_seconds is not None and self._hold is not None:
                     exc = await self._hold.hold(exc, ctx)
-                await _abort(ctx, exc, policy)
+                _end_call(ctx, exc, policy)
             except aio.AbortError:
                 raise
             except asyncpg.QueryCanceledError:
-                await _abort(
+                _end_call(
                     ctx, unavailable("the database took too long; retry later", ErrorReason.DATABASE_TIMEOUT), policy
                 )
             except (asyncpg.SerializationError, asyncpg.DeadlockDetectedError):
                 error = aborted("concurrent change conflicted; retry the request", ErrorReason.CONCURRENT_CHANGE)
-                await _abort(ctx, error, policy)
+                _end_call(ctx, error, policy)
             except UNSTORABLE_TEXT as exc:  # a NUL from outside the request's fields (they are checked before)
                 log.warning("text the database cannot store reached it in %s: %s", policy.method, exc)
-                await _abort(ctx, unstorable_text(), policy)
+                _end_call(ctx, unstorable_text(), policy)
             except UNREACHABLE:
                 # Logged once per outage where it is met (Database.outage), not once per call.
-                await _abort(
+                _end_call(
                     ctx,
                     unavailable("the database is unavailable; retry later", ErrorReason.DATABASE_UNAVAILABLE),
                     policy,
@@ -103,18 +110,21 @@ class ErrorDetailsInterceptor(PolicyInterceptor):
                     ErrorReason.INTERNAL_ERROR,
                     request_id=request_id,
                 )
-                await _abort(ctx, error, policy)
+                _end_call(ctx, error, policy)
 
         return behavior
 
 
-async def _abort(ctx: aio.ServicerContext[Any, Any], error: ServiceError, policy: Policy) -> None:
+def _end_call(ctx: aio.ServicerContext[Any, Any], error: ServiceError, policy: Policy) -> None:
+    """End the call with ``error``'s status; the behaviour then returns no message."""
     status = rpc_status.to_status(error.to_status(policy.domain))
-    # abort() replaces the trailers: keep those already set (x-request-id).
+    # Keep the trailers already set (x-request-id); a status set by a failed try goes.
     trailing = tuple(_trailers_set(ctx)) + tuple(status.trailing_metadata)
     if error.retry_after_seconds is not None:
         trailing += (("retry-after-ms", str(max(1, int(error.retry_after_seconds * 1000)))),)
-    await ctx.abort(status.code, status.details, trailing)
+    ctx.set_trailing_metadata(trailing)
+    ctx.set_code(status.code)
+    ctx.set_details(status.details)
 
 
 def _trailers_set(ctx: aio.ServicerContext[Any, Any]) -> list[tuple[str, str | bytes]]:

@@ -16,7 +16,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from .. import context, tracing
 from ..policy import Policy
-from .base import Behavior, Metadata, PolicyInterceptor
+from .base import Behavior, Metadata, PolicyInterceptor, call_status
 
 access_log = logging.getLogger("towerco.access")
 
@@ -31,7 +31,6 @@ SERVER_ERRORS = frozenset(
         grpc.StatusCode.DATA_LOSS,
     }
 )
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class TracingInterceptor(PolicyInterceptor):
@@ -48,10 +47,10 @@ class TracingInterceptor(PolicyInterceptor):
                 code = grpc.StatusCode.UNKNOWN
                 try:
                     response = await inner(request, ctx)
-                    code = _code(ctx)
+                    code = call_status(ctx)
                     return response
                 except aio.AbortError:
-                    code = _code(ctx)
+                    code = call_status(ctx)
                     raise
                 except BaseException:  # cancelled by the client or at shutdown
                     code = grpc.StatusCode.CANCELLED
@@ -77,13 +76,3 @@ class TracingInterceptor(PolicyInterceptor):
                         )
 
         return behavior
-
-
-def _code(ctx: aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
-    """The status the call ends with: what the handler or the error link set, else OK."""
-    code: Any = ctx.code()
-    if code is None:
-        return grpc.StatusCode.OK
-    if isinstance(code, grpc.StatusCode):
-        return code
-    return _CODES.get(code, grpc.StatusCode.UNKNOWN)
