@@ -250,6 +250,11 @@ def _reading_metadata(inner: Behavior) -> Behavior:
         token = _call_metadata.set(Metadata(ctx.invocation_metadata() or ()))
         try:
             return await inner(request, ctx)
+        except aio.AbortError as aborted:
+            # grpc.aio keeps the AbortError on the call's state, in a reference cycle: without
+            # the chain's frames in its traceback, they are freed when the call ends, not left
+            # for the garbage collector.
+            raise aborted.with_traceback(None) from None
         finally:
             _call_metadata.reset(token)
 

@@ -1,10 +1,10 @@
 """Error-details link: every failure leaves as a status with google.rpc details.
 
-The status is set on the call's context and the behaviour returns (gRPC sends no message
-with a non-OK status), rather than raised with ``ctx.abort``: grpc.aio keeps the raised
-``AbortError`` on the call's state, whose traceback holds every frame of the chain, so each
-aborted call left about 90 objects in reference cycles that only the garbage collector
-frees. A refusal answered this way is freed as soon as it is sent (README, *Floods*).
+The call is aborted once the failure is handled, outside the ``except`` blocks, so the
+``AbortError`` grpc.aio keeps on the call's state (in a reference cycle with it) carries no
+earlier exception and none of the frames that one passed through; the chain's outermost
+frame drops the AbortError's own frames as it leaves (``base.py``). Each refusal left about
+90 objects for the garbage collector before (README, *Floods straight to a service*).
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ class ErrorDetailsInterceptor(PolicyInterceptor):
 
     def wrap(self, inner: Behavior, policy: Policy, metadata: Metadata) -> Behavior:
         async def behavior(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
+            failure: ServiceError
             try:
                 if request is MALFORMED:
                     raise invalid_argument(
@@ -81,50 +82,44 @@ class ErrorDetailsInterceptor(PolicyInterceptor):
                     self._refusals.note(exc.audit_event)
                 if exc.retry_after_seconds is not None and self._hold is not None:
                     exc = await self._hold.hold(exc, ctx)
-                _end_call(ctx, exc, policy)
+                failure = exc.with_traceback(None)
             except aio.AbortError:
                 raise
             except asyncpg.QueryCanceledError:
-                _end_call(
-                    ctx, unavailable("the database took too long; retry later", ErrorReason.DATABASE_TIMEOUT), policy
-                )
+                failure = unavailable("the database took too long; retry later", ErrorReason.DATABASE_TIMEOUT)
             except (asyncpg.SerializationError, asyncpg.DeadlockDetectedError):
-                error = aborted("concurrent change conflicted; retry the request", ErrorReason.CONCURRENT_CHANGE)
-                _end_call(ctx, error, policy)
+                failure = aborted("concurrent change conflicted; retry the request", ErrorReason.CONCURRENT_CHANGE)
             except UNSTORABLE_TEXT as exc:  # a NUL from outside the request's fields (they are checked before)
                 log.warning("text the database cannot store reached it in %s: %s", policy.method, exc)
-                _end_call(ctx, unstorable_text(), policy)
+                failure = unstorable_text()
             except UNREACHABLE:
                 # Logged once per outage where it is met (Database.outage), not once per call.
-                _end_call(
-                    ctx,
-                    unavailable("the database is unavailable; retry later", ErrorReason.DATABASE_UNAVAILABLE),
-                    policy,
-                )
+                failure = unavailable("the database is unavailable; retry later", ErrorReason.DATABASE_UNAVAILABLE)
             except Exception:
                 current = context.current()
                 request_id = current.request_id if current else ""
                 log.exception("unexpected error in %s", policy.method)
-                error = internal(
+                failure = internal(
                     f"internal error; quote request id {request_id} when reporting it",
                     ErrorReason.INTERNAL_ERROR,
                     request_id=request_id,
                 )
-                _end_call(ctx, error, policy)
+            # Aborted outside the handlers: the AbortError then drags no earlier exception (and
+            # none of the frames it passed through) along as its context.
+            await end_call(ctx, failure, policy)
 
         return behavior
 
 
-def _end_call(ctx: aio.ServicerContext[Any, Any], error: ServiceError, policy: Policy) -> None:
-    """End the call with ``error``'s status; the behaviour then returns no message."""
+async def end_call(ctx: aio.ServicerContext[Any, Any], error: ServiceError, policy: Policy) -> None:
+    """Abort the call with ``error``'s status (a Trailers-Only reply: the gateway's penalty box
+    reads a refusal's status from its headers)."""
     status = rpc_status.to_status(error.to_status(policy.domain))
-    # Keep the trailers already set (x-request-id); a status set by a failed try goes.
+    # abort() replaces the trailers: keep those already set (x-request-id).
     trailing = tuple(_trailers_set(ctx)) + tuple(status.trailing_metadata)
     if error.retry_after_seconds is not None:
         trailing += (("retry-after-ms", str(max(1, int(error.retry_after_seconds * 1000)))),)
-    ctx.set_trailing_metadata(trailing)
-    ctx.set_code(status.code)
-    ctx.set_details(status.details)
+    await ctx.abort(status.code, status.details, trailing)
 
 
 def _trailers_set(ctx: aio.ServicerContext[Any, Any]) -> list[tuple[str, str | bytes]]:
