@@ -55,6 +55,16 @@ class Holdings:
             return None
         return held.until - now
 
+    def standing(self, key: str, now: float) -> tuple[float, int] | None:
+        """The seconds left in ``key``'s box and the rate it was boxed at; None when not boxed.
+
+        Unlike :meth:`boxed`, whatever the tenant's rate is now: for a refusal answered
+        before the call's entitlements are read (``interceptors/standing_refusal.py``)."""
+        held = self._held.get(key)
+        if held is None or not held.refused or now >= held.until:
+            return None
+        return held.until - now, held.per_minute
+
     def take(self, key: str, per_minute: int, now: float) -> bool:
         """Spend one leased call of ``key``; False when there is none to spend."""
         held = self._held.get(key)

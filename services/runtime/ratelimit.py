@@ -169,6 +169,14 @@ class RateLimiter:
             del self._refills[key]
             refill.set()
 
+    def standing(self, tenant_id: str, rate_class: str) -> tuple[float, int] | None:
+        """The wait left in the tenant's box for ``rate_class`` and the rate it was boxed at, or
+        None when this process is not refusing it: memory only, never Redis."""
+        standing = self._held.standing(rate_key(tenant_id, rate_class), time.monotonic())
+        if standing is not None:
+            self.counts["boxed"] += 1
+        return standing
+
     async def _ask(self, key: str, per_minute: int, calls: int) -> Decision:
         """One script call: admit up to ``calls`` calls, lease what this one does not spend."""
         interval, tolerance = _gcra_params(per_minute, self._config.burst_seconds)

@@ -69,6 +69,11 @@ def calls_counter(rate_class: str) -> str:
     return READ_CALLS if rate_class == "read" else WRITE_CALLS
 
 
+def counters_of(rate_class: str, feature: str) -> tuple[str, str | None]:
+    """What a call of a method counts: its class's calls counter, and its gated feature's if any."""
+    return calls_counter(rate_class), FEATURE_PREFIX + feature if feature else None
+
+
 @dataclass
 class Batch:
     """One tenant's counts handed over at once; ``flush_id`` stays the same until acknowledged."""

@@ -23,6 +23,7 @@ from .error_details import ErrorDetailsInterceptor
 from .rate_limit import RateLimitInterceptor
 from .request_id import RequestContextInterceptor
 from .shutdown import ShutdownGate
+from .standing_refusal import StandingRefusalInterceptor
 from .tenant import TenantInterceptor
 from .tenant_state import TenantStateInterceptor
 from .text import RequestTextInterceptor
@@ -45,6 +46,7 @@ def server_chain(
     hold = hold or RefusalHold()
     gate.when_stopping(hold.release)
     return [
+        StandingRefusalInterceptor(policies, verifier, limiter, hold),  # a boxed tenant's user: refused again at once
         RequestContextInterceptor(policies, gateway_secret),  # request id, method, peer, client address (never fails)
         TracingInterceptor(policies),  # the call's span (the caller's traceparent its parent); one access line
         CallMetricsInterceptor(policies),  # counted by tenant and method, once the status is known

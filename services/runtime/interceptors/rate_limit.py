@@ -28,7 +28,7 @@ from typing import Any
 from grpc import aio
 
 from .. import context, entitlements, metrics
-from ..errors import ErrorReason, resource_exhausted, unavailable
+from ..errors import ErrorReason, ServiceError, resource_exhausted, unavailable
 from ..policy import Policy, PolicyTable
 from ..ratelimit import RateLimiter
 from .base import Behavior, Metadata, PolicyInterceptor
@@ -55,13 +55,13 @@ class RateLimitInterceptor(PolicyInterceptor):
             if limited is None:
                 return await inner(request, ctx)
             tenant_id, found = limited
-            await admit(self._limiter, tenant_id, policy.rate_class, found, lambda: _for_a_slot(ctx))
+            await admit(self._limiter, tenant_id, policy.rate_class, found, lambda: for_a_slot(ctx))
             return await inner(request, ctx)
 
         return behavior
 
 
-def _for_a_slot(ctx: aio.ServicerContext[Any, Any]) -> bool:
+def for_a_slot(ctx: aio.ServicerContext[Any, Any]) -> bool:
     """Whether the gateway let this call through for a slot of the tenant's rate."""
     bound = context.current()
     if bound is None or not bound.via_gateway:
@@ -99,12 +99,17 @@ async def admit(
             decision.retry_after_seconds,
         )
     if not decision.allowed:
-        metrics.active().rate_limited(tenant_id, rate_class)
-        raise resource_exhausted(
-            f"tenant {tenant_id!r} is over its {rate_class} rate of {per_minute} calls per minute; "
-            f"retry in {decision.retry_after_seconds:.3f}s",
-            ErrorReason.RATE_LIMITED,
-            retry_after_seconds=decision.retry_after_seconds,
-            limit=limit_name,
-            per_minute=str(per_minute),
-        )
+        raise rate_limited(tenant_id, rate_class, per_minute, decision.retry_after_seconds)
+
+
+def rate_limited(tenant_id: str, rate_class: str, per_minute: int, retry_after_seconds: float) -> ServiceError:
+    """The refusal of a call over the tenant's ``rate_class`` rate (counted as such)."""
+    metrics.active().rate_limited(tenant_id, rate_class)
+    return resource_exhausted(
+        f"tenant {tenant_id!r} is over its {rate_class} rate of {per_minute} calls per minute; "
+        f"retry in {retry_after_seconds:.3f}s",
+        ErrorReason.RATE_LIMITED,
+        retry_after_seconds=retry_after_seconds,
+        limit=f"rpm_{rate_class}",
+        per_minute=str(per_minute),
+    )

@@ -27,8 +27,7 @@ class UsageInterceptor(PolicyInterceptor):
     def wrap(self, inner: Behavior, policy: Policy, metadata: Metadata) -> Behavior:
         if policy.public or policy.internal:
             return inner
-        calls = usage.calls_counter(policy.rate_class)
-        feature = usage.FEATURE_PREFIX + policy.feature if policy.feature else None
+        calls, feature = usage.counters_of(policy.rate_class, policy.feature)
 
         async def behavior(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
             tenant_id = context.tenant_user_call()
