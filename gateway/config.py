@@ -48,7 +48,6 @@ from services.runtime.settings import (
     JWT_JWKS_URL,
     JWT_LEEWAY_SECONDS,
     PORTS,
-    REFUSAL_HOLD_MAX_HELD,
     SERVICE_JWT_ISSUER,
     SERVICE_KEY_FILE,
     SERVICE_KEY_ID,
@@ -117,7 +116,7 @@ PENALTY_BOX_PACE_SECONDS = 5
 #: Tenant and limit pairs one Envoy worker may hold in the penalty box at once; past it,
 #: refusals go on reaching the services (which still refuse them).
 PENALTY_BOX_MAX_ENTRIES = 20000
-#: A refusal the penalty box holds (GATEWAY_REFUSAL_HOLD_MAX_MS at most, REFUSAL_HOLD_MAX_HELD
+#: A refusal the penalty box holds (GATEWAY_REFUSAL_HOLD_MAX_MS at most, GATEWAY_REFUSAL_HOLD_MAX_HELD
 #: at once) ends this long before the call's own
 #: deadline (grpc-timeout), so the client gets the refusal, not DEADLINE_EXCEEDED.
 REFUSAL_HOLD_MARGIN_MS = 20
@@ -218,6 +217,13 @@ GATEWAY_REFUSAL_HOLD_MAX_MS = integer(
     "its concurrency per hold; 0 answers at once",
     minimum=0,
 )
+GATEWAY_REFUSAL_HOLD_MAX_HELD = integer(
+    "GATEWAY_REFUSAL_HOLD_MAX_HELD",
+    1000,
+    "most refusals the gateway holds at once (Envoy's `max_active_faults`); past them a refusal is answered at "
+    "once, still by the gateway",
+    minimum=0,
+)
 GATEWAY_TLS_CERT_FILE = text("GATEWAY_TLS_CERT_FILE", "", _TLS_DOC)
 GATEWAY_TLS_KEY_FILE = text("GATEWAY_TLS_KEY_FILE", "", _TLS_DOC)
 GATEWAY_UPSTREAM_TLS_CA_FILE = text(
@@ -263,9 +269,9 @@ GATEWAY_SETTINGS = SettingsTable.of(
     JWT_JWKS_FILE,
     JWT_JWKS_URL,
     JWT_LEEWAY_SECONDS,
-    # The penalty box's held refusals (gateway/penalty_box.lua); the cap is the services' too.
+    # The penalty box's held refusals (gateway/penalty_box.lua).
     GATEWAY_REFUSAL_HOLD_MAX_MS,
-    REFUSAL_HOLD_MAX_HELD,
+    GATEWAY_REFUSAL_HOLD_MAX_HELD,
     PORTS.values(),
     TARGETS.values(),
     # Read by Envoy itself (``%ENVIRONMENT(GATEWAY_SECRET)%``), never by the renderer.
@@ -331,7 +337,7 @@ class GatewaySettings:
     refusal_hold_max_ms: int = GATEWAY_REFUSAL_HOLD_MAX_MS.default
     #: Refusals one Envoy holds at once (the fault filter's max_active_faults, over all its
     #: workers): past them a refusal is answered at once, still by the gateway.
-    refusal_hold_max_held: int = REFUSAL_HOLD_MAX_HELD.default
+    refusal_hold_max_held: int = GATEWAY_REFUSAL_HOLD_MAX_HELD.default
 
     @property
     def serves_tls(self) -> bool:
@@ -379,7 +385,7 @@ class GatewaySettings:
             upstream_tls_ca_file=GATEWAY_UPSTREAM_TLS_CA_FILE.read(env),
             routes_dir=GATEWAY_ROUTES_DIR.read(env),
             refusal_hold_max_ms=GATEWAY_REFUSAL_HOLD_MAX_MS.read(env),
-            refusal_hold_max_held=REFUSAL_HOLD_MAX_HELD.read(env),
+            refusal_hold_max_held=GATEWAY_REFUSAL_HOLD_MAX_HELD.read(env),
         )
 
 

@@ -22,10 +22,10 @@ from towerco.tenant.v1 import tenant_registry_service_pb2 as tenant_pb
 from towerco.tenant.v1 import tenant_registry_service_pb2_grpc as tenant_grpc
 
 from deploy.local.stack import Stack
-from gateway.config import FAULT_DELAY_HEADER, HELD_REFUSAL_HEADERS, GatewaySettings
+from gateway.config import FAULT_DELAY_HEADER, GATEWAY_REFUSAL_HOLD_MAX_HELD, HELD_REFUSAL_HEADERS, GatewaySettings
 from services.runtime.audit import GATEWAY_HEADER
 from services.runtime.interceptors.rate_limit import RATE_SLOT_HEADER, SLOT_WAIT_MOST_SECONDS
-from services.runtime.settings import REFUSAL_HOLD_MAX_HELD, gateway_secret
+from services.runtime.settings import gateway_secret
 
 from .grpcweb import Reply, call
 from .support import RichError, bearer, free_port, rich_error
@@ -462,7 +462,7 @@ def test_past_the_cap_on_held_refusals_the_gateway_answers_them_at_once(
         "GATEWAY_PORT": str(free_port()),
         "GATEWAY_ADMIN_PORT": str(free_port()),
         "GATEWAY_WEB_DIR": "/none",
-        REFUSAL_HOLD_MAX_HELD.name: "1",
+        GATEWAY_REFUSAL_HOLD_MAX_HELD.name: "1",
     }
     capped = stack.start_gateway(extra_env=env, instance="gateway-one-held")
     try:

@@ -5,11 +5,16 @@ A RESOURCE_EXHAUSTED refusal with a retry-after (``RATE_LIMITED``, ``TENANT_CALL
 still costs grpc.aio's own per-call work, and a client that calls again the instant it is
 answered (a closed loop, a retry storm) sends more the faster it is refused: refused in
 microseconds, 32 such callers send thousands of calls a second and fill the cores the other
-tenants need. So the error link holds such a refusal before sending it, for the shortest of
-its retry-after, ``REFUSAL_HOLD_MAX_MS``, and the call's remaining deadline less
-:data:`DEADLINE_MARGIN_SECONDS`; its RetryInfo, ``retry-after-ms`` and message then give the
-wait that remains (1 ms at least). A well-behaved client loses nothing (no call of it could
-have succeeded sooner); a closed loop of N callers is paced to N calls per hold.
+tenants need. So the error link (and the standing-refusal link) holds such a refusal before
+sending it, for a random time between its retry-after and twice it (between half of
+``REFUSAL_HOLD_MAX_MS`` and all of it when the retry-after is longer), and never past the
+call's remaining deadline less :data:`DEADLINE_MARGIN_SECONDS`; its RetryInfo,
+``retry-after-ms`` and message then give the wait that remains (1 ms at least). The random
+time spreads the callers that were told the same slot: held to the slot exactly, 32
+closed-loop callers came back at the same instant, and each burst of 32 refusals held the
+event loop for about 25 ms. A client waits at most one more wait than it had to (only one
+of those callers can have the slot anyway); a closed loop of N callers is paced to about N
+calls per hold.
 
 The hold starts once every link inside the error link has let go of what it held (the
 tenant's in-flight slot, its database slot, the shutdown gate's count of calls in flight):
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import random
 import re
 from typing import Any
 
@@ -70,7 +76,10 @@ class RefusalHold:
         retry = error.retry_after_seconds
         if retry is None or error.code is not grpc.StatusCode.RESOURCE_EXHAUSTED or self._released:
             return error
-        seconds = min(retry, self._max)
+        # A random time between the wait and twice it (between half the cap and the cap for a
+        # longer wait): refusals told the same slot (a closed loop's callers, refused together)
+        # come back spread out, not all at once.
+        seconds = min(retry, self._max / 2) * (1.0 + random.random())  # noqa: S311 - spread, not a secret
         remaining = ctx.time_remaining()
         if remaining is not None:
             seconds = min(seconds, remaining - DEADLINE_MARGIN_SECONDS)

@@ -361,18 +361,20 @@ TENANT_CONCURRENCY_WAIT_SECONDS = number(
 )
 REFUSAL_HOLD_MAX_MS = integer(
     "REFUSAL_HOLD_MAX_MS",
-    0,
+    200,
     "a service's RESOURCE_EXHAUSTED refusal with a retry-after (`RATE_LIMITED`, `TENANT_CALLS_LIMIT`, "
-    "`TENANT_CONCURRENCY_LIMIT`) is held this long at most before it is answered (never past its retry-after, "
-    "and answered before the call's deadline), its RetryInfo then the wait that remains; 0 (the default) answers "
-    "at once: held in Python, each refused call's objects outlive the young GC generation and trigger full "
-    "collections (README, *Held refusals*); the gateway holds its own (`GATEWAY_REFUSAL_HOLD_MAX_MS`)",
+    "`TENANT_CONCURRENCY_LIMIT`) is held this long at most before it is answered: a random time between its wait "
+    "and twice it (between half this and this for a longer wait), so callers told the same slot come back spread "
+    "out, never past the call's deadline; its RetryInfo then the wait that remains; 0 answers at once (README, "
+    "*Held refusals*); the gateway holds its own (`GATEWAY_REFUSAL_HOLD_MAX_MS`)",
     minimum=0,
 )
 REFUSAL_HOLD_MAX_HELD = integer(
     "REFUSAL_HOLD_MAX_HELD",
-    1000,
-    "most refusals held at once by a process; past them a refusal is answered at once",
+    64,
+    "most refusals a service process holds at once; past them a refusal is answered at once. Each held call's "
+    "objects stay alive and the garbage collector's young collections walk them all: a few dozen pace a closed "
+    "loop of callers, hundreds slow every call of the process (README, *Held refusals*)",
     minimum=0,
 )
 FAULT_POINTS = text(
