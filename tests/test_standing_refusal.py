@@ -89,6 +89,14 @@ async def test_a_boxed_class_leaves_the_tenants_other_class_and_other_tenants_to
             assert "x-request-id" in _trailers(error)
         else:
             raise AssertionError("an invalid CreateSite was served")
+        # A call naming another tenant is a cross-tenant attempt: the whole chain, to be counted
+        # and audited as one, boxed tenant or not.
+        try:
+            await stub.ListSites(LIST, metadata=(*md, ("x-tenant-id", other)), timeout=10)
+        except grpc.aio.AioRpcError as error:
+            assert "x-request-id" in _trailers(error), "a cross-tenant attempt must take the whole chain"
+        else:
+            raise AssertionError("a cross-tenant call was served")
         # A token the process has never verified is checked by the chain, boxed tenant or not.
         try:
             await stub.ListSites(LIST, metadata=bearer(token(tenant, nonce="first-sighting")), timeout=10)
