@@ -64,6 +64,18 @@ async def drain(stub: Any, md: Any, deadline: float = 10.0) -> tuple[float, Rich
     raise AssertionError("the tenant was never refused")
 
 
+async def refused_at_once(target: str, md: Any, calls: int) -> list[float]:
+    """Once the tenant's burst is spent, ``calls`` ListSites sent together: how long each took
+    to be refused (RATE_LIMITED, every one), shortest first."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = sites_grpc.SiteServiceStub(channel)
+        await drain(stub, md)
+        results = await asyncio.gather(*(timed(stub.ListSites(LIST, metadata=md, timeout=10)) for _ in range(calls)))
+    for _, error, _ in results:
+        assert_rate_limited(error)
+    return sorted(t for t, _, _ in results)
+
+
 def assert_rate_limited(error: RichError | None) -> RichError:
     assert error is not None, "the call was served, a refusal was expected"
     assert (error.code, error.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED"), error
@@ -162,14 +174,7 @@ async def test_refusals_told_the_same_slot_are_answered_spread_out_not_at_once(
     extra = extra_sites({"REFUSAL_HOLD_MAX_MS": "2000"})
     md = bearer(token(tenant))
 
-    async with grpc.aio.insecure_channel(extra.target) as channel:
-        stub = sites_grpc.SiteServiceStub(channel)
-        await drain(stub, md)
-        results = await asyncio.gather(*(timed(stub.ListSites(LIST, metadata=md, timeout=10)) for _ in range(8)))
-
-    for _, error, _ in results:
-        assert_rate_limited(error)
-    took = sorted(t for t, _, _ in results)
+    took = await refused_at_once(extra.target, md, 8)
     # Each between half the cap and the cap; eight of them over a good part of that second
     # (all eight within 0.1 s of each other has a chance of about 8 in 10 million).
     assert took[0] >= 1.0 - EARLY, took
@@ -230,14 +235,7 @@ async def test_refusals_past_the_cap_are_answered_at_once(extra_sites, features,
     )
     md = bearer(token(tenant))
 
-    async with grpc.aio.insecure_channel(extra.target) as channel:
-        stub = sites_grpc.SiteServiceStub(channel)
-        await drain(stub, md)
-        results = await asyncio.gather(*(timed(stub.ListSites(LIST, metadata=md, timeout=10)) for _ in range(6)))
-
-    for _, error, _ in results:
-        assert_rate_limited(error)
-    took = sorted(t for t, _, _ in results)
+    took = await refused_at_once(extra.target, md, 6)
     # Two held (half the 2 s cap at least); the four past the cap answered long before.
     assert all(t >= 1.0 - EARLY for t in took[4:]), took
     assert all(t < 0.5 for t in took[:4]), took
