@@ -35,7 +35,7 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 def call_status(ctx: aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
     """The status a call ends with once its behaviour returned or aborted: the one set on
-    its context (the error link sets a failure's there and returns, ``error_details.py``),
+    its context (by ``ctx.abort``, as the error link ends a failed call, or ``set_code``),
     else OK."""
     code: Any = ctx.code()
     if code is None:

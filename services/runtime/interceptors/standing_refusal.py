@@ -11,7 +11,7 @@ p99 went to 1.7x its quiet p99 (README, *Floods straight to a service*).
 This link, the outermost, answers such a call with the very refusal the rate-limit link
 would give (RESOURCE_EXHAUSTED ``RATE_LIMITED``, ErrorInfo, RetryInfo, ``retry-after-ms``),
 held as the error link holds refusals (``refusal_hold.py``) and counted as a refusal in the
-call metrics, ``towerco_rate_limited_total`` and the usage meter, when memory alone shows
+call metrics, ``towerco_tenant_rate_limited_total`` and the usage meter, when memory alone shows
 it is a tenant user's own call of a boxed rate class:
 - its bearer token was verified before and is still good (the verifier's cache; never a
   signature check here);
@@ -62,13 +62,13 @@ class StandingRefusalInterceptor(PolicyInterceptor):
         calls, feature = usage.counters_of(rate_class, policy.feature)
 
         async def behavior(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
-            started = time.perf_counter()
             tenant_id = self._boxed_caller(metadata)
             if tenant_id is None:
                 return await inner(request, ctx)
             standing = self._limiter.standing(tenant_id, rate_class)
             if standing is None:
                 return await inner(request, ctx)
+            started = time.perf_counter()
             wait, per_minute = standing
             usage.active().call(tenant_id, calls, feature, usage.RATE_LIMITED)
             error = rate_limited(tenant_id, rate_class, per_minute, wait)
