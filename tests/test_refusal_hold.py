@@ -22,7 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from towerco.sites.v1 import sites_service_pb2 as pb
 from towerco.sites.v1 import sites_service_pb2_grpc as sites_grpc
 
+from services.runtime.audit import GATEWAY_HEADER
 from services.runtime.interceptors.call_concurrency import LIMIT as CALL_CONCURRENCY
+from services.runtime.settings import gateway_secret
 
 from .support import RichError, bearer, free_port, rich_error
 from .support.requests import set_limit
@@ -179,6 +181,30 @@ async def test_refusals_told_the_same_slot_are_answered_spread_out_not_at_once(
     # (all eight within 0.1 s of each other has a chance of about 8 in 10 million).
     assert took[0] >= 1.0 - EARLY, took
     assert took[-1] - took[0] >= 0.1, took
+
+
+async def test_a_call_through_the_gateway_is_refused_at_once_and_a_forged_claim_is_still_held(
+    stack, extra_sites, features, new_tenant, token, platform_token
+):
+    """The gateway's penalty box holds its tenants' refusals and learns their waits as they
+    come: the service answers a call that proves it came through the gateway at once."""
+    tenant = new_tenant(plan="basic")
+    set_limit(features, platform_token, tenant, "rpm_read", 1)
+    extra = extra_sites({"REFUSAL_HOLD_MAX_MS": "2000"})
+    md = bearer(token(tenant))
+    proved = (*md, (GATEWAY_HEADER, gateway_secret(stack.keys_dir).decode()))
+    forged = (*md, (GATEWAY_HEADER, "guessed-secret"))
+
+    async with grpc.aio.insecure_channel(extra.target) as channel:
+        stub = sites_grpc.SiteServiceStub(channel)
+        await drain(stub, md)
+        took, error, trailers = await timed(stub.ListSites(LIST, metadata=proved, timeout=10))
+        assert_rate_limited(error)
+        assert took < 0.5, f"a call through the gateway was held {took:.3f}s"
+        assert int(dict(trailers)["retry-after-ms"]) > 1000, "the wait as it is, for the penalty box"
+        took, error, _ = await timed(stub.ListSites(LIST, metadata=forged, timeout=10))
+        assert_rate_limited(error)
+        assert took >= 1.0 - EARLY, f"a forged gateway claim escaped the hold ({took:.3f}s)"
 
 
 async def test_a_call_whose_deadline_is_shorter_than_the_hold_gets_its_refusal_in_time(

@@ -16,8 +16,10 @@ it is a tenant user's own call of a boxed rate class:
 - its bearer token was verified before and is still good (the verifier's cache; never a
   signature check here);
 - it names no other tenant (a cross-tenant attempt takes the whole chain, to be audited);
-- it carries no gateway slot header (the whole chain decides whether to believe it, and
-  such a call may wait for its slot in the rate-limit link).
+- it does not say it came through the gateway (``x-towerco-gateway``): the whole chain
+  checks that claim, and the gateway's own penalty box holds its tenants' refusals, so the
+  error link holds only the others'; a call the box let through for its slot may wait for it
+  in the rate-limit link.
 Anything else goes on untouched, at the cost of a few dictionary lookups.
 
 Such a refusal has no span and no request id: a flood's refusals are counted, not traced
@@ -35,13 +37,14 @@ from typing import Any
 from grpc import aio
 
 from .. import context, metrics, usage
+from ..audit import GATEWAY_HEADER
 from ..auth import TokenVerifier
 from ..policy import Policy, PolicyTable
 from ..ratelimit import RateLimiter
 from ..refusal_hold import RefusalHold
 from .base import Behavior, Metadata, PolicyInterceptor
 from .error_details import end_call
-from .rate_limit import RATE_SLOT_HEADER, rate_limited
+from .rate_limit import rate_limited
 
 
 class StandingRefusalInterceptor(PolicyInterceptor):
@@ -86,7 +89,7 @@ class StandingRefusalInterceptor(PolicyInterceptor):
     def _boxed_caller(self, metadata: Metadata) -> str | None:
         """The calling tenant, when the call is known from memory to be one of its users' own."""
         header = metadata.single("authorization")
-        if header is None or metadata.first(RATE_SLOT_HEADER) is not None:
+        if header is None or metadata.first(GATEWAY_HEADER) is not None:
             return None
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer":
