@@ -22,7 +22,8 @@ a held refusal holds nothing but its own call. At most ``REFUSAL_HOLD_MAX_HELD``
 once per process; past that a refusal is answered at once. Once the process is stopping
 (:meth:`RefusalHold.release`, called by the shutdown gate) held refusals are answered at
 once and no more are held. Never held: UNAVAILABLE (shutdown, the rate limiter unreachable),
-or any refusal without a retry-after.
+any refusal without a retry-after, and a call through the gateway (its penalty box holds
+those).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from . import metrics
+from . import context, metrics
 from .errors import ServiceError
 from .settings import REFUSAL_HOLD_MAX_HELD, REFUSAL_HOLD_MAX_MS
 
@@ -74,7 +75,7 @@ class RefusalHold:
     async def hold(self, error: ServiceError, ctx: aio.ServicerContext[Any, Any]) -> ServiceError:
         """``error``, once held as long as it should be, with the wait that remains; at once if not to hold."""
         retry = error.retry_after_seconds
-        if retry is None or error.code is not grpc.StatusCode.RESOURCE_EXHAUSTED or self._released:
+        if retry is None or error.code is not grpc.StatusCode.RESOURCE_EXHAUSTED or self._released or _via_gateway():
             return error
         # A random time between the wait and twice it (between half the cap and the cap for a
         # longer wait): refusals told the same slot (a closed loop's callers, refused together)
@@ -102,6 +103,14 @@ class RefusalHold:
         metrics.active().refusal_held(over_cap=False)
         metrics.note_held(waited)
         return _after(error, waited)
+
+
+def _via_gateway() -> bool:
+    """Whether the call came through the gateway (its secret checked), whose penalty box holds
+    its tenants' refusals itself: it counts a tenant's slots from the waits it is told as the
+    refusals arrive, so a refusal held here as well would reach it late, saying a wait of 1 ms."""
+    current = context.current()
+    return current is not None and current.via_gateway
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:

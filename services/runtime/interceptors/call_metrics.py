@@ -31,9 +31,7 @@ class CallMetricsInterceptor(PolicyInterceptor):
             code = "OK"
             with metrics.recording() as record:
                 try:
-                    response = await inner(request, ctx)
-                    code = call_status(ctx).name
-                    return response
+                    return await inner(request, ctx)
                 except aio.AbortError:
                     code = call_status(ctx).name
                     raise

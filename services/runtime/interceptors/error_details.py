@@ -44,8 +44,8 @@ class ErrorDetailsInterceptor(PolicyInterceptor):
     refusal audit here, once the call is known to have failed: it tallies repeats and
     writes them once per window. A RESOURCE_EXHAUSTED refusal with a retry-after is held
     here (``hold``, ``refusal_hold.py``), outside every link that holds a slot for the call,
-    so a held refusal occupies none of them; not a call through the gateway, whose penalty
-    box holds the refusals of its tenants.
+    so a held refusal occupies none of them (a call through the gateway is not held:
+    ``refusal_hold.py``).
     """
 
     def __init__(
@@ -81,7 +81,7 @@ class ErrorDetailsInterceptor(PolicyInterceptor):
             except ServiceError as exc:
                 if isinstance(exc.audit_event, AuditEvent) and self._refusals is not None:
                     self._refusals.note(exc.audit_event)
-                if exc.retry_after_seconds is not None and self._hold is not None and not _via_gateway():
+                if exc.retry_after_seconds is not None and self._hold is not None:
                     exc = await self._hold.hold(exc, ctx)
                 failure = exc.with_traceback(None)
             except aio.AbortError:
@@ -110,14 +110,6 @@ class ErrorDetailsInterceptor(PolicyInterceptor):
             await end_call(ctx, failure, policy)
 
         return behavior
-
-
-def _via_gateway() -> bool:
-    """Whether the call came through the gateway, whose penalty box holds its tenant's refusals
-    itself: it counts the tenant's slots from the waits it is told as the refusals arrive, so
-    a refusal held here as well would reach it late, saying a wait of 1 ms."""
-    current = context.current()
-    return current is not None and current.via_gateway
 
 
 async def end_call(ctx: aio.ServicerContext[Any, Any], error: ServiceError, policy: Policy) -> None:
