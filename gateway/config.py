@@ -36,7 +36,7 @@ from services.runtime.environment import SettingsTable, integer, process_environ
 from services.runtime.error_catalogue import ErrorReason, Reason
 from services.runtime.ids import REQUEST_ID, TENANT_ID, IdRule
 from services.runtime.interceptors.rate_limit import RATE_SLOT_HEADER
-from services.runtime.policy import Policy, PolicyTable
+from services.runtime.policy import PolicyTable
 from services.runtime.settings import (
     BASE_DOMAIN,
     DATA_DIR,
@@ -429,19 +429,11 @@ def apis(served: Mapping[str, Iterable[ServiceDescriptor]] | None = None) -> lis
                 prefixes=tuple(f"/{s.full_name}/" for s in public),
                 public_paths=tuple(p for p in paths if (policy := table.get(p)) is not None and policy.public),
                 rate_limits=tuple(
-                    (p, rate_limit_name(policy))
-                    for p in paths
-                    if (policy := table.get(p)) is not None and not policy.public
+                    (p, policy.rate_limit) for p in paths if (policy := table.get(p)) is not None and not policy.public
                 ),
             )
         )
     return result
-
-
-def rate_limit_name(policy: Policy) -> str:
-    """The tenant limit a call of ``policy``'s method counts against (as the rate-limit link's
-    ``admit`` names it in RATE_LIMITED's ``limit``)."""
-    return f"rpm_{policy.rate_class}"
 
 
 # The template

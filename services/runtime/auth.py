@@ -133,6 +133,13 @@ def load_jwks(document: Mapping[str, Any]) -> dict[str, PyJWK]:
     return keys
 
 
+def bearer_token(header: str) -> str | None:
+    """The token of an ``authorization: Bearer <token>`` header; None for another scheme or no token."""
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
 class TokenVerifier:
     """Verifies bearer tokens and turns their claims into a :class:`Caller`."""
 

@@ -38,9 +38,19 @@ class Policy:
         return "write" if self.write else "read"
 
     @property
+    def rate_limit(self) -> str:
+        """The tenant limit a call of this method counts against (RATE_LIMITED's ``limit``)."""
+        return rate_limit_of(self.rate_class)
+
+    @property
     def domain(self) -> str:
         """The ErrorInfo domain of errors from this method: its service's full name."""
         return self.method.strip("/").split("/", 1)[0]
+
+
+def rate_limit_of(rate_class: str) -> str:
+    """The entitlement limit (``rpm_read``, ``rpm_write``) that bounds ``rate_class``'s calls."""
+    return f"rpm_{rate_class}"
 
 
 class PolicyTable:

@@ -7,7 +7,7 @@ from typing import Any
 from grpc import aio
 
 from .. import context
-from ..auth import ProviderUnavailableError, TokenError, TokenVerifier
+from ..auth import ProviderUnavailableError, TokenError, TokenVerifier, bearer_token
 from ..errors import ErrorReason, unauthenticated, unavailable
 from ..policy import Policy, PolicyTable
 from .base import Behavior, Metadata, PolicyInterceptor
@@ -31,11 +31,11 @@ class AuthenticationInterceptor(PolicyInterceptor):
                 raise unauthenticated(
                     "a bearer token is required (authorization: Bearer <JWT>)", ErrorReason.TOKEN_MISSING
                 )
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
+            token = bearer_token(header)
+            if token is None:
                 raise unauthenticated("authorization must be 'Bearer <JWT>'", ErrorReason.TOKEN_MISSING)
             try:
-                caller = await _verify(self._verifier, token.strip())
+                caller = await _verify(self._verifier, token)
             except TokenError as exc:
                 raise unauthenticated(str(exc), ErrorReason.Value(exc.reason)) from None
             except ProviderUnavailableError as exc:

@@ -29,7 +29,7 @@ from grpc import aio
 
 from .. import context, entitlements, metrics
 from ..errors import ErrorReason, ServiceError, resource_exhausted, unavailable
-from ..policy import Policy, PolicyTable
+from ..policy import Policy, PolicyTable, rate_limit_of
 from ..ratelimit import RateLimiter
 from .base import Behavior, Metadata, PolicyInterceptor
 
@@ -80,8 +80,7 @@ async def admit(
 
     ``for_a_slot``, asked only when the call is refused: whether it may wait a short refusal
     out (a call the gateway let through for its slot)."""
-    limit_name = f"rpm_{rate_class}"
-    per_minute = found.limit(limit_name)
+    per_minute = found.limit(rate_limit_of(rate_class))
     decision = await limiter.decide(tenant_id, rate_class, per_minute)
     waited = 0.0
     for _ in range(3):  # the box's wait, then Redis's: each try is at or after the slot
@@ -110,6 +109,6 @@ def rate_limited(tenant_id: str, rate_class: str, per_minute: int, retry_after_s
         f"retry in {retry_after_seconds:.3f}s",
         ErrorReason.RATE_LIMITED,
         retry_after_seconds=retry_after_seconds,
-        limit=f"rpm_{rate_class}",
+        limit=rate_limit_of(rate_class),
         per_minute=str(per_minute),
     )

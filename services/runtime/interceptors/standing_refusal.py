@@ -38,7 +38,7 @@ from grpc import aio
 
 from .. import context, metrics, usage
 from ..audit import GATEWAY_HEADER
-from ..auth import TokenVerifier
+from ..auth import TokenVerifier, bearer_token
 from ..policy import Policy, PolicyTable
 from ..ratelimit import RateLimiter
 from ..refusal_hold import RefusalHold
@@ -91,11 +91,11 @@ class StandingRefusalInterceptor(PolicyInterceptor):
         header = metadata.single("authorization")
         if header is None or metadata.first(GATEWAY_HEADER) is not None:
             return None
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer":
+        token = bearer_token(header)
+        if token is None:
             return None
         try:
-            caller = self._verifier.verify_cached(token.strip())
+            caller = self._verifier.verify_cached(token)
         except Exception:  # not in the cache, expired, its issuer changed: the whole chain decides
             return None
         tenant_id = caller.tenant_id
